@@ -1,0 +1,81 @@
+# smtppool: make deps | make | make test | make demo | make docs | make sanitize | make valgrind
+LUA_VERSION ?= 5.4
+LUA ?= lua$(LUA_VERSION)
+PKGS = lua$(LUA_VERSION) openssl
+
+CC ?= cc
+OPT ?= -O2 -g
+WARN = -Wall -Wextra -Werror
+CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
+LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
+
+CORE_SRC = src/sp_buf.c src/sp_error.c src/sp_reply.c src/sp_caps.c src/sp_codec.c src/sp_session.c src/sp_net.c
+BIND_SRC = src/lsmtppool.c
+HDRS = $(wildcard src/*.h)
+MODULE = lua/smtppool/core.so
+BUILD = build
+
+CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
+
+# Debian packages the project needs to build, test, document and demo.
+DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
+	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
+	valgrind
+
+PREFIX ?= /usr/local
+LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
+LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
+
+.PHONY: all deps test ctest spec demo docs sanitize valgrind clean install fuzz
+
+all: $(MODULE)
+
+$(MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
+	$(CC) $(CFLAGS_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
+
+$(BUILD):
+	mkdir -p $(BUILD)
+
+$(BUILD)/test_%: tests/c/test_%.c $(CORE_SRC) $(HDRS) | $(BUILD)
+	$(CC) $(CFLAGS_ALL) -Isrc -o $@ $< $(CORE_SRC) $(LDLIBS_ALL) -lcmocka
+
+# Installs every Debian package the project uses; idempotent.
+deps:
+	@if dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then echo "deps: all Debian packages present"; \
+	else export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
+	  apt-get install -y -q --no-install-recommends $(DEB_PACKAGES); fi
+	@# The packaged exim daemon is not needed: tests start their own.
+	@-systemctl disable --now exim4 >/dev/null 2>&1 || service exim4 stop >/dev/null 2>&1 || true
+
+ctest: $(CTESTS)
+
+test: all ctest
+	@sh tests/run.sh $(CTESTS)
+
+demo: all
+	@$(LUA) examples/demo.lua
+
+docs:
+	$(LUA) /usr/bin/ldoc -q .
+
+# The whole suite with the C built under AddressSanitizer and UBSan; lua5.4
+# itself is not instrumented, so the runtimes are preloaded into it.
+SAN = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+sanitize:
+	$(MAKE) clean
+	$(MAKE) all ctest OPT="-O1 -g $(SAN)" LDLIBS="$(SAN)"
+	SP_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 sh tests/run.sh $(CTESTS)
+	$(MAKE) clean
+
+valgrind: $(CTESTS)
+	@for t in $(CTESTS); do valgrind -q --error-exitcode=1 --leak-check=full $$t >/dev/null || exit 1; done
+	@echo "valgrind: C tests clean"
+
+install: all
+	install -d $(DESTDIR)$(LUA_LMOD)/smtppool $(DESTDIR)$(LUA_CMOD)/smtppool
+	install -m 644 lua/smtppool/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/
+	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
+
+clean:
+	rm -rf $(BUILD) $(MODULE) doc

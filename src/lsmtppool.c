@@ -1,0 +1,714 @@
+/* smtppool.core: the Lua binding of the protocol machine and native driver.
+ * Builds against Lua 5.4 and against LuaJIT / the Lua 5.1 C API. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sp_codec.h"
+#include "sp_net.h"
+#include "sp_session.h"
+
+#if LUA_VERSION_NUM < 502
+#define lua_rawlen lua_objlen
+static void luaL_setfuncs(lua_State *L, const luaL_Reg *l, int nup)
+{
+    (void)nup;
+    for (; l->name; l++) {
+        lua_pushcfunction(L, l->func);
+        lua_setfield(L, -2, l->name);
+    }
+}
+#define luaL_newlib(L, l) (lua_newtable(L), luaL_setfuncs(L, l, 0))
+static void *luaL_testudata(lua_State *L, int i, const char *tname)
+{
+    void *p = lua_touserdata(L, i);
+    if (p && lua_getmetatable(L, i)) {
+        luaL_getmetatable(L, tname);
+        int eq = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+        return eq ? p : NULL;
+    }
+    return NULL;
+}
+#endif
+
+#define CONN_MT "smtppool.conn"
+#define SESSION_MT "smtppool.session"
+#define ERROR_MT "smtppool.error"
+
+typedef struct lconn {
+    sp_conn *c;
+    int body_ref; /* registry reference keeping the body string alive */
+} lconn;
+
+typedef struct lsession {
+    sp_session *s;
+} lsession;
+
+/* ---- error values ---- */
+
+static void push_error(lua_State *L, const sp_error *e)
+{
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, sp_kind_name(e->kind));
+    lua_setfield(L, -2, "kind");
+    if (e->phase != SP_PHASE_NONE) {
+        lua_pushstring(L, sp_phase_name(e->phase));
+        lua_setfield(L, -2, "phase");
+    }
+    if (e->code) {
+        lua_pushinteger(L, e->code);
+        lua_setfield(L, -2, "code");
+    }
+    if (e->enhanced[0]) {
+        lua_pushstring(L, e->enhanced);
+        lua_setfield(L, -2, "enhanced");
+    }
+    lua_pushstring(L, e->text);
+    lua_setfield(L, -2, "text");
+    luaL_getmetatable(L, ERROR_MT);
+    lua_setmetatable(L, -2);
+}
+
+static int error_tostring(lua_State *L)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    lua_getfield(L, 1, "kind");
+    luaL_addstring(&b, lua_isstring(L, -1) ? lua_tostring(L, -1) : "unknown");
+    lua_pop(L, 1);
+    luaL_addstring(&b, " error");
+    lua_getfield(L, 1, "phase");
+    if (lua_isstring(L, -1)) {
+        luaL_addstring(&b, " in ");
+        luaL_addstring(&b, lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+    luaL_addstring(&b, ":");
+    lua_getfield(L, 1, "code");
+    if (lua_isnumber(L, -1)) {
+        luaL_addchar(&b, ' ');
+        luaL_addstring(&b, lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "enhanced");
+    if (lua_isstring(L, -1)) {
+        luaL_addchar(&b, ' ');
+        luaL_addstring(&b, lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "text");
+    if (lua_isstring(L, -1)) {
+        luaL_addchar(&b, ' ');
+        luaL_addstring(&b, lua_tostring(L, -1));
+    }
+    lua_pop(L, 1);
+    luaL_pushresult(&b);
+    return 1;
+}
+
+static int push_fail(lua_State *L, const sp_error *e)
+{
+    lua_pushnil(L);
+    push_error(L, e);
+    return 2;
+}
+
+/* ---- shared session accessors ---- */
+
+static sp_session *check_session(lua_State *L, int i)
+{
+    lconn *lc = luaL_testudata(L, i, CONN_MT);
+    if (lc) {
+        if (!lc->c)
+            luaL_argerror(L, i, "connection is freed");
+        return sp_conn_session(lc->c);
+    }
+    lsession *ls = luaL_testudata(L, i, SESSION_MT);
+    if (ls && ls->s)
+        return ls->s;
+    luaL_argerror(L, i, "smtppool connection or session expected");
+    return NULL;
+}
+
+static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed"};
+static const char *const state_names[] = {"greeting", "ehlo", "helo", "ready",  "tx",     "body",
+                                          "data_end", "rset", "noop", "quit",   "closed", "dead"};
+
+static void setint(lua_State *L, const char *k, lua_Integer v)
+{
+    lua_pushinteger(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void setstr(lua_State *L, const char *k, const char *v)
+{
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void setbool(lua_State *L, const char *k, int v)
+{
+    lua_pushboolean(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static int s_state(lua_State *L)
+{
+    lua_pushstring(L, state_names[sp_session_state(check_session(L, 1))]);
+    return 1;
+}
+
+static int s_phase(lua_State *L)
+{
+    sp_phase p = sp_session_phase(check_session(L, 1));
+    if (p == SP_PHASE_NONE)
+        lua_pushnil(L);
+    else
+        lua_pushstring(L, sp_phase_name(p));
+    return 1;
+}
+
+static int s_caps(lua_State *L)
+{
+    sp_session *s = check_session(L, 1);
+    const sp_caps *c = sp_session_caps(s);
+    static const struct {
+        unsigned f;
+        const char *n;
+    } fl[] = {{SP_CAP_SIZE, "size"},
+              {SP_CAP_PIPELINING, "pipelining"},
+              {SP_CAP_8BITMIME, "8bitmime"},
+              {SP_CAP_SMTPUTF8, "smtputf8"},
+              {SP_CAP_STARTTLS, "starttls"},
+              {SP_CAP_AUTH, "auth"},
+              {SP_CAP_ENHANCEDSTATUSCODES, "enhancedstatuscodes"},
+              {SP_CAP_DSN, "dsn"},
+              {SP_CAP_CHUNKING, "chunking"},
+              {SP_CAP_LIMITS, "limits"},
+              {SP_CAP_BINARYMIME, "binarymime"}};
+    lua_newtable(L);
+    setbool(L, "esmtp", c->esmtp);
+    for (size_t i = 0; i < sizeof fl / sizeof fl[0]; i++)
+        if (c->flags & fl[i].f)
+            setbool(L, fl[i].n, 1);
+    if (c->size_max)
+        setint(L, "size_max", (lua_Integer)c->size_max);
+    if (c->flags & SP_CAP_AUTH) {
+        lua_newtable(L);
+        if (c->auth & SP_AUTH_PLAIN)
+            setbool(L, "PLAIN", 1);
+        if (c->auth & SP_AUTH_LOGIN)
+            setbool(L, "LOGIN", 1);
+        if (c->auth & SP_AUTH_CRAM_MD5)
+            setbool(L, "CRAM-MD5", 1);
+        if (c->auth & SP_AUTH_XOAUTH2)
+            setbool(L, "XOAUTH2", 1);
+        lua_setfield(L, -2, "auth_mechs");
+    }
+    if (c->mailmax)
+        setint(L, "mailmax", c->mailmax);
+    if (c->rcptmax)
+        setint(L, "rcptmax", c->rcptmax);
+    if (c->rcptdomainmax)
+        setint(L, "rcptdomainmax", c->rcptdomainmax);
+    return 1;
+}
+
+/* The outcome of the last transaction as a table. */
+static int s_tx(lua_State *L)
+{
+    const sp_tx *t = sp_session_tx(check_session(L, 1));
+    lua_createtable(L, 0, 8);
+    setbool(L, "ok", t->ok);
+    setbool(L, "done", t->done);
+    setint(L, "accepted", (lua_Integer)t->accepted);
+    if (t->final.code) {
+        setint(L, "code", t->final.code);
+        if (t->final.enhanced[0])
+            setstr(L, "enhanced", t->final.enhanced);
+        setstr(L, "text", t->final.text ? t->final.text : "");
+    }
+    lua_createtable(L, (int)t->nrcpt, 0);
+    for (size_t i = 0; i < t->nrcpt; i++) {
+        const sp_rcpt_result *r = &t->rcpts[i];
+        lua_createtable(L, 0, 5);
+        setstr(L, "address", r->address);
+        if (r->code) {
+            setint(L, "code", r->code);
+            if (r->enhanced[0])
+                setstr(L, "enhanced", r->enhanced);
+            setstr(L, "text", r->text ? r->text : "");
+        }
+        setbool(L, "ok", r->code >= 200 && r->code < 300);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_setfield(L, -2, "recipients");
+    if (t->done && !t->ok) {
+        push_error(L, &t->err);
+        lua_setfield(L, -2, "err");
+    }
+    return 1;
+}
+
+static int s_error(lua_State *L)
+{
+    const sp_error *e = sp_session_error(check_session(L, 1));
+    if (e->kind == SP_KIND_NONE)
+        return 0;
+    push_error(L, e);
+    return 1;
+}
+
+static int s_tx_count(lua_State *L)
+{
+    lua_pushinteger(L, sp_session_tx_count(check_session(L, 1)));
+    return 1;
+}
+
+static int s_greeting(lua_State *L)
+{
+    const sp_reply *r = sp_session_greeting(check_session(L, 1));
+    if (!r->code)
+        return 0;
+    lua_pushinteger(L, r->code);
+    lua_pushstring(L, r->text ? r->text : "");
+    return 2;
+}
+
+static int s_noop(lua_State *L)
+{
+    sp_error e;
+    if (sp_session_noop(check_session(L, 1), &e) < 0)
+        return push_fail(L, &e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int s_rset(lua_State *L)
+{
+    sp_error e;
+    if (sp_session_rset(check_session(L, 1), &e) < 0)
+        return push_fail(L, &e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int s_quit(lua_State *L)
+{
+    sp_session_quit(check_session(L, 1));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Reads from, to (array of strings), data (string) at idx..idx+2 and starts a
+ * transaction. Bad argument types raise; bad content returns nil, err. */
+static int start_tx(lua_State *L, sp_session *s, int idx, size_t *datalen)
+{
+    size_t flen;
+    const char *from = luaL_checklstring(L, idx, &flen);
+    luaL_checktype(L, idx + 1, LUA_TTABLE);
+    size_t dlen;
+    const char *data = luaL_checklstring(L, idx + 2, &dlen);
+    size_t n = lua_rawlen(L, idx + 1);
+    sp_error e;
+    /* A NUL would cut the address short in C: refuse it rather than send a
+     * different address than the caller gave. */
+    if (strlen(from) != flen) {
+        sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_MAIL, "sender address contains a NUL byte");
+        return push_fail(L, &e);
+    }
+    sp_body_info bi;
+    sp_body_scan(data, dlen, &bi);
+    if (bi.has_nul) {
+        sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_DATA, "the message contains a NUL byte");
+        return push_fail(L, &e);
+    }
+    if (bi.long_line_no) {
+        sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_DATA,
+                     "line %zu of the message is longer than 998 octets (RFC 5322 2.1.1)", bi.long_line_no);
+        return push_fail(L, &e);
+    }
+    const char **rcpts = lua_newuserdata(L, (n ? n : 1) * sizeof *rcpts);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, idx + 1, (int)i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "recipient %d is not a string", (int)i + 1);
+        size_t rlen;
+        rcpts[i] = lua_tolstring(L, -1, &rlen);
+        if (strlen(rcpts[i]) != rlen) {
+            sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_RCPT, "recipient %zu contains a NUL byte", i + 1);
+            return push_fail(L, &e);
+        }
+        lua_pop(L, 1); /* the string stays alive in the table */
+    }
+    sp_tx_opts o;
+    memset(&o, 0, sizeof o);
+    o.from = from;
+    o.rcpts = rcpts;
+    o.nrcpt = n;
+    /* SIZE= counts the bytes as transmitted: a little more than dlen after
+     * line-end normalisation; dlen is the honest lower estimate RFC 1870 asks for. */
+    o.size = (unsigned long)dlen;
+    o.body_8bit = bi.has_8bit;
+    if (sp_session_start_tx(s, &o, &e) < 0)
+        return push_fail(L, &e);
+    lua_pop(L, 1);
+    *datalen = dlen;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ---- the native connection ---- */
+
+static lconn *check_conn(lua_State *L, int i)
+{
+    lconn *lc = luaL_checkudata(L, i, CONN_MT);
+    if (!lc->c)
+        luaL_argerror(L, i, "connection is freed");
+    return lc;
+}
+
+static double opt_number_field(lua_State *L, int t, const char *k, double dflt)
+{
+    lua_getfield(L, t, k);
+    double v = dflt;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1))
+            luaL_error(L, "option '%s' must be a number", k);
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds}} */
+static int l_connect(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    sp_conn_opts o;
+    memset(&o, 0, sizeof o);
+    char port[32];
+    lua_getfield(L, 1, "host");
+    o.host = luaL_checkstring(L, -1);
+    lua_getfield(L, 1, "port");
+    if (lua_type(L, -1) == LUA_TNUMBER)
+        snprintf(port, sizeof port, "%d", (int)lua_tointeger(L, -1));
+    else
+        snprintf(port, sizeof port, "%s", luaL_optstring(L, -1, "25"));
+    o.port = port;
+    lua_getfield(L, 1, "helo");
+    o.session.helo = luaL_optstring(L, -1, NULL);
+    o.connect_timeout = opt_number_field(L, 1, "connect_timeout", 0);
+    lua_getfield(L, 1, "timeouts");
+    if (lua_istable(L, -1)) {
+        for (int p = SP_PHASE_GREETING; p < SP_PHASE_COUNT; p++)
+            o.timeouts[p] = opt_number_field(L, lua_gettop(L), sp_phase_name((sp_phase)p), 0);
+    }
+    lconn *lc = lua_newuserdata(L, sizeof *lc);
+    lc->c = NULL;
+    lc->body_ref = LUA_NOREF;
+    luaL_getmetatable(L, CONN_MT);
+    lua_setmetatable(L, -2);
+    sp_error e;
+    lc->c = sp_conn_new(&o, &e);
+    if (!lc->c)
+        return push_fail(L, &e);
+    return 1;
+}
+
+static void release_body(lua_State *L, lconn *lc)
+{
+    luaL_unref(L, LUA_REGISTRYINDEX, lc->body_ref);
+    lc->body_ref = LUA_NOREF;
+}
+
+static int c_start(lua_State *L)
+{
+    lconn *lc = check_conn(L, 1);
+    size_t dlen = 0;
+    int nret = start_tx(L, sp_conn_session(lc->c), 2, &dlen);
+    if (lua_toboolean(L, -1) && nret == 1) {
+        release_body(L, lc);
+        lua_pushvalue(L, 4);
+        lc->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        sp_conn_set_body(lc->c, lua_tostring(L, 4), dlen);
+    }
+    return nret;
+}
+
+static int c_next_event(lua_State *L)
+{
+    lconn *lc = check_conn(L, 1);
+    sp_event e = sp_conn_next_event(lc->c);
+    if (e == SP_EV_NONE)
+        return 0;
+    if (e == SP_EV_TX_DONE)
+        release_body(L, lc);
+    lua_pushstring(L, event_names[e]);
+    return 1;
+}
+
+static int c_close(lua_State *L)
+{
+    lconn *lc = luaL_checkudata(L, 1, CONN_MT);
+    if (lc->c) {
+        sp_conn_free(lc->c);
+        lc->c = NULL;
+    }
+    release_body(L, lc);
+    return 0;
+}
+
+static int c_is_open(lua_State *L)
+{
+    lua_pushboolean(L, sp_conn_is_open(check_conn(L, 1)->c));
+    return 1;
+}
+
+static int c_counters(lua_State *L)
+{
+    const sp_conn_counters *k = sp_conn_counters_get(check_conn(L, 1)->c);
+    lua_createtable(L, 0, 4);
+    setint(L, "writes", (lua_Integer)k->writes);
+    setint(L, "reads", (lua_Integer)k->reads);
+    setint(L, "bytes_out", (lua_Integer)k->bytes_out);
+    setint(L, "bytes_in", (lua_Integer)k->bytes_in);
+    return 1;
+}
+
+/* core.wait(conns, timeout): moves bytes until a connection has an event. */
+static int l_wait(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    double timeout = luaL_optnumber(L, 2, -1);
+    size_t n = lua_rawlen(L, 1);
+    sp_conn *stackc[64];
+    sp_conn **cs = n <= 64 ? stackc : lua_newuserdata(L, n * sizeof *cs);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, 1, (int)i + 1);
+        cs[i] = check_conn(L, -1)->c;
+        lua_pop(L, 1);
+    }
+    int r = sp_conn_wait(cs, n, timeout);
+    if (r < 0)
+        return luaL_error(L, "poll failed");
+    lua_pushinteger(L, r);
+    return 1;
+}
+
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, sp_now());
+    return 1;
+}
+
+static int l_hostname(lua_State *L)
+{
+    char h[256];
+    if (gethostname(h, sizeof h) < 0)
+        return 0;
+    h[sizeof h - 1] = '\0';
+    lua_pushstring(L, h);
+    return 1;
+}
+
+/* ---- the bare sans-IO session (tests, fuzzing, the OpenResty driver) ---- */
+
+static int l_session(lua_State *L)
+{
+    sp_session_opts o;
+    memset(&o, 0, sizeof o);
+    if (lua_istable(L, 1)) {
+        lua_getfield(L, 1, "helo");
+        o.helo = luaL_optstring(L, -1, NULL);
+    }
+    lsession *ls = lua_newuserdata(L, sizeof *ls);
+    ls->s = NULL;
+    luaL_getmetatable(L, SESSION_MT);
+    lua_setmetatable(L, -2);
+    ls->s = sp_session_new(&o);
+    if (!ls->s)
+        return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static int ss_feed(lua_State *L)
+{
+    size_t n;
+    sp_session *s = check_session(L, 1);
+    const char *p = luaL_checklstring(L, 2, &n);
+    lua_pushboolean(L, sp_session_feed(s, p, n) == 0);
+    return 1;
+}
+
+static int ss_eof(lua_State *L)
+{
+    lua_pushboolean(L, sp_session_eof(check_session(L, 1)) == 0);
+    return 1;
+}
+
+static int ss_timeout(lua_State *L)
+{
+    sp_session_timeout(check_session(L, 1));
+    return 0;
+}
+
+/* Returns the pending output as a string and marks it written. */
+static int ss_output(lua_State *L)
+{
+    sp_session *s = check_session(L, 1);
+    const sp_buf *o = sp_session_output(s);
+    size_t n = sp_buf_pending(o);
+    lua_pushlstring(L, sp_buf_head(o), n);
+    sp_session_consume(s, n);
+    return 1;
+}
+
+static int ss_next_event(lua_State *L)
+{
+    sp_event e = sp_session_next_event(check_session(L, 1));
+    if (e == SP_EV_NONE)
+        return 0;
+    lua_pushstring(L, event_names[e]);
+    return 1;
+}
+
+static int ss_start(lua_State *L)
+{
+    size_t dlen;
+    return start_tx(L, check_session(L, 1), 2, &dlen);
+}
+
+static int ss_body(lua_State *L)
+{
+    size_t n;
+    sp_session *s = check_session(L, 1);
+    const char *p = luaL_checklstring(L, 2, &n);
+    sp_error e;
+    if (sp_session_body(s, p, n, &e) < 0)
+        return push_fail(L, &e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int ss_body_end(lua_State *L)
+{
+    sp_error e;
+    if (sp_session_body_end(check_session(L, 1), &e) < 0)
+        return push_fail(L, &e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int ss_gc(lua_State *L)
+{
+    lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    sp_session_free(ls->s);
+    ls->s = NULL;
+    return 0;
+}
+
+/* ---- codecs for Lua ---- */
+
+static int l_dotstuff(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    sp_buf b;
+    sp_dotstuff st;
+    sp_buf_init(&b);
+    sp_dotstuff_init(&st);
+    if (sp_dotstuff_feed(&st, p, n, &b) < 0 || sp_dotstuff_finish(&st, &b) < 0) {
+        sp_buf_free(&b);
+        return luaL_error(L, "out of memory");
+    }
+    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
+    sp_buf_free(&b);
+    return 1;
+}
+
+static int l_b64encode(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    size_t m = sp_base64_encoded_len(n);
+    char *o = malloc(m ? m : 1);
+    if (!o)
+        return luaL_error(L, "out of memory");
+    sp_base64_encode((const unsigned char *)p, n, o);
+    lua_pushlstring(L, o, m);
+    free(o);
+    return 1;
+}
+
+static int l_b64decode(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    unsigned char *o = malloc(3 * (n / 4) + 3);
+    if (!o)
+        return luaL_error(L, "out of memory");
+    long m = sp_base64_decode(p, n, o);
+    if (m < 0) {
+        free(o);
+        lua_pushnil(L);
+        lua_pushstring(L, "invalid base64");
+        return 2;
+    }
+    lua_pushlstring(L, (const char *)o, (size_t)m);
+    free(o);
+    return 1;
+}
+
+static const luaL_Reg session_common[] = {
+    {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},
+    {"error", s_error},       {"tx_count", s_tx_count}, {"greeting", s_greeting},
+    {"noop", s_noop},         {"rset", s_rset},   {"quit", s_quit},         {NULL, NULL}};
+
+static const luaL_Reg conn_methods[] = {{"start", c_start},         {"next_event", c_next_event},
+                                        {"close", c_close},         {"is_open", c_is_open},
+                                        {"counters", c_counters},   {NULL, NULL}};
+
+static const luaL_Reg session_methods[] = {{"feed", ss_feed},     {"eof", ss_eof},
+                                           {"timeout", ss_timeout}, {"output", ss_output},
+                                           {"next_event", ss_next_event}, {"start", ss_start},
+                                           {"body", ss_body},     {"body_end", ss_body_end},
+                                           {NULL, NULL}};
+
+static const luaL_Reg funcs[] = {{"connect", l_connect},       {"wait", l_wait},
+                                 {"now", l_now},               {"hostname", l_hostname},
+                                 {"session", l_session},       {"dotstuff", l_dotstuff},
+                                 {"base64_encode", l_b64encode}, {"base64_decode", l_b64decode},
+                                 {NULL, NULL}};
+
+static void new_class(lua_State *L, const char *name, const luaL_Reg *own, lua_CFunction gc)
+{
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_setfuncs(L, session_common, 0);
+    luaL_setfuncs(L, own, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "__name");
+    lua_pop(L, 1);
+}
+
+int luaopen_smtppool_core(lua_State *L)
+{
+    new_class(L, CONN_MT, conn_methods, c_close);
+    new_class(L, SESSION_MT, session_methods, ss_gc);
+    luaL_newmetatable(L, ERROR_MT);
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+    luaL_newlib(L, funcs);
+    luaL_getmetatable(L, ERROR_MT);
+    lua_setfield(L, -2, "error_mt");
+    return 1;
+}

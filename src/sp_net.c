@@ -1,0 +1,427 @@
+#include "sp_net.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CHUNK 16384
+#define BODY_CHUNK 65536 /* body bytes stuffed per step; bounds the output buffer */
+#define CONN_EVQ 16
+
+enum { C_CONNECTING, C_OPEN, C_CLOSED };
+
+struct sp_conn {
+    int fd;
+    int state;
+    struct addrinfo *ai_list, *ai_next;
+    char host[256];
+    double connect_timeout;
+    double timeouts[SP_PHASE_COUNT];
+    double last_activity;
+    sp_session *s;
+    const char *body;
+    size_t body_len, body_off;
+    int body_set;
+    sp_event evq[CONN_EVQ];
+    size_t ev_head, ev_len;
+    sp_conn_counters counters;
+    sp_error connect_err;
+};
+
+double sp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+double sp_default_timeout(sp_phase ph)
+{
+    switch (ph) {
+    case SP_PHASE_DATA: return 180;     /* DATA initiation is 2 min, data blocks 3 min */
+    case SP_PHASE_DATA_END: return 600; /* the final dot: 10 min */
+    case SP_PHASE_CONNECT: return 30;
+    default: return 300;
+    }
+}
+
+static void close_fd(sp_conn *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    c->state = C_CLOSED;
+}
+
+static int try_connect(sp_conn *c)
+{
+    /* Walks the address list until a connect starts or succeeds. */
+    while (c->ai_next) {
+        struct addrinfo *ai = c->ai_next;
+        c->ai_next = ai->ai_next;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "socket: %s", strerror(errno));
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0 || errno == EINPROGRESS) {
+            c->fd = fd;
+            c->state = C_CONNECTING;
+            c->last_activity = sp_now();
+            return 0;
+        }
+        sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s: %s", c->host,
+                     strerror(errno));
+        close(fd);
+    }
+    return -1;
+}
+
+sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
+{
+    sp_error_clear(err);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    int rc = getaddrinfo(o->host, o->port, &hints, &res);
+    if (rc != 0) {
+        sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s", o->host, o->port,
+                     gai_strerror(rc));
+        return NULL;
+    }
+    sp_conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        freeaddrinfo(res);
+        sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
+        return NULL;
+    }
+    c->fd = -1;
+    c->ai_list = c->ai_next = res;
+    snprintf(c->host, sizeof c->host, "%s", o->host);
+    c->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : sp_default_timeout(SP_PHASE_CONNECT);
+    for (int i = 0; i < SP_PHASE_COUNT; i++)
+        c->timeouts[i] = o->timeouts[i] > 0 ? o->timeouts[i] : sp_default_timeout((sp_phase)i);
+    c->s = sp_session_new(&o->session);
+    if (!c->s) {
+        sp_conn_free(c);
+        sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
+        return NULL;
+    }
+    if (try_connect(c) < 0) {
+        *err = c->connect_err;
+        sp_conn_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void sp_conn_free(sp_conn *c)
+{
+    if (!c)
+        return;
+    close_fd(c);
+    if (c->ai_list)
+        freeaddrinfo(c->ai_list);
+    sp_session_free(c->s);
+    free(c);
+}
+
+sp_session *sp_conn_session(sp_conn *c) { return c->s; }
+int sp_conn_is_open(const sp_conn *c) { return c->state != C_CLOSED; }
+const sp_conn_counters *sp_conn_counters_get(const sp_conn *c) { return &c->counters; }
+
+void sp_conn_set_body(sp_conn *c, const char *p, size_t n)
+{
+    c->body = p;
+    c->body_len = n;
+    c->body_off = 0;
+    c->body_set = 1;
+}
+
+int sp_conn_has_events(const sp_conn *c) { return c->ev_len > 0; }
+
+sp_event sp_conn_next_event(sp_conn *c)
+{
+    if (!c->ev_len)
+        return SP_EV_NONE;
+    sp_event e = c->evq[c->ev_head];
+    c->ev_head = (c->ev_head + 1) % CONN_EVQ;
+    c->ev_len--;
+    return e;
+}
+
+static void push(sp_conn *c, sp_event e)
+{
+    if (c->ev_len < CONN_EVQ)
+        c->evq[(c->ev_head + c->ev_len++) % CONN_EVQ] = e;
+}
+
+/* Feeds the body while the output buffer is small. */
+static void fill_body(sp_conn *c)
+{
+    sp_error e;
+    while (sp_session_state(c->s) == SP_ST_BODY && sp_buf_pending(sp_session_output(c->s)) < BODY_CHUNK) {
+        if (!c->body_set) {
+            sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_DATA, "no message body was given");
+            sp_session_fail(c->s, &e);
+            return;
+        }
+        size_t left = c->body_len - c->body_off;
+        if (left == 0) {
+            c->body_set = 0;
+            c->body = NULL;
+            sp_session_body_end(c->s, &e);
+            return;
+        }
+        size_t n = left < BODY_CHUNK ? left : BODY_CHUNK;
+        if (sp_session_body(c->s, c->body + c->body_off, n, &e) < 0)
+            return;
+        c->body_off += n;
+    }
+}
+
+/* Moves session events to the connection's queue; acts on the ones the
+ * driver handles itself. */
+static void pump(sp_conn *c)
+{
+    sp_event e;
+    while ((e = sp_session_next_event(c->s)) != SP_EV_NONE) {
+        if (e == SP_EV_BODY) {
+            fill_body(c);
+            continue;
+        }
+        if (e == SP_EV_TX_DONE) {
+            c->body = NULL;
+            c->body_set = 0;
+        }
+        if (e == SP_EV_ERROR || e == SP_EV_CLOSED)
+            close_fd(c);
+        push(c, e);
+    }
+}
+
+static void transport_error(sp_conn *c, int err_no, const char *what)
+{
+    sp_error e;
+    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(c->s), "%s: %s", what, strerror(err_no));
+    sp_session_fail(c->s, &e);
+    pump(c);
+    close_fd(c);
+}
+
+/* Writes what the session has queued; returns -1 when the connection died. */
+static int flush_out(sp_conn *c, double now)
+{
+    for (;;) {
+        fill_body(c);
+        const sp_buf *o = sp_session_output(c->s);
+        size_t n = sp_buf_pending(o);
+        if (n == 0 || c->state != C_OPEN)
+            return 0;
+        ssize_t w = send(c->fd, sp_buf_head(o), n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            transport_error(c, errno, "write");
+            return -1;
+        }
+        c->counters.writes++;
+        c->counters.bytes_out += (unsigned long long)w;
+        c->last_activity = now;
+        sp_session_consume(c->s, (size_t)w);
+        pump(c);
+    }
+}
+
+static void do_read(sp_conn *c, double now)
+{
+    char buf[READ_CHUNK];
+    /* A few reads per wake-up keep one chatty peer from starving the rest. */
+    for (int i = 0; i < 4 && c->state == C_OPEN; i++) {
+        ssize_t r = recv(c->fd, buf, sizeof buf, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            transport_error(c, errno, "read");
+            return;
+        }
+        if (r == 0) {
+            sp_session_eof(c->s);
+            pump(c);
+            close_fd(c);
+            return;
+        }
+        c->counters.reads++;
+        c->counters.bytes_in += (unsigned long long)r;
+        c->last_activity = now;
+        sp_session_feed(c->s, buf, (size_t)r);
+        pump(c);
+        if ((size_t)r < sizeof buf)
+            return;
+    }
+}
+
+static void connect_done(sp_conn *c, double now)
+{
+    int soerr = 0;
+    socklen_t sl = sizeof soerr;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
+        soerr = errno;
+    if (soerr == 0) {
+        c->state = C_OPEN;
+        c->last_activity = now;
+        return;
+    }
+    sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s: %s", c->host,
+                 strerror(soerr));
+    close_fd(c);
+    if (try_connect(c) < 0) {
+        sp_session_fail(c->s, &c->connect_err);
+        pump(c);
+    }
+}
+
+static double deadline_of(const sp_conn *c)
+{
+    if (c->state == C_CONNECTING)
+        return c->last_activity + c->connect_timeout;
+    if (c->state != C_OPEN)
+        return 0;
+    sp_phase ph = sp_session_phase(c->s);
+    if (ph == SP_PHASE_NONE)
+        return 0; /* idle: the pool's idle timeout applies, not ours */
+    return c->last_activity + c->timeouts[ph];
+}
+
+static void on_deadline(sp_conn *c)
+{
+    if (c->state == C_CONNECTING) {
+        sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s timed out", c->host);
+        close_fd(c);
+        if (try_connect(c) < 0) {
+            sp_session_fail(c->s, &c->connect_err);
+            pump(c);
+        }
+        return;
+    }
+    sp_session_timeout(c->s);
+    pump(c);
+    close_fd(c);
+}
+
+void sp_conn_abort(sp_conn *c, const sp_error *err)
+{
+    if (err)
+        sp_session_fail(c->s, err);
+    pump(c);
+    close_fd(c);
+}
+
+int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
+{
+    double start = sp_now();
+    struct pollfd stackfds[64];
+    struct pollfd *pfd = n <= 64 ? stackfds : malloc(n * sizeof *pfd);
+    size_t *map = NULL;
+    int result = -1;
+    if (!pfd)
+        return -1;
+    map = malloc((n ? n : 1) * sizeof *map);
+    if (!map)
+        goto out;
+    for (;;) {
+        double now = sp_now();
+        int ready = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (conns[i]->state == C_OPEN)
+                flush_out(conns[i], now);
+            if (conns[i]->ev_len)
+                ready++;
+        }
+        if (ready) {
+            result = ready;
+            goto out;
+        }
+        double wake = timeout >= 0 ? start + timeout : 0;
+        nfds_t nf = 0;
+        for (size_t i = 0; i < n; i++) {
+            sp_conn *c = conns[i];
+            if (c->state == C_CLOSED)
+                continue;
+            short ev = POLLIN;
+            if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
+                ev = c->state == C_CONNECTING ? POLLOUT : (POLLIN | POLLOUT);
+            pfd[nf].fd = c->fd;
+            pfd[nf].events = ev;
+            pfd[nf].revents = 0;
+            map[nf++] = i;
+            double d = deadline_of(c);
+            if (d > 0 && (wake == 0 || d < wake))
+                wake = d;
+        }
+        if (nf == 0 && wake == 0) {
+            result = 0; /* nothing can happen */
+            goto out;
+        }
+        int ms = -1;
+        if (wake > 0) {
+            double left = wake - now;
+            ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
+        }
+        int pr = poll(pfd, nf, ms);
+        if (pr < 0) {
+            if (errno == EINTR)
+                continue;
+            goto out;
+        }
+        now = sp_now();
+        for (nfds_t k = 0; k < nf; k++) {
+            sp_conn *c = conns[map[k]];
+            short re = pfd[k].revents;
+            if (!re || c->fd != pfd[k].fd)
+                continue;
+            if (c->state == C_CONNECTING) {
+                connect_done(c, now);
+                continue;
+            }
+            if (re & (POLLIN | POLLHUP | POLLERR))
+                do_read(c, now);
+            if (c->state == C_OPEN && (re & POLLOUT))
+                flush_out(c, now);
+        }
+        for (size_t i = 0; i < n; i++) {
+            double d = deadline_of(conns[i]);
+            if (d > 0 && now >= d)
+                on_deadline(conns[i]);
+        }
+        if (timeout >= 0 && now - start >= timeout) {
+            result = 0;
+            for (size_t i = 0; i < n; i++)
+                if (conns[i]->ev_len)
+                    result++;
+            goto out;
+        }
+    }
+out:
+    free(map);
+    if (pfd != stackfds)
+        free(pfd);
+    return result;
+}

@@ -1,0 +1,65 @@
+/* sp_net: the native driver. Non-blocking sockets, one poll loop over any
+ * number of connections, each carrying one sp_session.
+ *
+ * The driver owns the clock (CLOCK_MONOTONIC) and the timeouts: each awaited
+ * reply gets the timeout of its phase, counted from the last byte that moved
+ * (RFC 5321 4.5.3.2). It feeds message bodies from memory through the
+ * session's dot-stuffer in bounded chunks. */
+#ifndef SP_NET_H
+#define SP_NET_H
+
+#include <stddef.h>
+
+#include "sp_error.h"
+#include "sp_session.h"
+
+typedef struct sp_conn_opts {
+    const char *host;
+    const char *port;
+    double connect_timeout;             /* seconds; 0 means 30 */
+    double timeouts[SP_PHASE_COUNT];    /* seconds per phase; 0 means the RFC 5321 default */
+    sp_session_opts session;
+} sp_conn_opts;
+
+typedef struct sp_conn sp_conn;
+
+/* Monotonic seconds. */
+double sp_now(void);
+/* RFC 5321 4.5.3.2 timeouts: greeting 5 min, MAIL 5, RCPT 5, DATA 2,
+ * data block 3, final dot 10; 5 min for the rest. */
+double sp_default_timeout(sp_phase ph);
+
+/* Resolves host (IPv4 and IPv6, in getaddrinfo's order) and starts a
+ * non-blocking connect. NULL with *err set when nothing can be tried. */
+sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err);
+/* Closes the socket at once (no QUIT) and frees everything. */
+void sp_conn_free(sp_conn *c);
+/* Closes the socket at once; the session is failed with err if still alive. */
+void sp_conn_abort(sp_conn *c, const sp_error *err);
+
+sp_session *sp_conn_session(sp_conn *c);
+int sp_conn_is_open(const sp_conn *c);
+
+/* The body of the transaction just started, by pointer: the memory must stay
+ * valid until SP_EV_TX_DONE. */
+void sp_conn_set_body(sp_conn *c, const char *p, size_t n);
+
+/* Events the driver passes on (SP_EV_BODY is handled inside). */
+sp_event sp_conn_next_event(sp_conn *c);
+int sp_conn_has_events(const sp_conn *c);
+
+/* Counters for tests and stats. */
+typedef struct sp_conn_counters {
+    unsigned long writes;      /* successful write calls */
+    unsigned long reads;       /* successful read calls */
+    unsigned long long bytes_out, bytes_in;
+} sp_conn_counters;
+const sp_conn_counters *sp_conn_counters_get(const sp_conn *c);
+
+/* Moves bytes on every connection until at least one has an event or
+ * timeout seconds pass (timeout < 0: no limit besides the connections' own
+ * timeouts). Returns the number of connections with events, 0 on timeout,
+ * -1 when poll itself fails (errno). */
+int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout);
+
+#endif

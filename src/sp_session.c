@@ -1,0 +1,706 @@
+#include "sp_session.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sp_codec.h"
+
+/* One awaited reply: which command it answers. */
+typedef enum cmd {
+    CMD_GREETING,
+    CMD_EHLO,
+    CMD_HELO,
+    CMD_MAIL,
+    CMD_RCPT,
+    CMD_DATA,
+    CMD_DATA_END,
+    CMD_DATA_DISCARD, /* the empty body sent when DATA got 354 but no recipient was accepted */
+    CMD_RSET,
+    CMD_NOOP,
+    CMD_QUIT
+} cmd;
+
+typedef struct awaited {
+    cmd c;
+    size_t idx; /* recipient index for CMD_RCPT */
+} awaited;
+
+#define EVQ 16
+
+struct sp_session {
+    sp_state state;
+    char helo[256];
+    sp_reply_reader *reader;
+    sp_buf out;
+    unsigned long long queued;  /* bytes ever queued to out */
+    unsigned long long written; /* bytes ever consumed from out */
+    unsigned long long dot_mark;
+    sp_caps caps;
+    sp_reply greeting;
+    sp_error err;
+    sp_tx tx;
+    int tx_active;
+    int pipelining;
+    sp_dotstuff ds;
+    unsigned tx_count;
+    awaited *aw;
+    size_t aw_head, aw_len, aw_cap;
+    sp_event evq[EVQ];
+    size_t ev_head, ev_len;
+};
+
+static void push_event(sp_session *s, sp_event e)
+{
+    /* One transaction at a time yields at most four events per reply, and
+     * drivers drain the queue after every feed, so EVQ is never reached. */
+    if (s->ev_len == EVQ)
+        return;
+    s->evq[(s->ev_head + s->ev_len++) % EVQ] = e;
+}
+
+sp_event sp_session_next_event(sp_session *s)
+{
+    if (!s->ev_len)
+        return SP_EV_NONE;
+    sp_event e = s->evq[s->ev_head];
+    s->ev_head = (s->ev_head + 1) % EVQ;
+    s->ev_len--;
+    return e;
+}
+
+static int await(sp_session *s, cmd c, size_t idx)
+{
+    if (s->aw_head + s->aw_len == s->aw_cap) {
+        if (s->aw_head > 0) {
+            memmove(s->aw, s->aw + s->aw_head, s->aw_len * sizeof *s->aw);
+            s->aw_head = 0;
+        } else {
+            size_t cap = s->aw_cap ? s->aw_cap * 2 : 8;
+            awaited *a = realloc(s->aw, cap * sizeof *a);
+            if (!a)
+                return -1;
+            s->aw = a;
+            s->aw_cap = cap;
+        }
+    }
+    s->aw[s->aw_head + s->aw_len].c = c;
+    s->aw[s->aw_head + s->aw_len].idx = idx;
+    s->aw_len++;
+    return 0;
+}
+
+static sp_phase phase_of(cmd c)
+{
+    switch (c) {
+    case CMD_GREETING: return SP_PHASE_GREETING;
+    case CMD_EHLO:
+    case CMD_HELO: return SP_PHASE_EHLO;
+    case CMD_MAIL: return SP_PHASE_MAIL;
+    case CMD_RCPT: return SP_PHASE_RCPT;
+    case CMD_DATA: return SP_PHASE_DATA;
+    case CMD_DATA_END:
+    case CMD_DATA_DISCARD: return SP_PHASE_DATA_END;
+    case CMD_RSET: return SP_PHASE_RSET;
+    case CMD_NOOP: return SP_PHASE_NOOP;
+    case CMD_QUIT: return SP_PHASE_QUIT;
+    }
+    return SP_PHASE_NONE;
+}
+
+static int queue_cmd(sp_session *s, const char *line, cmd c, size_t idx)
+{
+    size_t n = strlen(line);
+    if (sp_buf_append(&s->out, line, n) < 0 || sp_buf_append(&s->out, "\r\n", 2) < 0)
+        return -1;
+    s->queued += n + 2;
+    return await(s, c, idx);
+}
+
+sp_session *sp_session_new(const sp_session_opts *opts)
+{
+    sp_session *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->reader = sp_reply_reader_new();
+    if (!s->reader) {
+        free(s);
+        return NULL;
+    }
+    const char *h = opts && opts->helo && *opts->helo ? opts->helo : "localhost";
+    snprintf(s->helo, sizeof s->helo, "%s", h);
+    sp_buf_init(&s->out);
+    s->state = SP_ST_GREETING;
+    if (await(s, CMD_GREETING, 0) < 0) {
+        sp_session_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+static void tx_clear(sp_tx *t)
+{
+    free(t->from);
+    for (size_t i = 0; i < t->nrcpt; i++) {
+        free(t->rcpts[i].address);
+        free(t->rcpts[i].text);
+    }
+    free(t->rcpts);
+    sp_reply_clear(&t->final);
+    memset(t, 0, sizeof *t);
+}
+
+void sp_session_free(sp_session *s)
+{
+    if (!s)
+        return;
+    sp_reply_reader_free(s->reader);
+    sp_buf_free(&s->out);
+    sp_reply_clear(&s->greeting);
+    tx_clear(&s->tx);
+    free(s->aw);
+    free(s);
+}
+
+/* Ends the session: records err, fails the transaction in flight, queues events. */
+static void die(sp_session *s, const sp_error *err)
+{
+    if (s->state == SP_ST_DEAD || s->state == SP_ST_CLOSED)
+        return;
+    s->err = *err;
+    if (s->tx_active && !s->tx.done) {
+        s->tx.err = *err;
+        /* Lost after the final dot left and before its reply: the server may
+         * have taken the message. Only an explicit reply can settle that. */
+        if (s->tx.dot_written && err->code == 0 && s->aw_len > 0 &&
+            s->aw[s->aw_head].c == CMD_DATA_END)
+            s->tx.err.kind = SP_KIND_AMBIGUOUS;
+        s->tx.done = 1;
+        s->tx.ok = 0;
+        push_event(s, SP_EV_TX_DONE);
+    }
+    s->state = SP_ST_DEAD;
+    s->aw_len = 0;
+    sp_buf_reset(&s->out);
+    push_event(s, SP_EV_ERROR);
+}
+
+static void die_reply(sp_session *s, sp_phase ph, const sp_reply *r)
+{
+    sp_error e;
+    sp_error_clear(&e);
+    e.kind = sp_kind_of_code(r->code);
+    e.phase = ph;
+    e.code = r->code;
+    memcpy(e.enhanced, r->enhanced, sizeof e.enhanced);
+    snprintf(e.text, sizeof e.text, "%s", r->text ? r->text : "");
+    die(s, &e);
+}
+
+static void die_oom(sp_session *s)
+{
+    sp_error e;
+    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(s), "out of memory");
+    die(s, &e);
+}
+
+static void set_tx_err_reply(sp_tx *t, sp_phase ph, const sp_reply *r)
+{
+    sp_error_clear(&t->err);
+    t->err.kind = sp_kind_of_code(r->code);
+    t->err.phase = ph;
+    t->err.code = r->code;
+    memcpy(t->err.enhanced, r->enhanced, sizeof t->err.enhanced);
+    snprintf(t->err.text, sizeof t->err.text, "%s", r->text ? r->text : "");
+}
+
+static void move_reply(sp_reply *dst, sp_reply *src)
+{
+    sp_reply_clear(dst);
+    *dst = *src;
+    memset(src, 0, sizeof *src);
+}
+
+/* Whether any reply of the current transaction is still awaited. */
+static int tx_replies_pending(const sp_session *s)
+{
+    for (size_t i = 0; i < s->aw_len; i++) {
+        cmd c = s->aw[s->aw_head + i].c;
+        if (c == CMD_MAIL || c == CMD_RCPT || c == CMD_DATA || c == CMD_DATA_END ||
+            c == CMD_DATA_DISCARD)
+            return 1;
+    }
+    return 0;
+}
+
+/* A failed transaction whose replies are all in: report it and RSET. */
+static int finish_failed_tx(sp_session *s)
+{
+    if (tx_replies_pending(s))
+        return 0;
+    s->tx.done = 1;
+    s->tx.ok = 0;
+    push_event(s, SP_EV_TX_DONE);
+    s->state = SP_ST_RSET;
+    if (queue_cmd(s, "RSET", CMD_RSET, 0) < 0)
+        return -1;
+    return 0;
+}
+
+static void fail_tx_all_rcpts(sp_session *s)
+{
+    /* No recipient was accepted: the transaction fails with the first
+     * rejection's reply, which the result's recipient list details. */
+    sp_tx *t = &s->tx;
+    for (size_t i = 0; i < t->nrcpt; i++) {
+        if (t->rcpts[i].code && t->rcpts[i].code >= 300) {
+            sp_error_clear(&t->err);
+            t->err.kind = sp_kind_of_code(t->rcpts[i].code);
+            t->err.phase = SP_PHASE_RCPT;
+            t->err.code = t->rcpts[i].code;
+            memcpy(t->err.enhanced, t->rcpts[i].enhanced, sizeof t->err.enhanced);
+            snprintf(t->err.text, sizeof t->err.text, "%s", t->rcpts[i].text ? t->rcpts[i].text : "");
+            return;
+        }
+    }
+}
+
+static int send_ehlo(sp_session *s, const char *verb, cmd c)
+{
+    char line[300];
+    snprintf(line, sizeof line, "%s %s", verb, s->helo);
+    return queue_cmd(s, line, c, 0);
+}
+
+/* Queues one RCPT TO. */
+static int send_rcpt(sp_session *s, size_t i)
+{
+    sp_buf *o = &s->out;
+    const char *a = s->tx.rcpts[i].address;
+    size_t n = strlen(a);
+    if (sp_buf_append(o, "RCPT TO:<", 9) < 0 || sp_buf_append(o, a, n) < 0 ||
+        sp_buf_append(o, ">\r\n", 3) < 0)
+        return -1;
+    s->queued += 9 + n + 3;
+    return await(s, CMD_RCPT, i);
+}
+
+/* Handles one complete reply. Returns -1 when the session died. */
+static int on_reply(sp_session *s, sp_reply *r)
+{
+    if (s->aw_len == 0) {
+        /* Unsolicited: a 421 is a server going away (RFC 5321 3.8); anything
+         * else is a protocol violation. Either way the session is over. */
+        if (r->code == 421) {
+            die_reply(s, sp_session_phase(s), r);
+        } else {
+            sp_error e;
+            sp_error_set(&e, SP_KIND_PROTOCOL, SP_PHASE_NONE, "unexpected reply %d with no command pending", r->code);
+            e.code = r->code;
+            die(s, &e);
+        }
+        return -1;
+    }
+    awaited a = s->aw[s->aw_head];
+    s->aw_head++;
+    s->aw_len--;
+    if (s->aw_len == 0)
+        s->aw_head = 0;
+    sp_phase ph = phase_of(a.c);
+    int cls = r->code / 100;
+
+    /* 421 anywhere: the server is closing the channel. */
+    if (r->code == 421 && a.c != CMD_QUIT) {
+        die_reply(s, ph, r);
+        return -1;
+    }
+
+    switch (a.c) {
+    case CMD_GREETING:
+        if (r->code != 220) {
+            die_reply(s, ph, r);
+            return -1;
+        }
+        move_reply(&s->greeting, r);
+        s->state = SP_ST_EHLO;
+        if (send_ehlo(s, "EHLO", CMD_EHLO) < 0)
+            goto oom;
+        return 0;
+    case CMD_EHLO:
+        if (cls == 2) {
+            sp_caps_parse(&s->caps, r);
+            s->pipelining = (s->caps.flags & SP_CAP_PIPELINING) != 0;
+            s->state = SP_ST_READY;
+            push_event(s, SP_EV_READY);
+            return 0;
+        }
+        if (cls == 5) { /* EHLO refused: fall back to HELO (RFC 5321 4.1.1.1) */
+            s->state = SP_ST_HELO;
+            if (send_ehlo(s, "HELO", CMD_HELO) < 0)
+                goto oom;
+            return 0;
+        }
+        die_reply(s, ph, r);
+        return -1;
+    case CMD_HELO:
+        if (cls == 2) {
+            memset(&s->caps, 0, sizeof s->caps);
+            s->pipelining = 0;
+            s->state = SP_ST_READY;
+            push_event(s, SP_EV_READY);
+            return 0;
+        }
+        die_reply(s, ph, r);
+        return -1;
+    case CMD_MAIL:
+        if (cls != 2 && !s->tx.err.kind)
+            set_tx_err_reply(&s->tx, ph, r);
+        if (cls != 2 && !s->pipelining)
+            return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
+        if (!s->pipelining && send_rcpt(s, 0) < 0)
+            goto oom;
+        return 0;
+    case CMD_RCPT: {
+        sp_rcpt_result *rr = &s->tx.rcpts[a.idx];
+        rr->code = r->code;
+        memcpy(rr->enhanced, r->enhanced, sizeof rr->enhanced);
+        free(rr->text);
+        rr->text = r->text;
+        r->text = NULL;
+        s->tx.answered++;
+        if (cls == 2)
+            s->tx.accepted++;
+        if (s->pipelining)
+            return 0;
+        if (a.idx + 1 < s->tx.nrcpt) {
+            if (send_rcpt(s, a.idx + 1) < 0)
+                goto oom;
+            return 0;
+        }
+        if (s->tx.accepted == 0) {
+            fail_tx_all_rcpts(s);
+            return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
+        }
+        if (queue_cmd(s, "DATA", CMD_DATA, 0) < 0)
+            goto oom;
+        return 0;
+    }
+    case CMD_DATA:
+        if (r->code == 354) {
+            if (s->tx.accepted > 0 && !s->tx.err.kind) {
+                s->state = SP_ST_BODY;
+                sp_dotstuff_init(&s->ds);
+                push_event(s, SP_EV_BODY);
+                return 0;
+            }
+            /* Pipelined DATA accepted although the transaction failed: end
+             * it with an empty body (RFC 2920 3.1) and ignore the reply. */
+            if (sp_buf_append(&s->out, ".\r\n", 3) < 0 || await(s, CMD_DATA_DISCARD, 0) < 0)
+                goto oom;
+            s->queued += 3;
+        } else if (!s->tx.err.kind) {
+            if (s->tx.accepted == 0)
+                fail_tx_all_rcpts(s);
+            else
+                set_tx_err_reply(&s->tx, ph, r);
+        }
+        if (s->tx.accepted == 0 && !s->tx.err.kind)
+            fail_tx_all_rcpts(s);
+        return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
+    case CMD_DATA_DISCARD:
+        return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
+    case CMD_DATA_END:
+        move_reply(&s->tx.final, r);
+        if (cls == 2) {
+            s->tx.ok = 1;
+            s->tx.done = 1;
+            s->tx_count++;
+            push_event(s, SP_EV_TX_DONE);
+            s->state = SP_ST_READY;
+            push_event(s, SP_EV_READY);
+            return 0;
+        }
+        set_tx_err_reply(&s->tx, ph, &s->tx.final);
+        return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
+    case CMD_RSET:
+    case CMD_NOOP:
+        if (cls == 2) {
+            s->state = SP_ST_READY;
+            push_event(s, SP_EV_READY);
+            return 0;
+        }
+        die_reply(s, ph, r);
+        return -1;
+    case CMD_QUIT:
+        s->state = SP_ST_CLOSED;
+        push_event(s, SP_EV_CLOSED);
+        return 0;
+    }
+    return 0;
+oom:
+    die_oom(s);
+    return -1;
+}
+
+int sp_session_feed(sp_session *s, const char *buf, size_t len)
+{
+    if (s->state == SP_ST_DEAD)
+        return -1;
+    if (s->state == SP_ST_CLOSED)
+        return 0; /* bytes after the QUIT reply are of no interest */
+    if (sp_reply_reader_feed(s->reader, buf, len) < 0) {
+        die_oom(s);
+        return -1;
+    }
+    for (;;) {
+        sp_reply r;
+        memset(&r, 0, sizeof r);
+        sp_reply_status st = sp_reply_reader_next(s->reader, &r);
+        if (st == SP_REPLY_MORE)
+            return 0;
+        if (st == SP_REPLY_ERR) {
+            sp_error e;
+            sp_error_set(&e, SP_KIND_PROTOCOL, sp_session_phase(s), "malformed reply: %s",
+                         sp_reply_reader_error(s->reader));
+            die(s, &e);
+            return -1;
+        }
+        int rc = on_reply(s, &r);
+        sp_reply_clear(&r);
+        if (rc < 0)
+            return -1;
+        if (s->state == SP_ST_CLOSED)
+            return 0;
+    }
+}
+
+int sp_session_eof(sp_session *s)
+{
+    if (s->state == SP_ST_DEAD)
+        return -1;
+    if (s->state == SP_ST_CLOSED)
+        return 0;
+    if (s->state == SP_ST_QUIT) { /* closed without a 221: fine, we were leaving */
+        s->state = SP_ST_CLOSED;
+        s->aw_len = 0;
+        push_event(s, SP_EV_CLOSED);
+        return 0;
+    }
+    sp_error e;
+    if (sp_reply_reader_pending(s->reader))
+        sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(s),
+                     "connection closed by the server in the middle of a reply");
+    else
+        sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(s), "connection closed by the server");
+    die(s, &e);
+    return -1;
+}
+
+int sp_session_timeout(sp_session *s)
+{
+    if (s->state == SP_ST_DEAD || s->state == SP_ST_CLOSED)
+        return -1;
+    sp_error e;
+    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(s), "timed out waiting for the server");
+    die(s, &e);
+    return -1;
+}
+
+void sp_session_fail(sp_session *s, const sp_error *err) { die(s, err); }
+
+const sp_buf *sp_session_output(const sp_session *s) { return &s->out; }
+
+void sp_session_consume(sp_session *s, size_t n)
+{
+    sp_buf_consume(&s->out, n);
+    s->written += n;
+    if (s->dot_mark && s->written >= s->dot_mark && s->tx_active)
+        s->tx.dot_written = 1;
+}
+
+static int not_ready(sp_session *s, sp_error *err, const char *what)
+{
+    sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "cannot %s: session is not ready (state %d)", what,
+                 (int)s->state);
+    return -1;
+}
+
+/* A path must be printable ASCII (or UTF-8 with SMTPUTF8), no brackets and
+ * at most 254 octets (RFC 5321 4.5.3.1.3 allows 256 with the brackets). */
+static int check_path(const char *p, int *utf8, const char *what, sp_error *err)
+{
+    size_t n = strlen(p);
+    if (n > 254) {
+        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "%s address longer than 254 octets", what);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c < 0x21 || c == 0x7f || c == '<' || c == '>') {
+            sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE,
+                         "%s address contains a forbidden byte 0x%02x at offset %zu", what, c, i);
+            return -1;
+        }
+        if (c >= 0x80)
+            *utf8 = 1;
+    }
+    return 0;
+}
+
+int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
+{
+    sp_error_clear(err);
+    if (s->state != SP_ST_READY)
+        return not_ready(s, err, "start a transaction");
+    if (o->nrcpt == 0) {
+        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "no recipients");
+        return -1;
+    }
+    int utf8 = 0;
+    if (check_path(o->from, &utf8, "sender", err) < 0)
+        return -1;
+    for (size_t i = 0; i < o->nrcpt; i++) {
+        if (!*o->rcpts[i]) {
+            sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "recipient %zu is empty", i + 1);
+            return -1;
+        }
+        if (check_path(o->rcpts[i], &utf8, "recipient", err) < 0)
+            return -1;
+    }
+    if (utf8 && !(s->caps.flags & SP_CAP_SMTPUTF8)) {
+        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_MAIL,
+                     "an address is not ASCII and the server does not offer SMTPUTF8");
+        return -1;
+    }
+    if (o->body_8bit && !(s->caps.flags & SP_CAP_8BITMIME) && !utf8) {
+        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_MAIL,
+                     "the message has 8-bit bytes and the server does not offer 8BITMIME; "
+                     "encode it (quoted-printable or base64) first");
+        return -1;
+    }
+    if ((s->caps.flags & SP_CAP_SIZE) && s->caps.size_max && o->size > s->caps.size_max) {
+        sp_error_set(err, SP_KIND_PERMANENT, SP_PHASE_MAIL, "message of %lu bytes exceeds the server's SIZE limit of %lu",
+                     o->size, s->caps.size_max);
+        return -1;
+    }
+
+    tx_clear(&s->tx);
+    sp_tx *t = &s->tx;
+    t->from = strdup(o->from);
+    t->rcpts = calloc(o->nrcpt, sizeof *t->rcpts);
+    if (!t->from || !t->rcpts)
+        goto oom;
+    t->nrcpt = o->nrcpt;
+    for (size_t i = 0; i < o->nrcpt; i++)
+        if (!(t->rcpts[i].address = strdup(o->rcpts[i])))
+            goto oom;
+
+    char line[400];
+    int n = snprintf(line, sizeof line, "MAIL FROM:<%s>", o->from);
+    if ((s->caps.flags & SP_CAP_SIZE) && o->size)
+        n += snprintf(line + n, sizeof line - (size_t)n, " SIZE=%lu", o->size);
+    if (o->body_8bit && (s->caps.flags & SP_CAP_8BITMIME))
+        n += snprintf(line + n, sizeof line - (size_t)n, " BODY=8BITMIME");
+    if (utf8)
+        snprintf(line + n, sizeof line - (size_t)n, " SMTPUTF8");
+    s->tx_active = 1;
+    s->dot_mark = 0;
+    s->state = SP_ST_TX;
+    if (queue_cmd(s, line, CMD_MAIL, 0) < 0)
+        goto oom_dead;
+    if (s->pipelining) { /* RFC 2920: MAIL, every RCPT and DATA in one group */
+        for (size_t i = 0; i < t->nrcpt; i++)
+            if (send_rcpt(s, i) < 0)
+                goto oom_dead;
+        if (queue_cmd(s, "DATA", CMD_DATA, 0) < 0)
+            goto oom_dead;
+    }
+    return 0;
+oom:
+    tx_clear(&s->tx);
+    sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "out of memory");
+    return -1;
+oom_dead:
+    die_oom(s);
+    *err = s->err;
+    return -1;
+}
+
+int sp_session_body(sp_session *s, const char *p, size_t n, sp_error *err)
+{
+    if (s->state != SP_ST_BODY)
+        return not_ready(s, err, "send body bytes");
+    size_t before = sp_buf_pending(&s->out);
+    if (sp_dotstuff_feed(&s->ds, p, n, &s->out) < 0) {
+        die_oom(s);
+        *err = s->err;
+        return -1;
+    }
+    s->queued += sp_buf_pending(&s->out) - before;
+    return 0;
+}
+
+int sp_session_body_end(sp_session *s, sp_error *err)
+{
+    if (s->state != SP_ST_BODY)
+        return not_ready(s, err, "end the body");
+    size_t before = sp_buf_pending(&s->out);
+    if (sp_dotstuff_finish(&s->ds, &s->out) < 0 || await(s, CMD_DATA_END, 0) < 0) {
+        die_oom(s);
+        *err = s->err;
+        return -1;
+    }
+    s->queued += sp_buf_pending(&s->out) - before;
+    s->dot_mark = s->queued;
+    s->state = SP_ST_DATA_END;
+    return 0;
+}
+
+static int simple_cmd(sp_session *s, const char *verb, cmd c, sp_state st, sp_error *err)
+{
+    if (s->state != SP_ST_READY)
+        return not_ready(s, err, verb);
+    s->state = st;
+    if (queue_cmd(s, verb, c, 0) < 0) {
+        die_oom(s);
+        *err = s->err;
+        return -1;
+    }
+    return 0;
+}
+
+int sp_session_noop(sp_session *s, sp_error *err) { return simple_cmd(s, "NOOP", CMD_NOOP, SP_ST_NOOP, err); }
+
+int sp_session_rset(sp_session *s, sp_error *err) { return simple_cmd(s, "RSET", CMD_RSET, SP_ST_RSET, err); }
+
+int sp_session_quit(sp_session *s)
+{
+    if (s->state == SP_ST_DEAD || s->state == SP_ST_CLOSED || s->state == SP_ST_QUIT)
+        return 0;
+    /* QUIT goes out whatever is pending; replies still awaited are dropped. */
+    s->aw_len = 0;
+    s->aw_head = 0;
+    s->state = SP_ST_QUIT;
+    if (queue_cmd(s, "QUIT", CMD_QUIT, 0) < 0) {
+        die_oom(s);
+        return -1;
+    }
+    return 0;
+}
+
+sp_state sp_session_state(const sp_session *s) { return s->state; }
+
+sp_phase sp_session_phase(const sp_session *s)
+{
+    if (s->state == SP_ST_BODY)
+        return SP_PHASE_DATA;
+    if (s->aw_len)
+        return phase_of(s->aw[s->aw_head].c);
+    return SP_PHASE_NONE;
+}
+
+const sp_caps *sp_session_caps(const sp_session *s) { return &s->caps; }
+const sp_tx *sp_session_tx(const sp_session *s) { return &s->tx; }
+const sp_error *sp_session_error(const sp_session *s) { return &s->err; }
+unsigned sp_session_tx_count(const sp_session *s) { return s->tx_count; }
+const sp_reply *sp_session_greeting(const sp_session *s) { return &s->greeting; }

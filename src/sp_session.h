@@ -1,0 +1,125 @@
+/* sp_session: the sans-IO SMTP client protocol machine.
+ *
+ * It is fed the server's bytes (sp_session_feed), end of stream
+ * (sp_session_eof) and timeouts (sp_session_timeout); it yields bytes to
+ * write (sp_session_output / sp_session_consume) and events
+ * (sp_session_next_event). It never touches a socket or reads a clock: the
+ * native driver, the OpenResty driver and the fuzzers all drive this one
+ * machine.
+ *
+ * Life of a session: greeting, EHLO (HELO when EHLO is refused), then READY.
+ * On READY the driver may start one transaction (MAIL, RCPT per recipient,
+ * DATA; pipelined when the server offers PIPELINING), feed the body on
+ * SP_EV_BODY, and learns the outcome on SP_EV_TX_DONE. A failed transaction
+ * is followed by RSET and a new READY. A 421, malformed reply, EOF or
+ * timeout ends the session for good with SP_EV_ERROR: the driver closes the
+ * connection and never reuses it. */
+#ifndef SP_SESSION_H
+#define SP_SESSION_H
+
+#include <stddef.h>
+
+#include "sp_buf.h"
+#include "sp_caps.h"
+#include "sp_error.h"
+#include "sp_reply.h"
+
+typedef enum sp_event {
+    SP_EV_NONE = 0,
+    SP_EV_READY,   /* idle and usable: a transaction, NOOP or QUIT may start */
+    SP_EV_BODY,    /* DATA got 354: feed the body, then sp_session_body_end */
+    SP_EV_TX_DONE, /* the transaction has its outcome (sp_session_tx) */
+    SP_EV_ERROR,   /* the session is dead (sp_session_error): close, never reuse */
+    SP_EV_CLOSED   /* QUIT was answered or the server closed after QUIT */
+} sp_event;
+
+typedef enum sp_state {
+    SP_ST_GREETING,
+    SP_ST_EHLO,
+    SP_ST_HELO,
+    SP_ST_READY,
+    SP_ST_TX,       /* MAIL/RCPT/DATA replies outstanding */
+    SP_ST_BODY,     /* the driver is feeding the body */
+    SP_ST_DATA_END, /* the final dot is out, its reply outstanding */
+    SP_ST_RSET,
+    SP_ST_NOOP,
+    SP_ST_QUIT,
+    SP_ST_CLOSED,
+    SP_ST_DEAD
+} sp_state;
+
+typedef struct sp_rcpt_result {
+    char *address;
+    int code; /* 0 until answered */
+    char enhanced[SP_ENHANCED_MAX];
+    char *text;
+} sp_rcpt_result;
+
+typedef struct sp_tx {
+    char *from;
+    sp_rcpt_result *rcpts;
+    size_t nrcpt;
+    size_t answered;
+    size_t accepted;
+    int ok;          /* 1: the server took responsibility for the accepted recipients */
+    int done;        /* the outcome below is final */
+    int dot_written; /* every byte up to the final dot left through sp_session_consume */
+    sp_error err;    /* why it failed, when done && !ok */
+    sp_reply final;  /* reply to the final dot (or the reply that failed the transaction) */
+} sp_tx;
+
+typedef struct sp_tx_opts {
+    const char *from;          /* reverse-path without <>; "" for the null sender */
+    const char *const *rcpts;  /* forward-paths without <> */
+    size_t nrcpt;
+    unsigned long size;        /* message size for SIZE=, 0 to leave out */
+    int body_8bit;             /* the body has 8-bit bytes: BODY=8BITMIME needed */
+} sp_tx_opts;
+
+typedef struct sp_session_opts {
+    const char *helo; /* EHLO/HELO name; "localhost" when NULL */
+} sp_session_opts;
+
+typedef struct sp_session sp_session;
+
+sp_session *sp_session_new(const sp_session_opts *opts);
+void sp_session_free(sp_session *s);
+
+/* Input. Each returns 0, or -1 when the session has died (an SP_EV_ERROR is queued). */
+int sp_session_feed(sp_session *s, const char *buf, size_t len);
+int sp_session_eof(sp_session *s);
+int sp_session_timeout(sp_session *s);
+/* The driver could not reach the server or lost the transport (reset, TLS
+ * failure): kills the session with the given error. */
+void sp_session_fail(sp_session *s, const sp_error *err);
+
+/* Output: bytes to write, and how many were written. */
+const sp_buf *sp_session_output(const sp_session *s);
+void sp_session_consume(sp_session *s, size_t n);
+
+/* Events in the order they happened; SP_EV_NONE when none are queued. */
+sp_event sp_session_next_event(sp_session *s);
+
+/* Commands. Each returns 0, or -1 with *err set (kind invalid when the
+ * request is malformed or impossible on this server, nothing sent). */
+int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err);
+int sp_session_body(sp_session *s, const char *p, size_t n, sp_error *err);
+int sp_session_body_end(sp_session *s, sp_error *err);
+int sp_session_noop(sp_session *s, sp_error *err);
+int sp_session_rset(sp_session *s, sp_error *err);
+int sp_session_quit(sp_session *s);
+
+/* State. */
+sp_state sp_session_state(const sp_session *s);
+/* The phase whose reply (or, while feeding the body, whose write) is awaited;
+ * SP_PHASE_NONE when idle. Drivers pick their timeout from it. */
+sp_phase sp_session_phase(const sp_session *s);
+const sp_caps *sp_session_caps(const sp_session *s);
+const sp_tx *sp_session_tx(const sp_session *s);
+const sp_error *sp_session_error(const sp_session *s);
+/* Transactions that ended with the server accepting the message. */
+unsigned sp_session_tx_count(const sp_session *s);
+/* The greeting's reply code and text (for logs). */
+const sp_reply *sp_session_greeting(const sp_session *s);
+
+#endif

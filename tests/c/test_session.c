@@ -1,0 +1,357 @@
+/* The protocol machine, driven by hand: no sockets. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sp_session.h"
+
+static char outbuf[8192];
+
+/* Takes everything the session wants to write. */
+static const char *take(sp_session *s)
+{
+    const sp_buf *o = sp_session_output(s);
+    size_t n = sp_buf_pending(o);
+    assert_true(n < sizeof outbuf);
+    if (n)
+        memcpy(outbuf, sp_buf_head(o), n);
+    outbuf[n] = '\0';
+    sp_session_consume(s, n);
+    return outbuf;
+}
+
+static void feed(sp_session *s, const char *str) { sp_session_feed(s, str, strlen(str)); }
+
+static void expect_events(sp_session *s, const sp_event *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(sp_session_next_event(s), want[i]);
+    assert_int_equal(sp_session_next_event(s), SP_EV_NONE);
+}
+#define EXPECT(s, ...)                                                                                \
+    do {                                                                                              \
+        sp_event w_[] = {__VA_ARGS__};                                                                \
+        expect_events(s, w_, sizeof w_ / sizeof w_[0]);                                               \
+    } while (0)
+
+static sp_session *ready(const char *ehlo_reply)
+{
+    sp_session_opts o = {.helo = "client.test"};
+    sp_session *s = sp_session_new(&o);
+    assert_string_equal(take(s), "");
+    assert_int_equal(sp_session_phase(s), SP_PHASE_GREETING);
+    feed(s, "220 mx.test ESMTP\r\n");
+    assert_string_equal(take(s), "EHLO client.test\r\n");
+    feed(s, ehlo_reply);
+    EXPECT(s, SP_EV_READY);
+    assert_int_equal(sp_session_state(s), SP_ST_READY);
+    return s;
+}
+
+static int start(sp_session *s, const char *from, const char *const *rcpts, size_t n, sp_error *e)
+{
+    sp_tx_opts o;
+    memset(&o, 0, sizeof o);
+    o.from = from;
+    o.rcpts = rcpts;
+    o.nrcpt = n;
+    o.size = 100;
+    return sp_session_start_tx(s, &o, e);
+}
+
+static void lockstep_transaction(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 SIZE 1000\r\n");
+    const char *rc[] = {"b@y.test", "bad@y.test"};
+    sp_error e;
+    assert_int_equal(start(s, "a@x.test", rc, 2, &e), 0);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test> SIZE=100\r\n");
+    feed(s, "250 2.1.0 ok\r\n");
+    assert_string_equal(take(s), "RCPT TO:<b@y.test>\r\n");
+    feed(s, "250 2.1.5 ok\r\n");
+    assert_string_equal(take(s), "RCPT TO:<bad@y.test>\r\n");
+    feed(s, "550 5.1.1 no such user\r\n");
+    assert_string_equal(take(s), "DATA\r\n");
+    feed(s, "354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    assert_int_equal(sp_session_phase(s), SP_PHASE_DATA);
+    assert_int_equal(sp_session_body(s, "Subject: x\n\n.line\n", 18, &e), 0);
+    assert_int_equal(sp_session_body_end(s, &e), 0);
+    assert_string_equal(take(s), "Subject: x\r\n\r\n..line\r\n.\r\n");
+    assert_int_equal(sp_session_phase(s), SP_PHASE_DATA_END);
+    feed(s, "250 2.0.0 queued as X\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    const sp_tx *t = sp_session_tx(s);
+    assert_true(t->ok);
+    assert_int_equal(t->accepted, 1);
+    assert_int_equal(t->rcpts[0].code, 250);
+    assert_int_equal(t->rcpts[1].code, 550);
+    assert_string_equal(t->rcpts[1].enhanced, "5.1.1");
+    assert_string_equal(t->rcpts[1].text, "no such user");
+    assert_string_equal(t->final.text, "queued as X");
+    assert_int_equal(sp_session_tx_count(s), 1);
+    sp_session_quit(s);
+    assert_string_equal(take(s), "QUIT\r\n");
+    feed(s, "221 bye\r\n");
+    EXPECT(s, SP_EV_CLOSED);
+    sp_session_free(s);
+}
+
+static void pipelined_group(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+    const char *rc[] = {"b@y.test", "c@y.test"};
+    sp_error e;
+    assert_int_equal(start(s, "", rc, 2, &e), 0);
+    /* one group, one write: MAIL, every RCPT, DATA */
+    assert_string_equal(take(s), "MAIL FROM:<>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n");
+    feed(s, "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body(s, "hi", 2, &e);
+    sp_session_body_end(s, &e);
+    assert_string_equal(take(s), "hi\r\n.\r\n");
+    feed(s, "250 ok\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    assert_true(sp_session_tx(s)->ok);
+    sp_session_free(s);
+}
+
+static void pipelined_all_rejected_then_354(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "250 ok\r\n550 5.1.1 unknown\r\n354 go\r\n");
+    /* RFC 2920: end the DATA with an empty body, then RSET */
+    assert_string_equal(take(s), ".\r\n");
+    EXPECT(s);
+    feed(s, "554 no valid recipients\r\n");
+    EXPECT(s, SP_EV_TX_DONE);
+    const sp_tx *t = sp_session_tx(s);
+    assert_false(t->ok);
+    assert_int_equal(t->err.kind, SP_KIND_PERMANENT);
+    assert_int_equal(t->err.phase, SP_PHASE_RCPT);
+    assert_int_equal(t->err.code, 550);
+    assert_string_equal(take(s), "RSET\r\n");
+    feed(s, "250 reset\r\n");
+    EXPECT(s, SP_EV_READY);
+    sp_session_free(s);
+}
+
+static void helo_fallback(void **state)
+{
+    (void)state;
+    sp_session *s = sp_session_new(NULL);
+    feed(s, "220 old.test\r\n");
+    assert_string_equal(take(s), "EHLO localhost\r\n");
+    feed(s, "502 5.5.2 command not recognised\r\n");
+    assert_string_equal(take(s), "HELO localhost\r\n");
+    feed(s, "250 old.test\r\n");
+    EXPECT(s, SP_EV_READY);
+    assert_int_equal(sp_session_caps(s)->esmtp, 0);
+    sp_session_free(s);
+}
+
+static void mail_421_kills_session(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250 mx.test\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "421 4.7.0 too many messages in this connection\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    const sp_tx *t = sp_session_tx(s);
+    assert_int_equal(t->err.kind, SP_KIND_CONNECTION);
+    assert_int_equal(t->err.phase, SP_PHASE_MAIL);
+    assert_int_equal(t->err.code, 421);
+    assert_int_equal(sp_session_state(s), SP_ST_DEAD);
+    assert_int_equal(sp_session_start_tx(s, &(sp_tx_opts){.from = "", .rcpts = rc, .nrcpt = 1}, &e), -1);
+    assert_int_equal(e.kind, SP_KIND_INVALID);
+    assert_int_equal(sp_session_feed(s, "250 ok\r\n", 8), -1);
+    sp_session_free(s);
+}
+
+static void mail_452_is_transient_and_rsets(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250 mx.test\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "452 4.5.3 too many\r\n");
+    EXPECT(s, SP_EV_TX_DONE);
+    assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_TRANSIENT);
+    assert_string_equal(take(s), "RSET\r\n");
+    feed(s, "250 ok\r\n");
+    EXPECT(s, SP_EV_READY);
+    sp_session_free(s);
+}
+
+static void eof_after_dot_is_ambiguous(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250 mx.test\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body_end(s, &e);
+    take(s);
+    sp_session_eof(s);
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_AMBIGUOUS);
+    assert_int_equal(sp_session_tx(s)->err.phase, SP_PHASE_DATA_END);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_CONNECTION);
+    sp_session_free(s);
+}
+
+static void eof_before_dot_written_is_not_ambiguous(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body_end(s, &e);
+    /* nothing consumed: the dot never left */
+    sp_session_eof(s);
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_CONNECTION);
+    sp_session_free(s);
+}
+
+static void malformed_reply_per_phase(void **state)
+{
+    (void)state;
+    sp_session *s = sp_session_new(NULL);
+    feed(s, "220 ok\r\n");
+    take(s);
+    feed(s, "2x0 garbage\r\n");
+    EXPECT(s, SP_EV_ERROR);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_PROTOCOL);
+    assert_int_equal(sp_session_error(s)->phase, SP_PHASE_EHLO);
+    sp_session_free(s);
+
+    s = ready("250 mx.test\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "250-ok\r\n");
+    sp_session_eof(s);
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_CONNECTION);
+    assert_int_equal(sp_session_error(s)->phase, SP_PHASE_MAIL);
+    assert_non_null(strstr(sp_session_error(s)->text, "middle of a reply"));
+    sp_session_free(s);
+}
+
+static void greeting_timeout_and_refusal(void **state)
+{
+    (void)state;
+    sp_session *s = sp_session_new(NULL);
+    sp_session_timeout(s);
+    EXPECT(s, SP_EV_ERROR);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_CONNECTION);
+    assert_int_equal(sp_session_error(s)->phase, SP_PHASE_GREETING);
+    sp_session_free(s);
+
+    s = sp_session_new(NULL);
+    feed(s, "554 5.7.1 go away\r\n");
+    EXPECT(s, SP_EV_ERROR);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_PERMANENT);
+    assert_int_equal(sp_session_error(s)->code, 554);
+    sp_session_free(s);
+}
+
+static void unsolicited_421_when_idle(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250 mx.test\r\n");
+    feed(s, "421 4.4.2 idle too long\r\n");
+    EXPECT(s, SP_EV_ERROR);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_CONNECTION);
+    sp_session_free(s);
+}
+
+static void injection_and_limits_refused(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 SIZE 50\r\n");
+    sp_error e;
+    const char *bad[] = {"b@y.test\r\nRCPT TO:<evil@z.test>"};
+    assert_int_equal(start(s, "a@x.test", bad, 1, &e), -1);
+    assert_int_equal(e.kind, SP_KIND_INVALID);
+    assert_string_equal(take(s), "");
+    const char *ok[] = {"b@y.test"};
+    assert_int_equal(start(s, "a@x.test>\r\nDATA", ok, 1, &e), -1);
+    assert_int_equal(e.kind, SP_KIND_INVALID);
+    assert_int_equal(start(s, "a@x.test", ok, 0, &e), -1);
+    /* SIZE: 100 bytes over a 50-byte limit */
+    assert_int_equal(start(s, "a@x.test", ok, 1, &e), -1);
+    assert_int_equal(e.kind, SP_KIND_PERMANENT);
+    sp_tx_opts o = {.from = "a@x.test", .rcpts = ok, .nrcpt = 1, .body_8bit = 1};
+    assert_int_equal(sp_session_start_tx(s, &o, &e), -1);
+    assert_non_null(strstr(e.text, "8BITMIME"));
+    const char *utf[] = {"j\xc3\xb6rg@y.test"};
+    o.body_8bit = 0;
+    o.rcpts = utf;
+    assert_int_equal(sp_session_start_tx(s, &o, &e), -1);
+    assert_non_null(strstr(e.text, "SMTPUTF8"));
+    assert_string_equal(take(s), "");
+    assert_int_equal(sp_session_state(s), SP_ST_READY);
+    sp_session_free(s);
+}
+
+static void utf8_and_8bit_parameters(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n");
+    sp_error e;
+    const char *utf[] = {"j\xc3\xb6rg@y.test"};
+    sp_tx_opts o = {.from = "a@x.test", .rcpts = utf, .nrcpt = 1, .body_8bit = 1};
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test> BODY=8BITMIME SMTPUTF8\r\n");
+    sp_session_free(s);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(lockstep_transaction),
+        cmocka_unit_test(pipelined_group),
+        cmocka_unit_test(pipelined_all_rejected_then_354),
+        cmocka_unit_test(helo_fallback),
+        cmocka_unit_test(mail_421_kills_session),
+        cmocka_unit_test(mail_452_is_transient_and_rsets),
+        cmocka_unit_test(eof_after_dot_is_ambiguous),
+        cmocka_unit_test(eof_before_dot_written_is_not_ambiguous),
+        cmocka_unit_test(malformed_reply_per_phase),
+        cmocka_unit_test(greeting_timeout_and_refusal),
+        cmocka_unit_test(unsolicited_421_when_idle),
+        cmocka_unit_test(injection_and_limits_refused),
+        cmocka_unit_test(utf8_and_8bit_parameters),
+    };
+    return cmocka_run_group_tests_name("session", tests, NULL, NULL);
+}

@@ -1,0 +1,229 @@
+-- Real peers for the specs: exim4 (a real MTA) and the scriptable fault
+-- server, each on a free 127.0.0.1 port, each stopped by the spec that
+-- started it. Every wait here is bounded in time.
+local json = require("dkjson")
+
+local M = {}
+
+local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "tests/support"
+-- Children must not inherit a sanitizer preload meant for the Lua process.
+local CLEAN = "env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "
+local PY = CLEAN .. "/usr/bin/python3"
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd, "r"))
+  local out = p:read("a")
+  p:close()
+  return out
+end
+M.sh = sh
+
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+M.quote = q
+
+function M.sleep(s) os.execute("sleep " .. s) end
+
+--- Polls fn every 50 ms until it returns a true value or timeout seconds pass.
+function M.wait_for(fn, timeout, what)
+  local deadline = os.time() + (timeout or 10)
+  while true do
+    local v = fn()
+    if v then return v end
+    if os.time() > deadline then
+      error("timed out waiting for " .. (what or "a condition"), 2)
+    end
+    M.sleep(0.05)
+  end
+end
+
+function M.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+function M.write_file(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+function M.tmpdir()
+  local d = sh("mktemp -d /tmp/smtppool-test.XXXXXX"):gsub("%s+$", "")
+  assert(d ~= "", "mktemp failed")
+  os.execute("chmod 755 " .. q(d))
+  return d
+end
+
+function M.free_port()
+  return tonumber(sh(PY .. [[ -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])']]))
+end
+
+-- A zombie (exited, not yet reaped by init) counts as gone.
+local function alive(pid)
+  if not pid then return false end
+  local stat = M.read_file("/proc/" .. pid .. "/stat")
+  return stat ~= nil and not stat:match("^%d+ %b() Z")
+end
+
+local function stop_pid(pid)
+  if not alive(pid) then return end
+  os.execute("kill " .. pid .. " 2>/dev/null")
+  local deadline = os.time() + 5
+  while alive(pid) and os.time() <= deadline do M.sleep(0.05) end
+  if alive(pid) then os.execute("kill -9 " .. pid .. " 2>/dev/null") end
+end
+
+-- Open descriptors of this process (for leak checks).
+function M.fd_count()
+  return tonumber(sh("ls /proc/" .. sh("echo $PPID"):gsub("%s", "") .. "/fd | wc -l"))
+end
+
+---------------------------------------------------------------- exim
+
+local Exim = {}
+Exim.__index = Exim
+
+--- Starts exim on a free port.
+-- opts.max_per_conn: smtp_accept_max_per_connection (0: no cap)
+-- opts.pipelining: advertise PIPELINING (default true)
+function M.exim(opts)
+  opts = opts or {}
+  local dir = M.tmpdir()
+  for _, sub in ipairs({ "spool", "log", "mail" }) do os.execute("mkdir -p " .. q(dir .. "/" .. sub)) end
+  local user = "Debian-exim"
+  os.execute("chown -R " .. user .. ":" .. user .. " " .. q(dir))
+  local conf = assert(M.read_file(HERE .. "/exim.conf.in"))
+  local last_err
+  for _ = 1, 5 do -- a free port can be taken between the probe and the bind: retry
+    local port = M.free_port()
+    local text = conf:gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
+      :gsub("@MAX_PER_CONN@", tostring(opts.max_per_conn or 0))
+      :gsub("@USER@", user):gsub("@PIPELINING@", opts.pipelining == false and "" or "*")
+    M.write_file(dir .. "/exim.conf", text)
+    os.execute("rm -f " .. q(dir .. "/exim.pid"))
+    local rc = os.execute(CLEAN .. "exim4 -C " .. q(dir .. "/exim.conf") .. " -bd -oX " .. port
+      .. " -oP " .. q(dir .. "/exim.pid") .. " 2>" .. q(dir .. "/start.err"))
+    if rc then
+      local ok = pcall(M.wait_for, function()
+        local log = M.read_file(dir .. "/log/mainlog") or ""
+        return log:find("daemon started", 1, true) and M.read_file(dir .. "/exim.pid")
+      end, 10, "exim to start")
+      if ok then
+        local self = setmetatable({ dir = dir, port = port,
+          pid = tonumber((M.read_file(dir .. "/exim.pid") or ""):match("%d+")) }, Exim)
+        return self
+      end
+    end
+    last_err = (M.read_file(dir .. "/start.err") or "") .. (M.read_file(dir .. "/log/paniclog") or "")
+    stop_pid(tonumber((M.read_file(dir .. "/exim.pid") or ""):match("%d+") or ""))
+  end
+  os.execute("rm -rf " .. q(dir))
+  error("exim did not start: " .. tostring(last_err))
+end
+
+function Exim:mainlog() return M.read_file(self.dir .. "/log/mainlog") or "" end
+
+--- Lines of the main log matching a Lua pattern.
+function Exim:log_lines(pattern)
+  local out = {}
+  for line in self:mainlog():gmatch("[^\n]+") do
+    if line:find(pattern) then out[#out + 1] = line end
+  end
+  return out
+end
+
+--- Number of deliveries exim logged ("=>" lines).
+function Exim:deliveries() return #self:log_lines(" => ") end
+
+function Exim:wait_deliveries(n, timeout)
+  return M.wait_for(function() return self:deliveries() >= n end, timeout or 20,
+    ("%d deliveries (have %d)"):format(n, self:deliveries()))
+end
+
+--- Messages in the maildir, as strings (LF line ends, as exim stores them).
+function Exim:messages()
+  local out = {}
+  local list = sh("ls " .. q(self.dir .. "/mail/new") .. " 2>/dev/null")
+  for name in list:gmatch("[^\n]+") do
+    out[#out + 1] = M.read_file(self.dir .. "/mail/new/" .. name)
+  end
+  return out
+end
+
+function Exim:stop()
+  if self.stopped then return end
+  self.stopped = true
+  stop_pid(self.pid)
+  -- delivery processes of the last messages may still be running
+  M.sleep(0.1)
+  os.execute("rm -rf " .. q(self.dir))
+end
+
+---------------------------------------------------------------- fault server
+
+local Fault = {}
+Fault.__index = Fault
+
+--- Starts the fault server with a script (a Lua table, see faultserver.py).
+function M.fault(script)
+  local dir = M.tmpdir()
+  local sfile = dir .. "/script.json"
+  M.write_file(sfile, json.encode(script or {}))
+  local cmd = ("%s %s --script %s --log %s >%s 2>%s & echo $!"):format(PY, q(HERE .. "/faultserver.py"),
+    q(sfile), q(dir .. "/events.jsonl"), q(dir .. "/port"), q(dir .. "/stderr"))
+  local pid = tonumber(sh(cmd):match("%d+"))
+  local ok, port = pcall(M.wait_for, function()
+    local s = M.read_file(dir .. "/port") or ""
+    return tonumber(s:match("PORT (%d+)"))
+  end, 10, "the fault server to listen")
+  if not ok then
+    stop_pid(pid)
+    local err = M.read_file(dir .. "/stderr")
+    os.execute("rm -rf " .. q(dir))
+    error("fault server did not start: " .. tostring(err))
+  end
+  return setmetatable({ dir = dir, port = port, pid = pid }, Fault)
+end
+
+--- The server's event log as a list of tables.
+function Fault:events()
+  local out = {}
+  for line in (M.read_file(self.dir .. "/events.jsonl") or ""):gmatch("[^\n]+") do
+    out[#out + 1] = json.decode(line)
+  end
+  return out
+end
+
+--- Events of one type (and optional field filter).
+function Fault:select(ev, filter)
+  local out = {}
+  for _, e in ipairs(self:events()) do
+    if e.ev == ev then
+      local keep = true
+      for k, v in pairs(filter or {}) do
+        if e[k] ~= v then keep = false end
+      end
+      if keep then out[#out + 1] = e end
+    end
+  end
+  return out
+end
+
+function Fault:stop()
+  if self.stopped then return end
+  self.stopped = true
+  stop_pid(self.pid)
+  os.execute("rm -rf " .. q(self.dir))
+end
+
+--- Sets package paths so specs load the tree's module.
+function M.use_tree()
+  local root = HERE:gsub("/tests/support$", "")
+  package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
+  package.cpath = root .. "/lua/?.so;" .. package.cpath
+end
+
+return M
