@@ -20,7 +20,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	valgrind
+	lua-dkjson valgrind
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
