@@ -4,22 +4,35 @@
 -- (`smtppool.core`); this module is the pool users talk to.
 --
 --     local smtppool = require("smtppool")
---     local pool = assert(smtppool.new{ host = "127.0.0.1", port = 25, tls = "none" })
+--     local pool = assert(smtppool.new{ host = "127.0.0.1", port = 25, tls = "none",
+--                                       max_conns = 4, max_messages_per_conn = 5 })
 --     local res, err = pool:send_raw{ from = "a@example.org", to = { "b@example.net" },
 --                                     data = "Subject: hi\r\n\r\nHello\r\n" }
 --     pool:close()
 --
+-- The pool keeps the invariants of DESIGN.md: a connection that saw a 421,
+-- EOF, reset, malformed reply or timeout is closed and never reused; the
+-- message it carried moves to a fresh connection under the retry policy;
+-- connections are rotated (QUIT) before the server's per-session cap, which
+-- is the least of the configured one, the one the server advertises
+-- (RFC 9422 `LIMITS MAILMAX`) and the one the pool learned from the server
+-- closing sessions; rate limits are waited for, never exceeded; and every
+-- message gets exactly one outcome.
+--
 -- Runtime failures return `nil, err`; `err` is a table with `kind`, `phase`,
--- `code`, `enhanced`, `text` and `attempts` (see `smtppool.error`), and
--- prints as one line with `tostring`. Wrong argument types raise.
+-- `code`, `enhanced`, `text` and `attempts` and prints as one line with
+-- `tostring`. Wrong argument types raise.
 -- @module smtppool
 
 local core = require("smtppool.core")
+local rate = require("smtppool.rate")
+local retry = require("smtppool.retry")
 
-local M = { _VERSION = "0.1.0" }
+local M = { _VERSION = "0.2.0", retry = retry }
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
 local error_mt = core.error_mt
+local now = core.now
 
 --- Makes an error value.
 -- @tparam string kind one of `transient`, `permanent`, `connection`,
@@ -47,7 +60,9 @@ local PHASES = { "greeting", "ehlo", "mail", "rcpt", "data", "data_end", "rset",
 local OPTIONS = {
   host = "string", port = "number", tls = "string", helo = "string",
   connect_timeout = "number", timeouts = "table", on_event = "function",
-  max_conns = "number", close_timeout = "number",
+  max_conns = "number", close_timeout = "number", wait_timeout = "number",
+  idle_timeout = "number", max_messages_per_conn = "number", max_conn_lifetime = "number",
+  health_check_after = "number", rate = "table", retry = "function",
 }
 
 local function check_options(opts)
@@ -77,6 +92,17 @@ local function check_options(opts)
       end
     end
   end
+  for _, k in ipairs({ "connect_timeout", "close_timeout", "wait_timeout", "idle_timeout",
+                       "max_conn_lifetime", "health_check_after" }) do
+    if opts[k] and opts[k] <= 0 then
+      error(("smtppool.new: option '%s' must be positive"):format(k), 3)
+    end
+  end
+  for _, k in ipairs({ "max_conns", "max_messages_per_conn" }) do
+    if opts[k] and (opts[k] < 1 or opts[k] ~= math.floor(opts[k])) then
+      error(("smtppool.new: option '%s' must be a positive integer"):format(k), 3)
+    end
+  end
 end
 
 local Pool = {}
@@ -92,15 +118,32 @@ Pool.__index = Pool
 --   built yet and are refused with a `config` error rather than silently
 --   sending in the clear.
 -- * `helo` (string, default this machine's host name): the EHLO name.
+-- * `max_conns` (default 1): connections open at once.
+-- * `max_messages_per_conn` (default none): transactions per connection
+--   before it is rotated (QUIT and replaced). The pool also honours the
+--   server's `LIMITS MAILMAX` and a cap it learns when a server closes
+--   sessions after the same number of messages more than once.
+-- * `max_conn_lifetime` (seconds, default none): rotate older connections.
+-- * `idle_timeout` (seconds, default 60): idle connections older than this
+--   are closed with QUIT at the pool's next use instead of being reused.
+-- * `health_check_after` (seconds, default 30): a connection idle this long
+--   is checked with NOOP before it carries a message.
+-- * `wait_timeout` (seconds, default 60): how long the message at the head
+--   of the queue may wait for a connection before it fails.
+-- * `rate` (table): `connections_per_min`, `auth_per_min`,
+--   `messages_per_sec` (or `messages_per_min`); each limit is waited for,
+--   never exceeded, in any sliding window. `{limit, per_seconds}` under the
+--   names `connections`, `auth`, `messages` sets another window length.
+-- * `retry` (function, default `smtppool.retry.backoff()`): the retry
+--   policy, `function(err, attempt, msg) -> delay | false`.
 -- * `connect_timeout` (seconds, default 30).
 -- * `timeouts` (table): reply timeouts in seconds per phase (`greeting`,
 --   `ehlo`, `mail`, `rcpt`, `data`, `data_end`, `rset`, `noop`, `quit`);
 --   defaults are RFC 5321 section 4.5.3.2's (5 minutes; `data` 3,
 --   `data_end` 10).
--- * `max_conns` (number, default 1): connections open at once.
 -- * `close_timeout` (seconds, default 5): how long `close` waits for QUIT.
--- * `on_event` (function): called with one table per event
---   (`{type = "connect" | "ready" | "discard" | "close", ...}`).
+-- * `on_event` (function): called with one table per event: `connect`,
+--   `ready`, `rotate`, `learn_cap`, `retry`, `discard`, `rate_wait`, `close`.
 -- @treturn[1] Pool
 -- @return[2] nil
 -- @treturn[2] table error value (kind `config`)
@@ -118,22 +161,30 @@ function M.new(opts)
   if port ~= math.floor(port) or port < 1 or port > 65535 then
     return nil, M.error("config", "port must be an integer from 1 to 65535")
   end
-  local max_conns = opts.max_conns or 1
-  if max_conns < 1 or max_conns ~= math.floor(max_conns) then
-    return nil, M.error("config", "max_conns must be a positive integer")
-  end
   local self = setmetatable({
     opts = opts,
     conn_opts = {
       host = opts.host, port = port, helo = opts.helo or core.hostname() or "localhost",
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
     },
-    max_conns = max_conns,
+    max_conns = opts.max_conns or 1,
+    max_per_conn = opts.max_messages_per_conn,
+    lifetime = opts.max_conn_lifetime,
+    idle_timeout = opts.idle_timeout or 60,
+    health_after = opts.health_check_after or 30,
+    wait_timeout = opts.wait_timeout or 60,
     close_timeout = opts.close_timeout or 5,
+    policy = opts.retry or retry.backoff(),
+    windows = rate.from_options(opts.rate),
     on_event = opts.on_event,
-    conns = {},      -- every live connection record
+    conns = {},          -- connection records
+    learned_cap = nil,   -- learned per-session cap
+    cap_seen = {},       -- cap observations: count -> times seen
     closed = false,
-    counters = { opened = 0, closed_by_us = 0, closed_by_server = 0, sent = 0, failed = 0 },
+    next_id = 0,
+    counters = { opened = 0, closed_by_us = 0, closed_by_server = 0, rotated = 0,
+                 sent = 0, failed = 0, retried = 0, ambiguous = 0, rate_waits = 0,
+                 moved = 0 },
   }, Pool)
   return self
 end
@@ -141,21 +192,24 @@ end
 function Pool:_emit(ev)
   if self.on_event then
     local ok, e = pcall(self.on_event, ev)
-    if not ok then
+    if not ok and not self._hook_warned then
       -- A broken hook must not break delivery; report it once on stderr.
-      if not self._hook_warned then
-        self._hook_warned = true
-        io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
-      end
+      self._hook_warned = true
+      io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
     end
   end
 end
 
-local function conn_list(self)
-  local list = {}
-  for i, rec in ipairs(self.conns) do list[i] = rec.c end
-  return list
-end
+---------------------------------------------------------------- connections
+
+-- Connection record states:
+--   connecting  opened, greeting/EHLO not done yet (rec.job may be bound to it)
+--   idle        ready for a transaction
+--   busy        a transaction in flight (rec.job)
+--   settling    transaction reported, READY not yet back (RSET in flight)
+--   checking    NOOP health check in flight
+--   quitting    QUIT sent
+--   gone        closed and removed
 
 function Pool:_remove(rec)
   for i, r in ipairs(self.conns) do
@@ -165,132 +219,406 @@ function Pool:_remove(rec)
   rec.state = "gone"
 end
 
--- Handles the events of one connection record.
-function Pool:_dispatch(rec)
-  while true do
-    local ev = rec.c:next_event()
-    if not ev then return end
-    if ev == "ready" then
-      if rec.state == "connecting" then
-        self:_emit({ type = "ready", conn = rec.id, caps = rec.c:caps() })
-      end
-      rec.state = "ready"
-    elseif ev == "tx" then
-      rec.tx_result = rec.c:tx()
-      rec.state = "settling" -- "ready" follows at once on success, after RSET on failure
-      rec.messages = rec.messages + 1
-    elseif ev == "error" then
-      local e = rec.c:error()
-      rec.err = e
-      rec.state = "dead"
-      self.counters.closed_by_server = self.counters.closed_by_server + 1
-      self:_emit({ type = "discard", conn = rec.id, err = e })
-      self:_remove(rec)
-      return
-    elseif ev == "closed" then
-      rec.state = "closed"
-      self.counters.closed_by_us = self.counters.closed_by_us + 1
-      self:_emit({ type = "close", conn = rec.id })
-      self:_remove(rec)
-      return
-    end
+-- The session cap in force for a connection: the least of configured,
+-- advertised and learned.
+function Pool:_cap(rec)
+  local cap = self.max_per_conn
+  local adv = rec.caps and rec.caps.mailmax
+  if adv and (not cap or adv < cap) then cap = adv end
+  if self.learned_cap and (not cap or self.learned_cap < cap) then cap = self.learned_cap end
+  return cap
+end
+
+-- QUITs a connection; reason "cap", "lifetime" or "exhausted" makes it a
+-- rotation, "idle" an idle close.
+function Pool:_quit(rec, reason)
+  rec.c:quit()
+  rec.state = "quitting"
+  if reason == "idle" then
+    self:_emit({ type = "idle_close", conn = rec.id, messages = rec.txs })
+  elseif reason then
+    self.counters.rotated = self.counters.rotated + 1
+    self:_emit({ type = "rotate", conn = rec.id, messages = rec.txs, reason = reason })
   end
 end
 
--- Runs the poll loop until done() is true or the deadline passes.
-function Pool:_drive(done, deadline)
-  while not done() do
-    local list = conn_list(self)
-    if #list == 0 then return end
-    local left = deadline and (deadline - core.now()) or -1
-    if deadline and left <= 0 then return end
-    core.wait(list, left)
-    for _, rec in ipairs({ unpack(self.conns) }) do self:_dispatch(rec) end
-  end
-end
-
-function Pool:_open()
+-- Opens a connection, spending from the connection window first.
+function Pool:_open(t, job)
+  local w = self.windows.connections
+  if w then w:spend(t) end
   local c, e = core.connect(self.conn_opts)
   if not c then return nil, e end
-  self.next_id = (self.next_id or 0) + 1
-  local rec = { c = c, id = self.next_id, state = "connecting", messages = 0, born = core.now() }
+  self.next_id = self.next_id + 1
+  local rec = { c = c, id = self.next_id, state = "connecting", txs = 0, born = t, last_used = t, job = job }
   self.conns[#self.conns + 1] = rec
   self.counters.opened = self.counters.opened + 1
   self:_emit({ type = "connect", conn = rec.id, host = self.conn_opts.host, port = self.conn_opts.port })
   return rec
 end
 
--- Returns a ready connection record, opening one if needed.
-function Pool:_acquire()
-  for _, rec in ipairs(self.conns) do
-    if rec.state == "ready" and not rec.busy then return rec end
-  end
-  local rec
-  -- A connection finishing its RSET will be ready in a moment; prefer it.
-  for _, r in ipairs(self.conns) do
-    if not r.busy and (r.state == "connecting" or r.state == "settling") then rec = r break end
-  end
-  if not rec then
-    if #self.conns >= self.max_conns then
-      for _, r in ipairs(self.conns) do
-        if not r.busy then rec = r break end
-      end
-    end
-    if not rec then
-      local e
-      rec, e = self:_open()
-      if not rec then return nil, e end
-    end
-  end
-  self:_drive(function() return rec.state == "ready" or rec.state == "gone" end)
-  if rec.state ~= "ready" then
-    return nil, rec.err or M.error("connection", "connection closed before it was ready")
-  end
-  return rec
+---------------------------------------------------------------- jobs
+
+-- A job is one message on its way: it is in the queue, deferred, bound to a
+-- connecting connection, or in flight on a busy one. Never in two places.
+
+local function classify_cap_signal(rec, e)
+  -- The server declaring the session exhausted: a 421 anywhere, or any 4xx
+  -- to MAIL, on a connection that already carried a transaction.
+  if rec.txs <= 1 or not e.code then return false end
+  if e.code == 421 then return true end
+  return e.phase == "mail" and e.code >= 400 and e.code < 500
 end
 
-local function check_message(msg, fname)
-  if type(msg) ~= "table" then
-    error(fname .. ": message must be a table, got " .. type(msg), 3)
+local MAX_FREE_MOVES = 3
+
+-- Learns a per-session cap from a count seen more than once.
+function Pool:_observe_cap(n)
+  if n < 1 then return end
+  self.cap_seen[n] = (self.cap_seen[n] or 0) + 1
+  if self.cap_seen[n] >= 2 and (not self.learned_cap or n < self.learned_cap) then
+    self.learned_cap = n
+    self:_emit({ type = "learn_cap", cap = n })
   end
-  if type(msg.from) ~= "string" then
-    error(fname .. ": 'from' must be a string", 3)
-  end
-  local to = msg.to
-  if type(to) == "string" then to = { to } end
-  if type(to) ~= "table" then
-    error(fname .. ": 'to' must be a string or an array of strings", 3)
-  end
-  for i, a in ipairs(to) do
-    if type(a) ~= "string" then
-      error(("%s: recipient %d must be a string, got %s"):format(fname, i, type(a)), 3)
-    end
-  end
-  if type(msg.data) ~= "string" then
-    error(fname .. ": 'data' must be a string holding an RFC 5322 message", 3)
-  end
-  return to
 end
 
--- Turns a finished transaction into the result, or nil and an error value.
-local function outcome(t, attempts)
+function Pool:_finish(run, job, res, err)
+  run.inflight = run.inflight - 1
+  run.done = run.done + 1
+  if res then
+    res.attempts = job.attempts
+    if job.ambiguous then res.ambiguous = true end
+    self.counters.sent = self.counters.sent + 1
+  else
+    err.attempts = job.attempts
+    if job.ambiguous and err.kind ~= "ambiguous" then err.ambiguous = true end
+    self.counters.failed = self.counters.failed + 1
+  end
+  run.on_result(job.msg, res, err, job)
+end
+
+-- Decides what happens to a job after a failed attempt.
+function Pool:_after_failure(run, job, err, rec, t)
+  if rec and (classify_cap_signal(rec, err) or
+      (rec.txs > 1 and err.kind == "connection" and not err.code)) and job.free_moves < MAX_FREE_MOVES then
+    -- Exhausted or stale reused connection: not the message's fault.
+    job.free_moves = job.free_moves + 1
+    self.counters.moved = self.counters.moved + 1
+    table.insert(run.queue, 1, job)
+    job.queued_at = t
+    return
+  end
+  job.attempts = job.attempts + 1
+  if err.kind == "ambiguous" then
+    job.ambiguous = true
+    self.counters.ambiguous = self.counters.ambiguous + 1
+  end
+  local ok, delay = pcall(self.policy, err, job.attempts, job.msg)
+  if not ok then
+    delay = false
+    err = M.error(err.kind, err.text .. " (retry policy failed: " .. tostring(delay) .. ")", err)
+  end
+  if type(delay) == "number" and delay >= 0 then
+    self.counters.retried = self.counters.retried + 1
+    self:_emit({ type = "retry", attempt = job.attempts, delay = delay, err = err })
+    job.not_before = t + delay
+    run.deferred[#run.deferred + 1] = job
+    return
+  end
+  self:_finish(run, job, nil, err)
+end
+
+local function outcome(t)
   local rejected = {}
   for _, r in ipairs(t.recipients) do
     if not r.ok then rejected[#rejected + 1] = r end
   end
   if t.ok then
     return { code = t.code, enhanced = t.enhanced, text = t.text, recipients = t.recipients,
-             rejected = rejected, attempts = attempts }
+             rejected = rejected }
   end
   local e = t.err
-  e.attempts = attempts
-  e.recipients = t.recipients
+  if #t.recipients > 0 and t.recipients[1].code then e.recipients = t.recipients end
   return nil, e
+end
+
+function Pool:_start(run, rec, job, t)
+  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data)
+  if not ok then
+    -- Refused before a byte was sent (bad address, size over the server's
+    -- limit...): final, and the connection stays good.
+    rec.state = "idle"
+    self:_finish(run, job, nil, err)
+    return
+  end
+  local w = self.windows.messages
+  if w then w:spend(t) end
+  rec.state = "busy"
+  rec.job = job
+  rec.txs = rec.txs + 1
+  rec.last_used = t
+end
+
+---------------------------------------------------------------- events
+
+function Pool:_dispatch(run, rec, t)
+  while true do
+    local ev = rec.c:next_event()
+    if not ev then return end
+    if ev == "ready" then
+      if rec.state == "connecting" then
+        rec.caps = rec.c:caps()
+        self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
+      end
+      if rec.state ~= "quitting" then
+        rec.state = "idle"
+        rec.last_used = t
+      end
+      if rec.retire then self:_quit(rec, "exhausted") end
+    elseif ev == "tx" then
+      local job = rec.job
+      rec.job = nil
+      rec.state = "settling"
+      local tx = rec.c:tx()
+      if job then
+        local res, err = outcome(tx)
+        if res then
+          job.attempts = job.attempts + 1
+          self:_finish(run, job, res)
+        else
+          if classify_cap_signal(rec, err) then
+            self:_observe_cap(rec.txs - 1)
+            rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
+          end
+          self:_after_failure(run, job, err, rec, t)
+        end
+      end
+    elseif ev == "error" then
+      local e = rec.c:error()
+      local job = rec.job
+      rec.job = nil
+      self.counters.closed_by_server = self.counters.closed_by_server + 1
+      self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.txs })
+      self:_remove(rec)
+      if job then
+        -- Died before it could carry the message bound to it (connect,
+        -- greeting, EHLO): that is the message's attempt.
+        self:_after_failure(run, job, e, nil, t)
+      end
+      return
+    elseif ev == "closed" then
+      self.counters.closed_by_us = self.counters.closed_by_us + 1
+      self:_emit({ type = "close", conn = rec.id, messages = rec.txs })
+      self:_remove(rec)
+      return
+    end
+  end
+end
+
+---------------------------------------------------------------- the loop
+
+local function rate_wait(self, name, t)
+  local w = self.windows[name]
+  return w and w:wait_time(t) or 0
+end
+
+-- Runs messages pulled from next_msg() through the pool until all have an
+-- outcome. on_result(msg, res, err) is called once per message.
+function Pool:_run(next_msg, on_result)
+  local run = {
+    queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
+    source_done = false,
+  }
+  local lookahead = self.max_conns * 2
+  local waits_noted = {}
+
+  while true do
+    local t = now()
+
+    -- Pull messages lazily: enough to keep every connection busy.
+    while not run.source_done and #run.queue < lookahead do
+      local msg = next_msg()
+      if msg == nil then run.source_done = true break end
+      local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t }
+      run.inflight = run.inflight + 1
+      if msg.err then
+        self:_finish(run, job, nil, msg.err)
+      else
+        run.queue[#run.queue + 1] = job
+      end
+    end
+
+    -- Deferred messages whose time has come go back to the queue.
+    local next_wake
+    for i = #run.deferred, 1, -1 do
+      local job = run.deferred[i]
+      if job.not_before <= t then
+        table.remove(run.deferred, i)
+        job.queued_at = t
+        run.queue[#run.queue + 1] = job
+      elseif not next_wake or job.not_before < next_wake then
+        next_wake = job.not_before
+      end
+    end
+
+    if run.inflight == 0 and run.source_done then break end
+
+    local function wake_at(x)
+      if x and (not next_wake or x < next_wake) then next_wake = x end
+    end
+
+    -- Idle connections: retire, check or load them.
+    for _, rec in ipairs({ unpack(self.conns) }) do
+      if rec.state == "idle" then
+        local cap = self:_cap(rec)
+        if cap and rec.txs >= cap then
+          self:_quit(rec, "cap")
+        elseif self.lifetime and t - rec.born >= self.lifetime then
+          self:_quit(rec, "lifetime")
+        elseif t - rec.last_used >= self.idle_timeout then
+          self:_quit(rec, "idle")
+        elseif #run.queue > 0 and rec.txs > 0 and t - rec.last_used >= self.health_after then
+          rec.c:noop()
+          rec.state = "checking"
+        elseif #run.queue > 0 then
+          local w = rate_wait(self, "messages", t)
+          if w > 0 then
+            if not waits_noted.messages then
+              waits_noted.messages = true
+              self.counters.rate_waits = self.counters.rate_waits + 1
+              self:_emit({ type = "rate_wait", limit = "messages", seconds = w })
+            end
+            wake_at(t + w)
+          else
+            waits_noted.messages = nil
+            self:_start(run, rec, table.remove(run.queue, 1), t)
+          end
+        end
+      end
+    end
+
+    -- Open connections for messages still queued.
+    local open_conns, connecting = #self.conns, 0
+    for _, rec in ipairs(self.conns) do
+      if rec.state == "connecting" then connecting = connecting + 1 end
+    end
+    while #run.queue > 0 and open_conns < self.max_conns do
+      local w = math.max(rate_wait(self, "connections", t), rate_wait(self, "auth", t))
+      if w > 0 then
+        if not waits_noted.connections then
+          waits_noted.connections = true
+          self.counters.rate_waits = self.counters.rate_waits + 1
+          self:_emit({ type = "rate_wait", limit = "connections", seconds = w })
+        end
+        wake_at(t + w)
+        break
+      end
+      waits_noted.connections = nil
+      local job = table.remove(run.queue, 1)
+      local rec, err = self:_open(t, job)
+      if not rec then
+        self:_after_failure(run, job, err, nil, t)
+        break -- resolution failed: let the retry policy pace the next try
+      end
+      open_conns = open_conns + 1
+      connecting = connecting + 1
+    end
+
+    -- Nothing could start a connection for the head of the queue in time.
+    -- Time spent waiting on a rate limit does not count: that wait is chosen.
+    local head = run.queue[1]
+    if head and (waits_noted.connections or waits_noted.messages) then
+      head.queued_at = t
+    end
+    if head then
+      if t - head.queued_at >= self.wait_timeout then
+        table.remove(run.queue, 1)
+        head.attempts = math.max(head.attempts, 1)
+        self:_finish(run, head, nil, M.error("connection",
+          ("no connection became free within wait_timeout (%gs)"):format(self.wait_timeout),
+          { phase = "connect" }))
+      else
+        wake_at(head.queued_at + self.wait_timeout)
+      end
+    end
+
+    -- Everything may have ended here (a message refused before sending).
+    if run.inflight == 0 and run.source_done then break end
+
+    local timeout = next_wake and math.max(0, next_wake - t) or -1
+    local list = {}
+    for i, rec in ipairs(self.conns) do list[i] = rec.c end
+    if #list == 0 and timeout < 0 then
+      if run.inflight > 0 and #run.queue == 0 and #run.deferred == 0 then
+        error("smtppool: internal error: messages in flight with no connection")
+      end
+    else
+      core.wait(list, timeout)
+    end
+    t = now()
+    for _, rec in ipairs({ unpack(self.conns) }) do
+      self:_dispatch(run, rec, t)
+      -- A fresh connection that just became ready takes its bound message now.
+      if rec.state == "idle" and rec.job then
+        local job = rec.job
+        rec.job = nil
+        local w = rate_wait(self, "messages", t)
+        if w > 0 then
+          table.insert(run.queue, 1, job)
+        else
+          self:_start(run, rec, job, t)
+        end
+      end
+    end
+  end
+end
+
+---------------------------------------------------------------- public API
+
+local function check_raw(msg, fname, level)
+  if type(msg) ~= "table" then
+    error(fname .. ": message must be a table, got " .. type(msg), level)
+  end
+  if type(msg.from) ~= "string" then
+    error(fname .. ": 'from' must be a string", level)
+  end
+  local to = msg.to
+  if type(to) == "string" then to = { to } end
+  if type(to) ~= "table" then
+    error(fname .. ": 'to' must be a string or an array of strings", level)
+  end
+  for i, a in ipairs(to) do
+    if type(a) ~= "string" then
+      error(("%s: recipient %d must be a string, got %s"):format(fname, i, type(a)), level)
+    end
+  end
+  if type(msg.data) ~= "string" then
+    error(fname .. ": 'data' must be a string holding an RFC 5322 message", level)
+  end
+  return to
+end
+
+local function prepare(msg, fname, level)
+  local to
+  if level then
+    to = check_raw(msg, fname, level + 1)
+  else
+    -- In a batch, a malformed message is that message's failure, not the batch's.
+    local ok, r = pcall(check_raw, msg, fname, 1)
+    if not ok then
+      return { msg = msg, to = {}, err = M.error("invalid", tostring(r):gsub("^[^:]*:%d+: ", ""), { attempts = 0 }) }
+    end
+    to = r
+  end
+  if #to == 0 then
+    return { msg = msg, to = to, err = M.error("invalid", "no recipients", { attempts = 0 }) }
+  end
+  return { msg = msg, to = to }
 end
 
 --- Sends one ready-made RFC 5322 message.
 -- The message is sent to every recipient the server accepts; recipients it
--- refuses are listed in the result.
+-- refuses are listed in the result. A message whose connection dies is
+-- retried on a fresh connection as the retry policy says.
 -- @tparam table msg
 --
 -- * `from` (string): envelope sender (`""` for the null sender).
@@ -300,55 +628,82 @@ end
 --   offers 8BITMIME.
 -- @treturn[1] table result: `code`, `enhanced`, `text` (the server's reply
 --   to the message), `recipients` (one `{address, ok, code, enhanced, text}`
---   per recipient), `rejected` (the recipients that were refused) and
---   `attempts`.
+--   per recipient), `rejected` (the recipients that were refused),
+--   `attempts`, and `ambiguous = true` when an earlier attempt was lost
+--   after its final dot (the message may have arrived twice).
 -- @return[2] nil
--- @treturn[2] table error value, with `recipients` when the server answered
---   any RCPT
+-- @treturn[2] table error value, with `attempts`, and `recipients` when the
+--   server answered any RCPT
 function Pool:send_raw(msg)
-  local to = check_message(msg, "send_raw")
+  local item = prepare(msg, "send_raw", 3)
   if self.closed then
     return nil, M.error("config", "the pool is closed")
   end
-  if #to == 0 then
-    return nil, M.error("invalid", "no recipients", { attempts = 0 })
+  local res, err
+  local given = false
+  self:_run(function()
+    if given then return nil end
+    given = true
+    return item
+  end, function(_, r, e) res, err = r, e end)
+  return res, err
+end
+
+--- Sends many messages over up to `max_conns` connections at once.
+-- Messages are pulled from `source` as connections can take them, so an
+-- iterator of a million messages needs no million-element table.
+-- @param source an array of messages (as for `send_raw`) or an iterator
+--   function returning the next message, or nil at the end
+-- @tparam[opt] table opts `on_result = function(msg, res, err)`, called once
+--   per message, in completion order
+-- @treturn table summary: `sent`, `failed`, `total`
+function Pool:send_batch(source, opts)
+  if type(source) ~= "table" and type(source) ~= "function" then
+    error("send_batch: source must be an array or an iterator function", 2)
   end
-  local rec, e = self:_acquire()
-  if not rec then
-    e.attempts = 1
-    self.counters.failed = self.counters.failed + 1
-    return nil, e
+  if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
+  local on_result = opts and opts.on_result
+  if on_result ~= nil and type(on_result) ~= "function" then
+    error("send_batch: on_result must be a function", 2)
   end
-  local ok, serr = rec.c:start(msg.from, to, msg.data)
-  if not ok then
-    serr.attempts = 0
-    return nil, serr
-  end
-  rec.busy = true
-  rec.tx_result = nil
-  self:_drive(function() return rec.tx_result ~= nil or rec.state == "gone" end)
-  rec.busy = false
-  local t = rec.tx_result
-  if not t then
-    -- The connection died with the transaction in flight and never reported it.
-    t = { ok = false, recipients = {}, err = rec.err or M.error("connection", "connection lost") }
-  end
-  local res, rerr = outcome(t, 1)
-  if res then
-    self.counters.sent = self.counters.sent + 1
+  if self.closed then error("send_batch: the pool is closed", 2) end
+  local i = 0
+  local next_msg
+  if type(source) == "table" then
+    next_msg = function()
+      i = i + 1
+      local m = source[i]
+      return m and prepare(m, "send_batch")
+    end
   else
-    self.counters.failed = self.counters.failed + 1
+    next_msg = function()
+      local m = source()
+      return m and prepare(m, "send_batch")
+    end
   end
-  return res, rerr
+  local summary = { sent = 0, failed = 0, total = 0 }
+  self:_run(next_msg, function(msg, res, err)
+    summary.total = summary.total + 1
+    if res then summary.sent = summary.sent + 1 else summary.failed = summary.failed + 1 end
+    if on_result then on_result(msg, res, err) end
+  end)
+  return summary
 end
 
 --- Counters since the pool was made.
--- @treturn table `opened`, `closed_by_us`, `closed_by_server`, `sent`,
---   `failed`, `open` (connections open now)
+-- @treturn table `opened`, `closed_by_us`, `closed_by_server`, `rotated`,
+--   `moved` (messages moved off exhausted connections without spending an
+--   attempt), `sent`, `failed`, `retried`, `ambiguous`, `rate_waits`,
+--   `open`, `idle`, `in_use`, and `learned_cap` when one was learned
 function Pool:stats()
   local s = {}
   for k, v in pairs(self.counters) do s[k] = v end
-  s.open = #self.conns
+  s.open, s.idle, s.in_use = #self.conns, 0, 0
+  for _, rec in ipairs(self.conns) do
+    if rec.state == "idle" then s.idle = s.idle + 1
+    elseif rec.state == "busy" or rec.state == "settling" then s.in_use = s.in_use + 1 end
+  end
+  s.learned_cap = self.learned_cap
   return s
 end
 
@@ -359,18 +714,21 @@ function Pool:close()
   if self.closed then return true end
   self.closed = true
   for _, rec in ipairs(self.conns) do
-    if rec.state == "ready" then
-      rec.c:quit()
-      rec.state = "quitting"
-    end
+    if rec.state == "idle" then self:_quit(rec) end
   end
-  local deadline = core.now() + self.close_timeout
-  self:_drive(function()
+  local deadline = now() + self.close_timeout
+  local run = { queue = {}, deferred = {}, inflight = 0, done = 0, on_result = function() end }
+  while true do
+    local waiting = {}
     for _, rec in ipairs(self.conns) do
-      if rec.state == "quitting" then return false end
+      if rec.state == "quitting" then waiting[#waiting + 1] = rec.c end
     end
-    return true
-  end, deadline)
+    local left = deadline - now()
+    if #waiting == 0 or left <= 0 then break end
+    core.wait(waiting, left)
+    local t = now()
+    for _, rec in ipairs({ unpack(self.conns) }) do self:_dispatch(run, rec, t) end
+  end
   for _, rec in ipairs({ unpack(self.conns) }) do self:_remove(rec) end
   return true
 end

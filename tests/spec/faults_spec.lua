@@ -8,7 +8,7 @@ local MSG = { from = "a@x.test", to = { "b@y.test", "c@y.test" }, data = "Subjec
 -- Runs one send_raw against a fault server with the given script.
 local function run(script, opts)
   local f = peers.fault(script)
-  local o = { host = "127.0.0.1", port = f.port, tls = "none", helo = "client.test" }
+  local o = { host = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", retry = smtppool.retry.none() }
   for k, v in pairs(opts or {}) do o[k] = v end
   local pool = assert(smtppool.new(o))
   local res, err = pool:send_raw(MSG)
@@ -98,7 +98,7 @@ describe("connection faults", function()
 
   it("a dead server is a connection error in the connect phase", function()
     local port = peers.free_port()
-    local pool = assert(smtppool.new{ host = "127.0.0.1", port = port, tls = "none" })
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = port, tls = "none", retry = smtppool.retry.none() })
     local res, err = pool:send_raw(MSG)
     pool:close()
     assert.is_nil(res)
@@ -108,7 +108,7 @@ describe("connection faults", function()
   end)
 
   it("an unresolvable host is a connection error", function()
-    local pool = assert(smtppool.new{ host = "no-such-host.invalid", port = 25, tls = "none" })
+    local pool = assert(smtppool.new{ host = "no-such-host.invalid", port = 25, tls = "none", retry = smtppool.retry.none() })
     local res, err = pool:send_raw(MSG)
     assert.is_nil(res)
     assert.equal("connection", err.kind)
