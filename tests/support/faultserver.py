@@ -21,6 +21,7 @@ listens. The script is a JSON object:
         {"on": "MAIL",               # greeting EHLO HELO MAIL RCPT DATA DATA_END RSET NOOP QUIT
          "session": 2,               # only on the 2nd connection (1-based); optional
          "nth": 3,                   # only the 3rd time this phase is seen; optional
+         "every": 50,                # only every 50th time; optional
          "match": "reject",          # only when the command argument contains this; optional
          "times": 1,                 # how often the rule fires (default 1, -1 always)
          "do": "reply" | "raw" | "eof" | "reset" | "stall",
@@ -44,6 +45,7 @@ import os
 import signal
 import socket
 import struct
+import time
 
 from aiosmtpd.smtp import SMTP
 
@@ -53,6 +55,7 @@ class Log:
         self.f = open(path, "a", encoding="utf-8") if path else None
 
     def write(self, **rec):
+        rec["t"] = time.time()
         if self.f:
             self.f.write(json.dumps(rec) + "\n")
             self.f.flush()
@@ -77,6 +80,8 @@ class State:
             if "session" in r and r["session"] != session:
                 continue
             if "nth" in r and r["nth"] != n:
+                continue
+            if "every" in r and n % r["every"] != 0:
                 continue
             if "match" in r and r["match"] not in (arg or ""):
                 continue
@@ -108,9 +113,10 @@ class Handler:
         server.phase = "DATA_END"
         server.fresh = True
         server.tx += 1
-        self.state.log.write(ev="message", s=server.sid, tx=server.tx,
-                             mail_from=envelope.mail_from, rcpt=list(envelope.rcpt_tos),
-                             data=envelope.original_content.decode("latin-1"))
+        # logged by push once the reply is decided: accepted, rejected or unconfirmed
+        server.pending = dict(ev="message", s=server.sid, tx=server.tx,
+                              mail_from=envelope.mail_from, rcpt=list(envelope.rcpt_tos),
+                              data=envelope.original_content.decode("latin-1"))
         return "250 2.0.0 OK queued as s%d-t%d" % (server.sid, server.tx)
 
 
@@ -123,6 +129,15 @@ class FaultSMTP(SMTP):
         self.phase = "greeting"
         self.fresh = True  # the next push is the first reply to a command: rules apply
         self.tx = 0
+        self.pending = None  # the message whose final reply is being pushed
+
+    def log_message(self, status):
+        """A message's fate as the server saw it: accepted (2xx sent),
+        rejected (4xx/5xx sent) or unconfirmed (connection dropped before the
+        reply: a real server may well deliver it)."""
+        if self.pending is not None:
+            self.state.log.write(status=status, **self.pending)
+            self.pending = None
 
     def connection_made(self, transport):
         self.state.log.write(ev="connect", s=self.sid)
@@ -158,6 +173,8 @@ class FaultSMTP(SMTP):
         if rule is not None:
             self.state.log.write(ev="fault", s=self.sid, phase=self.phase, do=rule["do"])
             act = rule["do"]
+            if act in ("eof", "reset", "raw"):
+                self.log_message("unconfirmed")
             if act == "eof":
                 self._close()
                 return
@@ -177,12 +194,15 @@ class FaultSMTP(SMTP):
                     self._close()
                 return
             if self.transport is None:
+                self.log_message("unconfirmed")
                 return
+            self.log_message("accepted" if text.startswith("2") else "rejected")
             self.state.log.write(ev="reply", s=self.sid, phase=self.phase, text=text)
             await super().push(text)
             if rule.get("close"):
                 self._close()
             return
+        self.log_message("accepted" if text.startswith("2") else "rejected")
         self.state.log.write(ev="reply", s=self.sid, phase=self.phase, text=text)
         await super().push(status)
         if text.startswith("421"):
