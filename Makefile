@@ -1,4 +1,4 @@
-# smtppool: make deps | make | make test | make demo | make docs | make sanitize | make valgrind
+# smtppool: make deps | make | make test | make demo | make docs | make sanitize | make valgrind | make fuzz
 LUA_VERSION ?= 5.4
 LUA ?= lua$(LUA_VERSION)
 PKGS = lua$(LUA_VERSION) openssl
@@ -20,7 +20,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	lua-dkjson valgrind
+	lua-dkjson valgrind clang libclang-rt-14-dev
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
@@ -76,6 +76,20 @@ install: all
 	install -d $(DESTDIR)$(LUA_LMOD)/smtppool $(DESTDIR)$(LUA_CMOD)/smtppool
 	install -m 644 lua/smtppool/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
+
+# Coverage-guided fuzzing of the reply reader, protocol machine and codecs
+# (libFuzzer with ASan and UBSan); FUZZ_TIME seconds per target.
+FUZZ_TIME ?= 60
+FUZZ_CC ?= clang
+fuzz: | $(BUILD)
+	@for t in session codec; do \
+	  $(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isrc \
+	    -o $(BUILD)/fuzz_$$t tests/fuzz/fuzz_$$t.c $(filter-out src/sp_net.c,$(CORE_SRC)) || exit 1; \
+	  mkdir -p $(BUILD)/corpus_$$t; \
+	  if ! $(BUILD)/fuzz_$$t -max_total_time=$(FUZZ_TIME) -max_len=4096 $(BUILD)/corpus_$$t \
+	      tests/fuzz/seeds/$$t >$(BUILD)/fuzz_$$t.log 2>&1; then tail -40 $(BUILD)/fuzz_$$t.log; exit 1; fi; \
+	  echo "fuzz_$$t: $$(tail -1 $(BUILD)/fuzz_$$t.log)"; \
+	done
 
 clean:
 	rm -rf $(BUILD) $(MODULE) doc
