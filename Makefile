@@ -53,7 +53,7 @@ test: all ctest
 	@sh tests/run.sh $(CTESTS)
 
 demo: all
-	@$(LUA) examples/demo.lua
+	@$(LUA) examples/demo.lua $(N)
 
 docs:
 	$(LUA) /usr/bin/ldoc -q .

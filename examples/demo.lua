@@ -1,52 +1,61 @@
--- The demo: starts exim on a free loopback port, sends a small run of
--- messages through one pool, shows each outcome and what exim logged, then
--- stops exim. Run it with `make demo`.
+-- The demo: starts exim on a free loopback port with a per-session cap of 5
+-- messages (as MailerSend has), sends a run of messages through a pool that
+-- was told nothing about the cap, and shows the pool learning it, rotating
+-- before the server's 421 and delivering everything exactly once.
+-- Run it with `make demo` (N messages: `make demo N=500`).
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
 package.cpath = "lua/?.so;" .. package.cpath
 
 local smtppool = require("smtppool")
 local peers = require("peers")
 
-local N = tonumber(arg[1]) or 20
-local exim = peers.exim({ max_per_conn = 0 })
-print(("demo: exim listening on 127.0.0.1:%d"):format(exim.port))
+local N = tonumber(arg[1]) or 100
+local exim = peers.exim({ max_per_conn = 5 })
+print(("demo: exim on 127.0.0.1:%d, at most 5 messages per session"):format(exim.port))
 
 local ok, err = pcall(function()
   local pool = assert(smtppool.new{
-    host = "127.0.0.1", port = exim.port, tls = "none", helo = "demo.example",
+    host = "127.0.0.1", port = exim.port, tls = "none", helo = "demo.example", max_conns = 4,
     on_event = function(ev)
-      if ev.type ~= "ready" then print("  event: " .. ev.type .. (ev.err and (" " .. tostring(ev.err)) or "")) end
+      if ev.type == "learn_cap" then
+        print(("  learned: the server allows %d messages per session"):format(ev.cap))
+      elseif ev.type == "discard" then
+        print(("  connection %d ended by the server after %d messages: %s"):format(ev.conn, ev.messages, tostring(ev.err)))
+      end
     end,
   })
-  local sent, failed = 0, 0
-  for i = 1, N do
+  local i = 0
+  local function next_message()
+    if i == N then return nil end
+    i = i + 1
     local rcpts = { ("user%d@example.net"):format(i) }
-    if i % 10 == 0 then rcpts[2] = ("reject-%d@example.net"):format(i) end
-    local data = table.concat({
-      "From: Demo <demo@example.org>",
-      "To: " .. rcpts[1],
-      "Subject: smtppool demo message " .. i,
-      "Message-ID: <demo-" .. i .. "@example.org>",
-      "",
-      "Hello from smtppool.",
-      ".this line starts with a dot and arrives intact",
-      "",
-    }, "\r\n")
-    local res, e = pool:send_raw{ from = "demo@example.org", to = rcpts, data = data }
-    if res then
-      sent = sent + 1
-      local note = #res.rejected > 0 and ("; refused " .. res.rejected[1].address .. " (" .. res.rejected[1].code .. ")") or ""
-      print(("  %3d sent: %d %s%s"):format(i, res.code, res.text, note))
-    else
-      failed = failed + 1
-      print(("  %3d failed: %s"):format(i, tostring(e)))
-    end
+    if i % 25 == 0 then rcpts[2] = ("reject-%d@example.net"):format(i) end
+    return {
+      from = "demo@example.org", to = rcpts,
+      data = table.concat({
+        "From: Demo <demo@example.org>", "To: " .. rcpts[1],
+        "Subject: smtppool demo message " .. i, "Message-ID: <demo-" .. i .. "@example.org>", "",
+        "Hello from smtppool.", ".this line starts with a dot and arrives intact", "",
+      }, "\r\n"),
+    }
   end
+  local t0 = os.clock()
+  local summary = pool:send_batch(next_message, { on_result = function(msg, res, e)
+    if not res then
+      print(("  failed %s: %s"):format(msg.to[1], tostring(e)))
+    elseif #res.rejected > 0 then
+      print(("  sent to %s; refused %s (%d %s)"):format(msg.to[1], res.rejected[1].address,
+        res.rejected[1].code, res.rejected[1].enhanced or ""))
+    end
+  end })
   local st = pool:stats()
   pool:close()
-  exim:wait_deliveries(sent, 30)
-  print(("demo: %d sent, %d failed, %d connection(s) opened; exim logged %d deliveries"):format(
-    sent, failed, st.opened, exim:deliveries()))
+  exim:wait_deliveries(summary.sent, 60)
+  print(("demo: %d sent, %d failed; %d connections opened, %d rotated before the cap, "
+    .. "%d ended by the server, %d messages moved without spending an attempt (%.2fs CPU)"):format(
+    summary.sent, summary.failed, st.opened, st.rotated, st.closed_by_server, st.moved, os.clock() - t0))
+  print(("demo: exim logged %d deliveries and refused %d MAIL commands for the cap"):format(
+    exim:deliveries(), #exim:log_lines("too many messages")))
 end)
 exim:stop()
 if not ok then

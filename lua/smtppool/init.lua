@@ -235,10 +235,10 @@ function Pool:_quit(rec, reason)
   rec.c:quit()
   rec.state = "quitting"
   if reason == "idle" then
-    self:_emit({ type = "idle_close", conn = rec.id, messages = rec.txs })
+    self:_emit({ type = "idle_close", conn = rec.id, messages = rec.sent })
   elseif reason then
     self.counters.rotated = self.counters.rotated + 1
-    self:_emit({ type = "rotate", conn = rec.id, messages = rec.txs, reason = reason })
+    self:_emit({ type = "rotate", conn = rec.id, messages = rec.sent, reason = reason })
   end
 end
 
@@ -249,7 +249,8 @@ function Pool:_open(t, job)
   local c, e = core.connect(self.conn_opts)
   if not c then return nil, e end
   self.next_id = self.next_id + 1
-  local rec = { c = c, id = self.next_id, state = "connecting", txs = 0, born = t, last_used = t, job = job }
+  local rec = { c = c, id = self.next_id, state = "connecting", txs = 0, sent = 0, born = t, last_used = t,
+                job = job }
   self.conns[#self.conns + 1] = rec
   self.counters.opened = self.counters.opened + 1
   self:_emit({ type = "connect", conn = rec.id, host = self.conn_opts.host, port = self.conn_opts.port })
@@ -383,6 +384,7 @@ function Pool:_dispatch(run, rec, t)
         local res, err = outcome(tx)
         if res then
           job.attempts = job.attempts + 1
+          rec.sent = rec.sent + 1
           self:_finish(run, job, res)
         else
           if classify_cap_signal(rec, err) then
@@ -397,7 +399,7 @@ function Pool:_dispatch(run, rec, t)
       local job = rec.job
       rec.job = nil
       self.counters.closed_by_server = self.counters.closed_by_server + 1
-      self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.txs })
+      self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.sent })
       self:_remove(rec)
       if job then
         -- Died before it could carry the message bound to it (connect,
@@ -407,7 +409,7 @@ function Pool:_dispatch(run, rec, t)
       return
     elseif ev == "closed" then
       self.counters.closed_by_us = self.counters.closed_by_us + 1
-      self:_emit({ type = "close", conn = rec.id, messages = rec.txs })
+      self:_emit({ type = "close", conn = rec.id, messages = rec.sent })
       self:_remove(rec)
       return
     end
