@@ -38,11 +38,17 @@ static void *luaL_testudata(lua_State *L, int i, const char *tname)
 #define CONN_MT "smtppool.conn"
 #define SESSION_MT "smtppool.session"
 #define ERROR_MT "smtppool.error"
+#define TLS_MT "smtppool.tls"
 
 typedef struct lconn {
     sp_conn *c;
     int body_ref; /* registry reference keeping the body string alive */
+    int tls_ref;  /* registry reference keeping the TLS context alive */
 } lconn;
+
+typedef struct ltls {
+    sp_tls_ctx *t;
+} ltls;
 
 typedef struct lsession {
     sp_session *s;
@@ -134,9 +140,10 @@ static sp_session *check_session(lua_State *L, int i)
     return NULL;
 }
 
-static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed"};
-static const char *const state_names[] = {"greeting", "ehlo", "helo", "ready",  "tx",     "body",
-                                          "data_end", "rset", "noop", "quit",   "closed", "dead"};
+static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls"};
+static const char *const state_names[] = {"greeting", "ehlo",   "helo", "ready",    "tx",  "body",
+                                          "data_end", "rset",   "noop", "quit",     "closed", "dead",
+                                          "starttls", "tls",    "auth"};
 
 static void setint(lua_State *L, const char *k, lua_Integer v)
 {
@@ -385,12 +392,69 @@ static double opt_number_field(lua_State *L, int t, const char *k, double dflt)
     return v;
 }
 
-/* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds}} */
+static const char *opt_string_field(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    const char *v = NULL;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "option '%s' must be a string", k);
+        v = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1); /* the string stays alive in the options table */
+    return v;
+}
+
+/* core.tls_context{ca_file=, ca_path=, cert_file=, key_file=, insecure_skip_verify=} */
+static int l_tls_context(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    sp_tls_opts o;
+    memset(&o, 0, sizeof o);
+    o.ca_file = opt_string_field(L, 1, "ca_file");
+    o.ca_path = opt_string_field(L, 1, "ca_path");
+    o.cert_file = opt_string_field(L, 1, "cert_file");
+    o.key_file = opt_string_field(L, 1, "key_file");
+    lua_getfield(L, 1, "insecure_skip_verify");
+    o.insecure_skip_verify = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    ltls *lt = lua_newuserdata(L, sizeof *lt);
+    lt->t = NULL;
+    luaL_getmetatable(L, TLS_MT);
+    lua_setmetatable(L, -2);
+    sp_error e;
+    lt->t = sp_tls_ctx_new(&o, &e);
+    if (!lt->t)
+        return push_fail(L, &e);
+    return 1;
+}
+
+static int tls_gc(lua_State *L)
+{
+    ltls *lt = luaL_checkudata(L, 1, TLS_MT);
+    sp_tls_ctx_free(lt->t);
+    lt->t = NULL;
+    return 0;
+}
+
+static int tls_stats(lua_State *L)
+{
+    ltls *lt = luaL_checkudata(L, 1, TLS_MT);
+    lua_createtable(L, 0, 2);
+    setint(L, "handshakes", lt->t ? (lua_Integer)sp_tls_handshakes(lt->t) : 0);
+    setint(L, "resumed", lt->t ? (lua_Integer)sp_tls_resumed(lt->t) : 0);
+    return 1;
+}
+
+/* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds},
+ *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=,
+ *              auth={user=, secret=, mechanism=, allow_plaintext=}} */
 static int l_connect(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     sp_conn_opts o;
     memset(&o, 0, sizeof o);
+    int tls_idx = 0;
     char port[32];
     lua_getfield(L, 1, "host");
     o.host = luaL_checkstring(L, -1);
@@ -408,9 +472,56 @@ static int l_connect(lua_State *L)
         for (int p = SP_PHASE_GREETING; p < SP_PHASE_COUNT; p++)
             o.timeouts[p] = opt_number_field(L, lua_gettop(L), sp_phase_name((sp_phase)p), 0);
     }
+    const char *mode = opt_string_field(L, 1, "tls_mode");
+    if (mode && strcmp(mode, "none") != 0) {
+        lua_getfield(L, 1, "tls");
+        ltls *lt = luaL_testudata(L, -1, TLS_MT);
+        if (!lt || !lt->t)
+            return luaL_error(L, "option 'tls' must be a TLS context for tls_mode '%s'", mode);
+        o.tls = lt->t;
+        tls_idx = lua_gettop(L);
+        if (strcmp(mode, "implicit") == 0)
+            o.implicit_tls = 1;
+        else if (strcmp(mode, "starttls") == 0)
+            o.session.starttls = SP_STARTTLS_REQUIRED;
+        else if (strcmp(mode, "opportunistic") == 0)
+            o.session.starttls = SP_STARTTLS_OPPORTUNISTIC;
+        else
+            return luaL_error(L, "unknown tls_mode '%s'", mode);
+    }
+    o.server_name = opt_string_field(L, 1, "server_name");
+    lua_getfield(L, 1, "auth");
+    if (lua_istable(L, -1)) {
+        int a = lua_gettop(L);
+        o.session.auth_user = opt_string_field(L, a, "user");
+        o.session.auth_secret = opt_string_field(L, a, "secret");
+        if (!o.session.auth_user || !o.session.auth_secret)
+            return luaL_error(L, "auth needs 'user' and 'secret' strings");
+        const char *m = opt_string_field(L, a, "mechanism");
+        if (m) {
+            if (!strcmp(m, "PLAIN"))
+                o.session.auth_mech = SP_AUTH_PLAIN;
+            else if (!strcmp(m, "LOGIN"))
+                o.session.auth_mech = SP_AUTH_LOGIN;
+            else if (!strcmp(m, "CRAM-MD5"))
+                o.session.auth_mech = SP_AUTH_CRAM_MD5;
+            else if (!strcmp(m, "XOAUTH2"))
+                o.session.auth_mech = SP_AUTH_XOAUTH2;
+            else
+                return luaL_error(L, "unknown AUTH mechanism '%s'", m);
+        }
+        lua_getfield(L, a, "allow_plaintext");
+        o.session.allow_plaintext_auth = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
     lconn *lc = lua_newuserdata(L, sizeof *lc);
     lc->c = NULL;
     lc->body_ref = LUA_NOREF;
+    lc->tls_ref = LUA_NOREF;
+    if (tls_idx) {
+        lua_pushvalue(L, tls_idx);
+        lc->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     luaL_getmetatable(L, CONN_MT);
     lua_setmetatable(L, -2);
     sp_error e;
@@ -460,6 +571,31 @@ static int c_close(lua_State *L)
         lc->c = NULL;
     }
     release_body(L, lc);
+    /* the TLS context may go once no connection uses it */
+    luaL_unref(L, LUA_REGISTRYINDEX, lc->tls_ref);
+    lc->tls_ref = LUA_NOREF;
+    return 0;
+}
+
+static int s_tls_active(lua_State *L)
+{
+    lua_pushboolean(L, sp_session_tls_active(check_session(L, 1)));
+    return 1;
+}
+
+static int s_auth_mech(lua_State *L)
+{
+    static const struct {
+        unsigned m;
+        const char *n;
+    } names[] = {{SP_AUTH_PLAIN, "PLAIN"}, {SP_AUTH_LOGIN, "LOGIN"}, {SP_AUTH_CRAM_MD5, "CRAM-MD5"},
+                 {SP_AUTH_XOAUTH2, "XOAUTH2"}};
+    unsigned m = sp_session_auth_mech(check_session(L, 1));
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (names[i].m == m) {
+            lua_pushstring(L, names[i].n);
+            return 1;
+        }
     return 0;
 }
 
@@ -525,6 +661,9 @@ static int l_session(lua_State *L)
     if (lua_istable(L, 1)) {
         lua_getfield(L, 1, "helo");
         o.helo = luaL_optstring(L, -1, NULL);
+        const char *st = opt_string_field(L, 1, "starttls");
+        if (st)
+            o.starttls = !strcmp(st, "required") ? SP_STARTTLS_REQUIRED : SP_STARTTLS_OPPORTUNISTIC;
     }
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     ls->s = NULL;
@@ -604,6 +743,12 @@ static int ss_body_end(lua_State *L)
     return 1;
 }
 
+static int ss_tls_done(lua_State *L)
+{
+    sp_session_tls_done(check_session(L, 1));
+    return 0;
+}
+
 static int ss_gc(lua_State *L)
 {
     lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
@@ -667,7 +812,8 @@ static int l_b64decode(lua_State *L)
 static const luaL_Reg session_common[] = {
     {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},
     {"error", s_error},       {"tx_count", s_tx_count}, {"greeting", s_greeting},
-    {"noop", s_noop},         {"rset", s_rset},   {"quit", s_quit},         {NULL, NULL}};
+    {"noop", s_noop},         {"rset", s_rset},   {"quit", s_quit},
+    {"tls_active", s_tls_active}, {"auth_mechanism", s_auth_mech}, {NULL, NULL}};
 
 static const luaL_Reg conn_methods[] = {{"start", c_start},         {"next_event", c_next_event},
                                         {"close", c_close},         {"is_open", c_is_open},
@@ -677,9 +823,10 @@ static const luaL_Reg session_methods[] = {{"feed", ss_feed},     {"eof", ss_eof
                                            {"timeout", ss_timeout}, {"output", ss_output},
                                            {"next_event", ss_next_event}, {"start", ss_start},
                                            {"body", ss_body},     {"body_end", ss_body_end},
-                                           {NULL, NULL}};
+                                           {"tls_done", ss_tls_done}, {NULL, NULL}};
 
 static const luaL_Reg funcs[] = {{"connect", l_connect},       {"wait", l_wait},
+                                 {"tls_context", l_tls_context},
                                  {"now", l_now},               {"hostname", l_hostname},
                                  {"session", l_session},       {"dotstuff", l_dotstuff},
                                  {"base64_encode", l_b64encode}, {"base64_decode", l_b64decode},
@@ -703,6 +850,14 @@ int luaopen_smtppool_core(lua_State *L)
 {
     new_class(L, CONN_MT, conn_methods, c_close);
     new_class(L, SESSION_MT, session_methods, ss_gc);
+    luaL_newmetatable(L, TLS_MT);
+    lua_pushcfunction(L, tls_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    lua_pushcfunction(L, tls_stats);
+    lua_setfield(L, -2, "stats");
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
     luaL_newmetatable(L, ERROR_MT);
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");

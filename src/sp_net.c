@@ -13,11 +13,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+
 #define READ_CHUNK 16384
 #define BODY_CHUNK 65536 /* body bytes stuffed per step; bounds the output buffer */
 #define CONN_EVQ 16
 
-enum { C_CONNECTING, C_OPEN, C_CLOSED };
+enum { C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
 
 struct sp_conn {
     int fd;
@@ -35,6 +37,11 @@ struct sp_conn {
     size_t ev_head, ev_len;
     sp_conn_counters counters;
     sp_error connect_err;
+    sp_tls_ctx *tls;
+    SSL *ssl;
+    int implicit;
+    short hs_events; /* what the handshake waits for */
+    char server_name[256];
 };
 
 double sp_now(void)
@@ -56,6 +63,10 @@ double sp_default_timeout(sp_phase ph)
 
 static void close_fd(sp_conn *c)
 {
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
@@ -114,7 +125,17 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
     c->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : sp_default_timeout(SP_PHASE_CONNECT);
     for (int i = 0; i < SP_PHASE_COUNT; i++)
         c->timeouts[i] = o->timeouts[i] > 0 ? o->timeouts[i] : sp_default_timeout((sp_phase)i);
-    c->s = sp_session_new(&o->session);
+    c->tls = o->tls;
+    c->implicit = o->implicit_tls;
+    snprintf(c->server_name, sizeof c->server_name, "%s", o->server_name ? o->server_name : o->host);
+    if ((c->implicit || o->session.starttls) && !c->tls) {
+        sp_conn_free(c);
+        sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_CONNECT, "TLS wanted but no TLS context given");
+        return NULL;
+    }
+    sp_session_opts so = o->session;
+    so.tls_active = c->implicit;
+    c->s = sp_session_new(&so);
     if (!c->s) {
         sp_conn_free(c);
         sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
@@ -195,12 +216,18 @@ static void fill_body(sp_conn *c)
 
 /* Moves session events to the connection's queue; acts on the ones the
  * driver handles itself. */
+static void start_handshake(sp_conn *c, double now);
+
 static void pump(sp_conn *c)
 {
     sp_event e;
     while ((e = sp_session_next_event(c->s)) != SP_EV_NONE) {
         if (e == SP_EV_BODY) {
             fill_body(c);
+            continue;
+        }
+        if (e == SP_EV_TLS) {
+            start_handshake(c, sp_now());
             continue;
         }
         if (e == SP_EV_TX_DONE) {
@@ -222,6 +249,70 @@ static void transport_error(sp_conn *c, int err_no, const char *what)
     close_fd(c);
 }
 
+/* A TLS record layer failure after the handshake: the connection is gone,
+ * like a reset (kind connection, so the message is retried). */
+static void tls_io_error(sp_conn *c, const char *what, int ret)
+{
+    sp_error e;
+    int se = SSL_get_error(c->ssl, ret);
+    if (se == SSL_ERROR_SYSCALL && errno) {
+        transport_error(c, errno, what);
+        return;
+    }
+    sp_tls_error(&e, sp_session_phase(c->s), what, c->ssl, ret);
+    e.kind = SP_KIND_CONNECTION;
+    sp_session_fail(c->s, &e);
+    pump(c);
+    close_fd(c);
+}
+
+static void handshake_step(sp_conn *c, double now)
+{
+    ERR_clear_error();
+    int r = SSL_connect(c->ssl);
+    if (r == 1) {
+        sp_tls_note_handshake(c->tls, c->ssl);
+        c->state = C_OPEN;
+        c->last_activity = now;
+        if (sp_session_state(c->s) == SP_ST_TLS) {
+            sp_session_tls_done(c->s);
+            pump(c);
+        }
+        return;
+    }
+    int se = SSL_get_error(c->ssl, r);
+    if (se == SSL_ERROR_WANT_READ) {
+        c->hs_events = POLLIN;
+        return;
+    }
+    if (se == SSL_ERROR_WANT_WRITE) {
+        c->hs_events = POLLOUT;
+        return;
+    }
+    sp_error e;
+    sp_tls_error(&e, c->implicit ? SP_PHASE_CONNECT : SP_PHASE_STARTTLS, "TLS handshake", c->ssl, r);
+    sp_session_fail(c->s, &e);
+    pump(c);
+    close_fd(c);
+}
+
+static void start_handshake(sp_conn *c, double now)
+{
+    sp_error e;
+    c->ssl = sp_tls_new_ssl(c->tls, c->server_name, &e);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+        if (c->ssl)
+            sp_error_set(&e, SP_KIND_TLS, SP_PHASE_STARTTLS, "SSL_set_fd failed");
+        sp_session_fail(c->s, &e);
+        pump(c);
+        close_fd(c);
+        return;
+    }
+    c->state = C_HANDSHAKE;
+    c->last_activity = now;
+    handshake_step(c, now);
+}
+
 /* Writes what the session has queued; returns -1 when the connection died. */
 static int flush_out(sp_conn *c, double now)
 {
@@ -231,14 +322,28 @@ static int flush_out(sp_conn *c, double now)
         size_t n = sp_buf_pending(o);
         if (n == 0 || c->state != C_OPEN)
             return 0;
-        ssize_t w = send(c->fd, sp_buf_head(o), n, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
-            transport_error(c, errno, "write");
-            return -1;
+        ssize_t w;
+        if (c->ssl) {
+            ERR_clear_error();
+            int r = SSL_write(c->ssl, sp_buf_head(o), (int)(n > 1 << 20 ? 1 << 20 : n));
+            if (r <= 0) {
+                int se = SSL_get_error(c->ssl, r);
+                if (se == SSL_ERROR_WANT_WRITE || se == SSL_ERROR_WANT_READ)
+                    return 0;
+                tls_io_error(c, "TLS write", r);
+                return -1;
+            }
+            w = r;
+        } else {
+            w = send(c->fd, sp_buf_head(o), n, MSG_NOSIGNAL);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    return 0;
+                transport_error(c, errno, "write");
+                return -1;
+            }
         }
         c->counters.writes++;
         c->counters.bytes_out += (unsigned long long)w;
@@ -253,14 +358,33 @@ static void do_read(sp_conn *c, double now)
     char buf[READ_CHUNK];
     /* A few reads per wake-up keep one chatty peer from starving the rest. */
     for (int i = 0; i < 4 && c->state == C_OPEN; i++) {
-        ssize_t r = recv(c->fd, buf, sizeof buf, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
+        ssize_t r;
+        if (c->ssl) {
+            ERR_clear_error();
+            int n = SSL_read(c->ssl, buf, sizeof buf);
+            if (n <= 0) {
+                int se = SSL_get_error(c->ssl, n);
+                if (se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE)
+                    return;
+                if (se == SSL_ERROR_ZERO_RETURN || (se == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 && errno == 0)) {
+                    r = 0; /* close_notify or a plain EOF */
+                } else {
+                    tls_io_error(c, "TLS read", n);
+                    return;
+                }
+            } else {
+                r = n;
+            }
+        } else {
+            r = recv(c->fd, buf, sizeof buf, 0);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    return;
+                transport_error(c, errno, "read");
                 return;
-            transport_error(c, errno, "read");
-            return;
+            }
         }
         if (r == 0) {
             sp_session_eof(c->s);
@@ -273,7 +397,7 @@ static void do_read(sp_conn *c, double now)
         c->last_activity = now;
         sp_session_feed(c->s, buf, (size_t)r);
         pump(c);
-        if ((size_t)r < sizeof buf)
+        if ((size_t)r < sizeof buf && !(c->ssl && SSL_pending(c->ssl) > 0))
             return;
     }
 }
@@ -287,6 +411,8 @@ static void connect_done(sp_conn *c, double now)
     if (soerr == 0) {
         c->state = C_OPEN;
         c->last_activity = now;
+        if (c->implicit)
+            start_handshake(c, now);
         return;
     }
     sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s: %s", c->host,
@@ -302,6 +428,8 @@ static double deadline_of(const sp_conn *c)
 {
     if (c->state == C_CONNECTING)
         return c->last_activity + c->connect_timeout;
+    if (c->state == C_HANDSHAKE)
+        return c->last_activity + c->timeouts[SP_PHASE_STARTTLS];
     if (c->state != C_OPEN)
         return 0;
     sp_phase ph = sp_session_phase(c->s);
@@ -350,6 +478,9 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
         double now = sp_now();
         int ready = 0;
         for (size_t i = 0; i < n; i++) {
+            /* decrypted bytes OpenSSL holds do not wake poll: take them now */
+            if (conns[i]->state == C_OPEN && conns[i]->ssl && SSL_pending(conns[i]->ssl) > 0)
+                do_read(conns[i], now);
             if (conns[i]->state == C_OPEN)
                 flush_out(conns[i], now);
             if (conns[i]->ev_len)
@@ -366,7 +497,9 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
             if (c->state == C_CLOSED)
                 continue;
             short ev = POLLIN;
-            if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
+            if (c->state == C_HANDSHAKE)
+                ev = c->hs_events;
+            else if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
                 ev = c->state == C_CONNECTING ? POLLOUT : (POLLIN | POLLOUT);
             pfd[nf].fd = c->fd;
             pfd[nf].events = ev;
@@ -399,6 +532,10 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
                 continue;
             if (c->state == C_CONNECTING) {
                 connect_done(c, now);
+                continue;
+            }
+            if (c->state == C_HANDSHAKE) {
+                handshake_step(c, now);
                 continue;
             }
             if (re & (POLLIN | POLLHUP | POLLERR))

@@ -12,6 +12,7 @@
 
 #include "sp_error.h"
 #include "sp_session.h"
+#include "sp_tls.h"
 
 typedef struct sp_conn_opts {
     const char *host;
@@ -19,6 +20,9 @@ typedef struct sp_conn_opts {
     double connect_timeout;             /* seconds; 0 means 30 */
     double timeouts[SP_PHASE_COUNT];    /* seconds per phase; 0 means the RFC 5321 default */
     sp_session_opts session;
+    sp_tls_ctx *tls;         /* needed for implicit TLS and STARTTLS; borrowed, must outlive the conn */
+    int implicit_tls;        /* handshake right after connect (port 465) */
+    const char *server_name; /* SNI and certificate name; NULL: host */
 } sp_conn_opts;
 
 typedef struct sp_conn sp_conn;

@@ -4,6 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
 #include "sp_codec.h"
 
 /* One awaited reply: which command it answers. */
@@ -18,7 +22,9 @@ typedef enum cmd {
     CMD_DATA_DISCARD, /* the empty body sent when DATA got 354 but no recipient was accepted */
     CMD_RSET,
     CMD_NOOP,
-    CMD_QUIT
+    CMD_QUIT,
+    CMD_STARTTLS,
+    CMD_AUTH /* every step of the AUTH exchange */
 } cmd;
 
 typedef struct awaited {
@@ -46,6 +52,10 @@ struct sp_session {
     unsigned tx_count;
     awaited *aw;
     size_t aw_head, aw_len, aw_cap;
+    int starttls, tls_active, allow_plaintext_auth;
+    char *auth_user, *auth_secret;
+    unsigned auth_want, auth_mech;
+    int auth_step, authed;
     sp_event evq[EVQ];
     size_t ev_head, ev_len;
 };
@@ -104,6 +114,8 @@ static sp_phase phase_of(cmd c)
     case CMD_RSET: return SP_PHASE_RSET;
     case CMD_NOOP: return SP_PHASE_NOOP;
     case CMD_QUIT: return SP_PHASE_QUIT;
+    case CMD_STARTTLS: return SP_PHASE_STARTTLS;
+    case CMD_AUTH: return SP_PHASE_AUTH;
     }
     return SP_PHASE_NONE;
 }
@@ -131,6 +143,20 @@ sp_session *sp_session_new(const sp_session_opts *opts)
     snprintf(s->helo, sizeof s->helo, "%s", h);
     sp_buf_init(&s->out);
     s->state = SP_ST_GREETING;
+    if (opts) {
+        s->starttls = opts->starttls;
+        s->tls_active = opts->tls_active;
+        s->allow_plaintext_auth = opts->allow_plaintext_auth;
+        s->auth_want = opts->auth_mech;
+        if (opts->auth_user) {
+            s->auth_user = strdup(opts->auth_user);
+            s->auth_secret = strdup(opts->auth_secret ? opts->auth_secret : "");
+            if (!s->auth_user || !s->auth_secret) {
+                sp_session_free(s);
+                return NULL;
+            }
+        }
+    }
     if (await(s, CMD_GREETING, 0) < 0) {
         sp_session_free(s);
         return NULL;
@@ -159,6 +185,17 @@ void sp_session_free(sp_session *s)
     sp_reply_clear(&s->greeting);
     tx_clear(&s->tx);
     free(s->aw);
+    if (s->auth_user) {
+        OPENSSL_cleanse(s->auth_user, strlen(s->auth_user));
+        free(s->auth_user);
+    }
+    if (s->auth_secret) {
+        OPENSSL_cleanse(s->auth_secret, strlen(s->auth_secret));
+        free(s->auth_secret);
+    }
+    /* AUTH lines may still sit in the output buffer */
+    if (s->out.data)
+        OPENSSL_cleanse(s->out.data, s->out.cap);
     free(s);
 }
 
@@ -285,6 +322,207 @@ static int send_rcpt(sp_session *s, size_t i)
     return await(s, CMD_RCPT, i);
 }
 
+static void die_msg(sp_session *s, sp_kind kind, sp_phase ph, const char *text)
+{
+    sp_error e;
+    sp_error_set(&e, kind, ph, "%s", text);
+    die(s, &e);
+}
+
+/* Queues an AUTH line holding a secret (not through snprintf's fixed buffer). */
+static int queue_secret(sp_session *s, const char *prefix, const unsigned char *raw, size_t n)
+{
+    size_t pl = strlen(prefix), bl = sp_base64_encoded_len(n);
+    char *b = malloc(bl + 1);
+    if (!b)
+        return -1;
+    sp_base64_encode(raw, n, b);
+    int rc = 0;
+    if (sp_buf_append(&s->out, prefix, pl) < 0 || sp_buf_append(&s->out, b, bl) < 0 ||
+        sp_buf_append(&s->out, "\r\n", 2) < 0)
+        rc = -1;
+    s->queued += pl + bl + 2;
+    OPENSSL_cleanse(b, bl);
+    free(b);
+    return rc < 0 ? -1 : await(s, CMD_AUTH, 0);
+}
+
+static const char *mech_name(unsigned m)
+{
+    switch (m) {
+    case SP_AUTH_PLAIN: return "PLAIN";
+    case SP_AUTH_LOGIN: return "LOGIN";
+    case SP_AUTH_CRAM_MD5: return "CRAM-MD5";
+    case SP_AUTH_XOAUTH2: return "XOAUTH2";
+    }
+    return "?";
+}
+
+/* The first AUTH line of mechanism m. */
+static int auth_begin(sp_session *s, unsigned m)
+{
+    s->auth_mech = m;
+    s->auth_step = 0;
+    s->state = SP_ST_AUTH;
+    size_t ul = strlen(s->auth_user), pl = strlen(s->auth_secret);
+    if (m == SP_AUTH_PLAIN) { /* RFC 4616: authzid NUL authcid NUL passwd */
+        unsigned char *raw = malloc(ul + pl + 2);
+        if (!raw)
+            return -1;
+        raw[0] = 0;
+        memcpy(raw + 1, s->auth_user, ul);
+        raw[ul + 1] = 0;
+        memcpy(raw + ul + 2, s->auth_secret, pl);
+        int rc = queue_secret(s, "AUTH PLAIN ", raw, ul + pl + 2);
+        OPENSSL_cleanse(raw, ul + pl + 2);
+        free(raw);
+        return rc;
+    }
+    if (m == SP_AUTH_XOAUTH2) { /* user=U ^A auth=Bearer T ^A ^A */
+        size_t n = 5 + ul + 1 + 12 + pl + 2;
+        unsigned char *raw = malloc(n + 1);
+        if (!raw)
+            return -1;
+        snprintf((char *)raw, n + 1, "user=%s\001auth=Bearer %s\001\001", s->auth_user, s->auth_secret);
+        int rc = queue_secret(s, "AUTH XOAUTH2 ", raw, n);
+        OPENSSL_cleanse(raw, n);
+        free(raw);
+        return rc;
+    }
+    return queue_cmd(s, m == SP_AUTH_LOGIN ? "AUTH LOGIN" : "AUTH CRAM-MD5", CMD_AUTH, 0);
+}
+
+/* Chooses the mechanism: the one asked for, else the strongest shared. */
+static int start_auth(sp_session *s)
+{
+    if (!s->tls_active && !s->allow_plaintext_auth) {
+        die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH,
+                "refusing to send credentials over a connection without TLS "
+                "(allow_plaintext_auth = true permits it)");
+        return -1;
+    }
+    if (!(s->caps.flags & SP_CAP_AUTH)) {
+        die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, "the server does not offer AUTH");
+        return -1;
+    }
+    unsigned m = 0;
+    if (s->auth_want) {
+        if (!(s->caps.auth & s->auth_want)) {
+            char t[128];
+            snprintf(t, sizeof t, "the server does not offer AUTH %s", mech_name(s->auth_want));
+            die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, t);
+            return -1;
+        }
+        m = s->auth_want;
+    } else {
+        static const unsigned order[] = {SP_AUTH_CRAM_MD5, SP_AUTH_PLAIN, SP_AUTH_LOGIN};
+        for (size_t i = 0; i < sizeof order / sizeof order[0] && !m; i++)
+            if (s->caps.auth & order[i])
+                m = order[i];
+        if (!m) {
+            die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH,
+                    "no AUTH mechanism in common (smtppool speaks PLAIN, LOGIN, CRAM-MD5, XOAUTH2)");
+            return -1;
+        }
+    }
+    if (auth_begin(s, m) < 0) {
+        die_oom(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* What follows a successful EHLO/HELO: STARTTLS, AUTH, or READY. */
+static int after_ehlo(sp_session *s)
+{
+    if (!s->tls_active && s->starttls != SP_STARTTLS_NO) {
+        if (s->caps.flags & SP_CAP_STARTTLS) {
+            s->state = SP_ST_STARTTLS;
+            if (queue_cmd(s, "STARTTLS", CMD_STARTTLS, 0) < 0)
+                return die_oom(s), -1;
+            return 0;
+        }
+        if (s->starttls == SP_STARTTLS_REQUIRED) {
+            die_msg(s, SP_KIND_TLS, SP_PHASE_STARTTLS,
+                    "the server does not offer STARTTLS and tls = \"starttls\" requires it");
+            return -1;
+        }
+    }
+    if (s->auth_user && !s->authed)
+        return start_auth(s);
+    s->state = SP_ST_READY;
+    push_event(s, SP_EV_READY);
+    return 0;
+}
+
+static int cram_md5_response(sp_session *s, const sp_reply *r)
+{
+    /* RFC 2195: the challenge is base64; answer "user hex(HMAC-MD5(secret, challenge))" */
+    unsigned char chal[1024];
+    if (r->text_len > 4 * (sizeof chal / 3) - 4)
+        return -2;
+    long cl = sp_base64_decode(r->text, r->text_len, chal);
+    if (cl < 0)
+        return -2;
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    unsigned int ml = 0;
+    if (!HMAC(EVP_md5(), s->auth_secret, (int)strlen(s->auth_secret), chal, (size_t)cl, mac, &ml))
+        return -2;
+    size_t ul = strlen(s->auth_user);
+    size_t n = ul + 1 + 2 * ml;
+    unsigned char *raw = malloc(n);
+    if (!raw)
+        return -1;
+    memcpy(raw, s->auth_user, ul);
+    raw[ul] = ' ';
+    static const char hex[] = "0123456789abcdef";
+    for (unsigned i = 0; i < ml; i++) {
+        raw[ul + 1 + 2 * i] = (unsigned char)hex[mac[i] >> 4];
+        raw[ul + 2 + 2 * i] = (unsigned char)hex[mac[i] & 15];
+    }
+    int rc = queue_secret(s, "", raw, n);
+    OPENSSL_cleanse(raw, n);
+    OPENSSL_cleanse(mac, sizeof mac);
+    free(raw);
+    return rc;
+}
+
+static int on_auth_reply(sp_session *s, sp_reply *r)
+{
+    if (r->code == 235) {
+        s->authed = 1;
+        s->state = SP_ST_READY;
+        push_event(s, SP_EV_READY);
+        return 0;
+    }
+    if (r->code == 334) {
+        int rc = 0;
+        s->auth_step++;
+        if (s->auth_mech == SP_AUTH_LOGIN && s->auth_step == 1)
+            rc = queue_secret(s, "", (const unsigned char *)s->auth_user, strlen(s->auth_user));
+        else if (s->auth_mech == SP_AUTH_LOGIN && s->auth_step == 2)
+            rc = queue_secret(s, "", (const unsigned char *)s->auth_secret, strlen(s->auth_secret));
+        else if (s->auth_mech == SP_AUTH_CRAM_MD5 && s->auth_step == 1)
+            rc = cram_md5_response(s, r);
+        else if (s->auth_mech == SP_AUTH_XOAUTH2 && s->auth_step == 1)
+            rc = queue_secret(s, "", (const unsigned char *)"", 0); /* error details follow: ack them */
+        else
+            rc = -2;
+        if (rc == -2) {
+            die_msg(s, SP_KIND_PROTOCOL, SP_PHASE_AUTH, "unexpected 334 challenge in the AUTH exchange");
+            return -1;
+        }
+        if (rc < 0)
+            return die_oom(s), -1;
+        return 0;
+    }
+    /* 535 bad credentials (and any 5xx) is final; 454 and other 4xx are transient. */
+    die_reply(s, SP_PHASE_AUTH, r);
+    if (r->code >= 500 || r->code == 421)
+        s->err.kind = r->code == 421 ? SP_KIND_CONNECTION : SP_KIND_AUTH;
+    return -1;
+}
+
 /* Handles one complete reply. Returns -1 when the session died. */
 static int on_reply(sp_session *s, sp_reply *r)
 {
@@ -330,9 +568,7 @@ static int on_reply(sp_session *s, sp_reply *r)
         if (cls == 2) {
             sp_caps_parse(&s->caps, r);
             s->pipelining = (s->caps.flags & SP_CAP_PIPELINING) != 0;
-            s->state = SP_ST_READY;
-            push_event(s, SP_EV_READY);
-            return 0;
+            return after_ehlo(s);
         }
         if (cls == 5) { /* EHLO refused: fall back to HELO (RFC 5321 4.1.1.1) */
             s->state = SP_ST_HELO;
@@ -346,9 +582,7 @@ static int on_reply(sp_session *s, sp_reply *r)
         if (cls == 2) {
             memset(&s->caps, 0, sizeof s->caps);
             s->pipelining = 0;
-            s->state = SP_ST_READY;
-            push_event(s, SP_EV_READY);
-            return 0;
+            return after_ehlo(s);
         }
         die_reply(s, ph, r);
         return -1;
@@ -435,6 +669,30 @@ static int on_reply(sp_session *s, sp_reply *r)
         s->state = SP_ST_CLOSED;
         push_event(s, SP_EV_CLOSED);
         return 0;
+    case CMD_STARTTLS:
+        if (r->code == 220) {
+            /* Bytes after the 220 and before the handshake were injected by
+             * someone on the path (CVE-2011-0411 and kin): refuse them. */
+            if (sp_reply_reader_pending(s->reader)) {
+                sp_error e;
+                sp_error_set(&e, SP_KIND_TLS, SP_PHASE_STARTTLS,
+                             "plaintext received after the STARTTLS reply (response injection)");
+                die(s, &e);
+                return -1;
+            }
+            s->state = SP_ST_TLS;
+            push_event(s, SP_EV_TLS);
+            return 0;
+        }
+        if (s->starttls == SP_STARTTLS_REQUIRED) {
+            die_reply(s, ph, r);
+            s->err.kind = SP_KIND_TLS;
+            return -1;
+        }
+        s->starttls = SP_STARTTLS_NO; /* opportunistic: carry on in plaintext */
+        return after_ehlo(s);
+    case CMD_AUTH:
+        return on_auth_reply(s, r);
     }
     return 0;
 oom:
@@ -688,12 +946,31 @@ int sp_session_quit(sp_session *s)
     return 0;
 }
 
+void sp_session_tls_done(sp_session *s)
+{
+    if (s->state != SP_ST_TLS)
+        return;
+    /* RFC 3207 4.2: forget everything learned before the handshake. */
+    s->tls_active = 1;
+    memset(&s->caps, 0, sizeof s->caps);
+    s->pipelining = 0;
+    sp_reply_reader_reset(s->reader);
+    s->state = SP_ST_EHLO;
+    if (send_ehlo(s, "EHLO", CMD_EHLO) < 0)
+        die_oom(s);
+}
+
+int sp_session_tls_active(const sp_session *s) { return s->tls_active; }
+unsigned sp_session_auth_mech(const sp_session *s) { return s->authed ? s->auth_mech : 0; }
+
 sp_state sp_session_state(const sp_session *s) { return s->state; }
 
 sp_phase sp_session_phase(const sp_session *s)
 {
     if (s->state == SP_ST_BODY)
         return SP_PHASE_DATA;
+    if (s->state == SP_ST_TLS)
+        return SP_PHASE_STARTTLS;
     if (s->aw_len)
         return phase_of(s->aw[s->aw_head].c);
     return SP_PHASE_NONE;

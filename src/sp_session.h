@@ -30,7 +30,8 @@ typedef enum sp_event {
     SP_EV_BODY,    /* DATA got 354: feed the body, then sp_session_body_end */
     SP_EV_TX_DONE, /* the transaction has its outcome (sp_session_tx) */
     SP_EV_ERROR,   /* the session is dead (sp_session_error): close, never reuse */
-    SP_EV_CLOSED   /* QUIT was answered or the server closed after QUIT */
+    SP_EV_CLOSED,  /* QUIT was answered or the server closed after QUIT */
+    SP_EV_TLS      /* STARTTLS accepted: handshake, then sp_session_tls_done */
 } sp_event;
 
 typedef enum sp_state {
@@ -45,7 +46,10 @@ typedef enum sp_state {
     SP_ST_NOOP,
     SP_ST_QUIT,
     SP_ST_CLOSED,
-    SP_ST_DEAD
+    SP_ST_DEAD,
+    SP_ST_STARTTLS, /* STARTTLS sent, its reply outstanding */
+    SP_ST_TLS,      /* the driver is doing the handshake */
+    SP_ST_AUTH      /* AUTH exchange in progress */
 } sp_state;
 
 typedef struct sp_rcpt_result {
@@ -76,8 +80,18 @@ typedef struct sp_tx_opts {
     int body_8bit;             /* the body has 8-bit bytes: BODY=8BITMIME needed */
 } sp_tx_opts;
 
+enum { SP_STARTTLS_NO = 0, SP_STARTTLS_REQUIRED, SP_STARTTLS_OPPORTUNISTIC };
+
 typedef struct sp_session_opts {
-    const char *helo; /* EHLO/HELO name; "localhost" when NULL */
+    const char *helo;  /* EHLO/HELO name; "localhost" when NULL */
+    int starttls;      /* SP_STARTTLS_*: upgrade after the first EHLO */
+    int tls_active;    /* the transport is already TLS (implicit TLS) */
+    /* AUTH (RFC 4954): user NULL for none. secret is the password, or the
+     * OAuth 2 token for XOAUTH2. Copies are wiped when the session is freed. */
+    const char *auth_user;
+    const char *auth_secret;
+    unsigned auth_mech;        /* one SP_AUTH_* to insist on, 0 to pick the strongest shared */
+    int allow_plaintext_auth;  /* credentials over a connection without TLS */
 } sp_session_opts;
 
 typedef struct sp_session sp_session;
@@ -108,6 +122,8 @@ int sp_session_body_end(sp_session *s, sp_error *err);
 int sp_session_noop(sp_session *s, sp_error *err);
 int sp_session_rset(sp_session *s, sp_error *err);
 int sp_session_quit(sp_session *s);
+/* The driver finished the TLS handshake after SP_EV_TLS: EHLO again. */
+void sp_session_tls_done(sp_session *s);
 
 /* State. */
 sp_state sp_session_state(const sp_session *s);
@@ -121,5 +137,8 @@ const sp_error *sp_session_error(const sp_session *s);
 unsigned sp_session_tx_count(const sp_session *s);
 /* The greeting's reply code and text (for logs). */
 const sp_reply *sp_session_greeting(const sp_session *s);
+/* Whether the session runs over TLS, and the AUTH mechanism used (0: none). */
+int sp_session_tls_active(const sp_session *s);
+unsigned sp_session_auth_mech(const sp_session *s);
 
 #endif
