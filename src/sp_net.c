@@ -234,6 +234,13 @@ static void pump(sp_conn *c)
             c->body = NULL;
             c->body_set = 0;
         }
+        if (e == SP_EV_CLOSED && c->ssl) {
+            /* A clean end: close_notify keeps the session resumable (OpenSSL
+             * marks sessions of unclean closes unusable). Non-blocking, one try. */
+            ERR_clear_error();
+            SSL_shutdown(c->ssl);
+            ERR_clear_error();
+        }
         if (e == SP_EV_ERROR || e == SP_EV_CLOSED)
             close_fd(c);
         push(c, e);

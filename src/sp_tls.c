@@ -133,7 +133,7 @@ SSL *sp_tls_new_ssl(sp_tls_ctx *t, const char *server_name, sp_error *err)
             }
         }
     }
-    if (t->session)
+    if (t->session && SSL_SESSION_is_resumable(t->session))
         SSL_set_session(ssl, t->session);
     return ssl;
 }

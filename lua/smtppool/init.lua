@@ -63,7 +63,13 @@ local OPTIONS = {
   max_conns = "number", close_timeout = "number", wait_timeout = "number",
   idle_timeout = "number", max_messages_per_conn = "number", max_conn_lifetime = "number",
   health_check_after = "number", rate = "table", retry = "function",
+  ca_file = "string", ca_path = "string", cert_file = "string", key_file = "string",
+  server_name = "string", insecure_skip_verify = "boolean", auth = "table",
+  allow_plaintext_auth = "boolean",
 }
+
+local AUTH_OPTIONS = { user = "string", password = "string", token = true, mechanism = "string" }
+local MECHANISMS = { PLAIN = true, LOGIN = true, ["CRAM-MD5"] = true, XOAUTH2 = true }
 
 local function check_options(opts)
   if type(opts) ~= "table" then
@@ -96,6 +102,26 @@ local function check_options(opts)
                        "max_conn_lifetime", "health_check_after" }) do
     if opts[k] and opts[k] <= 0 then
       error(("smtppool.new: option '%s' must be positive"):format(k), 3)
+    end
+  end
+  if opts.auth then
+    for k, v in pairs(opts.auth) do
+      local want = AUTH_OPTIONS[k]
+      if not want then error(("smtppool.new: unknown auth option '%s'"):format(tostring(k)), 3) end
+      if k == "token" then
+        if type(v) ~= "string" and type(v) ~= "function" then
+          error("smtppool.new: auth.token must be a string or a function returning one", 3)
+        end
+      elseif type(v) ~= want then
+        error(("smtppool.new: auth.%s must be a %s"):format(k, want), 3)
+      end
+    end
+    if type(opts.auth.user) ~= "string" then error("smtppool.new: auth.user is required", 3) end
+    if opts.auth.mechanism and not MECHANISMS[opts.auth.mechanism] then
+      error("smtppool.new: auth.mechanism must be PLAIN, LOGIN, CRAM-MD5 or XOAUTH2", 3)
+    end
+    if (opts.auth.password == nil) == (opts.auth.token == nil) then
+      error("smtppool.new: auth takes a password or a token (for XOAUTH2), not both or neither", 3)
     end
   end
   for _, k in ipairs({ "max_conns", "max_messages_per_conn" }) do
@@ -153,11 +179,18 @@ function M.new(opts)
   if not TLS_MODES[tls] then
     return nil, M.error("config", ("unknown tls mode '%s' (none, starttls, implicit, opportunistic)"):format(tls))
   end
+  local tls_ctx
   if tls ~= "none" then
-    return nil, M.error("config", ("tls mode '%s' is not available in this version; "
-      .. "pass tls = \"none\" to send in plaintext"):format(tls))
+    local e
+    tls_ctx, e = core.tls_context{ ca_file = opts.ca_file, ca_path = opts.ca_path, cert_file = opts.cert_file,
+      key_file = opts.key_file, insecure_skip_verify = opts.insecure_skip_verify }
+    if not tls_ctx then return nil, e end
   end
-  local port = opts.port or 25
+  if opts.auth and tls == "none" and not opts.allow_plaintext_auth then
+    return nil, M.error("config", "refusing to send credentials with tls = \"none\"; "
+      .. "set allow_plaintext_auth = true if you mean it")
+  end
+  local port = opts.port or (tls == "implicit" and 465 or 25)
   if port ~= math.floor(port) or port < 1 or port > 65535 then
     return nil, M.error("config", "port must be an integer from 1 to 65535")
   end
@@ -166,7 +199,10 @@ function M.new(opts)
     conn_opts = {
       host = opts.host, port = port, helo = opts.helo or core.hostname() or "localhost",
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
+      tls = tls_ctx, tls_mode = tls, server_name = opts.server_name,
     },
+    tls_ctx = tls_ctx,
+    auth = opts.auth,
     max_conns = opts.max_conns or 1,
     max_per_conn = opts.max_messages_per_conn,
     lifetime = opts.max_conn_lifetime,
@@ -242,11 +278,38 @@ function Pool:_quit(rec, reason)
   end
 end
 
--- Opens a connection, spending from the connection window first.
+-- The credentials for one new connection (a token function is asked each time).
+function Pool:_credentials()
+  local a = self.auth
+  local secret, mech = a.password, a.mechanism
+  if a.token ~= nil then
+    secret = a.token
+    if type(secret) == "function" then
+      local ok, tok = pcall(secret)
+      if not ok or type(tok) ~= "string" then
+        return nil, M.error("auth", "the auth.token function did not return a token: " .. tostring(tok), { phase = "auth" })
+      end
+      secret = tok
+    end
+    mech = mech or "XOAUTH2"
+  end
+  return { user = a.user, secret = secret, mechanism = mech, allow_plaintext = self.opts.allow_plaintext_auth }
+end
+
+-- Opens a connection, spending from the connection (and AUTH) windows first.
 function Pool:_open(t, job)
   local w = self.windows.connections
   if w then w:spend(t) end
+  self.conn_opts.auth = nil
+  if self.auth then
+    local aw = self.windows.auth
+    if aw then aw:spend(t) end
+    local cred, e = self:_credentials()
+    if not cred then return nil, e end
+    self.conn_opts.auth = cred
+  end
   local c, e = core.connect(self.conn_opts)
+  self.conn_opts.auth = nil
   if not c then return nil, e end
   self.next_id = self.next_id + 1
   local rec = { c = c, id = self.next_id, state = "connecting", txs = 0, sent = 0, born = t, last_used = t,
@@ -401,6 +464,11 @@ function Pool:_dispatch(run, rec, t)
       self.counters.closed_by_server = self.counters.closed_by_server + 1
       self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.sent })
       self:_remove(rec)
+      if e.kind == "auth" and e.code then
+        -- The server refused the credentials: every further try would be
+        -- refused too, and servers lock accounts that keep trying.
+        self.auth_failed = e
+      end
       if job then
         -- Died before it could carry the message bound to it (connect,
         -- greeting, EHLO): that is the message's attempt.
@@ -459,6 +527,17 @@ function Pool:_run(next_msg, on_result)
         run.queue[#run.queue + 1] = job
       elseif not next_wake or job.not_before < next_wake then
         next_wake = job.not_before
+      end
+    end
+
+    -- After a refused login, nothing more is sent: the queue fails with it.
+    if self.auth_failed then
+      for _, list in ipairs({ run.queue, run.deferred }) do
+        while #list > 0 do
+          local job = table.remove(list, 1)
+          self:_finish(run, job, nil, M.error("auth", self.auth_failed.text, {
+            phase = "auth", code = self.auth_failed.code, enhanced = self.auth_failed.enhanced }))
+        end
       end
     end
 
@@ -700,6 +779,10 @@ end
 function Pool:stats()
   local s = {}
   for k, v in pairs(self.counters) do s[k] = v end
+  if self.tls_ctx then
+    local ts = self.tls_ctx:stats()
+    s.tls_handshakes, s.tls_resumed = ts.handshakes, ts.resumed
+  end
   s.open, s.idle, s.in_use = #self.conns, 0, 0
   for _, rec in ipairs(self.conns) do
     if rec.state == "idle" then s.idle = s.idle + 1

@@ -22,11 +22,25 @@ describe("smtppool.new", function()
     assert.equal("config", err.kind)
   end)
 
-  it("refuses to send in the clear unless tls = 'none' is said by name", function()
-    local p, err = smtppool.new{ host = "h" }
+  it("defaults to STARTTLS and refuses credentials in the clear unless allowed by name", function()
+    local p = assert(smtppool.new{ host = "h" })
+    assert.equal("starttls", p.conn_opts.tls_mode)
+    local q, err = smtppool.new{ host = "h", tls = "none", auth = { user = "u", password = "p" } }
+    assert.is_nil(q)
+    assert.equal("config", err.kind)
+    assert.matches("allow_plaintext_auth", err.text)
+    assert.truthy(smtppool.new{ host = "h", tls = "none", auth = { user = "u", password = "p" },
+      allow_plaintext_auth = true })
+    assert.has_error(function() smtppool.new{ host = "h", auth = { user = "u" } } end)
+    assert.has_error(function() smtppool.new{ host = "h", auth = { user = "u", password = "p", mechanism = "NTLM" } } end)
+    assert.has_error(function() smtppool.new{ host = "h", insecure_skip_verify = "yes" } end)
+  end)
+
+  it("reports a CA file that cannot be read as a config error at new", function()
+    local p, err = smtppool.new{ host = "h", ca_file = "/nonexistent/ca.pem" }
     assert.is_nil(p)
     assert.equal("config", err.kind)
-    assert.matches('tls = "none"', err.text)
+    assert.matches("/nonexistent/ca.pem", err.text)
   end)
 
   it("makes error values that print as one line", function()

@@ -18,7 +18,7 @@ listens. The script is a JSON object:
       "cap_reply": "421 4.7.0 Maximum message count per session reached",
       "cap_close": true,             # ...is answered cap_reply, then closed if cap_close
       "rules": [                     # first matching rule with uses left wins
-        {"on": "MAIL",               # greeting EHLO HELO MAIL RCPT DATA DATA_END RSET NOOP QUIT
+        {"on": "MAIL",               # greeting EHLO HELO STARTTLS MAIL RCPT DATA DATA_END RSET NOOP QUIT
          "session": 2,               # only on the 2nd connection (1-based); optional
          "nth": 3,                   # only the 3rd time this phase is seen; optional
          "every": 50,                # only every 50th time; optional
@@ -245,6 +245,9 @@ class FaultSMTP(SMTP):
 
     async def smtp_NOOP(self, arg):
         await self._cmd("NOOP", arg, super().smtp_NOOP)
+
+    async def smtp_STARTTLS(self, arg):
+        await self._cmd("STARTTLS", arg, super().smtp_STARTTLS)
 
     async def smtp_QUIT(self, arg):
         await self._cmd("QUIT", arg, super().smtp_QUIT)

@@ -81,6 +81,39 @@ function M.fd_count()
   return tonumber(sh("ls /proc/" .. sh("echo $PPID"):gsub("%s", "") .. "/fd | wc -l"))
 end
 
+---------------------------------------------------------------- certificates
+
+local certs_cache
+
+--- Test certificates, made once per process with the openssl command:
+-- ca (CA), cert/key (server, for localhost and 127.0.0.1, signed by ca),
+-- other_ca (a CA that signed nothing here), client_cert/client_key.
+function M.certs()
+  if certs_cache then return certs_cache end
+  local d = M.tmpdir()
+  local function run(cmd)
+    assert(os.execute(CLEAN .. cmd .. " >" .. q(d .. "/openssl.log") .. " 2>&1"),
+      "openssl failed: " .. tostring(M.read_file(d .. "/openssl.log")))
+  end
+  local function ca(name)
+    run(("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=%s -keyout %s -out %s"):format(
+      name, q(d .. "/" .. name .. ".key"), q(d .. "/" .. name .. ".pem")))
+  end
+  ca("ca")
+  ca("other_ca")
+  M.write_file(d .. "/san.ext", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+  run(("openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout %s -out %s"):format(
+    q(d .. "/server.key"), q(d .. "/server.csr")))
+  run(("openssl x509 -req -days 2 -in %s -CA %s -CAkey %s -CAcreateserial -extfile %s -out %s"):format(
+    q(d .. "/server.csr"), q(d .. "/ca.pem"), q(d .. "/ca.key"), q(d .. "/san.ext"), q(d .. "/server.pem")))
+  os.execute("chmod 644 " .. q(d) .. "/*")
+  -- removed when the Lua state closes (the end of the test run)
+  M._certs_reaper = setmetatable({}, { __gc = function() os.execute("rm -rf " .. q(d)) end })
+  certs_cache = { dir = d, ca = d .. "/ca.pem", cert = d .. "/server.pem", key = d .. "/server.key",
+                  other_ca = d .. "/other_ca.pem" }
+  return certs_cache
+end
+
 ---------------------------------------------------------------- exim
 
 local Exim = {}
@@ -89,6 +122,8 @@ Exim.__index = Exim
 --- Starts exim on a free port.
 -- opts.max_per_conn: smtp_accept_max_per_connection (0: no cap)
 -- opts.pipelining: advertise PIPELINING (default true)
+-- opts.starttls: advertise STARTTLS (default true); exim.tls_port takes implicit TLS
+-- opts.auth: list of mechanisms to offer ({"PLAIN", "LOGIN", "CRAM-MD5"}; default all)
 function M.exim(opts)
   opts = opts or {}
   local dir = M.tmpdir()
@@ -97,14 +132,21 @@ function M.exim(opts)
   os.execute("chown -R " .. user .. ":" .. user .. " " .. q(dir))
   local conf = assert(M.read_file(HERE .. "/exim.conf.in"))
   local last_err
+  local certs = M.certs()
+  local offer = {}
+  for _, m in ipairs(opts.auth or { "PLAIN", "LOGIN", "CRAM-MD5" }) do offer[m] = true end
+  local function adv(m) return offer[m] and "true" or "false" end
   for _ = 1, 5 do -- a free port can be taken between the probe and the bind: retry
-    local port = M.free_port()
-    local text = conf:gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
+    local port, tls_port = M.free_port(), M.free_port()
+    local text = conf:gsub("@DIR@", dir):gsub("@PORT@", tostring(port)):gsub("@TLS_PORT@", tostring(tls_port))
       :gsub("@MAX_PER_CONN@", tostring(opts.max_per_conn or 0))
       :gsub("@USER@", user):gsub("@PIPELINING@", opts.pipelining == false and "" or "*")
+      :gsub("@TLS_ADVERTISE@", opts.starttls == false and "" or "*")
+      :gsub("@TLS_CERT@", certs.cert):gsub("@TLS_KEY@", certs.key)
+      :gsub("@ADV_PLAIN@", adv("PLAIN")):gsub("@ADV_LOGIN@", adv("LOGIN")):gsub("@ADV_CRAM@", adv("CRAM-MD5"))
     M.write_file(dir .. "/exim.conf", text)
     os.execute("rm -f " .. q(dir .. "/exim.pid"))
-    local rc = os.execute(CLEAN .. "exim4 -C " .. q(dir .. "/exim.conf") .. " -bd -oX " .. port
+    local rc = os.execute(CLEAN .. "exim4 -C " .. q(dir .. "/exim.conf") .. " -bd -oX " .. port .. ":" .. tls_port
       .. " -oP " .. q(dir .. "/exim.pid") .. " 2>" .. q(dir .. "/start.err"))
     if rc then
       local ok = pcall(M.wait_for, function()
@@ -112,7 +154,7 @@ function M.exim(opts)
         return log:find("daemon started", 1, true) and M.read_file(dir .. "/exim.pid")
       end, 10, "exim to start")
       if ok then
-        local self = setmetatable({ dir = dir, port = port,
+        local self = setmetatable({ dir = dir, port = port, tls_port = tls_port,
           pid = tonumber((M.read_file(dir .. "/exim.pid") or ""):match("%d+")) }, Exim)
         return self
       end

@@ -1,0 +1,190 @@
+-- TLS and AUTH against exim with certificates the tests make, and the
+-- fault server where exim will not misbehave on cue.
+local peers = require("peers")
+local smtppool = require("smtppool")
+
+local function msg(i)
+  return { from = "a@x.test", to = { ("tls%d@y.test"):format(i) },
+           data = ("Message-ID: <tls-%d@x.test>\r\nSubject: tls %d\r\n\r\nsecret body %d\r\n"):format(i, i, i) }
+end
+
+describe("TLS against exim", function()
+  local exim, certs
+  setup(function()
+    certs = peers.certs()
+    exim = peers.exim({ max_per_conn = 5 })
+  end)
+  teardown(function() if exim then exim:stop() end end)
+
+  local function pool(o)
+    local opts = { host = "127.0.0.1", port = exim.port, ca_file = certs.ca, server_name = "localhost",
+                   retry = smtppool.retry.none() }
+    for k, v in pairs(o or {}) do opts[k] = v end
+    return assert(smtppool.new(opts))
+  end
+
+  it("delivers over STARTTLS (the default mode)", function()
+    local p = pool()
+    local res, err = p:send_raw(msg(1))
+    p:close()
+    assert.is_nil(err)
+    assert.equal(250, res.code)
+    exim:wait_deliveries(1)
+    assert.equal(1, #exim:log_lines("<= a@x%.test .* X=TLS[^ ]* .*for tls1@y%.test"))
+  end)
+
+  it("delivers over implicit TLS", function()
+    local p = pool({ tls = "implicit", port = exim.tls_port })
+    local res, err = p:send_raw(msg(2))
+    p:close()
+    assert.is_nil(err)
+    assert.truthy(res)
+    assert.equal(1, #exim:log_lines("<= a@x%.test .* X=TLS[^ ]* .*for tls2@y%.test"))
+  end)
+
+  it("checks the certificate against the host name, IP literals included", function()
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, ca_file = certs.ca })
+    assert.truthy(p:send_raw(msg(3))) -- 127.0.0.1 is in the certificate's SAN
+    p:close()
+    p = pool({ server_name = "wrong.example" })
+    local res, err = p:send_raw(msg(4))
+    p:close()
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.equal("starttls", err.phase)
+    assert.matches("verif", err.text)
+  end)
+
+  it("refuses a certificate from the wrong CA, unless verification is skipped by name", function()
+    local p = pool({ ca_file = certs.other_ca })
+    local res, err = p:send_raw(msg(5))
+    p:close()
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.matches("certificate", err.text)
+    p = pool({ ca_file = certs.other_ca, insecure_skip_verify = true })
+    assert.truthy(p:send_raw(msg(6)))
+    p:close()
+  end)
+
+  it("refuses the system store's trust for a private CA", function()
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, server_name = "localhost",
+      retry = smtppool.retry.none() })
+    local res, err = p:send_raw(msg(7))
+    p:close()
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+  end)
+
+  it("resumes TLS sessions when rotating connections every 5 messages", function()
+    local p = pool({ max_messages_per_conn = 5 })
+    local list = {}
+    for i = 1, 30 do list[i] = msg(100 + i) end
+    local summary = p:send_batch(list)
+    local st = p:stats()
+    p:close()
+    assert.equal(30, summary.sent)
+    assert.equal(6, st.opened)
+    assert.equal(6, st.tls_handshakes)
+    assert.is_true(st.tls_resumed >= 4, "resumed " .. st.tls_resumed .. " of 6")
+  end)
+end)
+
+describe("STARTTLS policy", function()
+  local exim
+  setup(function() exim = peers.exim({ starttls = false }) end)
+  teardown(function() if exim then exim:stop() end end)
+
+  it("fails closed in starttls mode when the server does not offer it", function()
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, retry = smtppool.retry.none() })
+    local res, err = p:send_raw(msg(1))
+    p:close()
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.equal("starttls", err.phase)
+    assert.equal(0, #exim:log_lines("<= "))
+  end)
+
+  it("goes on in plaintext in opportunistic mode", function()
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, tls = "opportunistic" })
+    local res, err = p:send_raw(msg(2))
+    p:close()
+    assert.is_nil(err)
+    assert.truthy(res)
+  end)
+end)
+
+describe("STARTTLS response injection", function()
+  it("refuses plaintext that follows 220 ready to start TLS", function()
+    local f = peers.fault({ extensions = { "STARTTLS" },
+      rules = { { on = "STARTTLS", ["do"] = "raw", bytes = "220 ready to start TLS\r\n250 injected\r\n" } } })
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "starttls",
+      retry = smtppool.retry.none(), insecure_skip_verify = true })
+    local res, err = p:send_raw(msg(1))
+    p:close()
+    local mails = #f:select("cmd", { cmd = "MAIL" })
+    f:stop()
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.matches("injection", err.text)
+    assert.equal(0, mails)
+  end)
+end)
+
+describe("AUTH against exim", function()
+  local certs
+  setup(function() certs = peers.certs() end)
+
+  for _, mech in ipairs({ "PLAIN", "LOGIN", "CRAM-MD5" }) do
+    it("authenticates with " .. mech .. " when the server offers only it", function()
+      local exim = peers.exim({ auth = { mech } })
+      local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, ca_file = certs.ca,
+        server_name = "localhost", auth = { user = "alice", password = "s3cret" } })
+      local res, err = p:send_raw(msg(1))
+      p:close()
+      local lines = exim:log_lines("<= a@x%.test .* A=%S+:alice")
+      exim:stop()
+      assert.is_nil(err)
+      assert.truthy(res)
+      assert.equal(1, #lines)
+    end)
+  end
+
+  it("picks the strongest shared mechanism", function()
+    local exim = peers.exim({})
+    local mechs = {}
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, ca_file = certs.ca,
+      server_name = "localhost", auth = { user = "alice", password = "s3cret" } })
+    assert.truthy(p:send_raw(msg(1)))
+    for _, rec in ipairs(p.conns) do mechs[#mechs + 1] = rec.c:auth_mechanism() end
+    p:close()
+    local lines = exim:log_lines("A=cram:alice")
+    exim:stop()
+    assert.same({ "CRAM-MD5" }, mechs)
+    assert.equal(1, #lines)
+  end)
+
+  it("gives one auth error for a wrong password, not a storm of retries", function()
+    local exim = peers.exim({ auth = { "PLAIN" } })
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, ca_file = certs.ca, max_conns = 2,
+      server_name = "localhost", auth = { user = "alice", password = "wrong-password-123" } })
+    local errs = {}
+    local list = {}
+    for i = 1, 10 do list[i] = msg(i) end
+    local summary = p:send_batch(list, { on_result = function(_, _, err) errs[#errs + 1] = err end })
+    local st = p:stats()
+    p:close()
+    local fails = #exim:log_lines("authenticator failed")
+    local log = exim:mainlog()
+    exim:stop()
+    assert.equal(10, summary.failed)
+    for _, e in ipairs(errs) do
+      assert.equal("auth", e.kind)
+      assert.equal(535, e.code)
+      assert.is_nil(tostring(e):find("wrong-password-123", 1, true))
+    end
+    assert.is_true(st.opened <= 2, "opened " .. st.opened .. " connections")
+    assert.is_true(fails <= 2)
+    assert.is_nil(log:find("wrong-password-123", 1, true))
+  end)
+end)
