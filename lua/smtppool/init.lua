@@ -54,7 +54,7 @@ function M.is_error(v)
 end
 
 local TLS_MODES = { none = true, starttls = true, implicit = true, opportunistic = true }
-local PHASES = { "greeting", "ehlo", "mail", "rcpt", "data", "data_end", "rset", "noop", "quit" }
+local PHASES = { "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "data_end", "rset", "noop", "quit" }
 
 -- Option schema: name -> expected Lua type. Unknown names are misuse.
 local OPTIONS = {

@@ -188,3 +188,41 @@ describe("AUTH against exim", function()
     assert.is_nil(log:find("wrong-password-123", 1, true))
   end)
 end)
+
+describe("AUTH XOAUTH2 against the fault server", function()
+  local function run(tokens, token)
+    local f = peers.fault({ xoauth2_tokens = tokens })
+    local calls = 0
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", allow_plaintext_auth = true,
+      max_messages_per_conn = 2, auth = { user = "alice@x.test", token = function() calls = calls + 1 return token end } })
+    local list = {}
+    for i = 1, 4 do list[i] = msg(i) end
+    local errs = {}
+    local summary = p:send_batch(list, { on_result = function(_, _, e) errs[#errs + 1] = e end })
+    local st = p:stats()
+    p:close()
+    local auths = f:select("auth")
+    f:stop()
+    return summary, errs, st, calls, auths
+  end
+
+  it("authenticates with a token from a function, fresh for each connection", function()
+    local summary, _, st, calls, auths = run({ "tok-good" }, "tok-good")
+    assert.equal(4, summary.sent)
+    assert.equal(2, st.opened)
+    assert.equal(2, calls)
+    assert.equal(2, #auths)
+    assert.equal("alice@x.test", auths[1].user)
+  end)
+
+  it("fails with one auth error for a refused token", function()
+    local summary, errs, st = run({ "tok-good" }, "tok-bad-secret")
+    assert.equal(4, summary.failed)
+    assert.equal(1, st.opened)
+    for _, e in ipairs(errs) do
+      assert.equal("auth", e.kind)
+      assert.equal(535, e.code)
+      assert.is_nil(tostring(e):find("tok-bad-secret", 1, true))
+    end
+  end)
+end)

@@ -14,6 +14,7 @@ listens. The script is a JSON object:
       "pipelining": true,            # advertise PIPELINING (default true)
       "extensions": ["8BITMIME"],    # more EHLO keywords
       "ehlo": "refuse",              # answer EHLO with 502 (HELO fallback)
+      "xoauth2_tokens": ["tok"],     # offer AUTH XOAUTH2 (only), accepting these tokens
       "max_tx_per_session": 5,       # the session cap: MAIL after N transactions...
       "cap_reply": "421 4.7.0 Maximum message count per session reached",
       "cap_close": true,             # ...is answered cap_reply, then closed if cap_close
@@ -40,6 +41,7 @@ reply, fault, close.
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -47,7 +49,7 @@ import socket
 import struct
 import time
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 class Log:
@@ -109,6 +111,20 @@ class Handler:
         lines = body[:-1] + extra + body[-1:]
         return ["250-" + l for l in lines[:-1]] + ["250 " + lines[-1]]
 
+    async def auth_XOAUTH2(self, server, args):
+        """XOAUTH2 as Gmail speaks it: on a bad token, a 334 with a JSON
+        error, the client's empty line, then 535."""
+        raw = base64.b64decode(args[1]) if len(args) > 1 else b""
+        fields = dict(f.split("=", 1) for f in raw.decode("latin-1").split("\x01") if "=" in f)
+        token = fields.get("auth", "").replace("Bearer ", "", 1)
+        self.state.log.write(ev="auth", s=server.sid, mech="XOAUTH2", user=fields.get("user"))
+        if token in self.state.script.get("xoauth2_tokens", []):
+            return AuthResult(success=True)
+        err = base64.b64encode(b'{"status":"401","schemes":"bearer"}').decode()
+        await server.challenge_auth(err, encode_to_b64=False)
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Username and Password not accepted")
+
     async def handle_DATA(self, server, session, envelope):
         server.phase = "DATA_END"
         server.fresh = True
@@ -122,6 +138,8 @@ class Handler:
 
 class FaultSMTP(SMTP):
     def __init__(self, state, **kw):
+        if "xoauth2_tokens" in state.script:
+            kw.update(auth_require_tls=False, auth_exclude_mechanism=["PLAIN", "LOGIN"])
         super().__init__(Handler(state), **kw)
         self.state = state
         self.state.sessions += 1
