@@ -139,10 +139,21 @@ Pool.__index = Pool
 --
 -- * `host` (string, required): server name or address.
 -- * `port` (number, default 25).
--- * `tls` (string, default `"starttls"`): `"none"` for plaintext SMTP.
---   The other modes (`"starttls"`, `"implicit"`, `"opportunistic"`) are not
---   built yet and are refused with a `config` error rather than silently
---   sending in the clear.
+-- * `tls` (string, default `"starttls"`): `"starttls"` (fails closed when
+--   the server does not offer it), `"implicit"` (TLS from the first byte,
+--   port 465 by default), `"opportunistic"` (STARTTLS when offered) or
+--   `"none"`.
+-- * `ca_file`, `ca_path` (strings, default the system store): trust anchors.
+-- * `server_name` (string, default `host`): checked against the
+--   certificate and sent as SNI.
+-- * `cert_file`, `key_file` (strings): a client certificate and its key.
+-- * `insecure_skip_verify` (boolean, default false): accept any certificate.
+-- * `auth` (table): `user` with `password`, or with `token` (a string or a
+--   function returning one, called for each new connection) for XOAUTH2;
+--   `mechanism` (`PLAIN`, `LOGIN`, `CRAM-MD5`, `XOAUTH2`) to insist on one,
+--   else the strongest both sides speak.
+-- * `allow_plaintext_auth` (boolean, default false): permit credentials over
+--   a connection without TLS.
 -- * `helo` (string, default this machine's host name): the EHLO name.
 -- * `max_conns` (default 1): connections open at once.
 -- * `max_messages_per_conn` (default none): transactions per connection
@@ -172,7 +183,8 @@ Pool.__index = Pool
 --   `ready`, `rotate`, `learn_cap`, `retry`, `discard`, `rate_wait`, `close`.
 -- @treturn[1] Pool
 -- @return[2] nil
--- @treturn[2] table error value (kind `config`)
+-- @treturn[2] table error value (kind `config`: an unreadable CA or key,
+--   credentials with `tls = "none"` and no `allow_plaintext_auth`...)
 function M.new(opts)
   check_options(opts)
   local tls = opts.tls or "starttls"

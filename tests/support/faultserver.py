@@ -15,6 +15,7 @@ listens. The script is a JSON object:
       "extensions": ["8BITMIME"],    # more EHLO keywords
       "ehlo": "refuse",              # answer EHLO with 502 (HELO fallback)
       "xoauth2_tokens": ["tok"],     # offer AUTH XOAUTH2 (only), accepting these tokens
+      "xoauth2_tempfail_first": 1,   # answer the first N AUTH attempts 454
       "max_tx_per_session": 5,       # the session cap: MAIL after N transactions...
       "cap_reply": "421 4.7.0 Maximum message count per session reached",
       "cap_close": true,             # ...is answered cap_reply, then closed if cap_close
@@ -118,6 +119,9 @@ class Handler:
         fields = dict(f.split("=", 1) for f in raw.decode("latin-1").split("\x01") if "=" in f)
         token = fields.get("auth", "").replace("Bearer ", "", 1)
         self.state.log.write(ev="auth", s=server.sid, mech="XOAUTH2", user=fields.get("user"))
+        self.state.auths = getattr(self.state, "auths", 0) + 1
+        if self.state.auths <= self.state.script.get("xoauth2_tempfail_first", 0):
+            return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
         if token in self.state.script.get("xoauth2_tokens", []):
             return AuthResult(success=True)
         err = base64.b64encode(b'{"status":"401","schemes":"bearer"}').decode()

@@ -106,11 +106,17 @@ function M.certs()
     q(d .. "/server.key"), q(d .. "/server.csr")))
   run(("openssl x509 -req -days 2 -in %s -CA %s -CAkey %s -CAcreateserial -extfile %s -out %s"):format(
     q(d .. "/server.csr"), q(d .. "/ca.pem"), q(d .. "/ca.key"), q(d .. "/san.ext"), q(d .. "/server.pem")))
+  M.write_file(d .. "/client.ext", "extendedKeyUsage=clientAuth\n")
+  run(("openssl req -newkey rsa:2048 -nodes -subj /CN=client.test -keyout %s -out %s"):format(
+    q(d .. "/client.key"), q(d .. "/client.csr")))
+  run(("openssl x509 -req -days 2 -in %s -CA %s -CAkey %s -CAcreateserial -extfile %s -out %s"):format(
+    q(d .. "/client.csr"), q(d .. "/ca.pem"), q(d .. "/ca.key"), q(d .. "/client.ext"), q(d .. "/client.pem")))
   os.execute("chmod 644 " .. q(d) .. "/*")
   -- removed when the Lua state closes (the end of the test run)
   M._certs_reaper = setmetatable({}, { __gc = function() os.execute("rm -rf " .. q(d)) end })
   certs_cache = { dir = d, ca = d .. "/ca.pem", cert = d .. "/server.pem", key = d .. "/server.key",
-                  other_ca = d .. "/other_ca.pem" }
+                  other_ca = d .. "/other_ca.pem", client_cert = d .. "/client.pem",
+                  client_key = d .. "/client.key" }
   return certs_cache
 end
 
@@ -123,6 +129,7 @@ Exim.__index = Exim
 -- opts.max_per_conn: smtp_accept_max_per_connection (0: no cap)
 -- opts.pipelining: advertise PIPELINING (default true)
 -- opts.starttls: advertise STARTTLS (default true); exim.tls_port takes implicit TLS
+-- opts.tls_priority: GnuTLS priority string (default NORMAL)
 -- opts.auth: list of mechanisms to offer ({"PLAIN", "LOGIN", "CRAM-MD5"}; default all)
 function M.exim(opts)
   opts = opts or {}
@@ -142,7 +149,8 @@ function M.exim(opts)
       :gsub("@MAX_PER_CONN@", tostring(opts.max_per_conn or 0))
       :gsub("@USER@", user):gsub("@PIPELINING@", opts.pipelining == false and "" or "*")
       :gsub("@TLS_ADVERTISE@", opts.starttls == false and "" or "*")
-      :gsub("@TLS_CERT@", certs.cert):gsub("@TLS_KEY@", certs.key)
+      :gsub("@TLS_CERT@", certs.cert):gsub("@TLS_KEY@", certs.key):gsub("@TLS_CA@", certs.ca)
+      :gsub("@TLS_PRIORITY@", opts.tls_priority or "NORMAL")
       :gsub("@ADV_PLAIN@", adv("PLAIN")):gsub("@ADV_LOGIN@", adv("LOGIN")):gsub("@ADV_CRAM@", adv("CRAM-MD5"))
     M.write_file(dir .. "/exim.conf", text)
     os.execute("rm -f " .. q(dir .. "/exim.pid"))
