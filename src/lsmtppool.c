@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "sp_codec.h"
+#include "sp_mime.h"
 #include "sp_net.h"
 #include "sp_session.h"
 
@@ -809,6 +810,81 @@ static int l_b64decode(lua_State *L)
     return 1;
 }
 
+/* core.header(name, value [, encode=true]) -> "Name: folded value\r\n" | nil, err */
+static int l_header(lua_State *L)
+{
+    size_t vl;
+    const char *name = luaL_checkstring(L, 1);
+    const char *v = luaL_checklstring(L, 2, &vl);
+    int encode = lua_isnoneornil(L, 3) ? 1 : lua_toboolean(L, 3);
+    sp_buf b;
+    sp_buf_init(&b);
+    int rc = sp_header_append(&b, name, v, vl, encode);
+    if (rc < 0) {
+        sp_buf_free(&b);
+        lua_pushnil(L);
+        lua_pushstring(L, rc == -2 ? "contains CR, LF or NUL" : rc == -3 ? "has a word longer than 998 characters"
+                                                                           : "out of memory");
+        return 2;
+    }
+    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
+    sp_buf_free(&b);
+    return 1;
+}
+
+static int l_phrase(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    sp_buf b;
+    sp_buf_init(&b);
+    if (sp_phrase_append(&b, p, n) < 0) {
+        sp_buf_free(&b);
+        return luaL_error(L, "out of memory");
+    }
+    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
+    sp_buf_free(&b);
+    return 1;
+}
+
+/* core.encode(kind, data) with kind "base64" (76-column lines) or "qp" */
+static int l_encode(lua_State *L)
+{
+    const char *kind = luaL_checkstring(L, 1);
+    size_t n;
+    const unsigned char *p = (const unsigned char *)luaL_checklstring(L, 2, &n);
+    sp_buf b;
+    sp_buf_init(&b);
+    int rc;
+    if (!strcmp(kind, "base64")) {
+        sp_b64_stream st;
+        sp_b64_stream_init(&st);
+        rc = sp_b64_stream_feed(&st, p, n, &b) < 0 || sp_b64_stream_finish(&st, &b) < 0;
+    } else if (!strcmp(kind, "qp")) {
+        sp_qp_stream st;
+        sp_qp_stream_init(&st);
+        rc = sp_qp_stream_feed(&st, p, n, &b) < 0 || sp_qp_stream_finish(&st, &b) < 0;
+    } else {
+        sp_buf_free(&b);
+        return luaL_argerror(L, 1, "base64 or qp expected");
+    }
+    if (rc) {
+        sp_buf_free(&b);
+        return luaL_error(L, "out of memory");
+    }
+    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
+    sp_buf_free(&b);
+    return 1;
+}
+
+static int l_utf8_valid(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    lua_pushboolean(L, sp_utf8_valid(p, n));
+    return 1;
+}
+
 static const luaL_Reg session_common[] = {
     {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},
     {"error", s_error},       {"tx_count", s_tx_count}, {"greeting", s_greeting},
@@ -827,6 +903,8 @@ static const luaL_Reg session_methods[] = {{"feed", ss_feed},     {"eof", ss_eof
 
 static const luaL_Reg funcs[] = {{"connect", l_connect},       {"wait", l_wait},
                                  {"tls_context", l_tls_context},
+                                 {"header", l_header},           {"phrase", l_phrase},
+                                 {"encode", l_encode},           {"utf8_valid", l_utf8_valid},
                                  {"now", l_now},               {"hostname", l_hostname},
                                  {"session", l_session},       {"dotstuff", l_dotstuff},
                                  {"base64_encode", l_b64encode}, {"base64_decode", l_b64decode},

@@ -26,9 +26,10 @@
 
 local core = require("smtppool.core")
 local rate = require("smtppool.rate")
+local message = require("smtppool.message")
 local retry = require("smtppool.retry")
 
-local M = { _VERSION = "0.2.0", retry = retry }
+local M = { _VERSION = "0.3.0", retry = retry, message = message }
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
 local error_mt = core.error_mt
@@ -369,7 +370,7 @@ function Pool:_finish(run, job, res, err)
     if job.ambiguous and err.kind ~= "ambiguous" then err.ambiguous = true end
     self.counters.failed = self.counters.failed + 1
   end
-  run.on_result(job.msg, res, err, job)
+  run.on_result(job.user_msg or job.msg, res, err, job)
 end
 
 -- Decides what happens to a job after a failed attempt.
@@ -520,7 +521,8 @@ function Pool:_run(next_msg, on_result)
     while not run.source_done and #run.queue < lookahead do
       local msg = next_msg()
       if msg == nil then run.source_done = true break end
-      local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t }
+      local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t,
+                    user_msg = msg.user_msg or msg.msg }
       run.inflight = run.inflight + 1
       if msg.err then
         self:_finish(run, job, nil, msg.err)
@@ -690,7 +692,20 @@ local function check_raw(msg, fname, level)
   return to
 end
 
+-- A composed message (no `data`): build the RFC 5322 text and envelope.
+local function prepare_composed(msg)
+  local data, env = message.compose(msg)
+  if not data then
+    env.attempts = 0
+    return { msg = msg, to = {}, err = env }
+  end
+  return { msg = { from = env.from, data = data, source = msg }, to = env.to, user_msg = msg }
+end
+
 local function prepare(msg, fname, level)
+  if type(msg) == "table" and msg.data == nil and (fname ~= "send_raw") then
+    return prepare_composed(msg)
+  end
   local to
   if level then
     to = check_raw(msg, fname, level + 1)
@@ -742,10 +757,37 @@ function Pool:send_raw(msg)
   return res, err
 end
 
+--- Composes and sends one message.
+-- @tparam table msg the fields of `smtppool.message.compose`: `from`, `to`,
+--   `cc`, `bcc` (envelope only, never a header), `reply_to`, `sender`,
+--   `subject`, `text`, `html`, `attachments`, `headers`, `message_id`,
+--   `date`, `list_unsubscribe`, `list_unsubscribe_post`, `mail_from`, `rcpt`
+-- @treturn[1] table result, as for `send_raw`
+-- @return[2] nil
+-- @treturn[2] table error value; kind `invalid` when the message cannot be
+--   composed (bad address, CR/LF in a header...), and nothing was sent
+function Pool:send(msg)
+  if type(msg) ~= "table" then error("send: message must be a table, got " .. type(msg), 2) end
+  if msg.data ~= nil then error("send: 'data' is for send_raw; send composes the message itself", 2) end
+  if self.closed then
+    return nil, M.error("config", "the pool is closed")
+  end
+  local item = prepare_composed(msg)
+  local res, err
+  local given = false
+  self:_run(function()
+    if given then return nil end
+    given = true
+    return item
+  end, function(_, r, e) res, err = r, e end)
+  return res, err
+end
+
 --- Sends many messages over up to `max_conns` connections at once.
 -- Messages are pulled from `source` as connections can take them, so an
 -- iterator of a million messages needs no million-element table.
--- @param source an array of messages (as for `send_raw`) or an iterator
+-- @param source an array of messages (ready ones with `data`, as for
+--   `send_raw`, or tables to compose, as for `send`) or an iterator
 --   function returning the next message, or nil at the end
 -- @tparam[opt] table opts `on_result = function(msg, res, err)`, called once
 --   per message, in completion order

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "sp_codec.h"
+#include "sp_mime.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -40,6 +41,54 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     long m = sp_base64_decode(enc, sp_base64_encoded_len(size), dec);
     if (m != (long)size || (size && memcmp(dec, data, size) != 0))
         abort();
+    /* header folding: any value either is refused or yields lines of at
+     * most 998 characters, CRLF-terminated, continuation lines indented */
+    sp_buf h;
+    sp_buf_init(&h);
+    int rc = sp_header_append(&h, "Subject", (const char *)data, size, size % 2);
+    if (rc == 0) {
+        const char *q = sp_buf_head(&h);
+        size_t hn = sp_buf_pending(&h), col = 0;
+        for (size_t i = 0; i < hn; i++) {
+            if (q[i] == '\r') {
+                if (i + 1 >= hn || q[i + 1] != '\n' || col > 998)
+                    abort();
+                i++;
+                col = 0;
+                if (i + 1 < hn && q[i + 1] != ' ' && q[i + 1] != '\t')
+                    abort();
+                continue;
+            }
+            if (q[i] == '\n')
+                abort();
+            col++;
+        }
+    }
+    sp_buf_free(&h);
+    sp_qp_stream qs;
+    sp_buf qb;
+    sp_buf_init(&qb);
+    sp_qp_stream_init(&qs);
+    sp_qp_stream_feed(&qs, data, size, &qb);
+    sp_qp_stream_finish(&qs, &qb);
+    {
+        const char *q = sp_buf_head(&qb);
+        size_t qn = sp_buf_pending(&qb), col = 0;
+        for (size_t i = 0; i < qn; i++) {
+            if (q[i] == '\r') {
+                if (col > 76)
+                    abort();
+                col = 0;
+                i++;
+                continue;
+            }
+            if ((unsigned char)q[i] > 126)
+                abort();
+            col++;
+        }
+    }
+    sp_buf_free(&qb);
+
     unsigned char *junk = malloc(3 * (size / 4) + 3);
     sp_base64_decode((const char *)data, size, junk);
     free(junk);
