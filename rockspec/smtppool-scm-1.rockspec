@@ -23,6 +23,10 @@ build = {
    type = "builtin",
    modules = {
       ["smtppool"] = "lua/smtppool/init.lua",
+      ["smtppool.message"] = "lua/smtppool/message.lua",
+      ["smtppool.rate"] = "lua/smtppool/rate.lua",
+      ["smtppool.retry"] = "lua/smtppool/retry.lua",
+      ["smtppool.template"] = "lua/smtppool/template.lua",
       ["smtppool.core"] = {
          sources = {
             "src/sp_buf.c", "src/sp_error.c", "src/sp_reply.c", "src/sp_caps.c",

@@ -27,9 +27,10 @@
 local core = require("smtppool.core")
 local rate = require("smtppool.rate")
 local message = require("smtppool.message")
+local template = require("smtppool.template")
 local retry = require("smtppool.retry")
 
-local M = { _VERSION = "0.3.0", retry = retry, message = message }
+local M = { _VERSION = "0.3.0", retry = retry, message = message, template = template }
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
 local error_mt = core.error_mt

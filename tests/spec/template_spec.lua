@@ -1,0 +1,63 @@
+local template = require("smtppool.template")
+local message = require("smtppool.message")
+
+local function render(src, vars, opts)
+  local t = assert(template.compile(src))
+  return t:render(vars, opts)
+end
+
+describe("templates", function()
+  it("inserts, escapes and keeps raw values", function()
+    assert.equal("Hi Ann &amp; &lt;Bob&gt;", render("Hi {{name}}", { name = "Ann & <Bob>" }, { escape = "html" }))
+    assert.equal("Hi Ann & <Bob>", render("Hi {{name}}", { name = "Ann & <Bob>" }))
+    assert.equal("<b>x</b>", render("{{{html}}}", { html = "<b>x</b>" }, { escape = "html" }))
+  end)
+
+  it("loops over lists, renders inverted sections and dotted names", function()
+    local src = "{{#items}}[{{name}}:{{user.city}}]{{/items}}{{^items}}none{{/items}}"
+    assert.equal("[a:Oslo][b:Oslo]", render(src, { user = { city = "Oslo" }, items = { { name = "a" }, { name = "b" } } }))
+    assert.equal("none", render(src, { items = {} }))
+    assert.equal("1,2,", render("{{#xs}}{{.}},{{/xs}}", { xs = { 1, 2 } }))
+    assert.equal("yes", render("{{#ok}}yes{{/ok}}", { ok = true }))
+  end)
+
+  it("makes a missing variable an error in strict mode (the default)", function()
+    local t = assert(template.compile("line one\nHello {{nmae}}"))
+    local s, err = t:render({ name = "x" })
+    assert.is_nil(s)
+    assert.equal("missing variable 'nmae' at line 2", err)
+    assert.equal("Hello ", t:render({}, { strict = false }):sub(-6))
+  end)
+
+  it("reports broken templates with their line", function()
+    local t, err = template.compile("a\n{{#open}}b")
+    assert.is_nil(t)
+    assert.matches("opened at line 2 is never closed", err)
+    t, err = template.compile("{{/x}}")
+    assert.is_nil(t)
+    assert.matches("closes nothing", err)
+    t, err = template.compile("{{name")
+    assert.matches("unclosed tag at line 1", err)
+    t, err = template.compile("{{a b}}")
+    assert.matches("bad tag", err)
+  end)
+
+  it("renders a message per recipient, HTML-escaping only the html part", function()
+    local tpl = { from = "News <n@x.test>", to = "{{email}}", subject = "Hi {{name}}", text = "Dear {{name}}",
+                  html = "<p>Dear {{name}}</p>" }
+    local m = assert(template.render_message(tpl, { name = "<Ann>", email = "a@y.test" }))
+    assert.equal("Hi <Ann>", m.subject)
+    assert.equal("<p>Dear &lt;Ann&gt;</p>", m.html)
+    m.to = "a@y.test"
+    assert.truthy(message.compose(m))
+    local _, err = template.render_message(tpl, {})
+    assert.matches("^subject: missing variable 'name'", err)
+  end)
+
+  it("takes another renderer", function()
+    local m = assert(template.render_message({ subject = "S", text = "T" }, { x = 1 }, {
+      renderer = function(src, vars, field) return field .. ":" .. src .. vars.x end }))
+    assert.equal("subject:S1", m.subject)
+    assert.equal("text:T1", m.text)
+  end)
+end)
