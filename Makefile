@@ -1,4 +1,4 @@
-# smtppool: make deps | make | make test | make demo | make docs | make sanitize | make valgrind | make fuzz
+# smtppool: make deps | make | make test | make demo | make docs | make sanitize | make valgrind | make fuzz | make bench
 LUA_VERSION ?= 5.4
 LUA ?= lua$(LUA_VERSION)
 PKGS = lua$(LUA_VERSION) openssl
@@ -26,7 +26,7 @@ PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
 LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
 
-.PHONY: all deps test ctest spec demo docs sanitize valgrind clean install fuzz
+.PHONY: all deps test ctest spec demo docs sanitize valgrind clean install fuzz bench
 
 all: $(MODULE)
 
@@ -76,6 +76,13 @@ install: all
 	install -d $(DESTDIR)$(LUA_LMOD)/smtppool $(DESTDIR)$(LUA_CMOD)/smtppool
 	install -m 644 lua/smtppool/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
+
+# Throughput against a peer client (Python smtplib), side by side in one run.
+$(BUILD)/sink: bench/sink.c | $(BUILD)
+	$(CC) -O2 -Wall -Wextra -o $@ $<
+
+bench: all $(BUILD)/sink
+	@$(LUA) bench/run.lua $(BUILD)/sink
 
 # Coverage-guided fuzzing of the reply reader, protocol machine and codecs
 # (libFuzzer with ASan and UBSan); FUZZ_TIME seconds per target.

@@ -1,0 +1,66 @@
+-- `make bench`: smtppool against a peer client (Python's smtplib), side by
+-- side in one run against the same C sink, so the ratio means something on
+-- a shared, noisy machine. Prints a table; nothing is written to the tree.
+package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
+package.cpath = "lua/?.so;" .. package.cpath
+local smtppool = require("smtppool")
+local core = require("smtppool.core")
+local peers = require("peers")
+
+local N = tonumber(os.getenv("BENCH_N")) or 5000
+local SIZE = tonumber(os.getenv("BENCH_SIZE")) or 2048
+local SINK = arg[1] or "build/sink"
+
+local dir = peers.tmpdir()
+local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
+local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end, 5, "the sink")
+
+local body = (("x"):rep(70) .. "\r\n"):rep(SIZE // 72)
+local function run_smtppool(conns, per_conn)
+  local pool = assert(smtppool.new{ host = "127.0.0.1", port = port, tls = "none", max_conns = conns,
+    max_messages_per_conn = per_conn })
+  local i = 0
+  local t = core.now()
+  local s = pool:send_batch(function()
+    if i == N then return nil end
+    i = i + 1
+    return { from = "a@x.test", to = { "b@y.test" }, data = "From: a@x.test\r\nTo: b@y.test\r\nSubject: " .. i .. "\r\n\r\n" .. body }
+  end)
+  pool:close()
+  assert(s.sent == N, "smtppool sent " .. s.sent)
+  return core.now() - t
+end
+
+local function run_smtplib()
+  local out = peers.sh(("/usr/bin/python3 bench/peer_smtplib.py %d %d %d"):format(port, N, SIZE))
+  return assert(tonumber(out), "smtplib: " .. out)
+end
+
+local rows = {}
+local function row(name, secs)
+  rows[#rows + 1] = { name, secs }
+end
+-- interleaved, best of three each, to damp the noise of a shared machine
+local best = {}
+local cases = {
+  { "smtplib, 1 connection (peer)", run_smtplib },
+  { "smtppool, 1 connection", function() return run_smtppool(1) end },
+  { "smtppool, 4 connections", function() return run_smtppool(4) end },
+  { "smtppool, 4 connections, rotate every 5", function() return run_smtppool(4, 5) end },
+}
+for _ = 1, 3 do
+  for _, c in ipairs(cases) do
+    local s = c[2]()
+    best[c[1]] = math.min(best[c[1]] or math.huge, s)
+  end
+end
+for _, c in ipairs(cases) do row(c[1], best[c[1]]) end
+os.execute("kill " .. pid)
+os.execute("rm -rf " .. peers.quote(dir))
+
+local base = rows[1][2]
+print(("%d messages of %d bytes to a C sink on loopback (best of 3, interleaved)"):format(N, SIZE))
+print(("%-42s %10s %12s %8s"):format("client", "seconds", "messages/s", "vs peer"))
+for _, r in ipairs(rows) do
+  print(("%-42s %10.3f %12.0f %7.2fx"):format(r[1], r[2], N / r[2], base / r[2]))
+end
