@@ -9,7 +9,7 @@ WARN = -Wall -Wextra -Werror
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
 LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
 
-CORE_SRC = src/sp_buf.c src/sp_error.c src/sp_reply.c src/sp_caps.c src/sp_codec.c src/sp_mime.c src/sp_session.c src/sp_tls.c src/sp_net.c
+CORE_SRC = src/sp_buf.c src/sp_error.c src/sp_reply.c src/sp_caps.c src/sp_codec.c src/sp_mime.c src/sp_dkim.c src/sp_session.c src/sp_tls.c src/sp_net.c
 BIND_SRC = src/lsmtppool.c
 HDRS = $(wildcard src/*.h)
 MODULE = lua/smtppool/core.so
@@ -20,7 +20,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	lua-dkjson valgrind clang libclang-rt-14-dev
+	lua-dkjson valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)

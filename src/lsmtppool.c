@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "sp_codec.h"
+#include "sp_dkim.h"
 #include "sp_mime.h"
 #include "sp_net.h"
 #include "sp_session.h"
@@ -40,6 +41,7 @@ static void *luaL_testudata(lua_State *L, int i, const char *tname)
 #define SESSION_MT "smtppool.session"
 #define ERROR_MT "smtppool.error"
 #define TLS_MT "smtppool.tls"
+#define DKIM_MT "smtppool.dkim_key"
 
 typedef struct lconn {
     sp_conn *c;
@@ -885,6 +887,60 @@ static int l_utf8_valid(lua_State *L)
     return 1;
 }
 
+/* core.dkim_key(pem_or_path, "rsa-sha256" | "ed25519-sha256") -> key | nil, err */
+static int l_dkim_key(lua_State *L)
+{
+    size_t n;
+    const char *pem = luaL_checklstring(L, 1, &n);
+    const char *a = luaL_optstring(L, 2, "rsa-sha256");
+    int alg = !strcmp(a, "rsa-sha256") ? SP_DKIM_RSA_SHA256 : !strcmp(a, "ed25519-sha256") ? SP_DKIM_ED25519_SHA256 : 0;
+    if (!alg)
+        return luaL_argerror(L, 2, "rsa-sha256 or ed25519-sha256 expected");
+    sp_dkim_key **ud = lua_newuserdata(L, sizeof *ud);
+    *ud = NULL;
+    luaL_getmetatable(L, DKIM_MT);
+    lua_setmetatable(L, -2);
+    sp_error e;
+    sp_error_clear(&e);
+    *ud = sp_dkim_key_new(pem, n, alg, &e);
+    if (!*ud)
+        return push_fail(L, &e);
+    return 1;
+}
+
+static int dkim_gc(lua_State *L)
+{
+    sp_dkim_key **ud = luaL_checkudata(L, 1, DKIM_MT);
+    sp_dkim_key_free(*ud);
+    *ud = NULL;
+    return 0;
+}
+
+/* key:sign(message, domain, selector [, headers [, t]]) -> "DKIM-Signature: ...\r\n" | nil, err */
+static int dkim_sign(lua_State *L)
+{
+    sp_dkim_key **ud = luaL_checkudata(L, 1, DKIM_MT);
+    size_t n;
+    const char *msg = luaL_checklstring(L, 2, &n);
+    const char *d = luaL_checkstring(L, 3);
+    const char *sel = luaL_checkstring(L, 4);
+    const char *h = luaL_optstring(L, 5, NULL);
+    long long t = (long long)luaL_optnumber(L, 6, 0);
+    if (!*ud)
+        return luaL_argerror(L, 1, "key is freed");
+    sp_buf b;
+    sp_buf_init(&b);
+    sp_error e;
+    sp_error_clear(&e);
+    if (sp_dkim_sign(*ud, d, sel, h, t, msg, n, &b, &e) < 0) {
+        sp_buf_free(&b);
+        return push_fail(L, &e);
+    }
+    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
+    sp_buf_free(&b);
+    return 1;
+}
+
 static const luaL_Reg session_common[] = {
     {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},
     {"error", s_error},       {"tx_count", s_tx_count}, {"greeting", s_greeting},
@@ -905,6 +961,7 @@ static const luaL_Reg funcs[] = {{"connect", l_connect},       {"wait", l_wait},
                                  {"tls_context", l_tls_context},
                                  {"header", l_header},           {"phrase", l_phrase},
                                  {"encode", l_encode},           {"utf8_valid", l_utf8_valid},
+                                 {"dkim_key", l_dkim_key},
                                  {"now", l_now},               {"hostname", l_hostname},
                                  {"session", l_session},       {"dotstuff", l_dotstuff},
                                  {"base64_encode", l_b64encode}, {"base64_decode", l_b64decode},
@@ -934,6 +991,14 @@ int luaopen_smtppool_core(lua_State *L)
     lua_newtable(L);
     lua_pushcfunction(L, tls_stats);
     lua_setfield(L, -2, "stats");
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, DKIM_MT);
+    lua_pushcfunction(L, dkim_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    lua_pushcfunction(L, dkim_sign);
+    lua_setfield(L, -2, "sign");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, ERROR_MT);

@@ -67,7 +67,7 @@ local OPTIONS = {
   health_check_after = "number", rate = "table", retry = "function",
   ca_file = "string", ca_path = "string", cert_file = "string", key_file = "string",
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
-  allow_plaintext_auth = "boolean",
+  allow_plaintext_auth = "boolean", dkim = "table",
 }
 
 local AUTH_OPTIONS = { user = "string", password = "string", token = true, mechanism = "string" }
@@ -156,6 +156,12 @@ Pool.__index = Pool
 --   else the strongest both sides speak.
 -- * `allow_plaintext_auth` (boolean, default false): permit credentials over
 --   a connection without TLS.
+-- * `dkim` (table, or an array of tables to sign with several keys):
+--   `domain`, `selector`, `key` (PEM text or a file path), `algorithm`
+--   (`"rsa-sha256"`, the default, or `"ed25519-sha256"`), `headers` (names
+--   to sign; default From, Reply-To, Sender, Subject, Date, Message-ID, To,
+--   Cc, MIME and List-Unsubscribe fields present). Relaxed/relaxed; every
+--   message the pool sends is signed.
 -- * `helo` (string, default this machine's host name): the EHLO name.
 -- * `max_conns` (default 1): connections open at once.
 -- * `max_messages_per_conn` (default none): transactions per connection
@@ -204,6 +210,8 @@ function M.new(opts)
     return nil, M.error("config", "refusing to send credentials with tls = \"none\"; "
       .. "set allow_plaintext_auth = true if you mean it")
   end
+  local signers, derr = M._dkim_signers(opts.dkim)
+  if not signers then return nil, derr end
   local port = opts.port or (tls == "implicit" and 465 or 25)
   if port ~= math.floor(port) or port < 1 or port > 65535 then
     return nil, M.error("config", "port must be an integer from 1 to 65535")
@@ -217,6 +225,7 @@ function M.new(opts)
     },
     tls_ctx = tls_ctx,
     auth = opts.auth,
+    signers = signers,
     max_conns = opts.max_conns or 1,
     max_per_conn = opts.max_messages_per_conn,
     lifetime = opts.max_conn_lifetime,
@@ -693,9 +702,72 @@ local function check_raw(msg, fname, level)
   return to
 end
 
+local DKIM_FIELDS = { domain = "string", selector = "string", key = "string", algorithm = "string", headers = "table" }
+
+-- Loads the DKIM keys of the `dkim` option (one table or an array of them):
+-- a bad key is a config error at new, not at the first send.
+function M._dkim_signers(cfg)
+  if cfg == nil then return {} end
+  local list = cfg[1] and cfg or { cfg }
+  local out = {}
+  for i, c in ipairs(list) do
+    if type(c) ~= "table" then error("smtppool.new: dkim entries must be tables", 4) end
+    for k, v in pairs(c) do
+      if not DKIM_FIELDS[k] then error(("smtppool.new: unknown dkim option '%s'"):format(tostring(k)), 4) end
+      if type(v) ~= DKIM_FIELDS[k] then error(("smtppool.new: dkim.%s must be a %s"):format(k, DKIM_FIELDS[k]), 4) end
+    end
+    for _, k in ipairs({ "domain", "selector", "key" }) do
+      if not c[k] then error(("smtppool.new: dkim.%s is required"):format(k), 4) end
+    end
+    for _, k in ipairs({ "domain", "selector" }) do
+      if not c[k]:match("^[%w._-]+$") then
+        return nil, M.error("config", ("dkim %d: %s '%s' is not a valid name"):format(i, k, c[k]))
+      end
+    end
+    local alg = c.algorithm or "rsa-sha256"
+    if alg ~= "rsa-sha256" and alg ~= "ed25519-sha256" then
+      return nil, M.error("config", ("dkim %d: algorithm must be rsa-sha256 or ed25519-sha256"):format(i))
+    end
+    local key, e = core.dkim_key(c.key, alg)
+    if not key then
+      e.text = ("dkim %d: %s"):format(i, e.text)
+      return nil, e
+    end
+    local headers
+    if c.headers then
+      for _, h in ipairs(c.headers) do
+        if type(h) ~= "string" or not h:match("^[!-9;-~]+$") then
+          return nil, M.error("config", ("dkim %d: bad header name '%s'"):format(i, tostring(h)))
+        end
+      end
+      headers = table.concat(c.headers, ":"):lower()
+    end
+    out[#out + 1] = { key = key, domain = c.domain, selector = c.selector, headers = headers }
+  end
+  return out
+end
+
+-- Prepends one DKIM-Signature per configured key (RSA and Ed25519 may sign
+-- side by side).
+local function sign(signers, data)
+  if #signers == 0 then return data end
+  local t = os.time()
+  local sigs = {}
+  for i, s in ipairs(signers) do
+    local h, e = s.key:sign(data, s.domain, s.selector, s.headers, t)
+    if not h then return nil, e end
+    sigs[i] = h
+  end
+  return table.concat(sigs) .. data
+end
+
 -- A composed message (no `data`): build the RFC 5322 text and envelope.
-local function prepare_composed(msg)
+local function prepare_composed(msg, signers)
   local data, env = message.compose(msg)
+  if data then
+    local signed, e = sign(signers or {}, data)
+    if signed then data = signed else data, env = nil, e end
+  end
   if not data then
     env.attempts = 0
     return { msg = msg, to = {}, err = env }
@@ -703,9 +775,9 @@ local function prepare_composed(msg)
   return { msg = { from = env.from, data = data, source = msg }, to = env.to, user_msg = msg }
 end
 
-local function prepare(msg, fname, level)
+local function prepare(msg, fname, level, signers)
   if type(msg) == "table" and msg.data == nil and (fname ~= "send_raw") then
-    return prepare_composed(msg)
+    return prepare_composed(msg, signers)
   end
   local to
   if level then
@@ -720,6 +792,14 @@ local function prepare(msg, fname, level)
   end
   if #to == 0 then
     return { msg = msg, to = to, err = M.error("invalid", "no recipients", { attempts = 0 }) }
+  end
+  if signers and #signers > 0 then
+    local signed, e = sign(signers, msg.data)
+    if not signed then
+      e.attempts = 0
+      return { msg = msg, to = to, err = e }
+    end
+    return { msg = { from = msg.from, data = signed }, to = to, user_msg = msg }
   end
   return { msg = msg, to = to }
 end
@@ -744,7 +824,7 @@ end
 -- @treturn[2] table error value, with `attempts`, and `recipients` when the
 --   server answered any RCPT
 function Pool:send_raw(msg)
-  local item = prepare(msg, "send_raw", 3)
+  local item = prepare(msg, "send_raw", 3, self.signers)
   if self.closed then
     return nil, M.error("config", "the pool is closed")
   end
@@ -773,7 +853,7 @@ function Pool:send(msg)
   if self.closed then
     return nil, M.error("config", "the pool is closed")
   end
-  local item = prepare_composed(msg)
+  local item = prepare_composed(msg, self.signers)
   local res, err
   local given = false
   self:_run(function()
@@ -809,12 +889,12 @@ function Pool:send_batch(source, opts)
     next_msg = function()
       i = i + 1
       local m = source[i]
-      return m and prepare(m, "send_batch")
+      return m and prepare(m, "send_batch", nil, self.signers)
     end
   else
     next_msg = function()
       local m = source()
-      return m and prepare(m, "send_batch")
+      return m and prepare(m, "send_batch", nil, self.signers)
     end
   end
   local summary = { sent = 0, failed = 0, total = 0 }
