@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "sp_codec.h"
@@ -314,6 +315,19 @@ static int s_quit(lua_State *L)
     return 1;
 }
 
+static const char *opt_string_field(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    const char *v = NULL;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "option '%s' must be a string", k);
+        v = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1); /* the string stays alive in the options table */
+    return v;
+}
+
 /* Reads from, to (array of strings), data (string) at idx..idx+2 and starts a
  * transaction. Bad argument types raise; bad content returns nil, err. */
 static int start_tx(lua_State *L, sp_session *s, int idx, size_t *datalen)
@@ -364,6 +378,44 @@ static int start_tx(lua_State *L, sp_session *s, int idx, size_t *datalen)
      * line-end normalisation; dlen is the honest lower estimate RFC 1870 asks for. */
     o.size = (unsigned long)dlen;
     o.body_8bit = bi.has_8bit;
+    char notify[40] = "";
+    if (lua_istable(L, idx + 3)) { /* DSN: {ret=, envid=, notify=, orcpt=} */
+        int d = idx + 3;
+        const char *ret = opt_string_field(L, d, "ret");
+        if (ret) {
+            if (!strcasecmp(ret, "full"))
+                o.dsn_ret = "FULL";
+            else if (!strcasecmp(ret, "hdrs"))
+                o.dsn_ret = "HDRS";
+            else
+                return luaL_error(L, "dsn.ret must be 'full' or 'hdrs'");
+        }
+        o.dsn_envid = opt_string_field(L, d, "envid");
+        lua_getfield(L, d, "notify");
+        if (lua_istable(L, -1)) {
+            size_t nn = lua_rawlen(L, -1);
+            for (size_t i = 1; i <= nn; i++) {
+                lua_rawgeti(L, -1, (int)i);
+                const char *w = lua_tostring(L, -1);
+                const char *up = !w ? NULL : !strcasecmp(w, "success") ? "SUCCESS" : !strcasecmp(w, "failure") ? "FAILURE"
+                                 : !strcasecmp(w, "delay") ? "DELAY" : !strcasecmp(w, "never") ? "NEVER" : NULL;
+                if (!up || (nn > 1 && !strcmp(up, "NEVER")) || strstr(notify, up))
+                    return luaL_error(L, "dsn.notify takes success, failure, delay, or never alone");
+                if (*notify)
+                    strcat(notify, ",");
+                strcat(notify, up);
+                lua_pop(L, 1);
+            }
+            if (*notify)
+                o.dsn_notify = notify;
+        } else if (!lua_isnil(L, -1)) {
+            return luaL_error(L, "dsn.notify must be an array");
+        }
+        lua_pop(L, 1);
+        lua_getfield(L, d, "orcpt");
+        o.dsn_orcpt = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
     if (sp_session_start_tx(s, &o, &e) < 0)
         return push_fail(L, &e);
     lua_pop(L, 1);
@@ -392,19 +444,6 @@ static double opt_number_field(lua_State *L, int t, const char *k, double dflt)
         v = lua_tonumber(L, -1);
     }
     lua_pop(L, 1);
-    return v;
-}
-
-static const char *opt_string_field(lua_State *L, int t, const char *k)
-{
-    lua_getfield(L, t, k);
-    const char *v = NULL;
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "option '%s' must be a string", k);
-        v = lua_tostring(L, -1);
-    }
-    lua_pop(L, 1); /* the string stays alive in the options table */
     return v;
 }
 

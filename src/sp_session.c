@@ -172,6 +172,7 @@ static void tx_clear(sp_tx *t)
         free(t->rcpts[i].text);
     }
     free(t->rcpts);
+    free(t->rcpt_params);
     sp_reply_clear(&t->final);
     memset(t, 0, sizeof *t);
 }
@@ -310,15 +311,37 @@ static int send_ehlo(sp_session *s, const char *verb, cmd c)
 }
 
 /* Queues one RCPT TO. */
+/* RFC 3461 4: xtext, "+HH" for '+', '=' and bytes outside 33..126. */
+static int xtext(sp_buf *o, const char *p)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    for (; *p; p++) {
+        unsigned char c = (unsigned char)*p;
+        if (c < 33 || c > 126 || c == '+' || c == '=') {
+            char e[3] = {'+', hex[c >> 4], hex[c & 15]};
+            if (sp_buf_append(o, e, 3) < 0)
+                return -1;
+        } else if (sp_buf_append(o, p, 1) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int send_rcpt(sp_session *s, size_t i)
 {
     sp_buf *o = &s->out;
     const char *a = s->tx.rcpts[i].address;
-    size_t n = strlen(a);
-    if (sp_buf_append(o, "RCPT TO:<", 9) < 0 || sp_buf_append(o, a, n) < 0 ||
-        sp_buf_append(o, ">\r\n", 3) < 0)
+    size_t before = sp_buf_pending(o);
+    if (sp_buf_append(o, "RCPT TO:<", 9) < 0 || sp_buf_append_str(o, a) < 0 || sp_buf_append(o, ">", 1) < 0)
         return -1;
-    s->queued += 9 + n + 3;
+    if (s->tx.rcpt_params && sp_buf_append_str(o, s->tx.rcpt_params) < 0)
+        return -1;
+    if (s->tx.orcpt && (sp_buf_append_str(o, " ORCPT=rfc822;") < 0 || xtext(o, a) < 0))
+        return -1;
+    if (sp_buf_append(o, "\r\n", 2) < 0)
+        return -1;
+    s->queued += sp_buf_pending(o) - before;
     return await(s, CMD_RCPT, i);
 }
 
@@ -853,14 +876,41 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
         if (!(t->rcpts[i].address = strdup(o->rcpts[i])))
             goto oom;
 
-    char line[400];
+    char line[700];
     int n = snprintf(line, sizeof line, "MAIL FROM:<%s>", o->from);
     if ((s->caps.flags & SP_CAP_SIZE) && o->size)
         n += snprintf(line + n, sizeof line - (size_t)n, " SIZE=%lu", o->size);
     if (o->body_8bit && (s->caps.flags & SP_CAP_8BITMIME))
         n += snprintf(line + n, sizeof line - (size_t)n, " BODY=8BITMIME");
     if (utf8)
-        snprintf(line + n, sizeof line - (size_t)n, " SMTPUTF8");
+        n += snprintf(line + n, sizeof line - (size_t)n, " SMTPUTF8");
+    if (s->caps.flags & SP_CAP_DSN) {
+        if (o->dsn_ret)
+            n += snprintf(line + n, sizeof line - (size_t)n, " RET=%s", o->dsn_ret);
+        if (o->dsn_envid) {
+            sp_buf ev;
+            sp_buf_init(&ev);
+            if (xtext(&ev, o->dsn_envid) < 0 || sp_buf_append(&ev, "", 1) < 0) {
+                sp_buf_free(&ev);
+                goto oom;
+            }
+            if (sp_buf_pending(&ev) > 200) {
+                sp_buf_free(&ev);
+                tx_clear(&s->tx);
+                sp_error_set(err, SP_KIND_INVALID, SP_PHASE_MAIL, "DSN envelope id longer than 100 characters");
+                return -1;
+            }
+            snprintf(line + n, sizeof line - (size_t)n, " ENVID=%s", sp_buf_head(&ev));
+            sp_buf_free(&ev);
+        }
+        if (o->dsn_notify) {
+            size_t pl = strlen(o->dsn_notify) + 9;
+            if (!(t->rcpt_params = malloc(pl)))
+                goto oom;
+            snprintf(t->rcpt_params, pl, " NOTIFY=%s", o->dsn_notify);
+        }
+        t->orcpt = o->dsn_orcpt;
+    }
     s->tx_active = 1;
     s->dot_mark = 0;
     s->state = SP_ST_TX;

@@ -70,6 +70,8 @@ typedef struct sp_tx {
     int dot_written; /* every byte up to the final dot left through sp_session_consume */
     sp_error err;    /* why it failed, when done && !ok */
     sp_reply final;  /* reply to the final dot (or the reply that failed the transaction) */
+    char *rcpt_params; /* DSN parameters added to every RCPT, or NULL */
+    int orcpt;
 } sp_tx;
 
 typedef struct sp_tx_opts {
@@ -78,6 +80,11 @@ typedef struct sp_tx_opts {
     size_t nrcpt;
     unsigned long size;        /* message size for SIZE=, 0 to leave out */
     int body_8bit;             /* the body has 8-bit bytes: BODY=8BITMIME needed */
+    /* DSN (RFC 3461), used only when the server offers it; NULL/0 to leave out */
+    const char *dsn_ret;       /* "FULL" or "HDRS" */
+    const char *dsn_envid;     /* envelope id, sent as xtext */
+    const char *dsn_notify;    /* "NEVER" or a comma list of SUCCESS, FAILURE, DELAY */
+    int dsn_orcpt;             /* send ORCPT=rfc822;<address> with each RCPT */
 } sp_tx_opts;
 
 enum { SP_STARTTLS_NO = 0, SP_STARTTLS_REQUIRED, SP_STARTTLS_OPPORTUNISTIC };

@@ -429,7 +429,7 @@ local function outcome(t)
 end
 
 function Pool:_start(run, rec, job, t)
-  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data)
+  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn)
   if not ok then
     -- Refused before a byte was sent (bad address, size over the server's
     -- limit...): final, and the connection stays good.
@@ -699,6 +699,9 @@ local function check_raw(msg, fname, level)
   if type(msg.data) ~= "string" then
     error(fname .. ": 'data' must be a string holding an RFC 5322 message", level)
   end
+  if msg.dsn ~= nil and type(msg.dsn) ~= "table" then
+    error(fname .. ": 'dsn' must be a table", level)
+  end
   return to
 end
 
@@ -761,8 +764,38 @@ local function sign(signers, data)
   return table.concat(sigs) .. data
 end
 
+-- DSN options are checked here, so a bad one is that message's invalid
+-- failure rather than an error raised in the middle of a batch.
+local NOTIFY = { success = true, failure = true, delay = true, never = true }
+local function check_dsn(d)
+  if d == nil then return nil end
+  if type(d) ~= "table" then return "'dsn' must be a table" end
+  for k in pairs(d) do
+    if k ~= "ret" and k ~= "envid" and k ~= "notify" and k ~= "orcpt" then
+      return ("unknown dsn option '%s'"):format(tostring(k))
+    end
+  end
+  if d.ret ~= nil and d.ret ~= "full" and d.ret ~= "hdrs" then return "dsn.ret must be 'full' or 'hdrs'" end
+  if d.envid ~= nil and (type(d.envid) ~= "string" or #d.envid > 100 or d.envid:find("[%c\128-\255]")) then
+    return "dsn.envid must be printable ASCII of at most 100 characters"
+  end
+  if d.notify ~= nil then
+    if type(d.notify) ~= "table" or #d.notify == 0 then return "dsn.notify must be a non-empty array" end
+    local seen = {}
+    for _, w in ipairs(d.notify) do
+      if not NOTIFY[w] or seen[w] or (w == "never" and #d.notify > 1) then
+        return "dsn.notify takes success, failure and delay, or never alone"
+      end
+      seen[w] = true
+    end
+  end
+  return nil
+end
+
 -- A composed message (no `data`): build the RFC 5322 text and envelope.
 local function prepare_composed(msg, signers)
+  local derr = check_dsn(msg.dsn)
+  if derr then return { msg = msg, to = {}, err = M.error("invalid", derr, { attempts = 0 }) } end
   local data, env = message.compose(msg)
   if data then
     local signed, e = sign(signers or {}, data)
@@ -772,7 +805,7 @@ local function prepare_composed(msg, signers)
     env.attempts = 0
     return { msg = msg, to = {}, err = env }
   end
-  return { msg = { from = env.from, data = data, source = msg }, to = env.to, user_msg = msg }
+  return { msg = { from = env.from, data = data, dsn = msg.dsn, source = msg }, to = env.to, user_msg = msg }
 end
 
 local function prepare(msg, fname, level, signers)
@@ -793,13 +826,15 @@ local function prepare(msg, fname, level, signers)
   if #to == 0 then
     return { msg = msg, to = to, err = M.error("invalid", "no recipients", { attempts = 0 }) }
   end
+  local derr = check_dsn(msg.dsn)
+  if derr then return { msg = msg, to = to, err = M.error("invalid", derr, { attempts = 0 }) } end
   if signers and #signers > 0 then
     local signed, e = sign(signers, msg.data)
     if not signed then
       e.attempts = 0
       return { msg = msg, to = to, err = e }
     end
-    return { msg = { from = msg.from, data = signed }, to = to, user_msg = msg }
+    return { msg = { from = msg.from, data = signed, dsn = msg.dsn }, to = to, user_msg = msg }
   end
   return { msg = msg, to = to }
 end
@@ -815,6 +850,10 @@ end
 -- * `data` (string): the message, headers and body. Line ends may be CRLF
 --   or bare LF; leading dots are stuffed; 8-bit bytes need a server that
 --   offers 8BITMIME.
+-- * `dsn` (table, optional): RFC 3461 delivery status notifications, sent
+--   only when the server offers DSN: `ret` (`"full"` or `"hdrs"`), `envid`,
+--   `notify` (an array of `"success"`, `"failure"`, `"delay"`, or
+--   `{"never"}`), `orcpt = true` to send each recipient's ORCPT.
 -- @treturn[1] table result: `code`, `enhanced`, `text` (the server's reply
 --   to the message), `recipients` (one `{address, ok, code, enhanced, text}`
 --   per recipient), `rejected` (the recipients that were refused),

@@ -249,6 +249,7 @@ local FIELDS = {
   from = true, to = true, cc = true, bcc = true, reply_to = true, sender = true, subject = true,
   text = true, html = true, attachments = true, headers = true, message_id = true, date = true,
   list_unsubscribe = true, list_unsubscribe_post = true, mail_from = true, rcpt = true,
+  dsn = true, -- used by the pool for MAIL/RCPT parameters, not in the text
 }
 M.FIELDS = FIELDS
 
@@ -273,7 +274,7 @@ end
 --   `headers` (extra `{name = value}`), `message_id`, `date` (a string or
 --   a time number), `list_unsubscribe` (a string of `<uri>`s) with
 --   `list_unsubscribe_post = true` for RFC 8058 one-click, `mail_from` and
---   `rcpt` to override the envelope.
+--   `rcpt` to override the envelope, `dsn` (see `Pool:send_raw`).
 -- @treturn[1] string the message (CRLF line ends)
 -- @treturn[1] table the envelope `{from = "a@b", to = {...}}`
 -- @return[2] nil

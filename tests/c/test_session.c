@@ -336,6 +336,26 @@ static void utf8_and_8bit_parameters(void **state)
     sp_session_free(s);
 }
 
+static void dsn_parameters(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 DSN\r\n");
+    sp_error e;
+    const char *rc[] = {"b@y.test"};
+    sp_tx_opts o = {.from = "a@x.test", .rcpts = rc, .nrcpt = 1, .dsn_ret = "HDRS", .dsn_envid = "id+1 x",
+                    .dsn_notify = "SUCCESS,FAILURE", .dsn_orcpt = 1};
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test> RET=HDRS ENVID=id+2B1+20x\r\n");
+    feed(s, "250 ok\r\n");
+    assert_string_equal(take(s), "RCPT TO:<b@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@y.test\r\n");
+    sp_session_free(s);
+    /* without DSN offered the parameters are left out */
+    s = ready("250 mx.test\r\n");
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test>\r\n");
+    sp_session_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -352,6 +372,7 @@ int main(void)
         cmocka_unit_test(unsolicited_421_when_idle),
         cmocka_unit_test(injection_and_limits_refused),
         cmocka_unit_test(utf8_and_8bit_parameters),
+        cmocka_unit_test(dsn_parameters),
     };
     return cmocka_run_group_tests_name("session", tests, NULL, NULL);
 }

@@ -77,6 +77,20 @@ describe("send_raw through exim", function()
     p:close()
   end)
 
+  it("passes DSN parameters to a server that offers DSN", function()
+    local p = pool()
+    local res, err = p:send{ from = "a@x.test", to = "gina@y.test", subject = "dsn", text = "x",
+      dsn = { ret = "hdrs", envid = "campaign-7+x", notify = { "failure", "delay" }, orcpt = true } }
+    p:close()
+    assert.is_nil(err)
+    assert.truthy(res)
+    local q = pool()
+    local r2, e2 = q:send{ from = "a@x.test", to = "b@y.test", dsn = { notify = { "sometimes" } } }
+    q:close()
+    assert.is_nil(r2)
+    assert.equal("invalid", e2.kind)
+  end)
+
   it("reports a 4xx recipient as transient", function()
     local p = pool()
     local res, err = p:send_raw{ from = "a@x.test", to = { "tempfail-x@y.test" }, data = "Subject: t\r\n\r\nx\r\n" }
