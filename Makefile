@@ -9,7 +9,7 @@ WARN = -Wall -Wextra -Werror
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
 LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
 
-CORE_SRC = src/sp_buf.c src/sp_error.c src/sp_reply.c src/sp_caps.c src/sp_codec.c src/sp_mime.c src/sp_dkim.c src/sp_session.c src/sp_tls.c src/sp_net.c
+CORE_SRC = src/sp_buf.c src/sp_error.c src/sp_reply.c src/sp_caps.c src/sp_codec.c src/sp_mime.c src/sp_body.c src/sp_dkim.c src/sp_session.c src/sp_tls.c src/sp_net.c
 BIND_SRC = src/lsmtppool.c
 HDRS = $(wildcard src/*.h)
 MODULE = lua/smtppool/core.so

@@ -64,3 +64,27 @@ print(("%-42s %10s %12s %8s"):format("client", "seconds", "messages/s", "vs peer
 for _, r in ipairs(rows) do
   print(("%-42s %10.3f %12.0f %7.2fx"):format(r[1], r[2], N / r[2], base / r[2]))
 end
+
+-- Memory: peak RSS of a process sending one message with a 1 MB and a 20 MB
+-- attachment, streamed from disk (path) and loaded into Lua (data).
+local d = peers.tmpdir()
+local pid2 = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(d .. "/port"))):match("%d+"))
+local port2 = peers.wait_for(function() return tonumber((peers.read_file(d .. "/port") or ""):match("PORT (%d+)")) end, 5, "the sink")
+print()
+print("peak RSS sending one message with an attachment (KB)")
+print(("%-12s %12s %12s"):format("attachment", "path", "data"))
+local peak = {}
+for _, mb in ipairs({ 1, 20 }) do
+  local file = ("%s/blob%d"):format(d, mb)
+  os.execute(("head -c %d /dev/urandom > %s"):format(mb * 1024 * 1024, peers.quote(file)))
+  local row = {}
+  for _, how in ipairs({ "path", "data" }) do
+    row[how] = tonumber(peers.sh(("%s bench/send_one.lua %d %s %s"):format(arg[-1] or "lua5.4", port2, file, how)))
+  end
+  peak[mb] = row
+  print(("%-12s %12d %12d"):format(mb .. " MB", row.path, row.data))
+end
+print(("growth from 1 MB to 20 MB: path %+d KB, data %+d KB"):format(peak[20].path - peak[1].path,
+  peak[20].data - peak[1].data))
+os.execute("kill " .. pid2)
+os.execute("rm -rf " .. peers.quote(d))

@@ -30,7 +30,7 @@ build = {
       ["smtppool.core"] = {
          sources = {
             "src/sp_buf.c", "src/sp_error.c", "src/sp_reply.c", "src/sp_caps.c",
-            "src/sp_codec.c", "src/sp_mime.c", "src/sp_dkim.c", "src/sp_session.c", "src/sp_tls.c", "src/sp_net.c", "src/lsmtppool.c",
+            "src/sp_codec.c", "src/sp_mime.c", "src/sp_body.c", "src/sp_dkim.c", "src/sp_session.c", "src/sp_tls.c", "src/sp_net.c", "src/lsmtppool.c",
          },
          defines = { "_GNU_SOURCE" },
          libraries = { "ssl", "crypto" },

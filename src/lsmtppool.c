@@ -330,15 +330,64 @@ static const char *opt_string_field(lua_State *L, int t, const char *k)
 
 /* Reads from, to (array of strings), data (string) at idx..idx+2 and starts a
  * transaction. Bad argument types raise; bad content returns nil, err. */
-static int start_tx(lua_State *L, sp_session *s, int idx, size_t *datalen)
+/* The body argument: a string, or an array of strings and {path = file}
+ * segments (attachments streamed from disk, base64-encoded on the way).
+ * The segment array is a userdata left on the stack, alive for the call. */
+static int read_body(lua_State *L, int idx, sp_body_seg **segs_out, size_t *nseg_out,
+                     unsigned long long *size, sp_body_info *bi, sp_error *e)
+{
+    memset(bi, 0, sizeof *bi);
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        sp_body_seg *g = lua_newuserdata(L, sizeof *g);
+        g->p = lua_tolstring(L, idx, &g->n);
+        g->path = NULL;
+        sp_body_scan(g->p, g->n, bi);
+        *segs_out = g;
+        *nseg_out = 1;
+        *size = g->n;
+        return 0;
+    }
+    if (!lua_istable(L, idx))
+        return luaL_argerror(L, idx, "message data must be a string or an array of segments");
+    size_t n = lua_rawlen(L, idx);
+    sp_body_seg *g = lua_newuserdata(L, (n ? n : 1) * sizeof *g);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, idx, (int)i + 1);
+        g[i].p = NULL;
+        g[i].n = 0;
+        g[i].path = NULL;
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            g[i].p = lua_tolstring(L, -1, &g[i].n);
+            sp_body_info part;
+            sp_body_scan(g[i].p, g[i].n, &part);
+            bi->has_8bit |= part.has_8bit;
+            bi->has_nul |= part.has_nul;
+            if (part.long_line_no && !bi->long_line_no)
+                bi->long_line_no = part.long_line_no;
+        } else if (lua_istable(L, -1)) {
+            lua_getfield(L, -1, "path");
+            if (lua_type(L, -1) != LUA_TSTRING)
+                return luaL_error(L, "segment %d: {path = string} expected", (int)i + 1);
+            g[i].path = lua_tostring(L, -1); /* alive: the table holds it */
+            lua_pop(L, 1);
+        } else {
+            return luaL_error(L, "segment %d must be a string or {path = ...}", (int)i + 1);
+        }
+        lua_pop(L, 1);
+    }
+    *segs_out = g;
+    *nseg_out = n;
+    return sp_body_segs_size(g, n, size, e);
+}
+
+static int start_tx(lua_State *L, sp_session *s, int idx, sp_body_seg **segs, size_t *nseg)
 {
     size_t flen;
     const char *from = luaL_checklstring(L, idx, &flen);
     luaL_checktype(L, idx + 1, LUA_TTABLE);
-    size_t dlen;
-    const char *data = luaL_checklstring(L, idx + 2, &dlen);
     size_t n = lua_rawlen(L, idx + 1);
     sp_error e;
+    sp_error_clear(&e);
     /* A NUL would cut the address short in C: refuse it rather than send a
      * different address than the caller gave. */
     if (strlen(from) != flen) {
@@ -346,7 +395,9 @@ static int start_tx(lua_State *L, sp_session *s, int idx, size_t *datalen)
         return push_fail(L, &e);
     }
     sp_body_info bi;
-    sp_body_scan(data, dlen, &bi);
+    unsigned long long dlen = 0;
+    if (read_body(L, idx + 2, segs, nseg, &dlen, &bi, &e) < 0)
+        return push_fail(L, &e);
     if (bi.has_nul) {
         sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_DATA, "the message contains a NUL byte");
         return push_fail(L, &e);
@@ -418,8 +469,7 @@ static int start_tx(lua_State *L, sp_session *s, int idx, size_t *datalen)
     }
     if (sp_session_start_tx(s, &o, &e) < 0)
         return push_fail(L, &e);
-    lua_pop(L, 1);
-    *datalen = dlen;
+    lua_pop(L, 1); /* the recipients' array; the segments stay below */
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -582,13 +632,18 @@ static void release_body(lua_State *L, lconn *lc)
 static int c_start(lua_State *L)
 {
     lconn *lc = check_conn(L, 1);
-    size_t dlen = 0;
-    int nret = start_tx(L, sp_conn_session(lc->c), 2, &dlen);
+    sp_body_seg *segs = NULL;
+    size_t nseg = 0;
+    int nret = start_tx(L, sp_conn_session(lc->c), 2, &segs, &nseg);
     if (lua_toboolean(L, -1) && nret == 1) {
+        /* keep the strings the segments point into alive until TX_DONE */
         release_body(L, lc);
         lua_pushvalue(L, 4);
         lc->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        sp_conn_set_body(lc->c, lua_tostring(L, 4), dlen);
+        sp_body_src *src = sp_body_src_new(segs, nseg);
+        if (!src)
+            return luaL_error(L, "out of memory");
+        sp_conn_set_body_src(lc->c, src);
     }
     return nret;
 }
@@ -760,8 +815,9 @@ static int ss_next_event(lua_State *L)
 
 static int ss_start(lua_State *L)
 {
-    size_t dlen;
-    return start_tx(L, check_session(L, 1), 2, &dlen);
+    sp_body_seg *segs;
+    size_t nseg;
+    return start_tx(L, check_session(L, 1), 2, &segs, &nseg);
 }
 
 static int ss_body(lua_State *L)
@@ -980,6 +1036,55 @@ static int dkim_sign(lua_State *L)
     return 1;
 }
 
+/* core.body_hash(data) -> base64 DKIM body hash (relaxed) of a string or segments */
+static int l_body_hash(lua_State *L)
+{
+    sp_body_seg *segs;
+    size_t nseg;
+    unsigned long long size;
+    sp_body_info bi;
+    sp_error e;
+    sp_error_clear(&e);
+    if (read_body(L, 1, &segs, &nseg, &size, &bi, &e) < 0)
+        return push_fail(L, &e);
+    sp_body_src *src = sp_body_src_new(segs, nseg);
+    if (!src)
+        return luaL_error(L, "out of memory");
+    char bh[45];
+    int rc = sp_dkim_body_hash_src(src, bh, &e);
+    sp_body_src_free(src);
+    if (rc < 0)
+        return push_fail(L, &e);
+    lua_pushstring(L, bh);
+    return 1;
+}
+
+/* key:sign_hashed(header_block, domain, selector, headers|nil, t, body_hash) */
+static int dkim_sign_hashed(lua_State *L)
+{
+    sp_dkim_key **ud = luaL_checkudata(L, 1, DKIM_MT);
+    size_t n;
+    const char *hdr = luaL_checklstring(L, 2, &n);
+    const char *d = luaL_checkstring(L, 3);
+    const char *sel = luaL_checkstring(L, 4);
+    const char *h = luaL_optstring(L, 5, NULL);
+    long long t = (long long)luaL_optnumber(L, 6, 0);
+    const char *bh = luaL_checkstring(L, 7);
+    if (!*ud)
+        return luaL_argerror(L, 1, "key is freed");
+    sp_buf b;
+    sp_buf_init(&b);
+    sp_error e;
+    sp_error_clear(&e);
+    if (sp_dkim_sign_hashed(*ud, d, sel, h, t, hdr, n, bh, &b, &e) < 0) {
+        sp_buf_free(&b);
+        return push_fail(L, &e);
+    }
+    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
+    sp_buf_free(&b);
+    return 1;
+}
+
 static const luaL_Reg session_common[] = {
     {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},
     {"error", s_error},       {"tx_count", s_tx_count}, {"greeting", s_greeting},
@@ -1000,7 +1105,7 @@ static const luaL_Reg funcs[] = {{"connect", l_connect},       {"wait", l_wait},
                                  {"tls_context", l_tls_context},
                                  {"header", l_header},           {"phrase", l_phrase},
                                  {"encode", l_encode},           {"utf8_valid", l_utf8_valid},
-                                 {"dkim_key", l_dkim_key},
+                                 {"dkim_key", l_dkim_key},       {"body_hash", l_body_hash},
                                  {"now", l_now},               {"hostname", l_hostname},
                                  {"session", l_session},       {"dotstuff", l_dotstuff},
                                  {"base64_encode", l_b64encode}, {"base64_decode", l_b64decode},
@@ -1038,6 +1143,8 @@ int luaopen_smtppool_core(lua_State *L)
     lua_newtable(L);
     lua_pushcfunction(L, dkim_sign);
     lua_setfield(L, -2, "sign");
+    lua_pushcfunction(L, dkim_sign_hashed);
+    lua_setfield(L, -2, "sign_hashed");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, ERROR_MT);

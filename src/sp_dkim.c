@@ -231,8 +231,43 @@ static const char DEFAULT_HEADERS[] =
     "from:reply-to:sender:subject:date:message-id:to:cc:mime-version:content-type:"
     "content-transfer-encoding:in-reply-to:references:list-unsubscribe:list-unsubscribe-post";
 
+int sp_dkim_body_hash_src(sp_body_src *src, char out[45], sp_error *err)
+{
+    sp_dkim_body *b = sp_dkim_body_new();
+    if (!b) {
+        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "out of memory");
+        return -1;
+    }
+    const char *p;
+    size_t n;
+    int r;
+    while ((r = sp_body_src_next(src, &p, &n, err)) == 1)
+        sp_dkim_body_feed(b, p, n);
+    if (r == 0 && sp_dkim_body_final(b, out) < 0) {
+        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "DKIM body hash failed");
+        r = -1;
+    }
+    sp_dkim_body_free(b);
+    return r;
+}
+
+static int sign_core(const sp_dkim_key *k, const char *domain, const char *selector, const char *headers,
+                     long long t, const char *msg, size_t len, const char *given_bh, sp_buf *out, sp_error *err);
+
+int sp_dkim_sign_hashed(const sp_dkim_key *k, const char *domain, const char *selector, const char *headers,
+                        long long t, const char *hdr, size_t hlen, const char *bhash, sp_buf *out, sp_error *err)
+{
+    return sign_core(k, domain, selector, headers, t, hdr, hlen, bhash, out, err);
+}
+
 int sp_dkim_sign(const sp_dkim_key *k, const char *domain, const char *selector, const char *headers,
                  long long t, const char *msg, size_t len, sp_buf *out, sp_error *err)
+{
+    return sign_core(k, domain, selector, headers, t, msg, len, NULL, out, err);
+}
+
+static int sign_core(const sp_dkim_key *k, const char *domain, const char *selector, const char *headers,
+                     long long t, const char *msg, size_t len, const char *given_bh, sp_buf *out, sp_error *err)
 {
     /* Split the header block into fields. */
     field fs[256];
@@ -257,14 +292,18 @@ int sp_dkim_sign(const sp_dkim_key *k, const char *domain, const char *selector,
     const char *body = msg + (i <= len ? i : len);
     size_t blen = len - (size_t)(body - msg);
 
-    sp_dkim_body *bh = sp_dkim_body_new();
     char bhash[45];
-    if (!bh || sp_dkim_body_feed(bh, body, blen) < 0 || sp_dkim_body_final(bh, bhash) < 0) {
+    if (given_bh) {
+        snprintf(bhash, sizeof bhash, "%s", given_bh);
+    } else {
+        sp_dkim_body *bh = sp_dkim_body_new();
+        if (!bh || sp_dkim_body_feed(bh, body, blen) < 0 || sp_dkim_body_final(bh, bhash) < 0) {
+            sp_dkim_body_free(bh);
+            sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "DKIM body hash failed");
+            return -1;
+        }
         sp_dkim_body_free(bh);
-        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "DKIM body hash failed");
-        return -1;
     }
-    sp_dkim_body_free(bh);
 
     /* Pick the fields to sign: for each name, every instance, bottom-up. */
     sp_buf data, hlist;

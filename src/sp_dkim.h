@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 
+#include "sp_body.h"
 #include "sp_buf.h"
 #include "sp_error.h"
 
@@ -39,5 +40,14 @@ int sp_dkim_canon_header(const char *field, size_t n, sp_buf *out);
  * set; t: signing time (0 leaves t= out). */
 int sp_dkim_sign(const sp_dkim_key *k, const char *domain, const char *selector, const char *headers,
                  long long t, const char *msg, size_t len, sp_buf *out, sp_error *err);
+
+/* The body hash of a body source (files read once, as they will be sent):
+ * base64 into out. -1 with *err when a file cannot be read. */
+int sp_dkim_body_hash_src(sp_body_src *src, char out[45], sp_error *err);
+/* Signs a header block (the fields, no blank line) whose body hash is
+ * known: the streaming path, where the body never sits in memory. */
+int sp_dkim_sign_hashed(const sp_dkim_key *k, const char *domain, const char *selector, const char *headers,
+                        long long t, const char *hdr, size_t hlen, const char *bhash, sp_buf *out,
+                        sp_error *err);
 
 #endif

@@ -30,9 +30,7 @@ struct sp_conn {
     double timeouts[SP_PHASE_COUNT];
     double last_activity;
     sp_session *s;
-    const char *body;
-    size_t body_len, body_off;
-    int body_set;
+    sp_body_src *body;
     sp_event evq[CONN_EVQ];
     size_t ev_head, ev_len;
     sp_conn_counters counters;
@@ -156,6 +154,7 @@ void sp_conn_free(sp_conn *c)
     close_fd(c);
     if (c->ai_list)
         freeaddrinfo(c->ai_list);
+    sp_body_src_free(c->body);
     sp_session_free(c->s);
     free(c);
 }
@@ -164,12 +163,16 @@ sp_session *sp_conn_session(sp_conn *c) { return c->s; }
 int sp_conn_is_open(const sp_conn *c) { return c->state != C_CLOSED; }
 const sp_conn_counters *sp_conn_counters_get(const sp_conn *c) { return &c->counters; }
 
+void sp_conn_set_body_src(sp_conn *c, sp_body_src *src)
+{
+    sp_body_src_free(c->body);
+    c->body = src;
+}
+
 void sp_conn_set_body(sp_conn *c, const char *p, size_t n)
 {
-    c->body = p;
-    c->body_len = n;
-    c->body_off = 0;
-    c->body_set = 1;
+    sp_body_seg seg = {p, n, NULL};
+    sp_conn_set_body_src(c, sp_body_src_new(&seg, 1));
 }
 
 int sp_conn_has_events(const sp_conn *c) { return c->ev_len > 0; }
@@ -195,22 +198,33 @@ static void fill_body(sp_conn *c)
 {
     sp_error e;
     while (sp_session_state(c->s) == SP_ST_BODY && sp_buf_pending(sp_session_output(c->s)) < BODY_CHUNK) {
-        if (!c->body_set) {
+        if (!c->body) {
             sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_DATA, "no message body was given");
             sp_session_fail(c->s, &e);
             return;
         }
-        size_t left = c->body_len - c->body_off;
-        if (left == 0) {
-            c->body_set = 0;
+        const char *p;
+        size_t n;
+        int r = sp_body_src_next(c->body, &p, &n, &e);
+        if (r < 0) {
+            /* Cannot finish the body: drop the connection before the dot so
+             * the server discards the partial message. */
+            sp_session_fail(c->s, &e);
+            return;
+        }
+        if (r == 0) {
+            sp_body_src_free(c->body);
             c->body = NULL;
             sp_session_body_end(c->s, &e);
             return;
         }
-        size_t n = left < BODY_CHUNK ? left : BODY_CHUNK;
-        if (sp_session_body(c->s, c->body + c->body_off, n, &e) < 0)
-            return;
-        c->body_off += n;
+        while (n > 0) { /* bounded bites keep the output buffer near BODY_CHUNK */
+            size_t k = n < BODY_CHUNK ? n : BODY_CHUNK;
+            if (sp_session_body(c->s, p, k, &e) < 0)
+                return;
+            p += k;
+            n -= k;
+        }
     }
 }
 
@@ -231,8 +245,8 @@ static void pump(sp_conn *c)
             continue;
         }
         if (e == SP_EV_TX_DONE) {
+            sp_body_src_free(c->body);
             c->body = NULL;
-            c->body_set = 0;
         }
         if (e == SP_EV_CLOSED && c->ssl) {
             /* A clean end: close_notify keeps the session resumable (OpenSSL

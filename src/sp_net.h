@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 
+#include "sp_body.h"
 #include "sp_error.h"
 #include "sp_session.h"
 #include "sp_tls.h"
@@ -47,6 +48,9 @@ int sp_conn_is_open(const sp_conn *c);
 /* The body of the transaction just started, by pointer: the memory must stay
  * valid until SP_EV_TX_DONE. */
 void sp_conn_set_body(sp_conn *c, const char *p, size_t n);
+/* The body as a source (segments, files streamed); the connection owns and
+ * frees it. */
+void sp_conn_set_body_src(sp_conn *c, sp_body_src *src);
 
 /* Events the driver passes on (SP_EV_BODY is handled inside). */
 sp_event sp_conn_next_event(sp_conn *c);

@@ -756,6 +756,25 @@ local function sign(signers, data)
   if #signers == 0 then return data end
   local t = os.time()
   local sigs = {}
+  if type(data) == "table" then
+    -- Streaming segments: hash the body once (files read as they will be
+    -- sent), then sign the header block with that hash for every key.
+    local first = data[1]
+    local he = first:find("\r\n\r\n", 1, true)
+    local hdr = first:sub(1, he + 1)
+    local body = { first:sub(he + 4) }
+    for i = 2, #data do body[i] = data[i] end
+    local bh, e = core.body_hash(body)
+    if not bh then return nil, e end
+    for i, s in ipairs(signers) do
+      local h, se = s.key:sign_hashed(hdr, s.domain, s.selector, s.headers, t, bh)
+      if not h then return nil, se end
+      sigs[i] = h
+    end
+    local out = { table.concat(sigs) .. first }
+    for i = 2, #data do out[i] = data[i] end
+    return out
+  end
   for i, s in ipairs(signers) do
     local h, e = s.key:sign(data, s.domain, s.selector, s.headers, t)
     if not h then return nil, e end

@@ -172,25 +172,20 @@ local function text_part(ctype, text)
                        "Content-Transfer-Encoding: " .. cte .. "\r\n" }, body = body }
 end
 
-local function read_file(path)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local data = f:read("a")
-  f:close()
-  return data
-end
-
 local function attachment_part(a, i)
   if type(a) ~= "table" then return nil, invalid(("attachment %d must be a table"):format(i), "attachments") end
   local data = a.data
-  local filename = a.filename or (a.path and a.path:match("([^/]+)$"))
+  local filename = a.filename or (type(a.path) == "string" and a.path:match("([^/]+)$")) or nil
+  local body
   if data == nil then
     if type(a.path) ~= "string" then
       return nil, invalid(("attachment %d needs 'data' or 'path'"):format(i), "attachments")
     end
-    local err
-    data, err = read_file(a.path)
-    if not data then return nil, invalid(("attachment %d: %s"):format(i, err), "attachments") end
+    -- Streamed from disk as it is sent: checked readable now, never loaded whole.
+    local f, err = io.open(a.path, "rb")
+    if not f then return nil, invalid(("attachment %d: %s"):format(i, err), "attachments") end
+    f:close()
+    body = { path = a.path }
   elseif type(data) ~= "string" then
     return nil, invalid(("attachment %d: 'data' must be a string"):format(i), "attachments")
   end
@@ -214,7 +209,7 @@ local function attachment_part(a, i)
     end
     h[#h + 1] = "Content-ID: <" .. a.cid .. ">\r\n"
   end
-  return { headers = h, body = core.encode("base64", data), inline = a.inline and a.cid ~= nil }
+  return { headers = h, body = body or core.encode("base64", data), inline = a.inline and a.cid ~= nil }
 end
 
 -- A multipart part holding the given parts.
@@ -241,6 +236,24 @@ local function render(part, out)
   else
     out[#out + 1] = part.body
   end
+end
+
+--- The message as one string, files read and encoded: for tools and tests
+-- (sending streams the segments instead).
+-- @param data a string or the segments `compose` returns
+function M.flatten(data)
+  if type(data) == "string" then return data end
+  local out = {}
+  for i, seg in ipairs(data) do
+    if type(seg) == "string" then
+      out[i] = seg
+    else
+      local f = assert(io.open(seg.path, "rb"))
+      out[i] = core.encode("base64", f:read("a"))
+      f:close()
+    end
+  end
+  return table.concat(out)
 end
 
 ---------------------------------------------------------------- compose
@@ -275,7 +288,9 @@ end
 --   a time number), `list_unsubscribe` (a string of `<uri>`s) with
 --   `list_unsubscribe_post = true` for RFC 8058 one-click, `mail_from` and
 --   `rcpt` to override the envelope, `dsn` (see `Pool:send_raw`).
--- @treturn[1] string the message (CRLF line ends)
+-- @treturn[1] string the message (CRLF line ends), or when attachments
+--   come from `path`, an array of strings and `{path = file}` segments that
+--   the pool streams (see `flatten`)
 -- @treturn[1] table the envelope `{from = "a@b", to = {...}}`
 -- @return[2] nil
 -- @treturn[2] table error value (kind `invalid`)
@@ -394,7 +409,25 @@ function M.compose(msg)
   end
   local out = {}
   render(root, out)
-  local message = table.concat(h) .. table.concat(out)
+  -- A string, or segments when attachments stream from disk: strings with
+  -- {path = file} between them.
+  local message
+  local segs, run = {}, { table.concat(h) }
+  for _, piece in ipairs(out) do
+    if type(piece) == "table" then
+      segs[#segs + 1] = table.concat(run)
+      segs[#segs + 1] = piece
+      run = {}
+    else
+      run[#run + 1] = piece
+    end
+  end
+  if #segs == 0 then
+    message = run[1] .. table.concat(run, "", 2)
+  else
+    segs[#segs + 1] = table.concat(run)
+    message = segs
+  end
 
   -- The envelope.
   local env_from = msg.mail_from or from[1].address

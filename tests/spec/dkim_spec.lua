@@ -69,6 +69,27 @@ describe("DKIM", function()
     assert.equal("ok", verify(sent_data(), k.rsa_pub, k.ed_pub))
   end)
 
+  it("signs a message whose 5 MB attachment streams from disk", function()
+    local blob = {}
+    for i = 0, 255 do blob[#blob + 1] = string.char((i * 7) % 256) end
+    local path = k.dir .. "/big.bin"
+    peers.write_file(path, table.concat(blob):rep(5 * 1024 * 1024 // 256))
+    local res, err = pool:send{ from = "a@x.test", to = "b@y.test", subject = "streamed",
+      text = "see attached", attachments = { { path = path } } }
+    assert.is_nil(err)
+    assert.truthy(res)
+    local data = sent_data()
+    assert.equal("ok", verify(data, k.rsa_pub, k.ed_pub))
+    -- and what arrived decodes to the file, byte for byte
+    local d = peers.tmpdir()
+    peers.write_file(d .. "/m.eml", data)
+    local out = peers.sh("env -u LD_PRELOAD /usr/bin/python3 tests/support/parse_mail.py " .. d .. "/m.eml")
+    os.execute("rm -rf " .. peers.quote(d))
+    local sum = peers.sh("sha256sum " .. peers.quote(path)):match("^(%x+)")
+    assert.truthy(out:find(sum, 1, true))
+    assert.truthy(out:find('"defects": []', 1, true))
+  end)
+
   it("signs ready-made messages given to send_raw", function()
     assert.truthy(pool:send_raw{ from = "a@x.test", to = "b@y.test",
       data = "From: a@x.test\nTo: b@y.test\nSubject: raw\n\nbody\n" })

@@ -17,6 +17,7 @@ end
 local function parsed(msg)
   local data, env = message.compose(msg)
   assert.truthy(data, env and tostring(env))
+  data = message.flatten(data)
   local d = peers.tmpdir()
   peers.write_file(d .. "/m.eml", data)
   local out = peers.sh("env -u LD_PRELOAD /usr/bin/python3 " .. peers.quote("tests/support/parse_mail.py")
@@ -149,6 +150,17 @@ describe("injection attempts", function()
       assert.equal(0, #f:select("cmd", { cmd = "MAIL" }))
     end)
   end
+
+  it("drops the connection before the dot when a streamed attachment cannot be read", function()
+    local d = peers.tmpdir() -- a directory opens, then fails to read: EISDIR mid-body
+    local res, err = pool:send{ from = "a@x.test", to = "bob@y.test", subject = "s", text = "t",
+      attachments = { { path = d, filename = "x.bin" } } }
+    os.execute("rm -rf " .. peers.quote(d))
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.matches("read", err.text)
+    for _, m in ipairs(f:select("message")) do assert.is_not.equal("accepted", m.status) end
+  end)
 
   it("sends a composed message through the pool", function()
     local res, err = pool:send{ from = "Ann <a@x.test>", to = "bob@y.test", subject = "Grüße", text = "hi", html = "<b>hi</b>" }
