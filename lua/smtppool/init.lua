@@ -750,6 +750,29 @@ function M._dkim_signers(cfg)
   return out
 end
 
+-- The keys that sign one message: the pool's, unless the message says
+-- `dkim = false` or gives its own configuration (keys loaded once, cached).
+function Pool:_signers_for(msg)
+  local d = msg.dkim
+  if d == nil then return self.signers end
+  if d == false then return {} end
+  if type(d) ~= "table" then
+    return nil, M.error("invalid", "'dkim' must be false or a DKIM configuration", { attempts = 0 })
+  end
+  self.dkim_cache = self.dkim_cache or setmetatable({}, { __mode = "k" })
+  local cached = self.dkim_cache[d]
+  if cached then return cached end
+  local ok, signers, err = pcall(M._dkim_signers, d)
+  if not ok then
+    return nil, M.error("invalid", tostring(signers):gsub("^smtppool.new: ", ""), { attempts = 0 })
+  end
+  if not signers then
+    return nil, M.error("invalid", err.text, { attempts = 0 })
+  end
+  self.dkim_cache[d] = signers
+  return signers
+end
+
 -- Prepends one DKIM-Signature per configured key (RSA and Ed25519 may sign
 -- side by side).
 local function sign(signers, data)
@@ -812,7 +835,9 @@ local function check_dsn(d)
 end
 
 -- A composed message (no `data`): build the RFC 5322 text and envelope.
-local function prepare_composed(msg, signers)
+local function prepare_composed(msg, pool)
+  local signers, serr = pool:_signers_for(msg)
+  if not signers then return { msg = msg, to = {}, err = serr } end
   local derr = check_dsn(msg.dsn)
   if derr then return { msg = msg, to = {}, err = M.error("invalid", derr, { attempts = 0 }) } end
   local data, env = message.compose(msg)
@@ -827,9 +852,9 @@ local function prepare_composed(msg, signers)
   return { msg = { from = env.from, data = data, dsn = msg.dsn, source = msg }, to = env.to, user_msg = msg }
 end
 
-local function prepare(msg, fname, level, signers)
+local function prepare(msg, fname, level, pool)
   if type(msg) == "table" and msg.data == nil and (fname ~= "send_raw") then
-    return prepare_composed(msg, signers)
+    return prepare_composed(msg, pool)
   end
   local to
   if level then
@@ -847,7 +872,9 @@ local function prepare(msg, fname, level, signers)
   end
   local derr = check_dsn(msg.dsn)
   if derr then return { msg = msg, to = to, err = M.error("invalid", derr, { attempts = 0 }) } end
-  if signers and #signers > 0 then
+  local signers, serr = pool:_signers_for(msg)
+  if not signers then return { msg = msg, to = to, err = serr } end
+  if #signers > 0 then
     local signed, e = sign(signers, msg.data)
     if not signed then
       e.attempts = 0
@@ -882,7 +909,7 @@ end
 -- @treturn[2] table error value, with `attempts`, and `recipients` when the
 --   server answered any RCPT
 function Pool:send_raw(msg)
-  local item = prepare(msg, "send_raw", 3, self.signers)
+  local item = prepare(msg, "send_raw", 3, self)
   if self.closed then
     return nil, M.error("config", "the pool is closed")
   end
@@ -911,7 +938,7 @@ function Pool:send(msg)
   if self.closed then
     return nil, M.error("config", "the pool is closed")
   end
-  local item = prepare_composed(msg, self.signers)
+  local item = prepare_composed(msg, self)
   local res, err
   local given = false
   self:_run(function()
@@ -947,12 +974,12 @@ function Pool:send_batch(source, opts)
     next_msg = function()
       i = i + 1
       local m = source[i]
-      return m and prepare(m, "send_batch", nil, self.signers)
+      return m and prepare(m, "send_batch", nil, self)
     end
   else
     next_msg = function()
       local m = source()
-      return m and prepare(m, "send_batch", nil, self.signers)
+      return m and prepare(m, "send_batch", nil, self)
     end
   end
   local summary = { sent = 0, failed = 0, total = 0 }

@@ -263,6 +263,7 @@ local FIELDS = {
   text = true, html = true, attachments = true, headers = true, message_id = true, date = true,
   list_unsubscribe = true, list_unsubscribe_post = true, mail_from = true, rcpt = true,
   dsn = true, -- used by the pool for MAIL/RCPT parameters, not in the text
+  dkim = true, -- used by the pool: this message's signing keys, or false
 }
 M.FIELDS = FIELDS
 
@@ -287,7 +288,9 @@ end
 --   `headers` (extra `{name = value}`), `message_id`, `date` (a string or
 --   a time number), `list_unsubscribe` (a string of `<uri>`s) with
 --   `list_unsubscribe_post = true` for RFC 8058 one-click, `mail_from` and
---   `rcpt` to override the envelope, `dsn` (see `Pool:send_raw`).
+--   `rcpt` to override the envelope, `dsn` (see `Pool:send_raw`), `dkim`
+--   (`false` to send this message unsigned, or its own DKIM configuration
+--   as for the pool option).
 -- @treturn[1] string the message (CRLF line ends), or when attachments
 --   come from `path`, an array of strings and `{path = file}` segments that
 --   the pool streams (see `flatten`)

@@ -104,6 +104,22 @@ describe("DKIM", function()
     assert.matches("^fail", verify((data:gsub("Subject: original", "Subject: changed")), k.rsa_pub, k.ed_pub))
   end)
 
+  it("lets a message opt out or bring its own key", function()
+    assert.truthy(pool:send{ from = "a@x.test", to = "b@y.test", subject = "unsigned", text = "x", dkim = false })
+    assert.is_nil(sent_data():find("DKIM-Signature", 1, true))
+    local own = { domain = "x.test", selector = "ed9", key = k.ed, algorithm = "ed25519-sha256" }
+    assert.truthy(pool:send{ from = "a@x.test", to = "b@y.test", subject = "own", text = "x", dkim = own })
+    local data = sent_data()
+    local _, n = data:gsub("DKIM%-Signature:", "")
+    assert.equal(1, n)
+    assert.truthy(data:find("s=ed9", 1, true))
+    assert.equal("ok", verify(data, k.ed_pub))
+    local res, err = pool:send{ from = "a@x.test", to = "b@y.test", text = "x",
+      dkim = { domain = "x.test", selector = "s", key = "/nonexistent" } }
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+  end)
+
   it("refuses bad keys at new with a config error", function()
     local cases = {
       { key = "/nonexistent/key.pem" },
