@@ -1011,8 +1011,10 @@ static int dkim_gc(lua_State *L)
     return 0;
 }
 
-/* key:sign(message, domain, selector [, headers [, t]]) -> "DKIM-Signature: ...\r\n" | nil, err */
-static int dkim_sign(lua_State *L)
+/* key:sign(message, domain, selector [, headers [, t]]) and
+ * key:sign_hashed(header_block, domain, selector, headers|nil, t, body_hash):
+ * "DKIM-Signature: ...\r\n" | nil, err */
+static int dkim_sign_common(lua_State *L, int hashed)
 {
     sp_dkim_key **ud = luaL_checkudata(L, 1, DKIM_MT);
     size_t n;
@@ -1021,13 +1023,16 @@ static int dkim_sign(lua_State *L)
     const char *sel = luaL_checkstring(L, 4);
     const char *h = luaL_optstring(L, 5, NULL);
     long long t = (long long)luaL_optnumber(L, 6, 0);
+    const char *bh = hashed ? luaL_checkstring(L, 7) : NULL;
     if (!*ud)
         return luaL_argerror(L, 1, "key is freed");
     sp_buf b;
     sp_buf_init(&b);
     sp_error e;
     sp_error_clear(&e);
-    if (sp_dkim_sign(*ud, d, sel, h, t, msg, n, &b, &e) < 0) {
+    int rc = hashed ? sp_dkim_sign_hashed(*ud, d, sel, h, t, msg, n, bh, &b, &e)
+                    : sp_dkim_sign(*ud, d, sel, h, t, msg, n, &b, &e);
+    if (rc < 0) {
         sp_buf_free(&b);
         return push_fail(L, &e);
     }
@@ -1035,6 +1040,8 @@ static int dkim_sign(lua_State *L)
     sp_buf_free(&b);
     return 1;
 }
+
+static int dkim_sign(lua_State *L) { return dkim_sign_common(L, 0); }
 
 /* core.body_hash(data) -> base64 DKIM body hash (relaxed) of a string or segments */
 static int l_body_hash(lua_State *L)
@@ -1059,31 +1066,7 @@ static int l_body_hash(lua_State *L)
     return 1;
 }
 
-/* key:sign_hashed(header_block, domain, selector, headers|nil, t, body_hash) */
-static int dkim_sign_hashed(lua_State *L)
-{
-    sp_dkim_key **ud = luaL_checkudata(L, 1, DKIM_MT);
-    size_t n;
-    const char *hdr = luaL_checklstring(L, 2, &n);
-    const char *d = luaL_checkstring(L, 3);
-    const char *sel = luaL_checkstring(L, 4);
-    const char *h = luaL_optstring(L, 5, NULL);
-    long long t = (long long)luaL_optnumber(L, 6, 0);
-    const char *bh = luaL_checkstring(L, 7);
-    if (!*ud)
-        return luaL_argerror(L, 1, "key is freed");
-    sp_buf b;
-    sp_buf_init(&b);
-    sp_error e;
-    sp_error_clear(&e);
-    if (sp_dkim_sign_hashed(*ud, d, sel, h, t, hdr, n, bh, &b, &e) < 0) {
-        sp_buf_free(&b);
-        return push_fail(L, &e);
-    }
-    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
-    sp_buf_free(&b);
-    return 1;
-}
+static int dkim_sign_hashed(lua_State *L) { return dkim_sign_common(L, 1); }
 
 static const luaL_Reg session_common[] = {
     {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},

@@ -885,6 +885,18 @@ local function prepare(msg, fname, level, pool)
   return { msg = msg, to = to }
 end
 
+-- Runs one prepared message through the scheduler and returns its outcome.
+function Pool:_send_one(item)
+  local res, err
+  local given = false
+  self:_run(function()
+    if given then return nil end
+    given = true
+    return item
+  end, function(_, r, e) res, err = r, e end)
+  return res, err
+end
+
 --- Sends one ready-made RFC 5322 message.
 -- The message is sent to every recipient the server accepts; recipients it
 -- refuses are listed in the result. A message whose connection dies is
@@ -913,14 +925,7 @@ function Pool:send_raw(msg)
   if self.closed then
     return nil, M.error("config", "the pool is closed")
   end
-  local res, err
-  local given = false
-  self:_run(function()
-    if given then return nil end
-    given = true
-    return item
-  end, function(_, r, e) res, err = r, e end)
-  return res, err
+  return self:_send_one(item)
 end
 
 --- Composes and sends one message.
@@ -939,14 +944,7 @@ function Pool:send(msg)
     return nil, M.error("config", "the pool is closed")
   end
   local item = prepare_composed(msg, self)
-  local res, err
-  local given = false
-  self:_run(function()
-    if given then return nil end
-    given = true
-    return item
-  end, function(_, r, e) res, err = r, e end)
-  return res, err
+  return self:_send_one(item)
 end
 
 --- Sends many messages over up to `max_conns` connections at once.
