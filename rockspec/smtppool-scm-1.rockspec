@@ -27,6 +27,8 @@ build = {
       ["smtppool.rate"] = "lua/smtppool/rate.lua",
       ["smtppool.retry"] = "lua/smtppool/retry.lua",
       ["smtppool.template"] = "lua/smtppool/template.lua",
+      ["smtppool.campaign"] = "lua/smtppool/campaign.lua",
+      ["smtppool.csv"] = "lua/smtppool/csv.lua",
       ["smtppool.core"] = {
          sources = {
             "src/sp_buf.c", "src/sp_error.c", "src/sp_reply.c", "src/sp_caps.c",

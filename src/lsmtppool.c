@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "sp_codec.h"
@@ -43,6 +45,7 @@ static void *luaL_testudata(lua_State *L, int i, const char *tname)
 #define ERROR_MT "smtppool.error"
 #define TLS_MT "smtppool.tls"
 #define DKIM_MT "smtppool.dkim_key"
+#define JOURNAL_MT "smtppool.journal"
 
 typedef struct lconn {
     sp_conn *c;
@@ -1068,6 +1071,88 @@ static int l_body_hash(lua_State *L)
 
 static int dkim_sign_hashed(lua_State *L) { return dkim_sign_common(L, 1); }
 
+/* ---- an append-only file with fsync, for the campaign journal ---- */
+
+static int l_journal_open(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int *fd = lua_newuserdata(L, sizeof *fd);
+    *fd = -1;
+    luaL_getmetatable(L, JOURNAL_MT);
+    lua_setmetatable(L, -2);
+    *fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (*fd < 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot open journal %s: %s", path, strerror(errno));
+        return 2;
+    }
+    /* make the file's creation itself durable: fsync its directory */
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *slash = '\0';
+    int dfd = open(slash ? (dir[0] ? dir : "/") : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+    return 1;
+}
+
+static int *check_journal(lua_State *L)
+{
+    int *fd = luaL_checkudata(L, 1, JOURNAL_MT);
+    if (*fd < 0)
+        luaL_argerror(L, 1, "journal is closed");
+    return fd;
+}
+
+/* j:append(text [, sync]) -> true | nil, err: writes all of text, then fsync when sync */
+static int journal_append(lua_State *L)
+{
+    int *fd = check_journal(L);
+    size_t n;
+    const char *p = luaL_checklstring(L, 2, &n);
+    while (n > 0) {
+        ssize_t w = write(*fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            lua_pushnil(L);
+            lua_pushfstring(L, "journal write: %s", strerror(errno));
+            return 2;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    if (lua_toboolean(L, 3) && fsync(*fd) < 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "journal fsync: %s", strerror(errno));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int journal_sync(lua_State *L)
+{
+    int *fd = check_journal(L);
+    lua_pushboolean(L, fsync(*fd) == 0);
+    return 1;
+}
+
+static int journal_close(lua_State *L)
+{
+    int *fd = luaL_checkudata(L, 1, JOURNAL_MT);
+    if (*fd >= 0) {
+        fsync(*fd);
+        close(*fd);
+        *fd = -1;
+    }
+    return 0;
+}
+
 static const luaL_Reg session_common[] = {
     {"state", s_state},       {"phase", s_phase}, {"caps", s_caps},         {"tx", s_tx},
     {"error", s_error},       {"tx_count", s_tx_count}, {"greeting", s_greeting},
@@ -1089,6 +1174,7 @@ static const luaL_Reg funcs[] = {{"connect", l_connect},       {"wait", l_wait},
                                  {"header", l_header},           {"phrase", l_phrase},
                                  {"encode", l_encode},           {"utf8_valid", l_utf8_valid},
                                  {"dkim_key", l_dkim_key},       {"body_hash", l_body_hash},
+                                 {"journal_open", l_journal_open},
                                  {"now", l_now},               {"hostname", l_hostname},
                                  {"session", l_session},       {"dotstuff", l_dotstuff},
                                  {"base64_encode", l_b64encode}, {"base64_decode", l_b64decode},
@@ -1128,6 +1214,18 @@ int luaopen_smtppool_core(lua_State *L)
     lua_setfield(L, -2, "sign");
     lua_pushcfunction(L, dkim_sign_hashed);
     lua_setfield(L, -2, "sign_hashed");
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, JOURNAL_MT);
+    lua_pushcfunction(L, journal_close);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    lua_pushcfunction(L, journal_append);
+    lua_setfield(L, -2, "append");
+    lua_pushcfunction(L, journal_sync);
+    lua_setfield(L, -2, "sync");
+    lua_pushcfunction(L, journal_close);
+    lua_setfield(L, -2, "close");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, ERROR_MT);

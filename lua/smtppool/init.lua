@@ -28,9 +28,12 @@ local core = require("smtppool.core")
 local rate = require("smtppool.rate")
 local message = require("smtppool.message")
 local template = require("smtppool.template")
+local campaign = require("smtppool.campaign")
+local csv = require("smtppool.csv")
 local retry = require("smtppool.retry")
 
-local M = { _VERSION = "0.3.0", retry = retry, message = message, template = template }
+local M = { _VERSION = "0.4.0", retry = retry, message = message, template = template, campaign = campaign,
+            csv = csv }
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
 local error_mt = core.error_mt

@@ -1,0 +1,330 @@
+--- Campaigns: personalised messages to a list, through one pool, with a
+-- durable journal so a crash neither loses nor doubles mail.
+--
+--     local c = smtppool.campaign{
+--       pool = pool,
+--       recipients = "list.csv",            -- or an array, or an iterator
+--       message = { from = "News <n@x.example>", subject = "Hi {{name}}",
+--                   text = "Dear {{name}}", html = "<p>Dear {{name}}</p>" },
+--       journal = "run.journal",
+--     }
+--     local report = assert(c:run())
+--
+-- The journal is an append-only file: a line `P` (in flight) is written and
+-- fsync'ed before a message is handed to the pool, and a line `S` (sent),
+-- `F` (failed) or `A` (ambiguous) when its outcome is known. `run()` on an
+-- existing journal skips every recipient with an outcome; one that was in
+-- flight when the process died may or may not have been delivered, so it
+-- is recorded ambiguous and not sent again, unless `resend_in_flight = true`
+-- says a duplicate is better than a loss.
+-- @module smtppool.campaign
+
+local core = require("smtppool.core")
+local csv = require("smtppool.csv")
+local template = require("smtppool.template")
+
+local M = {}
+
+local Campaign = {}
+Campaign.__index = Campaign
+
+local function err(kind, text)
+  return setmetatable({ kind = kind, text = text }, core.error_mt)
+end
+
+local OPTIONS = { pool = "table", recipients = true, message = true, journal = "string", retry = "function",
+                  progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean" }
+
+--- Makes a campaign (nothing is sent until `run`).
+-- @tparam table o
+--
+-- * `pool`: an smtppool pool.
+-- * `recipients`: an array of tables, an iterator returning them, or the
+--   path of a CSV file whose header row names the fields. Each recipient's
+--   `email` field is the address; the other fields are template variables.
+-- * `message`: a table of templates (`from`, `subject`, `text`, `html`;
+--   other fields as for `pool:send`), or `function(recipient) -> message`.
+-- * `journal` (path, optional): the durable record; without it a crash
+--   forgets what was sent.
+-- * `retry` (optional): the retry policy for this run (the pool's otherwise).
+-- * `progress`: `true` for a live line on a terminal (the default when
+--   stderr is one), `false` for silence, or `function(stats)`.
+-- * `resend_in_flight` (default false), `report_json` (path for the final
+--   report), `strict` (default true: a missing template variable is an error).
+function M.new(o)
+  if type(o) ~= "table" then error("smtppool.campaign: options must be a table", 2) end
+  for k, v in pairs(o) do
+    local want = OPTIONS[k]
+    if not want then error(("smtppool.campaign: unknown option '%s'"):format(tostring(k)), 2) end
+    if want ~= true and type(v) ~= want then
+      error(("smtppool.campaign: option '%s' must be a %s"):format(k, want), 2)
+    end
+  end
+  if not o.pool or not o.pool.send_batch then error("smtppool.campaign: 'pool' must be a pool", 2) end
+  local r = o.recipients
+  if type(r) ~= "table" and type(r) ~= "function" and type(r) ~= "string" then
+    error("smtppool.campaign: 'recipients' must be an array, an iterator or a CSV path", 2)
+  end
+  if type(o.message) ~= "table" and type(o.message) ~= "function" then
+    error("smtppool.campaign: 'message' must be a table of templates or a function", 2)
+  end
+  return setmetatable({ o = o }, Campaign)
+end
+
+-- Reads a journal: key -> last state letter.
+local function read_journal(path)
+  local states = {}
+  local f = io.open(path, "rb")
+  if not f then return states end
+  for line in f:lines() do
+    local st, key = line:match("^([PSFA])\t([^\t]+)")
+    if st then states[key] = st end -- a torn last line without a tab is ignored
+  end
+  f:close()
+  return states
+end
+
+local function clean(s)
+  return (tostring(s or ""):gsub("[\t\r\n]", " "))
+end
+
+local function json_report(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    local s = type(v) == "number" and (v == math.floor(v) and ("%d"):format(v) or ("%.3f"):format(v))
+      or ('"' .. tostring(v):gsub('[%c"\\]', function(c) return ("\\u%04x"):format(c:byte()) end) .. '"')
+    out[#out + 1] = ('"%s": %s'):format(k, s)
+  end
+  return "{" .. table.concat(out, ", ") .. "}\n"
+end
+
+-- Compiles the message templates once and checks their variables against
+-- the CSV columns before anything is sent.
+local function compile_message(msg, columns, path)
+  if type(msg) == "function" then return msg end
+  local compiled = {}
+  for k, v in pairs(msg) do compiled[k] = v end
+  for _, f in ipairs({ "from", "subject", "text", "html" }) do
+    if type(msg[f]) == "string" then
+      local t, e = template.compile(msg[f])
+      if not t then return nil, ("message.%s: %s"):format(f, e) end
+      compiled[f] = t
+    end
+  end
+  if columns then
+    local probe = {}
+    for _, c in ipairs(columns) do probe[c] = "x" end
+    for _, f in ipairs({ "from", "subject", "text", "html" }) do
+      if type(compiled[f]) == "table" then
+        local ok, e = compiled[f]:render(probe)
+        if not ok then
+          return nil, ("message.%s uses a column %s has not (%s); its columns: %s"):format(f, path, e,
+            table.concat(columns, ", "))
+        end
+      end
+    end
+  end
+  return function(rcpt)
+    local m, e = template.render_message(compiled, rcpt)
+    if not m then return nil, e end
+    m.to = m.to or rcpt.email
+    return m
+  end
+end
+
+local function isatty_stderr()
+  return os.execute("test -t 2") == true
+end
+
+--- Runs the campaign to the end (or resumes it from its journal).
+-- @treturn[1] table report: `total`, `sent`, `failed`, `ambiguous`,
+--   `skipped` (done in an earlier run), `retried`, `elapsed`, `rate`
+-- @return[2] nil
+-- @treturn[2] table error value (kind `invalid` for a bad CSV or template,
+--   `config` for a journal that cannot be written); nothing was sent
+function Campaign:run()
+  local o = self.o
+  local t0 = core.now()
+  -- Recipients: a CSV is checked whole before the first message.
+  local source, columns
+  if type(o.recipients) == "string" then
+    local n, cols = csv.check(o.recipients)
+    if not n then return nil, err("invalid", cols) end
+    columns = cols
+    local it = assert(csv.rows(o.recipients))
+    source = function()
+      local ok, row = pcall(it)
+      if not ok then error(row.csv_error or row, 0) end
+      return row
+    end
+  elseif type(o.recipients) == "table" then
+    local i = 0
+    source = function()
+      i = i + 1
+      return o.recipients[i]
+    end
+  else
+    source = o.recipients
+  end
+  if columns and not columns[1] then return nil, err("invalid", "the CSV has no columns") end
+  if columns then
+    local has_email = false
+    for _, c in ipairs(columns) do if c == "email" then has_email = true end end
+    if not has_email then return nil, err("invalid", o.recipients .. ": line 1: no 'email' column") end
+  end
+  local build, cerr = compile_message(o.message, columns, type(o.recipients) == "string" and o.recipients or "the list")
+  if not build then return nil, err("invalid", cerr) end
+
+  local states = o.journal and read_journal(o.journal) or {}
+  local journal
+  if o.journal then
+    local je
+    journal, je = core.journal_open(o.journal)
+    if not journal then return nil, err("config", je) end
+  end
+  local function record(state, key, info, sync)
+    if journal then
+      local ok, e = journal:append(("%s\t%s\t%s\n"):format(state, key, clean(info)), sync)
+      if not ok then error(err("config", e), 0) end
+    end
+  end
+
+  local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0 }
+  local keys = setmetatable({}, { __mode = "k" }) -- message -> journal key
+  local index = 0
+  local pool = o.pool
+  local show = o.progress
+  if show == nil then show = isatty_stderr() end
+  local last_draw = 0
+  local function progress(final)
+    local now = core.now()
+    if not show or (not final and now - last_draw < 0.2) then return end
+    last_draw = now
+    local done = report.sent + report.failed + report.ambiguous
+    local el = now - t0
+    local rate = el > 0 and done / el or 0
+    local st = { sent = report.sent, failed = report.failed, ambiguous = report.ambiguous, deferred = report.deferred,
+                 rate = rate, elapsed = el, total = report.total }
+    if type(show) == "function" then
+      show(st)
+    else
+      io.stderr:write(("\r%d sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds%s"):format(
+        st.sent, st.failed, st.ambiguous, st.deferred, rate, math.floor(el), final and "\n" or ""))
+    end
+  end
+
+  -- Group commit: messages are prepared a few at a time, their P lines
+  -- written and fsync'ed once, then handed out. A crash marks at most one
+  -- group ambiguous that never left; it never loses or doubles one.
+  local GROUP = 16
+  local ready, ready_i = {}, 0
+  local function prepare_one()
+    while true do
+      local rcpt = source()
+      if rcpt == nil then return nil end
+      index = index + 1
+      report.total = report.total + 1
+      if type(rcpt) ~= "table" or type(rcpt.email) ~= "string" then
+        local key = index .. ":?"
+        record("F", key, "invalid recipient (no email field)", false)
+        report.failed = report.failed + 1
+      else
+        local key = index .. ":" .. rcpt.email
+        local st = states[key]
+        if st == "S" or st == "F" or st == "A" then
+          report.skipped = report.skipped + 1
+        elseif st == "P" and not o.resend_in_flight then
+          -- In flight when an earlier run died: it may have been delivered.
+          record("A", key, "in flight when an earlier run stopped", true)
+          report.ambiguous = report.ambiguous + 1
+        else
+          local m, e = build(rcpt)
+          if not m then
+            record("F", key, "invalid: " .. tostring(e), false)
+            report.failed = report.failed + 1
+          else
+            record("P", key, "", false)
+            keys[m] = key
+            return m
+          end
+        end
+      end
+    end
+  end
+  local function next_message()
+    if ready_i >= #ready then
+      ready, ready_i = {}, 0
+      for _ = 1, GROUP do
+        local m = prepare_one()
+        if not m then break end
+        ready[#ready + 1] = m
+      end
+      if #ready > 0 and journal then
+        local ok, e = journal:sync() -- durable before any of them can leave
+        if not ok then error(err("config", "journal fsync failed: " .. tostring(e)), 0) end
+      end
+    end
+    ready_i = ready_i + 1
+    return ready[ready_i]
+  end
+
+  local saved_policy, saved_hook = pool.policy, pool.on_event
+  if o.retry then pool.policy = o.retry end
+  pool.on_event = function(ev)
+    if ev.type == "retry" then -- a message waiting for its next attempt
+      report.retried = report.retried + 1
+      report.deferred = report.deferred + 1
+    end
+    if saved_hook then saved_hook(ev) end
+  end
+  local ok, e = pcall(pool.send_batch, pool, next_message, { on_result = function(m, res, rerr)
+    local key = keys[m] or "?"
+    if res then
+      report.sent = report.sent + 1
+      local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
+      record(res.ambiguous and "A" or "S", key, res.code .. " " .. (res.text or "") .. rej, false)
+    elseif rerr.kind == "ambiguous" then
+      report.ambiguous = report.ambiguous + 1
+      record("A", key, tostring(rerr), false)
+    else
+      report.failed = report.failed + 1
+      record("F", key, tostring(rerr), false)
+    end
+    -- retries that ended with this message are no longer waiting
+    local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
+    report.deferred = math.max(0, report.deferred - math.max(0, attempts - 1))
+    progress(false)
+  end })
+  pool.policy, pool.on_event = saved_policy, saved_hook
+  if journal then journal:close() end
+  if not ok then
+    if type(e) == "table" and e.kind then return nil, e end
+    error(e, 0)
+  end
+  report.elapsed = core.now() - t0
+  report.rate = report.elapsed > 0 and (report.sent / report.elapsed) or 0
+  progress(true)
+  report.deferred = nil
+  if o.report_json then
+    local f = io.open(o.report_json, "wb")
+    if f then
+      f:write(json_report(report))
+      f:close()
+    end
+  end
+  return report
+end
+
+--- A one-line human summary of a report.
+function M.summary(r)
+  return ("%d recipients: %d sent, %d failed, %d ambiguous, %d skipped (done before), %d retries, %.1fs, %.0f msg/s")
+    :format(r.total, r.sent, r.failed, r.ambiguous, r.skipped, r.retried, r.elapsed, r.rate)
+end
+
+setmetatable(M, { __call = function(_, o) return M.new(o) end })
+
+return M
