@@ -76,6 +76,8 @@ install: all
 	install -d $(DESTDIR)$(LUA_LMOD)/smtppool $(DESTDIR)$(LUA_CMOD)/smtppool
 	install -m 644 lua/smtppool/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 755 bin/smtppool $(DESTDIR)$(PREFIX)/bin/smtppool
 
 # Throughput against a peer client (Python smtplib), side by side in one run.
 $(BUILD)/sink: bench/sink.c | $(BUILD)
