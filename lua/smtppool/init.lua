@@ -262,7 +262,7 @@ function Pool:_emit(ev)
   end
 end
 
----------------------------------------------------------------- connections
+-- ===== connections =====
 
 -- Connection record states:
 --   connecting  opened, greeting/EHLO not done yet (rec.job may be bound to it)
@@ -346,7 +346,7 @@ function Pool:_open(t, job)
   return rec
 end
 
----------------------------------------------------------------- jobs
+-- ===== jobs =====
 
 -- A job is one message on its way: it is in the queue, deferred, bound to a
 -- connecting connection, or in flight on a busy one. Never in two places.
@@ -448,7 +448,7 @@ function Pool:_start(run, rec, job, t)
   rec.last_used = t
 end
 
----------------------------------------------------------------- events
+-- ===== events =====
 
 function Pool:_dispatch(run, rec, t)
   while true do
@@ -510,7 +510,7 @@ function Pool:_dispatch(run, rec, t)
   end
 end
 
----------------------------------------------------------------- the loop
+-- ===== the loop =====
 
 local function rate_wait(self, name, t)
   local w = self.windows[name]
@@ -680,7 +680,7 @@ function Pool:_run(next_msg, on_result)
   end
 end
 
----------------------------------------------------------------- public API
+-- ===== public API =====
 
 local function check_raw(msg, fname, level)
   if type(msg) ~= "table" then

@@ -18,7 +18,7 @@ local function has_ctl(s)
   return s:find("[\r\n%z]") ~= nil
 end
 
----------------------------------------------------------------- addresses
+-- ===== addresses =====
 
 local ATEXT = "[%w!#$%%&'*+/=?^_`{|}~%-\128-\255]"
 
@@ -106,7 +106,7 @@ local function format_mailbox(mb)
   return core.phrase(mb.name) .. " <" .. mb.address .. ">"
 end
 
----------------------------------------------------------------- helpers
+-- ===== helpers =====
 
 local function random_hex(n)
   local f = io.open("/dev/urandom", "rb")
@@ -256,7 +256,7 @@ function M.flatten(data)
   return table.concat(out)
 end
 
----------------------------------------------------------------- compose
+-- ===== compose =====
 
 local FIELDS = {
   from = true, to = true, cc = true, bcc = true, reply_to = true, sender = true, subject = true,
