@@ -47,8 +47,10 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 -- * `journal` (path, optional): the durable record; without it a crash
 --   forgets what was sent.
 -- * `retry` (optional): the retry policy for this run (the pool's otherwise).
--- * `progress`: `true` for a live line on a terminal (the default when
---   stderr is one), `false` for silence, or `function(stats)`.
+-- * `progress`: `true` for a live line on stderr (the default when stderr
+--   is a terminal: sent, failed, ambiguous, deferred, rate, elapsed time and
+--   ETA when the list's length is known), `false` for silence, or
+--   `function(stats)` called with those numbers.
 -- * `resend_in_flight` (default false), `report_json` (path for the final
 --   report), `strict` (default true: a missing template variable is an error).
 function M.new(o)
@@ -155,6 +157,7 @@ function Campaign:run()
     local n, cols = csv.check(o.recipients)
     if not n then return nil, err("invalid", cols) end
     columns = cols
+    self.expected = n
     local it = assert(csv.rows(o.recipients))
     source = function()
       local ok, row = pcall(it)
@@ -162,6 +165,7 @@ function Campaign:run()
       return row
     end
   elseif type(o.recipients) == "table" then
+    self.expected = #o.recipients
     local i = 0
     source = function()
       i = i + 1
@@ -207,13 +211,19 @@ function Campaign:run()
     local done = report.sent + report.failed + report.ambiguous
     local el = now - t0
     local rate = el > 0 and done / el or 0
+    -- ETA from the pace so far, when the list's length is known (CSV, array)
+    local expected = self.expected
+    local left = expected and (expected - done - report.skipped) or nil
+    local eta = (left and rate > 0) and left / rate or nil
     local st = { sent = report.sent, failed = report.failed, ambiguous = report.ambiguous, deferred = report.deferred,
-                 rate = rate, elapsed = el, total = report.total }
+                 rate = rate, elapsed = el, total = report.total, expected = expected, eta = eta }
     if type(show) == "function" then
       show(st)
     else
-      io.stderr:write(("\r%d sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds%s"):format(
-        st.sent, st.failed, st.ambiguous, st.deferred, rate, math.floor(el), final and "\n" or ""))
+      local eta_s = final and "done" or (eta and ("ETA %ds"):format(math.ceil(eta)) or "ETA ?")
+      local of = expected and ("/%d"):format(expected) or ""
+      io.stderr:write(("\r%d%s sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds | %s   %s"):format(
+        st.sent, of, st.failed, st.ambiguous, st.deferred, rate, math.floor(el), eta_s, final and "\n" or ""))
     end
   end
 

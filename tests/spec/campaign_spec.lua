@@ -92,9 +92,10 @@ describe("campaigns against exim with a per-session cap of 5", function()
   it("records a 550 as failed without retrying and retries a 451 on schedule through the hook", function()
     write_list(dir .. "/list.csv", 3, "reject-me@y.test,R\ntempfail-once@y.test,T\n")
     local calls = {}
+    local last
     local pool = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, tls = "none" })
     local report = assert(campaign{ pool = pool, recipients = dir .. "/list.csv", journal = dir .. "/j",
-      progress = false, message = { from = "news@x.test", subject = "Hi {{name}}", text = "x" },
+      progress = function(st) last = st end, message = { from = "news@x.test", subject = "Hi {{name}}", text = "x" },
       retry = function(err, attempt, msg)
         calls[#calls + 1] = { kind = err.kind, code = err.code, attempt = attempt, to = msg.to }
         if err.kind == "transient" and attempt < 3 then return 0.05 end
@@ -111,6 +112,8 @@ describe("campaigns against exim with a per-session cap of 5", function()
     assert.equal(1, by[550])       -- asked once, said no
     assert.equal(3, by[451])       -- attempts 1, 2 retried on schedule; 3 gives up
     assert.equal(2, report.retried)
+    assert.equal(5, last.expected) -- the progress hook knows the list's length (for its ETA)
+    assert.equal(3, last.sent)
   end)
 
   it("stops on bad CSV with a line and column before anything is sent", function()
