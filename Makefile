@@ -20,7 +20,8 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	lua-dkjson valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography
+	lua-dkjson valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
+	nginx libnginx-mod-http-lua libluajit2-5.1-dev
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
@@ -36,6 +37,13 @@ $(MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
 $(BUILD):
 	mkdir -p $(BUILD)
 
+# The same binding built for LuaJIT (the Lua 5.1 C API), as nginx's Lua module loads it.
+LUAJIT_MODULE = $(BUILD)/luajit/smtppool/core.so
+$(LUAJIT_MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
+	mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags luajit openssl) $(CFLAGS) \
+	  -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
+
 $(BUILD)/test_%: tests/c/test_%.c $(CORE_SRC) $(HDRS) | $(BUILD)
 	$(CC) $(CFLAGS_ALL) -Isrc -o $@ $< $(CORE_SRC) $(LDLIBS_ALL) -lcmocka
 
@@ -44,12 +52,13 @@ deps:
 	@if dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then echo "deps: all Debian packages present"; \
 	else export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
 	  apt-get install -y -q --no-install-recommends $(DEB_PACKAGES); fi
-	@# The packaged exim daemon is not needed: tests start their own.
-	@-systemctl disable --now exim4 >/dev/null 2>&1 || service exim4 stop >/dev/null 2>&1 || true
+	@# The packaged exim and nginx daemons are not needed: tests start their own.
+	@-systemctl disable --now exim4 nginx >/dev/null 2>&1 || true
+	@-service exim4 stop >/dev/null 2>&1; service nginx stop >/dev/null 2>&1; true
 
 ctest: $(CTESTS)
 
-test: all ctest
+test: all ctest $(LUAJIT_MODULE)
 	@sh tests/run.sh $(CTESTS)
 
 demo: all

@@ -29,6 +29,7 @@ build = {
       ["smtppool.template"] = "lua/smtppool/template.lua",
       ["smtppool.campaign"] = "lua/smtppool/campaign.lua",
       ["smtppool.csv"] = "lua/smtppool/csv.lua",
+      ["smtppool.ngx"] = "lua/smtppool/ngx.lua",
       ["smtppool.core"] = {
          sources = {
             "src/sp_buf.c", "src/sp_error.c", "src/sp_reply.c", "src/sp_caps.c",

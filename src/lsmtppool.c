@@ -18,6 +18,7 @@
 
 #if LUA_VERSION_NUM < 502
 #define lua_rawlen lua_objlen
+#ifndef luaL_newlib /* plain Lua 5.1; LuaJIT 2.1 has these three */
 static void luaL_setfuncs(lua_State *L, const luaL_Reg *l, int nup)
 {
     (void)nup;
@@ -38,6 +39,7 @@ static void *luaL_testudata(lua_State *L, int i, const char *tname)
     }
     return NULL;
 }
+#endif
 #endif
 
 #define CONN_MT "smtppool.conn"

@@ -1,0 +1,52 @@
+-- The OpenResty driver inside nginx (libnginx-mod-http-lua, LuaJIT): the
+-- same C protocol machine with cosockets carrying the bytes.
+local peers = require("peers")
+
+local ROOT = peers.sh("pwd"):gsub("%s+$", "")
+
+describe("the OpenResty driver", function()
+  local dir, port, exim
+  setup(function()
+    exim = peers.exim({})
+    dir = peers.tmpdir()
+    port = peers.free_port()
+    local conf = peers.read_file("tests/support/nginx.conf.in"):gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
+      :gsub("@ROOT@", ROOT)
+    peers.write_file(dir .. "/nginx.conf", conf)
+    assert(os.execute(("env -u LD_PRELOAD nginx -p %s -c %s -e %s"):format(dir, dir .. "/nginx.conf", dir .. "/error.log")),
+      "nginx did not start")
+    peers.wait_for(function() return peers.read_file(dir .. "/nginx.pid") end, 10, "nginx")
+  end)
+  teardown(function()
+    local pid = (peers.read_file(dir .. "/nginx.pid") or ""):match("%d+")
+    if pid then os.execute("kill " .. pid) end
+    peers.wait_for(function() return not peers.read_file(dir .. "/nginx.pid") end, 10, "nginx to stop")
+    os.execute("rm -rf " .. peers.quote(dir))
+    exim:stop()
+  end)
+
+  local function get(query)
+    return peers.sh(("env -u LD_PRELOAD curl -s --max-time 20 'http://127.0.0.1:%d/send?%s'"):format(port, query))
+  end
+
+  it("sends through exim from a request handler, per-recipient results included", function()
+    local out = get("to=ngx@y.test&port=" .. exim.port)
+    assert.matches("^sent 250 rejected 1 550", out)
+    exim:wait_deliveries(1)
+    assert.equal(1, #exim:log_lines("=> %S+ <ngx@y%.test>"))
+    local found
+    for _, m in ipairs(exim:messages()) do
+      if m:find("Subject: from nginx", 1, true) then found = m end
+    end
+    assert.truthy(found)
+    assert.truthy(found:find("\n.dot line\nbody\n", 1, true))
+    assert.equal("", (peers.read_file(dir .. "/error.log") or ""):match("%[error%][^\n]*") or "")
+  end)
+
+  it("reports a 421 as a connection error value", function()
+    local f = peers.fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "421 4.7.0 bye" } } })
+    local out = get("port=" .. f.port)
+    f:stop()
+    assert.matches("^failed connection error in mail: 421 4%.7%.0 bye", out)
+  end)
+end)
