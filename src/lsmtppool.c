@@ -1196,40 +1196,29 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *own, lua_C
     lua_pop(L, 1);
 }
 
+/* A userdata type with methods and a finaliser. */
+static void new_type(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc)
+{
+    luaL_newmetatable(L, name);
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+}
+
 int luaopen_smtppool_core(lua_State *L)
 {
     new_class(L, CONN_MT, conn_methods, c_close);
     new_class(L, SESSION_MT, session_methods, ss_gc);
-    luaL_newmetatable(L, TLS_MT);
-    lua_pushcfunction(L, tls_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_newtable(L);
-    lua_pushcfunction(L, tls_stats);
-    lua_setfield(L, -2, "stats");
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, DKIM_MT);
-    lua_pushcfunction(L, dkim_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_newtable(L);
-    lua_pushcfunction(L, dkim_sign);
-    lua_setfield(L, -2, "sign");
-    lua_pushcfunction(L, dkim_sign_hashed);
-    lua_setfield(L, -2, "sign_hashed");
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, JOURNAL_MT);
-    lua_pushcfunction(L, journal_close);
-    lua_setfield(L, -2, "__gc");
-    lua_newtable(L);
-    lua_pushcfunction(L, journal_append);
-    lua_setfield(L, -2, "append");
-    lua_pushcfunction(L, journal_sync);
-    lua_setfield(L, -2, "sync");
-    lua_pushcfunction(L, journal_close);
-    lua_setfield(L, -2, "close");
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
+    static const luaL_Reg tls_methods[] = {{"stats", tls_stats}, {NULL, NULL}};
+    static const luaL_Reg dkim_methods[] = {{"sign", dkim_sign}, {"sign_hashed", dkim_sign_hashed}, {NULL, NULL}};
+    static const luaL_Reg journal_methods[] = {
+        {"append", journal_append}, {"sync", journal_sync}, {"close", journal_close}, {NULL, NULL}};
+    new_type(L, TLS_MT, tls_methods, tls_gc);
+    new_type(L, DKIM_MT, dkim_methods, dkim_gc);
+    new_type(L, JOURNAL_MT, journal_methods, journal_close);
     luaL_newmetatable(L, ERROR_MT);
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");
