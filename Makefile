@@ -72,6 +72,8 @@ docs:
 SAN = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 sanitize:
 	$(MAKE) clean
+	@# nginx cannot load an instrumented module: the LuaJIT build stays plain
+	$(MAKE) $(LUAJIT_MODULE)
 	$(MAKE) all ctest OPT="-O1 -g $(SAN)" LDLIBS="$(SAN)"
 	SP_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 sh tests/run.sh $(CTESTS)
