@@ -109,7 +109,7 @@ FUZZ_CC ?= clang
 fuzz: | $(BUILD)
 	@for t in session codec; do \
 	  $(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isrc \
-	    -o $(BUILD)/fuzz_$$t tests/fuzz/fuzz_$$t.c $(filter-out src/sp_net.c src/sp_tls.c,$(CORE_SRC)) -lcrypto || exit 1; \
+	    -o $(BUILD)/fuzz_$$t tests/fuzz/fuzz_$$t.c $(filter-out src/sp_net.c,$(CORE_SRC)) -lssl -lcrypto || exit 1; \
 	  mkdir -p $(BUILD)/corpus_$$t; \
 	  if ! $(BUILD)/fuzz_$$t -max_total_time=$(FUZZ_TIME) -max_len=4096 $(BUILD)/corpus_$$t \
 	      tests/fuzz/seeds/$$t >$(BUILD)/fuzz_$$t.log 2>&1; then tail -40 $(BUILD)/fuzz_$$t.log; exit 1; fi; \

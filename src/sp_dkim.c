@@ -11,21 +11,12 @@
 
 #include "sp_codec.h"
 #include "sp_mime.h"
+#include "sp_tls.h"
 
 struct sp_dkim_key {
     EVP_PKEY *pkey;
     int alg;
 };
-
-static void ossl_reason(char *buf, size_t n)
-{
-    unsigned long e = ERR_peek_last_error();
-    if (e)
-        ERR_error_string_n(e, buf, n);
-    else
-        snprintf(buf, n, "not a PEM private key");
-    ERR_clear_error();
-}
 
 sp_dkim_key *sp_dkim_key_new(const char *pem, size_t len, int alg, sp_error *err)
 {
@@ -44,7 +35,7 @@ sp_dkim_key *sp_dkim_key_new(const char *pem, size_t len, int alg, sp_error *err
     EVP_PKEY *k = bio ? PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL) : NULL;
     BIO_free(bio);
     if (!k) {
-        ossl_reason(why, sizeof why);
+        sp_openssl_reason(why, sizeof why);
         sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_NONE, "bad DKIM key: %s", why);
         return NULL;
     }
@@ -380,7 +371,7 @@ static int sign_core(const sp_dkim_key *k, const char *domain, const char *selec
     }
     if (!ok) {
         char why[256];
-        ossl_reason(why, sizeof why);
+        sp_openssl_reason(why, sizeof why);
         sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "DKIM signing failed: %s", why);
         sp_buf_free(&value);
         goto done;

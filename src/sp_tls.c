@@ -24,7 +24,7 @@ static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
     return 1; /* we keep the reference */
 }
 
-static void openssl_reason(char *buf, size_t n)
+void sp_openssl_reason(char *buf, size_t n)
 {
     unsigned long e = ERR_peek_last_error();
     if (e)
@@ -56,13 +56,13 @@ sp_tls_ctx *sp_tls_ctx_new(const sp_tls_opts *o, sp_error *err)
         SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
         if (o->ca_file || o->ca_path) {
             if (SSL_CTX_load_verify_locations(t->ctx, o->ca_file, o->ca_path) != 1) {
-                openssl_reason(why, sizeof why);
+                sp_openssl_reason(why, sizeof why);
                 sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_NONE, "cannot load CA %s: %s",
                              o->ca_file ? o->ca_file : o->ca_path, why);
                 goto fail_set;
             }
         } else if (SSL_CTX_set_default_verify_paths(t->ctx) != 1) {
-            openssl_reason(why, sizeof why);
+            sp_openssl_reason(why, sizeof why);
             sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_NONE, "cannot load the system CA store: %s", why);
             goto fail_set;
         }
@@ -72,21 +72,21 @@ sp_tls_ctx *sp_tls_ctx_new(const sp_tls_opts *o, sp_error *err)
     if (o->cert_file) {
         const char *key = o->key_file ? o->key_file : o->cert_file;
         if (SSL_CTX_use_certificate_chain_file(t->ctx, o->cert_file) != 1) {
-            openssl_reason(why, sizeof why);
+            sp_openssl_reason(why, sizeof why);
             sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_NONE, "cannot load client certificate %s: %s",
                          o->cert_file, why);
             goto fail_set;
         }
         if (SSL_CTX_use_PrivateKey_file(t->ctx, key, SSL_FILETYPE_PEM) != 1 ||
             SSL_CTX_check_private_key(t->ctx) != 1) {
-            openssl_reason(why, sizeof why);
+            sp_openssl_reason(why, sizeof why);
             sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_NONE, "cannot use client key %s: %s", key, why);
             goto fail_set;
         }
     }
     return t;
 fail:
-    openssl_reason(why, sizeof why);
+    sp_openssl_reason(why, sizeof why);
     sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_NONE, "cannot make a TLS context: %s", why);
 fail_set:
     sp_tls_ctx_free(t);
@@ -108,7 +108,7 @@ SSL *sp_tls_new_ssl(sp_tls_ctx *t, const char *server_name, sp_error *err)
     char why[256];
     SSL *ssl = SSL_new(t->ctx);
     if (!ssl) {
-        openssl_reason(why, sizeof why);
+        sp_openssl_reason(why, sizeof why);
         sp_error_set(err, SP_KIND_TLS, SP_PHASE_STARTTLS, "SSL_new: %s", why);
         return NULL;
     }
@@ -163,6 +163,6 @@ void sp_tls_error(sp_error *err, sp_phase phase, const char *what, SSL *ssl, int
         sp_error_set(err, SP_KIND_TLS, phase, "%s: connection closed during the TLS handshake", what);
         return;
     }
-    openssl_reason(why, sizeof why);
+    sp_openssl_reason(why, sizeof why);
     sp_error_set(err, SP_KIND_TLS, phase, "%s: %s", what, why);
 }
