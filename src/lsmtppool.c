@@ -502,6 +502,40 @@ static double opt_number_field(lua_State *L, int t, const char *k, double dflt)
     return v;
 }
 
+/* The auth = {user=, secret=, mechanism=, allow_plaintext=} field of the
+ * options table at t, into o. -1 on misuse. */
+static int read_auth(lua_State *L, int t, sp_session_opts *o)
+{
+    lua_getfield(L, t, "auth");
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    int a = lua_gettop(L);
+    o->auth_user = opt_string_field(L, a, "user");
+    o->auth_secret = opt_string_field(L, a, "secret");
+    if (!o->auth_user || !o->auth_secret)
+        return -1;
+    const char *m = opt_string_field(L, a, "mechanism");
+    if (m) {
+        static const struct {
+            const char *n;
+            unsigned v;
+        } mechs[] = {{"PLAIN", SP_AUTH_PLAIN}, {"LOGIN", SP_AUTH_LOGIN}, {"CRAM-MD5", SP_AUTH_CRAM_MD5},
+                     {"XOAUTH2", SP_AUTH_XOAUTH2}};
+        o->auth_mech = 0;
+        for (size_t i = 0; i < sizeof mechs / sizeof mechs[0]; i++)
+            if (!strcmp(m, mechs[i].n))
+                o->auth_mech = mechs[i].v;
+        if (!o->auth_mech)
+            return -1;
+    }
+    lua_getfield(L, a, "allow_plaintext");
+    o->allow_plaintext_auth = lua_toboolean(L, -1);
+    lua_pop(L, 2); /* the strings stay alive in the auth table, which the caller's table holds */
+    return 0;
+}
+
 /* core.tls_context{ca_file=, ca_path=, cert_file=, key_file=, insecure_skip_verify=} */
 static int l_tls_context(lua_State *L)
 {
@@ -587,30 +621,8 @@ static int l_connect(lua_State *L)
             return luaL_error(L, "unknown tls_mode '%s'", mode);
     }
     o.server_name = opt_string_field(L, 1, "server_name");
-    lua_getfield(L, 1, "auth");
-    if (lua_istable(L, -1)) {
-        int a = lua_gettop(L);
-        o.session.auth_user = opt_string_field(L, a, "user");
-        o.session.auth_secret = opt_string_field(L, a, "secret");
-        if (!o.session.auth_user || !o.session.auth_secret)
-            return luaL_error(L, "auth needs 'user' and 'secret' strings");
-        const char *m = opt_string_field(L, a, "mechanism");
-        if (m) {
-            if (!strcmp(m, "PLAIN"))
-                o.session.auth_mech = SP_AUTH_PLAIN;
-            else if (!strcmp(m, "LOGIN"))
-                o.session.auth_mech = SP_AUTH_LOGIN;
-            else if (!strcmp(m, "CRAM-MD5"))
-                o.session.auth_mech = SP_AUTH_CRAM_MD5;
-            else if (!strcmp(m, "XOAUTH2"))
-                o.session.auth_mech = SP_AUTH_XOAUTH2;
-            else
-                return luaL_error(L, "unknown AUTH mechanism '%s'", m);
-        }
-        lua_getfield(L, a, "allow_plaintext");
-        o.session.allow_plaintext_auth = lua_toboolean(L, -1);
-        lua_pop(L, 1);
-    }
+    if (read_auth(L, 1, &o.session) < 0)
+        return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     lconn *lc = lua_newuserdata(L, sizeof *lc);
     lc->c = NULL;
     lc->body_ref = LUA_NOREF;
@@ -766,6 +778,11 @@ static int l_session(lua_State *L)
         const char *st = opt_string_field(L, 1, "starttls");
         if (st)
             o.starttls = !strcmp(st, "required") ? SP_STARTTLS_REQUIRED : SP_STARTTLS_OPPORTUNISTIC;
+        lua_getfield(L, 1, "tls_active");
+        o.tls_active = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (read_auth(L, 1, &o) < 0)
+            return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     }
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     ls->s = NULL;

@@ -24,7 +24,9 @@ local TIMEOUT_MS = 300000 -- RFC 5321's five minutes
 -- @tparam table o `host`, `port` (25), `tls` (`"none"`, `"starttls"`,
 --   `"opportunistic"`, `"implicit"`), `server_name`, `verify` (default true:
 --   nginx's `lua_ssl_trusted_certificate` must name the CA), `helo`,
---   `timeout` (seconds for connect and each read or write)
+--   `timeout` (seconds for connect and each read or write), `auth`
+--   (`{user, password}` or `{user, token}` for XOAUTH2, as for the pool) and
+--   `allow_plaintext_auth`
 -- @tparam table msg `from`, `to` (string or array), `data`
 -- @treturn[1] table the result, as `Pool:send_raw` gives it
 -- @return[2] nil
@@ -50,7 +52,19 @@ function M.send_raw(o, msg)
       return nil, fail("tls", "TLS handshake: " .. tostring(err), "connect")
     end
   end
-  local s = core.session{ helo = o.helo or "localhost",
+  local auth
+  if o.auth then
+    local a = o.auth
+    local secret = a.password or a.token
+    if type(secret) == "function" then secret = secret() end
+    if type(a.user) ~= "string" or type(secret) ~= "string" then
+      sock:close()
+      return nil, fail("config", "auth needs user and a password or token")
+    end
+    auth = { user = a.user, secret = secret, mechanism = a.mechanism or (a.token and "XOAUTH2") or nil,
+             allow_plaintext = o.allow_plaintext_auth }
+  end
+  local s = core.session{ helo = o.helo or "localhost", tls_active = tls == "implicit", auth = auth,
     starttls = (tls == "starttls" and "required") or (tls == "opportunistic" and "opportunistic") or nil }
   local result, final_err, started
   for _ = 1, 100000 do -- bounded: a session ends long before

@@ -25,9 +25,22 @@ describe("the OpenResty driver", function()
     exim:stop()
   end)
 
-  local function get(query)
-    return peers.sh(("env -u LD_PRELOAD curl -s --max-time 20 'http://127.0.0.1:%d/send?%s'"):format(port, query))
+  local function get(query, path)
+    return peers.sh(("env -u LD_PRELOAD curl -s --max-time 20 'http://127.0.0.1:%d/%s?%s'"):format(port,
+      path or "send", query))
   end
+
+  it("authenticates with XOAUTH2, and a refused token is an auth error", function()
+    local f = peers.fault({ xoauth2_tokens = { "good" } })
+    local ok_out = get("port=" .. f.port .. "&token=good", "auth")
+    local bad_out = get("port=" .. f.port .. "&token=bad-secret", "auth")
+    local msgs = #f:select("message")
+    f:stop()
+    assert.matches("^sent 250", ok_out)
+    assert.matches("^failed auth error in auth: 535", bad_out)
+    assert.is_nil(bad_out:find("bad-secret", 1, true))
+    assert.equal(1, msgs)
+  end)
 
   it("sends through exim from a request handler, per-recipient results included", function()
     local out = get("to=ngx@y.test&port=" .. exim.port)
