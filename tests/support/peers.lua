@@ -207,8 +207,17 @@ function Exim:stop()
   if self.stopped then return end
   self.stopped = true
   stop_pid(self.pid)
-  -- delivery processes of the last messages may still be running
-  M.sleep(0.1)
+  -- Delivery processes of the last messages may still be running, and exim
+  -- would re-create its log folder after we remove it: wait for them (bounded).
+  local deadline = os.time() + 10
+  while os.time() <= deadline do
+    local live = false
+    for pid in sh("pgrep -f " .. q(self.dir .. "/exim.conf") .. " 2>/dev/null"):gmatch("%d+") do
+      if alive(tonumber(pid)) then live = true end
+    end
+    if not live then break end
+    M.sleep(0.1)
+  end
   os.execute("rm -rf " .. q(self.dir))
 end
 
