@@ -169,11 +169,6 @@ void sp_conn_set_body_src(sp_conn *c, sp_body_src *src)
     c->body = src;
 }
 
-void sp_conn_set_body(sp_conn *c, const char *p, size_t n)
-{
-    sp_body_seg seg = {p, n, NULL};
-    sp_conn_set_body_src(c, sp_body_src_new(&seg, 1));
-}
 
 int sp_conn_has_events(const sp_conn *c) { return c->ev_len > 0; }
 

@@ -45,11 +45,9 @@ void sp_conn_abort(sp_conn *c, const sp_error *err);
 sp_session *sp_conn_session(sp_conn *c);
 int sp_conn_is_open(const sp_conn *c);
 
-/* The body of the transaction just started, by pointer: the memory must stay
- * valid until SP_EV_TX_DONE. */
-void sp_conn_set_body(sp_conn *c, const char *p, size_t n);
-/* The body as a source (segments, files streamed); the connection owns and
- * frees it. */
+/* The body of the transaction just started, as a source (segments in
+ * memory, which must stay valid until SP_EV_TX_DONE, and files streamed);
+ * the connection owns and frees it. */
 void sp_conn_set_body_src(sp_conn *c, sp_body_src *src);
 
 /* Events the driver passes on (SP_EV_BODY is handled inside). */

@@ -574,6 +574,22 @@ function Pool:_run(next_msg, on_result)
       if x and (not next_wake or x < next_wake) then next_wake = x end
     end
 
+    -- A rate window that holds work back for w seconds: counted and
+    -- reported once per wait, and the loop wakes when it opens.
+    local function held(limit, w)
+      if w <= 0 then
+        waits_noted[limit] = nil
+        return false
+      end
+      if not waits_noted[limit] then
+        waits_noted[limit] = true
+        self.counters.rate_waits = self.counters.rate_waits + 1
+        self:_emit({ type = "rate_wait", limit = limit, seconds = w })
+      end
+      wake_at(t + w)
+      return true
+    end
+
     -- Idle connections: retire, check or load them.
     for _, rec in ipairs({ unpack(self.conns) }) do
       if rec.state == "idle" then
@@ -588,16 +604,7 @@ function Pool:_run(next_msg, on_result)
           rec.c:noop()
           rec.state = "checking"
         elseif #run.queue > 0 then
-          local w = rate_wait(self, "messages", t)
-          if w > 0 then
-            if not waits_noted.messages then
-              waits_noted.messages = true
-              self.counters.rate_waits = self.counters.rate_waits + 1
-              self:_emit({ type = "rate_wait", limit = "messages", seconds = w })
-            end
-            wake_at(t + w)
-          else
-            waits_noted.messages = nil
+          if not held("messages", rate_wait(self, "messages", t)) then
             self:_start(run, rec, table.remove(run.queue, 1), t)
           end
         end
@@ -605,22 +612,11 @@ function Pool:_run(next_msg, on_result)
     end
 
     -- Open connections for messages still queued.
-    local open_conns, connecting = #self.conns, 0
-    for _, rec in ipairs(self.conns) do
-      if rec.state == "connecting" then connecting = connecting + 1 end
-    end
+    local open_conns = #self.conns
     while #run.queue > 0 and open_conns < self.max_conns do
-      local w = math.max(rate_wait(self, "connections", t), rate_wait(self, "auth", t))
-      if w > 0 then
-        if not waits_noted.connections then
-          waits_noted.connections = true
-          self.counters.rate_waits = self.counters.rate_waits + 1
-          self:_emit({ type = "rate_wait", limit = "connections", seconds = w })
-        end
-        wake_at(t + w)
+      if held("connections", math.max(rate_wait(self, "connections", t), rate_wait(self, "auth", t))) then
         break
       end
-      waits_noted.connections = nil
       local job = table.remove(run.queue, 1)
       local rec, err = self:_open(t, job)
       if not rec then
@@ -628,7 +624,6 @@ function Pool:_run(next_msg, on_result)
         break -- resolution failed: let the retry policy pace the next try
       end
       open_conns = open_conns + 1
-      connecting = connecting + 1
     end
 
     -- Nothing could start a connection for the head of the queue in time.
