@@ -45,12 +45,15 @@ function M.send_raw(o, msg)
   if not ok then return nil, fail("connection", "connect: " .. tostring(err), "connect") end
   local verify = o.verify ~= false
   local server_name = o.server_name or o.host
+  local function handshake(phase)
+    local hs, herr = sock:sslhandshake(nil, server_name, verify)
+    if hs then return true end
+    sock:close()
+    return nil, fail("tls", "TLS handshake: " .. tostring(herr), phase)
+  end
   if tls == "implicit" then
-    ok, err = sock:sslhandshake(nil, server_name, verify)
-    if not ok then
-      sock:close()
-      return nil, fail("tls", "TLS handshake: " .. tostring(err), "connect")
-    end
+    ok, err = handshake("connect")
+    if not ok then return nil, err end
   end
   local auth
   if o.auth then
@@ -85,11 +88,8 @@ function M.send_raw(o, msg)
       s:body(msg.data)
       s:body_end()
     elseif ev == "tls" then
-      ok, err = sock:sslhandshake(nil, server_name, verify)
-      if not ok then
-        sock:close()
-        return nil, fail("tls", "TLS handshake: " .. tostring(err), "starttls")
-      end
+      ok, err = handshake("starttls")
+      if not ok then return nil, err end
       s:tls_done()
     elseif ev == "tx" then
       local t = s:tx()
