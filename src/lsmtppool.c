@@ -125,6 +125,14 @@ static int error_tostring(lua_State *L)
     return 1;
 }
 
+/* Pushes a buffer's bytes as a string and frees the buffer. */
+static int push_buf(lua_State *L, sp_buf *b)
+{
+    lua_pushlstring(L, sp_buf_head(b), sp_buf_pending(b));
+    sp_buf_free(b);
+    return 1;
+}
+
 static int push_fail(lua_State *L, const sp_error *e)
 {
     lua_pushnil(L);
@@ -891,9 +899,7 @@ static int l_dotstuff(lua_State *L)
         sp_buf_free(&b);
         return luaL_error(L, "out of memory");
     }
-    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
-    sp_buf_free(&b);
-    return 1;
+    return push_buf(L, &b);
 }
 
 static int l_b64encode(lua_State *L)
@@ -946,9 +952,7 @@ static int l_header(lua_State *L)
                                                                            : "out of memory");
         return 2;
     }
-    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
-    sp_buf_free(&b);
-    return 1;
+    return push_buf(L, &b);
 }
 
 static int l_phrase(lua_State *L)
@@ -961,9 +965,7 @@ static int l_phrase(lua_State *L)
         sp_buf_free(&b);
         return luaL_error(L, "out of memory");
     }
-    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
-    sp_buf_free(&b);
-    return 1;
+    return push_buf(L, &b);
 }
 
 /* core.encode(kind, data) with kind "base64" (76-column lines) or "qp" */
@@ -991,9 +993,7 @@ static int l_encode(lua_State *L)
         sp_buf_free(&b);
         return luaL_error(L, "out of memory");
     }
-    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
-    sp_buf_free(&b);
-    return 1;
+    return push_buf(L, &b);
 }
 
 static int l_utf8_valid(lua_State *L)
@@ -1058,9 +1058,7 @@ static int dkim_sign_common(lua_State *L, int hashed)
         sp_buf_free(&b);
         return push_fail(L, &e);
     }
-    lua_pushlstring(L, sp_buf_head(&b), sp_buf_pending(&b));
-    sp_buf_free(&b);
-    return 1;
+    return push_buf(L, &b);
 }
 
 static int dkim_sign(lua_State *L) { return dkim_sign_common(L, 0); }
