@@ -212,7 +212,7 @@ function Exim:stop()
   local deadline = os.time() + 10
   while os.time() <= deadline do
     local live = false
-    for pid in sh("pgrep -f " .. q(self.dir .. "/exim.conf") .. " 2>/dev/null"):gmatch("%d+") do
+    for pid in sh(CLEAN .. "pgrep -f " .. q(self.dir .. "/exim.conf") .. " 2>/dev/null"):gmatch("%d+") do
       if alive(tonumber(pid)) then live = true end
     end
     if not live then break end
