@@ -721,6 +721,19 @@ static int s_auth_mech(lua_State *L)
     return 0;
 }
 
+/* conn:abort(text): ends the connection now (no QUIT); a transaction in
+ * flight fails with a connection error, or ambiguous when its final dot has
+ * left. For the pool's per-message deadline. */
+static int c_abort(lua_State *L)
+{
+    lconn *lc = check_conn(L, 1);
+    const char *text = luaL_checkstring(L, 2);
+    sp_error e;
+    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(sp_conn_session(lc->c)), "%s", text);
+    sp_conn_abort(lc->c, &e);
+    return 0;
+}
+
 static int c_is_open(lua_State *L)
 {
     lua_pushboolean(L, sp_conn_is_open(check_conn(L, 1)->c));
@@ -792,6 +805,9 @@ static int l_session(lua_State *L)
         if (read_auth(L, 1, &o) < 0)
             return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     }
+    sp_error e;
+    if (sp_session_opts_check(&o, &e) < 0)
+        return push_fail(L, &e);
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     ls->s = NULL;
     luaL_getmetatable(L, SESSION_MT);
@@ -1178,6 +1194,7 @@ static const luaL_Reg session_common[] = {
 
 static const luaL_Reg conn_methods[] = {{"start", c_start},         {"next_event", c_next_event},
                                         {"close", c_close},         {"is_open", c_is_open},
+                                        {"abort", c_abort},
                                         {"counters", c_counters},   {NULL, NULL}};
 
 static const luaL_Reg session_methods[] = {{"feed", ss_feed},     {"eof", ss_eof},

@@ -28,7 +28,9 @@ struct sp_conn {
     char host[256];
     double connect_timeout;
     double timeouts[SP_PHASE_COUNT];
-    double last_activity;
+    double last_activity;    /* when the current timeout started counting */
+    sp_phase timed_phase;    /* the phase and reply count it counts for */
+    unsigned long timed_replies;
     sp_session *s;
     sp_body_src *body;
     sp_event evq[CONN_EVQ];
@@ -133,6 +135,10 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
     }
     sp_session_opts so = o->session;
     so.tls_active = c->implicit;
+    if (sp_session_opts_check(&so, err) < 0) {
+        sp_conn_free(c);
+        return NULL;
+    }
     c->s = sp_session_new(&so);
     if (!c->s) {
         sp_conn_free(c);
@@ -369,7 +375,7 @@ static int flush_out(sp_conn *c, double now)
     }
 }
 
-static void do_read(sp_conn *c, double now)
+static void do_read(sp_conn *c)
 {
     char buf[READ_CHUNK];
     /* A few reads per wake-up keep one chatty peer from starving the rest. */
@@ -410,7 +416,8 @@ static void do_read(sp_conn *c, double now)
         }
         c->counters.reads++;
         c->counters.bytes_in += (unsigned long long)r;
-        c->last_activity = now;
+        /* Bytes read do not restart the clock: a reply is timed whole, so a
+         * server dripping a byte a second cannot hold the connection. */
         sp_session_feed(c->s, buf, (size_t)r);
         pump(c);
         if ((size_t)r < sizeof buf && !(c->ssl && SSL_pending(c->ssl) > 0))
@@ -440,7 +447,11 @@ static void connect_done(sp_conn *c, double now)
     }
 }
 
-static double deadline_of(const sp_conn *c)
+/* When the connection's current wait times out (0: no deadline). RFC 5321
+ * 4.5.3.2 times each reply: the clock restarts when a command or data
+ * block is written, when a reply completes and when the phase changes,
+ * never on a partial read. */
+static double deadline_of(sp_conn *c, double now)
 {
     if (c->state == C_CONNECTING)
         return c->last_activity + c->connect_timeout;
@@ -449,6 +460,12 @@ static double deadline_of(const sp_conn *c)
     if (c->state != C_OPEN)
         return 0;
     sp_phase ph = sp_session_phase(c->s);
+    unsigned long replies = sp_session_replies(c->s);
+    if (ph != c->timed_phase || replies != c->timed_replies) {
+        c->timed_phase = ph;
+        c->timed_replies = replies;
+        c->last_activity = now;
+    }
     if (ph == SP_PHASE_NONE)
         return 0; /* idle: the pool's idle timeout applies, not ours */
     return c->last_activity + c->timeouts[ph];
@@ -496,7 +513,7 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
         for (size_t i = 0; i < n; i++) {
             /* decrypted bytes OpenSSL holds do not wake poll: take them now */
             if (conns[i]->state == C_OPEN && conns[i]->ssl && SSL_pending(conns[i]->ssl) > 0)
-                do_read(conns[i], now);
+                do_read(conns[i]);
             if (conns[i]->state == C_OPEN)
                 flush_out(conns[i], now);
             if (conns[i]->ev_len)
@@ -521,7 +538,7 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
             pfd[nf].events = ev;
             pfd[nf].revents = 0;
             map[nf++] = i;
-            double d = deadline_of(c);
+            double d = deadline_of(c, now);
             if (d > 0 && (wake == 0 || d < wake))
                 wake = d;
         }
@@ -555,12 +572,12 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
                 continue;
             }
             if (re & (POLLIN | POLLHUP | POLLERR))
-                do_read(c, now);
+                do_read(c);
             if (c->state == C_OPEN && (re & POLLOUT))
                 flush_out(c, now);
         }
         for (size_t i = 0; i < n; i++) {
-            double d = deadline_of(conns[i]);
+            double d = deadline_of(conns[i], now);
             if (d > 0 && now >= d)
                 on_deadline(conns[i]);
         }

@@ -33,6 +33,7 @@ typedef struct awaited {
 } awaited;
 
 #define EVQ 16
+#define SP_REDACT_MAX 8
 
 struct sp_session {
     sp_state state;
@@ -56,6 +57,11 @@ struct sp_session {
     char *auth_user, *auth_secret;
     unsigned auth_want, auth_mech;
     int auth_step, authed;
+    /* What the server must never get to echo into an error or a log: the
+     * secret and every base64 line the AUTH exchange sent (wiped on free). */
+    char *redact[SP_REDACT_MAX];
+    size_t nredact;
+    unsigned long replies;
     sp_event evq[EVQ];
     size_t ev_head, ev_len;
 };
@@ -129,6 +135,125 @@ static int queue_cmd(sp_session *s, const char *line, cmd c, size_t idx)
     return await(s, c, idx);
 }
 
+/* RFC 5321 4.1.3: a Domain (letters, digits, hyphens, dots; underscores
+ * tolerated, as real host names carry them) or an address literal. */
+static int valid_helo(const char *h)
+{
+    size_t n = strlen(h);
+    if (n == 0 || n > 255)
+        return 0;
+    if (h[0] == '[') {
+        if (n < 3 || h[n - 1] != ']')
+            return 0;
+        for (size_t i = 1; i + 1 < n; i++) {
+            unsigned char c = (unsigned char)h[i];
+            if (!(c >= '0' && c <= '9') && !(c >= 'a' && c <= 'z') && !(c >= 'A' && c <= 'Z') && c != ':' &&
+                c != '.' && c != '-')
+                return 0;
+        }
+        return 1;
+    }
+    if (h[0] == '.' || h[n - 1] == '.' || strstr(h, ".."))
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)h[i];
+        if (!(c >= '0' && c <= '9') && !(c >= 'a' && c <= 'z') && !(c >= 'A' && c <= 'Z') && c != '-' &&
+            c != '.' && c != '_')
+            return 0;
+    }
+    return 1;
+}
+
+static int has_any(const char *p, const char *bad)
+{
+    return p && p[strcspn(p, bad)] != '\0';
+}
+
+int sp_session_opts_check(const sp_session_opts *o, sp_error *err)
+{
+    sp_error_clear(err);
+    if (!o)
+        return 0;
+    if (o->helo && !valid_helo(o->helo)) {
+        sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_EHLO,
+                     "helo must be a domain name or an address literal such as [192.0.2.1]");
+        return -1;
+    }
+    /* The user and secret travel base64-encoded, yet CR and LF are never
+     * part of a credential (a LOGIN server decodes them into its own lines),
+     * and ^A separates XOAUTH2's fields: a user or token holding one could
+     * add fields of its own. */
+    if (o->auth_user) {
+        for (const unsigned char *p = (const unsigned char *)o->auth_user; *p; p++)
+            if (*p < 0x20 || *p == 0x7f) {
+                sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_AUTH, "auth.user must not contain control bytes");
+                return -1;
+            }
+    }
+    if (has_any(o->auth_secret, o->auth_mech == SP_AUTH_XOAUTH2 ? "\r\n\001" : "\r\n")) {
+        sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_AUTH,
+                     "the AUTH secret (password or token) must not contain CR, LF or, for XOAUTH2, ^A");
+        return -1;
+    }
+    return 0;
+}
+
+/* Remembers a string the server must not echo back into our errors. */
+static void add_redact(sp_session *s, const char *p, size_t n)
+{
+    if (n == 0 || s->nredact == SP_REDACT_MAX)
+        return;
+    char *c = malloc(n + 1);
+    if (!c)
+        return;
+    memcpy(c, p, n);
+    c[n] = 0;
+    s->redact[s->nredact++] = c;
+}
+
+/* Replaces every remembered secret in a reply's text with "[redacted]", so
+ * a server that echoes the client's AUTH line (or the password) cannot put
+ * the credentials into an error, an event or a log. */
+static void scrub_reply(sp_session *s, sp_reply *r)
+{
+    static const char mark[] = "[redacted]";
+    if (!r->text || s->nredact == 0)
+        return;
+    for (size_t k = 0; k < s->nredact; k++) {
+        const char *sec = s->redact[k];
+        size_t sl = strlen(sec);
+        char *hit = strstr(r->text, sec);
+        if (!hit)
+            continue;
+        /* the result is at most (len / sl + 1) * sizeof mark longer */
+        size_t cap = r->text_len + (r->text_len / sl + 1) * sizeof mark + 1;
+        char *out = malloc(cap);
+        if (!out) { /* cannot rewrite: drop the text rather than leak it */
+            OPENSSL_cleanse(r->text, r->text_len);
+            r->text[0] = 0;
+            r->text_len = 0;
+            return;
+        }
+        size_t o = 0;
+        const char *p = r->text;
+        while (hit) {
+            memcpy(out + o, p, (size_t)(hit - p));
+            o += (size_t)(hit - p);
+            memcpy(out + o, mark, sizeof mark - 1);
+            o += sizeof mark - 1;
+            p = hit + sl;
+            hit = strstr(p, sec);
+        }
+        size_t rest = strlen(p);
+        memcpy(out + o, p, rest + 1);
+        o += rest;
+        OPENSSL_cleanse(r->text, r->text_len);
+        free(r->text);
+        r->text = out;
+        r->text_len = o;
+    }
+}
+
 sp_session *sp_session_new(const sp_session_opts *opts)
 {
     sp_session *s = calloc(1, sizeof *s);
@@ -155,6 +280,7 @@ sp_session *sp_session_new(const sp_session_opts *opts)
                 sp_session_free(s);
                 return NULL;
             }
+            add_redact(s, s->auth_secret, strlen(s->auth_secret));
         }
     }
     if (await(s, CMD_GREETING, 0) < 0) {
@@ -193,6 +319,10 @@ void sp_session_free(sp_session *s)
     if (s->auth_secret) {
         OPENSSL_cleanse(s->auth_secret, strlen(s->auth_secret));
         free(s->auth_secret);
+    }
+    for (size_t i = 0; i < s->nredact; i++) {
+        OPENSSL_cleanse(s->redact[i], strlen(s->redact[i]));
+        free(s->redact[i]);
     }
     /* AUTH lines may still sit in the output buffer */
     if (s->out.data)
@@ -365,6 +495,8 @@ static int queue_secret(sp_session *s, const char *prefix, const unsigned char *
         sp_buf_append(&s->out, "\r\n", 2) < 0)
         rc = -1;
     s->queued += pl + bl + 2;
+    b[bl] = 0;
+    add_redact(s, b, bl);
     OPENSSL_cleanse(b, bl);
     free(b);
     return rc < 0 ? -1 : await(s, CMD_AUTH, 0);
@@ -746,6 +878,8 @@ int sp_session_feed(sp_session *s, const char *buf, size_t len)
             die(s, &e);
             return -1;
         }
+        s->replies++;
+        scrub_reply(s, &r);
         int rc = on_reply(s, &r);
         sp_reply_clear(&r);
         if (rc < 0)
@@ -1030,4 +1164,6 @@ const sp_caps *sp_session_caps(const sp_session *s) { return &s->caps; }
 const sp_tx *sp_session_tx(const sp_session *s) { return &s->tx; }
 const sp_error *sp_session_error(const sp_session *s) { return &s->err; }
 unsigned sp_session_tx_count(const sp_session *s) { return s->tx_count; }
+
+unsigned long sp_session_replies(const sp_session *s) { return s->replies; }
 const sp_reply *sp_session_greeting(const sp_session *s) { return &s->greeting; }

@@ -103,6 +103,12 @@ typedef struct sp_session_opts {
 
 typedef struct sp_session sp_session;
 
+/* Checks every string of opts that reaches a command line: the EHLO name
+ * must be a domain or an address literal (RFC 5321 4.1.3), the AUTH user
+ * and secret must not hold CR, LF (or, for XOAUTH2, ^A, which separates its
+ * fields). 0, or -1 with *err (kind config) naming the option. */
+int sp_session_opts_check(const sp_session_opts *opts, sp_error *err);
+/* NULL when out of memory; opts are not checked here (sp_session_opts_check). */
 sp_session *sp_session_new(const sp_session_opts *opts);
 void sp_session_free(sp_session *s);
 
@@ -140,6 +146,9 @@ sp_phase sp_session_phase(const sp_session *s);
 const sp_caps *sp_session_caps(const sp_session *s);
 const sp_tx *sp_session_tx(const sp_session *s);
 const sp_error *sp_session_error(const sp_session *s);
+/* Complete replies read so far: drivers time each reply from the last
+ * write or the last complete reply, never from the last byte read. */
+unsigned long sp_session_replies(const sp_session *s);
 /* Transactions that ended with the server accepting the message. */
 unsigned sp_session_tx_count(const sp_session *s);
 /* The greeting's reply code and text (for logs). */

@@ -12,11 +12,14 @@
 --
 -- The journal is an append-only file: a line `P` (in flight) is written and
 -- fsync'ed before a message is handed to the pool, and a line `S` (sent),
--- `F` (failed) or `A` (ambiguous) when its outcome is known. `run()` on an
--- existing journal skips every recipient with an outcome; one that was in
--- flight when the process died may or may not have been delivered, so it
--- is recorded ambiguous and not sent again, unless `resend_in_flight = true`
--- says a duplicate is better than a loss.
+-- `F` (failed), `A` (ambiguous: may or may not have arrived) or `D` (sent,
+-- and possibly delivered twice: an earlier try may have arrived too) when
+-- its outcome is known. `run()` on an existing journal skips every
+-- recipient with an outcome; one that was in flight when the process died
+-- may or may not have been delivered, so it is recorded ambiguous and not
+-- sent again, unless `resend_in_flight = true` says a duplicate is better
+-- than a loss (what it then sends is recorded `D` and counted in the
+-- report's `possible_duplicates`).
 -- @module smtppool.campaign
 
 local core = require("smtppool.core")
@@ -79,7 +82,7 @@ local function read_journal(path)
   local f = io.open(path, "rb")
   if not f then return states end
   for line in f:lines() do
-    local st, key = line:match("^([PSFA])\t([^\t]+)")
+    local st, key = line:match("^([PSFAD])\t([^\t]+)")
     if st then states[key] = st end -- a torn last line without a tab is ignored
   end
   f:close()
@@ -197,8 +200,10 @@ function Campaign:run()
     end
   end
 
-  local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0 }
+  local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,
+                   possible_duplicates = 0 }
   local keys = setmetatable({}, { __mode = "k" }) -- message -> journal key
+  local resent = setmetatable({}, { __mode = "k" }) -- messages in flight in an earlier run, sent again
   local index = 0
   local pool = o.pool
   local show = o.progress
@@ -245,7 +250,7 @@ function Campaign:run()
       else
         local key = index .. ":" .. rcpt.email
         local st = states[key]
-        if st == "S" or st == "F" or st == "A" then
+        if st == "S" or st == "F" or st == "A" or st == "D" then
           report.skipped = report.skipped + 1
         elseif st == "P" and not o.resend_in_flight then
           -- In flight when an earlier run died: it may have been delivered.
@@ -259,6 +264,7 @@ function Campaign:run()
           else
             record("P", key, "", false)
             keys[m] = key
+            if st == "P" then resent[m] = true end
             return m
           end
         end
@@ -296,8 +302,12 @@ function Campaign:run()
     if res then
       report.sent = report.sent + 1
       local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
-      record(res.ambiguous and "A" or "S", key, res.code .. " " .. (res.text or "") .. rej, false)
-    elseif rerr.kind == "ambiguous" then
+      local dup = res.ambiguous or resent[m]
+      if dup then report.possible_duplicates = report.possible_duplicates + 1 end
+      record(dup and "D" or "S", key, res.code .. " " .. (res.text or "") .. rej
+        .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""), false)
+    elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
+      -- it, or an earlier try of it, may have arrived
       report.ambiguous = report.ambiguous + 1
       record("A", key, tostring(rerr), false)
     else
@@ -331,8 +341,10 @@ end
 
 --- A one-line human summary of a report.
 function M.summary(r)
-  return ("%d recipients: %d sent, %d failed, %d ambiguous, %d skipped (done before), %d retries, %.1fs, %.0f msg/s")
-    :format(r.total, r.sent, r.failed, r.ambiguous, r.skipped, r.retried, r.elapsed, r.rate)
+  local dup = (r.possible_duplicates or 0) > 0
+    and (" (%d of them possibly twice)"):format(r.possible_duplicates) or ""
+  return ("%d recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries, %.1fs, %.0f msg/s")
+    :format(r.total, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, r.elapsed, r.rate)
 end
 
 setmetatable(M, { __call = function(_, o) return M.new(o) end })

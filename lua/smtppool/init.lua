@@ -70,11 +70,36 @@ local OPTIONS = {
   health_check_after = "number", rate = "table", retry = "function",
   ca_file = "string", ca_path = "string", cert_file = "string", key_file = "string",
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
-  allow_plaintext_auth = "boolean", dkim = "table",
+  allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
+  cap_recover_after = "number",
 }
+
+-- A real, finite number: NaN and the infinities pass `type` and most range
+-- checks (NaN compares false with everything), and a NaN timeout waits forever.
+local function finite(x)
+  return type(x) == "number" and x == x and x > -math.huge and x < math.huge
+end
+M._finite = finite
+
+-- RFC 5321 4.1.3: the EHLO name is a domain or an address literal; nothing
+-- else (a space, CR, LF, NUL) may reach the command line.
+local function valid_helo(h)
+  if #h == 0 or #h > 255 then return false end
+  if h:sub(1, 1) == "[" then return h:match("^%[[%w:.%-]+%]$") ~= nil end
+  return h:match("^[%w_%-]+[%w_.%-]*$") ~= nil and not h:find("..", 1, true) and h:sub(-1) ~= "."
+end
+M._valid_helo = valid_helo
 
 local AUTH_OPTIONS = { user = "string", password = "string", token = true, mechanism = "string" }
 local MECHANISMS = { PLAIN = true, LOGIN = true, ["CRAM-MD5"] = true, XOAUTH2 = true }
+
+-- Why a secret (password or token) cannot be sent, or nil. CR, LF and NUL
+-- never belong to a credential; ^A would split XOAUTH2's fields.
+function M._bad_secret(v)
+  if type(v) ~= "string" then return nil end
+  if v:find("[%z\r\n\1]") then return " must not contain CR, LF, NUL or ^A" end
+  return nil
+end
 
 local function check_options(opts)
   if type(opts) ~= "table" then
@@ -98,16 +123,22 @@ local function check_options(opts)
         error(("smtppool.new: unknown timeout '%s' (phases: %s)"):format(tostring(k),
           table.concat(PHASES, ", ")), 3)
       end
-      if type(v) ~= "number" or v <= 0 then
-        error(("smtppool.new: timeout '%s' must be a positive number"):format(k), 3)
+      if not finite(v) or v <= 0 then
+        error(("smtppool.new: timeout '%s' must be a positive finite number"):format(k), 3)
       end
     end
   end
   for _, k in ipairs({ "connect_timeout", "close_timeout", "wait_timeout", "idle_timeout",
-                       "max_conn_lifetime", "health_check_after" }) do
-    if opts[k] and opts[k] <= 0 then
-      error(("smtppool.new: option '%s' must be positive"):format(k), 3)
+                       "max_conn_lifetime", "health_check_after", "message_timeout", "cap_recover_after" }) do
+    if opts[k] ~= nil and (not finite(opts[k]) or opts[k] <= 0) then
+      error(("smtppool.new: option '%s' must be a positive finite number of seconds"):format(k), 3)
     end
+  end
+  if opts.port ~= nil and not finite(opts.port) then
+    error("smtppool.new: option 'port' must be a finite number", 3)
+  end
+  if opts.helo ~= nil and not valid_helo(opts.helo) then
+    error("smtppool.new: option 'helo' must be a domain name or an address literal such as [192.0.2.1]", 3)
   end
   if opts.auth then
     for k, v in pairs(opts.auth) do
@@ -128,16 +159,28 @@ local function check_options(opts)
     if (opts.auth.password == nil) == (opts.auth.token == nil) then
       error("smtppool.new: auth takes a password or a token (for XOAUTH2), not both or neither", 3)
     end
+    if opts.auth.user:find("[%z\1-\31\127]") then
+      error("smtppool.new: auth.user must not contain control bytes (CR, LF, NUL...)", 3)
+    end
+    local bad = M._bad_secret(opts.auth.password or opts.auth.token)
+    if bad then error("smtppool.new: auth." .. (opts.auth.password and "password" or "token") .. bad, 3) end
   end
   for _, k in ipairs({ "max_conns", "max_messages_per_conn" }) do
-    if opts[k] and (opts[k] < 1 or opts[k] ~= math.floor(opts[k])) then
-      error(("smtppool.new: option '%s' must be a positive integer"):format(k), 3)
+    if opts[k] and (not finite(opts[k]) or opts[k] < 1 or opts[k] ~= math.floor(opts[k]) or opts[k] > 100000) then
+      error(("smtppool.new: option '%s' must be an integer from 1 to 100000"):format(k), 3)
     end
   end
 end
 
 local Pool = {}
 Pool.__index = Pool
+
+-- This machine's name when it is a valid EHLO name, else "localhost".
+local function default_helo()
+  local h = core.hostname()
+  if h and valid_helo(h) then return h end
+  return "localhost"
+end
 
 --- Creates a pool. No connection is opened until a message needs one.
 -- @tparam table opts
@@ -222,7 +265,7 @@ function M.new(opts)
   local self = setmetatable({
     opts = opts,
     conn_opts = {
-      host = opts.host, port = port, helo = opts.helo or core.hostname() or "localhost",
+      host = opts.host, port = port, helo = opts.helo or default_helo(),
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
       tls = tls_ctx, tls_mode = tls, server_name = opts.server_name,
     },
@@ -241,7 +284,9 @@ function M.new(opts)
     on_event = opts.on_event,
     conns = {},          -- connection records
     learned_cap = nil,   -- learned per-session cap
-    cap_seen = {},       -- cap observations: count -> times seen
+    cap_seen = {},       -- cap observations not yet contradicted: count -> times seen
+    cap_recover_after = opts.cap_recover_after or 600,
+    message_timeout = opts.message_timeout,
     closed = false,
     next_id = 0,
     counters = { opened = 0, closed_by_us = 0, closed_by_server = 0, rotated = 0,
@@ -274,6 +319,7 @@ end
 --   gone        closed and removed
 
 function Pool:_remove(rec)
+  if rec.state ~= "gone" then self:_note_session(rec.sent) end
   for i, r in ipairs(self.conns) do
     if r == rec then table.remove(self.conns, i) break end
   end
@@ -313,8 +359,11 @@ function Pool:_credentials()
     if type(secret) == "function" then
       local ok, tok = pcall(secret)
       if not ok or type(tok) ~= "string" then
-        return nil, M.error("auth", "the auth.token function did not return a token: " .. tostring(tok), { phase = "auth" })
+        return nil, M.error("auth", "the auth.token function did not return a token: "
+          .. (ok and type(tok) or tostring(tok)), { phase = "auth" })
       end
+      local bad = M._bad_secret(tok)
+      if bad then return nil, M.error("auth", "the token from auth.token" .. bad, { phase = "auth" }) end
       secret = tok
     end
     mech = mech or "XOAUTH2"
@@ -361,17 +410,72 @@ end
 
 local MAX_FREE_MOVES = 3
 
--- Learns a per-session cap from a count seen more than once.
-function Pool:_observe_cap(n)
-  if n < 1 then return end
+-- Learning a session cap (DESIGN.md invariant 3). A server with a real cap
+-- ends every session at the same count; ordinary failures (a 451 now and
+-- then, a random 421) end them at scattered counts while other sessions
+-- carry more. So a count n is learned only when the server signalled
+-- exhaustion after n transactions CAP_EVIDENCE times with no session in
+-- between carrying more than n, and never below CAP_FLOOR. A learned cap is
+-- forgotten after `cap_recover_after` quiet seconds, so a cap learned from
+-- a bad spell recovers (a real one is learned again at the cost of a few
+-- moved messages).
+local CAP_EVIDENCE = 3
+local CAP_FLOOR = 2
+
+-- A session ended having carried n messages: evidence against any cap below n.
+function Pool:_note_session(n)
+  for k in pairs(self.cap_seen) do
+    if k < n then self.cap_seen[k] = nil end
+  end
+end
+
+-- The server declared a session exhausted after n transactions.
+function Pool:_observe_cap(n, t)
+  self.cap_signal_at = t
+  if n < CAP_FLOOR then return end
   self.cap_seen[n] = (self.cap_seen[n] or 0) + 1
-  if self.cap_seen[n] >= 2 and (not self.learned_cap or n < self.learned_cap) then
+  if self.cap_seen[n] >= CAP_EVIDENCE and (not self.learned_cap or n < self.learned_cap) then
     self.learned_cap = n
     self:_emit({ type = "learn_cap", cap = n })
   end
 end
 
+-- Forgets a learned cap after a quiet period (no exhaustion signal).
+function Pool:_maybe_unlearn_cap(t)
+  if self.learned_cap and t - (self.cap_signal_at or t) >= self.cap_recover_after then
+    local old = self.learned_cap
+    self.learned_cap = nil
+    self.cap_seen = {}
+    self.cap_signal_at = t
+    self:_emit({ type = "unlearn_cap", cap = old })
+  end
+end
+
+-- Calls user code (on_result, a template, the source iterator) so that an
+-- error it raises cannot leave the loop with messages unreported: the first
+-- such error is kept, no new message is taken, the ones already on the wire
+-- run to their outcome, and the error is raised once the loop is done.
+local function guarded(run, what, fn, ...)
+  local ok, a, b = pcall(fn, ...)
+  if ok then return true, a, b end
+  if not run.user_error then
+    run.user_error = { what = what, value = a }
+    run.source_done = true
+  end
+  return false
+end
+
 function Pool:_finish(run, job, res, err)
+  local group = job.group
+  if group then
+    -- One transaction of a message split for the server's RCPTMAX: the
+    -- message's outcome waits for every part.
+    group.parts[job.part] = { res = res, err = err, job = job }
+    group.pending = group.pending - 1
+    if group.pending > 0 then return end
+    job = group.job
+    res, err = M._merge_parts(group)
+  end
   run.inflight = run.inflight - 1
   run.done = run.done + 1
   if res then
@@ -383,12 +487,56 @@ function Pool:_finish(run, job, res, err)
     if job.ambiguous and err.kind ~= "ambiguous" then err.ambiguous = true end
     self.counters.failed = self.counters.failed + 1
   end
-  run.on_result(job.user_msg or job.msg, res, err, job)
+  guarded(run, "on_result", run.on_result, job.user_msg or job.msg, res, err, job)
+end
+
+-- The one outcome of a message sent as several transactions: sent when any
+-- recipient was accepted (the others listed as rejected, with the reason of
+-- their part), else the failure of the first part, ambiguous when any part
+-- may have been delivered. Attempts are the most any part took.
+function M._merge_parts(group)
+  local recipients, rejected, first_ok, first_err, ambiguous_err = {}, {}, nil, nil, nil
+  local attempts, ambiguous = 0, false
+  for _, p in ipairs(group.parts) do
+    attempts = math.max(attempts, p.job.attempts)
+    if p.job.ambiguous then ambiguous = true end
+    if p.res then
+      first_ok = first_ok or p.res
+      for _, r in ipairs(p.res.recipients) do recipients[#recipients + 1] = r end
+    else
+      local e = p.err
+      first_err = first_err or e
+      if e.kind == "ambiguous" or e.ambiguous then ambiguous_err = ambiguous_err or e end
+      local answered = {}
+      for _, r in ipairs(e.recipients or {}) do answered[r.address] = r end
+      for _, a in ipairs(p.job.to) do
+        recipients[#recipients + 1] = answered[a] or { address = a, ok = false, code = e.code,
+          enhanced = e.enhanced, text = e.text }
+      end
+    end
+  end
+  for _, r in ipairs(recipients) do
+    if not r.ok then rejected[#rejected + 1] = r end
+  end
+  group.job.attempts = attempts
+  group.job.ambiguous = ambiguous or nil
+  if first_ok then
+    local res = { code = first_ok.code, enhanced = first_ok.enhanced, text = first_ok.text,
+                  recipients = recipients, rejected = rejected, transactions = #group.parts }
+    if ambiguous_err then res.ambiguous = true end
+    return res
+  end
+  local e = ambiguous_err or first_err
+  local out = {}
+  for k, v in pairs(e) do out[k] = v end
+  out.recipients = recipients
+  return nil, setmetatable(out, error_mt)
 end
 
 -- Decides what happens to a job after a failed attempt.
 function Pool:_after_failure(run, job, err, rec, t)
-  if rec and (classify_cap_signal(rec, err) or
+  local expired = job.deadline and t >= job.deadline
+  if rec and not expired and (classify_cap_signal(rec, err) or
       (rec.txs > 1 and err.kind == "connection" and not err.code)) and job.free_moves < MAX_FREE_MOVES then
     -- Exhausted or stale reused connection: not the message's fault.
     job.free_moves = job.free_moves + 1
@@ -404,10 +552,19 @@ function Pool:_after_failure(run, job, err, rec, t)
   end
   local ok, delay = pcall(self.policy, err, job.attempts, job.msg)
   if not ok then
-    delay = false
     err = M.error(err.kind, err.text .. " (retry policy failed: " .. tostring(delay) .. ")", err)
+    delay = false
   end
-  if type(delay) == "number" and delay >= 0 then
+  if type(delay) == "number" and not (delay >= 0 and delay < math.huge) then
+    err = M.error(err.kind, err.text .. " (retry policy returned " .. tostring(delay) .. ")", err)
+    delay = false
+  end
+  if delay and job.deadline and t + delay >= job.deadline then
+    -- The retry could not start before the message's deadline.
+    err = M.error(err.kind, err.text .. (" (message_timeout %gs reached)"):format(self.message_timeout), err)
+    delay = false
+  end
+  if type(delay) == "number" then
     self.counters.retried = self.counters.retried + 1
     self:_emit({ type = "retry", attempt = job.attempts, delay = delay, err = err })
     job.not_before = t + delay
@@ -431,7 +588,28 @@ local function outcome(t)
   return nil, e
 end
 
+-- RFC 9422 LIMITS RCPTMAX: a message with more recipients than the server
+-- takes in one transaction is sent as several, each with at most rcptmax
+-- recipients; the parts are queued next and the message gets one outcome
+-- when all have theirs (never half-sent and reported as whole).
+function Pool:_split(run, job, max)
+  local group = { job = job, parts = {}, pending = 0 }
+  local parts = {}
+  for i = 1, #job.to, max do
+    local to = { unpack(job.to, i, math.min(i + max - 1, #job.to)) }
+    local part = { msg = job.msg, to = to, attempts = job.attempts, free_moves = 0, queued_at = job.queued_at,
+                   user_msg = job.user_msg, deadline = job.deadline, group = group }
+    parts[#parts + 1] = part
+    part.part = #parts
+  end
+  group.pending = #parts
+  for i = #parts, 2, -1 do table.insert(run.queue, 1, parts[i]) end
+  return parts[1]
+end
+
 function Pool:_start(run, rec, job, t)
+  local rmax = rec.caps and rec.caps.rcptmax
+  if rmax and #job.to > rmax and not job.group then job = self:_split(run, job, rmax) end
   local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn)
   if not ok then
     -- Refused before a byte was sent (bad address, size over the server's
@@ -477,7 +655,7 @@ function Pool:_dispatch(run, rec, t)
           self:_finish(run, job, res)
         else
           if classify_cap_signal(rec, err) then
-            self:_observe_cap(rec.txs - 1)
+            self:_observe_cap(rec.txs - 1, t)
             rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
           end
           self:_after_failure(run, job, err, rec, t)
@@ -494,6 +672,11 @@ function Pool:_dispatch(run, rec, t)
         -- The server refused the credentials: every further try would be
         -- refused too, and servers lock accounts that keep trying.
         self.auth_failed = e
+      elseif e.kind == "tls" then
+        -- A certificate that fails verification (or a server without the
+        -- STARTTLS we require) fails every connection alike: the queue of
+        -- this call fails once with it rather than one connection per message.
+        run.tls_failed = e
       end
       if job then
         -- Died before it could carry the message bound to it (connect,
@@ -532,10 +715,12 @@ function Pool:_run(next_msg, on_result)
 
     -- Pull messages lazily: enough to keep every connection busy.
     while not run.source_done and #run.queue < lookahead do
-      local msg = next_msg()
+      local ok, msg = guarded(run, "the message source", next_msg)
+      if not ok then break end
       if msg == nil then run.source_done = true break end
       local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t,
-                    user_msg = msg.user_msg or msg.msg }
+                    user_msg = msg.user_msg or msg.msg,
+                    deadline = self.message_timeout and t + self.message_timeout }
       run.inflight = run.inflight + 1
       if msg.err then
         self:_finish(run, job, nil, msg.err)
@@ -558,15 +743,47 @@ function Pool:_run(next_msg, on_result)
     end
 
     -- After a refused login, nothing more is sent: the queue fails with it.
-    if self.auth_failed then
+    -- After a TLS failure, this call's queue fails with it.
+    local fatal = self.auth_failed or run.tls_failed
+    if fatal then
       for _, list in ipairs({ run.queue, run.deferred }) do
         while #list > 0 do
           local job = table.remove(list, 1)
-          self:_finish(run, job, nil, M.error("auth", self.auth_failed.text, {
-            phase = "auth", code = self.auth_failed.code, enhanced = self.auth_failed.enhanced }))
+          job.attempts = math.max(job.attempts, 1)
+          self:_finish(run, job, nil, M.error(fatal.kind, fatal.text, {
+            phase = fatal.phase, code = fatal.code, enhanced = fatal.enhanced }))
         end
       end
     end
+
+    -- message_timeout: a message still waiting for a connection when its
+    -- deadline comes fails; one on the wire has its connection cut (the
+    -- connection's state is unknown after that, so it is never reused).
+    if self.message_timeout then
+      for i = #run.queue, 1, -1 do
+        local job = run.queue[i]
+        if t >= job.deadline then
+          table.remove(run.queue, i)
+          job.attempts = math.max(job.attempts, 1)
+          self:_finish(run, job, nil, M.error("connection",
+            ("message_timeout (%gs) reached before a connection could take the message"):format(self.message_timeout),
+            { phase = "connect" }))
+        elseif not next_wake or job.deadline < next_wake then
+          next_wake = job.deadline
+        end
+      end
+      for _, rec in ipairs(self.conns) do
+        local job = rec.job
+        if job and job.deadline then
+          if t >= job.deadline then
+            rec.c:abort(("message_timeout (%gs) reached"):format(self.message_timeout))
+          elseif not next_wake or job.deadline < next_wake then
+            next_wake = job.deadline
+          end
+        end
+      end
+    end
+    self:_maybe_unlearn_cap(t)
 
     if run.inflight == 0 and run.source_done then break end
 
@@ -672,6 +889,14 @@ function Pool:_run(next_msg, on_result)
         end
       end
     end
+  end
+  local ue = run.user_error
+  if ue then
+    -- Every message taken has its outcome by now; the caller's code failed.
+    -- An error value (a table) goes up as it is, for callers that catch it.
+    if type(ue.value) == "table" then error(ue.value, 0) end
+    error(("smtppool: %s raised: %s (every message taken before it has been reported)"):format(ue.what,
+      tostring(ue.value)), 0)
   end
 end
 
@@ -966,17 +1191,23 @@ function Pool:send_batch(source, opts)
   if self.closed then error("send_batch: the pool is closed", 2) end
   local i = 0
   local next_msg
+  -- An item that cannot be prepared (a template or a field that raises) is
+  -- that item's invalid outcome; an error of the source itself stops the
+  -- batch once everything taken has been reported.
+  local function prepare_item(m)
+    if m == nil then return nil end
+    local ok, item = pcall(prepare, m, "send_batch", nil, self)
+    if ok then return item end
+    return { msg = m, to = {}, err = M.error("invalid", "cannot prepare the message: " .. tostring(item),
+      { attempts = 0 }) }
+  end
   if type(source) == "table" then
     next_msg = function()
       i = i + 1
-      local m = source[i]
-      return m and prepare(m, "send_batch", nil, self)
+      return prepare_item(source[i])
     end
   else
-    next_msg = function()
-      local m = source()
-      return m and prepare(m, "send_batch", nil, self)
-    end
+    next_msg = function() return prepare_item(source()) end
   end
   local summary = { sent = 0, failed = 0, total = 0 }
   self:_run(next_msg, function(msg, res, err)

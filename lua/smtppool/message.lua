@@ -129,7 +129,8 @@ local function rfc5322_date(t)
   local off = os.difftime(os.time(loc), os.time(utc))
   local sign = off < 0 and "-" or "+"
   off = math.abs(off)
-  return os.date("%a, %d %b %Y %H:%M:%S ", t) .. ("%s%02d%02d"):format(sign, off // 3600, (off % 3600) // 60)
+  return os.date("%a, %d %b %Y %H:%M:%S ", t) .. ("%s%02d%02d"):format(sign, math.floor(off / 3600),
+    math.floor((off % 3600) / 60))
 end
 
 local TYPES = {
@@ -317,6 +318,12 @@ function M.compose(msg)
     end
   end
   if msg.subject and not core.utf8_valid(msg.subject) then return nil, invalid("'subject' is not valid UTF-8", "subject") end
+  if msg.mail_from ~= nil and type(msg.mail_from) ~= "string" then
+    return nil, invalid("'mail_from' must be a string", "mail_from")
+  end
+  if msg.list_unsubscribe_post ~= nil and type(msg.list_unsubscribe_post) ~= "boolean" then
+    return nil, invalid("'list_unsubscribe_post' must be a boolean", "list_unsubscribe_post")
+  end
 
   local h = {}
   local failed -- the first header error
@@ -327,7 +334,15 @@ function M.compose(msg)
     end
   end
   local date = msg.date
-  if type(date) == "number" then date = rfc5322_date(date) end
+  if type(date) == "number" then
+    -- os.date raises on NaN and on times it cannot represent: check first.
+    if not (date >= 0 and date <= 253402300799) or date ~= math.floor(date) then
+      return nil, invalid("'date' must be a whole number of seconds since 1970 (up to the year 9999)", "date")
+    end
+    date = rfc5322_date(date)
+  elseif date ~= nil and (type(date) ~= "string" or not date:match("^[ -~]+$")) then
+    return nil, invalid("'date' must be a time number or a string of printable ASCII", "date")
+  end
   put("Date", date or rfc5322_date())
   put("From", format_mailbox(from[1]), false)
   if #lists.sender > 0 then put("Sender", format_mailbox(lists.sender[1]), false) end
@@ -364,6 +379,9 @@ function M.compose(msg)
         return nil, invalid(("header '%s' is set by its own field"):format(name), "headers")
       end
       if type(v) ~= "string" then return nil, invalid(("header '%s' must be a string"):format(name), "headers") end
+      if not core.utf8_valid(v) then
+        return nil, invalid(("header '%s' is not valid UTF-8"):format(name), "headers")
+      end
       put(name, v, true)
     end
   end
@@ -443,6 +461,7 @@ function M.compose(msg)
     local list = type(msg.rcpt) == "string" and { msg.rcpt } or msg.rcpt
     if type(list) ~= "table" then return nil, invalid("'rcpt' must be a string or an array", "rcpt") end
     for i, a in ipairs(list) do
+      if type(a) ~= "string" then return nil, invalid(("rcpt %d must be a string"):format(i), "rcpt") end
       local okr, why = M.check_address(a)
       if not okr then return nil, invalid(("rcpt %d: %s"):format(i, why), "rcpt") end
       rcpt[#rcpt + 1] = a

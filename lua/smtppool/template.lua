@@ -18,11 +18,9 @@ local M = {}
 local Template = {}
 Template.__index = Template
 
-local function line_of(src, pos)
-  local n = 1
-  for _ in src:sub(1, pos):gmatch("\n") do n = n + 1 end
-  return n
-end
+-- Sections nest at most this deep: deeper is an error, not a stack
+-- overflow (or a compile that never ends) on hostile input.
+M.MAX_DEPTH = 100
 
 --- Compiles a template.
 -- @tparam string src
@@ -34,6 +32,14 @@ function M.compile(src)
   local root = { kind = "root", children = {} }
   local stack = { root }
   local pos = 1
+  -- Line numbers are counted as the scan moves forward, so compiling stays
+  -- linear in the source length.
+  local line, counted = 1, 0
+  local function line_of(_, at)
+    for _ in src:sub(counted + 1, at):gmatch("\n") do line = line + 1 end
+    counted = math.max(counted, at)
+    return line
+  end
   while true do
     local s, e, triple = src:find("{{({?)", pos)
     local top = stack[#stack]
@@ -55,6 +61,9 @@ function M.compile(src)
       local node = { kind = sigil == "#" and "section" or "inverted", name = name, children = {},
                      line = line_of(src, s) }
       top.children[#top.children + 1] = node
+      if #stack > M.MAX_DEPTH then
+        return nil, ("sections nest deeper than %d at line %d"):format(M.MAX_DEPTH, node.line)
+      end
       stack[#stack + 1] = node
     elseif sigil == "/" then
       if top.kind == "root" or top.name ~= name then
