@@ -46,10 +46,11 @@ local now = core.now
 -- @tparam[opt] table fields more fields (`phase`, `code`, `enhanced`...)
 -- @treturn table the error value
 function M.error(kind, text, fields)
-  local e = { kind = kind, text = text }
+  local e = {}
   if fields then
     for k, v in pairs(fields) do e[k] = v end
   end
+  e.kind, e.text = kind, text
   return setmetatable(e, error_mt)
 end
 

@@ -55,8 +55,9 @@ function M.from_options(rate)
     if not s then error(("smtppool.new: unknown rate limit '%s'"):format(tostring(k)), 4) end
     local limit, per = v, s[2]
     if type(v) == "table" then limit, per = v[1], v[2] end
-    if type(limit) ~= "number" or limit < 1 or limit ~= math.floor(limit)
-      or type(per) ~= "number" or per <= 0 then
+    -- Written so that NaN and the infinities fail (NaN compares false with anything).
+    if type(limit) ~= "number" or not (limit >= 1 and limit < 2^31) or limit ~= math.floor(limit)
+      or type(per) ~= "number" or not (per > 0 and per < math.huge) then
       error(("smtppool.new: rate limit '%s' must be a positive integer%s"):format(k,
         s[2] and "" or " pair {limit, per_seconds}"), 4)
     end

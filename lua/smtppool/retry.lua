@@ -40,8 +40,11 @@ function M.backoff(o)
   end
   local attempts, base, max = o.attempts or 3, o.base or 1, o.max or 60
   local jitter, ambiguous = o.jitter or 0.5, o.ambiguous or false
-  if attempts < 1 or base < 0 or max < 0 or jitter < 0 or jitter > 1 then
-    error("smtppool.retry.backoff: attempts >= 1, base >= 0, max >= 0, 0 <= jitter <= 1", 2)
+  -- Written so that NaN fails every test (it compares false with anything).
+  if not (attempts >= 1 and attempts <= 1000 and attempts == math.floor(attempts)
+      and base >= 0 and base < math.huge and max >= 0 and max < math.huge and jitter >= 0 and jitter <= 1) then
+    error("smtppool.retry.backoff: attempts an integer from 1 to 1000, finite base >= 0 and max >= 0, "
+      .. "0 <= jitter <= 1", 2)
   end
   return function(err, attempt)
     if attempt >= attempts then return false end

@@ -226,12 +226,12 @@ end
 local Fault = {}
 Fault.__index = Fault
 
---- Starts the fault server with a script (a Lua table, see faultserver.py).
-function M.fault(script)
+-- Starts one of the Python test servers with a script; it prints its port.
+local function start_server(file, script)
   local dir = M.tmpdir()
   local sfile = dir .. "/script.json"
   M.write_file(sfile, json.encode(script or {}))
-  local cmd = ("%s %s --script %s --log %s >%s 2>%s & echo $!"):format(PY, q(HERE .. "/faultserver.py"),
+  local cmd = ("%s %s --script %s --log %s >%s 2>%s & echo $!"):format(PY, q(HERE .. "/" .. file),
     q(sfile), q(dir .. "/events.jsonl"), q(dir .. "/port"), q(dir .. "/stderr"))
   local pid = tonumber(sh(cmd):match("%d+"))
   local ok, port = pcall(M.wait_for, function()
@@ -242,10 +242,17 @@ function M.fault(script)
     stop_pid(pid)
     local err = M.read_file(dir .. "/stderr")
     os.execute("rm -rf " .. q(dir))
-    error("fault server did not start: " .. tostring(err))
+    error(file .. " did not start: " .. tostring(err))
   end
   return setmetatable({ dir = dir, port = port, pid = pid }, Fault)
 end
+
+--- Starts the fault server with a script (a Lua table, see faultserver.py).
+function M.fault(script) return start_server("faultserver.py", script) end
+
+--- Starts a hostile server (see hostile.py): drips, echoed credentials,
+-- seeded chaos. The same interface as the fault server's.
+function M.hostile(script) return start_server("hostile.py", script) end
 
 --- The server's event log as a list of tables.
 function Fault:events()
