@@ -257,7 +257,11 @@ function Campaign:run()
           record("A", key, "in flight when an earlier run stopped", true)
           report.ambiguous = report.ambiguous + 1
         else
-          local m, e = build(rcpt)
+          -- A message function or template that raises fails this
+          -- recipient, not the run.
+          local okb, m, e = pcall(build, rcpt)
+          if not okb then m, e = nil, m end
+          if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
           if not m then
             record("F", key, "invalid: " .. tostring(e), false)
             report.failed = report.failed + 1

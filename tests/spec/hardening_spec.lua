@@ -514,3 +514,24 @@ describe("7. the smaller promises", function()
     assert.equal("bad>@y.test", res.rejected[1].address)
   end)
 end)
+
+describe("1. (campaigns) a message function that raises fails its recipient, not the run", function()
+  it("records the recipient failed and sends the others", function()
+    local srv = peers.hostile({ quiet = true })
+    local pool = pool_for(srv)
+    local list = {}
+    for i = 1, 6 do list[i] = { email = ("r%d@y.test"):format(i), n = i } end
+    local c = assert(smtppool.campaign{ pool = pool, recipients = list, progress = false,
+      message = function(r)
+        if r.n == 4 then error("template bug") end
+        return { from = "a@hard.test", to = r.email, subject = "s", text = "t" }
+      end })
+    local report = assert(c:run())
+    pool:close()
+    local _, n = accepted(srv)
+    srv:stop()
+    assert.equal(5, report.sent)
+    assert.equal(1, report.failed)
+    assert.equal(5, n)
+  end)
+end)
