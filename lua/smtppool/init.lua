@@ -209,12 +209,21 @@ end
 --   to sign; default From, Reply-To, Sender, Subject, Date, Message-ID, To,
 --   Cc, MIME and List-Unsubscribe fields present). Relaxed/relaxed; every
 --   message the pool sends is signed.
--- * `helo` (string, default this machine's host name): the EHLO name.
+-- * `helo` (string, default this machine's host name): the EHLO name, a
+--   domain or an address literal (`"[192.0.2.1]"`); anything else (a
+--   space, CR, LF) is refused.
 -- * `max_conns` (default 1): connections open at once.
 -- * `max_messages_per_conn` (default none): transactions per connection
 --   before it is rotated (QUIT and replaced). The pool also honours the
---   server's `LIMITS MAILMAX` and a cap it learns when a server closes
---   sessions after the same number of messages more than once.
+--   server's `LIMITS MAILMAX` and a cap it learns when the server declares
+--   three sessions exhausted after the same count with none in between
+--   carrying more (never below 2).
+-- * `cap_recover_after` (seconds, default 600): a learned cap is forgotten
+--   after this long without an exhaustion signal.
+-- * `message_timeout` (seconds, default none): how long a message may take
+--   from submission to outcome, retries included; at the deadline a
+--   message on the wire has its connection cut (`ambiguous` when its final
+--   dot had left) and a waiting one fails.
 -- * `max_conn_lifetime` (seconds, default none): rotate older connections.
 -- * `idle_timeout` (seconds, default 60): idle connections older than this
 --   are closed with QUIT at the pool's next use instead of being reused.
@@ -230,12 +239,14 @@ end
 --   policy, `function(err, attempt, msg) -> delay | false`.
 -- * `connect_timeout` (seconds, default 30).
 -- * `timeouts` (table): reply timeouts in seconds per phase (`greeting`,
---   `ehlo`, `mail`, `rcpt`, `data`, `data_end`, `rset`, `noop`, `quit`);
---   defaults are RFC 5321 section 4.5.3.2's (5 minutes; `data` 3,
---   `data_end` 10).
+--   `ehlo`, `starttls`, `auth`, `mail`, `rcpt`, `data`, `data_end`, `rset`,
+--   `noop`, `quit`); defaults are RFC 5321 section 4.5.3.2's (5 minutes;
+--   `data` 3, `data_end` 10). Each bounds a whole reply, counted from the
+--   last write: bytes trickling in do not restart it.
 -- * `close_timeout` (seconds, default 5): how long `close` waits for QUIT.
 -- * `on_event` (function): called with one table per event: `connect`,
---   `ready`, `rotate`, `learn_cap`, `retry`, `discard`, `rate_wait`, `close`.
+--   `ready`, `rotate`, `learn_cap`, `unlearn_cap`, `retry`, `discard`,
+--   `rate_wait`, `idle_close`, `close`.
 -- @treturn[1] Pool
 -- @return[2] nil
 -- @treturn[2] table error value (kind `config`: an unreadable CA or key,
