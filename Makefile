@@ -95,12 +95,15 @@ install: all
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 755 bin/smtppool $(DESTDIR)$(PREFIX)/bin/smtppool
 
-# Throughput against a peer client (Python smtplib), side by side in one run.
+# Throughput against a peer client (Python smtplib), side by side in one run;
+# then the soak (memory and descriptors over a million messages; SOAK_N).
 $(BUILD)/sink: bench/sink.c | $(BUILD)
 	$(CC) -O2 -Wall -Wextra -o $@ $<
 
 bench: all $(BUILD)/sink
 	@$(LUA) bench/run.lua $(BUILD)/sink
+	@echo
+	@$(LUA) bench/soak.lua $(BUILD)/sink
 
 # Coverage-guided fuzzing of the reply reader, protocol machine and codecs
 # (libFuzzer with ASan and UBSan); FUZZ_TIME seconds per target.
