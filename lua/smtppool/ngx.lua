@@ -67,8 +67,12 @@ function M.send_raw(o, msg)
     auth = { user = a.user, secret = secret, mechanism = a.mechanism or (a.token and "XOAUTH2") or nil,
              allow_plaintext = o.allow_plaintext_auth }
   end
-  local s = core.session{ helo = o.helo or "localhost", tls_active = tls == "implicit", auth = auth,
+  local s, serr = core.session{ helo = o.helo or "localhost", tls_active = tls == "implicit", auth = auth,
     starttls = (tls == "starttls" and "required") or (tls == "opportunistic" and "opportunistic") or nil }
+  if not s then -- a helo or credential the C core refuses (CR, LF, a space...)
+    sock:close()
+    return nil, serr
+  end
   local result, final_err, started
   for _ = 1, 100000 do -- bounded: a session ends long before
     local out = s:output()

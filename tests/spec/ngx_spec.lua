@@ -56,6 +56,11 @@ describe("the OpenResty driver", function()
     assert.equal("", (peers.read_file(dir .. "/error.log") or ""):match("%[error%][^\n]*") or "")
   end)
 
+  it("loads every module under LuaJIT and composes a message there", function()
+    local out = get("", "modules")
+    assert.matches("^loaded 8 composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?", out)
+  end)
+
   it("reports a 421 as a connection error value", function()
     local f = peers.fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "421 4.7.0 bye" } } })
     local out = get("port=" .. f.port)
