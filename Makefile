@@ -8,10 +8,22 @@ OPT ?= -O2 -g
 WARN = -Wall -Wextra -Werror
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
 LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
+LDLIBS_CRYPTO = $(shell pkg-config --libs libcrypto) $(LDLIBS)
 
-CORE_SRC = src/sp_buf.c src/sp_error.c src/sp_reply.c src/sp_caps.c src/sp_codec.c src/sp_mime.c src/sp_body.c src/sp_dkim.c src/sp_session.c src/sp_tls.c src/sp_net.c
-BIND_SRC = src/lsmtppool.c
-HDRS = $(wildcard src/*.h)
+# The C in layers (ARCHITECTURE.md); each folder needs only the ones before it:
+#   proto  the sans-IO protocol core: replies, capabilities, codecs, session (libcrypto)
+#   mail   MIME, bodies, DKIM (libcrypto)
+#   net    the native driver: sockets, TLS (libssl)
+#   lua    the binding
+PROTO_SRC = $(wildcard src/proto/*.c)
+MAIL_SRC = $(wildcard src/mail/*.c)
+NET_SRC = $(wildcard src/net/*.c)
+BIND_SRC = $(wildcard src/lua/*.c)
+CORE_SRC = $(PROTO_SRC) $(MAIL_SRC) $(NET_SRC)
+HDRS = $(wildcard src/*/*.h)
+INC_PROTO = -Isrc/proto
+INC_MAIL = $(INC_PROTO) -Isrc/mail
+INC_ALL = $(INC_MAIL) -Isrc/net -Isrc/lua
 MODULE = lua/smtppool/core.so
 BUILD = build
 
@@ -32,7 +44,7 @@ LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
 all: $(MODULE)
 
 $(MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
-	$(CC) $(CFLAGS_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
+	$(CC) $(CFLAGS_ALL) $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -42,10 +54,19 @@ LUAJIT_MODULE = $(BUILD)/luajit/smtppool/core.so
 $(LUAJIT_MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
 	mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags luajit openssl) $(CFLAGS) \
-	  -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
+	  $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
 
+# The C tests link only the layers they test: the protocol core's without
+# mail/ and net/ (and without libssl), the MIME tests without net/.
+PROTO_TESTS = $(BUILD)/test_reply $(BUILD)/test_session $(BUILD)/test_codec
+MAIL_TESTS = $(BUILD)/test_mime
+$(PROTO_TESTS): $(BUILD)/test_%: tests/c/test_%.c $(PROTO_SRC) $(HDRS) | $(BUILD)
+	$(CC) $(CFLAGS_ALL) $(INC_PROTO) -o $@ $< $(PROTO_SRC) $(LDLIBS_CRYPTO) -lcmocka
+$(MAIL_TESTS): $(BUILD)/test_%: tests/c/test_%.c $(PROTO_SRC) $(MAIL_SRC) $(HDRS) | $(BUILD)
+	$(CC) $(CFLAGS_ALL) $(INC_MAIL) -o $@ $< $(PROTO_SRC) $(MAIL_SRC) $(LDLIBS_CRYPTO) -lcmocka
+# any other C test (the native driver's) links every layer
 $(BUILD)/test_%: tests/c/test_%.c $(CORE_SRC) $(HDRS) | $(BUILD)
-	$(CC) $(CFLAGS_ALL) -Isrc -o $@ $< $(CORE_SRC) $(LDLIBS_ALL) -lcmocka
+	$(CC) $(CFLAGS_ALL) $(INC_ALL) -o $@ $< $(CORE_SRC) $(LDLIBS_ALL) -lcmocka
 
 # Installs every Debian package the project uses; idempotent.
 deps:
@@ -111,8 +132,8 @@ FUZZ_TIME ?= 60
 FUZZ_CC ?= clang
 fuzz: | $(BUILD)
 	@for t in session codec; do \
-	  $(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isrc \
-	    -o $(BUILD)/fuzz_$$t tests/fuzz/fuzz_$$t.c $(filter-out src/sp_net.c,$(CORE_SRC)) -lssl -lcrypto || exit 1; \
+	  $(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE $(INC_MAIL) \
+	    -o $(BUILD)/fuzz_$$t tests/fuzz/fuzz_$$t.c $(PROTO_SRC) $(MAIL_SRC) -lcrypto || exit 1; \
 	  mkdir -p $(BUILD)/corpus_$$t; \
 	  if ! $(BUILD)/fuzz_$$t -max_total_time=$(FUZZ_TIME) -max_len=4096 $(BUILD)/corpus_$$t \
 	      tests/fuzz/seeds/$$t >$(BUILD)/fuzz_$$t.log 2>&1; then tail -40 $(BUILD)/fuzz_$$t.log; exit 1; fi; \

@@ -32,12 +32,15 @@ build = {
       ["smtppool.ngx"] = "lua/smtppool/ngx.lua",
       ["smtppool.core"] = {
          sources = {
-            "src/sp_buf.c", "src/sp_error.c", "src/sp_reply.c", "src/sp_caps.c",
-            "src/sp_codec.c", "src/sp_mime.c", "src/sp_body.c", "src/sp_dkim.c", "src/sp_session.c", "src/sp_tls.c", "src/sp_net.c", "src/lsmtppool.c",
+            "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",
+            "src/proto/sp_codec.c", "src/proto/sp_session.c",
+            "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c",
+            "src/net/sp_tls.c", "src/net/sp_net.c",
+            "src/lua/lsmtppool.c",
          },
          defines = { "_GNU_SOURCE" },
          libraries = { "ssl", "crypto" },
-         incdirs = { "$(OPENSSL_INCDIR)" },
+         incdirs = { "$(OPENSSL_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
          libdirs = { "$(OPENSSL_LIBDIR)" },
       },
    },

@@ -10,7 +10,7 @@
 --                                     data = "Subject: hi\r\n\r\nHello\r\n" }
 --     pool:close()
 --
--- The pool keeps the invariants of DESIGN.md: a connection that saw a 421,
+-- The pool keeps the invariants of ARCHITECTURE.md: a connection that saw a 421,
 -- EOF, reset, malformed reply or timeout is closed and never reused; the
 -- message it carried moves to a fresh connection under the retry policy;
 -- connections are rotated (QUIT) before the server's per-session cap, which
@@ -422,7 +422,7 @@ end
 
 local MAX_FREE_MOVES = 3
 
--- Learning a session cap (DESIGN.md invariant 3). A server with a real cap
+-- Learning a session cap (ARCHITECTURE.md, invariant 3). A server with a real cap
 -- ends every session at the same count; ordinary failures (a 451 now and
 -- then, a random 421) end them at scattered counts while other sessions
 -- carry more. So a count n is learned only when the server signalled

@@ -1,4 +1,4 @@
--- The pool's invariants (DESIGN.md), shown against real peers.
+-- The pool's invariants (ARCHITECTURE.md), shown against real peers.
 local peers = require("peers")
 local smtppool = require("smtppool")
 

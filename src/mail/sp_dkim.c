@@ -11,7 +11,6 @@
 
 #include "sp_codec.h"
 #include "sp_mime.h"
-#include "sp_tls.h"
 
 struct sp_dkim_key {
     EVP_PKEY *pkey;

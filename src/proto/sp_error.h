@@ -1,4 +1,4 @@
-/* sp_error: the error value every layer reports (DESIGN.md, "Error values"). */
+/* sp_error: the error value every layer reports (ARCHITECTURE.md, "Errors"). */
 #ifndef SP_ERROR_H
 #define SP_ERROR_H
 
@@ -57,5 +57,8 @@ void sp_error_set(sp_error *e, sp_kind kind, sp_phase phase, const char *fmt, ..
     ;
 /* Kind of a server reply code: 421 is connection, 4xx transient, 5xx permanent. */
 sp_kind sp_kind_of_code(int code);
+/* The newest entry of OpenSSL's error queue as text, and the queue cleared
+ * (libcrypto's queue: DKIM in mail/ and TLS in net/ both report through it). */
+void sp_openssl_reason(char *buf, size_t n);
 
 #endif

@@ -24,16 +24,6 @@ static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
     return 1; /* we keep the reference */
 }
 
-void sp_openssl_reason(char *buf, size_t n)
-{
-    unsigned long e = ERR_peek_last_error();
-    if (e)
-        ERR_error_string_n(e, buf, n);
-    else
-        snprintf(buf, n, "unknown OpenSSL error");
-    ERR_clear_error();
-}
-
 sp_tls_ctx *sp_tls_ctx_new(const sp_tls_opts *o, sp_error *err)
 {
     char why[256];

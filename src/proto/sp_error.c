@@ -1,5 +1,6 @@
 #include "sp_error.h"
 
+#include <openssl/err.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -43,4 +44,14 @@ sp_kind sp_kind_of_code(int code)
     if (code >= 500 && code < 600)
         return SP_KIND_PERMANENT;
     return SP_KIND_PROTOCOL;
+}
+
+void sp_openssl_reason(char *buf, size_t n)
+{
+    unsigned long e = ERR_peek_last_error();
+    if (e)
+        ERR_error_string_n(e, buf, n);
+    else
+        snprintf(buf, n, "unknown OpenSSL error");
+    ERR_clear_error();
 }

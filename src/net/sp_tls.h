@@ -31,8 +31,6 @@ SSL *sp_tls_new_ssl(sp_tls_ctx *t, const char *server_name, sp_error *err);
 unsigned long sp_tls_resumed(const sp_tls_ctx *t);
 unsigned long sp_tls_handshakes(const sp_tls_ctx *t);
 void sp_tls_note_handshake(sp_tls_ctx *t, SSL *ssl);
-/* The newest OpenSSL error queue entry as text (the queue is cleared). */
-void sp_openssl_reason(char *buf, size_t n);
 /* Describes the last OpenSSL failure (queue drained) into err. */
 void sp_tls_error(sp_error *err, sp_phase phase, const char *what, SSL *ssl, int ret);
 
