@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs the C unit tests (cmocka) and the busted specs, then prints one
 # summary line: "tests: N passed, N failed". Exits non-zero on any failure.
-# Usage: tests/run.sh build/test_a build/test_b ...
+# Usage: [SP_JIT_HOST=build/jit_host] tests/run.sh build/test_a build/test_b ...
 passed=0
 failed=0
 out=$(mktemp)
@@ -32,6 +32,21 @@ grep -v '^ok ' "$out" || true
 count "$out"
 if [ $rc -ne 0 ] && ! grep -q '^not ok ' "$out"; then
     failed=$((failed + 1)) # busted itself failed (a spec file that did not load)
+fi
+
+# The same specs under LuaJIT (OpenResty's interpreter), with the LuaJIT build
+# of the binding; the nginx and CLI specs run their own interpreters already.
+if [ -n "${SP_JIT_HOST:-}" ]; then
+    echo "== busted under LuaJIT"
+    jit_specs=$(ls tests/spec/*_spec.lua | grep -v -e ngx_spec -e cli_spec)
+    # shellcheck disable=SC2086
+    "$SP_JIT_HOST" /usr/bin/busted --cpath="build/luajit/?.so" -o TAP $jit_specs >"$out" 2>&1
+    rc=$?
+    grep -v '^ok ' "$out" | sed 's/^not ok /not ok (LuaJIT) /' || true
+    count "$out"
+    if [ $rc -ne 0 ] && ! grep -q '^not ok ' "$out"; then
+        failed=$((failed + 1))
+    fi
 fi
 
 echo "tests: $passed passed, $failed failed"

@@ -63,7 +63,7 @@ describe("DKIM", function()
   it("verifies with non-ASCII headers and a 5 MB attachment", function()
     local blob = {}
     for i = 0, 255 do blob[#blob + 1] = string.char(i) end
-    local big = table.concat(blob):rep(5 * 1024 * 1024 // 256)
+    local big = table.concat(blob):rep(5 * 1024 * 1024 / 256)
     assert.truthy(pool:send{ from = '"Jörg Müller" <j@x.test>', to = "Zoë <z@y.test>", subject = "Grüße — 日本語",
       text = "caf\195\169", attachments = { { data = big, filename = "big.bin" } } })
     assert.equal("ok", verify(sent_data(), k.rsa_pub, k.ed_pub))
@@ -73,7 +73,7 @@ describe("DKIM", function()
     local blob = {}
     for i = 0, 255 do blob[#blob + 1] = string.char((i * 7) % 256) end
     local path = k.dir .. "/big.bin"
-    peers.write_file(path, table.concat(blob):rep(5 * 1024 * 1024 // 256))
+    peers.write_file(path, table.concat(blob):rep(5 * 1024 * 1024 / 256))
     local res, err = pool:send{ from = "a@x.test", to = "b@y.test", subject = "streamed",
       text = "see attached", attachments = { { path = path } } }
     assert.is_nil(err)

@@ -81,7 +81,7 @@ describe("composition read back by Python's email parser", function()
     local bytes = {}
     for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
     local all = table.concat(bytes)
-    local big = all:rep(5 * 1024 * 1024 // 256)
+    local big = all:rep(5 * 1024 * 1024 / 256)
     local dotted = ".first\r\n..second\r\n.\r\nlast"
     local d = peers.tmpdir()
     peers.write_file(d .. "/big.bin", big)
