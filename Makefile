@@ -116,8 +116,9 @@ valgrind: $(CTESTS)
 	@echo "valgrind: C tests clean"
 
 install: all
-	install -d $(DESTDIR)$(LUA_LMOD)/smtppool $(DESTDIR)$(LUA_CMOD)/smtppool
+	install -d $(DESTDIR)$(LUA_LMOD)/smtppool/driver $(DESTDIR)$(LUA_CMOD)/smtppool
 	install -m 644 lua/smtppool/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/
+	install -m 644 lua/smtppool/driver/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/driver/
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 755 bin/smtppool $(DESTDIR)$(PREFIX)/bin/smtppool

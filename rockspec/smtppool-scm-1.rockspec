@@ -30,6 +30,12 @@ build = {
       ["smtppool.campaign"] = "lua/smtppool/campaign.lua",
       ["smtppool.csv"] = "lua/smtppool/csv.lua",
       ["smtppool.ngx"] = "lua/smtppool/ngx.lua",
+      ["smtppool.errors"] = "lua/smtppool/errors.lua",
+      ["smtppool.options"] = "lua/smtppool/options.lua",
+      ["smtppool.prepare"] = "lua/smtppool/prepare.lua",
+      ["smtppool.policy"] = "lua/smtppool/policy.lua",
+      ["smtppool.scheduler"] = "lua/smtppool/scheduler.lua",
+      ["smtppool.driver.native"] = "lua/smtppool/driver/native.lua",
       ["smtppool.core"] = {
          sources = {
             "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",

@@ -31,9 +31,7 @@ local M = {}
 local Campaign = {}
 Campaign.__index = Campaign
 
-local function err(kind, text)
-  return setmetatable({ kind = kind, text = text }, core.error_mt)
-end
+local err = require("smtppool.errors").new
 
 local OPTIONS = { pool = "table", recipients = true, message = true, journal = "string", retry = "function",
                   progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean" }
@@ -292,8 +290,8 @@ function Campaign:run()
     return ready[ready_i]
   end
 
-  local saved_policy, saved_hook = pool.policy, pool.on_event
-  if o.retry then pool.policy = o.retry end
+  local saved_policy, saved_hook = pool.retry, pool.on_event
+  if o.retry then pool.retry = o.retry end
   pool.on_event = function(ev)
     if ev.type == "retry" then -- a message waiting for its next attempt
       report.retried = report.retried + 1
@@ -323,7 +321,7 @@ function Campaign:run()
     report.deferred = math.max(0, report.deferred - math.max(0, attempts - 1))
     progress(false)
   end })
-  pool.policy, pool.on_event = saved_policy, saved_hook
+  pool.retry, pool.on_event = saved_policy, saved_hook
   if journal then journal:close() end
   if not ok then
     if type(e) == "table" and e.kind then return nil, e end

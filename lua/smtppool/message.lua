@@ -10,9 +10,7 @@ local core = require("smtppool.core")
 
 local M = {}
 
-local function invalid(text, field)
-  return setmetatable({ kind = "invalid", text = text, field = field }, core.error_mt)
-end
+local invalid = require("smtppool.errors").invalid
 
 local function has_ctl(s)
   return s:find("[\r\n%z]") ~= nil

@@ -14,8 +14,10 @@ local core = require("smtppool.core")
 
 local M = {}
 
+local errors = require("smtppool.errors")
+
 local function fail(kind, text, phase)
-  return setmetatable({ kind = kind, text = text, phase = phase, attempts = 1 }, core.error_mt)
+  return errors.new(kind, text, { phase = phase, attempts = 1 })
 end
 
 local TIMEOUT_MS = 300000 -- RFC 5321's five minutes

@@ -242,10 +242,9 @@ static int s_caps(lua_State *L)
     return 1;
 }
 
-/* The outcome of the last transaction as a table. */
-static int s_tx(lua_State *L)
+/* Pushes a transaction's outcome as a table. */
+static void push_tx(lua_State *L, const sp_tx *t)
 {
-    const sp_tx *t = sp_session_tx(check_session(L, 1));
     lua_createtable(L, 0, 8);
     setbool(L, "ok", t->ok);
     setbool(L, "done", t->done);
@@ -275,6 +274,12 @@ static int s_tx(lua_State *L)
         push_error(L, &t->err);
         lua_setfield(L, -2, "err");
     }
+}
+
+/* The outcome of the last transaction as a table. */
+static int s_tx(lua_State *L)
+{
+    push_tx(L, sp_session_tx(check_session(L, 1)));
     return 1;
 }
 
@@ -751,7 +756,10 @@ static int c_counters(lua_State *L)
     return 1;
 }
 
-/* core.wait(conns, timeout): moves bytes until a connection has an event. */
+/* core.wait(conns, timeout): moves bytes until a connection has an event or
+ * timeout seconds pass; returns {{conn = i, name, payload, name, payload...}...}
+ * for the connections with events (payload: the tx table for "tx", the error
+ * for "error", false otherwise). */
 static int l_wait(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -767,7 +775,36 @@ static int l_wait(lua_State *L)
     int r = sp_conn_wait(cs, n, timeout);
     if (r < 0)
         return luaL_error(L, "poll failed");
-    lua_pushinteger(L, r);
+    /* One crossing per wake: every connection with events, its events
+     * drained, each with what the pool needs of it (the transaction's outcome,
+     * the session's error), so no further call is needed to read them. */
+    lua_createtable(L, r, 0);
+    int k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!sp_conn_has_events(cs[i]))
+            continue;
+        lua_rawgeti(L, 1, (int)i + 1);
+        lconn *lc = check_conn(L, -1);
+        lua_pop(L, 1);
+        lua_createtable(L, 4, 1);
+        setint(L, "conn", (lua_Integer)i + 1);
+        int m = 0;
+        sp_event e;
+        while ((e = sp_conn_next_event(cs[i])) != SP_EV_NONE) {
+            lua_pushstring(L, event_names[e]);
+            lua_rawseti(L, -2, ++m);
+            if (e == SP_EV_TX_DONE) {
+                release_body(L, lc);
+                push_tx(L, sp_session_tx(sp_conn_session(cs[i])));
+            } else if (e == SP_EV_ERROR) {
+                push_error(L, sp_session_error(sp_conn_session(cs[i])));
+            } else {
+                lua_pushboolean(L, 0);
+            }
+            lua_rawseti(L, -2, ++m);
+        }
+        lua_rawseti(L, -2, ++k);
+    }
     return 1;
 }
 

@@ -1,0 +1,237 @@
+--- Preparing a message for the wire: checks, composition, DKIM signing.
+-- A prepared item is `{msg = {from, data, dsn}, to = {...}, user_msg = msg}`
+-- or, when the message cannot be sent, `{msg = msg, to = {}, err = e}`
+-- (that message's `invalid` outcome: nothing is sent). `data` is a string
+-- or an array of segments (strings and `{path = file}`) that the C side
+-- sends as they are: a DKIM signature is one more segment in front, never a
+-- concatenation with the message.
+-- @module smtppool.prepare
+
+local core = require("smtppool.core")
+local errors = require("smtppool.errors")
+local message = require("smtppool.message")
+
+local M = {}
+
+local function check_raw(msg, fname, level)
+  if type(msg) ~= "table" then
+    error(fname .. ": message must be a table, got " .. type(msg), level)
+  end
+  if type(msg.from) ~= "string" then
+    error(fname .. ": 'from' must be a string", level)
+  end
+  local to = msg.to
+  if type(to) == "string" then to = { to } end
+  if type(to) ~= "table" then
+    error(fname .. ": 'to' must be a string or an array of strings", level)
+  end
+  for i, a in ipairs(to) do
+    if type(a) ~= "string" then
+      error(("%s: recipient %d must be a string, got %s"):format(fname, i, type(a)), level)
+    end
+  end
+  if type(msg.data) ~= "string" then
+    error(fname .. ": 'data' must be a string holding an RFC 5322 message", level)
+  end
+  if msg.dsn ~= nil and type(msg.dsn) ~= "table" then
+    error(fname .. ": 'dsn' must be a table", level)
+  end
+  return to
+end
+
+local DKIM_FIELDS = { domain = "string", selector = "string", key = "string", algorithm = "string", headers = "table" }
+
+-- Loads the DKIM keys of the `dkim` option (one table or an array of them):
+-- a bad key is a config error at new, not at the first send.
+function M.dkim_signers(cfg)
+  if cfg == nil then return {} end
+  local list = cfg[1] and cfg or { cfg }
+  local out = {}
+  for i, c in ipairs(list) do
+    if type(c) ~= "table" then error("smtppool.new: dkim entries must be tables", 4) end
+    for k, v in pairs(c) do
+      if not DKIM_FIELDS[k] then error(("smtppool.new: unknown dkim option '%s'"):format(tostring(k)), 4) end
+      if type(v) ~= DKIM_FIELDS[k] then error(("smtppool.new: dkim.%s must be a %s"):format(k, DKIM_FIELDS[k]), 4) end
+    end
+    for _, k in ipairs({ "domain", "selector", "key" }) do
+      if not c[k] then error(("smtppool.new: dkim.%s is required"):format(k), 4) end
+    end
+    for _, k in ipairs({ "domain", "selector" }) do
+      if not c[k]:match("^[%w._-]+$") then
+        return nil, errors.new("config", ("dkim %d: %s '%s' is not a valid name"):format(i, k, c[k]))
+      end
+    end
+    local alg = c.algorithm or "rsa-sha256"
+    if alg ~= "rsa-sha256" and alg ~= "ed25519-sha256" then
+      return nil, errors.new("config", ("dkim %d: algorithm must be rsa-sha256 or ed25519-sha256"):format(i))
+    end
+    local key, e = core.dkim_key(c.key, alg)
+    if not key then
+      e.text = ("dkim %d: %s"):format(i, e.text)
+      return nil, e
+    end
+    local headers
+    if c.headers then
+      for _, h in ipairs(c.headers) do
+        if type(h) ~= "string" or not h:match("^[!-9;-~]+$") then
+          return nil, errors.new("config", ("dkim %d: bad header name '%s'"):format(i, tostring(h)))
+        end
+      end
+      headers = table.concat(c.headers, ":"):lower()
+    end
+    out[#out + 1] = { key = key, domain = c.domain, selector = c.selector, headers = headers }
+  end
+  return out
+end
+
+-- The keys that sign one message: the pool's, unless the message says
+-- `dkim = false` or gives its own configuration (keys loaded once, cached).
+local function signers_for(msg, ctx)
+  local d = msg.dkim
+  if d == nil then return ctx.signers end
+  if d == false then return {} end
+  if type(d) ~= "table" then
+    return nil, errors.new("invalid", "'dkim' must be false or a DKIM configuration", { attempts = 0 })
+  end
+  ctx.dkim_cache = ctx.dkim_cache or setmetatable({}, { __mode = "k" })
+  local cached = ctx.dkim_cache[d]
+  if cached then return cached end
+  local ok, signers, err = pcall(M.dkim_signers, d)
+  if not ok then
+    return nil, errors.new("invalid", tostring(signers):gsub("^smtppool.new: ", ""), { attempts = 0 })
+  end
+  if not signers then
+    return nil, errors.new("invalid", err.text, { attempts = 0 })
+  end
+  ctx.dkim_cache[d] = signers
+  return signers
+end
+
+-- Prepends one DKIM-Signature per configured key (RSA and Ed25519 may sign
+-- side by side), as a segment of its own.
+local function sign(signers, data)
+  if #signers == 0 then return data end
+  local t = os.time()
+  local sigs = {}
+  if type(data) == "table" then
+    -- Streaming segments: hash the body once (files read as they will be
+    -- sent), then sign the header block with that hash for every key.
+    local first = data[1]
+    local he = first:find("\r\n\r\n", 1, true)
+    local hdr = first:sub(1, he + 1)
+    local body = { first:sub(he + 4) }
+    for i = 2, #data do body[i] = data[i] end
+    local bh, e = core.body_hash(body)
+    if not bh then return nil, e end
+    for i, s in ipairs(signers) do
+      local h, se = s.key:sign_hashed(hdr, s.domain, s.selector, s.headers, t, bh)
+      if not h then return nil, se end
+      sigs[i] = h
+    end
+    local out = { table.concat(sigs) }
+    for i = 1, #data do out[i + 1] = data[i] end
+    return out
+  end
+  for i, s in ipairs(signers) do
+    local h, e = s.key:sign(data, s.domain, s.selector, s.headers, t)
+    if not h then return nil, e end
+    sigs[i] = h
+  end
+  -- The signatures are one segment in front of the message: no copy of it.
+  return { table.concat(sigs), data }
+end
+
+-- DSN options are checked here, so a bad one is that message's invalid
+-- failure rather than an error raised in the middle of a batch.
+local NOTIFY = { success = true, failure = true, delay = true, never = true }
+local function check_dsn(d)
+  if d == nil then return nil end
+  if type(d) ~= "table" then return "'dsn' must be a table" end
+  for k in pairs(d) do
+    if k ~= "ret" and k ~= "envid" and k ~= "notify" and k ~= "orcpt" then
+      return ("unknown dsn option '%s'"):format(tostring(k))
+    end
+  end
+  if d.ret ~= nil and d.ret ~= "full" and d.ret ~= "hdrs" then return "dsn.ret must be 'full' or 'hdrs'" end
+  if d.envid ~= nil and (type(d.envid) ~= "string" or #d.envid > 100 or d.envid:find("[%c\128-\255]")) then
+    return "dsn.envid must be printable ASCII of at most 100 characters"
+  end
+  if d.notify ~= nil then
+    if type(d.notify) ~= "table" or #d.notify == 0 then return "dsn.notify must be a non-empty array" end
+    local seen = {}
+    for _, w in ipairs(d.notify) do
+      if not NOTIFY[w] or seen[w] or (w == "never" and #d.notify > 1) then
+        return "dsn.notify takes success, failure and delay, or never alone"
+      end
+      seen[w] = true
+    end
+  end
+  return nil
+end
+
+-- A composed message (no `data`): build the RFC 5322 text and envelope.
+local function prepare_composed(msg, ctx)
+  local signers, serr = signers_for(msg, ctx)
+  if not signers then return { msg = msg, to = {}, err = serr } end
+  local derr = check_dsn(msg.dsn)
+  if derr then return { msg = msg, to = {}, err = errors.new("invalid", derr, { attempts = 0 }) } end
+  local data, env = message.compose(msg)
+  if data then
+    local signed, e = sign(signers or {}, data)
+    if signed then data = signed else data, env = nil, e end
+  end
+  if not data then
+    env.attempts = 0
+    return { msg = msg, to = {}, err = env }
+  end
+  return { msg = { from = env.from, data = data, dsn = msg.dsn, source = msg }, to = env.to, user_msg = msg }
+end
+
+local function prepare(msg, fname, level, ctx)
+  if type(msg) == "table" and msg.data == nil and (fname ~= "send_raw") then
+    return prepare_composed(msg, ctx)
+  end
+  local to
+  if level then
+    to = check_raw(msg, fname, level + 1)
+  else
+    -- In a batch, a malformed message is that message's failure, not the batch's.
+    local ok, r = pcall(check_raw, msg, fname, 1)
+    if not ok then
+      return { msg = msg, to = {}, err = errors.new("invalid", tostring(r):gsub("^[^:]*:%d+: ", ""), { attempts = 0 }) }
+    end
+    to = r
+  end
+  if #to == 0 then
+    return { msg = msg, to = to, err = errors.new("invalid", "no recipients", { attempts = 0 }) }
+  end
+  local derr = check_dsn(msg.dsn)
+  if derr then return { msg = msg, to = to, err = errors.new("invalid", derr, { attempts = 0 }) } end
+  local signers, serr = signers_for(msg, ctx)
+  if not signers then return { msg = msg, to = to, err = serr } end
+  if #signers > 0 then
+    local signed, e = sign(signers, msg.data)
+    if not signed then
+      e.attempts = 0
+      return { msg = msg, to = to, err = e }
+    end
+    return { msg = { from = msg.from, data = signed, dsn = msg.dsn }, to = to, user_msg = msg }
+  end
+  return { msg = msg, to = to }
+end
+
+
+M.prepare = prepare
+M.prepare_composed = prepare_composed
+
+--- Prepares a batch item: a message that raises while being prepared (a
+-- template, a field of a strange type) is that item's `invalid` outcome.
+function M.item(m, ctx)
+  if m == nil then return nil end
+  local ok, item = pcall(prepare, m, "send_batch", nil, ctx)
+  if ok then return item end
+  return { msg = m, to = {}, err = errors.new("invalid", "cannot prepare the message: " .. tostring(item),
+    { attempts = 0 }) }
+end
+
+return M

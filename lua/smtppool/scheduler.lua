@@ -1,0 +1,512 @@
+--- The scheduler: runs a queue of messages over a driver's connections.
+--
+-- These are the pool's internal methods (`init.lua` mixes them into the
+-- pool object). They keep ARCHITECTURE.md's invariants; every decision is
+-- asked of `smtppool.policy`, every byte moved by the driver
+-- (`self.driver`: `open`, `wait`, handle methods; see
+-- `smtppool.driver.native`).
+--
+-- A job is one message (or one part of a message split for RCPTMAX) on its
+-- way: queued, deferred for a retry, bound to a connection that is still
+-- opening, or in flight on a busy one. Never in two places.
+--
+-- Connection record states:
+--   connecting  opened, greeting/EHLO not done yet (rec.job may be bound to it)
+--   idle        ready for a transaction
+--   busy        a transaction in flight (rec.job)
+--   settling    transaction reported, READY not yet back (RSET in flight)
+--   checking    NOOP health check in flight
+--   quitting    QUIT sent
+--   gone        closed and removed
+-- @module smtppool.scheduler
+
+local errors = require("smtppool.errors")
+local options = require("smtppool.options")
+local policy = require("smtppool.policy")
+
+local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
+
+local S = {}
+
+function S:_emit(ev)
+  if self.on_event then
+    local ok, e = pcall(self.on_event, ev)
+    if not ok and not self._hook_warned then
+      -- A broken hook must not break delivery; report it once on stderr.
+      self._hook_warned = true
+      io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
+    end
+  end
+end
+
+-- ===== connections =====
+
+function S:_remove(rec)
+  if rec.state ~= "gone" then self.learner:note_session(rec.sent) end
+  for i, r in ipairs(self.conns) do
+    if r == rec then table.remove(self.conns, i) break end
+  end
+  rec.c:close()
+  rec.state = "gone"
+end
+
+function S:_cap(rec)
+  return policy.cap_in_force(self.cfg.max_per_conn, rec.caps and rec.caps.mailmax, self.learner.cap)
+end
+
+-- QUITs a connection; reason "cap", "lifetime" or "exhausted" makes it a
+-- rotation, "idle" an idle close.
+function S:_quit(rec, reason)
+  rec.c:quit()
+  rec.state = "quitting"
+  if reason == "idle" then
+    self:_emit({ type = "idle_close", conn = rec.id, messages = rec.sent })
+  elseif reason then
+    self.counters.rotated = self.counters.rotated + 1
+    self:_emit({ type = "rotate", conn = rec.id, messages = rec.sent, reason = reason })
+  end
+end
+
+-- The credentials for one new connection (a token function is asked each time).
+function S:_credentials()
+  local a = self.auth
+  local secret, mech = a.password, a.mechanism
+  if a.token ~= nil then
+    secret = a.token
+    if type(secret) == "function" then
+      local ok, tok = pcall(secret)
+      if not ok or type(tok) ~= "string" then
+        return nil, errors.new("auth", "the auth.token function did not return a token: "
+          .. (ok and type(tok) or tostring(tok)), { phase = "auth" })
+      end
+      local bad = options.bad_secret(tok)
+      if bad then return nil, errors.new("auth", "the token from auth.token" .. bad, { phase = "auth" }) end
+      secret = tok
+    end
+    mech = mech or "XOAUTH2"
+  end
+  return { user = a.user, secret = secret, mechanism = mech, allow_plaintext = self.opts.allow_plaintext_auth }
+end
+
+-- Opens a connection, spending from the connection (and AUTH) windows first.
+function S:_open(t, job)
+  local w = self.windows.connections
+  if w then w:spend(t) end
+  self.conn_opts.auth = nil
+  if self.auth then
+    local aw = self.windows.auth
+    if aw then aw:spend(t) end
+    local cred, e = self:_credentials()
+    if not cred then return nil, e end
+    self.conn_opts.auth = cred
+  end
+  local c, e = self.driver.open(self.conn_opts)
+  self.conn_opts.auth = nil
+  if not c then return nil, e end
+  self.next_id = self.next_id + 1
+  local rec = { c = c, id = self.next_id, state = "connecting", txs = 0, sent = 0, born = t, last_used = t,
+                job = job }
+  self.conns[#self.conns + 1] = rec
+  self.counters.opened = self.counters.opened + 1
+  self:_emit({ type = "connect", conn = rec.id, host = self.conn_opts.host, port = self.conn_opts.port })
+  return rec
+end
+
+-- ===== jobs =====
+
+-- Calls user code (on_result, the source iterator) so that an error it
+-- raises cannot leave the loop with messages unreported: the first such
+-- error is kept, no new message is taken, the ones already on the wire run
+-- to their outcome, and the error is raised once the loop is done.
+local function guarded(run, what, fn, ...)
+  local ok, a, b = pcall(fn, ...)
+  if ok then return true, a, b end
+  if not run.user_error then
+    run.user_error = { what = what, value = a }
+    run.source_done = true
+  end
+  return false
+end
+
+function S:_finish(run, job, res, err)
+  local group = job.group
+  if group then
+    -- One transaction of a split message: the message's outcome waits for all.
+    group.parts[job.part] = { res = res, err = err, job = job }
+    group.pending = group.pending - 1
+    if group.pending > 0 then return end
+    local attempts, ambiguous
+    res, err, attempts, ambiguous = policy.merge_parts(group)
+    job = group.job
+    job.attempts, job.ambiguous = attempts, ambiguous or nil
+  end
+  run.inflight = run.inflight - 1
+  run.done = run.done + 1
+  if res then
+    res.attempts = job.attempts
+    if job.ambiguous then res.ambiguous = true end
+    self.counters.sent = self.counters.sent + 1
+  else
+    err.attempts = job.attempts
+    if job.ambiguous and err.kind ~= "ambiguous" then err.ambiguous = true end
+    self.counters.failed = self.counters.failed + 1
+  end
+  guarded(run, "on_result", run.on_result, job.user_msg or job.msg, res, err, job)
+end
+
+-- Applies the policy's decision after a failed attempt. rec: the connection
+-- that carried it, nil when it died before it could.
+function S:_after_failure(run, job, err, rec, t)
+  local d = policy.after_failure(job, err, rec and rec.txs, t, self.retry)
+  if d.action == "move" then
+    job.free_moves = job.free_moves + 1
+    self.counters.moved = self.counters.moved + 1
+    table.insert(run.queue, 1, job)
+    job.queued_at = t
+    return
+  end
+  job.attempts = d.attempts
+  if d.ambiguous then
+    job.ambiguous = true
+    self.counters.ambiguous = self.counters.ambiguous + 1
+  end
+  if d.action == "retry" then
+    self.counters.retried = self.counters.retried + 1
+    self:_emit({ type = "retry", attempt = job.attempts, delay = d.delay, err = d.err })
+    job.not_before = t + d.delay
+    run.deferred[#run.deferred + 1] = job
+    return
+  end
+  self:_finish(run, job, nil, d.err)
+end
+
+function S:_start(run, rec, job, t)
+  local rmax = rec.caps and rec.caps.rcptmax
+  if rmax and #job.to > rmax and not job.group then
+    local parts = policy.split(job, rmax)
+    for i = #parts, 2, -1 do table.insert(run.queue, 1, parts[i]) end
+    job = parts[1]
+  end
+  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn)
+  if not ok then
+    -- Refused before a byte was sent (bad address, size over the server's
+    -- limit...): final, and the connection stays good.
+    rec.state = "idle"
+    self:_finish(run, job, nil, err)
+    return
+  end
+  local w = self.windows.messages
+  if w then w:spend(t) end
+  rec.state = "busy"
+  rec.job = job
+  rec.txs = rec.txs + 1
+  rec.last_used = t
+end
+
+-- ===== events =====
+
+-- Acts on one connection's events, as the driver's wait returned them.
+function S:_dispatch(run, rec, entry, t)
+  for i = 1, #entry, 2 do
+    local ev, payload = entry[i], entry[i + 1]
+    if ev == "ready" then
+      if rec.state == "connecting" then
+        rec.caps = rec.c:caps()
+        self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
+      end
+      if rec.state ~= "quitting" then
+        rec.state = "idle"
+        rec.last_used = t
+      end
+      if rec.retire then self:_quit(rec, "exhausted") end
+    elseif ev == "tx" then
+      local job = rec.job
+      rec.job = nil
+      rec.state = "settling"
+      if job then
+        local res, err = policy.outcome(payload)
+        if res then
+          job.attempts = job.attempts + 1
+          rec.sent = rec.sent + 1
+          self:_finish(run, job, res)
+        else
+          if policy.exhausted(rec.txs, err) then
+            local learned = self.learner:observe(rec.txs - 1, t)
+            if learned then self:_emit({ type = "learn_cap", cap = learned }) end
+            rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
+          end
+          self:_after_failure(run, job, err, rec, t)
+        end
+      end
+    elseif ev == "error" then
+      local e = payload
+      local job = rec.job
+      rec.job = nil
+      self.counters.closed_by_server = self.counters.closed_by_server + 1
+      self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.sent })
+      self:_remove(rec)
+      if e.kind == "auth" and e.code then
+        -- The server refused the credentials: every further try would be
+        -- refused too, and servers lock accounts that keep trying.
+        self.auth_failed = e
+      elseif e.kind == "tls" then
+        -- A certificate that fails verification (or a server without the
+        -- STARTTLS we require) fails every connection alike: the queue of
+        -- this call fails once with it rather than one connection per message.
+        run.tls_failed = e
+      end
+      if job then
+        -- Died before it could carry the message bound to it (connect,
+        -- greeting, EHLO): that is the message's attempt.
+        self:_after_failure(run, job, e, nil, t)
+      end
+      return
+    elseif ev == "closed" then
+      self.counters.closed_by_us = self.counters.closed_by_us + 1
+      self:_emit({ type = "close", conn = rec.id, messages = rec.sent })
+      self:_remove(rec)
+      return
+    end
+  end
+end
+
+-- One wait on the driver, then each connection's events. recs: the
+-- connection records waited on (their order matches the entries' indexes).
+function S:_wait(run, recs, timeout)
+  local list = {}
+  for i, rec in ipairs(recs) do list[i] = rec.c end
+  local ready = self.driver.wait(list, timeout)
+  local t = self.driver.now()
+  for _, entry in ipairs(ready) do
+    self:_dispatch(run, recs[entry.conn], entry, t)
+  end
+  return t
+end
+
+-- ===== the loop =====
+
+local function rate_wait(self, name, t)
+  local w = self.windows[name]
+  return w and w:wait_time(t) or 0
+end
+
+-- Fails every job in the queue and the deferred list with err.
+local function fail_all(self, run, fatal)
+  for _, list in ipairs({ run.queue, run.deferred }) do
+    while #list > 0 do
+      local job = table.remove(list, 1)
+      job.attempts = math.max(job.attempts, 1)
+      self:_finish(run, job, nil, errors.new(fatal.kind, fatal.text, {
+        phase = fatal.phase, code = fatal.code, enhanced = fatal.enhanced }))
+    end
+  end
+end
+
+-- Runs messages pulled from next_msg() through the pool until all have an
+-- outcome. on_result(msg, res, err) is called once per message.
+function S:_run(next_msg, on_result)
+  local cfg = self.cfg
+  local run = {
+    queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
+    source_done = false,
+  }
+  local lookahead = cfg.max_conns * 2
+  local waits_noted = {}
+  local now = self.driver.now
+  local t = now()
+
+  while true do
+    -- Pull messages lazily: enough to keep every connection busy.
+    while not run.source_done and #run.queue < lookahead do
+      local ok, msg = guarded(run, "the message source", next_msg)
+      if not ok then break end
+      if msg == nil then run.source_done = true break end
+      local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t,
+                    user_msg = msg.user_msg or msg.msg, timeout = cfg.message_timeout,
+                    deadline = cfg.message_timeout and t + cfg.message_timeout }
+      run.inflight = run.inflight + 1
+      if msg.err then
+        self:_finish(run, job, nil, msg.err)
+      else
+        run.queue[#run.queue + 1] = job
+      end
+    end
+
+    -- Deferred messages whose time has come go back to the queue.
+    local next_wake
+    local function wake_at(x)
+      if x and (not next_wake or x < next_wake) then next_wake = x end
+    end
+    for i = #run.deferred, 1, -1 do
+      local job = run.deferred[i]
+      if job.not_before <= t then
+        table.remove(run.deferred, i)
+        job.queued_at = t
+        run.queue[#run.queue + 1] = job
+      else
+        wake_at(job.not_before)
+      end
+    end
+
+    -- After a refused login, nothing more is sent: the queue fails with it.
+    -- After a TLS failure, this call's queue fails with it.
+    local fatal = self.auth_failed or run.tls_failed
+    if fatal then fail_all(self, run, fatal) end
+
+    -- message_timeout: a message still waiting for a connection when its
+    -- deadline comes fails; one on the wire has its connection cut (the
+    -- connection's state is unknown after that, so it is never reused).
+    if cfg.message_timeout then
+      for i = #run.queue, 1, -1 do
+        local job = run.queue[i]
+        if t >= job.deadline then
+          table.remove(run.queue, i)
+          job.attempts = math.max(job.attempts, 1)
+          self:_finish(run, job, nil, errors.new("connection",
+            ("message_timeout (%gs) reached before a connection could take the message"):format(cfg.message_timeout),
+            { phase = "connect" }))
+        else
+          wake_at(job.deadline)
+        end
+      end
+      for _, rec in ipairs(self.conns) do
+        local job = rec.job
+        if job and job.deadline then
+          if t >= job.deadline then
+            rec.c:abort(("message_timeout (%gs) reached"):format(cfg.message_timeout))
+          else
+            wake_at(job.deadline)
+          end
+        end
+      end
+    end
+    local forgotten = self.learner:recover(t)
+    if forgotten then self:_emit({ type = "unlearn_cap", cap = forgotten }) end
+
+    if run.inflight == 0 and run.source_done then break end
+
+    -- A rate window that holds work back for w seconds: counted and
+    -- reported once per wait, and the loop wakes when it opens.
+    local function held(limit, w)
+      if w <= 0 then
+        waits_noted[limit] = nil
+        return false
+      end
+      if not waits_noted[limit] then
+        waits_noted[limit] = true
+        self.counters.rate_waits = self.counters.rate_waits + 1
+        self:_emit({ type = "rate_wait", limit = limit, seconds = w })
+      end
+      wake_at(t + w)
+      return true
+    end
+
+    -- Idle connections: retire, check or load them. A fresh connection
+    -- that just became ready takes the message bound to it first.
+    for _, rec in ipairs({ unpack(self.conns) }) do
+      if rec.state == "idle" and rec.job then
+        local job = rec.job
+        rec.job = nil
+        if held("messages", rate_wait(self, "messages", t)) then
+          table.insert(run.queue, 1, job)
+        else
+          self:_start(run, rec, job, t)
+        end
+      end
+      if rec.state == "idle" then
+        local cap = self:_cap(rec)
+        if cap and rec.txs >= cap then
+          self:_quit(rec, "cap")
+        elseif cfg.lifetime and t - rec.born >= cfg.lifetime then
+          self:_quit(rec, "lifetime")
+        elseif t - rec.last_used >= cfg.idle_timeout then
+          self:_quit(rec, "idle")
+        elseif #run.queue > 0 and rec.txs > 0 and t - rec.last_used >= cfg.health_after then
+          rec.c:noop()
+          rec.state = "checking"
+        elseif #run.queue > 0 then
+          if not held("messages", rate_wait(self, "messages", t)) then
+            self:_start(run, rec, table.remove(run.queue, 1), t)
+          end
+        end
+      end
+    end
+
+    -- Open connections for messages still queued.
+    local open_conns = #self.conns
+    while #run.queue > 0 and open_conns < cfg.max_conns do
+      if held("connections", math.max(rate_wait(self, "connections", t), rate_wait(self, "auth", t))) then
+        break
+      end
+      local job = table.remove(run.queue, 1)
+      local rec, err = self:_open(t, job)
+      if not rec then
+        self:_after_failure(run, job, err, nil, t)
+        break -- resolution failed: let the retry policy pace the next try
+      end
+      open_conns = open_conns + 1
+    end
+
+    -- Nothing could start a connection for the head of the queue in time.
+    -- Time spent waiting on a rate limit does not count: that wait is chosen.
+    local head = run.queue[1]
+    if head and (waits_noted.connections or waits_noted.messages) then
+      head.queued_at = t
+    end
+    if head then
+      if t - head.queued_at >= cfg.wait_timeout then
+        table.remove(run.queue, 1)
+        head.attempts = math.max(head.attempts, 1)
+        self:_finish(run, head, nil, errors.new("connection",
+          ("no connection became free within wait_timeout (%gs)"):format(cfg.wait_timeout),
+          { phase = "connect" }))
+      else
+        wake_at(head.queued_at + cfg.wait_timeout)
+      end
+    end
+
+    -- Everything may have ended here (a message refused before sending).
+    if run.inflight == 0 and run.source_done then break end
+
+    local timeout = next_wake and math.max(0, next_wake - t) or -1
+    if #self.conns == 0 and timeout < 0 then
+      if run.inflight > 0 and #run.queue == 0 and #run.deferred == 0 then
+        error("smtppool: internal error: messages in flight with no connection")
+      end
+      t = now()
+    else
+      t = self:_wait(run, { unpack(self.conns) }, timeout)
+    end
+  end
+  local ue = run.user_error
+  if ue then
+    -- Every message taken has its outcome by now; the caller's code failed.
+    -- An error value (a table) goes up as it is, for callers that catch it.
+    if type(ue.value) == "table" then error(ue.value, 0) end
+    error(("smtppool: %s raised: %s (every message taken before it has been reported)"):format(ue.what,
+      tostring(ue.value)), 0)
+  end
+end
+
+-- QUITs the idle connections, waits up to close_timeout for the replies,
+-- then closes every socket.
+function S:_close_all()
+  for _, rec in ipairs(self.conns) do
+    if rec.state == "idle" then self:_quit(rec) end
+  end
+  local now = self.driver.now
+  local deadline = now() + self.cfg.close_timeout
+  local run = { queue = {}, deferred = {}, inflight = 0, done = 0, on_result = function() end }
+  while true do
+    local waiting = {}
+    for _, rec in ipairs(self.conns) do
+      if rec.state == "quitting" then waiting[#waiting + 1] = rec end
+    end
+    local left = deadline - now()
+    if #waiting == 0 or left <= 0 then break end
+    self:_wait(run, waiting, left)
+  end
+  for _, rec in ipairs({ unpack(self.conns) }) do self:_remove(rec) end
+end
+
+return S

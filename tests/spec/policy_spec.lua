@@ -1,0 +1,158 @@
+-- The pool's decisions without a socket: smtppool.policy is pure, so each
+-- rule of ARCHITECTURE.md's invariants is checked here with plain tables.
+local policy = require("smtppool.policy")
+local errors = require("smtppool.errors")
+local retry = require("smtppool.retry")
+
+local function err(kind, code, phase)
+  return errors.new(kind, "x", { code = code, phase = phase })
+end
+
+local function job(o)
+  local j = { attempts = 0, free_moves = 0, msg = {}, to = { "a@x.test" } }
+  for k, v in pairs(o or {}) do j[k] = v end
+  return j
+end
+
+describe("policy.cap_in_force", function()
+  it("takes the least of configured, advertised and learned", function()
+    assert.is_nil(policy.cap_in_force(nil, nil, nil))
+    assert.equal(5, policy.cap_in_force(5, nil, nil))
+    assert.equal(3, policy.cap_in_force(5, 3, nil))
+    assert.equal(2, policy.cap_in_force(5, 3, 2))
+    assert.equal(4, policy.cap_in_force(nil, nil, 4))
+  end)
+end)
+
+describe("policy.exhausted", function()
+  it("reads a 421 anywhere or a 4xx to MAIL after a first transaction as exhaustion", function()
+    assert.is_true(policy.exhausted(2, err("connection", 421, "rcpt")))
+    assert.is_true(policy.exhausted(3, err("transient", 452, "mail")))
+    assert.is_true(policy.exhausted(2, err("transient", 432, "mail")))
+  end)
+  it("never on a fresh connection, never without a code, never a 5xx or a 4xx elsewhere", function()
+    assert.is_false(policy.exhausted(1, err("connection", 421, "mail")))
+    assert.is_false(policy.exhausted(5, err("connection", nil, "mail")))
+    assert.is_false(policy.exhausted(5, err("permanent", 550, "mail")))
+    assert.is_false(policy.exhausted(5, err("transient", 451, "rcpt")))
+  end)
+end)
+
+describe("policy.learner", function()
+  it("learns n after three signals at n with no session carrying more", function()
+    local l = policy.learner(600)
+    assert.is_nil(l:observe(5, 1))
+    l:note_session(5)
+    assert.is_nil(l:observe(5, 2))
+    l:note_session(5)
+    assert.equal(5, l:observe(5, 3))
+    assert.equal(5, l.cap)
+  end)
+  it("does not learn a count that other sessions exceeded", function()
+    local l = policy.learner(600)
+    l:observe(4, 1)
+    l:observe(4, 2)
+    l:note_session(30) -- a session carried 30: 4 is no cap
+    assert.is_nil(l:observe(4, 3))
+    assert.is_nil(l.cap)
+  end)
+  it("never learns below the floor", function()
+    local l = policy.learner(600)
+    for t = 1, 10 do assert.is_nil(l:observe(1, t)) end
+    assert.is_nil(l.cap)
+  end)
+  it("lowers a learned cap only on the same evidence, and forgets it after a quiet period", function()
+    local l = policy.learner(10)
+    for t = 1, 3 do l:observe(6, t) end
+    assert.equal(6, l.cap)
+    for t = 4, 6 do l:observe(3, t) end
+    assert.equal(3, l.cap)
+    assert.is_nil(l:recover(15))
+    assert.equal(3, l:recover(16))
+    assert.is_nil(l.cap)
+    assert.same({}, l.seen)
+  end)
+end)
+
+describe("policy.after_failure", function()
+  local backoff = retry.backoff{ attempts = 3, base = 1, jitter = 0 }
+
+  it("moves a message off an exhausted connection without spending an attempt", function()
+    local d = policy.after_failure(job(), err("transient", 452, "mail"), 4, 0, backoff)
+    assert.same({ action = "move" }, d)
+  end)
+  it("moves off a reused connection that died without a reply, at most three times", function()
+    assert.equal("move", policy.after_failure(job(), err("connection", nil, "mail"), 2, 0, backoff).action)
+    local d = policy.after_failure(job({ free_moves = 3 }), err("connection", nil, "mail"), 2, 0, backoff)
+    assert.equal("retry", d.action)
+    assert.equal(1, d.attempts)
+  end)
+  it("asks the retry policy otherwise, with the attempt counted", function()
+    local d = policy.after_failure(job({ attempts = 1 }), err("transient", 451, "mail"), 1, 0, backoff)
+    assert.equal("retry", d.action)
+    assert.equal(2, d.attempts)
+    assert.equal(2, d.delay)
+    d = policy.after_failure(job({ attempts = 2 }), err("transient", 451, "mail"), 1, 0, backoff)
+    assert.equal("final", d.action)
+  end)
+  it("never resends an ambiguous message by default, and flags it", function()
+    local d = policy.after_failure(job(), err("ambiguous", nil, "data_end"), 1, 0, backoff)
+    assert.equal("final", d.action)
+    assert.is_true(d.ambiguous)
+    local again = retry.backoff{ ambiguous = true, jitter = 0 }
+    d = policy.after_failure(job(), err("ambiguous", nil, "data_end"), 1, 0, again)
+    assert.equal("retry", d.action)
+    assert.is_true(d.ambiguous)
+  end)
+  it("makes a failing, NaN or infinite policy final, with the reason in the text", function()
+    for _, p in ipairs({ function() error("boom") end, function() return 0 / 0 end, function() return math.huge end }) do
+      local d = policy.after_failure(job(), err("transient", 451, "mail"), 1, 0, p)
+      assert.equal("final", d.action)
+      assert.matches("retry policy", d.err.text)
+    end
+  end)
+  it("does not retry past the message's deadline, nor move it", function()
+    local j = job({ deadline = 10, timeout = 10 })
+    local d = policy.after_failure(j, err("transient", 451, "mail"), 1, 9.5, backoff)
+    assert.equal("final", d.action)
+    assert.matches("message_timeout", d.err.text)
+    d = policy.after_failure(j, err("transient", 452, "mail"), 4, 10, backoff)
+    assert.equal("final", d.action)
+  end)
+end)
+
+describe("policy.split and merge_parts", function()
+  it("splits recipients into parts of at most max and merges one outcome", function()
+    local j = job({ to = { "a@x", "b@x", "c@x", "d@x", "e@x" } })
+    local parts = policy.split(j, 2)
+    assert.equal(3, #parts)
+    assert.same({ "e@x" }, parts[3].to)
+    local g = parts[1].group
+    for i, p in ipairs(parts) do
+      p.attempts = i
+      local rcpts = {}
+      for _, a in ipairs(p.to) do rcpts[#rcpts + 1] = { address = a, ok = i ~= 2 } end
+      if i == 2 then
+        g.parts[i] = { err = errors.new("permanent", "no", { code = 550, recipients = rcpts }), job = p }
+      else
+        g.parts[i] = { res = { code = 250, text = "ok", recipients = rcpts }, job = p }
+      end
+    end
+    local res, e, attempts = policy.merge_parts(g)
+    assert.is_nil(e)
+    assert.equal(3, res.transactions)
+    assert.equal(5, #res.recipients)
+    assert.equal(2, #res.rejected)
+    assert.equal(3, attempts)
+  end)
+  it("is ambiguous when no part was accepted and one may have been delivered", function()
+    local parts = policy.split(job({ to = { "a@x", "b@x" } }), 1)
+    local g = parts[1].group
+    g.parts[1] = { err = errors.new("permanent", "no", { code = 550 }), job = parts[1] }
+    g.parts[2] = { err = errors.new("ambiguous", "lost after the dot", { phase = "data_end" }), job = parts[2] }
+    local res, e = policy.merge_parts(g)
+    assert.is_nil(res)
+    assert.equal("ambiguous", e.kind)
+    assert.equal(2, #e.recipients)
+  end)
+end)
