@@ -124,12 +124,15 @@ install: all
 	install -m 755 bin/smtppool $(DESTDIR)$(PREFIX)/bin/smtppool
 
 # Throughput against a peer client (Python smtplib), side by side in one run;
-# then the soak (memory and descriptors over a million messages; SOAK_N).
+# calls into C and Lua allocation per message (counted); then the soak
+# (memory and descriptors over a million messages; SOAK_N).
 $(BUILD)/sink: bench/sink.c | $(BUILD)
 	$(CC) -O2 -Wall -Wextra -o $@ $<
 
 bench: all $(BUILD)/sink
 	@$(LUA) bench/run.lua $(BUILD)/sink
+	@echo
+	@$(LUA) bench/count.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/soak.lua $(BUILD)/sink
 

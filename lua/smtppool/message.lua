@@ -153,17 +153,25 @@ local function param(name, value)
 end
 
 -- Body of a text part: 7bit when it is short-lined ASCII, else quoted-printable.
-local function text_part(ctype, text)
-  local plain = not text:find("[\128-\255%z]") and not text:find("[^\r\n]\r[^\n]")
-  if plain then
-    for line in (text .. "\n"):gmatch("([^\n]*)\n") do
-      if #line > 998 then plain = false break end
-    end
+-- Whether every line of s is at most max octets (no copy of s is made).
+local function lines_fit(s, max)
+  local pos, n = 1, #s
+  while pos <= n do
+    local nl = s:find("\n", pos, true) or n + 1
+    if nl - pos > max + (s:byte(nl - 1) == 13 and 1 or 0) then return false end
+    pos = nl + 1
   end
+  return true
+end
+
+local function text_part(ctype, text)
+  local plain = not text:find("[\128-\255%z]") and not text:find("[^\r\n]\r[^\n]") and lines_fit(text, 998)
   local body, cte
   if plain then
-    body, cte = text:gsub("\r?\n", "\r\n"), "7bit"
-    if not body:find("\r\n$") then body = body .. "\r\n" end
+    -- Text already in CRLF lines is used as it is: no copy of the body.
+    body, cte = text, "7bit"
+    if text:find("^\n") or text:find("[^\r]\n") then body = text:gsub("\r?\n", "\r\n") end
+    if #body > 0 and not body:find("\r\n$") then body = { body, "\r\n" } end
   else
     body, cte = core.encode("qp", text), "quoted-printable"
   end
@@ -232,6 +240,8 @@ local function render(part, out)
       render(p, out)
     end
     out[#out + 1] = "--" .. part.boundary .. "--\r\n"
+  elseif type(part.body) == "table" and part.body.path == nil then
+    for _, piece in ipairs(part.body) do out[#out + 1] = piece end
   else
     out[#out + 1] = part.body
   end
@@ -280,7 +290,10 @@ local function add_header(out, name, value, encode)
   return true
 end
 
---- Composes a message.
+--- Composes a message into segments, the form the pool sends without
+-- copying: the header block (to the blank line) as the first string, then
+-- each body piece as it is (a text given in CRLF lines is the caller's own
+-- string), files as `{path = file}`.
 -- @tparam table msg `from` (required), `to`, `cc`, `bcc` (envelope only),
 --   `reply_to`, `sender`, `subject`, `text`, `html`, `attachments` (each
 --   `{path = ... | data = ..., filename, content_type, inline, cid}`),
@@ -290,13 +303,11 @@ end
 --   `rcpt` to override the envelope, `dsn` (see `Pool:send_raw`), `dkim`
 --   (`false` to send this message unsigned, or its own DKIM configuration
 --   as for the pool option).
--- @treturn[1] string the message (CRLF line ends), or when attachments
---   come from `path`, an array of strings and `{path = file}` segments that
---   the pool streams (see `flatten`)
+-- @treturn[1] table the segments (see `flatten` for one string)
 -- @treturn[1] table the envelope `{from = "a@b", to = {...}}`
 -- @return[2] nil
 -- @treturn[2] table error value (kind `invalid`)
-function M.compose(msg)
+function M.compose_segments(msg)
   for k in pairs(msg) do
     if not FIELDS[k] then return nil, invalid(("unknown message field '%s'"):format(tostring(k)), k) end
   end
@@ -426,26 +437,17 @@ function M.compose(msg)
     for _, p in ipairs(attached) do parts[#parts + 1] = p end
     root = multipart("mixed", parts, bnd())
   end
+  -- Segments: the header block (the message's headers and the root part's,
+  -- to the blank line) as one string, then every piece as it is: bodies are
+  -- never copied into a bigger string; files stay {path = file}.
   local out = {}
   render(root, out)
-  -- A string, or segments when attachments stream from disk: strings with
-  -- {path = file} between them.
-  local message
-  local segs, run = {}, { table.concat(h) }
-  for _, piece in ipairs(out) do
-    if type(piece) == "table" then
-      segs[#segs + 1] = table.concat(run)
-      segs[#segs + 1] = piece
-      run = {}
-    else
-      run[#run + 1] = piece
-    end
-  end
-  if #segs == 0 then
-    message = run[1] .. table.concat(run, "", 2)
-  else
-    segs[#segs + 1] = table.concat(run)
-    message = segs
+  local hdr_end = 1
+  while out[hdr_end] ~= "\r\n" do hdr_end = hdr_end + 1 end
+  for i = 1, hdr_end do h[#h + 1] = out[i] end
+  local message = { table.concat(h) }
+  for i = hdr_end + 1, #out do
+    if out[i] ~= "" then message[#message + 1] = out[i] end
   end
 
   -- The envelope.
@@ -471,6 +473,33 @@ function M.compose(msg)
   end
   if #rcpt == 0 then return nil, invalid("no recipients (to, cc, bcc or rcpt)", "to") end
   return message, { from = env_from, to = rcpt }
+end
+
+--- Composes a message as text.
+-- @tparam table msg the fields of `compose_segments`
+-- @treturn[1] string the message (CRLF line ends), or when attachments
+--   come from `path`, an array of strings and `{path = file}` segments that
+--   the pool streams (see `flatten`)
+-- @treturn[1] table the envelope `{from = "a@b", to = {...}}`
+-- @return[2] nil
+-- @treturn[2] table error value (kind `invalid`)
+function M.compose(msg)
+  local segs, env = M.compose_segments(msg)
+  if not segs then return nil, env end
+  -- Strings between files are joined; without files, one string.
+  local out, run = {}, {}
+  for _, seg in ipairs(segs) do
+    if type(seg) == "table" then
+      out[#out + 1] = table.concat(run)
+      out[#out + 1] = seg
+      run = {}
+    else
+      run[#run + 1] = seg
+    end
+  end
+  if #out == 0 then return table.concat(run), env end
+  out[#out + 1] = table.concat(run)
+  return out, env
 end
 
 return M

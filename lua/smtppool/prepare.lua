@@ -175,7 +175,7 @@ local function prepare_composed(msg, ctx)
   if not signers then return { msg = msg, to = {}, err = serr } end
   local derr = check_dsn(msg.dsn)
   if derr then return { msg = msg, to = {}, err = errors.new("invalid", derr, { attempts = 0 }) } end
-  local data, env = message.compose(msg)
+  local data, env = message.compose_segments(msg)
   if data then
     local signed, e = sign(signers or {}, data)
     if signed then data = signed else data, env = nil, e end
