@@ -116,6 +116,10 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   `data` 3, `data_end` 10). Each bounds a whole reply, counted from the
 --   last write: bytes trickling in do not restart it.
 -- * `close_timeout` (seconds, default 5): how long `close` waits for QUIT.
+-- * `trace` (boolean, default false): report every protocol state change
+--   as an `on_event` event `{type = "trace", conn, from, to, code}` (`code`:
+--   the reply that caused it), what one reaches for first when a server
+--   misbehaves.
 -- * `on_event` (function): called with one table per event: `connect`,
 --   `ready`, `rotate`, `learn_cap`, `unlearn_cap`, `retry`, `discard`,
 --   `rate_wait`, `idle_close`, `close`.
@@ -144,7 +148,7 @@ function M.new(opts)
     conn_opts = {
       host = opts.host, port = cfg.port, helo = cfg.helo,
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
-      tls = tls_ctx, tls_mode = cfg.tls, server_name = opts.server_name,
+      tls = tls_ctx, tls_mode = cfg.tls, server_name = opts.server_name, trace = opts.trace,
     },
     tls_ctx = tls_ctx,
     auth = opts.auth,

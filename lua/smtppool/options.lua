@@ -21,7 +21,7 @@ M.SCHEMA = {
   ca_file = "string", ca_path = "string", cert_file = "string", key_file = "string",
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
-  cap_recover_after = "number",
+  cap_recover_after = "number", trace = "boolean",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range

@@ -209,7 +209,11 @@ end
 function S:_dispatch(run, rec, entry, t)
   for i = 1, #entry, 2 do
     local ev, payload = entry[i], entry[i + 1]
-    if ev == "ready" then
+    if ev == "trace" then
+      for _, tr in ipairs(payload) do
+        self:_emit({ type = "trace", conn = rec.id, from = tr.from, to = tr.to, code = tr.code })
+      end
+    elseif ev == "ready" then
       if rec.state == "connecting" then
         rec.caps = rec.c:caps()
         self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })

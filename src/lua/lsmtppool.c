@@ -53,6 +53,7 @@ typedef struct lconn {
     sp_conn *c;
     int body_ref; /* registry reference keeping the body string alive */
     int tls_ref;  /* registry reference keeping the TLS context alive */
+    int trace;    /* state changes are reported with the events */
 } lconn;
 
 typedef struct ltls {
@@ -157,11 +158,6 @@ static sp_session *check_session(lua_State *L, int i)
     return NULL;
 }
 
-static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls"};
-static const char *const state_names[] = {"greeting", "ehlo",   "helo", "ready",    "tx",  "body",
-                                          "data_end", "rset",   "noop", "quit",     "closed", "dead",
-                                          "starttls", "tls",    "auth"};
-
 static void setint(lua_State *L, const char *k, lua_Integer v)
 {
     lua_pushinteger(L, v);
@@ -182,7 +178,7 @@ static void setbool(lua_State *L, const char *k, int v)
 
 static int s_state(lua_State *L)
 {
-    lua_pushstring(L, state_names[sp_session_state(check_session(L, 1))]);
+    lua_pushstring(L, sp_state_name(sp_session_state(check_session(L, 1))));
     return 1;
 }
 
@@ -640,6 +636,7 @@ static int l_connect(lua_State *L)
     lc->c = NULL;
     lc->body_ref = LUA_NOREF;
     lc->tls_ref = LUA_NOREF;
+    lc->trace = 0;
     if (tls_idx) {
         lua_pushvalue(L, tls_idx);
         lc->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -650,6 +647,10 @@ static int l_connect(lua_State *L)
     lc->c = sp_conn_new(&o, &e);
     if (!lc->c)
         return push_fail(L, &e);
+    lua_getfield(L, 1, "trace");
+    lc->trace = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    sp_session_trace(sp_conn_session(lc->c), lc->trace);
     return 1;
 }
 
@@ -686,7 +687,7 @@ static int c_next_event(lua_State *L)
         return 0;
     if (e == SP_EV_TX_DONE)
         release_body(L, lc);
-    lua_pushstring(L, event_names[e]);
+    lua_pushstring(L, sp_event_name(e));
     return 1;
 }
 
@@ -781,17 +782,33 @@ static int l_wait(lua_State *L)
     lua_createtable(L, r, 0);
     int k = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!sp_conn_has_events(cs[i]))
-            continue;
         lua_rawgeti(L, 1, (int)i + 1);
         lconn *lc = check_conn(L, -1);
         lua_pop(L, 1);
+        sp_transition tr[32];
+        size_t ntr = lc->trace ? sp_session_transitions(sp_conn_session(cs[i]), tr, 32) : 0;
+        if (!sp_conn_has_events(cs[i]) && ntr == 0)
+            continue;
         lua_createtable(L, 4, 1);
         setint(L, "conn", (lua_Integer)i + 1);
         int m = 0;
+        if (ntr) { /* state changes first: they led to the events */
+            lua_pushstring(L, "trace");
+            lua_rawseti(L, -2, ++m);
+            lua_createtable(L, (int)ntr, 0);
+            for (size_t j = 0; j < ntr; j++) {
+                lua_createtable(L, 0, 3);
+                setstr(L, "from", sp_state_name(tr[j].from));
+                setstr(L, "to", sp_state_name(tr[j].to));
+                if (tr[j].code)
+                    setint(L, "code", tr[j].code);
+                lua_rawseti(L, -2, (int)j + 1);
+            }
+            lua_rawseti(L, -2, ++m);
+        }
         sp_event e;
         while ((e = sp_conn_next_event(cs[i])) != SP_EV_NONE) {
-            lua_pushstring(L, event_names[e]);
+            lua_pushstring(L, sp_event_name(e));
             lua_rawseti(L, -2, ++m);
             if (e == SP_EV_TX_DONE) {
                 release_body(L, lc);
@@ -892,7 +909,7 @@ static int ss_next_event(lua_State *L)
     sp_event e = sp_session_next_event(check_session(L, 1));
     if (e == SP_EV_NONE)
         return 0;
-    lua_pushstring(L, event_names[e]);
+    lua_pushstring(L, sp_event_name(e));
     return 1;
 }
 

@@ -34,6 +34,22 @@ typedef struct awaited {
 
 #define EVQ 16
 #define SP_REDACT_MAX 8
+#define SP_TRACE_MAX 32
+
+static const char *const state_names[] = {"greeting", "ehlo",   "helo", "ready",  "tx",     "body",
+                                          "data_end", "rset",   "noop", "quit",   "closed", "dead",
+                                          "starttls", "tls",    "auth"};
+static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls"};
+
+const char *sp_state_name(sp_state st)
+{
+    return (unsigned)st < sizeof state_names / sizeof state_names[0] ? state_names[st] : "?";
+}
+
+const char *sp_event_name(sp_event e)
+{
+    return (unsigned)e < sizeof event_names / sizeof event_names[0] ? event_names[e] : "?";
+}
 
 struct sp_session {
     sp_state state;
@@ -62,6 +78,11 @@ struct sp_session {
     char *redact[SP_REDACT_MAX];
     size_t nredact;
     unsigned long replies;
+    int cur_code; /* the reply being handled, for the trace */
+    int trace;
+    sp_transition tr[SP_TRACE_MAX];
+    size_t tr_head, tr_len;
+    unsigned long tr_dropped;
     sp_event evq[EVQ];
     size_t ev_head, ev_len;
 };
@@ -73,6 +94,36 @@ static void push_event(sp_session *s, sp_event e)
     if (s->ev_len == EVQ)
         return;
     s->evq[(s->ev_head + s->ev_len++) % EVQ] = e;
+}
+
+/* Every state change goes through here, so a trace sees each one. */
+static void set_state(sp_session *s, sp_state to)
+{
+    if (s->trace && s->state != to) {
+        if (s->tr_len == SP_TRACE_MAX) { /* the oldest goes: a trace is for the recent past */
+            s->tr_head = (s->tr_head + 1) % SP_TRACE_MAX;
+            s->tr_len--;
+            s->tr_dropped++;
+        }
+        sp_transition *t = &s->tr[(s->tr_head + s->tr_len++) % SP_TRACE_MAX];
+        t->from = s->state;
+        t->to = to;
+        t->code = s->cur_code;
+    }
+    s->state = to;
+}
+
+void sp_session_trace(sp_session *s, int on) { s->trace = on; }
+
+size_t sp_session_transitions(sp_session *s, sp_transition *out, size_t max)
+{
+    size_t n = 0;
+    while (n < max && s->tr_len) {
+        out[n++] = s->tr[s->tr_head];
+        s->tr_head = (s->tr_head + 1) % SP_TRACE_MAX;
+        s->tr_len--;
+    }
+    return n;
 }
 
 sp_event sp_session_next_event(sp_session *s)
@@ -267,7 +318,7 @@ sp_session *sp_session_new(const sp_session_opts *opts)
     const char *h = opts && opts->helo && *opts->helo ? opts->helo : "localhost";
     snprintf(s->helo, sizeof s->helo, "%s", h);
     sp_buf_init(&s->out);
-    s->state = SP_ST_GREETING;
+    s->state = SP_ST_GREETING; /* the first state: no transition to trace */
     if (opts) {
         s->starttls = opts->starttls;
         s->tls_active = opts->tls_active;
@@ -347,7 +398,7 @@ static void die(sp_session *s, const sp_error *err)
         s->tx.ok = 0;
         push_event(s, SP_EV_TX_DONE);
     }
-    s->state = SP_ST_DEAD;
+    set_state(s, SP_ST_DEAD);
     s->aw_len = 0;
     sp_buf_reset(&s->out);
     push_event(s, SP_EV_ERROR);
@@ -409,7 +460,7 @@ static int finish_failed_tx(sp_session *s)
     s->tx.done = 1;
     s->tx.ok = 0;
     push_event(s, SP_EV_TX_DONE);
-    s->state = SP_ST_RSET;
+    set_state(s, SP_ST_RSET);
     if (queue_cmd(s, "RSET", CMD_RSET, 0) < 0)
         return -1;
     return 0;
@@ -518,7 +569,7 @@ static int auth_begin(sp_session *s, unsigned m)
 {
     s->auth_mech = m;
     s->auth_step = 0;
-    s->state = SP_ST_AUTH;
+    set_state(s, SP_ST_AUTH);
     size_t ul = strlen(s->auth_user), pl = strlen(s->auth_secret);
     if (m == SP_AUTH_PLAIN) { /* RFC 4616: authzid NUL authcid NUL passwd */
         unsigned char *raw = malloc(ul + pl + 2);
@@ -592,7 +643,7 @@ static int after_ehlo(sp_session *s)
 {
     if (!s->tls_active && s->starttls != SP_STARTTLS_NO) {
         if (s->caps.flags & SP_CAP_STARTTLS) {
-            s->state = SP_ST_STARTTLS;
+            set_state(s, SP_ST_STARTTLS);
             if (queue_cmd(s, "STARTTLS", CMD_STARTTLS, 0) < 0)
                 return die_oom(s), -1;
             return 0;
@@ -605,7 +656,7 @@ static int after_ehlo(sp_session *s)
     }
     if (s->auth_user && !s->authed)
         return start_auth(s);
-    s->state = SP_ST_READY;
+    set_state(s, SP_ST_READY);
     push_event(s, SP_EV_READY);
     return 0;
 }
@@ -646,7 +697,7 @@ static int on_auth_reply(sp_session *s, sp_reply *r)
 {
     if (r->code == 235) {
         s->authed = 1;
-        s->state = SP_ST_READY;
+        set_state(s, SP_ST_READY);
         push_event(s, SP_EV_READY);
         return 0;
     }
@@ -715,7 +766,7 @@ static int on_reply(sp_session *s, sp_reply *r)
             return -1;
         }
         move_reply(&s->greeting, r);
-        s->state = SP_ST_EHLO;
+        set_state(s, SP_ST_EHLO);
         if (send_ehlo(s, "EHLO", CMD_EHLO) < 0)
             goto oom;
         return 0;
@@ -726,7 +777,7 @@ static int on_reply(sp_session *s, sp_reply *r)
             return after_ehlo(s);
         }
         if (cls == 5) { /* EHLO refused: fall back to HELO (RFC 5321 4.1.1.1) */
-            s->state = SP_ST_HELO;
+            set_state(s, SP_ST_HELO);
             if (send_ehlo(s, "HELO", CMD_HELO) < 0)
                 goto oom;
             return 0;
@@ -777,7 +828,7 @@ static int on_reply(sp_session *s, sp_reply *r)
     case CMD_DATA:
         if (r->code == 354) {
             if (s->tx.accepted > 0 && !s->tx.err.kind) {
-                s->state = SP_ST_BODY;
+                set_state(s, SP_ST_BODY);
                 sp_dotstuff_init(&s->ds);
                 push_event(s, SP_EV_BODY);
                 return 0;
@@ -805,7 +856,7 @@ static int on_reply(sp_session *s, sp_reply *r)
             s->tx.done = 1;
             s->tx_count++;
             push_event(s, SP_EV_TX_DONE);
-            s->state = SP_ST_READY;
+            set_state(s, SP_ST_READY);
             push_event(s, SP_EV_READY);
             return 0;
         }
@@ -814,14 +865,14 @@ static int on_reply(sp_session *s, sp_reply *r)
     case CMD_RSET:
     case CMD_NOOP:
         if (cls == 2) {
-            s->state = SP_ST_READY;
+            set_state(s, SP_ST_READY);
             push_event(s, SP_EV_READY);
             return 0;
         }
         die_reply(s, ph, r);
         return -1;
     case CMD_QUIT:
-        s->state = SP_ST_CLOSED;
+        set_state(s, SP_ST_CLOSED);
         push_event(s, SP_EV_CLOSED);
         return 0;
     case CMD_STARTTLS:
@@ -835,7 +886,7 @@ static int on_reply(sp_session *s, sp_reply *r)
                 die(s, &e);
                 return -1;
             }
-            s->state = SP_ST_TLS;
+            set_state(s, SP_ST_TLS);
             push_event(s, SP_EV_TLS);
             return 0;
         }
@@ -880,7 +931,9 @@ int sp_session_feed(sp_session *s, const char *buf, size_t len)
         }
         s->replies++;
         scrub_reply(s, &r);
+        s->cur_code = r.code;
         int rc = on_reply(s, &r);
+        s->cur_code = 0;
         sp_reply_clear(&r);
         if (rc < 0)
             return -1;
@@ -896,7 +949,7 @@ int sp_session_eof(sp_session *s)
     if (s->state == SP_ST_CLOSED)
         return 0;
     if (s->state == SP_ST_QUIT) { /* closed without a 221: fine, we were leaving */
-        s->state = SP_ST_CLOSED;
+        set_state(s, SP_ST_CLOSED);
         s->aw_len = 0;
         push_event(s, SP_EV_CLOSED);
         return 0;
@@ -1047,7 +1100,7 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     }
     s->tx_active = 1;
     s->dot_mark = 0;
-    s->state = SP_ST_TX;
+    set_state(s, SP_ST_TX);
     if (queue_cmd(s, line, CMD_MAIL, 0) < 0)
         goto oom_dead;
     if (s->pipelining) { /* RFC 2920: MAIL, every RCPT and DATA in one group */
@@ -1094,7 +1147,7 @@ int sp_session_body_end(sp_session *s, sp_error *err)
     }
     s->queued += sp_buf_pending(&s->out) - before;
     s->dot_mark = s->queued;
-    s->state = SP_ST_DATA_END;
+    set_state(s, SP_ST_DATA_END);
     return 0;
 }
 
@@ -1102,7 +1155,7 @@ static int simple_cmd(sp_session *s, const char *verb, cmd c, sp_state st, sp_er
 {
     if (s->state != SP_ST_READY)
         return not_ready(s, err, verb);
-    s->state = st;
+    set_state(s, st);
     if (queue_cmd(s, verb, c, 0) < 0) {
         die_oom(s);
         *err = s->err;
@@ -1122,7 +1175,7 @@ int sp_session_quit(sp_session *s)
     /* QUIT goes out whatever is pending; replies still awaited are dropped. */
     s->aw_len = 0;
     s->aw_head = 0;
-    s->state = SP_ST_QUIT;
+    set_state(s, SP_ST_QUIT);
     if (queue_cmd(s, "QUIT", CMD_QUIT, 0) < 0) {
         die_oom(s);
         return -1;
@@ -1139,7 +1192,7 @@ void sp_session_tls_done(sp_session *s)
     memset(&s->caps, 0, sizeof s->caps);
     s->pipelining = 0;
     sp_reply_reader_reset(s->reader);
-    s->state = SP_ST_EHLO;
+    set_state(s, SP_ST_EHLO);
     if (send_ehlo(s, "EHLO", CMD_EHLO) < 0)
         die_oom(s);
 }

@@ -33,6 +33,8 @@ typedef enum sp_event {
     SP_EV_CLOSED,  /* QUIT was answered or the server closed after QUIT */
     SP_EV_TLS      /* STARTTLS accepted: handshake, then sp_session_tls_done */
 } sp_event;
+/* "ready", "body", "tx", "error", "closed", "tls" ("none" for SP_EV_NONE). */
+const char *sp_event_name(sp_event e);
 
 typedef enum sp_state {
     SP_ST_GREETING,
@@ -51,6 +53,15 @@ typedef enum sp_state {
     SP_ST_TLS,      /* the driver is doing the handshake */
     SP_ST_AUTH      /* AUTH exchange in progress */
 } sp_state;
+/* The state's name in lower case: "greeting", "ehlo", ... "auth". */
+const char *sp_state_name(sp_state st);
+
+/* One state change, for traces: the reply code that caused it (0 when a
+ * command the driver gave did). */
+typedef struct sp_transition {
+    sp_state from, to;
+    int code;
+} sp_transition;
 
 typedef struct sp_rcpt_result {
     char *address;
@@ -137,6 +148,11 @@ int sp_session_rset(sp_session *s, sp_error *err);
 int sp_session_quit(sp_session *s);
 /* The driver finished the TLS handshake after SP_EV_TLS: EHLO again. */
 void sp_session_tls_done(sp_session *s);
+
+/* Tracing (off by default): when on, every state change is kept (the last
+ * 32) until taken, oldest first, with sp_session_transitions. */
+void sp_session_trace(sp_session *s, int on);
+size_t sp_session_transitions(sp_session *s, sp_transition *out, size_t max);
 
 /* State. */
 sp_state sp_session_state(const sp_session *s);

@@ -105,3 +105,26 @@ describe("send_raw input", function()
     assert.is_true(p:close())
   end)
 end)
+
+describe("the trace hook", function()
+  local peers = require("peers")
+  it("reports every protocol state change when trace = true, and nothing when off", function()
+    local srv = peers.hostile({ quiet = true })
+    for _, on in ipairs({ true, false }) do
+      local trace = {}
+      local pool = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", helo = "t.test",
+        trace = on or nil, on_event = function(ev)
+          if ev.type == "trace" then trace[#trace + 1] = ev.from .. ">" .. ev.to .. (ev.code and ("/" .. ev.code) or "") end
+        end })
+      assert(pool:send_raw{ from = "a@x.test", to = "b@y.test", data = "Subject: t\r\n\r\nx\r\n" })
+      pool:close()
+      if on then
+        assert.same({ "greeting>ehlo/220", "ehlo>ready/250", "ready>tx", "tx>body/354", "body>data_end",
+                      "data_end>ready/250", "ready>quit", "quit>closed/221" }, trace)
+      else
+        assert.same({}, trace)
+      end
+    end
+    srv:stop()
+  end)
+end)

@@ -3,13 +3,15 @@
 -- The driver interface the scheduler runs on (ARCHITECTURE.md):
 --
 -- * `open(opts)`: starts a connection (`host`, `port`, `helo`, `tls_mode`,
---   `tls`, `server_name`, `auth`, `connect_timeout`, `timeouts`); returns a
+--   `tls`, `server_name`, `auth`, `connect_timeout`, `timeouts`, `trace`); returns a
 --   handle, or nil and an error value.
 -- * `wait(handles, timeout)`: moves bytes until some connection has events
 --   or `timeout` seconds pass (negative: no limit); returns one entry per
 --   connection with events: `{conn = index, name, payload, name, payload...}`
 --   with names `ready`, `tx` (payload: the transaction's outcome), `error`
---   (payload: the error value), `closed`. One call per wake.
+--   (payload: the error value), `closed`, and with `opts.trace`, `trace`
+--   first (payload: the state changes `{from, to, code}` since the last
+--   wait). One call per wake.
 -- * handle methods: `start(from, to, data, dsn)` (true, or nil and an
 --   `invalid` error when refused before a byte left), `quit()`, `noop()`,
 --   `abort(text)` (cut now; the transaction in flight fails), `close()`,
