@@ -1,0 +1,270 @@
+/* The native driver for Lua: connections, the one wait per wake, TLS
+ * contexts, the clock. */
+#include <string.h>
+#include <unistd.h>
+
+#include "sp_lua.h"
+
+lconn *sp_l_check_conn(lua_State *L, int i)
+{
+    lconn *lc = luaL_checkudata(L, i, CONN_MT);
+    if (!lc->c)
+        luaL_argerror(L, i, "connection is freed");
+    return lc;
+}
+
+/* core.tls_context{ca_file=, ca_path=, cert_file=, key_file=, insecure_skip_verify=} */
+static int l_tls_context(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    sp_tls_opts o;
+    memset(&o, 0, sizeof o);
+    o.ca_file = sp_l_opt_string(L, 1, "ca_file");
+    o.ca_path = sp_l_opt_string(L, 1, "ca_path");
+    o.cert_file = sp_l_opt_string(L, 1, "cert_file");
+    o.key_file = sp_l_opt_string(L, 1, "key_file");
+    lua_getfield(L, 1, "insecure_skip_verify");
+    o.insecure_skip_verify = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    ltls *lt = lua_newuserdata(L, sizeof *lt);
+    lt->t = NULL;
+    luaL_getmetatable(L, TLS_MT);
+    lua_setmetatable(L, -2);
+    sp_error e;
+    lt->t = sp_tls_ctx_new(&o, &e);
+    if (!lt->t)
+        return sp_l_push_fail(L, &e);
+    return 1;
+}
+
+static int tls_gc(lua_State *L)
+{
+    ltls *lt = luaL_checkudata(L, 1, TLS_MT);
+    sp_tls_ctx_free(lt->t);
+    lt->t = NULL;
+    return 0;
+}
+
+static int tls_stats(lua_State *L)
+{
+    ltls *lt = luaL_checkudata(L, 1, TLS_MT);
+    lua_createtable(L, 0, 2);
+    sp_l_setint(L, "handshakes", lt->t ? (lua_Integer)sp_tls_handshakes(lt->t) : 0);
+    sp_l_setint(L, "resumed", lt->t ? (lua_Integer)sp_tls_resumed(lt->t) : 0);
+    return 1;
+}
+
+/* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds},
+ *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=,
+ *              auth={user=, secret=, mechanism=, allow_plaintext=}} */
+static int l_connect(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    sp_conn_opts o;
+    memset(&o, 0, sizeof o);
+    int tls_idx = 0;
+    char port[32];
+    lua_getfield(L, 1, "host");
+    o.host = luaL_checkstring(L, -1);
+    lua_getfield(L, 1, "port");
+    if (lua_type(L, -1) == LUA_TNUMBER)
+        snprintf(port, sizeof port, "%d", (int)lua_tointeger(L, -1));
+    else
+        snprintf(port, sizeof port, "%s", luaL_optstring(L, -1, "25"));
+    o.port = port;
+    lua_getfield(L, 1, "helo");
+    o.session.helo = luaL_optstring(L, -1, NULL);
+    o.connect_timeout = sp_l_opt_number(L, 1, "connect_timeout", 0);
+    lua_getfield(L, 1, "timeouts");
+    if (lua_istable(L, -1)) {
+        for (int p = SP_PHASE_GREETING; p < SP_PHASE_COUNT; p++)
+            o.timeouts[p] = sp_l_opt_number(L, lua_gettop(L), sp_phase_name((sp_phase)p), 0);
+    }
+    const char *mode = sp_l_opt_string(L, 1, "tls_mode");
+    if (mode && strcmp(mode, "none") != 0) {
+        lua_getfield(L, 1, "tls");
+        ltls *lt = luaL_testudata(L, -1, TLS_MT);
+        if (!lt || !lt->t)
+            return luaL_error(L, "option 'tls' must be a TLS context for tls_mode '%s'", mode);
+        o.tls = lt->t;
+        tls_idx = lua_gettop(L);
+        if (strcmp(mode, "implicit") == 0)
+            o.implicit_tls = 1;
+        else if (strcmp(mode, "starttls") == 0)
+            o.session.starttls = SP_STARTTLS_REQUIRED;
+        else if (strcmp(mode, "opportunistic") == 0)
+            o.session.starttls = SP_STARTTLS_OPPORTUNISTIC;
+        else
+            return luaL_error(L, "unknown tls_mode '%s'", mode);
+    }
+    o.server_name = sp_l_opt_string(L, 1, "server_name");
+    if (sp_l_read_auth(L, 1, &o.session) < 0)
+        return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
+    lconn *lc = lua_newuserdata(L, sizeof *lc);
+    lc->c = NULL;
+    lc->body_ref = LUA_NOREF;
+    lc->tls_ref = LUA_NOREF;
+    lc->trace = 0;
+    if (tls_idx) {
+        lua_pushvalue(L, tls_idx);
+        lc->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    luaL_getmetatable(L, CONN_MT);
+    lua_setmetatable(L, -2);
+    sp_error e;
+    lc->c = sp_conn_new(&o, &e);
+    if (!lc->c)
+        return sp_l_push_fail(L, &e);
+    lua_getfield(L, 1, "trace");
+    lc->trace = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    sp_session_trace(sp_conn_session(lc->c), lc->trace);
+    return 1;
+}
+
+static void release_body(lua_State *L, lconn *lc)
+{
+    luaL_unref(L, LUA_REGISTRYINDEX, lc->body_ref);
+    lc->body_ref = LUA_NOREF;
+}
+
+static int c_start(lua_State *L)
+{
+    lconn *lc = sp_l_check_conn(L, 1);
+    sp_body_seg *segs = NULL;
+    size_t nseg = 0;
+    int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, &segs, &nseg);
+    if (lua_toboolean(L, -1) && nret == 1) {
+        /* keep the strings the segments point into alive until TX_DONE */
+        release_body(L, lc);
+        lua_pushvalue(L, 4);
+        lc->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        sp_body_src *src = sp_body_src_new(segs, nseg);
+        if (!src)
+            return luaL_error(L, "out of memory");
+        sp_conn_set_body_src(lc->c, src);
+    }
+    return nret;
+}
+
+static int c_close(lua_State *L)
+{
+    lconn *lc = luaL_checkudata(L, 1, CONN_MT);
+    if (lc->c) {
+        sp_conn_free(lc->c);
+        lc->c = NULL;
+    }
+    release_body(L, lc);
+    /* the TLS context may go once no connection uses it */
+    luaL_unref(L, LUA_REGISTRYINDEX, lc->tls_ref);
+    lc->tls_ref = LUA_NOREF;
+    return 0;
+}
+
+/* conn:abort(text): ends the connection now (no QUIT); a transaction in
+ * flight fails with a connection error, or ambiguous when its final dot has
+ * left. For the pool's per-message deadline. */
+static int c_abort(lua_State *L)
+{
+    lconn *lc = sp_l_check_conn(L, 1);
+    const char *text = luaL_checkstring(L, 2);
+    sp_error e;
+    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(sp_conn_session(lc->c)), "%s", text);
+    sp_conn_abort(lc->c, &e);
+    return 0;
+}
+
+/* core.wait(conns, timeout): moves bytes until a connection has an event or
+ * timeout seconds pass; returns {{conn = i, name, payload, name, payload...}...}
+ * for the connections with events (payload: the tx table for "tx", the error
+ * for "error", false otherwise). */
+static int l_wait(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    double timeout = luaL_optnumber(L, 2, -1);
+    size_t n = lua_rawlen(L, 1);
+    sp_conn *stackc[64];
+    sp_conn **cs = n <= 64 ? stackc : lua_newuserdata(L, n * sizeof *cs);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, 1, (int)i + 1);
+        cs[i] = sp_l_check_conn(L, -1)->c;
+        lua_pop(L, 1);
+    }
+    int r = sp_conn_wait(cs, n, timeout);
+    if (r < 0)
+        return luaL_error(L, "poll failed");
+    /* One crossing per wake: every connection with events, its events
+     * drained, each with what the pool needs of it (the transaction's outcome,
+     * the session's error), so no further call is needed to read them. */
+    lua_createtable(L, r, 0);
+    int k = 0;
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, 1, (int)i + 1);
+        lconn *lc = sp_l_check_conn(L, -1);
+        lua_pop(L, 1);
+        sp_transition tr[32];
+        size_t ntr = lc->trace ? sp_session_transitions(sp_conn_session(cs[i]), tr, 32) : 0;
+        if (!sp_conn_has_events(cs[i]) && ntr == 0)
+            continue;
+        lua_createtable(L, 4, 1);
+        sp_l_setint(L, "conn", (lua_Integer)i + 1);
+        int m = 0;
+        if (ntr) { /* state changes first: they led to the events */
+            lua_pushstring(L, "trace");
+            lua_rawseti(L, -2, ++m);
+            lua_createtable(L, (int)ntr, 0);
+            for (size_t j = 0; j < ntr; j++) {
+                lua_createtable(L, 0, 3);
+                sp_l_setstr(L, "from", sp_state_name(tr[j].from));
+                sp_l_setstr(L, "to", sp_state_name(tr[j].to));
+                if (tr[j].code)
+                    sp_l_setint(L, "code", tr[j].code);
+                lua_rawseti(L, -2, (int)j + 1);
+            }
+            lua_rawseti(L, -2, ++m);
+        }
+        sp_event e;
+        while ((e = sp_conn_next_event(cs[i])) != SP_EV_NONE) {
+            lua_pushstring(L, sp_event_name(e));
+            lua_rawseti(L, -2, ++m);
+            if (e == SP_EV_TX_DONE) {
+                release_body(L, lc);
+                sp_l_push_tx(L, sp_session_tx(sp_conn_session(cs[i])));
+            } else if (e == SP_EV_ERROR) {
+                sp_l_push_error(L, sp_session_error(sp_conn_session(cs[i])));
+            } else {
+                lua_pushboolean(L, 0);
+            }
+            lua_rawseti(L, -2, ++m);
+        }
+        lua_rawseti(L, -2, ++k);
+    }
+    return 1;
+}
+
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, sp_now());
+    return 1;
+}
+
+static int l_hostname(lua_State *L)
+{
+    char h[256];
+    if (gethostname(h, sizeof h) < 0)
+        return 0;
+    h[sizeof h - 1] = '\0';
+    lua_pushstring(L, h);
+    return 1;
+}
+
+void sp_lua_open_conn(lua_State *L)
+{
+    static const luaL_Reg conn_methods[] = {{"start", c_start}, {"close", c_close}, {"abort", c_abort}, {NULL, NULL}};
+    static const luaL_Reg tls_methods[] = {{"stats", tls_stats}, {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"connect", l_connect}, {"wait", l_wait},         {"tls_context", l_tls_context},
+                                     {"now", l_now},         {"hostname", l_hostname}, {NULL, NULL}};
+    sp_l_new_type(L, CONN_MT, sp_l_session_common, conn_methods, c_close);
+    sp_l_new_type(L, TLS_MT, NULL, tls_methods, tls_gc);
+    luaL_setfuncs(L, funcs, 0);
+}
