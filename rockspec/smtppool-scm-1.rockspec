@@ -39,7 +39,7 @@ build = {
       ["smtppool.core"] = {
          sources = {
             "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",
-            "src/proto/sp_codec.c", "src/proto/sp_session.c",
+            "src/proto/sp_codec.c", "src/proto/sp_session.c", "src/proto/sp_sasl.c", "src/proto/sp_envelope.c",
             "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c",
             "src/net/sp_tls.c", "src/net/sp_net.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",

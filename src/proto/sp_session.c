@@ -5,10 +5,10 @@
 #include <string.h>
 
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
 
 #include "sp_codec.h"
+#include "sp_envelope.h"
+#include "sp_sasl.h"
 
 /* One awaited reply: which command it answers. */
 typedef enum cmd {
@@ -492,37 +492,12 @@ static int send_ehlo(sp_session *s, const char *verb, cmd c)
 }
 
 /* Queues one RCPT TO. */
-/* RFC 3461 4: xtext, "+HH" for '+', '=' and bytes outside 33..126. */
-static int xtext(sp_buf *o, const char *p)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    for (; *p; p++) {
-        unsigned char c = (unsigned char)*p;
-        if (c < 33 || c > 126 || c == '+' || c == '=') {
-            char e[3] = {'+', hex[c >> 4], hex[c & 15]};
-            if (sp_buf_append(o, e, 3) < 0)
-                return -1;
-        } else if (sp_buf_append(o, p, 1) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
 static int send_rcpt(sp_session *s, size_t i)
 {
-    sp_buf *o = &s->out;
-    const char *a = s->tx.rcpts[i].address;
-    size_t before = sp_buf_pending(o);
-    if (sp_buf_append(o, "RCPT TO:<", 9) < 0 || sp_buf_append_str(o, a) < 0 || sp_buf_append(o, ">", 1) < 0)
+    size_t before = sp_buf_pending(&s->out);
+    if (sp_envelope_rcpt(&s->out, s->tx.rcpts[i].address, s->tx.rcpt_params, s->tx.orcpt) < 0)
         return -1;
-    if (s->tx.rcpt_params && sp_buf_append_str(o, s->tx.rcpt_params) < 0)
-        return -1;
-    if (s->tx.orcpt && (sp_buf_append_str(o, " ORCPT=rfc822;") < 0 || xtext(o, a) < 0))
-        return -1;
-    if (sp_buf_append(o, "\r\n", 2) < 0)
-        return -1;
-    s->queued += sp_buf_pending(o) - before;
+    s->queued += sp_buf_pending(&s->out) - before;
     return await(s, CMD_RCPT, i);
 }
 
@@ -553,49 +528,24 @@ static int queue_secret(sp_session *s, const char *prefix, const unsigned char *
     return rc < 0 ? -1 : await(s, CMD_AUTH, 0);
 }
 
-static const char *mech_name(unsigned m)
-{
-    switch (m) {
-    case SP_AUTH_PLAIN: return "PLAIN";
-    case SP_AUTH_LOGIN: return "LOGIN";
-    case SP_AUTH_CRAM_MD5: return "CRAM-MD5";
-    case SP_AUTH_XOAUTH2: return "XOAUTH2";
-    }
-    return "?";
-}
-
-/* The first AUTH line of mechanism m. */
+/* The first AUTH line of mechanism m (RFC 4954 4: with the initial
+ * response when the mechanism has one). */
 static int auth_begin(sp_session *s, unsigned m)
 {
     s->auth_mech = m;
     s->auth_step = 0;
     set_state(s, SP_ST_AUTH);
-    size_t ul = strlen(s->auth_user), pl = strlen(s->auth_secret);
-    if (m == SP_AUTH_PLAIN) { /* RFC 4616: authzid NUL authcid NUL passwd */
-        unsigned char *raw = malloc(ul + pl + 2);
-        if (!raw)
-            return -1;
-        raw[0] = 0;
-        memcpy(raw + 1, s->auth_user, ul);
-        raw[ul + 1] = 0;
-        memcpy(raw + ul + 2, s->auth_secret, pl);
-        int rc = queue_secret(s, "AUTH PLAIN ", raw, ul + pl + 2);
-        OPENSSL_cleanse(raw, ul + pl + 2);
-        free(raw);
-        return rc;
-    }
-    if (m == SP_AUTH_XOAUTH2) { /* user=U ^A auth=Bearer T ^A ^A */
-        size_t n = 5 + ul + 1 + 12 + pl + 2;
-        unsigned char *raw = malloc(n + 1);
-        if (!raw)
-            return -1;
-        snprintf((char *)raw, n + 1, "user=%s\001auth=Bearer %s\001\001", s->auth_user, s->auth_secret);
-        int rc = queue_secret(s, "AUTH XOAUTH2 ", raw, n);
-        OPENSSL_cleanse(raw, n);
-        free(raw);
-        return rc;
-    }
-    return queue_cmd(s, m == SP_AUTH_LOGIN ? "AUTH LOGIN" : "AUTH CRAM-MD5", CMD_AUTH, 0);
+    unsigned char *raw;
+    size_t n;
+    if (sp_sasl_initial(m, s->auth_user, s->auth_secret, &raw, &n) < 0)
+        return -1;
+    char line[32];
+    snprintf(line, sizeof line, raw ? "AUTH %s " : "AUTH %s", sp_sasl_name(m));
+    if (!raw)
+        return queue_cmd(s, line, CMD_AUTH, 0);
+    int rc = queue_secret(s, line, raw, n);
+    sp_sasl_free(raw, n);
+    return rc;
 }
 
 /* Chooses the mechanism: the one asked for, else the strongest shared. */
@@ -611,25 +561,16 @@ static int start_auth(sp_session *s)
         die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, "the server does not offer AUTH");
         return -1;
     }
-    unsigned m = 0;
-    if (s->auth_want) {
-        if (!(s->caps.auth & s->auth_want)) {
-            char t[128];
-            snprintf(t, sizeof t, "the server does not offer AUTH %s", mech_name(s->auth_want));
-            die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, t);
-            return -1;
-        }
-        m = s->auth_want;
-    } else {
-        static const unsigned order[] = {SP_AUTH_CRAM_MD5, SP_AUTH_PLAIN, SP_AUTH_LOGIN};
-        for (size_t i = 0; i < sizeof order / sizeof order[0] && !m; i++)
-            if (s->caps.auth & order[i])
-                m = order[i];
-        if (!m) {
-            die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH,
-                    "no AUTH mechanism in common (smtppool speaks PLAIN, LOGIN, CRAM-MD5, XOAUTH2)");
-            return -1;
-        }
+    const char *why = NULL;
+    unsigned m = sp_sasl_choose(s->caps.auth, s->auth_want, &why);
+    if (!m) {
+        char t[160];
+        if (s->auth_want)
+            snprintf(t, sizeof t, "the server does not offer AUTH %s", sp_sasl_name(s->auth_want));
+        else
+            snprintf(t, sizeof t, "%s", why);
+        die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, t);
+        return -1;
     }
     if (auth_begin(s, m) < 0) {
         die_oom(s);
@@ -661,35 +602,16 @@ static int after_ehlo(sp_session *s)
     return 0;
 }
 
+/* RFC 2195: answer the base64 challenge with "user hex(HMAC-MD5(secret, challenge))". */
 static int cram_md5_response(sp_session *s, const sp_reply *r)
 {
-    /* RFC 2195: the challenge is base64; answer "user hex(HMAC-MD5(secret, challenge))" */
-    unsigned char chal[1024];
-    if (r->text_len > 4 * (sizeof chal / 3) - 4)
-        return -2;
-    long cl = sp_base64_decode(r->text, r->text_len, chal);
-    if (cl < 0)
-        return -2;
-    unsigned char mac[EVP_MAX_MD_SIZE];
-    unsigned int ml = 0;
-    if (!HMAC(EVP_md5(), s->auth_secret, (int)strlen(s->auth_secret), chal, (size_t)cl, mac, &ml))
-        return -2;
-    size_t ul = strlen(s->auth_user);
-    size_t n = ul + 1 + 2 * ml;
-    unsigned char *raw = malloc(n);
-    if (!raw)
-        return -1;
-    memcpy(raw, s->auth_user, ul);
-    raw[ul] = ' ';
-    static const char hex[] = "0123456789abcdef";
-    for (unsigned i = 0; i < ml; i++) {
-        raw[ul + 1 + 2 * i] = (unsigned char)hex[mac[i] >> 4];
-        raw[ul + 2 + 2 * i] = (unsigned char)hex[mac[i] & 15];
-    }
-    int rc = queue_secret(s, "", raw, n);
-    OPENSSL_cleanse(raw, n);
-    OPENSSL_cleanse(mac, sizeof mac);
-    free(raw);
+    unsigned char *raw;
+    size_t n;
+    int rc = sp_sasl_cram_md5(s->auth_user, s->auth_secret, r->text, r->text_len, &raw, &n);
+    if (rc < 0)
+        return rc;
+    rc = queue_secret(s, "", raw, n);
+    sp_sasl_free(raw, n);
     return rc;
 }
 
@@ -993,67 +915,19 @@ static int not_ready(sp_session *s, sp_error *err, const char *what)
     return -1;
 }
 
-/* A path must be printable ASCII (or UTF-8 with SMTPUTF8), no brackets and
- * at most 254 octets (RFC 5321 4.5.3.1.3 allows 256 with the brackets). */
-static int check_path(const char *p, int *utf8, const char *what, sp_error *err)
-{
-    size_t n = strlen(p);
-    if (n > 254) {
-        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "%s address longer than 254 octets", what);
-        return -1;
-    }
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (c < 0x21 || c == 0x7f || c == '<' || c == '>') {
-            sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE,
-                         "%s address contains a forbidden byte 0x%02x at offset %zu", what, c, i);
-            return -1;
-        }
-        if (c >= 0x80)
-            *utf8 = 1;
-    }
-    return 0;
-}
-
 int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
 {
     sp_error_clear(err);
     if (s->state != SP_ST_READY)
         return not_ready(s, err, "start a transaction");
-    if (o->nrcpt == 0) {
-        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "no recipients");
-        return -1;
-    }
     int utf8 = 0;
-    if (check_path(o->from, &utf8, "sender", err) < 0)
+    if (sp_envelope_check(o, &s->caps, &utf8, err) < 0)
         return -1;
-    for (size_t i = 0; i < o->nrcpt; i++) {
-        if (!*o->rcpts[i]) {
-            sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "recipient %zu is empty", i + 1);
-            return -1;
-        }
-        if (check_path(o->rcpts[i], &utf8, "recipient", err) < 0)
-            return -1;
-    }
-    if (utf8 && !(s->caps.flags & SP_CAP_SMTPUTF8)) {
-        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_MAIL,
-                     "an address is not ASCII and the server does not offer SMTPUTF8");
-        return -1;
-    }
-    if (o->body_8bit && !(s->caps.flags & SP_CAP_8BITMIME) && !utf8) {
-        sp_error_set(err, SP_KIND_INVALID, SP_PHASE_MAIL,
-                     "the message has 8-bit bytes and the server does not offer 8BITMIME; "
-                     "encode it (quoted-printable or base64) first");
-        return -1;
-    }
-    if ((s->caps.flags & SP_CAP_SIZE) && s->caps.size_max && o->size > s->caps.size_max) {
-        sp_error_set(err, SP_KIND_PERMANENT, SP_PHASE_MAIL, "message of %lu bytes exceeds the server's SIZE limit of %lu",
-                     o->size, s->caps.size_max);
-        return -1;
-    }
 
     tx_clear(&s->tx);
     sp_tx *t = &s->tx;
+    sp_buf mail;
+    sp_buf_init(&mail);
     t->from = strdup(o->from);
     t->rcpts = calloc(o->nrcpt, sizeof *t->rcpts);
     if (!t->from || !t->rcpts)
@@ -1062,46 +936,24 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     for (size_t i = 0; i < o->nrcpt; i++)
         if (!(t->rcpts[i].address = strdup(o->rcpts[i])))
             goto oom;
-
-    char line[700];
-    int n = snprintf(line, sizeof line, "MAIL FROM:<%s>", o->from);
-    if ((s->caps.flags & SP_CAP_SIZE) && o->size)
-        n += snprintf(line + n, sizeof line - (size_t)n, " SIZE=%lu", o->size);
-    if (o->body_8bit && (s->caps.flags & SP_CAP_8BITMIME))
-        n += snprintf(line + n, sizeof line - (size_t)n, " BODY=8BITMIME");
-    if (utf8)
-        n += snprintf(line + n, sizeof line - (size_t)n, " SMTPUTF8");
-    if (s->caps.flags & SP_CAP_DSN) {
-        if (o->dsn_ret)
-            n += snprintf(line + n, sizeof line - (size_t)n, " RET=%s", o->dsn_ret);
-        if (o->dsn_envid) {
-            sp_buf ev;
-            sp_buf_init(&ev);
-            if (xtext(&ev, o->dsn_envid) < 0 || sp_buf_append(&ev, "", 1) < 0) {
-                sp_buf_free(&ev);
-                goto oom;
-            }
-            if (sp_buf_pending(&ev) > 200) {
-                sp_buf_free(&ev);
-                tx_clear(&s->tx);
-                sp_error_set(err, SP_KIND_INVALID, SP_PHASE_MAIL, "DSN envelope id longer than 100 characters");
-                return -1;
-            }
-            snprintf(line + n, sizeof line - (size_t)n, " ENVID=%s", sp_buf_head(&ev));
-            sp_buf_free(&ev);
-        }
-        if (o->dsn_notify) {
-            size_t pl = strlen(o->dsn_notify) + 9;
-            if (!(t->rcpt_params = malloc(pl)))
-                goto oom;
-            snprintf(t->rcpt_params, pl, " NOTIFY=%s", o->dsn_notify);
-        }
-        t->orcpt = o->dsn_orcpt;
+    int params_oom;
+    t->rcpt_params = sp_envelope_rcpt_params(o, &s->caps, &params_oom);
+    if (params_oom)
+        goto oom;
+    t->orcpt = (s->caps.flags & SP_CAP_DSN) ? o->dsn_orcpt : 0;
+    if (sp_envelope_mail(&mail, o, &s->caps, utf8, err) < 0 || sp_buf_append(&mail, "", 1) < 0) {
+        sp_buf_free(&mail);
+        tx_clear(&s->tx);
+        if (err->kind == SP_KIND_NONE)
+            sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "out of memory");
+        return -1;
     }
     s->tx_active = 1;
     s->dot_mark = 0;
     set_state(s, SP_ST_TX);
-    if (queue_cmd(s, line, CMD_MAIL, 0) < 0)
+    int rc = queue_cmd(s, sp_buf_head(&mail), CMD_MAIL, 0);
+    sp_buf_free(&mail);
+    if (rc < 0)
         goto oom_dead;
     if (s->pipelining) { /* RFC 2920: MAIL, every RCPT and DATA in one group */
         for (size_t i = 0; i < t->nrcpt; i++)
@@ -1112,6 +964,7 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     }
     return 0;
 oom:
+    sp_buf_free(&mail);
     tx_clear(&s->tx);
     sp_error_set(err, SP_KIND_INVALID, SP_PHASE_NONE, "out of memory");
     return -1;
