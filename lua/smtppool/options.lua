@@ -41,7 +41,9 @@ end
 M.valid_helo = valid_helo
 
 local AUTH_OPTIONS = { user = "string", password = "string", token = true, mechanism = "string" }
-local MECHANISMS = { PLAIN = true, LOGIN = true, ["CRAM-MD5"] = true, XOAUTH2 = true }
+-- The AUTH mechanisms the C core speaks (its one table of names).
+local MECHANISMS = {}
+for _, m in ipairs(core.auth_mechanisms) do MECHANISMS[m] = true end
 
 -- Why a secret (password or token) cannot be sent, or nil. CR, LF and NUL
 -- never belong to a credential; ^A would split XOAUTH2's fields.
@@ -106,7 +108,7 @@ function M.check(opts)
     end
     if type(opts.auth.user) ~= "string" then error("smtppool.new: auth.user is required", 3) end
     if opts.auth.mechanism and not MECHANISMS[opts.auth.mechanism] then
-      error("smtppool.new: auth.mechanism must be PLAIN, LOGIN, CRAM-MD5 or XOAUTH2", 3)
+      error("smtppool.new: auth.mechanism must be one of " .. table.concat(core.auth_mechanisms, ", "), 3)
     end
     if (opts.auth.password == nil) == (opts.auth.token == nil) then
       error("smtppool.new: auth takes a password or a token (for XOAUTH2), not both or neither", 3)

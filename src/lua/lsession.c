@@ -65,14 +65,9 @@ static int s_caps(lua_State *L)
         sp_l_setint(L, "size_max", (lua_Integer)c->size_max);
     if (c->flags & SP_CAP_AUTH) {
         lua_newtable(L);
-        if (c->auth & SP_AUTH_PLAIN)
-            sp_l_setbool(L, "PLAIN", 1);
-        if (c->auth & SP_AUTH_LOGIN)
-            sp_l_setbool(L, "LOGIN", 1);
-        if (c->auth & SP_AUTH_CRAM_MD5)
-            sp_l_setbool(L, "CRAM-MD5", 1);
-        if (c->auth & SP_AUTH_XOAUTH2)
-            sp_l_setbool(L, "XOAUTH2", 1);
+        for (unsigned i = 0; i < SP_AUTH_COUNT; i++)
+            if (c->auth & (1u << i))
+                sp_l_setbool(L, sp_auth_mech_name(1u << i), 1);
         lua_setfield(L, -2, "auth_mechs");
     }
     if (c->mailmax)
@@ -152,18 +147,11 @@ static int s_quit(lua_State *L)
 
 static int s_auth_mech(lua_State *L)
 {
-    static const struct {
-        unsigned m;
-        const char *n;
-    } names[] = {{SP_AUTH_PLAIN, "PLAIN"}, {SP_AUTH_LOGIN, "LOGIN"}, {SP_AUTH_CRAM_MD5, "CRAM-MD5"},
-                 {SP_AUTH_XOAUTH2, "XOAUTH2"}};
     unsigned m = sp_session_auth_mech(sp_l_check_session(L, 1));
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if (names[i].m == m) {
-            lua_pushstring(L, names[i].n);
-            return 1;
-        }
-    return 0;
+    if (!m)
+        return 0;
+    lua_pushstring(L, sp_auth_mech_name(m));
+    return 1;
 }
 
 /* Reads from, to (array of strings), data (string) at idx..idx+2 and starts a
@@ -328,15 +316,7 @@ int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o)
         return -1;
     const char *m = sp_l_opt_string(L, a, "mechanism");
     if (m) {
-        static const struct {
-            const char *n;
-            unsigned v;
-        } mechs[] = {{"PLAIN", SP_AUTH_PLAIN}, {"LOGIN", SP_AUTH_LOGIN}, {"CRAM-MD5", SP_AUTH_CRAM_MD5},
-                     {"XOAUTH2", SP_AUTH_XOAUTH2}};
-        o->auth_mech = 0;
-        for (size_t i = 0; i < sizeof mechs / sizeof mechs[0]; i++)
-            if (!strcmp(m, mechs[i].n))
-                o->auth_mech = mechs[i].v;
+        o->auth_mech = sp_auth_mech_of(m, strlen(m));
         if (!o->auth_mech)
             return -1;
     }
@@ -472,4 +452,11 @@ void sp_lua_open_session(lua_State *L)
     sp_l_new_type(L, SESSION_MT, sp_l_session_common, methods, ss_gc);
     lua_pushcfunction(L, l_session);
     lua_setfield(L, -2, "session");
+    /* the AUTH mechanisms the core speaks, for the Lua side's checks */
+    lua_createtable(L, SP_AUTH_COUNT, 0);
+    for (unsigned i = 0; i < SP_AUTH_COUNT; i++) {
+        lua_pushstring(L, sp_auth_mech_name(1u << i));
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_setfield(L, -2, "auth_mechanisms");
 }

@@ -9,6 +9,24 @@ static int word_is(const char *w, size_t n, const char *kw)
     return strlen(kw) == n && strncasecmp(w, kw, n) == 0;
 }
 
+static const char *const mech_names[SP_AUTH_COUNT] = {"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"};
+
+unsigned sp_auth_mech_of(const char *name, size_t n)
+{
+    for (unsigned i = 0; i < SP_AUTH_COUNT; i++)
+        if (word_is(name, n, mech_names[i]))
+            return 1u << i;
+    return 0;
+}
+
+const char *sp_auth_mech_name(unsigned mech)
+{
+    for (unsigned i = 0; i < SP_AUTH_COUNT; i++)
+        if (mech == 1u << i)
+            return mech_names[i];
+    return "?";
+}
+
 /* Parses a decimal number of at most 9 digits; returns 0 when malformed. */
 static unsigned long number(const char *s, size_t n)
 {
@@ -34,14 +52,7 @@ static void auth_mechs(sp_caps *c, const char *s, size_t n)
             i++;
         const char *w = s + st;
         size_t wl = i - st;
-        if (word_is(w, wl, "PLAIN"))
-            c->auth |= SP_AUTH_PLAIN;
-        else if (word_is(w, wl, "LOGIN"))
-            c->auth |= SP_AUTH_LOGIN;
-        else if (word_is(w, wl, "CRAM-MD5"))
-            c->auth |= SP_AUTH_CRAM_MD5;
-        else if (word_is(w, wl, "XOAUTH2"))
-            c->auth |= SP_AUTH_XOAUTH2;
+        c->auth |= sp_auth_mech_of(w, wl);
     }
 }
 

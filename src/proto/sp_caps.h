@@ -25,6 +25,12 @@ enum {
     SP_AUTH_CRAM_MD5 = 1u << 2,
     SP_AUTH_XOAUTH2 = 1u << 3,
 };
+#define SP_AUTH_COUNT 4
+
+/* The one table of AUTH mechanism names: the SP_AUTH_* bit of a name (of n
+ * bytes, case-insensitive; 0 when unknown), and the name of one bit ("?"). */
+unsigned sp_auth_mech_of(const char *name, size_t n);
+const char *sp_auth_mech_name(unsigned mech);
 
 typedef struct sp_caps {
     unsigned flags;

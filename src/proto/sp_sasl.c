@@ -11,17 +11,6 @@
 #include "sp_caps.h"
 #include "sp_codec.h"
 
-const char *sp_sasl_name(unsigned m)
-{
-    switch (m) {
-    case SP_AUTH_PLAIN: return "PLAIN";
-    case SP_AUTH_LOGIN: return "LOGIN";
-    case SP_AUTH_CRAM_MD5: return "CRAM-MD5";
-    case SP_AUTH_XOAUTH2: return "XOAUTH2";
-    }
-    return "?";
-}
-
 unsigned sp_sasl_choose(unsigned offered, unsigned want, const char **why)
 {
     if (want) {

@@ -7,9 +7,6 @@
 
 #include <stddef.h>
 
-/* "PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2" for one SP_AUTH_* bit, "?" else. */
-const char *sp_sasl_name(unsigned mech);
-
 /* The mechanism to use: `want` when the server offers it, else the
  * strongest both speak (CRAM-MD5, then PLAIN, then LOGIN; XOAUTH2 only when
  * asked for). 0 when none, with *why saying so. */

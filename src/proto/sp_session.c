@@ -540,7 +540,7 @@ static int auth_begin(sp_session *s, unsigned m)
     if (sp_sasl_initial(m, s->auth_user, s->auth_secret, &raw, &n) < 0)
         return -1;
     char line[32];
-    snprintf(line, sizeof line, raw ? "AUTH %s " : "AUTH %s", sp_sasl_name(m));
+    snprintf(line, sizeof line, raw ? "AUTH %s " : "AUTH %s", sp_auth_mech_name(m));
     if (!raw)
         return queue_cmd(s, line, CMD_AUTH, 0);
     int rc = queue_secret(s, line, raw, n);
@@ -566,7 +566,7 @@ static int start_auth(sp_session *s)
     if (!m) {
         char t[160];
         if (s->auth_want)
-            snprintf(t, sizeof t, "the server does not offer AUTH %s", sp_sasl_name(s->auth_want));
+            snprintf(t, sizeof t, "the server does not offer AUTH %s", sp_auth_mech_name(s->auth_want));
         else
             snprintf(t, sizeof t, "%s", why);
         die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, t);
