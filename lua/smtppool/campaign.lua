@@ -10,16 +10,24 @@
 --     }
 --     local report = assert(c:run())
 --
--- The journal is an append-only file: a line `P` (in flight) is written and
--- fsync'ed before a message is handed to the pool, and a line `S` (sent),
--- `F` (failed), `A` (ambiguous: may or may not have arrived) or `D` (sent,
--- and possibly delivered twice: an earlier try may have arrived too) when
--- its outcome is known. `run()` on an existing journal skips every
--- recipient with an outcome; one that was in flight when the process died
--- may or may not have been delivered, so it is recorded ambiguous and not
--- sent again, unless `resend_in_flight = true` says a duplicate is better
--- than a loss (what it then sends is recorded `D` and counted in the
--- report's `possible_duplicates`).
+-- The journal is an append-only file, keyed by the normalised address (so
+-- reordering, adding or removing rows never re-sends), with the campaign's
+-- name in its first line. Per recipient: `P` (handed to the pool; fsync'ed in
+-- groups before any of them can leave), `L` (its final dot is about to leave:
+-- a plain write just before it), then the outcome: `S` sent, `D` sent and
+-- possibly twice, `F` failed for good, `T` failed for now (transient or
+-- connection: `retry_failed` sends it again), `A` ambiguous. On resume, a
+-- recipient last seen `P` never reached its final dot and is sent; one last
+-- seen `L` may have been delivered and is recorded ambiguous (unless
+-- `resend_in_flight`): after `kill -9`, at most one message per open
+-- connection is ambiguous.
+--
+-- An outage (the relay down, refusing connections, or failing every message
+-- for a while) trips a circuit breaker after `outage_threshold` transient or
+-- connection failures in a row: sending stops, every unsent recipient stays
+-- pending, and the run either ends (`on_outage = "stop"`, the default;
+-- `report.stopped = "outage"`) or waits and probes with a growing delay
+-- (`"wait"`), sending the list on when the relay answers again.
 -- @module smtppool.campaign
 
 local core = require("smtppool.core")
@@ -34,7 +42,9 @@ Campaign.__index = Campaign
 local err = require("smtppool.errors").new
 
 local OPTIONS = { pool = "table", recipients = true, message = true, journal = "string", retry = "function",
-                  progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean" }
+                  progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean",
+                  name = "string", retry_failed = "boolean", outage_threshold = "number", on_outage = "string",
+                  outage_wait = "number", outage_delay = "number", handle_signals = "boolean" }
 
 --- Makes a campaign (nothing is sent until `run`).
 -- @tparam table o
@@ -54,6 +64,20 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 --   `function(stats)` called with those numbers.
 -- * `resend_in_flight` (default false), `report_json` (path for the final
 --   report), `strict` (default true: a missing template variable is an error).
+-- * `name` (default `"campaign"`): the campaign's name, written in the
+--   journal's first line; a journal of another campaign is refused.
+-- * `retry_failed` (default false): send again the recipients whose earlier
+--   outcome was a transient or connection failure (`T`); permanent
+--   failures are never sent again.
+-- * `outage_threshold` (default 10): transient or connection failures in a
+--   row that trip the circuit breaker; `on_outage` (`"stop"`, the default,
+--   or `"wait"`); with `"wait"`, `outage_delay` (default 5 seconds, doubling
+--   to 300) between probes and `outage_wait` (default 3600 seconds) before
+--   giving up.
+-- * `handle_signals` (default false): SIGINT and SIGTERM stop the run
+--   gracefully (nothing new starts, the messages on the wire finish, the
+--   journal is flushed, `report.stopped = "interrupted"`); a second one
+--   cuts the connections at once.
 function M.new(o)
   if type(o) ~= "table" then error("smtppool.campaign: options must be a table", 2) end
   for k, v in pairs(o) do
@@ -71,20 +95,50 @@ function M.new(o)
   if type(o.message) ~= "table" and type(o.message) ~= "function" then
     error("smtppool.campaign: 'message' must be a table of templates or a function", 2)
   end
+  if o.on_outage ~= nil and o.on_outage ~= "stop" and o.on_outage ~= "wait" then
+    error("smtppool.campaign: on_outage must be \"stop\" or \"wait\"", 2)
+  end
+  for _, k in ipairs({ "outage_threshold", "outage_wait", "outage_delay" }) do
+    local v = o[k]
+    if v ~= nil and not (v > 0 and v < math.huge) then
+      error(("smtppool.campaign: %s must be a positive finite number"):format(k), 2)
+    end
+  end
+  if o.name ~= nil and not o.name:match("^[%w._%-]+$") then
+    error("smtppool.campaign: name must be letters, digits, '.', '_' or '-'", 2)
+  end
   return setmetatable({ o = o }, Campaign)
 end
 
--- Reads a journal: key -> last state letter.
+--- The journal key of an address: trimmed and lower-cased (local parts
+-- are case-sensitive in theory and never in practice; a list that spells
+-- one address two ways means one person).
+function M.normalize(address)
+  return (address:gsub("^%s+", ""):gsub("%s+$", ""):lower())
+end
+
+local JOURNAL_HEADER = "# smtppool journal 2 campaign="
+
+-- Reads a journal: key -> last state letter, and the campaign it belongs to.
+-- Version 1 journals (no header, keys "row:address") are read by address.
 local function read_journal(path)
   local states = {}
   local f = io.open(path, "rb")
   if not f then return states end
+  local name, v1
   for line in f:lines() do
-    local st, key = line:match("^([PSFAD])\t([^\t]+)")
-    if st then states[key] = st end -- a torn last line without a tab is ignored
+    if not name and v1 == nil then
+      name = line:match("^# smtppool journal 2 campaign=([^%s]+)")
+      v1 = name == nil
+    end
+    local st, key = line:match("^([PLSFTAD])\t([^\t]+)")
+    if st then -- a torn last line without a tab is ignored
+      if v1 then key = M.normalize(key:match("^%d+:(.*)$") or key) end
+      states[key] = st
+    end
   end
   f:close()
-  return states
+  return states, name, v1
 end
 
 local function clean(s)
@@ -184,14 +238,24 @@ function Campaign:run()
   local build, cerr = compile_message(o.message, columns, type(o.recipients) == "string" and o.recipients or "the list")
   if not build then return nil, err("invalid", cerr) end
 
-  local states = o.journal and read_journal(o.journal) or {}
+  local name = o.name or "campaign"
+  local states, jname, v1 = {}, nil, false
+  if o.journal then states, jname, v1 = read_journal(o.journal) end
+  if jname and jname ~= name then
+    return nil, err("config", ("journal %s belongs to campaign '%s', not '%s'"):format(o.journal, jname, name))
+  end
   local journal
   if o.journal then
     local je
     journal, je = core.journal_open(o.journal)
     if not journal then return nil, err("config", je) end
+    if not jname and not v1 then -- a new journal: its header first
+      local ok, e = journal:append(JOURNAL_HEADER .. name .. "\n", true)
+      if not ok then return nil, err("config", e) end
+    end
   end
   local function record(state, key, info, sync)
+    states[key] = state
     if journal then
       local ok, e = journal:append(("%s\t%s\t%s\n"):format(state, key, clean(info)), sync)
       if not ok then error(err("config", e), 0) end
@@ -199,7 +263,7 @@ function Campaign:run()
   end
 
   local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,
-                   possible_duplicates = 0 }
+                   possible_duplicates = 0, duplicates = 0, pending = 0 }
   local keys = setmetatable({}, { __mode = "k" }) -- message -> journal key
   local resent = setmetatable({}, { __mode = "k" }) -- messages in flight in an earlier run, sent again
   local index = 0
@@ -235,28 +299,35 @@ function Campaign:run()
   -- group ambiguous that never left; it never loses or doubles one.
   local GROUP = 16
   local ready, ready_i = {}, 0
+  local seen = {}      -- keys met in this run: a list naming one address twice sends once
+  local requeue = {}   -- built messages to send again (cancelled by a stop, or lost to an outage)
   local function prepare_one()
+    if #requeue > 0 then return table.remove(requeue, 1) end
     while true do
       local rcpt = source()
       if rcpt == nil then return nil end
       index = index + 1
       report.total = report.total + 1
       if type(rcpt) ~= "table" or type(rcpt.email) ~= "string" then
-        local key = index .. ":?"
-        record("F", key, "invalid recipient (no email field)", false)
+        record("F", "#" .. index, "invalid recipient (no email field)", false)
         report.failed = report.failed + 1
       else
-        local key = index .. ":" .. rcpt.email
+        local key = M.normalize(rcpt.email)
         local st = states[key]
-        if st == "S" or st == "F" or st == "A" or st == "D" then
+        if seen[key] then
+          report.duplicates = report.duplicates + 1
+          report.total = report.total - 1
+        elseif st == "S" or st == "D" or st == "F" or st == "A" or (st == "T" and not o.retry_failed) then
+          seen[key] = true
           report.skipped = report.skipped + 1
-        elseif st == "P" and not o.resend_in_flight then
-          -- In flight when an earlier run died: it may have been delivered.
-          record("A", key, "in flight when an earlier run stopped", true)
+        elseif st == "L" and not o.resend_in_flight then
+          -- Its final dot was leaving when an earlier run died: it may have been delivered.
+          seen[key] = true
+          record("A", key, "final dot on its way when an earlier run stopped", true)
           report.ambiguous = report.ambiguous + 1
         else
-          -- A message function or template that raises fails this
-          -- recipient, not the run.
+          -- New, retried (T), never past its P (safe to send), or L resent on request.
+          seen[key] = true
           local okb, m, e = pcall(build, rcpt)
           if not okb then m, e = nil, m end
           if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
@@ -266,7 +337,7 @@ function Campaign:run()
           else
             record("P", key, "", false)
             keys[m] = key
-            if st == "P" then resent[m] = true end
+            if st == "L" then resent[m] = true end
             return m
           end
         end
@@ -290,6 +361,56 @@ function Campaign:run()
     return ready[ready_i]
   end
 
+  -- The circuit breaker: transient or connection failures in a row.
+  local threshold = o.outage_threshold or 10
+  local streak, streak_msgs, tripped = 0, {}, nil
+  if o.handle_signals then core.catch_signals() end
+  local function should_stop()
+    if o.handle_signals then
+      local n = core.signalled()
+      if n >= 2 then return "now" end
+      if n >= 1 then return true end
+    end
+    return tripped ~= nil
+  end
+  local function mark(m)
+    local key = keys[m]
+    if journal and key then return journal, "L\t" .. key .. "\t\n" end
+  end
+
+  local function on_result(m, res, rerr)
+    local key = keys[m] or "?"
+    if res then
+      streak, streak_msgs = 0, {}
+      report.sent = report.sent + 1
+      local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
+      local dup = res.ambiguous or resent[m]
+      if dup then report.possible_duplicates = report.possible_duplicates + 1 end
+      record(dup and "D" or "S", key, res.code .. " " .. (res.text or "") .. rej
+        .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""), false)
+    elseif rerr.kind == "cancelled" then
+      -- Never started: its P stands, so a later run sends it; a waiting run re-feeds it.
+      requeue[#requeue + 1] = m
+    elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
+      -- it, or an earlier try of it, may have arrived
+      report.ambiguous = report.ambiguous + 1
+      record("A", key, tostring(rerr), false)
+    elseif rerr.kind == "transient" or rerr.kind == "connection" then
+      report.failed = report.failed + 1
+      record("T", key, tostring(rerr), false)
+      streak = streak + 1
+      streak_msgs[#streak_msgs + 1] = m
+      if streak >= threshold and not tripped then tripped = rerr end
+    else
+      report.failed = report.failed + 1
+      record("F", key, tostring(rerr), false)
+    end
+    -- retries that ended with this message are no longer waiting
+    local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
+    report.deferred = math.max(0, report.deferred - math.max(0, attempts - 1))
+    progress(false)
+  end
+
   local saved_policy, saved_hook = pool.retry, pool.on_event
   if o.retry then pool.retry = o.retry end
   pool.on_event = function(ev)
@@ -299,34 +420,61 @@ function Campaign:run()
     end
     if saved_hook then saved_hook(ev) end
   end
-  local ok, e = pcall(pool.send_batch, pool, next_message, { on_result = function(m, res, rerr)
-    local key = keys[m] or "?"
-    if res then
-      report.sent = report.sent + 1
-      local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
-      local dup = res.ambiguous or resent[m]
-      if dup then report.possible_duplicates = report.possible_duplicates + 1 end
-      record(dup and "D" or "S", key, res.code .. " " .. (res.text or "") .. rej
-        .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""), false)
-    elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
-      -- it, or an earlier try of it, may have arrived
-      report.ambiguous = report.ambiguous + 1
-      record("A", key, tostring(rerr), false)
-    else
-      report.failed = report.failed + 1
-      record("F", key, tostring(rerr), false)
+  local ok, e
+  local waited, delay = 0, o.outage_delay or 5
+  while true do
+    ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
+      mark = mark })
+    if not ok then break end
+    if o.handle_signals and core.signalled() > 0 then
+      report.stopped = "interrupted"
+      break
     end
-    -- retries that ended with this message are no longer waiting
-    local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
-    report.deferred = math.max(0, report.deferred - math.max(0, attempts - 1))
-    progress(false)
-  end })
+    if not tripped then break end
+    report.outage = tostring(tripped)
+    if (o.on_outage or "stop") == "stop" or waited >= (o.outage_wait or 3600) then
+      report.stopped = "outage"
+      break
+    end
+    -- Wait, then probe: the outage's victims and the cancelled go first.
+    if saved_hook then pcall(saved_hook, { type = "outage_wait", seconds = delay, err = tripped }) end
+    core.wait({}, delay)
+    waited = waited + delay
+    delay = math.min(delay * 2, 300)
+    for i = #streak_msgs, 1, -1 do
+      local m = streak_msgs[i]
+      table.insert(requeue, 1, m)
+      report.failed = report.failed - 1
+    end
+    streak, streak_msgs, tripped = 0, {}, nil
+    if o.handle_signals and core.signalled() > 0 then
+      report.stopped = "interrupted"
+      break
+    end
+  end
   pool.retry, pool.on_event = saved_policy, saved_hook
-  if journal then journal:close() end
+  -- Still pending: cancelled by the stop, prepared and never handed out, or
+  -- (for a list of known length) not read yet.
+  report.pending = #requeue + math.max(0, #ready - ready_i)
+  if report.stopped and self.expected then
+    report.pending = report.pending + math.max(0, self.expected - report.total - report.duplicates)
+  end
+  if journal then
+    journal:sync()
+    journal:close()
+  end
   if not ok then
     if type(e) == "table" and e.kind then return nil, e end
     error(e, 0)
   end
+  -- What the journal still holds unresolved (this run's and earlier runs'):
+  -- failures and ambiguities a scripted caller must not miss.
+  local unresolved = { F = 0, T = 0, A = 0 }
+  for _, st in pairs(states) do
+    if unresolved[st] then unresolved[st] = unresolved[st] + 1 end
+  end
+  report.failed_total, report.retryable, report.ambiguous_total = unresolved.F + unresolved.T, unresolved.T,
+    unresolved.A
   report.elapsed = core.now() - t0
   report.rate = report.elapsed > 0 and (report.sent / report.elapsed) or 0
   progress(true)
@@ -345,8 +493,18 @@ end
 function M.summary(r)
   local dup = (r.possible_duplicates or 0) > 0
     and (" (%d of them possibly twice)"):format(r.possible_duplicates) or ""
-  return ("%d recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries, %.1fs, %.0f msg/s")
-    :format(r.total, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, r.elapsed, r.rate)
+  local extra = ""
+  if (r.duplicates or 0) > 0 then extra = extra .. (", %d duplicate rows sent once"):format(r.duplicates) end
+  if (r.pending or 0) > 0 then extra = extra .. (", %d pending"):format(r.pending) end
+  local line = ("%d recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries%s, %.1fs, %.0f msg/s")
+    :format(r.total, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, extra, r.elapsed, r.rate)
+  if r.stopped == "outage" then
+    line = line .. "\nstopped: the relay is failing (" .. tostring(r.outage) .. "); nothing pending was lost: "
+      .. "run again with --resume --retry-failed when it is back"
+  elseif r.stopped == "interrupted" then
+    line = line .. "\nstopped on a signal; run again with --resume to send the rest"
+  end
+  return line
 end
 
 setmetatable(M, { __call = function(_, o) return M.new(o) end })

@@ -236,17 +236,31 @@ end
 -- @param source an array of messages (ready ones with `data`, as for
 --   `send_raw`, or tables to compose, as for `send`) or an iterator
 --   function returning the next message, or nil at the end
--- @tparam[opt] table opts `on_result = function(msg, res, err)`, called once
---   per message, in completion order
--- @treturn table summary: `sent`, `failed`, `total`
+-- @tparam[opt] table opts
+--
+-- * `on_result = function(msg, res, err)`, called once per message, in
+--   completion order.
+-- * `should_stop = function() -> false | true | "now"`, asked on every turn
+--   of the loop: when true, nothing new starts, messages not yet started end
+--   with an error of kind `cancelled` (never sent), and the ones on the wire
+--   get `close_timeout` seconds to finish before their connections are cut
+--   (at once with `"now"`).
+-- * `mark = function(msg) -> journal, line`: a line appended to a journal
+--   (from `smtppool.core.journal_open`, without fsync) just before each
+--   attempt's final dot leaves; a campaign uses it to know which messages
+--   may have been committed when the process dies.
+-- @treturn table summary: `sent`, `failed`, `cancelled` (never started:
+--   the run was stopped), `total`
 function Pool:send_batch(source, opts)
   if type(source) ~= "table" and type(source) ~= "function" then
     error("send_batch: source must be an array or an iterator function", 2)
   end
   if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
   local on_result = opts and opts.on_result
-  if on_result ~= nil and type(on_result) ~= "function" then
-    error("send_batch: on_result must be a function", 2)
+  for _, k in ipairs({ "on_result", "should_stop", "mark" }) do
+    if opts and opts[k] ~= nil and type(opts[k]) ~= "function" then
+      error("send_batch: " .. k .. " must be a function", 2)
+    end
   end
   if self.closed then error("send_batch: the pool is closed", 2) end
   -- An item that cannot be prepared (a template or a field that raises) is
@@ -263,12 +277,14 @@ function Pool:send_batch(source, opts)
   else
     next_msg = function() return prepare.item(source(), ctx) end
   end
-  local summary = { sent = 0, failed = 0, total = 0 }
+  local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }
   self:_run(next_msg, function(msg, res, err)
     summary.total = summary.total + 1
-    if res then summary.sent = summary.sent + 1 else summary.failed = summary.failed + 1 end
+    if res then summary.sent = summary.sent + 1
+    elseif err.kind == "cancelled" then summary.cancelled = summary.cancelled + 1
+    else summary.failed = summary.failed + 1 end
     if on_result then on_result(msg, res, err) end
-  end)
+  end, opts)
   return summary
 end
 

@@ -157,6 +157,16 @@ end
 -- Applies the policy's decision after a failed attempt. rec: the connection
 -- that carried it, nil when it died before it could.
 function S:_after_failure(run, job, err, rec, t)
+  if run.stopping then
+    -- The run is stopping: no retry, no move; the attempt's outcome stands.
+    job.attempts = job.attempts + 1
+    if err.kind == "ambiguous" then
+      job.ambiguous = true
+      self.counters.ambiguous = self.counters.ambiguous + 1
+    end
+    self:_finish(run, job, nil, err)
+    return
+  end
   local d = policy.after_failure(job, err, rec and rec.txs, t, self.retry)
   if d.action == "move" then
     job.free_moves = job.free_moves + 1
@@ -187,7 +197,9 @@ function S:_start(run, rec, job, t)
     for i = #parts, 2, -1 do table.insert(run.queue, 1, parts[i]) end
     job = parts[1]
   end
-  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn)
+  local journal, line
+  if run.mark then journal, line = run.mark(job.user_msg or job.msg) end
+  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line)
   if not ok then
     -- Refused before a byte was sent (bad address, size over the server's
     -- limit...): final, and the connection stays good.
@@ -306,13 +318,51 @@ local function fail_all(self, run, fatal)
   end
 end
 
+-- Stopping (should_stop said so): nothing new starts; queued, deferred and
+-- not yet started messages end `cancelled` (never sent, safe to send
+-- later); the ones on the wire get close_timeout seconds to finish, then
+-- their connections are cut (at once when should_stop says "now").
+local CANCELLED = "not sent: the run was stopped before this message started"
+
+function S:_stop(run, level, t)
+  if not run.stopping then
+    run.stopping = t
+    run.source_done = true
+    self:_emit({ type = "stopping" })
+  end
+  for _, list in ipairs({ run.queue, run.deferred }) do
+    while #list > 0 do
+      local job = table.remove(list, 1)
+      self:_finish(run, job, nil, errors.new("cancelled", CANCELLED))
+    end
+  end
+  for _, rec in ipairs(self.conns) do
+    if rec.state == "connecting" and rec.job then
+      local job = rec.job
+      rec.job = nil
+      self:_finish(run, job, nil, errors.new("cancelled", CANCELLED))
+    end
+  end
+  if level == "now" or t - run.stopping >= self.cfg.close_timeout then
+    for _, rec in ipairs(self.conns) do
+      if rec.job and not rec.cut then
+        rec.cut = true
+        rec.c:abort("the run was stopped")
+      end
+    end
+  end
+  return run.stopping + self.cfg.close_timeout
+end
+
 -- Runs messages pulled from next_msg() through the pool until all have an
--- outcome. on_result(msg, res, err) is called once per message.
-function S:_run(next_msg, on_result)
+-- outcome. on_result(msg, res, err) is called once per message. opts:
+-- `mark(msg) -> journal, line` (a line written just before each attempt's
+-- final dot) and `should_stop() -> false | true | "now"`.
+function S:_run(next_msg, on_result, opts)
   local cfg = self.cfg
   local run = {
     queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
-    source_done = false,
+    source_done = false, mark = opts and opts.mark, should_stop = opts and opts.should_stop,
   }
   local lookahead = cfg.max_conns * 2
   local waits_noted = {}
@@ -384,6 +434,14 @@ function S:_run(next_msg, on_result)
         end
       end
     end
+    if run.should_stop then
+      local ok, level = guarded(run, "should_stop", run.should_stop)
+      if ok and level or run.stopping then
+        if ok and level == "now" then run.stop_now = true end
+        wake_at(self:_stop(run, run.stop_now and "now" or level, t))
+      end
+    end
+
     local forgotten = self.learner:recover(t)
     if forgotten then self:_emit({ type = "unlearn_cap", cap = forgotten }) end
 

@@ -1,5 +1,8 @@
 /* The native driver for Lua: connections, the one wait per wake, TLS
  * contexts, the clock. */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -105,6 +108,9 @@ static int l_connect(lua_State *L)
     lc->body_ref = LUA_NOREF;
     lc->tls_ref = LUA_NOREF;
     lc->trace = 0;
+    lc->mark_fd = -1;
+    lc->mark_line = NULL;
+    lc->mark_len = 0;
     if (tls_idx) {
         lua_pushvalue(L, tls_idx);
         lc->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -128,12 +134,70 @@ static void release_body(lua_State *L, lconn *lc)
     lc->body_ref = LUA_NOREF;
 }
 
+static void clear_mark(lconn *lc)
+{
+    free(lc->mark_line);
+    lc->mark_line = NULL;
+    lc->mark_len = 0;
+    lc->mark_fd = -1;
+}
+
+/* The pre-dot hook: appends the mark line to the journal with a plain
+ * write (no fsync: a killed process's writes survive in the page cache;
+ * the journal's group fsync covers power loss). */
+static int write_mark(void *ud, sp_error *err)
+{
+    lconn *lc = ud;
+    const char *p = lc->mark_line;
+    size_t n = lc->mark_len;
+    while (n > 0) {
+        ssize_t w = write(lc->mark_fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_DATA,
+                         "cannot journal the message before its final dot: %s", strerror(errno));
+            clear_mark(lc);
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    clear_mark(lc);
+    return 0;
+}
+
+/* conn:start(from, to, data, dsn[, journal, line]): with a journal, line is
+ * appended to it just before the final dot leaves. */
 static int c_start(lua_State *L)
 {
     lconn *lc = sp_l_check_conn(L, 1);
     sp_body_seg *segs = NULL;
     size_t nseg = 0;
+    clear_mark(lc);
+    sp_conn_set_dot_hook(lc->c, NULL, NULL);
+    int jfd = -1;
+    if (!lua_isnoneornil(L, 6)) {
+        int *fd = luaL_checkudata(L, 6, JOURNAL_MT);
+        size_t line_len;
+        const char *line = luaL_checklstring(L, 7, &line_len);
+        if (*fd < 0)
+            return luaL_argerror(L, 6, "journal is closed");
+        /* copied now: the string may not outlive this call */
+        if (!(lc->mark_line = malloc(line_len ? line_len : 1)))
+            return luaL_error(L, "out of memory");
+        memcpy(lc->mark_line, line, line_len);
+        lc->mark_len = line_len;
+        jfd = *fd;
+    }
+    lua_settop(L, 5);
     int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, &segs, &nseg);
+    if (lua_toboolean(L, -1) && nret == 1 && jfd >= 0) {
+        lc->mark_fd = jfd;
+        sp_conn_set_dot_hook(lc->c, write_mark, lc);
+    } else {
+        clear_mark(lc);
+    }
     if (lua_toboolean(L, -1) && nret == 1) {
         /* keep the strings the segments point into alive until TX_DONE */
         release_body(L, lc);
@@ -150,6 +214,7 @@ static int c_start(lua_State *L)
 static int c_close(lua_State *L)
 {
     lconn *lc = luaL_checkudata(L, 1, CONN_MT);
+    clear_mark(lc);
     if (lc->c) {
         sp_conn_free(lc->c);
         lc->c = NULL;
@@ -242,6 +307,40 @@ static int l_wait(lua_State *L)
     return 1;
 }
 
+/* SIGINT and SIGTERM, counted. A signal is process-wide, so this counter is
+ * the binding's one piece of global state; the handler only counts, and the
+ * poll it interrupts returns so the pool can look (core.signalled). */
+static volatile sig_atomic_t signals_seen;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (signals_seen < 1000)
+        signals_seen++;
+}
+
+/* core.catch_signals(): SIGINT and SIGTERM are counted instead of ending the
+ * process (no SA_RESTART, so a wait in progress returns). */
+static int l_catch_signals(lua_State *L)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signals_seen = 0;
+    (void)L;
+    return 0;
+}
+
+/* core.signalled(): how many SIGINT/SIGTERM arrived since catch_signals. */
+static int l_signalled(lua_State *L)
+{
+    lua_pushinteger(L, signals_seen);
+    return 1;
+}
+
 static int l_now(lua_State *L)
 {
     lua_pushnumber(L, sp_now());
@@ -263,7 +362,9 @@ void sp_lua_open_conn(lua_State *L)
     static const luaL_Reg conn_methods[] = {{"start", c_start}, {"close", c_close}, {"abort", c_abort}, {NULL, NULL}};
     static const luaL_Reg tls_methods[] = {{"stats", tls_stats}, {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"connect", l_connect}, {"wait", l_wait},         {"tls_context", l_tls_context},
-                                     {"now", l_now},         {"hostname", l_hostname}, {NULL, NULL}};
+                                     {"now", l_now},         {"hostname", l_hostname},
+                                     {"catch_signals", l_catch_signals}, {"signalled", l_signalled},
+                                     {NULL, NULL}};
     sp_l_new_type(L, CONN_MT, sp_l_session_common, conn_methods, c_close);
     sp_l_new_type(L, TLS_MT, NULL, tls_methods, tls_gc);
     luaL_setfuncs(L, funcs, 0);

@@ -28,6 +28,9 @@ typedef struct lconn {
     int body_ref; /* registry reference keeping the body string alive */
     int tls_ref;  /* registry reference keeping the TLS context alive */
     int trace;    /* state changes are reported with the events */
+    int mark_fd;  /* journal to write mark_line to just before the final dot, or -1 */
+    char *mark_line;
+    size_t mark_len;
 } lconn;
 
 typedef struct ltls {

@@ -33,6 +33,8 @@ struct sp_conn {
     unsigned long timed_replies;
     sp_session *s;
     sp_body_src *body;
+    sp_dot_hook dot_hook; /* for the transaction in flight; cleared when it ends */
+    void *dot_ud;
     sp_event evq[CONN_EVQ];
     size_t ev_head, ev_len;
     sp_conn_counters counters;
@@ -169,6 +171,12 @@ sp_session *sp_conn_session(sp_conn *c) { return c->s; }
 int sp_conn_is_open(const sp_conn *c) { return c->state != C_CLOSED; }
 const sp_conn_counters *sp_conn_counters_get(const sp_conn *c) { return &c->counters; }
 
+void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud)
+{
+    c->dot_hook = fn;
+    c->dot_ud = ud;
+}
+
 void sp_conn_set_body_src(sp_conn *c, sp_body_src *src)
 {
     sp_body_src_free(c->body);
@@ -216,6 +224,14 @@ static void fill_body(sp_conn *c)
         if (r == 0) {
             sp_body_src_free(c->body);
             c->body = NULL;
+            if (c->dot_hook) {
+                sp_dot_hook fn = c->dot_hook;
+                c->dot_hook = NULL;
+                if (fn(c->dot_ud, &e) < 0) {
+                    sp_session_fail(c->s, &e);
+                    return;
+                }
+            }
             sp_session_body_end(c->s, &e);
             return;
         }
@@ -248,6 +264,7 @@ static void pump(sp_conn *c)
         if (e == SP_EV_TX_DONE) {
             sp_body_src_free(c->body);
             c->body = NULL;
+            c->dot_hook = NULL; /* the transaction is over: its hook must not fire for the next */
         }
         if (e == SP_EV_CLOSED && c->ssl) {
             /* A clean end: close_notify keeps the session resumable (OpenSSL
@@ -553,8 +570,10 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
         }
         int pr = poll(pfd, nf, ms);
         if (pr < 0) {
-            if (errno == EINTR)
-                continue;
+            if (errno == EINTR) { /* a signal: let the caller look at it (SIGINT stops a campaign) */
+                result = 0;
+                goto out;
+            }
             goto out;
         }
         now = sp_now();

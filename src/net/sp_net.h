@@ -50,6 +50,13 @@ int sp_conn_is_open(const sp_conn *c);
  * the connection owns and frees it. */
 void sp_conn_set_body_src(sp_conn *c, sp_body_src *src);
 
+/* Called once per transaction when the whole body has been fed, just
+ * before the final dot is queued: the last moment the message certainly has
+ * not been committed (a campaign journals "leaving" here). A hook that
+ * returns -1 with *err set ends the connection before the dot leaves. */
+typedef int (*sp_dot_hook)(void *ud, sp_error *err);
+void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud);
+
 /* Events the driver passes on (SP_EV_BODY is handled inside). */
 sp_event sp_conn_next_event(sp_conn *c);
 int sp_conn_has_events(const sp_conn *c);

@@ -24,8 +24,8 @@ end
 local function journal_states(path)
   local st = {}
   for line in io.lines(path) do
-    local s, key = line:match("^([PSFA])\t([^\t]+)")
-    if s then st[key:match(":(.*)$")] = s end
+    local s, key = line:match("^([PLSFTAD])\t([^\t]+)")
+    if s then st[key] = s end
   end
   return st
 end
@@ -86,7 +86,8 @@ describe("campaigns against exim with a per-session cap of 5", function()
         assert.equal(1, per[a], a .. " delivered " .. tostring(per[a]) .. " times")
       end
     end
-    assert.is_true(ambiguous <= 32, ambiguous .. " ambiguous")
+    -- only a message whose final dot was leaving can be ambiguous: one per connection at most
+    assert.is_true(ambiguous <= 4, ambiguous .. " ambiguous with 4 connections")
   end)
 
   it("records a 550 as failed without retrying and retries a 451 on schedule through the hook", function()
@@ -106,7 +107,7 @@ describe("campaigns against exim with a per-session cap of 5", function()
     assert.equal(2, report.failed)
     local st = journal_states(dir .. "/j")
     assert.equal("F", st["reject-me@y.test"])
-    assert.equal("F", st["tempfail-once@y.test"])
+    assert.equal("T", st["tempfail-once@y.test"]) -- transient: --retry-failed may send it again
     local by = {}
     for _, c in ipairs(calls) do by[c.code] = (by[c.code] or 0) + 1 end
     assert.equal(1, by[550])       -- asked once, said no

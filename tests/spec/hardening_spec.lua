@@ -51,7 +51,7 @@ describe("1. a bad item or a raising callback never leaves messages unreported",
       end })
       pool:close()
       assert.equal(20, #seen)
-      assert.same({ sent = 19, failed = 1, total = 20 }, summary)
+      assert.same({ sent = 19, failed = 1, cancelled = 0, total = 20 }, summary)
       for _, s in ipairs(seen) do
         if s.m == list[7] then
           assert.equal("invalid", s.err.kind)
@@ -176,6 +176,7 @@ describe("2. no string reaches a command line with CR, LF or other bytes it must
 
   it("gives a token function's bad token as an auth failure, never on the wire", function()
     local srv = peers.hostile({ auth = { "XOAUTH2" } })
+    finally(function() srv:stop() end)
     local pool = pool_for(srv, { allow_plaintext_auth = true,
       auth = { user = "u@x.test", token = function() return "tok\r\nQUIT" end } })
     local res, err = pool:send_raw(raw(1))
@@ -190,6 +191,7 @@ describe("2. no string reaches a command line with CR, LF or other bytes it must
 
   it("sends the EHLO name it was given and nothing else", function()
     local srv = peers.hostile({})
+    finally(function() srv:stop() end)
     local pool = pool_for(srv, { helo = "[127.0.0.1]" })
     assert.truthy(pool:send_raw(raw(1)))
     pool:close()
@@ -213,6 +215,7 @@ describe("3. a timeout bounds a whole reply, not the gap between bytes", functio
   for _, c in ipairs(cases) do
     it("times out a server dripping " .. c[1], function()
       local srv = peers.hostile({ drip = c[2], ehlo_lines = { "X-ONE", "X-TWO", "X-THREE", "X-FOUR", "X-FIVE" } })
+      finally(function() srv:stop() end)
       local pool = pool_for(srv, { timeouts = c[3], retry = smtppool.retry.none() })
       local t0 = core.now()
       local res, err = pool:send_raw(raw(1))
@@ -231,6 +234,7 @@ describe("3. a timeout bounds a whole reply, not the gap between bytes", functio
     -- greeting drips (each attempt would take ~5 s); the per-reply timeouts
     -- are the RFC's minutes: only the message deadline ends it
     local srv = peers.hostile({ drip = { phase = "greeting", interval = 0.2 } })
+    finally(function() srv:stop() end)
     local pool = pool_for(srv, { message_timeout = 1.2,
       retry = smtppool.retry.backoff{ attempts = 10, base = 0.01, max = 0.01 } })
     local t0 = core.now()
@@ -248,6 +252,7 @@ describe("3. a timeout bounds a whole reply, not the gap between bytes", functio
 
   it("makes a message cut by message_timeout after its final dot ambiguous", function()
     local srv = peers.hostile({ drip = { phase = "DATA_END", interval = 0.3 } })
+    finally(function() srv:stop() end)
     local pool = pool_for(srv, { message_timeout = 1 })
     local res, err = pool:send_raw(raw(1))
     pool:close()
@@ -261,6 +266,7 @@ end)
 describe("4. ordinary failures do not teach a session cap", function()
   local function run(script, n, opts)
     local srv = peers.hostile(script)
+    finally(function() srv:stop() end)
     local learned = {}
     local o = { max_conns = 2, retry = smtppool.retry.backoff{ attempts = 5, base = 0.001, max = 0.01 },
                 on_event = function(ev) if ev.type == "learn_cap" then learned[#learned + 1] = ev.cap end end }
@@ -296,6 +302,7 @@ describe("4. ordinary failures do not teach a session cap", function()
 
   it("learns a real cap from sessions ended at the same count, and forgets it after a quiet period", function()
     local srv = peers.hostile({ quiet = true, cap = 4, cap_sessions = 3 })
+    finally(function() srv:stop() end)
     local events = {}
     local pool = pool_for(srv, { cap_recover_after = 0.5,
       on_event = function(ev) if ev.type:match("cap$") then events[#events + 1] = ev.type .. "=" .. ev.cap end end })
@@ -337,6 +344,7 @@ describe("5. credentials a server echoes never reach an error or an event", func
   for _, mech in ipairs({ "PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2" }) do
     it("redacts an echoed " .. mech .. " exchange", function()
       local srv = peers.hostile({ auth = { mech }, echo_auth = true })
+      finally(function() srv:stop() end)
       local discarded = {}
       local auth = mech == "XOAUTH2" and { user = USER, token = TOKEN } or { user = USER, password = PASS, mechanism = mech }
       local pool = pool_for(srv, { allow_plaintext_auth = true, auth = auth,
@@ -399,6 +407,7 @@ describe("6. every number option is finite and in range", function()
 
   it("treats a retry policy that returns NaN or infinity as final", function()
     local srv = peers.hostile({ p_tempfail = 1, quiet = true })
+    finally(function() srv:stop() end)
     for _, d in ipairs({ nan, inf }) do
       local pool = pool_for(srv, { retry = function() return d end })
       local t0 = core.now()
@@ -452,6 +461,7 @@ describe("7. the smaller promises", function()
 
   it("marks a message re-sent after an ambiguous loss as a possible duplicate, in the journal and the report", function()
     local srv = peers.hostile({ p_drop_dot = 0.5, seed = 3, quiet = true })
+    finally(function() srv:stop() end)
     local dir = peers.tmpdir()
     local pool = pool_for(srv, { retry = smtppool.retry.backoff{ attempts = 6, base = 0.001, ambiguous = true } })
     local list = {}
@@ -479,6 +489,7 @@ describe("7. the smaller promises", function()
 
   it("splits a message with more recipients than LIMITS RCPTMAX into several transactions", function()
     local srv = peers.hostile({ rcptmax = 2 })
+    finally(function() srv:stop() end)
     local pool = pool_for(srv)
     local to = {}
     for i = 1, 5 do to[i] = ("r%d@y.test"):format(i) end
@@ -501,6 +512,7 @@ describe("7. the smaller promises", function()
 
   it("keeps each recipient's outcome when one part of a split message fails", function()
     local srv = peers.hostile({ rcptmax = 2 })
+    finally(function() srv:stop() end)
     local pool = pool_for(srv, { retry = smtppool.retry.none() })
     local res, err = pool:send_raw{ from = "a@hard.test", to = { "a@y.test", "b@y.test", "bad>@y.test" },
                                     data = "Subject: x\r\n\r\nbody\r\n" }
@@ -518,6 +530,7 @@ end)
 describe("1. (campaigns) a message function that raises fails its recipient, not the run", function()
   it("records the recipient failed and sends the others", function()
     local srv = peers.hostile({ quiet = true })
+    finally(function() srv:stop() end)
     local pool = pool_for(srv)
     local list = {}
     for i = 1, 6 do list[i] = { email = ("r%d@y.test"):format(i), n = i } end

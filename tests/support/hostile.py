@@ -8,7 +8,7 @@ failing run can be repeated:
 
     hostile.py --script script.json --log events.jsonl
 
-It binds 127.0.0.1 on a free port and prints "PORT <n>" once it listens.
+It binds 127.0.0.1 on a free port (or --port) and prints "PORT <n>" once it listens.
 
 Script keys (all optional):
 
@@ -302,6 +302,7 @@ async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--script")
     ap.add_argument("--log")
+    ap.add_argument("--port", type=int, default=0)
     a = ap.parse_args()
     script = {}
     if a.script:
@@ -310,7 +311,7 @@ async def main():
     if not isinstance(script, dict):
         script = {}
     srv = Server(script, a.log)
-    server = await asyncio.start_server(srv.handle, "127.0.0.1", 0, limit=1 << 20)
+    server = await asyncio.start_server(srv.handle, "127.0.0.1", a.port, limit=1 << 20, reuse_address=True)
     print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
