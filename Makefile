@@ -32,7 +32,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	lua-dkjson valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
+	lua-dkjson lua-argparse valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
 	nginx libnginx-mod-http-lua libluajit2-5.1-dev
 
 PREFIX ?= /usr/local
@@ -137,6 +137,8 @@ bench: all $(BUILD)/sink
 	@$(LUA) bench/count.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/soak.lua $(BUILD)/sink
+	@echo
+	@$(LUA) bench/campaign_rss.lua $(BUILD)/sink
 
 # Coverage-guided fuzzing of the reply reader, protocol machine and codecs
 # (libFuzzer with ASan and UBSan); FUZZ_TIME seconds per target.

@@ -31,8 +31,14 @@ local cmd = ("SMTP_PORT=%d lua5.4 bin/smtppool send --config examples/campaign/p
   .. "--journal %s --report %s"):format(exim.port, peers.quote(dir .. "/list.csv"), peers.quote(dir .. "/run.journal"),
   peers.quote(dir .. "/report.json"))
 local ok, how, code = os.execute(cmd)
-print("demo: report: " .. (peers.read_file(dir .. "/report.json") or "(none)"):gsub("%s+$", ""))
-local sent = tonumber((peers.read_file(dir .. "/report.json") or ""):match('"sent": (%d+)')) or 0
+local report = require("dkjson").decode(peers.read_file(dir .. "/report.json") or "") or {}
+print(("demo: report: %s sent, %s failed (%d listed with their reasons), %s ambiguous, %.1f s"):format(
+  tostring(report.sent), tostring(report.failed), #(report.failures or {}), tostring(report.ambiguous),
+  report.elapsed or 0))
+for i = 1, math.min(2, #(report.failures or {})) do
+  print("demo:   " .. report.failures[i].email .. ": " .. report.failures[i].reason)
+end
+local sent = tonumber(report.sent) or 0
 pcall(exim.wait_deliveries, exim, sent, 60)
 print(("demo: exim logged %d deliveries and refused %d MAIL commands for its cap; exit code %s"):format(
   exim:deliveries(), #exim:log_lines("too many messages"), tostring(code)))

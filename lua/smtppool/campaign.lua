@@ -44,15 +44,19 @@ local err = require("smtppool.errors").new
 local OPTIONS = { pool = "table", recipients = true, message = true, journal = "string", retry = "function",
                   progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean",
                   name = "string", retry_failed = "boolean", outage_threshold = "number", on_outage = "string",
-                  outage_wait = "number", outage_delay = "number", handle_signals = "boolean" }
+                  outage_wait = "number", outage_delay = "number", handle_signals = "boolean",
+                  delimiter = "string", on_failure = "function" }
 
 --- Makes a campaign (nothing is sent until `run`).
 -- @tparam table o
 --
 -- * `pool`: an smtppool pool.
 -- * `recipients`: an array of tables, an iterator returning them, or the
---   path of a CSV file whose header row names the fields. Each recipient's
---   `email` field is the address; the other fields are template variables.
+--   path of a CSV file whose header row names the fields (streamed; `,`,
+--   `;` or tab found from the header, or `delimiter`). Each recipient's
+--   `email` field is the address (in a CSV, the column `email` in any case,
+--   or `e-mail`, `mail`, `email address`); the other fields are template
+--   variables.
 -- * `message`: a table of templates (`from`, `subject`, `text`, `html`;
 --   other fields as for `pool:send`), or `function(recipient) -> message`.
 -- * `journal` (path, optional): the durable record; without it a crash
@@ -74,6 +78,8 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 --   or `"wait"`); with `"wait"`, `outage_delay` (default 5 seconds, doubling
 --   to 300) between probes and `outage_wait` (default 3600 seconds) before
 --   giving up.
+-- * `on_failure` (function, optional): `function(email, state, err)` for
+--   each recipient that failed (`state` `F` or `T`) or is ambiguous (`A`).
 -- * `handle_signals` (default false): SIGINT and SIGTERM stop the run
 --   gracefully (nothing new starts, the messages on the wire finish, the
 --   journal is flushed, `report.stopped = "interrupted"`); a second one
@@ -209,14 +215,18 @@ function Campaign:run()
   -- Recipients: a CSV is checked whole before the first message.
   local source, columns
   if type(o.recipients) == "string" then
-    local n, cols = csv.check(o.recipients)
+    -- Checked whole (streamed: memory stays flat) before the first message.
+    local n, cols = csv.check(o.recipients, { delimiter = o.delimiter })
     if not n then return nil, err("invalid", cols) end
     columns = cols
     self.expected = n
-    local it = assert(csv.rows(o.recipients))
+    local col, why = csv.email_column(cols)
+    if not col then return nil, err("invalid", o.recipients .. ": line 1: " .. why) end
+    local it = assert(csv.rows(o.recipients, { delimiter = o.delimiter }))
     source = function()
       local ok, row = pcall(it)
       if not ok then error(row.csv_error or row, 0) end
+      if row and col ~= "email" then row.email = row[col] end
       return row
     end
   elseif type(o.recipients) == "table" then
@@ -230,11 +240,6 @@ function Campaign:run()
     source = o.recipients
   end
   if columns and not columns[1] then return nil, err("invalid", "the CSV has no columns") end
-  if columns then
-    local has_email = false
-    for _, c in ipairs(columns) do if c == "email" then has_email = true end end
-    if not has_email then return nil, err("invalid", o.recipients .. ": line 1: no 'email' column") end
-  end
   local build, cerr = compile_message(o.message, columns, type(o.recipients) == "string" and o.recipients or "the list")
   if not build then return nil, err("invalid", cerr) end
 
@@ -254,8 +259,11 @@ function Campaign:run()
       if not ok then return nil, err("config", e) end
     end
   end
-  local function record(state, key, info, sync)
+  local function record(state, key, info, sync, e)
     states[key] = state
+    if o.on_failure and (state == "F" or state == "T" or state == "A") then
+      pcall(o.on_failure, key, state, e or err("invalid", tostring(info)))
+    end
     if journal then
       local ok, e = journal:append(("%s\t%s\t%s\n"):format(state, key, clean(info)), sync)
       if not ok then error(err("config", e), 0) end
@@ -394,16 +402,16 @@ function Campaign:run()
     elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
       -- it, or an earlier try of it, may have arrived
       report.ambiguous = report.ambiguous + 1
-      record("A", key, tostring(rerr), false)
+      record("A", key, tostring(rerr), false, rerr)
     elseif rerr.kind == "transient" or rerr.kind == "connection" then
       report.failed = report.failed + 1
-      record("T", key, tostring(rerr), false)
+      record("T", key, tostring(rerr), false, rerr)
       streak = streak + 1
       streak_msgs[#streak_msgs + 1] = m
       if streak >= threshold and not tripped then tripped = rerr end
     else
       report.failed = report.failed + 1
-      record("F", key, tostring(rerr), false)
+      record("F", key, tostring(rerr), false, rerr)
     end
     -- retries that ended with this message are no longer waiting
     local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
