@@ -43,7 +43,7 @@ build = {
             "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c",
             "src/net/sp_tls.c", "src/net/sp_net.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",
-            "src/lua/lmail.c", "src/lua/ljournal.c",
+            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lkeyset.c",
          },
          defines = { "_GNU_SOURCE" },
          libraries = { "ssl", "crypto" },

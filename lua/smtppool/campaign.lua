@@ -128,7 +128,7 @@ local JOURNAL_HEADER = "# smtppool journal 2 campaign="
 -- Reads a journal: key -> last state letter, and the campaign it belongs to.
 -- Version 1 journals (no header, keys "row:address") are read by address.
 local function read_journal(path)
-  local states = {}
+  local states = core.keyset()
   local f = io.open(path, "rb")
   if not f then return states end
   local name, v1
@@ -140,7 +140,7 @@ local function read_journal(path)
     local st, key = line:match("^([PLSFTAD])\t([^\t]+)")
     if st then -- a torn last line without a tab is ignored
       if v1 then key = M.normalize(key:match("^%d+:(.*)$") or key) end
-      states[key] = st
+      states:set(key, st)
     end
   end
   f:close()
@@ -244,7 +244,7 @@ function Campaign:run()
   if not build then return nil, err("invalid", cerr) end
 
   local name = o.name or "campaign"
-  local states, jname, v1 = {}, nil, false
+  local states, jname, v1 = core.keyset(), nil, false
   if o.journal then states, jname, v1 = read_journal(o.journal) end
   if jname and jname ~= name then
     return nil, err("config", ("journal %s belongs to campaign '%s', not '%s'"):format(o.journal, jname, name))
@@ -259,8 +259,11 @@ function Campaign:run()
       if not ok then return nil, err("config", e) end
     end
   end
+  -- states: key -> the journal's last letter (a core.keyset: about 23 bytes
+  -- an address); upper case as read from an earlier run, lower case once
+  -- this run has met the key.
   local function record(state, key, info, sync, e)
-    states[key] = state
+    states:set(key, state:lower())
     if o.on_failure and (state == "F" or state == "T" or state == "A") then
       pcall(o.on_failure, key, state, e or err("invalid", tostring(info)))
     end
@@ -307,7 +310,6 @@ function Campaign:run()
   -- group ambiguous that never left; it never loses or doubles one.
   local GROUP = 16
   local ready, ready_i = {}, 0
-  local seen = {}      -- keys met in this run: a list naming one address twice sends once
   local requeue = {}   -- built messages to send again (cancelled by a stop, or lost to an outage)
   local function prepare_one()
     if #requeue > 0 then return table.remove(requeue, 1) end
@@ -321,21 +323,20 @@ function Campaign:run()
         report.failed = report.failed + 1
       else
         local key = M.normalize(rcpt.email)
-        local st = states[key]
-        if seen[key] then
+        local st = states:get(key)
+        if st and st:match("%l") then
+          -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
         elseif st == "S" or st == "D" or st == "F" or st == "A" or (st == "T" and not o.retry_failed) then
-          seen[key] = true
+          states:set(key, st:lower())
           report.skipped = report.skipped + 1
         elseif st == "L" and not o.resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
-          seen[key] = true
           record("A", key, "final dot on its way when an earlier run stopped", true)
           report.ambiguous = report.ambiguous + 1
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
-          seen[key] = true
           local okb, m, e = pcall(build, rcpt)
           if not okb then m, e = nil, m end
           if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
@@ -477,12 +478,8 @@ function Campaign:run()
   end
   -- What the journal still holds unresolved (this run's and earlier runs'):
   -- failures and ambiguities a scripted caller must not miss.
-  local unresolved = { F = 0, T = 0, A = 0 }
-  for _, st in pairs(states) do
-    if unresolved[st] then unresolved[st] = unresolved[st] + 1 end
-  end
-  report.failed_total, report.retryable, report.ambiguous_total = unresolved.F + unresolved.T, unresolved.T,
-    unresolved.A
+  local function n(st) return states:count(st) + states:count(st:lower()) end
+  report.failed_total, report.retryable, report.ambiguous_total = n("F") + n("T"), n("T"), n("A")
   report.elapsed = core.now() - t0
   report.rate = report.elapsed > 0 and (report.sent / report.elapsed) or 0
   progress(true)

@@ -155,10 +155,10 @@ function M.resolve(opts)
   return {
     tls = tls, port = port, helo = opts.helo or M.default_helo(),
     max_conns = opts.max_conns or 1,
-    max_per_conn = opts.max_messages_per_conn,
-    lifetime = opts.max_conn_lifetime,
+    max_messages_per_conn = opts.max_messages_per_conn,
+    max_conn_lifetime = opts.max_conn_lifetime,
     idle_timeout = opts.idle_timeout or 60,
-    health_after = opts.health_check_after or 30,
+    health_check_after = opts.health_check_after or 30,
     wait_timeout = opts.wait_timeout or 60,
     close_timeout = opts.close_timeout or 5,
     cap_recover_after = opts.cap_recover_after or 600,

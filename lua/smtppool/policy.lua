@@ -64,6 +64,10 @@ end
 -- @treturn[opt] number the newly learned cap, when this made one
 function Learner:observe(n, t)
   self.signal_at = t
+  -- The evidence must be consecutive: a signal at another count (a random
+  -- failure in between) starts it over.
+  if self.last ~= n then self.seen = {} end
+  self.last = n
   if n < M.CAP_FLOOR then return nil end
   self.seen[n] = (self.seen[n] or 0) + 1
   if self.seen[n] >= M.CAP_EVIDENCE and (not self.cap or n < self.cap) then

@@ -51,7 +51,7 @@ function S:_remove(rec)
 end
 
 function S:_cap(rec)
-  return policy.cap_in_force(self.cfg.max_per_conn, rec.caps and rec.caps.mailmax, self.learner.cap)
+  return policy.cap_in_force(self.cfg.max_messages_per_conn, rec.caps and rec.caps.mailmax, self.learner.cap)
 end
 
 -- QUITs a connection; reason "cap", "lifetime" or "exhausted" makes it a
@@ -479,11 +479,11 @@ function S:_run(next_msg, on_result, opts)
         local cap = self:_cap(rec)
         if cap and rec.txs >= cap then
           self:_quit(rec, "cap")
-        elseif cfg.lifetime and t - rec.born >= cfg.lifetime then
+        elseif cfg.max_conn_lifetime and t - rec.born >= cfg.max_conn_lifetime then
           self:_quit(rec, "lifetime")
         elseif t - rec.last_used >= cfg.idle_timeout then
           self:_quit(rec, "idle")
-        elseif #run.queue > 0 and rec.txs > 0 and t - rec.last_used >= cfg.health_after then
+        elseif #run.queue > 0 and rec.txs > 0 and t - rec.last_used >= cfg.health_check_after then
           rec.c:noop()
           rec.state = "checking"
         elseif #run.queue > 0 then

@@ -1,7 +1,8 @@
 /* sp_lua.h: what the binding's files share. One file per object family
  * (lerror.c: error values and table helpers; lsession.c: the protocol
  * machine, bare and through a connection; lconn.c: the native driver and
- * TLS contexts; lmail.c: codecs and DKIM; ljournal.c: the campaign journal),
+ * TLS contexts; lmail.c: codecs and DKIM; ljournal.c: the campaign journal;
+ * lkeyset.c: a compact map of a campaign's addresses),
  * each registering its types and functions through sp_lua_open_*, all with
  * the one type registrar in lsmtppool.c. */
 #ifndef SP_LUA_H
@@ -78,5 +79,6 @@ void sp_lua_open_session(lua_State *L);
 void sp_lua_open_conn(lua_State *L);
 void sp_lua_open_mail(lua_State *L);
 void sp_lua_open_journal(lua_State *L);
+void sp_lua_open_keyset(lua_State *L);
 
 #endif
