@@ -32,14 +32,14 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	lua-dkjson lua-argparse valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
+	lua-dkjson lua-argparse lua-markdown valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
 	nginx libnginx-mod-http-lua libluajit2-5.1-dev
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
 LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
 
-.PHONY: all deps test ctest spec demo docs sanitize valgrind clean install fuzz bench
+.PHONY: all deps test ctest spec demo docs sanitize valgrind clean install uninstall fuzz bench
 
 all: $(MODULE)
 
@@ -96,8 +96,10 @@ test: all ctest $(LUAJIT_MODULE) $(JIT_HOST)
 demo: all
 	@$(LUA) examples/demo.lua $(N)
 
-docs:
-	$(LUA) /usr/bin/ldoc -q .
+# LDoc runs under LuaJIT: Debian's Markdown formatter (lua-markdown) is Lua 5.1
+# code (setfenv), and without it LDoc prints Markdown as plain text.
+docs: $(JIT_HOST)
+	$(JIT_HOST) /usr/bin/ldoc -q .
 
 # The whole suite with the C built under AddressSanitizer and UBSan; lua5.4
 # itself is not instrumented, so the runtimes are preloaded into it. (The
@@ -107,7 +109,7 @@ SAN = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-fra
 sanitize:
 	$(MAKE) clean
 	@# nginx cannot load an instrumented module: the LuaJIT build stays plain
-	$(MAKE) $(LUAJIT_MODULE)
+	$(MAKE) $(LUAJIT_MODULE) $(JIT_HOST)
 	$(MAKE) all ctest OPT="-O1 -g $(SAN)" LDLIBS="$(SAN)"
 	SP_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 sh tests/run.sh $(CTESTS)
@@ -117,13 +119,34 @@ valgrind: $(CTESTS)
 	@for t in $(CTESTS); do valgrind -q --error-exitcode=1 --leak-check=full $$t >/dev/null || exit 1; done
 	@echo "valgrind: C tests clean"
 
-install: all
-	install -d $(DESTDIR)$(LUA_LMOD)/smtppool/driver $(DESTDIR)$(LUA_CMOD)/smtppool
-	install -m 644 lua/smtppool/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/
-	install -m 644 lua/smtppool/driver/*.lua $(DESTDIR)$(LUA_LMOD)/smtppool/driver/
+# Both builds of the binding, where each interpreter looks: Lua 5.4 under
+# share/lua/5.4 and lib/lua/5.4; LuaJIT (OpenResty) under share/lua/5.1 and
+# lib/lua/5.1. `make uninstall` with the same PREFIX and DESTDIR removes
+# exactly what `make install` put there.
+JIT_LMOD = $(PREFIX)/share/lua/5.1
+JIT_CMOD = $(PREFIX)/lib/lua/5.1
+LUA_FILES = $(notdir $(wildcard lua/smtppool/*.lua))
+DRIVER_FILES = $(notdir $(wildcard lua/smtppool/driver/*.lua))
+
+install: all $(LUAJIT_MODULE)
+	@for lmod in $(LUA_LMOD) $(JIT_LMOD); do \
+	  install -d $(DESTDIR)$$lmod/smtppool/driver && \
+	  install -m 644 lua/smtppool/*.lua $(DESTDIR)$$lmod/smtppool/ && \
+	  install -m 644 lua/smtppool/driver/*.lua $(DESTDIR)$$lmod/smtppool/driver/ || exit 1; \
+	done
+	install -d $(DESTDIR)$(LUA_CMOD)/smtppool $(DESTDIR)$(JIT_CMOD)/smtppool $(DESTDIR)$(PREFIX)/bin
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
-	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 755 $(LUAJIT_MODULE) $(DESTDIR)$(JIT_CMOD)/smtppool/core.so
 	install -m 755 bin/smtppool $(DESTDIR)$(PREFIX)/bin/smtppool
+
+uninstall:
+	@for lmod in $(LUA_LMOD) $(JIT_LMOD); do \
+	  for f in $(LUA_FILES); do rm -f $(DESTDIR)$$lmod/smtppool/$$f; done; \
+	  for f in $(DRIVER_FILES); do rm -f $(DESTDIR)$$lmod/smtppool/driver/$$f; done; \
+	  rmdir $(DESTDIR)$$lmod/smtppool/driver $(DESTDIR)$$lmod/smtppool 2>/dev/null; true; \
+	done
+	rm -f $(DESTDIR)$(LUA_CMOD)/smtppool/core.so $(DESTDIR)$(JIT_CMOD)/smtppool/core.so $(DESTDIR)$(PREFIX)/bin/smtppool
+	-rmdir $(DESTDIR)$(LUA_CMOD)/smtppool $(DESTDIR)$(JIT_CMOD)/smtppool 2>/dev/null
 
 # Throughput against a peer client (Python smtplib), side by side in one run;
 # calls into C and Lua allocation per message (counted); then the soak

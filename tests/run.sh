@@ -26,7 +26,10 @@ done
 
 echo "== busted"
 # SP_PRELOAD: sanitizer runtimes for `make sanitize` (lua5.4 is not instrumented)
-LD_PRELOAD="${SP_PRELOAD:-}" busted -o TAP >"$out" 2>&1
+# busted is started through the interpreter by name: its #! line says `lua`,
+# which is whatever /usr/bin/lua points to (LuaRocks installs lua5.1 with a
+# higher priority).
+LD_PRELOAD="${SP_PRELOAD:-}" lua5.4 /usr/bin/busted -o TAP >"$out" 2>&1
 rc=$?
 grep -v '^ok ' "$out" || true
 count "$out"
