@@ -288,6 +288,100 @@ function Pool:send_batch(source, opts)
   return summary
 end
 
+--- Checks the pool's configuration against the server, like Nodemailer's
+-- `transporter.verify()`: connects, negotiates TLS, logs in when `auth` is
+-- set, then QUITs, sending no mail. The connection counts against the rate
+-- windows like any other.
+-- @treturn[1] table `host`, `port`, `tls` (true when the session ran over
+--   TLS), `auth` (the mechanism used, when one was), `size_max`,
+--   `pipelining`, `chunking`, `dsn`, `smtputf8`, `8bitmime`, `mailmax` and
+--   `rcptmax` (RFC 9422 LIMITS), `auth_mechanisms` (what the server offers),
+--   `caps` (everything EHLO said), `elapsed` (seconds)
+-- @return[2] nil
+-- @treturn[2] table error value: the same a message would have met
+--   (`connection`, `tls`, `auth`...)
+function Pool:verify()
+  if self.closed then return nil, errors.new("config", "the pool is closed") end
+  local t0 = self.driver.now()
+  local rec, err = self:_open(t0)
+  if not rec then return nil, err end
+  local deadline = t0 + (self.opts.connect_timeout or 30) + 60
+  local run = { queue = {}, deferred = {}, inflight = 0, done = 0, on_result = function() end }
+  local result
+  while rec.state ~= "gone" do
+    local left = deadline - self.driver.now()
+    if left <= 0 then
+      rec.c:abort("verify: no answer in time")
+      left = 0
+    end
+    local was = rec.state
+    self:_wait(run, { rec }, math.min(left, 1))
+    if was == "connecting" and rec.state == "idle" then
+      local caps = rec.caps or {}
+      local mechs = {}
+      for m in pairs(caps.auth_mechs or {}) do mechs[#mechs + 1] = m end
+      table.sort(mechs)
+      result = { host = self.conn_opts.host, port = self.conn_opts.port, tls = rec.c:tls_active(),
+                 auth = rec.c:auth_mechanism(), size_max = caps.size_max, pipelining = caps.pipelining or false,
+                 chunking = caps.chunking or false, dsn = caps.dsn or false, smtputf8 = caps.smtputf8 or false,
+                 ["8bitmime"] = caps["8bitmime"] or false, mailmax = caps.mailmax, rcptmax = caps.rcptmax,
+                 auth_mechanisms = mechs, caps = caps, elapsed = self.driver.now() - t0 }
+      self:_quit(rec)
+      deadline = math.min(deadline, self.driver.now() + self.cfg.close_timeout)
+    end
+    if rec.state == "gone" and not result then
+      err = rec.err
+    end
+  end
+  if result then return result end
+  return nil, err or errors.new("connection", "verify: the connection ended before it was ready",
+    { phase = "connect" })
+end
+
+--- The pool's counters in the Prometheus text exposition format (0.0.4),
+-- for a metrics endpoint (in OpenResty, a location can return it).
+-- @tparam[opt] string prefix metric name prefix (default `"smtppool_"`)
+-- @tparam[opt] table labels constant labels, e.g. `{relay = "ses"}`
+-- @treturn string
+function Pool:metrics(prefix, labels)
+  prefix = prefix or "smtppool_"
+  if type(prefix) ~= "string" or not prefix:match("^[%a_:][%w_:]*$") then
+    error("metrics: prefix must be a metric name prefix", 2)
+  end
+  local lab = {}
+  for k, v in pairs(labels or {}) do
+    if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then error("metrics: bad label name", 2) end
+    lab[#lab + 1] = ('%s="%s"'):format(k, tostring(v):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"',
+      ["\n"] = "\\n" }))
+  end
+  table.sort(lab)
+  local ls = #lab > 0 and ("{" .. table.concat(lab, ",") .. "}") or ""
+  local st = self:stats()
+  local out = {}
+  local function metric(name, kind, help, value)
+    if value == nil then return end
+    out[#out + 1] = ("# HELP %s%s %s\n# TYPE %s%s %s\n%s%s%s %s\n"):format(prefix, name, help, prefix, name, kind,
+      prefix, name, ls, tostring(value))
+  end
+  metric("messages_sent_total", "counter", "Messages the server accepted.", st.sent)
+  metric("messages_failed_total", "counter", "Messages that ended in failure.", st.failed)
+  metric("messages_ambiguous_total", "counter", "Attempts lost after the final dot.", st.ambiguous)
+  metric("retries_total", "counter", "Attempts scheduled again by the retry policy.", st.retried)
+  metric("moved_total", "counter", "Messages moved off an exhausted connection without spending an attempt.",
+    st.moved)
+  metric("connections_opened_total", "counter", "Connections opened.", st.opened)
+  metric("connections_closed_by_server_total", "counter", "Connections the server ended (421, EOF, reset...).",
+    st.closed_by_server)
+  metric("connections_rotated_total", "counter", "Connections rotated at a session cap or lifetime.", st.rotated)
+  metric("rate_waits_total", "counter", "Times a rate window held work back.", st.rate_waits)
+  metric("connections_open", "gauge", "Connections open now.", st.open)
+  metric("connections_in_use", "gauge", "Connections carrying a transaction now.", st.in_use)
+  metric("learned_cap", "gauge", "The session cap learned from the server.", st.learned_cap)
+  metric("tls_handshakes_total", "counter", "TLS handshakes.", st.tls_handshakes)
+  metric("tls_resumed_total", "counter", "TLS handshakes that resumed a session.", st.tls_resumed)
+  return table.concat(out)
+end
+
 --- Counters since the pool was made.
 -- @treturn table `opened`, `closed_by_us`, `closed_by_server`, `rotated`,
 --   `moved` (messages moved off exhausted connections without spending an

@@ -259,6 +259,7 @@ function S:_dispatch(run, rec, entry, t)
       local job = rec.job
       rec.job = nil
       self.counters.closed_by_server = self.counters.closed_by_server + 1
+      rec.err = e
       self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.sent })
       self:_remove(rec)
       if e.kind == "auth" and e.code then

@@ -145,6 +145,12 @@ static int s_quit(lua_State *L)
     return 1;
 }
 
+static int s_tls_active(lua_State *L)
+{
+    lua_pushboolean(L, sp_session_tls_active(sp_l_check_session(L, 1)));
+    return 1;
+}
+
 static int s_auth_mech(lua_State *L)
 {
     unsigned m = sp_session_auth_mech(sp_l_check_session(L, 1));
@@ -441,6 +447,7 @@ static int ss_gc(lua_State *L)
 const luaL_Reg sp_l_session_common[] = {
     {"state", s_state}, {"phase", s_phase}, {"caps", s_caps},   {"tx", s_tx},
     {"error", s_error}, {"noop", s_noop},   {"quit", s_quit},   {"auth_mechanism", s_auth_mech},
+    {"tls_active", s_tls_active},
     {NULL, NULL}};
 
 void sp_lua_open_session(lua_State *L)

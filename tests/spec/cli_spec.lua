@@ -78,6 +78,19 @@ describe("bin/smtppool", function()
     assert.matches("Reply%-To: r2@x%.test", msgs[#msgs].data)
   end)
 
+  it("logs the pool's events as NDJSON with --events", function()
+    local code = run(("send --config %s/pool.lua --to %s/list.csv --subject s --text %s/body.txt --quiet "
+      .. "--events %s/ev.ndjson"):format(dir, dir, dir, dir))
+    assert.equal(0, code)
+    local types = {}
+    for l in peers.read_file(dir .. "/ev.ndjson"):gmatch("[^\n]+") do
+      local ev = require("dkjson").decode(l)
+      types[ev.type] = true
+      assert.is_number(ev.time)
+    end
+    assert.is_true(types.connect and types.ready and true)
+  end)
+
   it("names the columns it saw when there is no email column", function()
     peers.write_file(dir .. "/noemail.csv", "address,name\nc@y.test,Cy\n")
     local code, _, err = send({ to = dir .. "/noemail.csv" })
