@@ -13,8 +13,12 @@ are C (OpenSSL for TLS); the pool is Lua.
 ]],
    license = "MIT",
 }
+-- The Lua modules run under Lua 5.4 and LuaJIT 2.1 (the Lua 5.1 API):
+-- `make test` runs every spec under both. The CLI needs argparse and dkjson.
 dependencies = {
-   "lua >= 5.1",
+   "lua >= 5.1, < 5.5",
+   "argparse",
+   "dkjson",
 }
 external_dependencies = {
    OPENSSL = { header = "openssl/ssl.h" },
@@ -50,5 +54,8 @@ build = {
          incdirs = { "$(OPENSSL_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
          libdirs = { "$(OPENSSL_LIBDIR)" },
       },
+   },
+   install = {
+      bin = { smtppool = "bin/smtppool" },
    },
 }
