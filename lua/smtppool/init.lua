@@ -191,6 +191,9 @@ end
 -- * `data` (string): the message, headers and body. Line ends may be CRLF
 --   or bare LF; leading dots are stuffed; 8-bit bytes need a server that
 --   offers 8BITMIME.
+-- * `require_tls` (boolean, optional): RFC 8689 REQUIRETLS: the message
+--   goes only over TLS to a server that offers REQUIRETLS (and asks every
+--   later hop to do the same); otherwise it fails with kind `tls`, unsent.
 -- * `dsn` (table, optional): RFC 3461 delivery status notifications, sent
 --   only when the server offers DSN: `ret` (`"full"` or `"hdrs"`), `envid`,
 --   `notify` (an array of `"success"`, `"failure"`, `"delay"`, or

@@ -273,6 +273,7 @@ local FIELDS = {
   list_unsubscribe = true, list_unsubscribe_post = true, mail_from = true, rcpt = true,
   dsn = true, -- used by the pool for MAIL/RCPT parameters, not in the text
   dkim = true, -- used by the pool: this message's signing keys, or false
+  require_tls = true, -- used by the pool: REQUIRETLS (RFC 8689)
 }
 M.FIELDS = FIELDS
 
@@ -329,6 +330,9 @@ function M.compose_segments(msg)
   if msg.subject and not core.utf8_valid(msg.subject) then return nil, invalid("'subject' is not valid UTF-8", "subject") end
   if msg.mail_from ~= nil and type(msg.mail_from) ~= "string" then
     return nil, invalid("'mail_from' must be a string", "mail_from")
+  end
+  if msg.require_tls ~= nil and type(msg.require_tls) ~= "boolean" then
+    return nil, invalid("'require_tls' must be a boolean", "require_tls")
   end
   if msg.list_unsubscribe_post ~= nil and type(msg.list_unsubscribe_post) ~= "boolean" then
     return nil, invalid("'list_unsubscribe_post' must be a boolean", "list_unsubscribe_post")

@@ -33,6 +33,9 @@ local function check_raw(msg, fname, level)
   if type(msg.data) ~= "string" then
     error(fname .. ": 'data' must be a string holding an RFC 5322 message", level)
   end
+  if msg.require_tls ~= nil and type(msg.require_tls) ~= "boolean" then
+    error(fname .. ": 'require_tls' must be a boolean", level)
+  end
   if msg.dsn ~= nil and type(msg.dsn) ~= "table" then
     error(fname .. ": 'dsn' must be a table", level)
   end
@@ -170,6 +173,15 @@ local function check_dsn(d)
 end
 
 -- A composed message (no `data`): build the RFC 5322 text and envelope.
+-- The transaction's parameters for the C side: the DSN fields, and
+-- REQUIRETLS (RFC 8689) when the message asks for it.
+local function tx_params(msg)
+  if not msg.require_tls then return msg.dsn end
+  local p = { requiretls = true }
+  for k, v in pairs(msg.dsn or {}) do p[k] = v end
+  return p
+end
+
 local function prepare_composed(msg, ctx)
   local signers, serr = signers_for(msg, ctx)
   if not signers then return { msg = msg, to = {}, err = serr } end
@@ -184,7 +196,7 @@ local function prepare_composed(msg, ctx)
     env.attempts = 0
     return { msg = msg, to = {}, err = env }
   end
-  return { msg = { from = env.from, data = data, dsn = msg.dsn, source = msg }, to = env.to, user_msg = msg }
+  return { msg = { from = env.from, data = data, dsn = tx_params(msg), source = msg }, to = env.to, user_msg = msg }
 end
 
 local function prepare(msg, fname, level, ctx)
@@ -215,7 +227,10 @@ local function prepare(msg, fname, level, ctx)
       e.attempts = 0
       return { msg = msg, to = to, err = e }
     end
-    return { msg = { from = msg.from, data = signed, dsn = msg.dsn }, to = to, user_msg = msg }
+    return { msg = { from = msg.from, data = signed, dsn = tx_params(msg) }, to = to, user_msg = msg }
+  end
+  if msg.require_tls then
+    return { msg = { from = msg.from, data = msg.data, dsn = tx_params(msg) }, to = to, user_msg = msg }
   end
   return { msg = msg, to = to }
 end

@@ -55,7 +55,8 @@ static int s_caps(lua_State *L)
               {SP_CAP_DSN, "dsn"},
               {SP_CAP_CHUNKING, "chunking"},
               {SP_CAP_LIMITS, "limits"},
-              {SP_CAP_BINARYMIME, "binarymime"}};
+              {SP_CAP_BINARYMIME, "binarymime"},
+              {SP_CAP_REQUIRETLS, "requiretls"}};
     lua_newtable(L);
     sp_l_setbool(L, "esmtp", c->esmtp);
     for (size_t i = 0; i < sizeof fl / sizeof fl[0]; i++)
@@ -297,6 +298,9 @@ int sp_l_start_tx(lua_State *L, sp_session *s, int idx, sp_body_seg **segs, size
         lua_pop(L, 1);
         lua_getfield(L, d, "orcpt");
         o.dsn_orcpt = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        lua_getfield(L, d, "requiretls");
+        o.requiretls = lua_toboolean(L, -1);
         lua_pop(L, 1);
     }
     if (sp_session_start_tx(s, &o, &e) < 0)

@@ -127,6 +127,8 @@ void sp_caps_parse(sp_caps *c, const sp_reply *ehlo)
             c->flags |= SP_CAP_CHUNKING;
         else if (word_is(kw, kl, "BINARYMIME"))
             c->flags |= SP_CAP_BINARYMIME;
+        else if (word_is(kw, kl, "REQUIRETLS"))
+            c->flags |= SP_CAP_REQUIRETLS;
         else if (word_is(kw, kl, "LIMITS")) {
             c->flags |= SP_CAP_LIMITS;
             limits(c, args, al);

@@ -17,6 +17,7 @@ enum {
     SP_CAP_CHUNKING = 1u << 8,            /* RFC 3030 */
     SP_CAP_LIMITS = 1u << 9,              /* RFC 9422 */
     SP_CAP_BINARYMIME = 1u << 10,         /* RFC 3030 */
+    SP_CAP_REQUIRETLS = 1u << 11,         /* RFC 8689 */
 };
 
 enum {

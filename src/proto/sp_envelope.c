@@ -44,7 +44,7 @@ static int check_path(const char *p, int *utf8, const char *what, sp_error *err)
     return 0;
 }
 
-int sp_envelope_check(const sp_tx_opts *o, const sp_caps *caps, int *utf8, sp_error *err)
+int sp_envelope_check(const sp_tx_opts *o, const sp_caps *caps, int tls_active, int *utf8, sp_error *err)
 {
     *utf8 = 0;
     if (o->nrcpt == 0) {
@@ -72,6 +72,13 @@ int sp_envelope_check(const sp_tx_opts *o, const sp_caps *caps, int *utf8, sp_er
                      "encode it (quoted-printable or base64) first");
         return -1;
     }
+    /* RFC 8689 4.2.1: a REQUIRETLS message goes only over TLS to a server
+     * that offers REQUIRETLS (which servers advertise over TLS alone). */
+    if (o->requiretls && (!tls_active || !(caps->flags & SP_CAP_REQUIRETLS))) {
+        sp_error_set(err, SP_KIND_TLS, SP_PHASE_MAIL, "the message requires TLS at every hop (REQUIRETLS) and %s",
+                     tls_active ? "the server does not offer REQUIRETLS" : "this connection is not TLS");
+        return -1;
+    }
     if ((caps->flags & SP_CAP_SIZE) && caps->size_max && o->size > caps->size_max) {
         sp_error_set(err, SP_KIND_PERMANENT, SP_PHASE_MAIL, "message of %lu bytes exceeds the server's SIZE limit of %lu",
                      o->size, caps->size_max);
@@ -94,6 +101,8 @@ int sp_envelope_mail(sp_buf *out, const sp_tx_opts *o, const sp_caps *caps, int 
     if (o->body_8bit && (caps->flags & SP_CAP_8BITMIME) && sp_buf_append_str(out, " BODY=8BITMIME") < 0)
         goto oom;
     if (utf8 && sp_buf_append_str(out, " SMTPUTF8") < 0)
+        goto oom;
+    if (o->requiretls && sp_buf_append_str(out, " REQUIRETLS") < 0)
         goto oom;
     if (caps->flags & SP_CAP_DSN) {
         if (o->dsn_ret && (sp_buf_append_str(out, " RET=") < 0 || sp_buf_append_str(out, o->dsn_ret) < 0))

@@ -14,10 +14,11 @@ struct sp_tx_opts;
 
 /* Checks the addresses (printable ASCII or UTF-8, no brackets, spaces or
  * controls, at most 254 octets, recipients not empty) and what the server
- * must offer for them (SMTPUTF8, 8BITMIME, SIZE). *utf8 says whether an
- * address needs SMTPUTF8. 0, or -1 with *err (kind invalid, or permanent
- * for a message over the server's SIZE). */
-int sp_envelope_check(const struct sp_tx_opts *o, const sp_caps *caps, int *utf8, sp_error *err);
+ * must offer for them (SMTPUTF8, 8BITMIME, SIZE, and REQUIRETLS over TLS
+ * when the message asks for it). *utf8 says whether an address needs
+ * SMTPUTF8. 0, or -1 with *err (kind invalid; permanent for a message over
+ * the server's SIZE; tls when REQUIRETLS cannot be honoured). */
+int sp_envelope_check(const struct sp_tx_opts *o, const sp_caps *caps, int tls_active, int *utf8, sp_error *err);
 
 /* Appends "MAIL FROM:<from>" and its parameters (no line end). 0, or -1
  * with *err (invalid: an ENVID too long; or out of memory). */

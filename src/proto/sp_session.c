@@ -921,7 +921,7 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     if (s->state != SP_ST_READY)
         return not_ready(s, err, "start a transaction");
     int utf8 = 0;
-    if (sp_envelope_check(o, &s->caps, &utf8, err) < 0)
+    if (sp_envelope_check(o, &s->caps, s->tls_active, &utf8, err) < 0)
         return -1;
 
     tx_clear(&s->tx);

@@ -96,6 +96,7 @@ typedef struct sp_tx_opts {
     const char *dsn_envid;     /* envelope id, sent as xtext */
     const char *dsn_notify;    /* "NEVER" or a comma list of SUCCESS, FAILURE, DELAY */
     int dsn_orcpt;             /* send ORCPT=rfc822;<address> with each RCPT */
+    int requiretls;            /* RFC 8689: the message must travel over TLS at every hop */
 } sp_tx_opts;
 
 enum { SP_STARTTLS_NO = 0, SP_STARTTLS_REQUIRED, SP_STARTTLS_OPPORTUNISTIC };

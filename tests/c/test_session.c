@@ -356,6 +356,47 @@ static void dsn_parameters(void **state)
     sp_session_free(s);
 }
 
+/* RFC 8689: REQUIRETLS goes on MAIL only over TLS to a server offering it;
+ * otherwise the transaction is refused before a byte is sent. */
+static void requiretls(void **state)
+{
+    (void)state;
+    const char *rcpt[] = {"b@y.test"};
+    sp_tx_opts o;
+    memset(&o, 0, sizeof o);
+    o.from = "a@x.test";
+    o.rcpts = rcpt;
+    o.nrcpt = 1;
+    o.requiretls = 1;
+    sp_error e;
+    /* plaintext, even with the keyword offered: refused */
+    sp_session *s = ready("250-mx.test\r\n250-REQUIRETLS\r\n250 PIPELINING\r\n");
+    assert_int_equal(sp_session_start_tx(s, &o, &e), -1);
+    assert_int_equal(e.kind, SP_KIND_TLS);
+    assert_string_equal(take(s), "");
+    sp_session_free(s);
+    /* over TLS (implicit), offered: the keyword on MAIL */
+    sp_session_opts so = {.helo = "client.test", .tls_active = 1};
+    s = sp_session_new(&so);
+    feed(s, "220 mx.test ESMTP\r\n");
+    take(s);
+    feed(s, "250-mx.test\r\n250-REQUIRETLS\r\n250 PIPELINING\r\n");
+    EXPECT(s, SP_EV_READY);
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    assert_non_null(strstr(take(s), "MAIL FROM:<a@x.test> REQUIRETLS\r\n"));
+    sp_session_free(s);
+    /* over TLS, not offered: refused */
+    s = sp_session_new(&so);
+    feed(s, "220 mx.test ESMTP\r\n");
+    take(s);
+    feed(s, "250-mx.test\r\n250 PIPELINING\r\n");
+    EXPECT(s, SP_EV_READY);
+    assert_int_equal(sp_session_start_tx(s, &o, &e), -1);
+    assert_int_equal(e.kind, SP_KIND_TLS);
+    assert_non_null(strstr(e.text, "does not offer REQUIRETLS"));
+    sp_session_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -373,6 +414,7 @@ int main(void)
         cmocka_unit_test(injection_and_limits_refused),
         cmocka_unit_test(utf8_and_8bit_parameters),
         cmocka_unit_test(dsn_parameters),
+        cmocka_unit_test(requiretls),
     };
     return cmocka_run_group_tests_name("session", tests, NULL, NULL);
 }

@@ -548,3 +548,23 @@ describe("1. (campaigns) a message function that raises fails its recipient, not
     assert.equal(5, n)
   end)
 end)
+
+describe("REQUIRETLS (RFC 8689)", function()
+  it("refuses to send a require_tls message over a connection without TLS, sending nothing", function()
+    local srv = peers.hostile({ ehlo_lines = { "REQUIRETLS" } })
+    finally(function() srv:stop() end)
+    local pool = pool_for(srv)
+    local res, err = pool:send{ from = "a@hard.test", to = "b@y.test", subject = "s", text = "t", require_tls = true }
+    local ok2 = pool:send_raw(raw(2))
+    pool:close()
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.matches("REQUIRETLS", err.text)
+    assert.truthy(ok2) -- the connection stayed good for the next message
+    local mails = srv:select("cmd", { cmd = "MAIL" })
+    assert.equal(1, #mails)
+    assert.is_nil(mails[1].arg:find("REQUIRETLS", 1, true))
+    local _, e2 = smtppool.message.compose{ from = "a@x.test", to = "b@y.test", require_tls = "yes" }
+    assert.equal("invalid", e2.kind)
+  end)
+end)
