@@ -300,8 +300,9 @@ function Campaign:run()
     else
       local eta_s = final and "done" or (eta and ("ETA %ds"):format(math.ceil(eta)) or "ETA ?")
       local of = expected and ("/%d"):format(expected) or ""
-      io.stderr:write(("\r%d%s sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds | %s   %s"):format(
-        st.sent, of, st.failed, st.ambiguous, st.deferred, rate, math.floor(el), eta_s, final and "\n" or ""))
+      io.stderr:write(("\r%s%d%s sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds | %s   %s"):format(
+        M.bar(done + report.skipped, expected), st.sent, of, st.failed, st.ambiguous, st.deferred, rate,
+        math.floor(el), eta_s, final and "\n" or ""))
     end
   end
 
@@ -492,6 +493,15 @@ function Campaign:run()
     end
   end
   return report
+end
+
+--- A 20-cell progress bar with its percentage, `"[#####.....]  25% "`, or
+-- "" when the list's length is unknown.
+function M.bar(done, expected)
+  if not expected or expected <= 0 then return "" end
+  local frac = math.max(0, math.min(1, done / expected))
+  local cells = math.floor(frac * 20 + 0.5)
+  return ("[%s%s] %3d%% "):format(("#"):rep(cells), ("."):rep(20 - cells), math.floor(frac * 100))
 end
 
 --- A one-line human summary of a report.
