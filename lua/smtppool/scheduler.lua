@@ -199,7 +199,11 @@ function S:_start(run, rec, job, t)
   end
   local journal, line
   if run.mark then journal, line = run.mark(job.user_msg or job.msg) end
-  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line)
+  -- The session's last transaction under the cap: QUIT leaves with its
+  -- final dot (one round trip less per rotation).
+  local cap = self:_cap(rec)
+  local last = cap ~= nil and rec.txs + 1 >= cap and (rec.caps and rec.caps.pipelining) or false
+  local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line, last)
   if not ok then
     -- Refused before a byte was sent (bad address, size over the server's
     -- limit...): final, and the connection stays good.
@@ -213,6 +217,7 @@ function S:_start(run, rec, job, t)
   rec.job = job
   rec.txs = rec.txs + 1
   rec.last_used = t
+  rec.last = last or nil
 end
 
 -- ===== events =====
@@ -239,6 +244,12 @@ function S:_dispatch(run, rec, entry, t)
       local job = rec.job
       rec.job = nil
       rec.state = "settling"
+      if rec.last then
+        -- QUIT left with the dot: the session ends after this reply.
+        rec.state = "quitting"
+        self.counters.rotated = self.counters.rotated + 1
+        self:_emit({ type = "rotate", conn = rec.id, messages = rec.sent + (payload.ok and 1 or 0), reason = "cap" })
+      end
       if job then
         local res, err = policy.outcome(payload)
         if res then

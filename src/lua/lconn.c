@@ -167,8 +167,9 @@ static int write_mark(void *ud, sp_error *err)
     return 0;
 }
 
-/* conn:start(from, to, data, dsn[, journal, line]): with a journal, line is
- * appended to it just before the final dot leaves. */
+/* conn:start(from, to, data, params[, journal, line[, last]]): with a
+ * journal, line is appended to it just before the final dot leaves; with
+ * last, QUIT leaves with the final dot. */
 static int c_start(lua_State *L)
 {
     lconn *lc = sp_l_check_conn(L, 1);
@@ -190,8 +191,9 @@ static int c_start(lua_State *L)
         lc->mark_len = line_len;
         jfd = *fd;
     }
+    int quit_after = lua_toboolean(L, 8);
     lua_settop(L, 5);
-    int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, &segs, &nseg);
+    int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, quit_after, &segs, &nseg);
     if (lua_toboolean(L, -1) && nret == 1 && jfd >= 0) {
         lc->mark_fd = jfd;
         sp_conn_set_dot_hook(lc->c, write_mark, lc);

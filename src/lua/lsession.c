@@ -213,7 +213,7 @@ int sp_l_read_body(lua_State *L, int idx, sp_body_seg **segs_out, size_t *nseg_o
     return sp_body_segs_size(g, n, size, e);
 }
 
-int sp_l_start_tx(lua_State *L, sp_session *s, int idx, sp_body_seg **segs, size_t *nseg)
+int sp_l_start_tx(lua_State *L, sp_session *s, int idx, int quit_after, sp_body_seg **segs, size_t *nseg)
 {
     size_t flen;
     const char *from = luaL_checklstring(L, idx, &flen);
@@ -257,6 +257,7 @@ int sp_l_start_tx(lua_State *L, sp_session *s, int idx, sp_body_seg **segs, size
     memset(&o, 0, sizeof o);
     o.from = from;
     o.rcpts = rcpts;
+    o.quit_after = quit_after;
     o.nrcpt = n;
     /* SIZE= counts the bytes as transmitted: a little more than dlen after
      * line-end normalisation; dlen is the honest lower estimate RFC 1870 asks for. */
@@ -410,7 +411,7 @@ static int ss_start(lua_State *L)
 {
     sp_body_seg *segs;
     size_t nseg;
-    return sp_l_start_tx(L, sp_l_check_session(L, 1), 2, &segs, &nseg);
+    return sp_l_start_tx(L, sp_l_check_session(L, 1), 2, 0, &segs, &nseg);
 }
 
 static int ss_body(lua_State *L)

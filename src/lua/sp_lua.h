@@ -59,7 +59,9 @@ double sp_l_opt_number(lua_State *L, int t, const char *k, double dflt);
 sp_session *sp_l_check_session(lua_State *L, int i);
 lconn *sp_l_check_conn(lua_State *L, int i);
 void sp_l_push_tx(lua_State *L, const sp_tx *t);
-int sp_l_start_tx(lua_State *L, sp_session *s, int idx, sp_body_seg **segs, size_t *nseg);
+/* Starts a transaction from Lua's from, to, data, params at idx..idx+3;
+ * quit_after: QUIT leaves with the final dot (the session's last). */
+int sp_l_start_tx(lua_State *L, sp_session *s, int idx, int quit_after, sp_body_seg **segs, size_t *nseg);
 int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o);
 /* A message body from Lua (a string, or an array of strings and {path =
  * file} segments) as segments pointing into the Lua strings, with its facts. */

@@ -64,6 +64,7 @@ struct sp_session {
     sp_error err;
     sp_tx tx;
     int tx_active;
+    int quit_after; /* QUIT follows this transaction's final dot */
     int pipelining;
     sp_dotstuff ds;
     unsigned tx_count;
@@ -778,11 +779,24 @@ static int on_reply(sp_session *s, sp_reply *r)
             s->tx.done = 1;
             s->tx_count++;
             push_event(s, SP_EV_TX_DONE);
+            if (s->quit_after) { /* QUIT left with the dot: its 221 comes next */
+                s->tx_active = 0;
+                set_state(s, SP_ST_QUIT);
+                return 0;
+            }
             set_state(s, SP_ST_READY);
             push_event(s, SP_EV_READY);
             return 0;
         }
         set_tx_err_reply(&s->tx, ph, &s->tx.final);
+        if (s->quit_after) { /* no RSET: the session is ending */
+            s->tx.done = 1;
+            s->tx.ok = 0;
+            s->tx_active = 0;
+            push_event(s, SP_EV_TX_DONE);
+            set_state(s, SP_ST_QUIT);
+            return 0;
+        }
         return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
     case CMD_RSET:
     case CMD_NOOP:
@@ -949,6 +963,7 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
         return -1;
     }
     s->tx_active = 1;
+    s->quit_after = o->quit_after && s->pipelining;
     s->dot_mark = 0;
     set_state(s, SP_ST_TX);
     int rc = queue_cmd(s, sp_buf_head(&mail), CMD_MAIL, 0);
@@ -1000,6 +1015,11 @@ int sp_session_body_end(sp_session *s, sp_error *err)
     }
     s->queued += sp_buf_pending(&s->out) - before;
     s->dot_mark = s->queued;
+    if (s->quit_after && queue_cmd(s, "QUIT", CMD_QUIT, 0) < 0) {
+        die_oom(s);
+        *err = s->err;
+        return -1;
+    }
     set_state(s, SP_ST_DATA_END);
     return 0;
 }

@@ -97,6 +97,8 @@ typedef struct sp_tx_opts {
     const char *dsn_notify;    /* "NEVER" or a comma list of SUCCESS, FAILURE, DELAY */
     int dsn_orcpt;             /* send ORCPT=rfc822;<address> with each RCPT */
     int requiretls;            /* RFC 8689: the message must travel over TLS at every hop */
+    int quit_after;            /* the session's last transaction: QUIT leaves with the final dot
+                                  (RFC 2920 lets QUIT end a pipelined group), saving a round trip */
 } sp_tx_opts;
 
 enum { SP_STARTTLS_NO = 0, SP_STARTTLS_REQUIRED, SP_STARTTLS_OPPORTUNISTIC };

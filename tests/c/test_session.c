@@ -397,6 +397,47 @@ static void requiretls(void **state)
     sp_session_free(s);
 }
 
+/* The session's last transaction: QUIT leaves in the same write as the
+ * final dot, and the 221 after the dot's 250 closes the session. */
+static void quit_with_the_final_dot(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    const char *rcpt[] = {"b@y.test"};
+    sp_tx_opts o;
+    memset(&o, 0, sizeof o);
+    o.from = "a@x.test";
+    o.rcpts = rcpt;
+    o.nrcpt = 1;
+    o.quit_after = 1;
+    sp_error e;
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    assert_int_equal(sp_session_body(s, "hi\r\n", 4, &e), 0);
+    assert_int_equal(sp_session_body_end(s, &e), 0);
+    assert_string_equal(take(s), "hi\r\n.\r\nQUIT\r\n");
+    feed(s, "250 queued\r\n221 bye\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_CLOSED);
+    assert_true(sp_session_tx(s)->ok);
+    assert_int_equal(sp_session_state(s), SP_ST_CLOSED);
+    sp_session_free(s);
+    /* a refused dot: the outcome, then the session ends all the same */
+    s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body_end(s, &e);
+    assert_string_equal(take(s), ".\r\nQUIT\r\n");
+    feed(s, "554 no\r\n221 bye\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_CLOSED);
+    assert_false(sp_session_tx(s)->ok);
+    assert_int_equal(sp_session_tx(s)->err.code, 554);
+    sp_session_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -415,6 +456,7 @@ int main(void)
         cmocka_unit_test(utf8_and_8bit_parameters),
         cmocka_unit_test(dsn_parameters),
         cmocka_unit_test(requiretls),
+        cmocka_unit_test(quit_with_the_final_dot),
     };
     return cmocka_run_group_tests_name("session", tests, NULL, NULL);
 }
