@@ -40,6 +40,7 @@ build = {
       ["smtppool.policy"] = "lua/smtppool/policy.lua",
       ["smtppool.scheduler"] = "lua/smtppool/scheduler.lua",
       ["smtppool.driver.native"] = "lua/smtppool/driver/native.lua",
+      ["smtppool.presets"] = "lua/smtppool/presets.lua",
       ["smtppool.core"] = {
          sources = {
             "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",

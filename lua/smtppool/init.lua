@@ -36,9 +36,14 @@ local template = require("smtppool.template")
 local campaign = require("smtppool.campaign")
 local csv = require("smtppool.csv")
 local retry = require("smtppool.retry")
+local presets = require("smtppool.presets")
 
 local M = { _VERSION = "0.5.0", retry = retry, message = message, template = template, campaign = campaign,
-            csv = csv, errors = errors }
+            csv = csv, errors = errors, presets = presets }
+
+--- A provider preset's options with yours on top (see `smtppool.presets`):
+-- `smtppool.new(smtppool.preset("mailersend", { auth = {...} }))`.
+M.preset = presets.options
 
 --- Makes an error value (see `smtppool.errors.new`).
 -- @tparam string kind one of `transient`, `permanent`, `connection`,
@@ -97,6 +102,9 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   message on the wire has its connection cut (`ambiguous` when its final
 --   dot had left) and a waiting one fails.
 -- * `max_conn_lifetime` (seconds, default none): rotate older connections.
+-- * `max_recipients_per_message` (default none): a message with more
+--   recipients is sent as several transactions (as for the server's
+--   `LIMITS RCPTMAX`, whichever is lower).
 -- * `idle_timeout` (seconds, default 60): idle connections older than this
 --   are closed with QUIT at the pool's next use instead of being reused.
 -- * `health_check_after` (seconds, default 30): a connection idle this long

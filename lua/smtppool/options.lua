@@ -21,7 +21,7 @@ M.SCHEMA = {
   ca_file = "string", ca_path = "string", cert_file = "string", key_file = "string",
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
-  cap_recover_after = "number", trace = "boolean",
+  cap_recover_after = "number", trace = "boolean", max_recipients_per_message = "number",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range
@@ -119,7 +119,7 @@ function M.check(opts)
     local bad = M.bad_secret(opts.auth.password or opts.auth.token)
     if bad then error("smtppool.new: auth." .. (opts.auth.password and "password" or "token") .. bad, 3) end
   end
-  for _, k in ipairs({ "max_conns", "max_messages_per_conn" }) do
+  for _, k in ipairs({ "max_conns", "max_messages_per_conn", "max_recipients_per_message" }) do
     if opts[k] and (not finite(opts[k]) or opts[k] < 1 or opts[k] ~= math.floor(opts[k]) or opts[k] > 100000) then
       error(("smtppool.new: option '%s' must be an integer from 1 to 100000"):format(k), 3)
     end
@@ -156,6 +156,7 @@ function M.resolve(opts)
     tls = tls, port = port, helo = opts.helo or M.default_helo(),
     max_conns = opts.max_conns or 1,
     max_messages_per_conn = opts.max_messages_per_conn,
+    max_recipients_per_message = opts.max_recipients_per_message,
     max_conn_lifetime = opts.max_conn_lifetime,
     idle_timeout = opts.idle_timeout or 60,
     health_check_after = opts.health_check_after or 30,

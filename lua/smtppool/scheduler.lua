@@ -191,7 +191,11 @@ function S:_after_failure(run, job, err, rec, t)
 end
 
 function S:_start(run, rec, job, t)
+  -- Recipients per transaction: the least of the configured and the
+  -- server's LIMITS RCPTMAX.
   local rmax = rec.caps and rec.caps.rcptmax
+  local conf = self.cfg.max_recipients_per_message
+  if conf and (not rmax or conf < rmax) then rmax = conf end
   if rmax and #job.to > rmax and not job.group then
     local parts = policy.split(job, rmax)
     for i = #parts, 2, -1 do table.insert(run.queue, 1, parts[i]) end
