@@ -1,8 +1,8 @@
 --- Provider presets: published limits as data, never as code.
 --
 -- Each preset is a table of `smtppool.new` options with the `source` it
--- was taken from and the `date` it was read. `smtppool.preset(name,
--- overrides)` returns the options with yours on top (your `host`, `auth`,
+-- was taken from and the `date` it was read. `smtppool.preset(name, o)`
+-- returns the options with yours on top (your `host`, `auth`,
 -- a lower rate...). A number a provider does not publish is left out: the
 -- pool still learns a session cap and honours `LIMITS` when the server
 -- advertises them. Providers change their limits; check the source.
@@ -23,8 +23,8 @@ M.mailersend = {
 --- Amazon SES SMTP (out of the sandbox): 50 recipients per message; the
 -- sending rate is per account (set `rate.messages_per_sec` to yours). SES
 -- does not publish a per-session message count; it asks for a fixed number
--- of messages and a bounded lifetime per connection, and answers `421
--- Maximum message count per session reached` when a session ran too long,
+-- of messages and a bounded lifetime per connection, and closes a session
+-- that ran too long with a 421 ("Maximum message count per session reached"),
 -- which the pool learns from.
 M.ses = {
   port = 587, tls = "starttls",
