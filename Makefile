@@ -155,7 +155,7 @@ $(BUILD)/sink: bench/sink.c | $(BUILD)
 	$(CC) -O2 -Wall -Wextra -o $@ $<
 
 bench: all $(BUILD)/sink
-	@$(LUA) bench/run.lua $(BUILD)/sink
+	@BASELINE=$(BASELINE) $(LUA) bench/run.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/count.lua $(BUILD)/sink
 	@echo

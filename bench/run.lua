@@ -1,6 +1,8 @@
 -- `make bench`: smtppool against a peer client (Python's smtplib), side by
 -- side in one run against the same C sink, so the ratio means something on
 -- a shared, noisy machine. Prints a table; nothing is written to the tree.
+-- `make bench BASELINE=dir` adds the same sends through an older checkout
+-- (built with make) and this tree, interleaved, and prints the difference.
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
 package.cpath = "lua/?.so;" .. package.cpath
 local smtppool = require("smtppool")
@@ -48,6 +50,23 @@ local cases = {
   { "smtppool, 4 connections", function() return run_smtppool(4) end },
   { "smtppool, 4 connections, rotate every 5", function() return run_smtppool(4, 5) end },
 }
+-- BASELINE=dir (an older checkout, built): the same sends through that tree
+-- and through this one, each in its own process, interleaved with the rest.
+local BASELINE = os.getenv("BASELINE")
+if BASELINE == "" then BASELINE = nil end
+local function run_tree(tree, conns, per)
+  local out = peers.sh(("lua5.4 bench/send_tree.lua %s %d %d %d %d %d"):format(peers.quote(tree), port, conns, per,
+    N, SIZE))
+  return assert(tonumber(out), tree .. ": " .. out)
+end
+if BASELINE then
+  local here = peers.sh("pwd"):gsub("%s+$", "")
+  for _, c in ipairs({ { 1, 0 }, { 4, 0 }, { 4, 5 } }) do
+    local what = ("%d connection%s%s"):format(c[1], c[1] > 1 and "s" or "", c[2] > 0 and ", rotate every 5" or "")
+    cases[#cases + 1] = { "baseline, " .. what, function() return run_tree(BASELINE, c[1], c[2]) end }
+    cases[#cases + 1] = { "this tree, " .. what, function() return run_tree(here, c[1], c[2]) end }
+  end
+end
 for _ = 1, 3 do
   for _, c in ipairs(cases) do
     local s = c[2]()
@@ -62,8 +81,19 @@ os.execute("rm -rf " .. peers.quote(dir))
 local base = rows[1][2]
 print(("%d messages of %d bytes to a C sink on loopback (3 rounds, interleaved; best, and the spread)"):format(N, SIZE))
 print(("%-42s %10s %12s %16s %8s"):format("client", "seconds", "messages/s", "spread msg/s", "vs peer"))
+local by_name = {}
 for _, r in ipairs(rows) do
+  by_name[r[1]] = r
   print(("%-42s %10.3f %12.0f %7.0f-%-8.0f %7.2fx"):format(r[1], r[2], N / r[2], N / r[3], N / r[2], base / r[2]))
+end
+if BASELINE then
+  print(("this tree against the baseline (%s), best against best:"):format(BASELINE))
+  for _, r in ipairs(rows) do
+    local what = r[1]:match("^this tree, (.*)$")
+    if what then
+      print(("  %-40s %+6.1f %%"):format(what, (by_name["baseline, " .. what][2] / r[2] - 1) * 100))
+    end
+  end
 end
 
 -- Memory: peak RSS of a process sending one message with a 1 MB and a 20 MB
