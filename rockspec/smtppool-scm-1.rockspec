@@ -41,6 +41,7 @@ build = {
       ["smtppool.scheduler"] = "lua/smtppool/scheduler.lua",
       ["smtppool.driver.native"] = "lua/smtppool/driver/native.lua",
       ["smtppool.presets"] = "lua/smtppool/presets.lua",
+      ["smtppool.relays"] = "lua/smtppool/relays.lua",
       ["smtppool.core"] = {
          sources = {
             "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",

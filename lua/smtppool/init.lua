@@ -37,6 +37,7 @@ local campaign = require("smtppool.campaign")
 local csv = require("smtppool.csv")
 local retry = require("smtppool.retry")
 local presets = require("smtppool.presets")
+local relays = require("smtppool.relays")
 
 local M = { _VERSION = "0.5.0", retry = retry, message = message, template = template, campaign = campaign,
             csv = csv, errors = errors, presets = presets }
@@ -44,6 +45,12 @@ local M = { _VERSION = "0.5.0", retry = retry, message = message, template = tem
 --- A provider preset's options with yours on top (see `smtppool.presets`):
 -- `smtppool.new(smtppool.preset("mailersend", { auth = {...} }))`.
 M.preset = presets.options
+
+--- Several relays with failover (see `smtppool.relays`): each entry the
+-- options of `new` plus a `name`, or `{name = ..., pool = pool}`.
+-- @tparam table list the relays, in order of preference
+-- @tparam[opt] table opts `down_for` (seconds, default 60)
+function M.relays(list, opts) return relays.new(list, opts, M.new) end
 
 --- Makes an error value (see `smtppool.errors.new`).
 -- @tparam string kind one of `transient`, `permanent`, `connection`,

@@ -58,7 +58,7 @@ describe("the OpenResty driver", function()
 
   it("loads every module under LuaJIT and composes a message there", function()
     local out = get("", "modules")
-    assert.matches("^loaded 15 composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?", out)
+    assert.matches("^loaded 16 composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?", out)
   end)
 
   it("reports a 421 as a connection error value", function()
