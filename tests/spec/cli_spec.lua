@@ -170,3 +170,50 @@ describe("bin/smtppool", function()
     assert.equal(m0 + 2, #f:select("message"))
   end)
 end)
+
+describe("bin/smtppool exit codes, path by path", function()
+  local dir, srv
+  setup(function()
+    dir = peers.tmpdir()
+    srv = peers.hostile({ quiet = true })
+    peers.write_file(dir .. "/ok.csv", "email,name\na@y.test,A\n")
+    peers.write_file(dir .. "/body.txt", "Hi {{name}}\n")
+    peers.write_file(dir .. "/pool.lua", ("return { host = '127.0.0.1', port = %d, tls = 'none', from = 'n@x.test' }")
+      :format(srv.port))
+    peers.write_file(dir .. "/dead.lua", ("return { host = '127.0.0.1', port = %d, tls = 'none', from = 'n@x.test', "
+      .. "retry = nil }"):format(peers.free_port()))
+  end)
+  teardown(function()
+    srv:stop()
+    os.execute("rm -rf " .. peers.quote(dir))
+  end)
+
+  local function send(args)
+    return run("send --quiet --subject s --text " .. dir .. "/body.txt " .. args)
+  end
+
+  local cases = {
+    { "all sent", 0, function() return send(("--config %s/pool.lua --to %s/ok.csv"):format(dir, dir)) end },
+    { "no --config", 2, function() return send(("--to %s/ok.csv"):format(dir)) end },
+    { "a config file that does not load", 2, function()
+      return send(("--config %s/missing.lua --to %s/ok.csv"):format(dir, dir)) end },
+    { "a list that cannot be read", 2, function() return send(("--config %s/pool.lua --to %s/none.csv"):format(dir, dir)) end },
+    { "--retry-failed without --resume", 2, function()
+      return send(("--config %s/pool.lua --to %s/ok.csv --retry-failed"):format(dir, dir)) end },
+    { "--resume without --journal", 2, function()
+      return send(("--config %s/pool.lua --to %s/ok.csv --resume"):format(dir, dir)) end },
+    { "an unwritable --report", 2, function()
+      return send(("--config %s/pool.lua --to %s/ok.csv --report /nonexistent/r.json"):format(dir, dir)) end },
+    { "a bad --delimiter", 2, function()
+      return send(("--config %s/pool.lua --to %s/ok.csv --delimiter '|'"):format(dir, dir)) end },
+    { "the relay down (an outage)", 3, function()
+      return send(("--config %s/dead.lua --to %s/ok.csv --journal %s/j-dead --outage-threshold 1"):format(dir, dir, dir)) end },
+  }
+  for _, c in ipairs(cases) do
+    it(("exits %d for %s"):format(c[2], c[1]), function()
+      local code, out, err = c[3]()
+      assert.equal(c[2], code, tostring(out) .. tostring(err))
+      assert.is_nil((err or ""):find("traceback", 1, true))
+    end)
+  end
+end)
