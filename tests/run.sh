@@ -5,7 +5,12 @@
 passed=0
 failed=0
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+# Every folder the specs make goes in here, removed however the run ends.
+# exim drops to its own user: the folder must be traversable by it.
+SP_TEST_TMP=$(mktemp -d /tmp/smtppool-run.XXXXXX)
+chmod 755 "$SP_TEST_TMP"
+export SP_TEST_TMP
+trap 'rm -f "$out"; rm -rf "$SP_TEST_TMP"' EXIT
 
 count() { # $1: TAP file; adds its ok / not ok lines to the totals
     p=$(grep -c '^ok ' "$1")
