@@ -6,7 +6,6 @@
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
 package.cpath = "lua/?.so;" .. package.cpath
 local smtppool = require("smtppool")
-local core = require("smtppool.core")
 local peers = require("peers")
 
 local N = tonumber(os.getenv("BENCH_N")) or 5000
@@ -17,20 +16,9 @@ local dir = peers.tmpdir()
 local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
 local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end, 5, "the sink")
 
-local body = (("x"):rep(70) .. "\r\n"):rep(SIZE // 72)
+local send_loop = dofile("bench/send_loop.lua")
 local function run_smtppool(conns, per_conn)
-  local pool = assert(smtppool.new{ host = "127.0.0.1", port = port, tls = "none", max_conns = conns,
-    max_messages_per_conn = per_conn })
-  local i = 0
-  local t = core.now()
-  local s = pool:send_batch(function()
-    if i == N then return nil end
-    i = i + 1
-    return { from = "a@x.test", to = { "b@y.test" }, data = "From: a@x.test\r\nTo: b@y.test\r\nSubject: " .. i .. "\r\n\r\n" .. body }
-  end)
-  pool:close()
-  assert(s.sent == N, "smtppool sent " .. s.sent)
-  return core.now() - t
+  return send_loop(smtppool, port, conns, per_conn, N, SIZE)
 end
 
 local function run_smtplib()

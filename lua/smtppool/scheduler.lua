@@ -157,17 +157,10 @@ end
 -- Applies the policy's decision after a failed attempt. rec: the connection
 -- that carried it, nil when it died before it could.
 function S:_after_failure(run, job, err, rec, t)
-  if run.stopping then
-    -- The run is stopping: no retry, no move; the attempt's outcome stands.
-    job.attempts = job.attempts + 1
-    if err.kind == "ambiguous" then
-      job.ambiguous = true
-      self.counters.ambiguous = self.counters.ambiguous + 1
-    end
-    self:_finish(run, job, nil, err)
-    return
-  end
-  local d = policy.after_failure(job, err, rec and rec.txs, t, self.retry)
+  -- A stopping run neither retries nor moves: the attempt's outcome stands.
+  local d = run.stopping and { action = "final", attempts = job.attempts + 1, err = err,
+                               ambiguous = err.kind == "ambiguous" or nil }
+    or policy.after_failure(job, err, rec and rec.txs, t, self.retry)
   if d.action == "move" then
     job.free_moves = job.free_moves + 1
     self.counters.moved = self.counters.moved + 1
@@ -323,13 +316,15 @@ local function rate_wait(self, name, t)
 end
 
 -- Fails every job in the queue and the deferred list with err.
-local function fail_all(self, run, fatal)
+-- Ends every queued and deferred job with a copy of err; tried says whether
+-- that counts as an attempt (a refused login) or not (a cancelled message).
+local function end_waiting(self, run, err, tried)
   for _, list in ipairs({ run.queue, run.deferred }) do
     while #list > 0 do
       local job = table.remove(list, 1)
-      job.attempts = math.max(job.attempts, 1)
-      self:_finish(run, job, nil, errors.new(fatal.kind, fatal.text, {
-        phase = fatal.phase, code = fatal.code, enhanced = fatal.enhanced }))
+      if tried then job.attempts = math.max(job.attempts, 1) end
+      self:_finish(run, job, nil, errors.new(err.kind, err.text, {
+        phase = err.phase, code = err.code, enhanced = err.enhanced }))
     end
   end
 end
@@ -346,12 +341,7 @@ function S:_stop(run, level, t)
     run.source_done = true
     self:_emit({ type = "stopping" })
   end
-  for _, list in ipairs({ run.queue, run.deferred }) do
-    while #list > 0 do
-      local job = table.remove(list, 1)
-      self:_finish(run, job, nil, errors.new("cancelled", CANCELLED))
-    end
-  end
+  end_waiting(self, run, { kind = "cancelled", text = CANCELLED }, false)
   for _, rec in ipairs(self.conns) do
     if rec.state == "connecting" and rec.job then
       local job = rec.job
@@ -421,7 +411,7 @@ function S:_run(next_msg, on_result, opts)
     -- After a refused login, nothing more is sent: the queue fails with it.
     -- After a TLS failure, this call's queue fails with it.
     local fatal = self.auth_failed or run.tls_failed
-    if fatal then fail_all(self, run, fatal) end
+    if fatal then end_waiting(self, run, fatal, true) end
 
     -- message_timeout: a message still waiting for a connection when its
     -- deadline comes fails; one on the wire has its connection cut (the

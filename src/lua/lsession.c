@@ -146,6 +146,16 @@ static int s_quit(lua_State *L)
     return 1;
 }
 
+/* core.valid_helo(name): the C rule, for the Lua option checks (a NUL,
+ * which C would not see, makes it false). */
+static int l_valid_helo(lua_State *L)
+{
+    size_t n;
+    const char *h = luaL_checklstring(L, 1, &n);
+    lua_pushboolean(L, strlen(h) == n && sp_session_valid_helo(h));
+    return 1;
+}
+
 static int s_tls_active(lua_State *L)
 {
     lua_pushboolean(L, sp_session_tls_active(sp_l_check_session(L, 1)));
@@ -464,6 +474,8 @@ void sp_lua_open_session(lua_State *L)
     sp_l_new_type(L, SESSION_MT, sp_l_session_common, methods, ss_gc);
     lua_pushcfunction(L, l_session);
     lua_setfield(L, -2, "session");
+    lua_pushcfunction(L, l_valid_helo);
+    lua_setfield(L, -2, "valid_helo");
     /* the AUTH mechanisms the core speaks, for the Lua side's checks */
     lua_createtable(L, SP_AUTH_COUNT, 0);
     for (unsigned i = 0; i < SP_AUTH_COUNT; i++) {

@@ -189,7 +189,7 @@ static int queue_cmd(sp_session *s, const char *line, cmd c, size_t idx)
 
 /* RFC 5321 4.1.3: a Domain (letters, digits, hyphens, dots; underscores
  * tolerated, as real host names carry them) or an address literal. */
-static int valid_helo(const char *h)
+int sp_session_valid_helo(const char *h)
 {
     size_t n = strlen(h);
     if (n == 0 || n > 255)
@@ -226,7 +226,7 @@ int sp_session_opts_check(const sp_session_opts *o, sp_error *err)
     sp_error_clear(err);
     if (!o)
         return 0;
-    if (o->helo && !valid_helo(o->helo)) {
+    if (o->helo && !sp_session_valid_helo(o->helo)) {
         sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_EHLO,
                      "helo must be a domain name or an address literal such as [192.0.2.1]");
         return -1;

@@ -122,6 +122,8 @@ typedef struct sp_session sp_session;
  * and secret must not hold CR, LF (or, for XOAUTH2, ^A, which separates its
  * fields). 0, or -1 with *err (kind config) naming the option. */
 int sp_session_opts_check(const sp_session_opts *opts, sp_error *err);
+/* Whether h is a valid EHLO name: a domain or an address literal. */
+int sp_session_valid_helo(const char *h);
 /* NULL when out of memory; opts are not checked here (sp_session_opts_check). */
 sp_session *sp_session_new(const sp_session_opts *opts);
 void sp_session_free(sp_session *s);

@@ -38,9 +38,10 @@ static void expect_events(sp_session *s, const sp_event *want, size_t n)
         expect_events(s, w_, sizeof w_ / sizeof w_[0]);                                               \
     } while (0)
 
-static sp_session *ready(const char *ehlo_reply)
+/* A session past its greeting and EHLO, with the given options (tls_active...). */
+static sp_session *ready_with(sp_session_opts o, const char *ehlo_reply)
 {
-    sp_session_opts o = {.helo = "client.test"};
+    o.helo = "client.test";
     sp_session *s = sp_session_new(&o);
     assert_string_equal(take(s), "");
     assert_int_equal(sp_session_phase(s), SP_PHASE_GREETING);
@@ -50,6 +51,12 @@ static sp_session *ready(const char *ehlo_reply)
     EXPECT(s, SP_EV_READY);
     assert_int_equal(sp_session_state(s), SP_ST_READY);
     return s;
+}
+
+static sp_session *ready(const char *ehlo_reply)
+{
+    sp_session_opts o = {0};
+    return ready_with(o, ehlo_reply);
 }
 
 static int start(sp_session *s, const char *from, const char *const *rcpts, size_t n, sp_error *e)
@@ -376,21 +383,13 @@ static void requiretls(void **state)
     assert_string_equal(take(s), "");
     sp_session_free(s);
     /* over TLS (implicit), offered: the keyword on MAIL */
-    sp_session_opts so = {.helo = "client.test", .tls_active = 1};
-    s = sp_session_new(&so);
-    feed(s, "220 mx.test ESMTP\r\n");
-    take(s);
-    feed(s, "250-mx.test\r\n250-REQUIRETLS\r\n250 PIPELINING\r\n");
-    EXPECT(s, SP_EV_READY);
+    sp_session_opts so = {.tls_active = 1};
+    s = ready_with(so, "250-mx.test\r\n250-REQUIRETLS\r\n250 PIPELINING\r\n");
     assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
     assert_non_null(strstr(take(s), "MAIL FROM:<a@x.test> REQUIRETLS\r\n"));
     sp_session_free(s);
     /* over TLS, not offered: refused */
-    s = sp_session_new(&so);
-    feed(s, "220 mx.test ESMTP\r\n");
-    take(s);
-    feed(s, "250-mx.test\r\n250 PIPELINING\r\n");
-    EXPECT(s, SP_EV_READY);
+    s = ready_with(so, "250-mx.test\r\n250 PIPELINING\r\n");
     assert_int_equal(sp_session_start_tx(s, &o, &e), -1);
     assert_int_equal(e.kind, SP_KIND_TLS);
     assert_non_null(strstr(e.text, "does not offer REQUIRETLS"));
