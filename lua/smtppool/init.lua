@@ -30,7 +30,7 @@ local prepare = require("smtppool.prepare")
 local policy = require("smtppool.policy")
 local scheduler = require("smtppool.scheduler")
 local native = require("smtppool.driver.native")
-local rate = require("smtppool.rate")
+local limits = require("smtppool.limits")
 local message = require("smtppool.message")
 local template = require("smtppool.template")
 local campaign = require("smtppool.campaign")
@@ -144,9 +144,15 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   credentials with `tls = "none"` and no `allow_plaintext_auth`...)
 function M.new(opts)
   options.check(opts)
+  return M._build(opts, native)
+end
+
+-- The pool over a driver (`smtppool.driver.native`, or the OpenResty one),
+-- its limits in a shared backend when `shared` is given (see
+-- `smtppool.limits.from_options`). opts are checked already.
+function M._build(opts, driver, shared)
   local cfg, cerr = options.resolve(opts)
   if not cfg then return nil, cerr end
-  local driver = native
   local tls_ctx
   if cfg.tls ~= "none" then
     local e
@@ -156,6 +162,8 @@ function M.new(opts)
   end
   local signers, derr = prepare.dkim_signers(opts.dkim)
   if not signers then return nil, derr end
+  local lim, lerr = limits.from_options(opts, shared)
+  if not lim then return nil, lerr end
   return setmetatable({
     opts = opts,
     cfg = cfg,
@@ -169,7 +177,7 @@ function M.new(opts)
     auth = opts.auth,
     prep = { signers = signers },       -- what preparing a message needs: keys, their cache
     retry = opts.retry or retry.backoff(),
-    windows = rate.from_options(opts.rate),
+    limits = lim,                       -- rate windows, connection slots, shared caps (smtppool.limits)
     on_event = opts.on_event,
     conns = {},                         -- connection records (see smtppool.scheduler)
     learner = policy.learner(cfg.cap_recover_after),
@@ -321,8 +329,21 @@ end
 function Pool:verify()
   if self.closed then return nil, errors.new("config", "the pool is closed") end
   local t0 = self.driver.now()
-  local rec, err = self:_open(t0)
+  -- The connection spends from the windows like any other: wait for them.
+  local t = t0
+  while true do
+    local w = self.limits:take(self:_connect_windows(), t)
+    if w <= 0 then break end
+    if t + w - t0 > (self.opts.connect_timeout or 30) + 60 then
+      return nil, errors.new("connection", "verify: the rate windows allow no connection in time",
+        { phase = "connect" })
+    end
+    self.driver.wait({}, w)
+    t = self.driver.now()
+  end
+  local rec, err = self:_open(t)
   if not rec then return nil, err end
+  rec.slot = nil -- verify's own connection, outside max_conns
   local deadline = t0 + (self.opts.connect_timeout or 30) + 60
   local run = { queue = {}, deferred = {}, inflight = 0, done = 0, on_result = function() end }
   local result
@@ -417,7 +438,7 @@ function Pool:stats()
     if rec.state == "idle" then s.idle = s.idle + 1
     elseif rec.state == "busy" or rec.state == "settling" then s.in_use = s.in_use + 1 end
   end
-  s.learned_cap = self.learner.cap
+  s.learned_cap = self:_learned_cap()
   return s
 end
 

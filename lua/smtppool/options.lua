@@ -50,13 +50,14 @@ function M.bad_secret(v)
 end
 
 --- Checks the options of `smtppool.new`; raises on misuse (the caller's
--- caller is blamed, as `new` calls this).
-function M.check(opts)
+-- caller is blamed, as `new` calls this). extra: more names -> types a
+-- driver's `new` accepts (`smtppool.ngx`'s `shared_dict`...).
+function M.check(opts, extra)
   if type(opts) ~= "table" then
     error("smtppool.new: options must be a table, got " .. type(opts), 3)
   end
   for k, v in pairs(opts) do
-    local want = M.SCHEMA[k]
+    local want = M.SCHEMA[k] or extra and extra[k]
     if not want then
       error(("smtppool.new: unknown option '%s'"):format(tostring(k)), 3)
     end

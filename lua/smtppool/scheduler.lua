@@ -28,6 +28,9 @@ local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
 local S = {}
 
+-- How often a pool denied a connection slot by a shared backend looks again.
+local SLOT_POLL = 0.05
+
 function S:_emit(ev)
   if self.on_event then
     local ok, e = pcall(self.on_event, ev)
@@ -43,6 +46,10 @@ end
 
 function S:_remove(rec)
   if rec.state ~= "gone" then self.learner:note_session(rec.sent) end
+  if rec.slot then
+    rec.slot = nil
+    self.limits:conn_release()
+  end
   for i, r in ipairs(self.conns) do
     if r == rec then table.remove(self.conns, i) break end
   end
@@ -50,8 +57,16 @@ function S:_remove(rec)
   rec.state = "gone"
 end
 
+-- The learned cap in force: this pool's, or a smaller one another process
+-- sharing the limits learned.
+function S:_learned_cap()
+  local mine, theirs = self.learner.cap, self.limits:cap()
+  if mine and theirs then return math.min(mine, theirs) end
+  return mine or theirs
+end
+
 function S:_cap(rec)
-  return policy.cap_in_force(self.cfg.max_messages_per_conn, rec.caps and rec.caps.mailmax, self.learner.cap)
+  return policy.cap_in_force(self.cfg.max_messages_per_conn, rec.caps and rec.caps.mailmax, self:_learned_cap())
 end
 
 -- QUITs a connection; reason "cap", "lifetime" or "exhausted" makes it a
@@ -88,14 +103,18 @@ function S:_credentials()
   return { user = a.user, secret = secret, mechanism = mech, allow_plaintext = self.opts.allow_plaintext_auth }
 end
 
--- Opens a connection, spending from the connection (and AUTH) windows first.
+-- The windows a new connection spends from.
+local CONNECT, CONNECT_AUTH, MESSAGE = { "connections" }, { "connections", "auth" }, { "messages" }
+
+function S:_connect_windows()
+  return self.auth and CONNECT_AUTH or CONNECT
+end
+
+-- Opens a connection. The caller has taken its slot (conn_acquire) and its
+-- windows (connections, auth); the slot is released when the record goes.
 function S:_open(t, job)
-  local w = self.windows.connections
-  if w then w:spend(t) end
   self.conn_opts.auth = nil
   if self.auth then
-    local aw = self.windows.auth
-    if aw then aw:spend(t) end
     local cred, e = self:_credentials()
     if not cred then return nil, e end
     self.conn_opts.auth = cred
@@ -105,7 +124,7 @@ function S:_open(t, job)
   if not c then return nil, e end
   self.next_id = self.next_id + 1
   local rec = { c = c, id = self.next_id, state = "connecting", txs = 0, sent = 0, born = t, last_used = t,
-                job = job }
+                job = job, slot = true }
   self.conns[#self.conns + 1] = rec
   self.counters.opened = self.counters.opened + 1
   self:_emit({ type = "connect", conn = rec.id, host = self.conn_opts.host, port = self.conn_opts.port })
@@ -208,8 +227,6 @@ function S:_start(run, rec, job, t)
     self:_finish(run, job, nil, err)
     return
   end
-  local w = self.windows.messages
-  if w then w:spend(t) end
   rec.state = "busy"
   rec.job = job
   rec.txs = rec.txs + 1
@@ -256,7 +273,10 @@ function S:_dispatch(run, rec, entry, t)
         else
           if policy.exhausted(rec.txs, err) then
             local learned = self.learner:observe(rec.txs - 1, t)
-            if learned then self:_emit({ type = "learn_cap", cap = learned }) end
+            if learned then
+              self.limits:publish_cap(learned, self.cfg.cap_recover_after)
+              self:_emit({ type = "learn_cap", cap = learned })
+            end
             rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
           end
           self:_after_failure(run, job, err, rec, t)
@@ -310,11 +330,6 @@ end
 
 -- ===== the loop =====
 
-local function rate_wait(self, name, t)
-  local w = self.windows[name]
-  return w and w:wait_time(t) or 0
-end
-
 -- Fails every job in the queue and the deferred list with err.
 -- Ends every queued and deferred job with a copy of err; tried says whether
 -- that counts as an attempt (a refused login) or not (a cancelled message).
@@ -365,10 +380,15 @@ end
 -- `mark(msg) -> journal, line` (a line written just before each attempt's
 -- final dot) and `should_stop() -> false | true | "now"`.
 function S:_run(next_msg, on_result, opts)
+  -- A source may answer false: nothing now, more later (the OpenResty
+  -- agent's queue). The loop then wakes at least every `poll` seconds
+  -- (opts.poll) to ask again, and the driver's wait returns early when the
+  -- source is fed (driver.wake).
   local cfg = self.cfg
   local run = {
     queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
     source_done = false, mark = opts and opts.mark, should_stop = opts and opts.should_stop,
+    poll = opts and opts.poll,
   }
   local lookahead = cfg.max_conns * 2
   local waits_noted = {}
@@ -381,6 +401,7 @@ function S:_run(next_msg, on_result, opts)
       local ok, msg = guarded(run, "the message source", next_msg)
       if not ok then break end
       if msg == nil then run.source_done = true break end
+      if msg == false then break end -- nothing now; ask again next turn (a long-running agent's queue)
       local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t,
                     user_msg = msg.user_msg or msg.msg, timeout = cfg.message_timeout,
                     deadline = cfg.message_timeout and t + cfg.message_timeout }
@@ -475,7 +496,7 @@ function S:_run(next_msg, on_result, opts)
       if rec.state == "idle" and rec.job then
         local job = rec.job
         rec.job = nil
-        if held("messages", rate_wait(self, "messages", t)) then
+        if held("messages", self.limits:take(MESSAGE, t)) then
           table.insert(run.queue, 1, job)
         else
           self:_start(run, rec, job, t)
@@ -489,11 +510,13 @@ function S:_run(next_msg, on_result, opts)
           self:_quit(rec, "lifetime")
         elseif t - rec.last_used >= cfg.idle_timeout then
           self:_quit(rec, "idle")
+        elseif #run.queue == 0 and self.limits:contended(t) then
+          self:_quit(rec, "idle") -- another process waits for a slot this one holds idle
         elseif #run.queue > 0 and rec.txs > 0 and t - rec.last_used >= cfg.health_check_after then
           rec.c:noop()
           rec.state = "checking"
         elseif #run.queue > 0 then
-          if not held("messages", rate_wait(self, "messages", t)) then
+          if not held("messages", self.limits:take(MESSAGE, t)) then
             self:_start(run, rec, table.remove(run.queue, 1), t)
           end
         end
@@ -503,12 +526,25 @@ function S:_run(next_msg, on_result, opts)
     -- Open connections for messages still queued.
     local open_conns = #self.conns
     while #run.queue > 0 and open_conns < cfg.max_conns do
-      if held("connections", math.max(rate_wait(self, "connections", t), rate_wait(self, "auth", t))) then
+      -- A slot among max_conns (across processes with a shared backend):
+      -- when others hold them all, look again shortly.
+      if not self.limits:conn_acquire(t) then
+        if not waits_noted.max_conns then
+          waits_noted.max_conns = true
+          self:_emit({ type = "rate_wait", limit = "max_conns", seconds = SLOT_POLL })
+        end
+        wake_at(t + SLOT_POLL)
+        break
+      end
+      waits_noted.max_conns = nil
+      if held("connections", self.limits:take(self:_connect_windows(), t)) then
+        self.limits:conn_release()
         break
       end
       local job = table.remove(run.queue, 1)
       local rec, err = self:_open(t, job)
       if not rec then
+        self.limits:conn_release()
         self:_after_failure(run, job, err, nil, t)
         break -- resolution failed: let the retry policy pace the next try
       end
@@ -535,6 +571,7 @@ function S:_run(next_msg, on_result, opts)
 
     -- Everything may have ended here (a message refused before sending).
     if run.inflight == 0 and run.source_done then break end
+    if run.poll and not run.source_done then wake_at(t + run.poll) end
 
     local timeout = next_wake and math.max(0, next_wake - t) or -1
     if #self.conns == 0 and timeout < 0 then

@@ -108,9 +108,9 @@ static int l_connect(lua_State *L)
     lc->body_ref = LUA_NOREF;
     lc->tls_ref = LUA_NOREF;
     lc->trace = 0;
-    lc->mark_fd = -1;
-    lc->mark_line = NULL;
-    lc->mark_len = 0;
+    lc->mark.fd = -1;
+    lc->mark.line = NULL;
+    lc->mark.len = 0;
     if (tls_idx) {
         lua_pushvalue(L, tls_idx);
         lc->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -134,36 +134,54 @@ static void release_body(lua_State *L, lconn *lc)
     lc->body_ref = LUA_NOREF;
 }
 
-static void clear_mark(lconn *lc)
+void sp_l_mark_clear(sp_l_mark *m)
 {
-    free(lc->mark_line);
-    lc->mark_line = NULL;
-    lc->mark_len = 0;
-    lc->mark_fd = -1;
+    free(m->line);
+    m->line = NULL;
+    m->len = 0;
+    m->fd = -1;
+}
+
+void sp_l_mark_take(lua_State *L, sp_l_mark *m, int j)
+{
+    sp_l_mark_clear(m);
+    if (lua_isnoneornil(L, j))
+        return;
+    int *fd = luaL_checkudata(L, j, JOURNAL_MT);
+    size_t len;
+    const char *line = luaL_checklstring(L, j + 1, &len);
+    if (*fd < 0)
+        luaL_argerror(L, j, "journal is closed");
+    /* copied now: the string may not outlive this call */
+    if (!(m->line = malloc(len ? len : 1)))
+        luaL_error(L, "out of memory");
+    memcpy(m->line, line, len);
+    m->len = len;
+    m->fd = *fd;
 }
 
 /* The pre-dot hook: appends the mark line to the journal with a plain
  * write (no fsync: a killed process's writes survive in the page cache;
  * the journal's group fsync covers power loss). */
-static int write_mark(void *ud, sp_error *err)
+int sp_l_mark_write(void *ud, sp_error *err)
 {
-    lconn *lc = ud;
-    const char *p = lc->mark_line;
-    size_t n = lc->mark_len;
+    sp_l_mark *m = ud;
+    const char *p = m->line;
+    size_t n = m->len;
     while (n > 0) {
-        ssize_t w = write(lc->mark_fd, p, n);
+        ssize_t w = write(m->fd, p, n);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0) {
             sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_DATA,
                          "cannot journal the message before its final dot: %s", strerror(errno));
-            clear_mark(lc);
+            sp_l_mark_clear(m);
             return -1;
         }
         p += w;
         n -= (size_t)w;
     }
-    clear_mark(lc);
+    sp_l_mark_clear(m);
     return 0;
 }
 
@@ -175,31 +193,15 @@ static int c_start(lua_State *L)
     lconn *lc = sp_l_check_conn(L, 1);
     sp_body_seg *segs = NULL;
     size_t nseg = 0;
-    clear_mark(lc);
     sp_conn_set_dot_hook(lc->c, NULL, NULL);
-    int jfd = -1;
-    if (!lua_isnoneornil(L, 6)) {
-        int *fd = luaL_checkudata(L, 6, JOURNAL_MT);
-        size_t line_len;
-        const char *line = luaL_checklstring(L, 7, &line_len);
-        if (*fd < 0)
-            return luaL_argerror(L, 6, "journal is closed");
-        /* copied now: the string may not outlive this call */
-        if (!(lc->mark_line = malloc(line_len ? line_len : 1)))
-            return luaL_error(L, "out of memory");
-        memcpy(lc->mark_line, line, line_len);
-        lc->mark_len = line_len;
-        jfd = *fd;
-    }
+    sp_l_mark_take(L, &lc->mark, 6);
     int quit_after = lua_toboolean(L, 8);
     lua_settop(L, 5);
     int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, quit_after, &segs, &nseg);
-    if (lua_toboolean(L, -1) && nret == 1 && jfd >= 0) {
-        lc->mark_fd = jfd;
-        sp_conn_set_dot_hook(lc->c, write_mark, lc);
-    } else {
-        clear_mark(lc);
-    }
+    if (lua_toboolean(L, -1) && nret == 1 && lc->mark.fd >= 0)
+        sp_conn_set_dot_hook(lc->c, sp_l_mark_write, &lc->mark);
+    else
+        sp_l_mark_clear(&lc->mark);
     if (lua_toboolean(L, -1) && nret == 1) {
         /* keep the strings the segments point into alive until TX_DONE */
         release_body(L, lc);
@@ -216,7 +218,7 @@ static int c_start(lua_State *L)
 static int c_close(lua_State *L)
 {
     lconn *lc = luaL_checkudata(L, 1, CONN_MT);
-    clear_mark(lc);
+    sp_l_mark_clear(&lc->mark);
     if (lc->c) {
         sp_conn_free(lc->c);
         lc->c = NULL;
@@ -240,6 +242,10 @@ static int c_abort(lua_State *L)
     sp_conn_abort(lc->c, &e);
     return 0;
 }
+
+static sp_event conn_next(void *ud) { return sp_conn_next_event(((lconn *)ud)->c); }
+
+static void conn_tx_done(lua_State *L, void *ud) { release_body(L, ud); }
 
 /* core.wait(conns, timeout): moves bytes until a connection has an event or
  * timeout seconds pass; returns {{conn = i, name, payload, name, payload...}...}
@@ -269,42 +275,8 @@ static int l_wait(lua_State *L)
         lua_rawgeti(L, 1, (int)i + 1);
         lconn *lc = sp_l_check_conn(L, -1);
         lua_pop(L, 1);
-        sp_transition tr[32];
-        size_t ntr = lc->trace ? sp_session_transitions(sp_conn_session(cs[i]), tr, 32) : 0;
-        if (!sp_conn_has_events(cs[i]) && ntr == 0)
-            continue;
-        lua_createtable(L, 4, 1);
-        sp_l_setint(L, "conn", (lua_Integer)i + 1);
-        int m = 0;
-        if (ntr) { /* state changes first: they led to the events */
-            lua_pushstring(L, "trace");
-            lua_rawseti(L, -2, ++m);
-            lua_createtable(L, (int)ntr, 0);
-            for (size_t j = 0; j < ntr; j++) {
-                lua_createtable(L, 0, 3);
-                sp_l_setstr(L, "from", sp_state_name(tr[j].from));
-                sp_l_setstr(L, "to", sp_state_name(tr[j].to));
-                if (tr[j].code)
-                    sp_l_setint(L, "code", tr[j].code);
-                lua_rawseti(L, -2, (int)j + 1);
-            }
-            lua_rawseti(L, -2, ++m);
-        }
-        sp_event e;
-        while ((e = sp_conn_next_event(cs[i])) != SP_EV_NONE) {
-            lua_pushstring(L, sp_event_name(e));
-            lua_rawseti(L, -2, ++m);
-            if (e == SP_EV_TX_DONE) {
-                release_body(L, lc);
-                sp_l_push_tx(L, sp_session_tx(sp_conn_session(cs[i])));
-            } else if (e == SP_EV_ERROR) {
-                sp_l_push_error(L, sp_session_error(sp_conn_session(cs[i])));
-            } else {
-                lua_pushboolean(L, 0);
-            }
-            lua_rawseti(L, -2, ++m);
-        }
-        lua_rawseti(L, -2, ++k);
+        if (sp_l_push_entry(L, sp_conn_session(cs[i]), lc->trace, (lua_Integer)i + 1, conn_next, lc, conn_tx_done))
+            lua_rawseti(L, -2, ++k);
     }
     return 1;
 }

@@ -367,12 +367,186 @@ static int l_session(lua_State *L)
     if (sp_session_opts_check(&o, &e) < 0)
         return sp_l_push_fail(L, &e);
     lsession *ls = lua_newuserdata(L, sizeof *ls);
-    ls->s = NULL;
+    memset(ls, 0, sizeof *ls);
+    ls->body_ref = LUA_NOREF;
+    ls->mark.fd = -1;
     luaL_getmetatable(L, SESSION_MT);
     lua_setmetatable(L, -2);
     ls->s = sp_session_new(&o);
     if (!ls->s)
         return luaL_error(L, "out of memory");
+    if (lua_istable(L, 1)) {
+        lua_getfield(L, 1, "trace");
+        ls->trace = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        sp_session_trace(ls->s, ls->trace);
+    }
+    return 1;
+}
+
+static lsession *check_ls(lua_State *L)
+{
+    lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    if (!ls->s)
+        luaL_argerror(L, 1, "session is freed");
+    return ls;
+}
+
+static void ls_release_body(lua_State *L, lsession *ls)
+{
+    sp_body_src_free(ls->body);
+    ls->body = NULL;
+    luaL_unref(L, LUA_REGISTRYINDEX, ls->body_ref);
+    ls->body_ref = LUA_NOREF;
+}
+
+/* The transaction methods a driver written in Lua uses: the session keeps
+ * the body source and the journal mark, and feeds the body as its output
+ * drains, exactly as the native driver's connection does. */
+
+/* s:send(from, to, data, params[, journal, line[, last]]): starts a
+ * transaction as conn:start does (data: a string or segments). */
+static int ls_send(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    sp_body_seg *segs = NULL;
+    size_t nseg = 0;
+    ls_release_body(L, ls);
+    sp_l_mark_take(L, &ls->mark, 6);
+    int quit_after = lua_toboolean(L, 8);
+    lua_settop(L, 5);
+    int nret = sp_l_start_tx(L, ls->s, 2, quit_after, &segs, &nseg);
+    if (!(lua_toboolean(L, -1) && nret == 1)) {
+        sp_l_mark_clear(&ls->mark);
+        return nret;
+    }
+    /* keep the strings the segments point into alive until the outcome */
+    lua_pushvalue(L, 4);
+    ls->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (!(ls->body = sp_body_src_new(segs, nseg)))
+        return luaL_error(L, "out of memory");
+    return nret;
+}
+
+static void ls_pump(lsession *ls)
+{
+    sp_dot_hook hook = ls->mark.fd >= 0 ? sp_l_mark_write : NULL;
+    sp_body_pump(ls->s, &ls->body, &hook, &ls->mark);
+    if (!hook)
+        sp_l_mark_clear(&ls->mark);
+}
+
+/* s:pending(): the bytes waiting to be written (body bytes fed as needed),
+ * or nil; they stay queued until s:written(n). */
+static int ls_pending(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    if (sp_session_state(ls->s) == SP_ST_BODY)
+        ls_pump(ls);
+    const sp_buf *o = sp_session_output(ls->s);
+    size_t n = sp_buf_pending(o);
+    if (n == 0)
+        return 0;
+    lua_pushlstring(L, sp_buf_head(o), n);
+    return 1;
+}
+
+/* s:written(n): n bytes of the pending output have left (a final dot
+ * counts as sent only from here: a failed write before it is no ambiguity). */
+static int ls_written(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    size_t have = sp_buf_pending(sp_session_output(ls->s));
+    luaL_argcheck(L, n >= 0 && (size_t)n <= have, 2, "more than is pending");
+    sp_session_consume(ls->s, (size_t)n);
+    return 0;
+}
+
+static sp_event ls_next(void *ud)
+{
+    lsession *ls = ud;
+    for (;;) {
+        sp_event e = sp_session_next_event(ls->s);
+        if (e != SP_EV_BODY)
+            return e;
+        ls_pump(ls);
+    }
+}
+
+static void ls_tx_done(lua_State *L, void *ud) { ls_release_body(L, ud); }
+
+/* s:drain(index): the events so far as one wait entry ({conn = index, name,
+ * payload...}, "tls" included: the driver does the handshake and calls
+ * s:tls_done()), or nil when there are none. */
+static int ls_drain(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    lua_Integer idx = luaL_optinteger(L, 2, 1);
+    if (!sp_l_push_entry(L, ls->s, ls->trace, idx, ls_next, ls, ls_tx_done))
+        return 0;
+    return 1;
+}
+
+/* s:abort(text): the connection is gone (a failed write, a cut): the
+ * session fails with a connection error, or ambiguous when a final dot had
+ * left. */
+static int ls_abort(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    const char *text = luaL_checkstring(L, 2);
+    sp_error e;
+    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(ls->s), "%s", text);
+    sp_session_fail(ls->s, &e);
+    return 0;
+}
+
+/* s:replies(): complete replies read so far (a driver restarts its reply
+ * clock when this or the phase changes). */
+static int ls_replies(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)sp_session_replies(check_ls(L)->s));
+    return 1;
+}
+
+int sp_l_push_entry(lua_State *L, sp_session *s, int trace, lua_Integer index, sp_l_next_fn next, void *ud,
+                    void (*on_tx_done)(lua_State *L, void *ud))
+{
+    sp_transition tr[32];
+    size_t ntr = trace ? sp_session_transitions(s, tr, 32) : 0;
+    sp_event e = next(ud);
+    if (e == SP_EV_NONE && ntr == 0)
+        return 0;
+    lua_createtable(L, 4, 1);
+    sp_l_setint(L, "conn", index);
+    int m = 0;
+    if (ntr) { /* state changes first: they led to the events */
+        lua_pushstring(L, "trace");
+        lua_rawseti(L, -2, ++m);
+        lua_createtable(L, (int)ntr, 0);
+        for (size_t j = 0; j < ntr; j++) {
+            lua_createtable(L, 0, 3);
+            sp_l_setstr(L, "from", sp_state_name(tr[j].from));
+            sp_l_setstr(L, "to", sp_state_name(tr[j].to));
+            if (tr[j].code)
+                sp_l_setint(L, "code", tr[j].code);
+            lua_rawseti(L, -2, (int)j + 1);
+        }
+        lua_rawseti(L, -2, ++m);
+    }
+    for (; e != SP_EV_NONE; e = next(ud)) {
+        lua_pushstring(L, sp_event_name(e));
+        lua_rawseti(L, -2, ++m);
+        if (e == SP_EV_TX_DONE) {
+            on_tx_done(L, ud);
+            sp_l_push_tx(L, sp_session_tx(s));
+        } else if (e == SP_EV_ERROR) {
+            sp_l_push_error(L, sp_session_error(s));
+        } else {
+            lua_pushboolean(L, 0);
+        }
+        lua_rawseti(L, -2, ++m);
+    }
     return 1;
 }
 
@@ -454,6 +628,8 @@ static int ss_tls_done(lua_State *L)
 static int ss_gc(lua_State *L)
 {
     lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    ls_release_body(L, ls);
+    sp_l_mark_clear(&ls->mark);
     sp_session_free(ls->s);
     ls->s = NULL;
     return 0;
@@ -470,7 +646,10 @@ void sp_lua_open_session(lua_State *L)
     static const luaL_Reg methods[] = {{"feed", ss_feed},           {"eof", ss_eof},     {"timeout", ss_timeout},
                                        {"output", ss_output},       {"start", ss_start}, {"body", ss_body},
                                        {"next_event", ss_next_event}, {"body_end", ss_body_end},
-                                       {"tls_done", ss_tls_done},   {NULL, NULL}};
+                                       {"tls_done", ss_tls_done},   {"send", ls_send},
+                                       {"pending", ls_pending},     {"written", ls_written},
+                                       {"drain", ls_drain},         {"abort", ls_abort},
+                                       {"replies", ls_replies},     {NULL, NULL}};
     sp_l_new_type(L, SESSION_MT, sp_l_session_common, methods, ss_gc);
     lua_pushcfunction(L, l_session);
     lua_setfield(L, -2, "session");

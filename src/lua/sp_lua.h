@@ -24,22 +24,34 @@
 #define DKIM_MT "smtppool.dkim_key"
 #define JOURNAL_MT "smtppool.journal"
 
+/* A line to append to a campaign journal just before a final dot leaves. */
+typedef struct sp_l_mark {
+    int fd; /* the journal, or -1 */
+    char *line;
+    size_t len;
+} sp_l_mark;
+
 typedef struct lconn {
     sp_conn *c;
     int body_ref; /* registry reference keeping the body string alive */
     int tls_ref;  /* registry reference keeping the TLS context alive */
     int trace;    /* state changes are reported with the events */
-    int mark_fd;  /* journal to write mark_line to just before the final dot, or -1 */
-    char *mark_line;
-    size_t mark_len;
+    sp_l_mark mark;
 } lconn;
 
 typedef struct ltls {
     sp_tls_ctx *t;
 } ltls;
 
+/* A session without sockets. With `send` it also carries a transaction's
+ * body source and journal mark, so a driver written in Lua (cosockets) only
+ * moves bytes: see lsession.c. */
 typedef struct lsession {
     sp_session *s;
+    sp_body_src *body;
+    int body_ref;
+    int trace;
+    sp_l_mark mark;
 } lsession;
 
 /* Error values: the one pusher of an sp_error (a table with the error
@@ -63,6 +75,18 @@ void sp_l_push_tx(lua_State *L, const sp_tx *t);
  * quit_after: QUIT leaves with the final dot (the session's last). */
 int sp_l_start_tx(lua_State *L, sp_session *s, int idx, int quit_after, sp_body_seg **segs, size_t *nseg);
 int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o);
+/* The optional journal and line arguments at j, j+1 into m (raises on
+ * misuse); clearing frees the line. sp_l_mark_write is the dot hook. */
+void sp_l_mark_take(lua_State *L, sp_l_mark *m, int j);
+void sp_l_mark_clear(sp_l_mark *m);
+int sp_l_mark_write(void *ud, sp_error *err);
+/* One wait entry {conn = index, name, payload...}: the trace (when on) and
+ * every event next(ud) yields; on_tx_done runs before a "tx" payload is
+ * made (to release the body). Pushes nothing and returns 0 when there is
+ * nothing to report. */
+typedef sp_event (*sp_l_next_fn)(void *ud);
+int sp_l_push_entry(lua_State *L, sp_session *s, int trace, lua_Integer index, sp_l_next_fn next, void *ud,
+                    void (*on_tx_done)(lua_State *L, void *ud));
 /* A message body from Lua (a string, or an array of strings and {path =
  * file} segments) as segments pointing into the Lua strings, with its facts. */
 int sp_l_read_body(lua_State *L, int idx, sp_body_seg **segs_out, size_t *nseg_out, unsigned long long *size,

@@ -57,6 +57,13 @@ void sp_conn_set_body_src(sp_conn *c, sp_body_src *src);
 typedef int (*sp_dot_hook)(void *ud, sp_error *err);
 void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud);
 
+/* Feeds the body from *body into the session while its output holds less
+ * than 64 KB; when the body ends, runs *hook once (cleared first) and queues
+ * the final dot. On a failure (an unreadable file, a hook that fails) the
+ * session is failed before the dot. sp_conn's pump, and the binding's
+ * socketless session's (the OpenResty driver). */
+void sp_body_pump(sp_session *s, sp_body_src **body, sp_dot_hook *hook, void *hook_ud);
+
 /* Events the driver passes on (SP_EV_BODY is handled inside). */
 sp_event sp_conn_next_event(sp_conn *c);
 int sp_conn_has_events(const sp_conn *c);

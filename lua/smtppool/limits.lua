@@ -1,0 +1,74 @@
+--- Where a pool's account limits live: one interface, several backends.
+--
+-- A provider's limits belong to the account, not to one process. The
+-- scheduler asks a limits backend, never a window directly:
+--
+-- * `take(names, now)`: spends one event in each of the named windows
+--   (`"connections"`, `"auth"`, `"messages"`; names without a configured
+--   window are skipped) if every one of them allows it, all or none, and
+--   returns 0; otherwise spends nothing and returns the seconds until they
+--   could. Atomic across everything sharing the backend.
+-- * `conn_acquire(now)` / `conn_release()`: a slot among `max_conns`
+--   sockets open at once. In one process the pool counts its own; a shared
+--   backend counts every process's.
+-- * `contended(now)`: true when another process waited for a slot in the
+--   last second (a pool then QUITs its idle connections rather than hold
+--   them).
+-- * `cap()` / `publish_cap(n, ttl)`: a session cap learned by any process,
+--   forgotten after `ttl` seconds.
+-- * `name`: `"process"`, `"shared_dict"`.
+--
+-- Backends: this module's (in one process; the default) and
+-- `smtppool.shdict` (every worker of one nginx, through a `lua_shared_dict`).
+-- @module smtppool.limits
+
+local rate = require("smtppool.rate")
+
+local M = {}
+
+local Local = {}
+Local.__index = Local
+
+--- The in-process backend over `rate` windows (see `smtppool.rate`).
+-- @tparam table windows name -> window, from `smtppool.rate.from_options`
+function M.process(windows)
+  return setmetatable({ name = "process", windows = windows }, Local)
+end
+
+function Local:take(names, now)
+  local wait = 0
+  for _, n in ipairs(names) do
+    local w = self.windows[n]
+    if w then
+      local x = w:wait_time(now)
+      if x > wait then wait = x end
+    end
+  end
+  if wait > 0 then return wait end
+  for _, n in ipairs(names) do
+    local w = self.windows[n]
+    if w then w:spend(now) end
+  end
+  return 0
+end
+
+function Local.conn_acquire() return true end
+function Local.conn_release() end
+function Local.contended() return false end
+function Local.cap() return nil end
+function Local.publish_cap() end
+
+--- The limits a pool's options ask for: `rate` windows, in `shared` when given.
+-- @tparam table opts the pool's options (`rate`, and `max_conns` for shared backends)
+-- @param[opt] shared a backend constructor `function(specs, opts)` (specs: name
+--   -> `{limit, per}`), e.g. `smtppool.shdict.backend(...)`
+-- @return a backend
+function M.from_options(opts, shared)
+  local windows = rate.from_options(opts.rate)
+  if not shared then return M.process(windows) end
+  local specs = {}
+  for name, w in pairs(windows) do specs[name] = { limit = w.limit, per = w.per } end
+  return shared(specs, opts)
+end
+
+return M
