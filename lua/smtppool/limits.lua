@@ -16,6 +16,8 @@
 --   them).
 -- * `cap()` / `publish_cap(n, ttl)`: a session cap learned by any process,
 --   forgotten after `ttl` seconds.
+-- * `refresh(now)`: renews what this process holds (a shared backend's
+--   leases); called on every turn of the pool's loop, cheap when not due.
 -- * `name`: `"process"`, `"shared_dict"`.
 --
 -- Backends: this module's (in one process; the default) and
@@ -57,6 +59,7 @@ function Local.conn_release() end
 function Local.contended() return false end
 function Local.cap() return nil end
 function Local.publish_cap() end
+function Local.refresh() end
 
 --- The limits a pool's options ask for: `rate` windows, in `shared` when given.
 -- @tparam table opts the pool's options (`rate`, and `max_conns` for shared backends)

@@ -1,135 +1,329 @@
---- The OpenResty driver: the same C protocol machine, with nginx cosockets
--- carrying the bytes (a C function must never block inside nginx).
+--- The pool inside nginx (OpenResty, `libnginx-mod-http-lua`).
 --
---     local smtp = require("smtppool.ngx")
---     local res, err = smtp.send_raw({ host = "127.0.0.1", port = 25, tls = "none" },
---                                    { from = "a@x.example", to = { "b@y.example" }, data = raw })
+-- The same pool as `smtppool.new` (options, errors, events, retry
+-- policies, rotation, learned caps, LIMITS, DKIM, composition), carried by
+-- cosockets (`smtppool.driver.ngx`) and run by one agent per worker: a
+-- background timer that owns the connections. Request handlers hand it
+-- messages and wait for their outcome, or queue them and return at once.
+-- Connections stay open across requests, up to the caps in force; one in a
+-- doubtful state is never reused.
 --
--- One call opens a connection, sends one message, QUITs and closes. The
--- pool of the plain-Lua module (rotation, learned caps, rate windows) is not
--- available here yet: nginx's own keepalive pool does not know SMTP state.
+--     -- nginx.conf: lua_shared_dict smtppool 1m;
+--     -- init_worker_by_lua_block:
+--     mail = require("smtppool.ngx").new{ host = "smtp.example.net", auth = {...},
+--       shared_dict = "smtppool", max_conns = 4, max_messages_per_conn = 5,
+--       rate = { connections_per_min = 300, auth_per_min = 120 } }
+--     -- content_by_lua_block:
+--     local res, err = mail:send{ from = "a@example.org", to = "b@example.net",
+--                                 subject = "Hi", text = "Hello" }
+--
+-- With `shared_dict`, the account's limits hold across every worker of the
+-- nginx (see `smtppool.shdict`): the rate windows, `max_conns` (sockets
+-- open across the whole nginx) and the learned cap. Without it each worker
+-- keeps its own, as separate processes would.
+--
+-- A worker that exits (reload, `nginx -s quit`) keeps sending what it holds
+-- for up to `exit_timeout` seconds, then ends the rest `cancelled` (never
+-- sent, safe to send again); every message gets an outcome.
 -- @module smtppool.ngx
 
-local core = require("smtppool.core")
-
-local M = {}
-
+local smtppool = require("smtppool")
 local errors = require("smtppool.errors")
+local options = require("smtppool.options")
+local prepare = require("smtppool.prepare")
+local driver = require("smtppool.driver.ngx")
+local shdict = require("smtppool.shdict")
+local semaphore = require("ngx.semaphore")
 
-local function fail(kind, text, phase)
-  return errors.new(kind, text, { phase = phase, attempts = 1 })
+local ngx = ngx -- luacheck: ignore (set by nginx)
+
+local M = { _VERSION = smtppool._VERSION }
+
+-- The options only this module takes, on top of `smtppool.new`'s.
+local SCHEMA = { shared_dict = "string", shared_key = "string", queue_size = "number",
+                 on_result = "function", exit_timeout = "number" }
+
+local P = {}
+P.__index = P
+
+--- Creates a pool for this worker. Call it where each worker runs it
+-- (`init_worker_by_lua*`, or lazily in a handler); the agent starts with the
+-- first message. No connection opens until a message needs one.
+-- @tparam table opts every option of `smtppool.new`, and:
+--
+-- * `shared_dict` (string): a `lua_shared_dict` holding the limits every
+--   worker shares (rate windows, `max_conns` across the nginx, the learned
+--   cap). Without it, limits are per worker.
+-- * `shared_key` (string, default host, port and user): the account's name
+--   in the dict; pools with the same key share limits.
+-- * `queue_size` (default 1000): messages waiting for the agent; past it,
+--   `enqueue` and `send` fail at once with kind `busy`.
+-- * `on_result` (function): `function(msg, res, err)` for messages given to
+--   `enqueue` (runs in the agent: keep it short, no blocking I/O). Without
+--   it, each such message that fails is logged at `warn`.
+-- * `exit_timeout` (seconds, default 10): how long an exiting worker keeps
+--   sending what it holds.
+--
+-- In nginx, certificates are verified against `lua_ssl_trusted_certificate`;
+-- `ca_file`, `ca_path`, `cert_file` and `key_file` are `config` errors.
+-- @treturn[1] table the pool
+-- @return[2] nil
+-- @treturn[2] table error value (kind `config`)
+function M.new(opts)
+  options.check(opts, SCHEMA)
+  local base = {}
+  for k, v in pairs(opts) do
+    if not SCHEMA[k] then base[k] = v end
+  end
+  local qs = opts.queue_size or 1000
+  if not options.finite(qs) or qs < 1 or qs ~= math.floor(qs) then
+    error("smtppool.new: option 'queue_size' must be a positive integer", 2)
+  end
+  local et = opts.exit_timeout or 10
+  if not options.finite(et) or et < 0 then
+    error("smtppool.new: option 'exit_timeout' must be a non-negative number", 2)
+  end
+  local shared
+  if opts.shared_dict then
+    local key = opts.shared_key or ("smtppool:%s:%s:%s"):format(opts.host, tostring(opts.port or ""),
+      opts.auth and opts.auth.user or "")
+    shared = shdict.backend(opts.shared_dict, key)
+  end
+  local drv = driver.new()
+  local pool, err = smtppool._build(base, drv, shared)
+  if not pool then return nil, err end
+  return setmetatable({
+    base = base, shared = shared, pool = pool, drv = drv, queue = {}, head = 1, tail = 0,
+    queue_size = qs, exit_timeout = et, on_result = opts.on_result, running = false, closed = false,
+  }, P)
 end
 
-local TIMEOUT_MS = 300000 -- RFC 5321's five minutes
+-- ===== the agent =====
 
---- Sends one ready-made message over a cosocket.
--- @tparam table o `host`, `port` (25), `tls` (`"none"`, `"starttls"`,
---   `"opportunistic"`, `"implicit"`), `server_name`, `verify` (default true:
---   nginx's `lua_ssl_trusted_certificate` must name the CA), `helo`,
---   `timeout` (seconds for connect and each read or write), `auth`
---   (`{user, password}` or `{user, token}` for XOAUTH2, as for the pool) and
---   `allow_plaintext_auth`
--- @tparam table msg `from`, `to` (string or array), `data`
--- @treturn[1] table the result, as `Pool:send_raw` gives it
+function P:_len() return self.tail - self.head + 1 end
+
+function P:_pop()
+  if self.head > self.tail then return nil end
+  local e = self.queue[self.head]
+  self.queue[self.head] = nil
+  self.head = self.head + 1
+  return e
+end
+
+-- An outcome goes to the request waiting for it, or to on_result.
+function P:_deliver(entry, res, err)
+  local w = entry.waiter
+  if w then
+    w.res, w.err, w.done = res, err, true
+    w.sem:post(1)
+    return
+  end
+  if self.on_result then
+    local ok, e = pcall(self.on_result, entry.msg, res, err)
+    if not ok then ngx.log(ngx.ERR, "smtppool: on_result raised: ", tostring(e)) end
+  elseif err then
+    local to = entry.msg and entry.msg.to
+    ngx.log(ngx.WARN, "smtppool: a queued message to ", type(to) == "table" and table.concat(to, ", ")
+      or tostring(to), " failed: ", tostring(err))
+  end
+end
+
+local function agent(premature, self)
+  local pool = self.pool
+  local exit_started
+  local function source()
+    local e = self:_pop()
+    if e then
+      e.item.user_msg = e
+      return e.item
+    end
+    if self.closed or premature or ngx.worker.exiting() then return nil end
+    return false
+  end
+  local function should_stop()
+    if not (premature or ngx.worker.exiting()) then return false end
+    exit_started = exit_started or pool.driver.now()
+    return pool.driver.now() - exit_started >= self.exit_timeout
+  end
+  local ok, err = pcall(pool._run, pool, source, function(entry, res, e) self:_deliver(entry, res, e) end,
+    { poll = 1, should_stop = should_stop })
+  if not ok then ngx.log(ngx.ERR, "smtppool: the sending agent failed: ", tostring(err)) end
+  -- Anything handed in after the loop stopped taking messages still gets an outcome.
+  while true do
+    local e = self:_pop()
+    if not e then break end
+    self:_deliver(e, nil, errors.new("cancelled", "not sent: the nginx worker is exiting or the pool closed",
+      { attempts = 0 }))
+  end
+  pcall(pool._close_all, pool)
+  self.running = false
+end
+
+-- Hands a prepared item to the agent, starting it if needed.
+function P:_submit(item, waiter)
+  if self.closed then return nil, errors.new("config", "the pool is closed") end
+  if self:_len() >= self.queue_size then
+    return nil, errors.new("busy", ("the sending queue is full (queue_size %d): nothing was queued")
+      :format(self.queue_size), { attempts = 0 })
+  end
+  if not self.running then
+    local ok, err = ngx.timer.at(0, agent, self)
+    if not ok then
+      return nil, errors.new("cancelled", "not sent: cannot start the sending agent: " .. tostring(err),
+        { attempts = 0 })
+    end
+    self.running = true
+  end
+  self.tail = self.tail + 1
+  self.queue[self.tail] = { item = item, waiter = waiter, msg = item.user_msg or item.msg }
+  self.drv.wake()
+  return true
+end
+
+-- Hands an item over and waits for its outcome.
+function P:_send_wait(item)
+  local w = { sem = semaphore.new(0) }
+  local ok, err = self:_submit(item, w)
+  if not ok then return nil, err end
+  -- The agent gives every message an outcome; the bound only guards a
+  -- worker that is killed.
+  while not w.done do
+    w.sem:wait(3600)
+  end
+  return w.res, w.err
+end
+
+-- ===== public API =====
+
+--- Composes and sends one message, waiting for its outcome (as
+-- `Pool:send`). Must run where nginx lets Lua wait (a request handler, a
+-- timer).
+function P:send(msg)
+  if type(msg) ~= "table" then error("send: message must be a table, got " .. type(msg), 2) end
+  if msg.data ~= nil then error("send: 'data' is for send_raw; send composes the message itself", 2) end
+  return self:_send_wait(prepare.prepare_composed(msg, self.pool.prep))
+end
+
+--- Sends one ready-made message, waiting for its outcome (as `Pool:send_raw`).
+function P:send_raw(msg)
+  return self:_send_wait(prepare.prepare(msg, "send_raw", 3, self.pool.prep))
+end
+
+--- Queues a message and returns at once (fire and forget): one with `data`
+-- is sent as it is, any other is composed. Its outcome goes to the
+-- `on_result` option (or the error log when it fails).
+-- @treturn[1] boolean true: queued
 -- @return[2] nil
--- @treturn[2] table error value
-function M.send_raw(o, msg)
-  if type(o) ~= "table" or type(o.host) ~= "string" then error("smtppool.ngx.send_raw: options need a host", 2) end
-  if type(msg) ~= "table" or type(msg.from) ~= "string" or type(msg.data) ~= "string" then
-    error("smtppool.ngx.send_raw: message needs from, to and data", 2)
+-- @treturn[2] table error value: kind `busy` (the queue is full), `config`
+--   (the pool is closed), `cancelled` (the worker is exiting)
+function P:enqueue(msg)
+  if type(msg) ~= "table" then error("enqueue: message must be a table, got " .. type(msg), 2) end
+  return self:_submit(prepare.item(msg, self.pool.prep))
+end
+
+--- Sends many messages and waits for all of them (as `Pool:send_batch`:
+-- `on_result`, `should_stop`; `mark` is for campaigns, not available here).
+-- Messages are handed over as the queue has room.
+function P:send_batch(source, opts)
+  if type(source) ~= "table" and type(source) ~= "function" then
+    error("send_batch: source must be an array or an iterator function", 2)
   end
-  local to = type(msg.to) == "string" and { msg.to } or msg.to
-  local tls = o.tls or "starttls"
-  local ms = (o.timeout or TIMEOUT_MS / 1000) * 1000
-  local sock = ngx.socket.tcp()
-  sock:settimeouts(ms, ms, ms)
-  local ok, err = sock:connect(o.host, o.port or (tls == "implicit" and 465 or 25))
-  if not ok then return nil, fail("connection", "connect: " .. tostring(err), "connect") end
-  local verify = o.verify ~= false
-  local server_name = o.server_name or o.host
-  local function handshake(phase)
-    local hs, herr = sock:sslhandshake(nil, server_name, verify)
-    if hs then return true end
-    sock:close()
-    return nil, fail("tls", "TLS handshake: " .. tostring(herr), phase)
+  if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
+  opts = opts or {}
+  for _, k in ipairs({ "on_result", "should_stop" }) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then error("send_batch: " .. k .. " must be a function", 2) end
   end
-  if tls == "implicit" then
-    ok, err = handshake("connect")
-    if not ok then return nil, err end
+  if opts.mark ~= nil then error("send_batch: mark (campaign journals) is not available in nginx", 2) end
+  if self.closed then error("send_batch: the pool is closed", 2) end
+  local i = 0
+  local nextm = type(source) == "table" and function()
+    i = i + 1
+    return source[i]
+  end or source
+  local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }
+  local done = {}
+  local sem = semaphore.new(0)
+  local inflight, exhausted, stopped = 0, false, false
+  local window = math.max(1, math.floor(self.queue_size / 2))
+  local function account(msg, res, err)
+    summary.total = summary.total + 1
+    if res then summary.sent = summary.sent + 1
+    elseif err.kind == "cancelled" then summary.cancelled = summary.cancelled + 1
+    else summary.failed = summary.failed + 1 end
+    if opts.on_result then opts.on_result(msg, res, err) end
   end
-  local auth
-  if o.auth then
-    local a = o.auth
-    local secret = a.password or a.token
-    if type(secret) == "function" then secret = secret() end
-    if type(a.user) ~= "string" or type(secret) ~= "string" then
-      sock:close()
-      return nil, fail("config", "auth needs user and a password or token")
-    end
-    auth = { user = a.user, secret = secret, mechanism = a.mechanism or (a.token and "XOAUTH2") or nil,
-             allow_plaintext = o.allow_plaintext_auth }
-  end
-  local s, serr = core.session{ helo = o.helo or "localhost", tls_active = tls == "implicit", auth = auth,
-    starttls = (tls == "starttls" and "required") or (tls == "opportunistic" and "opportunistic") or nil }
-  if not s then -- a helo or credential the C core refuses (CR, LF, a space...)
-    sock:close()
-    return nil, serr
-  end
-  local result, final_err, started
-  for _ = 1, 100000 do -- bounded: a session ends long before
-    local out = s:output()
-    if #out > 0 then
-      local sent, serr = sock:send(out)
-      if not sent then s:eof() final_err = fail("connection", "write: " .. tostring(serr), s:phase()) end
-    end
-    local ev = s:next_event()
-    if ev == "ready" and not started then
-      started = true
-      local okk, e = s:start(msg.from, to, msg.data)
-      if not okk then
-        final_err = e
-        s:quit()
+  while true do
+    while not exhausted and not stopped and inflight < window do
+      if opts.should_stop and opts.should_stop() then
+        stopped = true
+        break
       end
-    elseif ev == "body" then
-      s:body(msg.data)
-      s:body_end()
-    elseif ev == "tls" then
-      ok, err = handshake("starttls")
-      if not ok then return nil, err end
-      s:tls_done()
-    elseif ev == "tx" then
-      local t = s:tx()
-      if t.ok then
-        local rejected = {}
-        for _, r in ipairs(t.recipients) do
-          if not r.ok then rejected[#rejected + 1] = r end
-        end
-        result = { code = t.code, enhanced = t.enhanced, text = t.text, recipients = t.recipients,
-                   rejected = rejected, attempts = 1 }
+      local m = nextm()
+      if m == nil then
+        exhausted = true
+        break
+      end
+      local item = prepare.item(m, self.pool.prep)
+      local w = { sem = sem, msg = m }
+      local ok, err = self:_submit(item, w)
+      if ok then
+        inflight = inflight + 1
+        done[#done + 1] = w
       else
-        final_err = t.err
-        final_err.attempts = 1
+        account(m, nil, err)
       end
-      s:quit()
-    elseif ev == "error" then
-      final_err = final_err or s:error()
-      break
-    elseif ev == "closed" then
-      break
-    elseif ev == nil and #s:output() == 0 then
-      local data, rerr = sock:receiveany(16384)
-      if data then
-        s:feed(data)
-      elseif rerr == "timeout" then
-        s:timeout()
+    end
+    if inflight == 0 then break end
+    sem:wait(3600)
+    -- outcomes in completion order
+    local j = 1
+    while j <= #done do
+      local w = done[j]
+      if w.done then
+        table.remove(done, j)
+        inflight = inflight - 1
+        account(w.msg, w.res, w.err)
       else
-        s:eof()
+        j = j + 1
       end
     end
   end
-  sock:close()
-  if result then return result end
-  return nil, final_err or fail("protocol", "the session ended without an outcome")
+  return summary
+end
+
+--- Checks the configuration against the server (as `Pool:verify`), on a
+-- connection of its own in the calling request.
+function P:verify()
+  if self.closed then return nil, errors.new("config", "the pool is closed") end
+  local p, err = smtppool._build(self.base, driver.new(), self.shared)
+  if not p then return nil, err end
+  local res, verr = p:verify()
+  p:close()
+  return res, verr
+end
+
+--- This worker's counters (as `Pool:stats`), plus `queued` (waiting for
+-- the agent) and, with `shared_dict`, `open_total` (sockets open across
+-- every worker).
+function P:stats()
+  local s = self.pool:stats()
+  s.queued = self:_len()
+  local lim = self.pool.limits
+  if lim.open_total then s.open_total = lim:open_total() end
+  return s
+end
+
+--- The counters in Prometheus text format (as `Pool:metrics`; this worker's).
+function P:metrics(prefix, labels)
+  return self.pool:metrics(prefix, labels)
+end
+
+--- Stops taking messages; the agent sends what it holds, then QUITs its
+-- connections. Safe to call twice.
+function P:close()
+  self.closed = true
+  self.drv.wake()
+  return true
 end
 
 return M

@@ -469,6 +469,7 @@ function S:_run(next_msg, on_result, opts)
       end
     end
 
+    self.limits:refresh(t)
     local forgotten = self.learner:recover(t)
     if forgotten then self:_emit({ type = "unlearn_cap", cap = forgotten }) end
 

@@ -488,15 +488,27 @@ static int ls_drain(lua_State *L)
     return 1;
 }
 
-/* s:abort(text): the connection is gone (a failed write, a cut): the
- * session fails with a connection error, or ambiguous when a final dot had
- * left. */
+/* s:abort(text[, phase[, "tls"]]): the connection is gone (a refused
+ * connect, a failed write, a cut) or its handshake failed: the session fails
+ * with a connection (or tls) error in phase (default: the current one), or
+ * ambiguous when a final dot had left. */
 static int ls_abort(lua_State *L)
 {
     lsession *ls = check_ls(L);
     const char *text = luaL_checkstring(L, 2);
+    const char *pname = luaL_optstring(L, 3, NULL);
+    const char *kname = luaL_optstring(L, 4, "connection");
+    sp_phase ph = sp_session_phase(ls->s);
+    if (pname) {
+        int p = SP_PHASE_NONE;
+        while (p < SP_PHASE_COUNT && strcmp(sp_phase_name((sp_phase)p), pname) != 0)
+            p++;
+        luaL_argcheck(L, p < SP_PHASE_COUNT, 3, "unknown phase");
+        ph = (sp_phase)p;
+    }
+    luaL_argcheck(L, !strcmp(kname, "connection") || !strcmp(kname, "tls"), 4, "'connection' or 'tls'");
     sp_error e;
-    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(ls->s), "%s", text);
+    sp_error_set(&e, kname[0] == 't' ? SP_KIND_TLS : SP_KIND_CONNECTION, ph, "%s", text);
     sp_session_fail(ls->s, &e);
     return 0;
 }

@@ -1,0 +1,291 @@
+--- The OpenResty driver: nginx cosockets carry the bytes of the same C
+-- protocol machine (a C function must never block inside nginx).
+--
+-- It has the interface of `smtppool.driver.native` (`open`, `wait`, `now`,
+-- `tls_context`, and the handle methods), plus `wake()`, which makes a
+-- `wait` in progress return (the agent's queue was fed). Each connection is
+-- two light threads spawned by the thread that opened it: a reader (connect,
+-- TLS handshakes, every read, reply timeouts) and a writer (everything the
+-- session queues, body included, in order); `close` ends both. The scheduler's thread only
+-- calls the session's non-blocking methods and waits on one semaphore that
+-- both threads post when they have news.
+--
+-- Timeouts follow RFC 5321 4.5.3.2 per phase, as in the native driver: a
+-- reply is timed whole, from the last write, the last complete reply or the
+-- last phase change; bytes trickling in do not restart it. A write that
+-- fails before the final dot has fully left is a `connection` error (the
+-- message is retried); only after it is the message `ambiguous`.
+--
+-- TLS: `sslhandshake` with the certificate verified against nginx's
+-- `lua_ssl_trusted_certificate` (the file or folder options of the pool
+-- cannot be used per socket in nginx) and the name checked; the TLS session
+-- of the last handshake is offered again (resumption) to the next one.
+-- @module smtppool.driver.ngx
+
+local core = require("smtppool.core")
+local semaphore = require("ngx.semaphore")
+
+local ngx = ngx -- luacheck: ignore (set by nginx)
+
+local M = {}
+
+local READ_SLICE = 0.5 -- seconds: a reader looks at its deadline at least this often
+local DEFAULT_TIMEOUT = { greeting = 300, ehlo = 300, starttls = 300, auth = 300, mail = 300, rcpt = 300,
+                          data = 120, data_end = 600, rset = 300, noop = 300, quit = 300 }
+local SEND_TIMEOUT = 300 -- a write that cannot progress for five minutes is a dead peer
+
+local H = {}
+H.__index = H
+
+-- The session's events go to the handle's queue and the waiting scheduler
+-- is woken. A "tls" event is the reader's to act on (returned true).
+function H:_collect()
+  if self.s:pending() then self:_kick() end
+  local entry = self.s:drain(0)
+  if not entry then return false end
+  local tls = false
+  local ev = self.events
+  for i = 1, #entry, 2 do
+    if entry[i] == "tls" then
+      tls = true
+    else
+      ev[#ev + 1] = entry[i]
+      ev[#ev + 1] = entry[i + 1]
+      local name = entry[i]
+      if name == "error" or name == "closed" then self.over = true end
+    end
+  end
+  if #ev > 0 then self.drv.wake() end
+  if self.s:pending() then self:_kick() end -- the events may have queued more (a body)
+  return tls
+end
+
+function H:_kick()
+  if not self.kicked then
+    self.kicked = true
+    self.wsem:post(1)
+  end
+end
+
+-- The deadline of the reply awaited now (nil: none, the session is idle).
+function H:_deadline(now)
+  local s = self.s
+  local ph, replies = s:phase(), s:replies()
+  if ph ~= self.timed_phase or replies ~= self.timed_replies then
+    self.timed_phase, self.timed_replies = ph, replies
+    self.last_activity = now
+  end
+  if ph == "none" then return nil end
+  local t = self.timeouts[ph] or DEFAULT_TIMEOUT[ph] or 300
+  return self.last_activity + t
+end
+
+local function ms(seconds) return math.max(1, math.floor(seconds * 1000)) end
+
+function H:_handshake(phase)
+  local tls = self.tls
+  local sess, err = self.sock:sslhandshake(tls.session or nil, self.server_name, tls.verify)
+  tls.handshakes = tls.handshakes + 1
+  if not sess then
+    tls.session = nil
+    self.s:abort("TLS handshake with " .. self.server_name .. ": " .. tostring(err), phase, "tls")
+    return false
+  end
+  if type(sess) == "userdata" or type(sess) == "cdata" then tls.session = sess end
+  self.tls_on = true
+  self.last_activity = core.now()
+  return true
+end
+
+-- The reader thread: connect, then read until the session ends.
+local function reader(self)
+  local o, s, sock = self.o, self.s, self.sock
+  sock:settimeouts(ms(o.connect_timeout or 30), ms(SEND_TIMEOUT), ms(READ_SLICE))
+  local ok, err = sock:connect(o.host, o.port)
+  if not ok then
+    s:abort(("connect to %s:%s: %s"):format(o.host, tostring(o.port), tostring(err)), "connect")
+  elseif o.tls_mode == "implicit" then
+    self:_handshake("connect")
+  end
+  self.last_activity = core.now()
+  while not self.over and not self.cut do
+    if self:_collect() then
+      if self:_handshake("starttls") then s:tls_done() end
+    else
+      local now = core.now()
+      local deadline = self:_deadline(now)
+      local slice = READ_SLICE
+      if deadline then slice = math.min(slice, math.max(0.001, deadline - now)) end
+      sock:settimeouts(ms(o.connect_timeout or 30), ms(SEND_TIMEOUT), ms(slice))
+      local data, rerr = sock:receiveany(65536)
+      if self.cut then break end
+      if data then
+        s:feed(data)
+      elseif rerr == "timeout" then
+        deadline = self:_deadline(core.now())
+        if deadline and core.now() >= deadline then s:timeout() end
+      elseif rerr == "closed" then
+        s:eof()
+      else
+        s:abort("read: " .. tostring(rerr))
+      end
+    end
+  end
+  self:_collect()
+  self.over = true
+  self:_kick() -- lets the writer see the end; the socket is closed by close()
+end
+
+-- The writer thread: sends what the session queues, in order; only bytes
+-- the socket took count as written.
+function M._writer(self)
+  local s, sock = self.s, self.sock
+  while not self.over and not self.cut do
+    local out = s:pending()
+    if out then
+      local n, err = sock:send(out)
+      if self.cut then break end
+      if not n then
+        s:abort("write: " .. tostring(err))
+        self:_collect()
+        break
+      end
+      s:written(#out)
+      self.last_activity = core.now()
+      self:_collect()
+    else
+      self.kicked = false
+      self.wsem:wait(READ_SLICE * 10)
+    end
+  end
+  self.writer_done = true
+end
+
+--- Handle methods (as the native connection's).
+function H:start(from, to, data, params, journal, line, last)
+  local ok, err = self.s:send(from, to, data, params, journal, line, last)
+  if ok then self:_kick() end
+  return ok, err
+end
+
+function H:quit()
+  self.s:quit()
+  self:_collect()
+  self:_kick()
+end
+
+function H:noop()
+  self.s:noop()
+  self:_kick()
+end
+
+-- Cuts the connection now: the transaction in flight fails (ambiguous if
+-- its final dot had left).
+function H:abort(text)
+  if self.over then return end
+  self.s:abort(text)
+  self.cut = true
+  self:_collect()
+  self:_close_socket()
+end
+
+function H:_close_socket()
+  self.over = true
+  -- Both threads end first (a thread blocked on the socket would keep it
+  -- busy; killing a finished one frees it), then the socket closes (with
+  -- close_notify over TLS).
+  ngx.thread.kill(self.reader)
+  ngx.thread.kill(self.writer)
+  self.sock:close()
+end
+
+function H:close()
+  if self.closed then return end
+  self.closed = true
+  self.cut = true
+  self:_close_socket()
+end
+
+function H:caps() return self.s:caps() end
+function H:tls_active() return self.s:tls_active() end
+function H:auth_mechanism() return self.s:auth_mechanism() end
+
+--- A driver instance: one per pool (its semaphore wakes that pool's loop).
+-- @treturn table the driver
+function M.new()
+  local sem = semaphore.new(0)
+  local d = { name = "ngx", now = core.now }
+  local waiting, posted = false, false
+
+  function d.wake()
+    if waiting and not posted then
+      posted = true
+      sem:post(1)
+    end
+  end
+
+  --- Options as for the native driver (`tls` is this driver's context).
+  function d.open(o)
+    local auth = o.auth
+    local s, err = core.session{
+      helo = o.helo, tls_active = o.tls_mode == "implicit", trace = o.trace, auth = auth,
+      starttls = (o.tls_mode == "starttls" and "required") or (o.tls_mode == "opportunistic" and "opportunistic")
+        or nil,
+    }
+    if not s then return nil, err end
+    local h = setmetatable({
+      drv = d, o = o, s = s, sock = ngx.socket.tcp(), events = {}, wsem = semaphore.new(0),
+      timeouts = o.timeouts or {}, tls = o.tls, server_name = o.server_name or o.host,
+      last_activity = core.now(),
+    }, H)
+    -- Both threads are the opener's children, so it can end them.
+    h.reader = ngx.thread.spawn(reader, h)
+    h.writer = ngx.thread.spawn(M._writer, h)
+    return h
+  end
+
+  -- Every handle with news, as the native wait returns them; waits on the
+  -- semaphore when none has any (timeout < 0: until woken).
+  local function gather(list)
+    local out = {}
+    for i, h in ipairs(list) do
+      local ev = h.events
+      if #ev > 0 then
+        local entry = { conn = i }
+        for j = 1, #ev do entry[j] = ev[j] end
+        h.events = {}
+        out[#out + 1] = entry
+      end
+    end
+    return out
+  end
+
+  function d.wait(list, timeout)
+    local out = gather(list)
+    if #out > 0 or timeout == 0 then return out end
+    waiting, posted = true, false
+    sem:wait(timeout < 0 and 3600 or timeout)
+    waiting, posted = false, false
+    return gather(list)
+  end
+
+  --- A TLS context: what `sslhandshake` needs, and the session to resume.
+  -- nginx verifies against `lua_ssl_trusted_certificate`; the pool's own
+  -- trust and client certificate options cannot apply to a cosocket.
+  function d.tls_context(o)
+    for _, k in ipairs({ "ca_file", "ca_path", "cert_file", "key_file" }) do
+      if o[k] then
+        return nil, require("smtppool.errors").new("config",
+          ("option '%s' does not apply in nginx: set lua_ssl_trusted_certificate (and lua_ssl_verify_depth) "
+           .. "in nginx.conf instead"):format(k))
+      end
+    end
+    local ctx = { verify = not o.insecure_skip_verify, handshakes = 0 }
+    function ctx.stats() return { handshakes = ctx.handshakes } end
+    return ctx
+  end
+
+  return d
+end
+
+return M

@@ -1,0 +1,109 @@
+-- The request handlers of tests/spec/ngx_spec.lua, inside nginx (LuaJIT).
+-- /<action>?cfg=<name>&port=<smtp port>&...: each worker keeps one pool per
+-- cfg and port, as an application keeps one per account.
+local smtp = require("smtppool.ngx")
+
+local M = {}
+local pools = {}
+
+local CONFIGS = {
+  -- 4 connections across the whole nginx, DKIM-signed, plain SMTP
+  exim = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 4,
+             shared_dict = "smtppool", shared_key = "exim" .. a.port,
+             dkim = { domain = "x.test", selector = "sel", key = a.key } }
+  end,
+  -- shared connection and AUTH windows (XOAUTH2 on the fault server)
+  windows = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             max_messages_per_conn = 1, shared_dict = "smtppool", shared_key = "win" .. a.port,
+             auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
+             rate = { connections = { 3, 1 }, auth = { 3, 1 } } }
+  end,
+  -- a slow or dripping server: short reply timeouts
+  slow = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 1,
+             timeouts = { greeting = tonumber(a.timeout) or 30, ehlo = tonumber(a.timeout) or 30 } }
+  end,
+  -- STARTTLS with verification, AUTH PLAIN (exim: alice / s3cret)
+  tls = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "starttls", helo = "ngx.test",
+             server_name = a.name or "localhost", auth = { user = "alice", password = "s3cret" },
+             trace = a.trace and true or nil,
+             on_event = a.trace and function(ev) ngx.log(ngx.WARN, "EV ", ev.type, " ", tostring(ev.from), " ", tostring(ev.to), " ", tostring(ev.code), " ", tostring(ev.err)) end or nil }
+  end,
+  plain = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test",
+             auth = a.token and { user = "alice", token = a.token } or nil, allow_plaintext_auth = true }
+  end,
+}
+
+local function pool_for(a)
+  local id = a.cfg .. ":" .. a.port .. ":" .. (a.name or "") .. ":" .. (a.token or "")
+  local p = pools[id]
+  if not p then
+    local err
+    p, err = smtp.new(CONFIGS[a.cfg](a))
+    if not p then return nil, err end
+    pools[id] = p
+  end
+  return p
+end
+
+local function say_outcome(res, err)
+  if res then
+    ngx.say("sent ", res.code, " rejected ", #res.rejected, " ", res.rejected[1] and res.rejected[1].code or "")
+  else
+    ngx.say("failed ", err.kind, " ", tostring(err))
+  end
+end
+
+function M.handle()
+  local a = ngx.req.get_uri_args()
+  a.port = tonumber(a.port) or 0
+  local action = ngx.var.uri:sub(2)
+  if action == "modules" then
+    -- every module loads under LuaJIT, and composition works there
+    local names = { "smtppool", "smtppool.message", "smtppool.template", "smtppool.csv", "smtppool.rate",
+                    "smtppool.retry", "smtppool.campaign", "smtppool.ngx", "smtppool.errors",
+                    "smtppool.options", "smtppool.prepare", "smtppool.policy", "smtppool.scheduler",
+                    "smtppool.driver.native", "smtppool.driver.ngx", "smtppool.presets", "smtppool.relays",
+                    "smtppool.limits", "smtppool.shdict" }
+    for _, n in ipairs(names) do require(n) end
+    local msg = require("smtppool.message")
+    local tpl = require("smtppool.template")
+    local subject = assert(tpl.compile("Hi {{name}}")):render({ name = "Zoë" })
+    local data, env = msg.compose({ from = "A <a@x.test>", to = "b@y.test", subject = subject,
+      text = "caf959", html = "<p>x</p>", date = 0 })
+    ngx.say("loaded ", #names, " ", data and "composed" or tostring(env), " ",
+      data and data:match("Date: ([^\r]+)") or "", " ", data and data:match("Subject: ([^\r]+)") or "")
+    return
+  end
+  local p, err = pool_for(a)
+  if not p then
+    ngx.say("config ", tostring(err))
+    return
+  end
+  if action == "send" then
+    say_outcome(p:send{ from = "a@x.test", to = { a.to or "b@y.test" }, subject = a.subject or "from nginx",
+                        text = ".dot line\nbody " .. (a.n or "") .. "\n" })
+  elseif action == "raw" then
+    say_outcome(p:send_raw{ from = "a@x.test", to = { a.to or "b@y.test", "reject-me@y.test" },
+                            data = "Subject: from nginx\r\n\r\n.dot line\r\nbody\r\n" })
+  elseif action == "enqueue" then
+    local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
+    ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))
+  elseif action == "verify" then
+    local r, verr = p:verify()
+    ngx.say(r and ("verified tls=" .. tostring(r.tls) .. " auth=" .. tostring(r.auth)) or
+      ("failed " .. verr.kind .. " " .. tostring(verr)))
+  elseif action == "stats" then
+    local s = p:stats()
+    ngx.say("opened ", s.opened, " open_total ", tostring(s.open_total), " sent ", s.sent)
+  else
+    ngx.status = 404
+    ngx.say("no such action")
+  end
+end
+
+return M
