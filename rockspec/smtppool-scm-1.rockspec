@@ -42,6 +42,9 @@ build = {
       ["smtppool.driver.native"] = "lua/smtppool/driver/native.lua",
       ["smtppool.presets"] = "lua/smtppool/presets.lua",
       ["smtppool.relays"] = "lua/smtppool/relays.lua",
+      ["smtppool.limits"] = "lua/smtppool/limits.lua",
+      ["smtppool.shdict"] = "lua/smtppool/shdict.lua",
+      ["smtppool.driver.ngx"] = "lua/smtppool/driver/ngx.lua",
       ["smtppool.core"] = {
          sources = {
             "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",

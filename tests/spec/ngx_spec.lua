@@ -1,70 +1,251 @@
--- The OpenResty driver inside nginx (libnginx-mod-http-lua, LuaJIT): the
--- same C protocol machine with cosockets carrying the bytes.
+-- The pool inside nginx (libnginx-mod-http-lua, LuaJIT): smtppool.ngx's
+-- per-worker agent over cosockets, limits shared by the workers through a
+-- lua_shared_dict. nginx, exim and the fault servers are real processes;
+-- the handlers are tests/support/ngx_app.lua.
 local peers = require("peers")
 
 local ROOT = peers.sh("pwd"):gsub("%s+$", "")
 
-describe("the OpenResty driver", function()
-  local dir, port, exim
+-- Starts nginx with n workers; returns {dir, port, get, stop, log}.
+local function start_nginx(workers)
+  local dir = peers.tmpdir()
+  local port = peers.free_port()
+  local conf = peers.read_file("tests/support/nginx.conf.in"):gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
+    :gsub("@ROOT@", ROOT):gsub("@WORKERS@", tostring(workers)):gsub("@CA@", peers.certs().ca)
+  peers.write_file(dir .. "/nginx.conf", conf)
+  assert(os.execute(("env -u LD_PRELOAD nginx -p %s -c %s -e %s"):format(dir, dir .. "/nginx.conf",
+    dir .. "/error.log")), "nginx did not start")
+  peers.wait_for(function() return peers.read_file(dir .. "/nginx.pid") end, 10, "nginx")
+  local n = {}
+  n.dir, n.port = dir, port
+  function n.url(path) return ("http://127.0.0.1:%d/%s"):format(port, path) end
+  function n.get(path, max)
+    return peers.sh(("env -u LD_PRELOAD curl -s --max-time %d %s"):format(max or 30, peers.quote(n.url(path))))
+  end
+  -- Many requests at once (curl --parallel); returns the bodies' lines.
+  function n.parallel(paths, max)
+    local cfg = dir .. "/urls.txt"
+    local lines = {}
+    for _, p in ipairs(paths) do lines[#lines + 1] = ('url = "%s"\noutput = "/dev/stdout"'):format(n.url(p)) end
+    peers.write_file(cfg, table.concat(lines, "\n") .. "\n")
+    local out = peers.sh(("env -u LD_PRELOAD curl -s --parallel --parallel-immediate --parallel-max %d "
+      .. "--max-time %d -K %s 2>/dev/null"):format(#paths, max or 60, peers.quote(cfg)))
+    local res = {}
+    for l in out:gmatch("[^\n]+") do res[#res + 1] = l end
+    return res
+  end
+  function n.log() return peers.read_file(dir .. "/error.log") or "" end
+  function n.pid() return (peers.read_file(dir .. "/nginx.pid") or ""):match("%d+") end
+  function n.stop(signal)
+    local pid = n.pid()
+    if pid then os.execute("kill -" .. (signal or "TERM") .. " " .. pid) end
+    peers.wait_for(function() return not peers.read_file(dir .. "/nginx.pid") end, 30, "nginx to stop")
+  end
+  function n.cleanup()
+    if n.pid() then n.stop() end
+    os.execute("rm -rf " .. peers.quote(dir))
+  end
+  return n
+end
+
+local function count(lines, pattern)
+  local k = 0
+  for _, l in ipairs(lines) do
+    if l:find(pattern) then k = k + 1 end
+  end
+  return k
+end
+
+-- The largest number of events (times, sorted) inside any window of `per` seconds.
+local function max_in_window(times, per)
+  table.sort(times)
+  local best, j = 0, 1
+  for i = 1, #times do
+    while times[i] - times[j] >= per do j = j + 1 end
+    best = math.max(best, i - j + 1)
+  end
+  return best
+end
+
+describe("the pool inside nginx, 4 workers", function()
+  local ngx, exim, keydir
   setup(function()
-    exim = peers.exim({})
-    dir = peers.tmpdir()
-    port = peers.free_port()
-    local conf = peers.read_file("tests/support/nginx.conf.in"):gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
-      :gsub("@ROOT@", ROOT)
-    peers.write_file(dir .. "/nginx.conf", conf)
-    assert(os.execute(("env -u LD_PRELOAD nginx -p %s -c %s -e %s"):format(dir, dir .. "/nginx.conf", dir .. "/error.log")),
-      "nginx did not start")
-    peers.wait_for(function() return peers.read_file(dir .. "/nginx.pid") end, 10, "nginx")
+    exim = peers.exim({ max_per_conn = 5 })
+    ngx = start_nginx(4)
+    keydir = peers.tmpdir()
+    assert(os.execute("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out " .. keydir
+      .. "/k.pem 2>/dev/null && openssl pkey -in " .. keydir .. "/k.pem -pubout -out " .. keydir
+      .. "/k.pub 2>/dev/null && chmod 644 " .. keydir .. "/k.pem"))
   end)
   teardown(function()
-    local pid = (peers.read_file(dir .. "/nginx.pid") or ""):match("%d+")
-    if pid then os.execute("kill " .. pid) end
-    peers.wait_for(function() return not peers.read_file(dir .. "/nginx.pid") end, 10, "nginx to stop")
-    os.execute("rm -rf " .. peers.quote(dir))
+    ngx.cleanup()
+    exim:stop()
+    os.execute("rm -rf " .. peers.quote(keydir))
+  end)
+
+  it("sends 400 concurrent requests' messages, each once, over few shared connections", function()
+    -- the sockets open at once, counted in front of exim (exim's own count
+    -- lags: it drops a session when the daemon reaps its process)
+    local proxy = peers.proxy(exim.port)
+    finally(function() proxy:stop() end)
+    local paths = {}
+    for i = 1, 400 do
+      paths[i] = ("send?cfg=exim&port=%d&key=%s&to=u%d@y.test&n=%d"):format(proxy.port, keydir .. "/k.pem", i, i)
+    end
+    local out = ngx.parallel(paths, 120)
+    assert.equal(400, #out)
+    assert.equal(400, count(out, "^sent 250"), table.concat(out, "\n"):sub(1, 2000))
+    exim:wait_deliveries(400, 60)
+    -- each recipient exactly once
+    for i = 1, 400 do
+      local n = #exim:log_lines("=> %S+ <u" .. i .. "@y%.test>")
+      if n ~= 1 then error(("u%d@y.test delivered %d times"):format(i, n)) end
+    end
+    -- never more than max_conns (4, across the 4 workers) open at once
+    local most, conns = 0, 0
+    for _, e in ipairs(proxy:select("open")) do
+      conns = conns + 1
+      most = math.max(most, e.open)
+    end
+    assert.is_true(most <= 4, most .. " connections open at once")
+    assert.equal(conns, #exim:log_lines("SMTP connection from %[127%.0%.0%.1%]"))
+    -- reuse across requests: at most 5 a session, so at least 80; far fewer than 400
+    assert.is_true(conns >= 80 and conns <= 150, conns .. " connections for 400 messages")
+    -- the signatures verify (dkimpy), for a sample
+    local checked = 0
+    for _, m in ipairs(exim:messages()) do
+      if checked < 5 and m:find("DKIM-Signature", 1, true) then
+        local f = keydir .. "/m" .. checked .. ".eml"
+        peers.write_file(f, m)
+        assert.equal("ok", peers.sh(("/usr/bin/python3 tests/support/dkim_verify.py %s %s"):format(f,
+          keydir .. "/k.pub")):gsub("%s+$", ""))
+        checked = checked + 1
+      end
+    end
+    assert.equal(5, checked)
+    assert.equal("", ngx.log():match("%[error%][^\n]*") or "")
+  end)
+
+  it("holds shared connection and AUTH windows across the workers", function()
+    local f = peers.fault({ xoauth2_tokens = { "good" } })
+    finally(function() f:stop() end)
+    local paths = {}
+    for i = 1, 18 do paths[i] = ("send?cfg=windows&port=%d&to=w%d@y.test"):format(f.port, i) end
+    local out = ngx.parallel(paths, 60)
+    assert.equal(18, count(out, "^sent 250"), table.concat(out, "\n"))
+    local connects, auths = {}, {}
+    local open, most = 0, 0
+    for _, e in ipairs(f:events()) do
+      if e.ev == "connect" then
+        connects[#connects + 1] = e.t
+        open = open + 1
+        most = math.max(most, open)
+      elseif e.ev == "close" then
+        open = open - 1
+      elseif e.ev == "auth" then
+        auths[#auths + 1] = e.t
+      end
+    end
+    assert.equal(18, #connects) -- max_messages_per_conn = 1: one connection per message
+    assert.equal(18, #auths)
+    -- {3, 1}: never more than 3 in any second (less a hair for the server's own scheduling)
+    assert.is_true(max_in_window(connects, 0.95) <= 3, "connections window exceeded")
+    assert.is_true(max_in_window(auths, 0.95) <= 3, "auth window exceeded")
+    assert.is_true(most <= 2, most .. " connections open at once (max_conns 2)")
+  end)
+end)
+
+describe("the pool inside nginx, 1 worker", function()
+  local ngx, exim
+  setup(function()
+    exim = peers.exim({})
+    ngx = start_nginx(1)
+  end)
+  teardown(function()
+    ngx.cleanup()
     exim:stop()
   end)
 
-  local function get(query, path)
-    return peers.sh(("env -u LD_PRELOAD curl -s --max-time 20 'http://127.0.0.1:%d/%s?%s'"):format(port,
-      path or "send", query))
-  end
-
-  it("authenticates with XOAUTH2, and a refused token is an auth error", function()
-    local f = peers.fault({ xoauth2_tokens = { "good" } })
-    local ok_out = get("port=" .. f.port .. "&token=good", "auth")
-    local bad_out = get("port=" .. f.port .. "&token=bad-secret", "auth")
-    local msgs = #f:select("message")
-    f:stop()
-    assert.matches("^sent 250", ok_out)
-    assert.matches("^failed auth error in auth: 535", bad_out)
-    assert.is_nil(bad_out:find("bad-secret", 1, true))
-    assert.equal(1, msgs)
+  it("loads every module under LuaJIT and composes a message there", function()
+    assert.matches("^loaded 19 composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?",
+      ngx.get("modules"))
   end)
 
-  it("sends through exim from a request handler, per-recipient results included", function()
-    local out = get("to=ngx@y.test&port=" .. exim.port)
-    assert.matches("^sent 250 rejected 1 550", out)
-    exim:wait_deliveries(1)
-    assert.equal(1, #exim:log_lines("=> %S+ <ngx@y%.test>"))
+  it("sends through exim, per-recipient results included, and reuses the connection", function()
+    assert.matches("^sent 250 rejected 1 550", ngx.get("raw?cfg=plain&to=ngx1@y.test&port=" .. exim.port))
+    assert.matches("^sent 250 rejected 1 550", ngx.get("raw?cfg=plain&to=ngx2@y.test&port=" .. exim.port))
+    assert.matches("^opened 1 ", ngx.get("stats?cfg=plain&port=" .. exim.port))
+    exim:wait_deliveries(2)
     local found
     for _, m in ipairs(exim:messages()) do
       if m:find("Subject: from nginx", 1, true) then found = m end
     end
-    assert.truthy(found)
-    assert.truthy(found:find("\n.dot line\nbody\n", 1, true))
-    assert.equal("", (peers.read_file(dir .. "/error.log") or ""):match("%[error%][^\n]*") or "")
+    assert.truthy(found and found:find("\n.dot line\nbody\n", 1, true))
   end)
 
-  it("loads every module under LuaJIT and composes a message there", function()
-    local out = get("", "modules")
-    assert.matches("^loaded 16 composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?", out)
+  it("does STARTTLS with verification and AUTH; a wrong name fails with kind tls", function()
+    assert.matches("^verified tls=true auth=", ngx.get("verify?cfg=tls&port=" .. exim.port))
+    assert.matches("^sent 250", ngx.get("send?cfg=tls&to=tls@y.test&port=" .. exim.port))
+    assert.matches("^failed tls .*wrong%.test", ngx.get("send?cfg=tls&name=wrong.test&port=" .. exim.port))
   end)
 
-  it("reports a 421 as a connection error value", function()
-    local f = peers.fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "421 4.7.0 bye" } } })
-    local out = get("port=" .. f.port)
-    f:stop()
-    assert.matches("^failed connection error in mail: 421 4%.7%.0 bye", out)
+  it("authenticates with XOAUTH2; a refused token is an auth error that names no secret", function()
+    local f = peers.fault({ xoauth2_tokens = { "good" } })
+    finally(function() f:stop() end)
+    assert.matches("^sent 250", ngx.get("raw?cfg=plain&token=good&port=" .. f.port))
+    local bad = ngx.get("raw?cfg=plain&token=bad-secret&port=" .. f.port)
+    assert.matches("^failed auth auth error in auth: 535", bad)
+    assert.is_nil(bad:find("bad-secret", 1, true))
+    assert.equal(1, #f:select("message"))
+  end)
+
+  it("moves a message off a connection that got 421 and sends it on a fresh one", function()
+    local f = peers.fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "421 4.7.0 bye", close = true } } })
+    finally(function() f:stop() end)
+    assert.matches("^sent 250", ngx.get("raw?cfg=plain&port=" .. f.port))
+    assert.equal(2, #f:select("connect"))
+    assert.equal(1, #f:select("message"))
+  end)
+
+  it("never blocks the worker while the SMTP server stalls", function()
+    local f = peers.fault({ rules = { { on = "greeting", ["do"] = "stall", seconds = 3, times = -1 } } })
+    finally(function() f:stop() end)
+    local bg = ngx.dir .. "/bg.out"
+    os.execute(("env -u LD_PRELOAD curl -s --max-time 20 %s >%s 2>&1 &"):format(
+      peers.quote(ngx.url("raw?cfg=plain&port=" .. f.port)), peers.quote(bg)))
+    peers.wait_for(function() return #f:select("connect") > 0 end, 5, "the SMTP connection")
+    local worst = 0
+    for _ = 1, 5 do
+      local t = tonumber(peers.sh(("env -u LD_PRELOAD curl -s -o /dev/null -w '%%{time_total}' --max-time 5 %s")
+        :format(peers.quote(ngx.url("ping")))))
+      worst = math.max(worst, t)
+    end
+    assert.is_true(worst < 0.05, "a plain location took " .. worst .. " s")
+    peers.wait_for(function() return (peers.read_file(bg) or ""):find("sent") end, 15, "the stalled send")
+  end)
+
+  it("keeps the protocol right over one-byte replies and a slow reader (short reads and writes)", function()
+    local h = peers.hostile({ drip = { phase = "all", interval = 0.002 }, slow_read = { lines = 8, delay = 0.002 } })
+    finally(function() h:stop() end)
+    local out = ngx.get("big?cfg=plain&port=" .. h.port, 60)
+    assert.matches("^sent 250", out)
+    local f = ngx.dir .. "/big.eml"
+    peers.write_file(f, require("ngx_data").big())
+    local m = h:select("message")
+    assert.equal(1, #m)
+    assert.equal(peers.sh("sha256sum " .. peers.quote(f)):match("%x+"), m[1].sha256)
+    assert.is_true(m[1].size > 1000000)
+  end)
+
+  it("gives every queued message an outcome when the worker exits", function()
+    local f = peers.fault({ rules = { { on = "DATA_END", ["do"] = "stall", seconds = 0.5, times = -1 } } })
+    finally(function() f:stop() end)
+    assert.matches("^queued 5", ngx.get("burst?cfg=queue&n=5&port=" .. f.port))
+    ngx.stop("QUIT") -- graceful: the agent keeps sending what it holds
+    local log = ngx.log()
+    local outcomes = 0
+    for _ in log:gmatch("OUTCOME sent") do outcomes = outcomes + 1 end
+    assert.equal(5, outcomes, log)
+    assert.equal(5, #f:select("message"))
   end)
 end)

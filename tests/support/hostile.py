@@ -16,8 +16,12 @@ Script keys (all optional):
     auth            mechanisms to offer: ["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]
     echo_auth       answer every AUTH exchange 535, echoing what the client
                     sent: its lines as they came, and decoded (NUL as space)
-    drip            {"phase": "greeting"|"EHLO"|"DATA_END", "interval": s}:
-                    that reply is written one byte every `interval` seconds
+    drip            {"phase": "greeting"|"EHLO"|"DATA_END"|"all", "interval": s}:
+                    that reply (every reply with "all") is written one byte
+                    every `interval` seconds
+    slow_read       {"lines": n, "delay": s}: in DATA, sleep `delay` seconds
+                    after every n lines, with a 4 KB receive buffer, so the
+                    client's writes block and come back short
     ehlo_lines      extra EHLO keyword lines (a long multi-line reply)
     rcptmax         advertise LIMITS RCPTMAX=n; RCPTs beyond n in one
                     transaction get 452 4.5.3
@@ -45,6 +49,7 @@ received), fault.
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import random
@@ -103,7 +108,7 @@ class Session:
     async def reply(self, text, phase=None):
         data = (text + "\r\n").encode("latin-1")
         drip = self.srv.s.get("drip")
-        if drip and phase == drip.get("phase"):
+        if drip and (phase == drip.get("phase") or drip.get("phase") == "all"):
             self.srv.log(ev="fault", s=self.sid, do="drip", phase=phase)
             for i in range(len(data)):
                 self.w.write(data[i:i + 1])
@@ -220,10 +225,13 @@ class Session:
         s = self.srv.s
         reset_mid = self.srv.chance("p_reset_data")
         lines = []
+        slow = s.get("slow_read")
         while True:
             l = await self.r.readline()
             if not l:
                 raise ConnectionError("eof in data")
+            if slow and len(lines) % slow.get("lines", 16) == 0:
+                await asyncio.sleep(slow.get("delay", 0.001))
             if reset_mid:
                 self.srv.log(ev="fault", s=self.sid, do="reset_data")
                 self.reset()
@@ -240,7 +248,8 @@ class Session:
             headers.setdefault(name.strip().lower(), value.strip())
         mid = headers.get("x-test-id") or headers.get("message-id")
         self.tx += 1
-        rec = dict(ev="message", s=self.sid, tx=self.tx, id=mid, rcpt=list(self.rcpts), mail=self.mail)
+        rec = dict(ev="message", s=self.sid, tx=self.tx, id=mid, rcpt=list(self.rcpts), mail=self.mail,
+                   size=len(text), sha256=hashlib.sha256(text.encode("latin-1")).hexdigest())
         mail_ok = self.mail is not None
         self.reset_tx()
         if self.srv.chance("p_drop_dot"):
@@ -311,7 +320,12 @@ async def main():
     if not isinstance(script, dict):
         script = {}
     srv = Server(script, a.log)
-    server = await asyncio.start_server(srv.handle, "127.0.0.1", a.port, limit=1 << 20, reuse_address=True)
+    slow = "slow_read" in script
+    server = await asyncio.start_server(srv.handle, "127.0.0.1", a.port, limit=4096 if slow else 1 << 20,
+                                        reuse_address=True)
+    if slow:  # a small window: the client's writes fill it and block
+        for sk in server.sockets:
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()

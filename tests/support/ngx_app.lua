@@ -20,17 +20,19 @@ local CONFIGS = {
              auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
              rate = { connections = { 3, 1 }, auth = { 3, 1 } } }
   end,
-  -- a slow or dripping server: short reply timeouts
-  slow = function(a)
-    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 1,
-             timeouts = { greeting = tonumber(a.timeout) or 30, ehlo = tonumber(a.timeout) or 30 } }
-  end,
   -- STARTTLS with verification, AUTH PLAIN (exim: alice / s3cret)
   tls = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "starttls", helo = "ngx.test",
              server_name = a.name or "localhost", auth = { user = "alice", password = "s3cret" },
              trace = a.trace and true or nil,
              on_event = a.trace and function(ev) ngx.log(ngx.WARN, "EV ", ev.type, " ", tostring(ev.from), " ", tostring(ev.to), " ", tostring(ev.code), " ", tostring(ev.err)) end or nil }
+  end,
+  -- fire and forget, each outcome logged
+  queue = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 1,
+             on_result = function(_, res, err)
+               ngx.log(ngx.WARN, "OUTCOME ", res and "sent" or ("failed " .. err.kind .. " " .. tostring(err)))
+             end }
   end,
   plain = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test",
@@ -90,6 +92,17 @@ function M.handle()
   elseif action == "raw" then
     say_outcome(p:send_raw{ from = "a@x.test", to = { a.to or "b@y.test", "reject-me@y.test" },
                             data = "Subject: from nginx\r\n\r\n.dot line\r\nbody\r\n" })
+  elseif action == "big" then
+    -- about 1 MB, dot-stuffed lines included: short writes and reads on the way
+    say_outcome(p:send_raw{ from = "a@x.test", to = "big@y.test", data = require("ngx_data").big() })
+  elseif action == "burst" then
+    local n, queued = tonumber(a.n) or 1, 0
+    for i = 1, n do
+      if p:enqueue{ from = "a@x.test", to = "q" .. i .. "@y.test", subject = "queued " .. i, text = "q" } then
+        queued = queued + 1
+      end
+    end
+    ngx.say("queued ", queued)
   elseif action == "enqueue" then
     local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
     ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))

@@ -231,12 +231,13 @@ local Fault = {}
 Fault.__index = Fault
 
 -- Starts one of the Python test servers with a script; it prints its port.
-local function start_server(file, script, port)
+local function start_server(file, script, port, args)
   local dir = M.tmpdir()
   local sfile = dir .. "/script.json"
   M.write_file(sfile, json.encode(script or {}))
-  local cmd = ("%s %s --script %s --log %s%s >%s 2>%s & echo $!"):format(PY, q(HERE .. "/" .. file),
-    q(sfile), q(dir .. "/events.jsonl"), port and (" --port " .. port) or "", q(dir .. "/port"), q(dir .. "/stderr"))
+  local cmd = ("%s %s --script %s --log %s%s%s >%s 2>%s & echo $!"):format(PY, q(HERE .. "/" .. file),
+    q(sfile), q(dir .. "/events.jsonl"), port and (" --port " .. port) or "", args or "", q(dir .. "/port"),
+    q(dir .. "/stderr"))
   local pid = tonumber(sh(cmd):match("%d+"))
   local ok, port = pcall(M.wait_for, function()
     local s = M.read_file(dir .. "/port") or ""
@@ -257,6 +258,13 @@ function M.fault(script) return start_server("faultserver.py", script) end
 --- Starts a hostile server (see hostile.py): drips, echoed credentials,
 -- seeded chaos. The same interface as the fault server's.
 function M.hostile(script, port) return start_server("hostile.py", script, port) end
+
+--- Starts a TCP proxy to 127.0.0.1:target_port (see tcpproxy.py): it
+-- counts the sockets open at once (events "open"/"close" with `open`) and
+-- delays each chunk by `delay` seconds each way when given.
+function M.proxy(target_port, delay)
+  return start_server("tcpproxy.py", nil, nil, (" --target 127.0.0.1:%d --delay %g"):format(target_port, delay or 0))
+end
 
 --- The server's event log as a list of tables.
 function Fault:events()
