@@ -1,7 +1,9 @@
 --- Error values: one constructor for every layer.
 --
 -- An error is a table with `kind` (`transient`, `permanent`, `connection`,
--- `ambiguous`, `protocol`, `tls`, `auth`, `invalid`, `config`), `text`, and
+-- `ambiguous`, `protocol`, `tls`, `auth`, `invalid`, `config`, `cancelled`
+-- (never sent: a stopped run, an exiting nginx worker), `busy` (nginx: the
+-- agent's queue is full)), `text`, and
 -- when known `phase`, `code`, `enhanced`, `attempts`, `recipients`; it prints
 -- as one line with `tostring`. The C core makes its errors with the same
 -- metatable, so `is_error` holds for both.

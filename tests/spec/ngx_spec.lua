@@ -249,3 +249,44 @@ describe("the pool inside nginx, 1 worker", function()
     assert.equal(5, #f:select("message"))
   end)
 end)
+
+describe("the OpenResty example (examples/nginx)", function()
+  it("runs as shipped: a form that waits, a queued notification, metrics", function()
+    local exim = peers.exim({})
+    local dir = peers.tmpdir()
+    finally(function()
+      local pid = (peers.read_file(dir .. "/logs/nginx.pid") or ""):match("%d+")
+      if pid then
+        os.execute("kill " .. pid)
+        peers.wait_for(function() return not peers.read_file(dir .. "/logs/nginx.pid") end, 10, "nginx to stop")
+      end
+      os.execute("rm -rf " .. peers.quote(dir))
+      exim:stop()
+    end)
+    os.execute("mkdir -p " .. peers.quote(dir .. "/logs") .. " && cp examples/nginx/mail.lua " .. peers.quote(dir))
+    local port = peers.free_port()
+    -- the shipped file, pointed at this tree, a free port and the test CA
+    local conf = peers.read_file("examples/nginx/nginx.conf")
+      :gsub('lua_package_path "%$prefix/%?%.lua;;";', ('lua_package_path "$prefix/?.lua;%s/lua/?.lua;%s/lua/?/init.lua;;";'
+        .. '\n  lua_package_cpath "%s/build/luajit/?.so;;";'):format(ROOT, ROOT, ROOT))
+      :gsub("listen 127%.0%.0%.1:8080;", "listen 127.0.0.1:" .. port .. ";")
+      :gsub("lua_ssl_trusted_certificate [^;]+;", "lua_ssl_trusted_certificate " .. peers.certs().ca .. ";")
+    assert.truthy(conf:find(ROOT, 1, true) and conf:find(tostring(port), 1, true))
+    peers.write_file(dir .. "/nginx.conf", conf)
+    assert(os.execute(("env -u LD_PRELOAD SMTP_HOST=127.0.0.1 SMTP_PORT=%d SMTP_TLS=none MAIL_TO=team@y.test "
+      .. "nginx -p %s -c nginx.conf -e logs/error.log"):format(exim.port, peers.quote(dir))))
+    peers.wait_for(function() return peers.read_file(dir .. "/logs/nginx.pid") end, 10, "nginx")
+    local function curl(args)
+      return peers.sh(("env -u LD_PRELOAD curl -s --max-time 20 %s"):format(args))
+    end
+    local base = "http://127.0.0.1:" .. port
+    assert.matches("^sent %(250%)", curl("-d 'from=visitor@y.test&text=hello' " .. base .. "/contact"))
+    assert.matches("^not sent: invalid", curl("--data-urlencode 'from=x@y.test\r\nBcc: evil@y.test' "
+      .. base .. "/contact"))
+    assert.matches("^queued", curl("-d 'to=someone@y.test' " .. base .. "/notify"))
+    exim:wait_deliveries(2)
+    assert.equal(1, #exim:log_lines("=> %S+ <team@y%.test>"))
+    assert.equal(1, #exim:log_lines("=> %S+ <someone@y%.test>"))
+    assert.matches("smtppool_messages_sent_total{worker=\"%d\"}", curl(base .. "/metrics"))
+  end)
+end)

@@ -87,3 +87,75 @@ describe("the protocol machine from Lua", function()
     assert.is_nil(core.base64_decode("!!"))
   end)
 end)
+
+-- The transaction methods a driver written in Lua uses (the OpenResty
+-- driver): the session feeds the body itself, and only bytes the driver says
+-- were written count as sent, so a write that fails before the final dot has
+-- fully left is a connection error (retried), never ambiguous.
+describe("the socketless session's transaction methods", function()
+  local function to_body(s, data)
+    assert.is_true(s:send("a@x.test", { "b@y.test" }, data))
+    local cmds = s:pending()
+    assert.equal("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n", cmds)
+    s:written(#cmds)
+    s:feed("250 ok\r\n250 ok\r\n354 go\r\n")
+    return s:drain(7) -- the body is fed on the way; no event yet
+  end
+
+  local function kinds(entry)
+    local out = {}
+    for i = 1, #(entry or {}), 2 do
+      local p = entry[i + 1]
+      local kind = type(p) == "table" and (p.kind or p.err and p.err.kind)
+      out[#out + 1] = entry[i] .. (kind and (":" .. kind) or "")
+    end
+    return table.concat(out, " ")
+  end
+
+  it("keeps output queued until it is written, and the dot-stuffed body follows the 354", function()
+    local s = ready_session()
+    assert.is_nil(to_body(s, { "Subject: x\r\n\r\n", ".dot\r\nend\r\n" }))
+    assert.equal("Subject: x\r\n\r\n..dot\r\nend\r\n.\r\n", s:pending())
+    assert.equal("Subject: x\r\n\r\n..dot\r\nend\r\n.\r\n", s:pending()) -- still there
+    s:written(12)
+    assert.equal("\r\n..dot\r\nend\r\n.\r\n", s:pending())
+    assert.has_error(function() s:written(1000) end)
+  end)
+
+  it("calls a write that failed before the dot left a connection error", function()
+    local s = ready_session()
+    to_body(s, "Subject: x\r\n\r\nbody\r\n")
+    local out = s:pending()
+    s:written(#out - 1) -- the last byte of ".\r\n" never left
+    s:abort("write: broken pipe")
+    local e = s:drain(7)
+    assert.equal(7, e.conn)
+    -- the transaction's outcome, then the session's end
+    assert.equal("tx:connection error:connection", kinds(e))
+    assert.matches("write: broken pipe", tostring(e[2].err))
+  end)
+
+  it("calls a connection lost after the whole dot left ambiguous", function()
+    local s = ready_session()
+    to_body(s, "Subject: x\r\n\r\nbody\r\n")
+    s:written(#s:pending())
+    s:abort("read: connection reset")
+    assert.equal("tx:ambiguous error:connection", kinds(s:drain()))
+  end)
+
+  it("reports the outcome as a wait entry, and a refused connect in phase connect", function()
+    local s = ready_session()
+    to_body(s, "Subject: x\r\n\r\nbody\r\n")
+    s:written(#s:pending())
+    s:feed("250 queued\r\n")
+    local e = s:drain(2)
+    assert.equal("tx", e[1])
+    assert.equal(250, e[2].code)
+    local c = core.session{ helo = "client.test" }
+    c:abort("connect to 127.0.0.1:1: connection refused", "connect")
+    local ce = c:drain()
+    assert.equal("connection", ce[2].kind)
+    assert.equal("connect", ce[2].phase)
+    assert.has_error(function() c:abort("x", "nowhere") end)
+  end)
+end)

@@ -1,0 +1,77 @@
+--- The handlers of examples/nginx/nginx.conf: a contact form that waits for
+-- its outcome, a notification that is queued (fire and forget), and the
+-- pool's metrics for Prometheus.
+local smtp = require("smtppool.ngx")
+
+local M = {}
+local pool
+
+local function env(name, default)
+  local v = os.getenv(name)
+  if v == nil or v == "" then return default end
+  return v
+end
+
+--- Runs in every worker (init_worker_by_lua): one pool per worker.
+function M.init()
+  local user = env("SMTP_USER")
+  local err
+  pool, err = smtp.new{
+    host = env("SMTP_HOST", "127.0.0.1"),
+    port = tonumber(env("SMTP_PORT", "25")),
+    tls = env("SMTP_TLS", "starttls"),
+    auth = user and { user = user, password = env("SMTP_PASSWORD", "") } or nil,
+    shared_dict = "smtppool", -- limits below hold across every worker
+    max_conns = 4,             -- sockets open across the whole nginx
+    max_messages_per_conn = 5, -- rotate before the provider's per-session cap
+    rate = { connections_per_min = 300, auth_per_min = 120 },
+    queue_size = 500,
+    -- queued messages' outcomes (runs in the agent: keep it short)
+    on_result = function(msg, res, e)
+      if not res then ngx.log(ngx.WARN, "notification to ", tostring(msg.to), " failed: ", tostring(e)) end
+    end,
+  }
+  if not pool then ngx.log(ngx.ERR, "smtppool: ", tostring(err)) end
+end
+
+local function form()
+  ngx.req.read_body()
+  return ngx.req.get_post_args() or {}
+end
+
+--- POST from=...&text=...: sends, waits for the outcome, answers 202 or 502.
+function M.contact()
+  local a = form()
+  local res, err = pool:send{
+    from = "Contact form <form@example.org>",
+    reply_to = a.from,                   -- checked: CR/LF or a bad address is an invalid outcome
+    to = env("MAIL_TO", "team@example.org"),
+    subject = "Contact form",
+    text = a.text or "",
+  }
+  if res then
+    ngx.status = 202
+    ngx.say("sent (", res.code, ")")
+  else
+    ngx.status = err.kind == "invalid" and 400 or 502
+    ngx.say("not sent: ", err.kind) -- the details are for the log, not the visitor
+    ngx.log(ngx.WARN, "contact form: ", tostring(err))
+  end
+end
+
+--- POST to=...: queues a notification and answers at once.
+function M.notify()
+  local a = form()
+  local ok, err = pool:enqueue{ from = "noreply@example.org", to = a.to or "", subject = "Notification",
+                                text = "Something happened." }
+  ngx.status = ok and 202 or (err.kind == "busy" and 503 or 400)
+  ngx.say(ok and "queued" or ("not queued: " .. err.kind))
+end
+
+--- The pool's counters (this worker's) in the Prometheus text format.
+function M.metrics()
+  ngx.header.content_type = "text/plain; version=0.0.4"
+  ngx.print(pool:metrics("smtppool_", { worker = ngx.worker.id() }))
+end
+
+return M
