@@ -98,6 +98,12 @@ function M.new(opts)
   }, P)
 end
 
+--- Several relays with failover, as `smtppool.relays` (each entry the
+-- options of this module's `new` plus a `name`): a relay that cannot be
+-- reached, fails TLS or refuses the login is skipped for `down_for` seconds;
+-- outcomes name their relay.
+function M.relays(list, opts) return require("smtppool.relays").new(list, opts, M.new) end
+
 -- ===== the agent =====
 
 function P:_len() return self.tail - self.head + 1 end

@@ -37,7 +37,9 @@ M.relay_failure = relay_failure
 -- @tparam table list an array of relays, each the options of `smtppool.new`
 --   plus `name` (default `"relay<i>"`), or `{ name = ..., pool = an existing pool }`
 -- @tparam[opt] table opts `down_for` (seconds a relay that failed is
---   skipped, default 60), `new` (the pool constructor, default `smtppool.new`)
+--   skipped, default 60)
+-- @tparam[opt] function new the pool constructor (default `smtppool.new`;
+--   `smtppool.ngx.new` in nginx)
 -- @treturn[1] table the group
 -- @return[2] nil
 -- @treturn[2] table a `config` error naming the relay

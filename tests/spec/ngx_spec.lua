@@ -189,6 +189,19 @@ describe("the pool inside nginx, 1 worker", function()
     assert.matches("^failed tls .*wrong%.test", ngx.get("send?cfg=tls&name=wrong.test&port=" .. exim.port))
   end)
 
+  it("offers the last TLS session to the next connection (resumption across rotations)", function()
+    for i = 1, 3 do
+      assert.matches("^sent 250", ngx.get(("send?cfg=tls&rotate=1&to=r%d@y.test&port=%d"):format(i, exim.port)))
+    end
+    exim:wait_deliveries(3)
+    -- exim marks a resumed session's cipher with "*" (log_selector +tls_resumption)
+    local resumed = 0
+    for _, l in ipairs(exim:log_lines("<= .* for r%d@y%.test")) do
+      if l:match(" X=%S+%*") then resumed = resumed + 1 end
+    end
+    assert.is_true(resumed >= 2, resumed .. " of 3 sessions resumed")
+  end)
+
   it("authenticates with XOAUTH2; a refused token is an auth error that names no secret", function()
     local f = peers.fault({ xoauth2_tokens = { "good" } })
     finally(function() f:stop() end)
@@ -197,6 +210,10 @@ describe("the pool inside nginx, 1 worker", function()
     assert.matches("^failed auth auth error in auth: 535", bad)
     assert.is_nil(bad:find("bad-secret", 1, true))
     assert.equal(1, #f:select("message"))
+  end)
+
+  it("fails over to the next relay when one cannot be reached", function()
+    assert.matches("^sent 250 via live", ngx.get("send?cfg=relays&to=relay@y.test&port=" .. exim.port))
   end)
 
   it("moves a message off a connection that got 421 and sends it on a fresh one", function()

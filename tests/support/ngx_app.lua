@@ -20,9 +20,10 @@ local CONFIGS = {
              auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
              rate = { connections = { 3, 1 }, auth = { 3, 1 } } }
   end,
-  -- STARTTLS with verification, AUTH PLAIN (exim: alice / s3cret)
+  -- STARTTLS with verification, AUTH PLAIN (exim: alice / s3cret); rotate=1: a connection per message
   tls = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "starttls", helo = "ngx.test",
+             max_messages_per_conn = tonumber(a.rotate),
              server_name = a.name or "localhost", auth = { user = "alice", password = "s3cret" },
              trace = a.trace and true or nil,
              on_event = a.trace and function(ev) ngx.log(ngx.WARN, "EV ", ev.type, " ", tostring(ev.from), " ", tostring(ev.to), " ", tostring(ev.code), " ", tostring(ev.err)) end or nil }
@@ -41,7 +42,15 @@ local CONFIGS = {
 }
 
 local function pool_for(a)
-  local id = a.cfg .. ":" .. a.port .. ":" .. (a.name or "") .. ":" .. (a.token or "")
+  if a.cfg == "relays" then
+    -- the first relay refuses connections; the second is the server under test
+    local id = "relays:" .. a.port
+    pools[id] = pools[id] or assert(smtp.relays({
+      { name = "dead", host = "127.0.0.1", port = 1, tls = "none", helo = "ngx.test" },
+      { name = "live", host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test" } }))
+    return pools[id]
+  end
+  local id = a.cfg .. ":" .. a.port .. ":" .. (a.name or "") .. ":" .. (a.token or "") .. ":" .. (a.rotate or "")
   local p = pools[id]
   if not p then
     local err
@@ -54,10 +63,11 @@ end
 
 local function say_outcome(res, err)
   if res then
-    ngx.say("sent ", res.code, " rejected ", #res.rejected, " ", res.rejected[1] and res.rejected[1].code or "")
-  else
-    ngx.say("failed ", err.kind, " ", tostring(err))
+    ngx.say("sent ", res.code, res.relay and (" via " .. res.relay) or "", " rejected ", #res.rejected, " ",
+      res.rejected[1] and res.rejected[1].code or "")
+    return
   end
+  ngx.say("failed ", err.kind, " ", tostring(err))
 end
 
 function M.handle()
