@@ -342,4 +342,12 @@ void sp_lua_open_conn(lua_State *L)
     sp_l_new_type(L, CONN_MT, sp_l_session_common, conn_methods, c_close);
     sp_l_new_type(L, TLS_MT, NULL, tls_methods, tls_gc);
     luaL_setfuncs(L, funcs, 0);
+    /* core.default_timeouts: phase name -> seconds (RFC 5321 4.5.3.2), for
+     * drivers written in Lua, so there is one table of them */
+    lua_createtable(L, 0, SP_PHASE_COUNT);
+    for (int p = SP_PHASE_CONNECT; p < SP_PHASE_COUNT; p++) {
+        lua_pushnumber(L, sp_default_timeout((sp_phase)p));
+        lua_setfield(L, -2, sp_phase_name((sp_phase)p));
+    }
+    lua_setfield(L, -2, "default_timeouts");
 }

@@ -254,12 +254,32 @@ describe("the pool inside nginx, 1 worker", function()
     assert.is_true(m[1].size > 1000000)
   end)
 
+  it("times a dripping greeting whole: one byte every 0.2 s cannot hold a connection past its timeout", function()
+    local h = peers.hostile({ drip = { phase = "greeting", interval = 0.2 } })
+    finally(function() h:stop() end)
+    local t0 = os.time()
+    local out = peers.sh(("env -u LD_PRELOAD curl -s -w ' %%{time_total}' --max-time 20 %s"):format(
+      peers.quote(ngx.url("raw?cfg=drip&port=" .. h.port))))
+    assert.matches("^failed connection connection error in greeting: timed out", out)
+    local took = tonumber(out:match(" ([%d.]+)$"))
+    assert.is_true(took >= 0.9 and took < 2.5, "took " .. took .. " s")
+    assert.is_true(os.time() - t0 < 10)
+  end)
+
+  it("refuses a message with kind busy when the queue is full, nothing lost", function()
+    local f = peers.fault({ rules = { { on = "greeting", ["do"] = "stall", seconds = 1, times = 1 } } })
+    finally(function() f:stop() end)
+    assert.matches("^queued 2 busy 3", ngx.get("burst?cfg=queue&qs=2&n=5&port=" .. f.port))
+    peers.wait_for(function() return #f:select("message") == 2 end, 10, "the two queued messages")
+  end)
+
   it("gives every queued message an outcome when the worker exits", function()
     local f = peers.fault({ rules = { { on = "DATA_END", ["do"] = "stall", seconds = 0.5, times = -1 } } })
     finally(function() f:stop() end)
-    assert.matches("^queued 5", ngx.get("burst?cfg=queue&n=5&port=" .. f.port))
+    local before = #ngx.log()
+    assert.matches("^queued 5 busy 0", ngx.get("burst?cfg=queue&n=5&port=" .. f.port))
     ngx.stop("QUIT") -- graceful: the agent keeps sending what it holds
-    local log = ngx.log()
+    local log = ngx.log():sub(before + 1)
     local outcomes = 0
     for _ in log:gmatch("OUTCOME sent") do outcomes = outcomes + 1 end
     assert.equal(5, outcomes, log)

@@ -31,9 +31,15 @@ local CONFIGS = {
   -- fire and forget, each outcome logged
   queue = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 1,
+             queue_size = tonumber(a.qs),
              on_result = function(_, res, err)
                ngx.log(ngx.WARN, "OUTCOME ", res and "sent" or ("failed " .. err.kind .. " " .. tostring(err)))
              end }
+  end,
+  -- a dripping server: the greeting is timed whole, no retries
+  drip = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", timeouts = { greeting = 1 },
+             retry = function() return false end }
   end,
   plain = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test",
@@ -106,13 +112,12 @@ function M.handle()
     -- about 1 MB, dot-stuffed lines included: short writes and reads on the way
     say_outcome(p:send_raw{ from = "a@x.test", to = "big@y.test", data = require("ngx_data").big() })
   elseif action == "burst" then
-    local n, queued = tonumber(a.n) or 1, 0
+    local n, queued, busy = tonumber(a.n) or 1, 0, 0
     for i = 1, n do
-      if p:enqueue{ from = "a@x.test", to = "q" .. i .. "@y.test", subject = "queued " .. i, text = "q" } then
-        queued = queued + 1
-      end
+      local ok, qerr = p:enqueue{ from = "a@x.test", to = "q" .. i .. "@y.test", subject = "queued " .. i, text = "q" }
+      if ok then queued = queued + 1 elseif qerr.kind == "busy" then busy = busy + 1 end
     end
-    ngx.say("queued ", queued)
+    ngx.say("queued ", queued, " busy ", busy)
   elseif action == "enqueue" then
     local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
     ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))
@@ -122,7 +127,7 @@ function M.handle()
       ("failed " .. verr.kind .. " " .. tostring(verr)))
   elseif action == "stats" then
     local s = p:stats()
-    ngx.say("opened ", s.opened, " open_total ", tostring(s.open_total), " sent ", s.sent)
+    ngx.say("opened ", s.opened, " open_total ", tostring(s.open_total), " sent ", s.sent, " queued ", s.queued)
   else
     ngx.status = 404
     ngx.say("no such action")

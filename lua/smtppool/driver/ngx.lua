@@ -30,8 +30,7 @@ local ngx = ngx -- luacheck: ignore (set by nginx)
 local M = {}
 
 local READ_SLICE = 0.5 -- seconds: a reader looks at its deadline at least this often
-local DEFAULT_TIMEOUT = { greeting = 300, ehlo = 300, starttls = 300, auth = 300, mail = 300, rcpt = 300,
-                          data = 120, data_end = 600, rset = 300, noop = 300, quit = 300 }
+local DEFAULT_TIMEOUT = core.default_timeouts -- RFC 5321 4.5.3.2, the native driver's table
 local SEND_TIMEOUT = 300 -- a write that cannot progress for five minutes is a dead peer
 
 local H = {}
@@ -100,7 +99,7 @@ end
 -- The reader thread: connect, then read until the session ends.
 local function reader(self)
   local o, s, sock = self.o, self.s, self.sock
-  sock:settimeouts(ms(o.connect_timeout or 30), ms(SEND_TIMEOUT), ms(READ_SLICE))
+  sock:settimeouts(ms(o.connect_timeout or DEFAULT_TIMEOUT.connect), ms(SEND_TIMEOUT), ms(READ_SLICE))
   local ok, err = sock:connect(o.host, o.port)
   if not ok then
     s:abort(("connect to %s:%s: %s"):format(o.host, tostring(o.port), tostring(err)), "connect")
@@ -116,7 +115,7 @@ local function reader(self)
       local deadline = self:_deadline(now)
       local slice = READ_SLICE
       if deadline then slice = math.min(slice, math.max(0.001, deadline - now)) end
-      sock:settimeouts(ms(o.connect_timeout or 30), ms(SEND_TIMEOUT), ms(slice))
+      sock:settimeouts(ms(o.connect_timeout or DEFAULT_TIMEOUT.connect), ms(SEND_TIMEOUT), ms(slice))
       local data, rerr = sock:receiveany(65536)
       if self.cut then break end
       if data then
