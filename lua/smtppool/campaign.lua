@@ -125,12 +125,17 @@ end
 
 local JOURNAL_HEADER = "# smtppool journal 2 campaign="
 
--- Reads a journal: key -> last state letter, and the campaign it belongs to.
--- Version 1 journals (no header, keys "row:address") are read by address.
-local function read_journal(path)
-  local states = core.keyset()
+-- The folder a file is in ("." for a bare name).
+local function folder_of(path)
+  return path:match("^(.*)/[^/]*$") or "."
+end
+
+-- Reads a journal into states (a core.keyset: key -> last state letter);
+-- returns the campaign it belongs to. Version 1 journals (no header, keys
+-- "row:address") are read by address.
+local function read_journal(path, states)
   local f = io.open(path, "rb")
-  if not f then return states end
+  if not f then return nil end
   local name, v1
   for line in f:lines() do
     if not name and v1 == nil then
@@ -144,7 +149,7 @@ local function read_journal(path)
     end
   end
   f:close()
-  return states, name, v1
+  return name, v1
 end
 
 local function clean(s)
@@ -244,8 +249,12 @@ function Campaign:run()
   if not build then return nil, err("invalid", cerr) end
 
   local name = o.name or "campaign"
-  local states, jname, v1 = core.keyset(), nil, false
-  if o.journal then states, jname, v1 = read_journal(o.journal) end
+  -- The address index lives in a file (unlinked, next to the journal), so
+  -- memory stays flat however long the list.
+  local states, kerr = core.keyset(o.journal and folder_of(o.journal) or nil)
+  if not states then return nil, err("config", o.journal and ("journal " .. o.journal .. ": " .. kerr) or kerr) end
+  local jname, v1 = nil, false
+  if o.journal then jname, v1 = read_journal(o.journal, states) end
   if jname and jname ~= name then
     return nil, err("config", ("journal %s belongs to campaign '%s', not '%s'"):format(o.journal, jname, name))
   end
@@ -259,9 +268,9 @@ function Campaign:run()
       if not ok then return nil, err("config", e) end
     end
   end
-  -- states: key -> the journal's last letter (a core.keyset: about 23 bytes
-  -- an address); upper case as read from an earlier run, lower case once
-  -- this run has met the key.
+  -- states: key -> the journal's last letter (a core.keyset: 16 bytes an
+  -- address, in a file); upper case as read from an earlier run, lower case
+  -- once this run has met the key.
   local function record(state, key, info, sync, e)
     states:set(key, state:lower())
     if o.on_failure and (state == "F" or state == "T" or state == "A") then
@@ -474,6 +483,7 @@ function Campaign:run()
     journal:close()
   end
   if not ok then
+    states:close()
     if type(e) == "table" and e.kind then return nil, e end
     error(e, 0)
   end
@@ -481,6 +491,7 @@ function Campaign:run()
   -- failures and ambiguities a scripted caller must not miss.
   local function n(st) return states:count(st) + states:count(st:lower()) end
   report.failed_total, report.retryable, report.ambiguous_total = n("F") + n("T"), n("T"), n("A")
+  states:close()
   report.elapsed = core.now() - t0
   report.rate = report.elapsed > 0 and (report.sent / report.elapsed) or 0
   progress(true)

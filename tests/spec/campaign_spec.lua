@@ -135,3 +135,37 @@ describe("campaigns against exim with a per-session cap of 5", function()
     assert.equal(0, #exim:log_lines("<= "))
   end)
 end)
+
+-- The campaign's address index: a file the process never holds in memory.
+describe("the address index (core.keyset)", function()
+  local core = require("smtppool.core")
+
+  it("keeps one state per key across growth, counts by state, and leaves no file behind", function()
+    local dir = peers.tmpdir()
+    finally(function() os.execute("rm -rf " .. peers.quote(dir)) end)
+    local ks = assert(core.keyset(dir))
+    assert.equal("", peers.sh("ls -A " .. peers.quote(dir))) -- unlinked at once
+    for i = 1, 20000 do ks:set("user" .. i .. "@example.net", "P") end -- grows 4096 -> 32768 slots
+    for i = 1, 20000, 2 do ks:set("user" .. i .. "@example.net", "s") end
+    assert.equal(20000, ks:count())
+    assert.equal(10000, ks:count("P"))
+    assert.equal(10000, ks:count("s"))
+    for i = 1, 20000 do
+      local want = i % 2 == 1 and "s" or "P"
+      if ks:get("user" .. i .. "@example.net") ~= want then error("wrong state for key " .. i) end
+    end
+    assert.is_nil(ks:get("nobody@example.net"))
+    assert.has_error(function() ks:set("x", "") end)
+    assert.has_error(function() ks:set("x", "\0") end)
+    ks:close()
+    ks:close()
+    assert.has_error(function() ks:get("x") end)
+    assert.equal("", peers.sh("ls -A " .. peers.quote(dir)))
+  end)
+
+  it("says why when its folder cannot hold it", function()
+    local ks, err = core.keyset("/nonexistent/folder")
+    assert.is_nil(ks)
+    assert.matches("cannot make the address index in /nonexistent/folder", err)
+  end)
+end)
