@@ -216,6 +216,17 @@ describe("the pool inside nginx, 1 worker", function()
     assert.matches("^sent 250 via live", ngx.get("send?cfg=relays&to=relay@y.test&port=" .. exim.port))
   end)
 
+  it("shares a learned session cap between pools of one account", function()
+    local f = peers.fault({ max_tx_per_session = 3, cap_close = true })
+    finally(function() f:stop() end)
+    for i = 1, 15 do
+      assert.matches("^sent 250", ngx.get(("raw?cfg=capA&to=c%d@y.test&port=%d"):format(i, f.port)))
+    end
+    assert.matches("learned_cap 3", ngx.get("stats?cfg=capA&port=" .. f.port))
+    -- the other pool never sent a message, and knows the cap from the shared dict
+    assert.matches("^opened 0 .* learned_cap 3", ngx.get("stats?cfg=capB&port=" .. f.port))
+  end)
+
   it("moves a message off a connection that got 421 and sends it on a fresh one", function()
     local f = peers.fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "421 4.7.0 bye", close = true } } })
     finally(function() f:stop() end)

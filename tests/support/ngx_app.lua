@@ -28,6 +28,15 @@ local CONFIGS = {
              trace = a.trace and true or nil,
              on_event = a.trace and function(ev) ngx.log(ngx.WARN, "EV ", ev.type, " ", tostring(ev.from), " ", tostring(ev.to), " ", tostring(ev.code), " ", tostring(ev.err)) end or nil }
   end,
+  -- two pools of one account (same shared_key): what one learns, the other knows
+  capA = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", shared_dict = "smtppool",
+             shared_key = "cap" .. a.port }
+  end,
+  capB = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", shared_dict = "smtppool",
+             shared_key = "cap" .. a.port }
+  end,
   -- fire and forget, each outcome logged
   queue = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 1,
@@ -127,7 +136,8 @@ function M.handle()
       ("failed " .. verr.kind .. " " .. tostring(verr)))
   elseif action == "stats" then
     local s = p:stats()
-    ngx.say("opened ", s.opened, " open_total ", tostring(s.open_total), " sent ", s.sent, " queued ", s.queued)
+    ngx.say("opened ", s.opened, " open_total ", tostring(s.open_total), " sent ", s.sent, " queued ", s.queued,
+      " learned_cap ", tostring(s.learned_cap))
   else
     ngx.status = 404
     ngx.say("no such action")
