@@ -436,7 +436,9 @@ function Pool:stats()
   s.open, s.idle, s.in_use = #self.conns, 0, 0
   for _, rec in ipairs(self.conns) do
     if rec.state == "idle" then s.idle = s.idle + 1
-    elseif rec.state == "busy" or rec.state == "settling" then s.in_use = s.in_use + 1 end
+    elseif rec.state == "busy" or rec.state == "pipelining" or rec.state == "settling" then
+      s.in_use = s.in_use + 1
+    end
   end
   s.learned_cap = self:_learned_cap()
   return s

@@ -13,7 +13,10 @@
 -- Connection record states:
 --   connecting  opened, greeting/EHLO not done yet (rec.job may be bound to it)
 --   idle        ready for a transaction
---   busy        a transaction in flight (rec.job)
+--   busy        a transaction in flight (rec.job; rec.prev: an earlier one
+--               whose final dot's reply is still awaited, RFC 2920)
+--   pipelining  busy, and its final dot is queued: the next transaction may
+--               start now, before that dot's reply (the server offers PIPELINING)
 --   settling    transaction reported, READY not yet back (RSET in flight)
 --   checking    NOOP health check in flight
 --   quitting    QUIT sent
@@ -179,7 +182,7 @@ function S:_after_failure(run, job, err, rec, t)
   -- A stopping run neither retries nor moves: the attempt's outcome stands.
   local d = run.stopping and { action = "final", attempts = job.attempts + 1, err = err,
                                ambiguous = err.kind == "ambiguous" or nil }
-    or policy.after_failure(job, err, rec and rec.txs, t, self.retry)
+    or policy.after_failure(job, err, rec and job.seq, t, self.retry)
   if d.action == "move" then
     job.free_moves = job.free_moves + 1
     self.counters.moved = self.counters.moved + 1
@@ -222,16 +225,17 @@ function S:_start(run, rec, job, t)
   local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line, last)
   if not ok then
     -- Refused before a byte was sent (bad address, size over the server's
-    -- limit...): final, and the connection stays good.
-    rec.state = "idle"
+    -- limit...): final, and the connection stays as it was.
     self:_finish(run, job, nil, err)
     return
   end
+  if rec.state == "pipelining" then rec.prev = rec.job end -- right behind the previous final dot
   rec.state = "busy"
   rec.job = job
   rec.txs = rec.txs + 1
+  job.seq = rec.txs -- its place in the session, for the exhaustion rules
+  job.last = last or nil
   rec.last_used = t
-  rec.last = last or nil
 end
 
 -- ===== events =====
@@ -254,11 +258,19 @@ function S:_dispatch(run, rec, entry, t)
         rec.last_used = t
       end
       if rec.retire then self:_quit(rec, "exhausted") end
+    elseif ev == "next" then
+      if rec.state == "busy" then rec.state = "pipelining" end
     elseif ev == "tx" then
-      local job = rec.job
-      rec.job = nil
-      rec.state = "settling"
-      if rec.last then
+      -- Outcomes come in order: the older transaction first.
+      local job = rec.prev
+      if job then
+        rec.prev = nil -- the connection carries on with rec.job
+      else
+        job = rec.job
+        rec.job = nil
+        rec.state = "settling"
+      end
+      if job and job.last then
         -- QUIT left with the dot: the session ends after this reply.
         rec.state = "quitting"
         self.counters.rotated = self.counters.rotated + 1
@@ -271,8 +283,8 @@ function S:_dispatch(run, rec, entry, t)
           rec.sent = rec.sent + 1
           self:_finish(run, job, res)
         else
-          if policy.exhausted(rec.txs, err) then
-            local learned = self.learner:observe(rec.txs - 1, t)
+          if policy.exhausted(job.seq, err) then
+            local learned = self.learner:observe(job.seq - 1, t)
             if learned then
               self.limits:publish_cap(learned, self.cfg.cap_recover_after)
               self:_emit({ type = "learn_cap", cap = learned })
@@ -366,7 +378,7 @@ function S:_stop(run, level, t)
   end
   if level == "now" or t - run.stopping >= self.cfg.close_timeout then
     for _, rec in ipairs(self.conns) do
-      if rec.job and not rec.cut then
+      if (rec.job or rec.prev) and not rec.cut then
         rec.cut = true
         rec.c:abort("the run was stopped")
       end
@@ -451,12 +463,14 @@ function S:_run(next_msg, on_result, opts)
         end
       end
       for _, rec in ipairs(self.conns) do
-        local job = rec.job
-        if job and job.deadline then
-          if t >= job.deadline then
-            rec.c:abort(("message_timeout (%gs) reached"):format(cfg.message_timeout))
-          else
-            wake_at(job.deadline)
+        for _, job in ipairs({ rec.prev or false, rec.job or false }) do
+          if job and job.deadline and not rec.cut then
+            if t >= job.deadline then
+              rec.cut = true
+              rec.c:abort(("message_timeout (%gs) reached"):format(cfg.message_timeout))
+            else
+              wake_at(job.deadline)
+            end
           end
         end
       end
@@ -501,6 +515,16 @@ function S:_run(next_msg, on_result, opts)
           table.insert(run.queue, 1, job)
         else
           self:_start(run, rec, job, t)
+        end
+      end
+      if rec.state == "pipelining" and #run.queue > 0 and not run.stopping then
+        -- The final dot is queued and its reply not in yet: the next
+        -- transaction leaves right behind it (one round trip per message),
+        -- unless the session is due to rotate.
+        local cap = self:_cap(rec)
+        if not (cap and rec.txs >= cap) and not (cfg.max_conn_lifetime and t - rec.born >= cfg.max_conn_lifetime)
+          and not held("messages", self.limits:take(MESSAGE, t)) then
+          self:_start(run, rec, table.remove(run.queue, 1), t)
         end
       end
       if rec.state == "idle" then

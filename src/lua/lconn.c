@@ -245,7 +245,12 @@ static int c_abort(lua_State *L)
 
 static sp_event conn_next(void *ud) { return sp_conn_next_event(((lconn *)ud)->c); }
 
-static void conn_tx_done(lua_State *L, void *ud) { release_body(L, ud); }
+static void conn_tx_done(lua_State *L, void *ud)
+{
+    lconn *lc = ud;
+    if (!sp_session_tx_open(sp_conn_session(lc->c))) /* a pipelined next transaction keeps its body */
+        release_body(L, lc);
+}
 
 /* core.wait(conns, timeout): moves bytes until a connection has an event or
  * timeout seconds pass; returns {{conn = i, name, payload, name, payload...}...}

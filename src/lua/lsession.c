@@ -117,7 +117,9 @@ void sp_l_push_tx(lua_State *L, const sp_tx *t)
 /* The outcome of the last transaction as a table. */
 static int s_tx(lua_State *L)
 {
-    sp_l_push_tx(L, sp_session_tx(sp_l_check_session(L, 1)));
+    sp_session *s = sp_l_check_session(L, 1);
+    sp_l_push_tx(L, sp_session_tx(s));
+    sp_session_tx_done(s); /* taken: the next call sees the next one */
     return 1;
 }
 
@@ -474,7 +476,12 @@ static sp_event ls_next(void *ud)
     }
 }
 
-static void ls_tx_done(lua_State *L, void *ud) { ls_release_body(L, ud); }
+static void ls_tx_done(lua_State *L, void *ud)
+{
+    lsession *ls = ud;
+    if (!sp_session_tx_open(ls->s)) /* a pipelined next transaction keeps its body */
+        ls_release_body(L, ls);
+}
 
 /* s:drain(index): the events so far as one wait entry ({conn = index, name,
  * payload...}, "tls" included: the driver does the handshake and calls
@@ -552,6 +559,7 @@ int sp_l_push_entry(lua_State *L, sp_session *s, int trace, lua_Integer index, s
         if (e == SP_EV_TX_DONE) {
             on_tx_done(L, ud);
             sp_l_push_tx(L, sp_session_tx(s));
+            sp_session_tx_done(s);
         } else if (e == SP_EV_ERROR) {
             sp_l_push_error(L, sp_session_error(s));
         } else {

@@ -34,6 +34,7 @@ struct sp_conn {
     sp_session *s;
     sp_body_src *body;
     sp_dot_hook dot_hook; /* for the transaction in flight; cleared when it ends */
+    int hold; /* a final dot waits for the caller to pipeline the next transaction behind it */
     void *dot_ud;
     sp_event evq[CONN_EVQ];
     size_t ev_head, ev_len;
@@ -262,7 +263,8 @@ static void pump(sp_conn *c)
             start_handshake(c, sp_now());
             continue;
         }
-        if (e == SP_EV_TX_DONE) {
+        if (e == SP_EV_TX_DONE && !sp_session_tx_open(c->s)) {
+            /* no transaction in progress (a pipelined next one keeps its own) */
             sp_body_src_free(c->body);
             c->body = NULL;
             c->dot_hook = NULL; /* the transaction is over: its hook must not fire for the next */
@@ -276,6 +278,8 @@ static void pump(sp_conn *c)
         }
         if (e == SP_EV_ERROR || e == SP_EV_CLOSED)
             close_fd(c);
+        if (e == SP_EV_NEXT)
+            c->hold = 1;
         push(c, e);
     }
 }
@@ -358,6 +362,12 @@ static int flush_out(sp_conn *c, double now)
 {
     for (;;) {
         fill_body(c);
+        /* A final dot just queued (SP_EV_NEXT) waits for the caller, who
+         * may start the next transaction: dot, MAIL, RCPT and DATA then
+         * leave in one write. The next sp_conn_wait sends it either way. */
+        pump(c);
+        if (c->hold)
+            return 0;
         const sp_buf *o = sp_session_output(c->s);
         size_t n = sp_buf_pending(o);
         if (n == 0 || c->state != C_OPEN)
@@ -525,6 +535,8 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
     map = malloc((n ? n : 1) * sizeof *map);
     if (!map)
         goto out;
+    for (size_t i = 0; i < n; i++)
+        conns[i]->hold = 0; /* the caller has had its chance to pipeline behind a dot */
     for (;;) {
         double now = sp_now();
         int ready = 0;

@@ -33,13 +33,14 @@ typedef struct awaited {
 } awaited;
 
 #define EVQ 16
+#define DONE_MAX 4
 #define SP_REDACT_MAX 8
 #define SP_TRACE_MAX 32
 
 static const char *const state_names[] = {"greeting", "ehlo",   "helo", "ready",  "tx",     "body",
                                           "data_end", "rset",   "noop", "quit",   "closed", "dead",
                                           "starttls", "tls",    "auth"};
-static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls"};
+static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls", "next"};
 
 const char *sp_state_name(sp_state st)
 {
@@ -64,6 +65,14 @@ struct sp_session {
     sp_error err;
     sp_tx tx;
     int tx_active;
+    /* RFC 2920: the next transaction may start once this one's final dot is
+     * queued; the one awaiting its final reply is then `prev`. */
+    sp_tx prev;
+    int prev_active;
+    unsigned long long prev_dot_mark;
+    /* finished transactions whose outcome the driver has not taken yet */
+    sp_tx done[DONE_MAX];
+    size_t done_head, done_len;
     int quit_after; /* QUIT follows this transaction's final dot */
     int pipelining;
     sp_dotstuff ds;
@@ -355,6 +364,25 @@ static void tx_clear(sp_tx *t)
     memset(t, 0, sizeof *t);
 }
 
+/* A transaction has its outcome: it moves to the done queue (where
+ * sp_session_tx finds it until sp_session_tx_done) and TX_DONE is queued. */
+static void tx_done(sp_session *s, sp_tx *t)
+{
+    t->done = 1;
+    if (s->done_len == DONE_MAX) { /* a driver that never takes them: the oldest goes */
+        tx_clear(&s->done[s->done_head]);
+        s->done_head = (s->done_head + 1) % DONE_MAX;
+        s->done_len--;
+    }
+    s->done[(s->done_head + s->done_len++) % DONE_MAX] = *t;
+    memset(t, 0, sizeof *t);
+    if (t == &s->tx)
+        s->tx_active = 0;
+    else
+        s->prev_active = 0;
+    push_event(s, SP_EV_TX_DONE);
+}
+
 void sp_session_free(sp_session *s)
 {
     if (!s)
@@ -363,6 +391,9 @@ void sp_session_free(sp_session *s)
     sp_buf_free(&s->out);
     sp_reply_clear(&s->greeting);
     tx_clear(&s->tx);
+    tx_clear(&s->prev);
+    for (size_t i = 0; i < DONE_MAX; i++)
+        tx_clear(&s->done[i]);
     free(s->aw);
     if (s->auth_user) {
         OPENSSL_cleanse(s->auth_user, strlen(s->auth_user));
@@ -388,16 +419,19 @@ static void die(sp_session *s, const sp_error *err)
     if (s->state == SP_ST_DEAD || s->state == SP_ST_CLOSED)
         return;
     s->err = *err;
-    if (s->tx_active && !s->tx.done) {
-        s->tx.err = *err;
-        /* Lost after the final dot left and before its reply: the server may
-         * have taken the message. Only an explicit reply can settle that. */
-        if (s->tx.dot_written && err->code == 0 && s->aw_len > 0 &&
-            s->aw[s->aw_head].c == CMD_DATA_END)
-            s->tx.err.kind = SP_KIND_AMBIGUOUS;
-        s->tx.done = 1;
-        s->tx.ok = 0;
-        push_event(s, SP_EV_TX_DONE);
+    /* The older transaction first (its final reply was awaited first). Lost
+     * after its final dot left and before its reply, the server may have
+     * taken the message: only an explicit reply can settle that. */
+    sp_tx *order[2] = {s->prev_active ? &s->prev : NULL, s->tx_active && !s->tx.done ? &s->tx : NULL};
+    for (int i = 0; i < 2; i++) {
+        sp_tx *t = order[i];
+        if (!t)
+            continue;
+        t->err = *err;
+        if (t->dot_written && err->code == 0 && s->aw_len > 0 && s->aw[s->aw_head].c == CMD_DATA_END)
+            t->err.kind = SP_KIND_AMBIGUOUS;
+        t->ok = 0;
+        tx_done(s, t);
     }
     set_state(s, SP_ST_DEAD);
     s->aw_len = 0;
@@ -458,9 +492,8 @@ static int finish_failed_tx(sp_session *s)
 {
     if (tx_replies_pending(s))
         return 0;
-    s->tx.done = 1;
     s->tx.ok = 0;
-    push_event(s, SP_EV_TX_DONE);
+    tx_done(s, &s->tx);
     set_state(s, SP_ST_RSET);
     if (queue_cmd(s, "RSET", CMD_RSET, 0) < 0)
         return -1;
@@ -773,14 +806,26 @@ static int on_reply(sp_session *s, sp_reply *r)
     case CMD_DATA_DISCARD:
         return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
     case CMD_DATA_END:
+        if (s->prev_active) {
+            /* The reply to a dot the next transaction was pipelined behind:
+             * that one carries on; no RSET (the reply ended this one). */
+            move_reply(&s->prev.final, r);
+            if (cls == 2) {
+                s->prev.ok = 1;
+                s->tx_count++;
+            } else {
+                set_tx_err_reply(&s->prev, ph, &s->prev.final);
+            }
+            s->prev_dot_mark = 0;
+            tx_done(s, &s->prev);
+            return 0;
+        }
         move_reply(&s->tx.final, r);
         if (cls == 2) {
             s->tx.ok = 1;
-            s->tx.done = 1;
             s->tx_count++;
-            push_event(s, SP_EV_TX_DONE);
+            tx_done(s, &s->tx);
             if (s->quit_after) { /* QUIT left with the dot: its 221 comes next */
-                s->tx_active = 0;
                 set_state(s, SP_ST_QUIT);
                 return 0;
             }
@@ -790,10 +835,8 @@ static int on_reply(sp_session *s, sp_reply *r)
         }
         set_tx_err_reply(&s->tx, ph, &s->tx.final);
         if (s->quit_after) { /* no RSET: the session is ending */
-            s->tx.done = 1;
             s->tx.ok = 0;
-            s->tx_active = 0;
-            push_event(s, SP_EV_TX_DONE);
+            tx_done(s, &s->tx);
             set_state(s, SP_ST_QUIT);
             return 0;
         }
@@ -918,6 +961,8 @@ void sp_session_consume(sp_session *s, size_t n)
 {
     sp_buf_consume(&s->out, n);
     s->written += n;
+    if (s->prev_active && s->prev_dot_mark && s->written >= s->prev_dot_mark)
+        s->prev.dot_written = 1;
     if (s->dot_mark && s->written >= s->dot_mark && s->tx_active)
         s->tx.dot_written = 1;
 }
@@ -932,11 +977,21 @@ static int not_ready(sp_session *s, sp_error *err, const char *what)
 int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
 {
     sp_error_clear(err);
-    if (s->state != SP_ST_READY)
+    /* RFC 2920: with PIPELINING the next MAIL may follow a final dot
+     * before its reply (one transaction awaits its reply at a time). */
+    int next = s->state == SP_ST_DATA_END && s->pipelining && s->tx_active && !s->prev_active && !s->quit_after;
+    if (s->state != SP_ST_READY && !next)
         return not_ready(s, err, "start a transaction");
     int utf8 = 0;
     if (sp_envelope_check(o, &s->caps, s->tls_active, &utf8, err) < 0)
         return -1;
+    if (next) {
+        s->prev = s->tx;
+        memset(&s->tx, 0, sizeof s->tx);
+        s->prev_active = 1;
+        s->prev_dot_mark = s->dot_mark;
+        s->dot_mark = 0;
+    }
 
     tx_clear(&s->tx);
     sp_tx *t = &s->tx;
@@ -1021,6 +1076,8 @@ int sp_session_body_end(sp_session *s, sp_error *err)
         return -1;
     }
     set_state(s, SP_ST_DATA_END);
+    if (s->pipelining && !s->quit_after)
+        push_event(s, SP_EV_NEXT); /* the next transaction may follow the dot now */
     return 0;
 }
 
@@ -1087,7 +1144,21 @@ sp_phase sp_session_phase(const sp_session *s)
 }
 
 const sp_caps *sp_session_caps(const sp_session *s) { return &s->caps; }
-const sp_tx *sp_session_tx(const sp_session *s) { return &s->tx; }
+const sp_tx *sp_session_tx(const sp_session *s)
+{
+    return s->done_len ? &s->done[s->done_head] : &s->tx;
+}
+
+void sp_session_tx_done(sp_session *s)
+{
+    if (!s->done_len)
+        return;
+    tx_clear(&s->done[s->done_head]);
+    s->done_head = (s->done_head + 1) % DONE_MAX;
+    s->done_len--;
+}
+
+int sp_session_tx_open(const sp_session *s) { return s->tx_active; }
 const sp_error *sp_session_error(const sp_session *s) { return &s->err; }
 unsigned sp_session_tx_count(const sp_session *s) { return s->tx_count; }
 

@@ -31,9 +31,11 @@ typedef enum sp_event {
     SP_EV_TX_DONE, /* the transaction has its outcome (sp_session_tx) */
     SP_EV_ERROR,   /* the session is dead (sp_session_error): close, never reuse */
     SP_EV_CLOSED,  /* QUIT was answered or the server closed after QUIT */
-    SP_EV_TLS      /* STARTTLS accepted: handshake, then sp_session_tls_done */
+    SP_EV_TLS,     /* STARTTLS accepted: handshake, then sp_session_tls_done */
+    SP_EV_NEXT     /* PIPELINING: the final dot is queued; the next transaction may
+                      start now, before that dot's reply (RFC 2920) */
 } sp_event;
-/* "ready", "body", "tx", "error", "closed", "tls" ("none" for SP_EV_NONE). */
+/* "ready", "body", "tx", "error", "closed", "tls", "next" ("none" for SP_EV_NONE). */
 const char *sp_event_name(sp_event e);
 
 typedef enum sp_state {
@@ -145,6 +147,9 @@ sp_event sp_session_next_event(sp_session *s);
 
 /* Commands. Each returns 0, or -1 with *err set (kind invalid when the
  * request is malformed or impossible on this server, nothing sent). */
+/* A transaction starts when the session is ready, or, when the server
+ * offers PIPELINING, right after SP_EV_NEXT (the previous one's final dot
+ * is queued and its reply still awaited: one round trip per message). */
 int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err);
 int sp_session_body(sp_session *s, const char *p, size_t n, sp_error *err);
 int sp_session_body_end(sp_session *s, sp_error *err);
@@ -165,7 +170,14 @@ sp_state sp_session_state(const sp_session *s);
  * SP_PHASE_NONE when idle. Drivers pick their timeout from it. */
 sp_phase sp_session_phase(const sp_session *s);
 const sp_caps *sp_session_caps(const sp_session *s);
+/* The outcome of the oldest finished transaction not yet taken (one per
+ * SP_EV_TX_DONE, in order; with pipelining two can finish in one read), or
+ * the transaction in progress when none is waiting. sp_session_tx_done
+ * takes it; sp_session_tx_open says whether a transaction is in progress
+ * (a driver keeps that one's body source). */
 const sp_tx *sp_session_tx(const sp_session *s);
+void sp_session_tx_done(sp_session *s);
+int sp_session_tx_open(const sp_session *s);
 const sp_error *sp_session_error(const sp_session *s);
 /* Complete replies read so far: drivers time each reply from the last
  * write or the last complete reply, never from the last byte read. */

@@ -122,11 +122,97 @@ static void pipelined_group(void **state)
     EXPECT(s, SP_EV_BODY);
     sp_session_body(s, "hi", 2, &e);
     sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT); /* the next transaction could follow the dot now */
     assert_string_equal(take(s), "hi\r\n.\r\n");
     feed(s, "250 ok\r\n");
     EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
     assert_true(sp_session_tx(s)->ok);
     sp_session_free(s);
+}
+
+/* RFC 2920: the next transaction's MAIL, RCPT and DATA leave right behind
+ * the final dot, before its reply; the outcomes come in order. */
+static void next_transaction_pipelined(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    const char *rc1[] = {"b@y.test"}, *rc2[] = {"c@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc1, 1, &e);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body(s, "one", 3, &e);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_int_equal(start(s, "a@x.test", rc2, 1, &e), 0);
+    /* one write: the dot and the whole next group */
+    assert_string_equal(take(s), "one\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n");
+    assert_int_equal(sp_session_phase(s), SP_PHASE_DATA_END); /* the dot's reply is timed first */
+    /* the dot's reply, then the next group's, in one read */
+    feed(s, "250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_BODY);
+    const sp_tx *t = sp_session_tx(s);
+    assert_true(t->ok);
+    assert_string_equal(t->rcpts[0].address, "b@y.test");
+    assert_string_equal(t->final.text, "queued 1");
+    sp_session_tx_done(s);
+    assert_true(sp_session_tx_open(s));
+    sp_session_body(s, "two", 3, &e);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_string_equal(take(s), "two\r\n.\r\n");
+    feed(s, "250 queued 2\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    t = sp_session_tx(s);
+    assert_true(t->ok);
+    assert_string_equal(t->rcpts[0].address, "c@y.test");
+    sp_session_tx_done(s);
+    assert_false(sp_session_tx_open(s));
+    assert_int_equal(sp_session_tx_count(s), 2);
+    sp_session_free(s);
+}
+
+/* A refused dot ends only its own transaction (no RSET: the next one is
+ * already under way); a connection lost with both in flight makes the one
+ * whose dot left ambiguous and the other a plain connection failure. */
+static void next_transaction_failures(void **state)
+{
+    (void)state;
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    for (int lost = 0; lost < 2; lost++) {
+        sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+        start(s, "a@x.test", rc, 1, &e);
+        take(s);
+        feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+        EXPECT(s, SP_EV_BODY);
+        sp_session_body_end(s, &e);
+        EXPECT(s, SP_EV_NEXT);
+        start(s, "a@x.test", rc, 1, &e);
+        take(s); /* everything left, the dot included */
+        if (lost) {
+            sp_session_eof(s);
+            EXPECT(s, SP_EV_TX_DONE, SP_EV_TX_DONE, SP_EV_ERROR);
+            assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_AMBIGUOUS);
+            sp_session_tx_done(s);
+            assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_CONNECTION);
+            sp_session_tx_done(s);
+        } else {
+            feed(s, "554 5.7.1 refused\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+            EXPECT(s, SP_EV_TX_DONE, SP_EV_BODY);
+            assert_int_equal(sp_session_tx(s)->err.code, 554);
+            assert_int_equal(sp_session_tx(s)->err.phase, SP_PHASE_DATA_END);
+            sp_session_tx_done(s);
+            sp_session_body_end(s, &e);
+            EXPECT(s, SP_EV_NEXT);
+            assert_string_equal(take(s), ".\r\n"); /* no RSET */
+            feed(s, "250 ok\r\n");
+            EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+            assert_true(sp_session_tx(s)->ok);
+        }
+        sp_session_free(s);
+    }
 }
 
 static void pipelined_all_rejected_then_354(void **state)
@@ -243,7 +329,7 @@ static void eof_before_dot_written_is_not_ambiguous(void **state)
     sp_session_body_end(s, &e);
     /* nothing consumed: the dot never left */
     sp_session_eof(s);
-    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    EXPECT(s, SP_EV_NEXT, SP_EV_TX_DONE, SP_EV_ERROR);
     assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_CONNECTION);
     sp_session_free(s);
 }
@@ -442,6 +528,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(lockstep_transaction),
         cmocka_unit_test(pipelined_group),
+        cmocka_unit_test(next_transaction_pipelined),
+        cmocka_unit_test(next_transaction_failures),
         cmocka_unit_test(pipelined_all_rejected_then_354),
         cmocka_unit_test(helo_fallback),
         cmocka_unit_test(mail_421_kills_session),

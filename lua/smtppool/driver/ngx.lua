@@ -39,9 +39,11 @@ H.__index = H
 -- The session's events go to the handle's queue and the waiting scheduler
 -- is woken. A "tls" event is the reader's to act on (returned true).
 function H:_collect()
-  if self.s:pending() then self:_kick() end
   local entry = self.s:drain(0)
-  if not entry then return false end
+  if not entry then
+    if self.s:pending() then self:_kick() end
+    return false
+  end
   local tls = false
   local ev = self.events
   for i = 1, #entry, 2 do
@@ -54,8 +56,11 @@ function H:_collect()
       if name == "error" or name == "closed" then self.over = true end
     end
   end
+  -- The scheduler is woken before the writer: after a "next" event it
+  -- starts the next transaction first, and the writer then sends the final
+  -- dot and the next MAIL, RCPT and DATA in one write.
   if #ev > 0 then self.drv.wake() end
-  if self.s:pending() then self:_kick() end -- the events may have queued more (a body)
+  if self.s:pending() then self:_kick() end
   return tls
 end
 
