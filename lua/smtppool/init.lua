@@ -96,7 +96,14 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 -- * `helo` (string, default this machine's host name): the EHLO name, a
 --   domain or an address literal (`"[192.0.2.1]"`); anything else (a
 --   space, CR, LF) is refused.
--- * `max_conns` (default 1): connections open at once.
+-- * `max_conns` (default 1): connections carrying messages at once. A
+--   connection within `rotate_ahead` transactions of its session cap, or
+--   QUITting, does not count: its replacement opens ahead but sends nothing
+--   until the old one has left, so sockets open may briefly reach twice
+--   `max_conns` (never with `rotate_ahead = 0`; in nginx with `shared_dict`,
+--   `max_conns` bounds sockets across the workers).
+-- * `rotate_ahead` (default 2): how many transactions before a connection's
+--   session cap its replacement is opened (0: only after it has gone).
 -- * `max_messages_per_conn` (default none): transactions per connection
 --   before it is rotated (QUIT and replaced). The pool also honours the
 --   server's `LIMITS MAILMAX` and a cap it learns when the server declares

@@ -22,6 +22,7 @@ M.SCHEMA = {
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
   cap_recover_after = "number", trace = "boolean", max_recipients_per_message = "number",
+  rotate_ahead = "number",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range
@@ -116,6 +117,10 @@ function M.check(opts, extra)
     local bad = M.bad_secret(opts.auth.password or opts.auth.token)
     if bad then error("smtppool.new: auth." .. (opts.auth.password and "password" or "token") .. bad, 3) end
   end
+  if opts.rotate_ahead ~= nil and (not finite(opts.rotate_ahead) or opts.rotate_ahead < 0
+    or opts.rotate_ahead ~= math.floor(opts.rotate_ahead) or opts.rotate_ahead > 100) then
+    error("smtppool.new: option 'rotate_ahead' must be an integer from 0 to 100", 3)
+  end
   for _, k in ipairs({ "max_conns", "max_messages_per_conn", "max_recipients_per_message" }) do
     if opts[k] and (not finite(opts[k]) or opts[k] < 1 or opts[k] ~= math.floor(opts[k]) or opts[k] > 100000) then
       error(("smtppool.new: option '%s' must be an integer from 1 to 100000"):format(k), 3)
@@ -161,6 +166,7 @@ function M.resolve(opts)
     close_timeout = opts.close_timeout or 5,
     cap_recover_after = opts.cap_recover_after or 600,
     message_timeout = opts.message_timeout,
+    rotate_ahead = opts.rotate_ahead or 2,
   }
 end
 

@@ -106,6 +106,16 @@ function S:_credentials()
   return { user = a.user, secret = secret, mechanism = mech, allow_plaintext = self.opts.allow_plaintext_auth }
 end
 
+-- Connections carrying messages (or ready to): neither spares opened ahead
+-- of a rotation nor connections already QUITting.
+function S:_senders()
+  local n = 0
+  for _, rec in ipairs(self.conns) do
+    if not rec.spare and rec.state ~= "quitting" then n = n + 1 end
+  end
+  return n
+end
+
 -- The windows a new connection spends from.
 local CONNECT, CONNECT_AUTH, MESSAGE = { "connections" }, { "connections", "auth" }, { "messages" }
 
@@ -540,7 +550,8 @@ function S:_run(next_msg, on_result, opts)
         elseif #run.queue > 0 and rec.txs > 0 and t - rec.last_used >= cfg.health_check_after then
           rec.c:noop()
           rec.state = "checking"
-        elseif #run.queue > 0 then
+        elseif #run.queue > 0 and not (rec.spare and self:_senders() >= cfg.max_conns) then
+          rec.spare = nil
           if not held("messages", self.limits:take(MESSAGE, t)) then
             self:_start(run, rec, table.remove(run.queue, 1), t)
           end
@@ -548,8 +559,25 @@ function S:_run(next_msg, on_result, opts)
       end
     end
 
-    -- Open connections for messages still queued.
+    -- Open connections for messages still queued. A connection on its way
+    -- out (QUIT sent, or within rotate_ahead transactions of its session
+    -- cap) does not count against max_conns: its replacement opens ahead,
+    -- and its handshakes overlap the old one's last messages.
     local open_conns = #self.conns
+    if cfg.rotate_ahead > 0 then
+      local leaving, room = 0, 0
+      for _, rec in ipairs(self.conns) do
+        local cap = rec.state ~= "connecting" and self:_cap(rec)
+        if rec.state == "quitting" then
+          leaving = leaving + 1
+        elseif cap and cap - rec.txs <= cfg.rotate_ahead then
+          leaving = leaving + 1
+          room = room + math.max(0, cap - rec.txs)
+        end
+      end
+      -- no replacement when what is left fits in the leaving connections' last transactions
+      if not run.source_done or #run.queue > room then open_conns = open_conns - leaving end
+    end
     while #run.queue > 0 and open_conns < cfg.max_conns do
       -- A slot among max_conns (across processes with a shared backend):
       -- when others hold them all, look again shortly.
@@ -566,13 +594,18 @@ function S:_run(next_msg, on_result, opts)
         self.limits:conn_release()
         break
       end
-      local job = table.remove(run.queue, 1)
+      -- Past max_conns sockets, the replacement of a connection rotating
+      -- out is a spare: it takes no message until a sender has left, so at
+      -- most max_conns connections carry messages at once.
+      local spare = #self.conns >= cfg.max_conns
+      local job = not spare and table.remove(run.queue, 1) or nil
       local rec, err = self:_open(t, job)
       if not rec then
         self.limits:conn_release()
-        self:_after_failure(run, job, err, nil, t)
+        if job then self:_after_failure(run, job, err, nil, t) end
         break -- resolution failed: let the retry policy pace the next try
       end
+      rec.spare = spare or nil
       open_conns = open_conns + 1
     end
 

@@ -80,3 +80,64 @@ describe("pipelining the next transaction", function()
     for i = 1, 6 do assert.truthy(results["p" .. i .. "@y.test"]) end
   end)
 end)
+
+describe("rotation ahead of the cap", function()
+  -- sessions in the server's log: first and last MAIL time, connect and close time
+  local function sessions(f)
+    local by = {}
+    for _, e in ipairs(f:events()) do
+      local s = e.s and by[e.s] or {}
+      if e.s then by[e.s] = s end
+      if e.ev == "connect" then s.connect = e.t
+      elseif e.ev == "close" then s.close = e.t
+      elseif e.ev == "cmd" and e.cmd == "MAIL" then
+        s.first = s.first or e.t
+        s.last = e.t
+        s.mails = (s.mails or 0) + 1
+      end
+    end
+    local out = {}
+    for id, s in pairs(by) do s.id = id out[#out + 1] = s end
+    table.sort(out, function(a, b) return a.id < b.id end)
+    return out
+  end
+
+  local function run(opts)
+    local f = peers.fault({})
+    finally(function() f:stop() end)
+    local o = { host = "127.0.0.1", port = f.port, tls = "none", max_conns = 1, max_messages_per_conn = 5 }
+    for k, v in pairs(opts) do o[k] = v end
+    local pool = assert(smtppool.new(o))
+    local s = pool:send_batch(batch(30))
+    pool:close()
+    assert.equal(30, s.sent)
+    return sessions(f)
+  end
+
+  it("opens the replacement while the old session sends its last messages, never two sending at once", function()
+    local all = run({ rotate_ahead = 2 })
+    -- a spare opened near the end of a lazy source may never send: it is QUIT unused
+    local ss = {}
+    for _, x in ipairs(all) do
+      if x.mails then ss[#ss + 1] = x end
+    end
+    assert.equal(6, #ss)
+    assert.is_true(#all <= 7)
+    local overlapped = 0
+    for i = 2, #ss do
+      local a, b = ss[i - 1], ss[i]
+      assert.equal(5, a.mails)
+      -- max_conns = 1 sending connection: the new one's first MAIL after the old one's last
+      assert.is_true(b.first > a.last, "sessions " .. a.id .. " and " .. b.id .. " sent at once")
+      if b.connect < a.close then overlapped = overlapped + 1 end
+    end
+    assert.is_true(overlapped >= 3, overlapped .. " of 5 replacements opened ahead")
+  end)
+
+  it("with rotate_ahead = 0, never opens a second socket", function()
+    local ss = run({ rotate_ahead = 0 })
+    for i = 2, #ss do
+      assert.is_true(ss[i].connect >= ss[i - 1].close, "two sockets open at once")
+    end
+  end)
+end)

@@ -35,18 +35,38 @@ class Proxy:
             self.log.flush()
 
     async def pipe(self, reader, writer):
+        """Copies one direction. With a delay, a delay line: every chunk is
+        written `delay` seconds after it was read, reads never wait for
+        writes, so chunks in flight overlap as on a real link."""
+        loop = asyncio.get_running_loop()
+        q = asyncio.Queue()
+
+        async def deliver():
+            while True:
+                due, data = await q.get()
+                if data is None:
+                    break
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(deliver())
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                writer.write(data)
-                await writer.drain()
+                q.put_nowait((loop.time() + self.delay, data))
         except (ConnectionError, OSError):
             pass
         finally:
+            q.put_nowait((0, None))
+            try:
+                await sender
+            except (ConnectionError, OSError):
+                pass
             try:
                 writer.close()
             except Exception:

@@ -1,0 +1,52 @@
+-- `make bench` (a real link): messages per round trip through a delay proxy
+-- (tests/support/tcpproxy.py: this kernel has no netem) in front of the C
+-- sink, one connection, uncapped and rotating every 5, with Python's smtplib
+-- as the peer. The floor a client can reach is one round trip per message
+-- (MAIL, RCPT, DATA pipelined behind the previous final dot).
+-- Usage: lua5.4 bench/link.lua SINK   (LINK_RTT_MS=21, LINK_N=300)
+package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
+package.cpath = "lua/?.so;" .. package.cpath
+local smtppool = require("smtppool")
+local peers = require("peers")
+local send_loop = dofile("bench/send_loop.lua")
+
+local RTT = (tonumber(os.getenv("LINK_RTT_MS")) or 21) / 1000
+local N = tonumber(os.getenv("LINK_N")) or 300
+local SIZE = 1024
+local SINK = arg[1] or "build/sink"
+
+local dir = peers.tmpdir()
+local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
+local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
+  5, "the sink")
+local proxy = peers.proxy(port, RTT / 2)
+
+local cases = {
+  { "smtplib, 1 connection (peer)", function()
+    local out = peers.sh(("/usr/bin/python3 bench/peer_smtplib.py %d %d %d"):format(proxy.port, N, SIZE))
+    return assert(tonumber(out), "smtplib: " .. out)
+  end },
+  { "smtppool, 1 connection", function() return send_loop(smtppool, proxy.port, 1, nil, N, SIZE) end },
+  { "smtppool, 1 connection, rotate every 5", function() return send_loop(smtppool, proxy.port, 1, 5, N, SIZE) end },
+}
+local times = {}
+for _ = 1, 3 do -- interleaved rounds
+  for _, c in ipairs(cases) do
+    local t = times[c[1]] or {}
+    times[c[1]] = t
+    t[#t + 1] = c[2]()
+  end
+end
+proxy:stop()
+os.execute("kill " .. pid)
+os.execute("rm -rf " .. peers.quote(dir))
+
+print(("%d messages of ~%d bytes through a link with a %.0f ms round trip (3 interleaved rounds; median and spread)")
+  :format(N, SIZE, RTT * 1000))
+print(("%-40s %10s %16s %14s"):format("client", "msg/s", "spread msg/s", "msg per RTT"))
+for _, c in ipairs(cases) do
+  local t = times[c[1]]
+  table.sort(t)
+  local med = t[2]
+  print(("%-40s %10.1f %7.1f-%-8.1f %14.2f"):format(c[1], N / med, N / t[3], N / t[1], N / med * RTT))
+end
