@@ -412,7 +412,9 @@ function S:_run(next_msg, on_result, opts)
     source_done = false, mark = opts and opts.mark, should_stop = opts and opts.should_stop,
     poll = opts and opts.poll,
   }
-  local lookahead = cfg.max_conns * 2
+  -- messages pulled ahead: enough to keep every connection busy, and to see
+  -- whether a rotating connection's replacement will have work
+  local lookahead = cfg.max_conns * (2 + cfg.rotate_ahead)
   local waits_noted = {}
   local now = self.driver.now
   local t = now()
@@ -575,8 +577,9 @@ function S:_run(next_msg, on_result, opts)
           room = room + math.max(0, cap - rec.txs)
         end
       end
-      -- no replacement when what is left fits in the leaving connections' last transactions
-      if not run.source_done or #run.queue > room then open_conns = open_conns - leaving end
+      -- no replacement when what is queued fits in the leaving connections'
+      -- last transactions (the look-ahead queue is deep enough to tell)
+      if #run.queue > room then open_conns = open_conns - leaving end
     end
     while #run.queue > 0 and open_conns < cfg.max_conns do
       -- A slot among max_conns (across processes with a shared backend):

@@ -116,13 +116,9 @@ describe("rotation ahead of the cap", function()
 
   it("opens the replacement while the old session sends its last messages, never two sending at once", function()
     local all = run({ rotate_ahead = 2 })
-    -- a spare opened near the end of a lazy source may never send: it is QUIT unused
-    local ss = {}
-    for _, x in ipairs(all) do
-      if x.mails then ss[#ss + 1] = x end
-    end
+    -- no spare for the last session: what was left fitted in the old one
+    local ss = all
     assert.equal(6, #ss)
-    assert.is_true(#all <= 7)
     local overlapped = 0
     for i = 2, #ss do
       local a, b = ss[i - 1], ss[i]

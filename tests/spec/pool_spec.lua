@@ -314,9 +314,9 @@ describe("pool behaviour", function()
       end
       local summary = pool:send_batch(source, { on_result = function() done = done + 1 end })
       assert.equal(50, summary.sent)
-      -- at most the look-ahead queue (2 per connection) plus two in flight per connection
-      -- (one awaiting its final reply, the next pipelined right behind its dot)
-      assert.is_true(ahead <= 8, "pulled " .. ahead .. " messages ahead")
+      -- at most the look-ahead queue (2 + rotate_ahead per connection) plus two in
+      -- flight per connection (one awaiting its final reply, the next right behind its dot)
+      assert.is_true(ahead <= 12, "pulled " .. ahead .. " messages ahead")
     end)
   end)
 
@@ -352,8 +352,9 @@ describe("rate limits", function()
   it("never opens more connections than the window allows, and still completes", function()
     local f = peers.fault({})
     local waits = 0
+    -- rotate_ahead = 0: no replacement opened ahead, so exactly one connection per 2 messages
     local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 2,
-      max_messages_per_conn = 2, rate = { connections = { 3, 1 } },
+      max_messages_per_conn = 2, rate = { connections = { 3, 1 } }, rotate_ahead = 0,
       on_event = function(ev) if ev.type == "rate_wait" then waits = waits + 1 end end })
     local _, summary = batch(pool, messages(16))
     pool:close()
@@ -364,6 +365,20 @@ describe("rate limits", function()
     assert.equal(8, #times)
     assert.is_true(max_in_window(times, 1) <= 3)
     assert.is_true(waits > 0)
+  end)
+
+  it("keeps the connection window with replacements opened ahead of the cap", function()
+    local f = peers.fault({})
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 2,
+      max_messages_per_conn = 3, rate = { connections = { 3, 1 } }, rotate_ahead = 2 })
+    local _, summary = batch(pool, messages(18))
+    pool:close()
+    local times = {}
+    for _, e in ipairs(f:select("connect")) do times[#times + 1] = e.t end
+    f:stop()
+    assert.equal(18, summary.sent)
+    assert.is_true(#times >= 6 and #times <= 8, #times .. " connections for 18 messages, 3 a session")
+    assert.is_true(max_in_window(times, 1) <= 3)
   end)
 
   it("never starts more messages than messages_per_sec allows", function()

@@ -10,14 +10,133 @@ It binds 127.0.0.1 on a free port and prints "PORT <n>" once it listens.
 The log has one JSON line per client connection opened ({"ev": "open",
 "open": <connections open now, this one included>, "t": ...}) and closed
 ({"ev": "close", "open": <left open>}). A connection counts as open from its
-accept until the client's side has closed."""
+accept until the client's side has closed. The counting is done in the
+protocol callbacks the event loop calls as it reads the sockets, so a close
+and an accept seen in the same turn are counted in the order they happened
+(a close is never counted after an accept that followed it).
+
+With a delay, each direction is a delay line: a chunk is written `delay`
+seconds after it was read, and reads never wait for writes, so chunks in
+flight overlap as on a real link."""
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import signal
 import time
+
+
+class Line:
+    """One direction: writes each chunk to `transport` `delay` s after put()."""
+
+    def __init__(self, loop, delay):
+        self.loop, self.delay = loop, delay
+        self.q = collections.deque()
+        self.transport = None
+        self.pending = []  # chunks before the transport exists
+        self.eof = False
+        self.timer = None
+
+    def put(self, data):
+        if not self.delay:
+            self._write(data)
+            return
+        self.q.append((self.loop.time() + self.delay, data))
+        if self.timer is None:
+            self._arm()
+
+    def _arm(self):
+        due = self.q[0][0]
+        self.timer = self.loop.call_at(due, self._fire)
+
+    def _fire(self):
+        self.timer = None
+        now = self.loop.time()
+        while self.q and self.q[0][0] <= now:
+            self._write(self.q.popleft()[1])
+        if self.q:
+            self._arm()
+        elif self.eof:
+            self._close()
+
+    def _write(self, data):
+        if self.transport is None:
+            self.pending.append(data)
+        elif not self.transport.is_closing():
+            self.transport.write(data)
+
+    def attach(self, transport):
+        self.transport = transport
+        for d in self.pending:
+            transport.write(d)
+        self.pending = []
+        if self.eof and not self.q:
+            self._close()
+
+    def end(self):
+        self.eof = True
+        if not self.q and self.transport is not None:
+            self._close()
+
+    def _close(self):
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, client):
+        self.client = client
+
+    def data_received(self, data):
+        self.client.down.put(data)
+
+    def eof_received(self):
+        self.client.down.end()
+
+    def connection_lost(self, exc):
+        self.client.down.end()
+
+
+class Client(asyncio.Protocol):
+    def __init__(self, proxy):
+        self.p = proxy
+        loop = asyncio.get_running_loop()
+        self.up = Line(loop, proxy.delay)    # client -> server
+        self.down = Line(loop, proxy.delay)  # server -> client
+        self.closed = False
+
+    def connection_made(self, transport):
+        self.p.open += 1
+        self.p.write(ev="open", open=self.p.open)
+        self.down.attach(transport)
+        asyncio.ensure_future(self.connect())
+
+    async def connect(self):
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_connection(lambda: Upstream(self), self.p.host, self.p.port)
+        except OSError:
+            self.down.end()
+            return
+        self.up.attach(transport)
+
+    def data_received(self, data):
+        self.up.put(data)
+
+    def _gone(self):
+        if not self.closed:
+            self.closed = True
+            self.p.open -= 1
+            self.p.write(ev="close", open=self.p.open)
+        self.up.end()
+
+    def eof_received(self):
+        self._gone()
+
+    def connection_lost(self, exc):
+        self._gone()
 
 
 class Proxy:
@@ -34,61 +153,6 @@ class Proxy:
             self.log.write(json.dumps(rec) + "\n")
             self.log.flush()
 
-    async def pipe(self, reader, writer):
-        """Copies one direction. With a delay, a delay line: every chunk is
-        written `delay` seconds after it was read, reads never wait for
-        writes, so chunks in flight overlap as on a real link."""
-        loop = asyncio.get_running_loop()
-        q = asyncio.Queue()
-
-        async def deliver():
-            while True:
-                due, data = await q.get()
-                if data is None:
-                    break
-                wait = due - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-
-        sender = asyncio.ensure_future(deliver())
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                q.put_nowait((loop.time() + self.delay, data))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            q.put_nowait((0, None))
-            try:
-                await sender
-            except (ConnectionError, OSError):
-                pass
-            try:
-                writer.close()
-            except Exception:
-                pass
-
-    async def handle(self, creader, cwriter):
-        self.open += 1
-        self.write(ev="open", open=self.open)
-        try:
-            ureader, uwriter = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            cwriter.close()
-            self.open -= 1
-            self.write(ev="close", open=self.open)
-            return
-        up = asyncio.ensure_future(self.pipe(creader, uwriter))
-        down = asyncio.ensure_future(self.pipe(ureader, cwriter))
-        await up  # the client's side closed (or failed)
-        self.open -= 1
-        self.write(ev="close", open=self.open)
-        await down
-
 
 async def main():
     ap = argparse.ArgumentParser()
@@ -98,9 +162,9 @@ async def main():
     ap.add_argument("--script")  # the test servers' common arguments; unused here
     a = ap.parse_args()
     p = Proxy(a.target, a.delay, a.log)
-    server = await asyncio.start_server(p.handle, "127.0.0.1", 0)
-    print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
     loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Client(p), "127.0.0.1", 0)
+    print("PORT %d" % server.sockets[0].getsockname()[1], flush=True)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
