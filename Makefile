@@ -9,6 +9,8 @@ WARN = -Wall -Wextra -Werror
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
 LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
 LDLIBS_CRYPTO = $(shell pkg-config --libs libcrypto) $(LDLIBS)
+# the binding alone also links hiredis (its RESP reader, for shared limits in Redis)
+LDLIBS_BIND = $(shell pkg-config --libs hiredis)
 
 # The C in layers (ARCHITECTURE.md); each folder needs only the ones before it:
 #   proto  the sans-IO protocol core: replies, capabilities, codecs, session (libcrypto)
@@ -33,7 +35,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
 	lua-dkjson lua-argparse lua-markdown valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
-	nginx libnginx-mod-http-lua libluajit2-5.1-dev
+	nginx libnginx-mod-http-lua libluajit2-5.1-dev redis-server libhiredis-dev
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
@@ -44,7 +46,7 @@ LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
 all: $(MODULE)
 
 $(MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
-	$(CC) $(CFLAGS_ALL) $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
+	$(CC) $(CFLAGS_ALL) $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND)
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -54,7 +56,7 @@ LUAJIT_MODULE = $(BUILD)/luajit/smtppool/core.so
 $(LUAJIT_MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
 	mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags luajit openssl) $(CFLAGS) \
-	  $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL)
+	  $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND)
 
 # The C tests link only the layers they test: the protocol core's without
 # mail/ and net/ (and without libssl), the MIME tests without net/.
@@ -79,8 +81,8 @@ deps:
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $(DEB_PACKAGES); rc=$$?; \
 	  if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; fi
 	@# The packaged exim and nginx daemons are not needed: tests start their own.
-	@-systemctl disable --now exim4 nginx >/dev/null 2>&1 || true
-	@-service exim4 stop >/dev/null 2>&1; service nginx stop >/dev/null 2>&1; true
+	@-systemctl disable --now exim4 nginx redis-server >/dev/null 2>&1 || true
+	@-service exim4 stop >/dev/null 2>&1; service nginx stop >/dev/null 2>&1; service redis-server stop >/dev/null 2>&1; true
 
 ctest: $(CTESTS)
 
@@ -156,6 +158,10 @@ $(BUILD)/sink: bench/sink.c | $(BUILD)
 
 bench: all $(BUILD)/sink
 	@BASELINE=$(BASELINE) $(LUA) bench/run.lua $(BUILD)/sink
+	@echo
+	@$(LUA) bench/link.lua $(BUILD)/sink
+	@echo
+	@$(LUA) bench/compare.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/count.lua $(BUILD)/sink
 	@echo

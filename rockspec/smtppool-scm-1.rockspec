@@ -22,6 +22,7 @@ dependencies = {
 }
 external_dependencies = {
    OPENSSL = { header = "openssl/ssl.h" },
+   HIREDIS = { header = "hiredis/hiredis.h" },
 }
 build = {
    type = "builtin",
@@ -44,6 +45,7 @@ build = {
       ["smtppool.relays"] = "lua/smtppool/relays.lua",
       ["smtppool.limits"] = "lua/smtppool/limits.lua",
       ["smtppool.shdict"] = "lua/smtppool/shdict.lua",
+      ["smtppool.redis"] = "lua/smtppool/redis.lua",
       ["smtppool.driver.ngx"] = "lua/smtppool/driver/ngx.lua",
       ["smtppool.core"] = {
          sources = {
@@ -52,12 +54,12 @@ build = {
             "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c",
             "src/net/sp_tls.c", "src/net/sp_net.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",
-            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lkeyset.c",
+            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lkeyset.c", "src/lua/lredis.c",
          },
          defines = { "_GNU_SOURCE" },
-         libraries = { "ssl", "crypto" },
-         incdirs = { "$(OPENSSL_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
-         libdirs = { "$(OPENSSL_LIBDIR)" },
+         libraries = { "ssl", "crypto", "hiredis" },
+         incdirs = { "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
+         libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)" },
       },
    },
    install = {

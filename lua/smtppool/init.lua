@@ -129,6 +129,10 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   `messages_per_sec` (or `messages_per_min`); each limit is waited for,
 --   never exceeded, in any sliding window. `{limit, per_seconds}` under the
 --   names `connections`, `auth`, `messages` sets another window length.
+--   With `backend = "redis://host:port/db"` and `key = "account"`, the
+--   windows, `max_conns` (then counted as sockets across every process) and
+--   the learned cap are shared by every process and machine using that key
+--   (see `smtppool.redis`); while Redis cannot be reached, sending pauses.
 -- * `retry` (function, default `smtppool.retry.backoff()`): the retry
 --   policy, `function(err, attempt, msg) -> delay | false`.
 -- * `connect_timeout` (seconds, default 30).
@@ -169,7 +173,7 @@ function M._build(opts, driver, shared)
   end
   local signers, derr = prepare.dkim_signers(opts.dkim)
   if not signers then return nil, derr end
-  local lim, lerr = limits.from_options(opts, shared)
+  local lim, lerr = limits.from_options(opts, shared, driver.name)
   if not lim then return nil, lerr end
   return setmetatable({
     opts = opts,

@@ -18,13 +18,15 @@
 --   forgotten after `ttl` seconds.
 -- * `refresh(now)`: renews what this process holds (a shared backend's
 --   leases); called on every turn of the pool's loop, cheap when not due.
--- * `name`: `"process"`, `"shared_dict"`.
+-- * `name`: `"process"`, `"shared_dict"`, `"redis"`.
 --
--- Backends: this module's (in one process; the default) and
--- `smtppool.shdict` (every worker of one nginx, through a `lua_shared_dict`).
+-- Backends: this module's (in one process; the default), `smtppool.shdict`
+-- (every worker of one nginx, through a `lua_shared_dict`) and
+-- `smtppool.redis` (every process and machine using one Redis).
 -- @module smtppool.limits
 
 local rate = require("smtppool.rate")
+local errors = require("smtppool.errors")
 
 local M = {}
 
@@ -63,11 +65,28 @@ function Local.refresh() end
 
 --- The limits a pool's options ask for: `rate` windows, in `shared` when given.
 -- @tparam table opts the pool's options (`rate`, and `max_conns` for shared backends)
+-- @tparam[opt] string driver_name the driver the pool runs on
 -- @param[opt] shared a backend constructor `function(specs, opts)` (specs: name
 --   -> `{limit, per}`), e.g. `smtppool.shdict.backend(...)`
 -- @return a backend
-function M.from_options(opts, shared)
+function M.from_options(opts, shared, driver_name)
   local windows = rate.from_options(opts.rate)
+  local r = opts.rate
+  if r and (r.backend ~= nil or r.key ~= nil) then
+    -- rate = { backend = "redis://host:port/db", key = "acct1", ... }
+    if shared then
+      return nil, errors.new("config", "rate.backend and shared_dict both name where the limits live: choose one")
+    end
+    if type(r.key) ~= "string" or not r.key:match("^[%w._:-]+$") then
+      return nil, errors.new("config", "rate.key must name the account (letters, digits, . _ : -)")
+    end
+    local url, uerr = require("smtppool.redis").parse_url(r.backend)
+    if not url then return nil, errors.new("config", "rate.backend: " .. uerr) end
+    if driver_name == "ngx" then
+      return nil, errors.new("config", "rate.backend (Redis) is not available in nginx yet: use shared_dict")
+    end
+    shared = require("smtppool.redis").backend(url, r.key, opts.on_event)
+  end
   if not shared then return M.process(windows) end
   local specs = {}
   for name, w in pairs(windows) do specs[name] = { limit = w.limit, per = w.per } end

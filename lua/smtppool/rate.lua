@@ -51,18 +51,21 @@ function M.from_options(rate)
   }
   local out = {}
   for k, v in pairs(rate or {}) do
-    local s = spec[k]
-    if not s then error(("smtppool.new: unknown rate limit '%s'"):format(tostring(k)), 4) end
-    local limit, per = v, s[2]
-    if type(v) == "table" then limit, per = v[1], v[2] end
-    -- Written so that NaN and the infinities fail (NaN compares false with anything).
-    if type(limit) ~= "number" or not (limit >= 1 and limit < 2^31) or limit ~= math.floor(limit)
-      or type(per) ~= "number" or not (per > 0 and per < math.huge) then
-      error(("smtppool.new: rate limit '%s' must be a positive integer%s"):format(k,
-        s[2] and "" or " pair {limit, per_seconds}"), 4)
+    -- backend and key say where the windows live (smtppool.limits)
+    if k ~= "backend" and k ~= "key" then
+      local s = spec[k]
+      if not s then error(("smtppool.new: unknown rate limit '%s'"):format(tostring(k)), 4) end
+      local limit, per = v, s[2]
+      if type(v) == "table" then limit, per = v[1], v[2] end
+      -- Written so that NaN and the infinities fail (NaN compares false with anything).
+      if type(limit) ~= "number" or not (limit >= 1 and limit < 2^31) or limit ~= math.floor(limit)
+        or type(per) ~= "number" or not (per > 0 and per < math.huge) then
+        error(("smtppool.new: rate limit '%s' must be a positive integer%s"):format(k,
+          s[2] and "" or " pair {limit, per_seconds}"), 4)
+      end
+      if out[s[1]] then error(("smtppool.new: rate limit for %s given twice"):format(s[1]), 4) end
+      out[s[1]] = M.window(limit, per, s[1])
     end
-    if out[s[1]] then error(("smtppool.new: rate limit for %s given twice"):format(s[1]), 4) end
-    out[s[1]] = M.window(limit, per, s[1])
   end
   return out
 end

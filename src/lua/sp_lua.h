@@ -2,7 +2,8 @@
  * (lerror.c: error values and table helpers; lsession.c: the protocol
  * machine, bare and through a connection; lconn.c: the native driver and
  * TLS contexts; lmail.c: codecs and DKIM; ljournal.c: the campaign journal;
- * lkeyset.c: a compact map of a campaign's addresses),
+ * lkeyset.c: a campaign's address index in a file; lredis.c: RESP through
+ * hiredis and a small blocking Redis client),
  * each registering its types and functions through sp_lua_open_*, all with
  * the one type registrar in lsmtppool.c. */
 #ifndef SP_LUA_H
@@ -106,5 +107,6 @@ void sp_lua_open_conn(lua_State *L);
 void sp_lua_open_mail(lua_State *L);
 void sp_lua_open_journal(lua_State *L);
 void sp_lua_open_keyset(lua_State *L);
+void sp_lua_open_redis(lua_State *L);
 
 #endif

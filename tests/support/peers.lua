@@ -225,6 +225,45 @@ function Exim:stop()
   os.execute("rm -rf " .. q(self.dir))
 end
 
+---------------------------------------------------------------- redis
+
+local Redis = {}
+Redis.__index = Redis
+
+--- Starts redis-server on 127.0.0.1 (a free port, or `port`), its files in
+-- a folder of its own; opts.persist: append-only file on, so a restart keeps
+-- the data.
+function M.redis(opts)
+  opts = opts or {}
+  local r = setmetatable({ dir = opts.dir or M.tmpdir(), port = opts.port or M.free_port(),
+                           persist = opts.persist }, Redis)
+  r:start()
+  return r
+end
+
+function Redis:start()
+  self.pid = tonumber(sh(("%sredis-server --bind 127.0.0.1 --port %d --dir %s --save '' --appendonly %s "
+    .. "--protected-mode no --daemonize no >%s 2>&1 & echo $!"):format(CLEAN, self.port, q(self.dir),
+    self.persist and "yes" or "no", q(self.dir .. "/redis.log"))):match("%d+"))
+  M.wait_for(function()
+    return (M.read_file(self.dir .. "/redis.log") or ""):find("Ready to accept connections", 1, true)
+  end, 10, "redis-server")
+end
+
+--- Stops the server (its data stays for a restart when persisted).
+function Redis:kill()
+  stop_pid(self.pid)
+  -- a restart writes a fresh "Ready" line: forget the old ones
+  os.rename(self.dir .. "/redis.log", self.dir .. "/redis.log.old")
+end
+
+function Redis:stop()
+  if self.stopped then return end
+  self.stopped = true
+  self:kill()
+  os.execute("rm -rf " .. q(self.dir))
+end
+
 ---------------------------------------------------------------- fault server
 
 local Fault = {}

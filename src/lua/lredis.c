@@ -1,0 +1,310 @@
+/* Redis for shared limits: the RESP codec is hiredis's (its reader parses
+ * bytes without doing I/O, as sp_reply does for SMTP, so both drivers can
+ * use it), never a hand-written parser.
+ *
+ *   core.resp_reader()         a reader: r:feed(bytes), r:next() -> true, value | nil
+ *   core.resp_command(...)     one command as RESP bytes (redisFormatCommandArgv)
+ *   core.redis_connect(host, port, timeout) -> client | nil, err
+ *                              a small blocking client for the native driver:
+ *                              c:call(...) -> value | nil, err; c:close()
+ *
+ * Values: strings (bulk and status), integers, arrays as tables, a nil
+ * reply as false, an error reply as {err = "text"}. */
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+#include <hiredis/hiredis.h>
+
+#include "sp_lua.h"
+
+#define RESP_MT "smtppool.resp_reader"
+#define REDIS_MT "smtppool.redis"
+
+static void push_reply(lua_State *L, const redisReply *r, int depth)
+{
+    luaL_checkstack(L, 4, "redis reply too deep");
+    switch (r->type) {
+    case REDIS_REPLY_STRING:
+    case REDIS_REPLY_STATUS:
+        lua_pushlstring(L, r->str, r->len);
+        break;
+    case REDIS_REPLY_INTEGER:
+        lua_pushinteger(L, (lua_Integer)r->integer);
+        break;
+    case REDIS_REPLY_ERROR:
+        lua_createtable(L, 0, 1);
+        lua_pushlstring(L, r->str, r->len);
+        lua_setfield(L, -2, "err");
+        break;
+    case REDIS_REPLY_ARRAY:
+        lua_createtable(L, (int)r->elements, 0);
+        for (size_t i = 0; i < r->elements; i++) {
+            if (depth > 32)
+                lua_pushboolean(L, 0);
+            else
+                push_reply(L, r->element[i], depth + 1);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        break;
+    default: /* REDIS_REPLY_NIL */
+        lua_pushboolean(L, 0);
+        break;
+    }
+}
+
+/* ---- the reader ---- */
+
+typedef struct lresp {
+    redisReader *r;
+} lresp;
+
+static int l_resp_reader(lua_State *L)
+{
+    lresp *lr = lua_newuserdata(L, sizeof *lr);
+    lr->r = NULL;
+    luaL_getmetatable(L, RESP_MT);
+    lua_setmetatable(L, -2);
+    if (!(lr->r = redisReaderCreate()))
+        return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static lresp *check_resp(lua_State *L)
+{
+    lresp *lr = luaL_checkudata(L, 1, RESP_MT);
+    if (!lr->r)
+        luaL_argerror(L, 1, "reader is freed");
+    return lr;
+}
+
+static int resp_feed(lua_State *L)
+{
+    lresp *lr = check_resp(L);
+    size_t n;
+    const char *p = luaL_checklstring(L, 2, &n);
+    if (redisReaderFeed(lr->r, p, n) != REDIS_OK)
+        return luaL_error(L, "redis reader: %s", lr->r->errstr);
+    return 0;
+}
+
+/* Pushes the next complete reply: 1 with the value on the stack, 0 when
+ * more bytes are needed, -1 with a message on a protocol error. */
+static int next_reply(lua_State *L, redisReader *r)
+{
+    void *reply = NULL;
+    if (redisReaderGetReply(r, &reply) != REDIS_OK) {
+        lua_pushfstring(L, "malformed reply from redis: %s", r->errstr);
+        return -1;
+    }
+    if (!reply)
+        return 0;
+    push_reply(L, reply, 0);
+    freeReplyObject(reply);
+    return 1;
+}
+
+/* r:next() -> true, value | nil (incomplete) | nil, err (malformed) */
+static int resp_next(lua_State *L)
+{
+    lresp *lr = check_resp(L);
+    int k = next_reply(L, lr->r);
+    if (k == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (k == 1)
+        lua_pushboolean(L, 1);
+    else
+        lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+}
+
+static int resp_gc(lua_State *L)
+{
+    lresp *lr = luaL_checkudata(L, 1, RESP_MT);
+    if (lr->r)
+        redisReaderFree(lr->r);
+    lr->r = NULL;
+    return 0;
+}
+
+/* Formats the arguments at from..top as one RESP command (a string). */
+static int push_command(lua_State *L, int from)
+{
+    int argc = lua_gettop(L) - from + 1;
+    luaL_argcheck(L, argc > 0 && argc < 4096, from, "a command and up to 4095 arguments");
+    const char *argv[4096];
+    size_t lens[4096];
+    for (int i = 0; i < argc; i++)
+        argv[i] = luaL_checklstring(L, from + i, &lens[i]); /* numbers become strings here */
+    char *cmd = NULL;
+    long long n = redisFormatCommandArgv(&cmd, argc, argv, lens);
+    if (n < 0 || !cmd)
+        return luaL_error(L, "out of memory");
+    lua_pushlstring(L, cmd, (size_t)n);
+    redisFreeCommand(cmd);
+    return 1;
+}
+
+static int l_resp_command(lua_State *L) { return push_command(L, 1); }
+
+/* ---- the blocking client ---- */
+
+typedef struct lredis {
+    int fd;
+    redisReader *r;
+    double timeout;
+} lredis;
+
+static int wait_fd(int fd, short ev, double timeout)
+{
+    struct pollfd p = {fd, ev, 0};
+    int ms = timeout > 0 ? (int)(timeout * 1000) + 1 : -1;
+    for (;;) {
+        int r = poll(&p, 1, ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r == 0)
+            errno = ETIMEDOUT;
+        return r;
+    }
+}
+
+static int fail(lua_State *L, const char *what, const char *detail)
+{
+    lua_pushnil(L);
+    lua_pushfstring(L, "redis %s: %s", what, detail);
+    return 2;
+}
+
+static int l_redis_connect(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    char port[16];
+    snprintf(port, sizeof port, "%d", (int)luaL_checkinteger(L, 2));
+    double timeout = luaL_optnumber(L, 3, 2);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0)
+        return fail(L, "connect", gai_strerror(rc));
+    int fd = -1;
+    const char *why = "no address";
+    for (struct addrinfo *a = res; a; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+        if (fd < 0)
+            continue;
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0 || errno == EINPROGRESS) {
+            int err = 0;
+            socklen_t sl = sizeof err;
+            if (wait_fd(fd, POLLOUT, timeout) > 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) == 0 && !err)
+                break;
+            why = strerror(err ? err : errno);
+        } else {
+            why = strerror(errno);
+        }
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+        return fail(L, "connect", why);
+    lredis *c = lua_newuserdata(L, sizeof *c);
+    c->fd = fd;
+    c->timeout = timeout;
+    c->r = redisReaderCreate();
+    luaL_getmetatable(L, REDIS_MT);
+    lua_setmetatable(L, -2);
+    if (!c->r)
+        return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static void redis_close(lredis *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    if (c->r)
+        redisReaderFree(c->r);
+    c->r = NULL;
+}
+
+/* c:call(cmd, args...) -> value | nil, err (the connection is closed on an
+ * I/O error or timeout: make a new one). An error reply is a value. */
+static int redis_call(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    if (c->fd < 0)
+        return fail(L, "call", "the connection is closed");
+    push_command(L, 2);
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n);
+    while (n > 0) {
+        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+        if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (wait_fd(c->fd, POLLOUT, c->timeout) <= 0)
+                goto io;
+            continue;
+        }
+        if (w <= 0)
+            goto io;
+        p += w;
+        n -= (size_t)w;
+    }
+    for (;;) {
+        int k = next_reply(L, c->r);
+        if (k == 1)
+            return 1;
+        if (k < 0) {
+            redis_close(c);
+            lua_pushnil(L);
+            lua_insert(L, -2);
+            return 2;
+        }
+        char buf[16384];
+        ssize_t r = recv(c->fd, buf, sizeof buf, 0);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (wait_fd(c->fd, POLLIN, c->timeout) <= 0)
+                goto io;
+            continue;
+        }
+        if (r == 0) {
+            errno = ECONNRESET;
+            goto io;
+        }
+        if (r < 0)
+            goto io;
+        if (redisReaderFeed(c->r, buf, (size_t)r) != REDIS_OK)
+            goto io;
+    }
+io:;
+    const char *why = strerror(errno);
+    redis_close(c);
+    return fail(L, "call", why);
+}
+
+static int redis_gc(lua_State *L)
+{
+    redis_close(luaL_checkudata(L, 1, REDIS_MT));
+    return 0;
+}
+
+void sp_lua_open_redis(lua_State *L)
+{
+    static const luaL_Reg resp_methods[] = {{"feed", resp_feed}, {"next", resp_next}, {NULL, NULL}};
+    static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"close", redis_gc}, {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"resp_reader", l_resp_reader}, {"resp_command", l_resp_command},
+                                     {"redis_connect", l_redis_connect}, {NULL, NULL}};
+    sp_l_new_type(L, RESP_MT, NULL, resp_methods, resp_gc);
+    sp_l_new_type(L, REDIS_MT, NULL, redis_methods, redis_gc);
+    luaL_setfuncs(L, funcs, 0);
+}
