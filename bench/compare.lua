@@ -23,7 +23,7 @@ local CACHE = os.getenv("SMTPPOOL_BENCH_CACHE") or ((os.getenv("HOME") or "/tmp"
 local CHART = os.getenv("BENCH_CHART") or "build/bench/compare.svg"
 local notes = {}
 
-local function ok(cmd) return os.execute(cmd .. " >/dev/null 2>&1") == true end
+local function ok(cmd) return os.execute("(" .. cmd .. ") >/dev/null 2>&1") == true end
 
 -- Postfix's smtp-sink and smtp-source, unpacked from the Debian package.
 local PF = CACHE .. "/postfix"
@@ -37,7 +37,7 @@ local function postfix()
     notes[#notes + 1] = "Postfix could not be fetched (apt-get download postfix): smtp-source skipped, the C sink used"
     return nil
   end
-  return "LD_LIBRARY_PATH=" .. q(PF .. "/usr/lib/postfix") .. " "
+  return "env LD_LIBRARY_PATH=" .. q(PF .. "/usr/lib/postfix") .. " "
 end
 local PFENV = postfix()
 
@@ -94,7 +94,7 @@ local CLIENTS = {
       q(PF .. "/usr/sbin/smtp-source"), conns, n, SIZE, port))
   end },
   { name = "Nodemailer", skip = not HAVE_NODE, run = function(port, n, conns, per)
-    return timed(("NODE_PATH=%s node bench/peer_nodemailer.js %d %d %d %d %d"):format(q(NODE .. "/node_modules"),
+    return timed(("env NODE_PATH=%s node bench/peer_nodemailer.js %d %d %d %d %d"):format(q(NODE .. "/node_modules"),
       port, n, SIZE, conns, per or 0))
   end },
   { name = "smtplib", run = function(port, n, conns, per)

@@ -82,10 +82,7 @@ function M.from_options(opts, shared, driver_name)
     end
     local url, uerr = require("smtppool.redis").parse_url(r.backend)
     if not url then return nil, errors.new("config", "rate.backend: " .. uerr) end
-    if driver_name == "ngx" then
-      return nil, errors.new("config", "rate.backend (Redis) is not available in nginx yet: use shared_dict")
-    end
-    shared = require("smtppool.redis").backend(url, r.key, opts.on_event)
+    shared = require("smtppool.redis").backend(url, r.key, opts.on_event, driver_name)
   end
   if not shared then return M.process(windows) end
   local specs = {}

@@ -24,9 +24,10 @@
 -- event (and `limits_available` when Redis is back). Messages already on
 -- the wire finish. A message waits within `wait_timeout` like any other.
 --
--- The RESP codec is hiredis's; the native driver's client is a small
+-- The RESP codec is hiredis's. The native driver's client is a small
 -- blocking one in C (each step is one round trip to Redis, about 0.1 ms on
--- a local network).
+-- a local network); in nginx (`smtppool.ngx`) the client is a cosocket, one
+-- per light thread that uses it (the agent's is kept open).
 -- @module smtppool.redis
 
 local core = require("smtppool.core")
@@ -94,6 +95,42 @@ return 1
 local B = {}
 B.__index = B
 
+--- A client over nginx cosockets with the native client's interface
+-- (`call(...) -> value | nil, err`, `close()`).
+function M.cosocket_client(host, port, timeout)
+  local ngx = ngx -- luacheck: ignore (set by nginx)
+  local sock = ngx.socket.tcp()
+  local ms = math.floor(timeout * 1000)
+  sock:settimeouts(ms, ms, ms)
+  local ok, err = sock:connect(host, port)
+  if not ok then return nil, "redis connect: " .. tostring(err) end
+  local reader = core.resp_reader()
+  local c = {}
+  function c.call(_, ...)
+    local sent, serr = sock:send(core.resp_command(...))
+    if not sent then
+      sock:close()
+      return nil, "redis call: " .. tostring(serr)
+    end
+    while true do
+      local got, v = reader:next()
+      if got then return v end
+      if v then -- malformed
+        sock:close()
+        return nil, v
+      end
+      local data, rerr = sock:receiveany(16384)
+      if not data then
+        sock:close()
+        return nil, "redis call: " .. tostring(rerr)
+      end
+      reader:feed(data)
+    end
+  end
+  function c.close() sock:close() end
+  return c
+end
+
 --- Parses `redis://[:password@]host[:port][/db]`.
 -- @treturn[1] table `host`, `port`, `db`, `password`
 -- @return[2] nil
@@ -117,10 +154,14 @@ function B:_emit(ev)
   if self.on_event then pcall(self.on_event, ev) end
 end
 
--- The connection, made (and the scripts loaded) on first use and after a failure.
+-- The connection for this call: the kept one (made on first use and after
+-- a failure, AUTH and SELECT done), or, for a light thread other than the
+-- one that made it (a cosocket belongs to its thread), one for this call
+-- only. Returns the client and whether it is the kept one.
 function B:_conn()
-  if self.c then return self.c end
-  local c, err = core.redis_connect(self.url.host, self.url.port, self.timeout)
+  local mine = not self.per_thread or self.owner == nil or self.owner == coroutine.running()
+  if self.c and mine then return self.c, true end
+  local c, err = self.connect(self.url.host, self.url.port, self.timeout)
   if not c then return nil, err end
   local function check(v, e)
     if v == nil then return nil, e end
@@ -129,14 +170,37 @@ function B:_conn()
   end
   if self.url.password then
     local ok, e = check(c:call("AUTH", self.url.password))
-    if not ok then c:close() return nil, e and e:gsub(self.url.password, "***") end
+    if not ok then
+      c:close()
+      return nil, (tostring(e):gsub(self.url.password:gsub("%p", "%%%0"), "***"))
+    end
   end
   if self.url.db ~= 0 then
     local ok, e = check(c:call("SELECT", tostring(self.url.db)))
-    if not ok then c:close() return nil, e end
+    if not ok then
+      c:close()
+      return nil, e
+    end
   end
-  self.c = c
-  return c
+  if mine then
+    self.c, self.owner = c, coroutine.running()
+    return c, true
+  end
+  return c, false
+end
+
+-- Runs fn(client) -> value | nil, err on a connection: a failed call drops
+-- the kept connection (the next makes a new one); a passing one is closed.
+function B:_with(fn)
+  local c, kept = self:_conn()
+  if not c then return nil, kept end
+  local v, err = fn(c)
+  if not kept then c:close()
+  elseif v == nil then
+    c:close()
+    self.c, self.owner = nil, nil
+  end
+  return v, err
 end
 
 -- EVALSHA takes keys and args flat: one list.
@@ -147,29 +211,27 @@ local function flat(keys, args)
   return out
 end
 
--- Runs a script (EVALSHA, loading it once): its value, or nil and the
--- error when Redis is unreachable or failing (the pool then pauses).
+-- Runs a script (EVALSHA, loading it once; scripts are the server's, so any
+-- connection can run them): its value, or nil and the error when Redis is
+-- unreachable or failing, and the pool then pauses.
 function B:_call(name, body, keys, args)
-  local all = flat(keys, args)
-  local nk = #keys
   if self.down_until and core.now() < self.down_until then return nil, self.last_err end
-  local c, err = self:_conn()
-  local v
-  if c then
+  local all = flat(keys, args)
+  local v, err = self:_with(function(c)
     local sha = self.shas[name]
     if not sha then
-      sha, err = c:call("SCRIPT", "LOAD", body)
-      if type(sha) == "table" then sha, err = nil, "redis: " .. tostring(sha.err) end
+      local r, e = c:call("SCRIPT", "LOAD", body)
+      if type(r) ~= "string" then return nil, e or ("redis: " .. tostring(r and r.err)) end
+      sha = r
       self.shas[name] = sha
     end
-    if sha then
-      v, err = c:call("EVALSHA", sha, tostring(nk), (table.unpack or unpack)(all)) -- luacheck: ignore
-      if type(v) == "table" and v.err then
-        if v.err:match("^NOSCRIPT") then self.shas[name] = nil end
-        v, err = nil, "redis: " .. v.err
-      end
+    local r, e = c:call("EVALSHA", sha, tostring(#keys), (table.unpack or unpack)(all)) -- luacheck: ignore
+    if type(r) == "table" and r.err then
+      if r.err:match("^NOSCRIPT") then self.shas[name] = nil end
+      return nil, "redis: " .. r.err
     end
-  end
+    return r, e
+  end)
   if v ~= nil then
     if self.down_since then
       self:_emit({ type = "limits_available", backend = "redis", seconds = core.now() - self.down_since })
@@ -177,8 +239,6 @@ function B:_call(name, body, keys, args)
     end
     return v
   end
-  if self.c then self.c:close() end
-  self.c, self.shas = nil, {}
   self.last_err = err
   self.down_until = core.now() + RETRY
   if not self.down_since then
@@ -187,6 +247,15 @@ function B:_call(name, body, keys, args)
                  err = errors.new("connection", "the shared limits are unreachable: " .. tostring(err)) })
   end
   return nil, err
+end
+
+-- One plain command; nil when Redis is unreachable (no pause: a read).
+function B:_cmd(...)
+  if self.down_until and core.now() < self.down_until then return nil end
+  local args = { ... }
+  local v = self:_with(function(c) return c:call((table.unpack or unpack)(args)) end) -- luacheck: ignore
+  if type(v) == "table" and v.err then return nil end
+  return v
 end
 
 function B:take(names, now)
@@ -220,18 +289,17 @@ end
 
 function B:conn_release()
   local member = table.remove(self.held)
-  if member then
-    local c = self:_conn()
-    if c then c:call("ZREM", self.p .. "slots", member) end -- a failure leaves the lease to expire
-  end
+  if member then self:_cmd("ZREM", self.p .. "slots", member) end -- a failure leaves the lease to expire
 end
 
-function B:contended()
-  if self.down_until and core.now() < self.down_until then return false end
-  local c = self:_conn()
-  if not c then return false end
-  local w = c:call("GET", self.p .. "want")
-  return type(w) == "string" and w ~= self.id
+function B:contended(now)
+  -- asked on every turn of the loop while connections idle: cached briefly
+  now = now or core.now()
+  if self.want_at and now - self.want_at < 0.2 then return self.want_v end
+  self.want_at = now
+  local w = self:_cmd("GET", self.p .. "want")
+  self.want_v = type(w) == "string" and w ~= self.id
+  return self.want_v
 end
 
 function B:refresh(now)
@@ -248,8 +316,7 @@ function B:cap()
   local now = core.now()
   if self.cap_at and now - self.cap_at < 1 then return self.cap_v end
   self.cap_at = now
-  local c = self:_conn()
-  local v = c and c:call("GET", self.p .. "cap")
+  local v = self:_cmd("GET", self.p .. "cap")
   self.cap_v = type(v) == "string" and tonumber(v) or nil
   return self.cap_v
 end
@@ -261,8 +328,7 @@ end
 
 --- Sockets open now across every process (stats).
 function B:open_total()
-  local c = self:_conn()
-  local v = c and c:call("ZCARD", self.p .. "slots")
+  local v = self:_cmd("ZCARD", self.p .. "slots")
   return type(v) == "number" and v or nil
 end
 
@@ -270,7 +336,8 @@ end
 -- @tparam table url from `parse_url`
 -- @tparam string key the account's name (the prefix of its keys)
 -- @tparam[opt] function on_event the pool's event hook
-function M.backend(url, key, on_event)
+-- @tparam[opt] string driver_name `"ngx"`: cosockets instead of the blocking client
+function M.backend(url, key, on_event, driver_name)
   return function(specs, opts)
     local p = "smtppool:" .. key .. ":"
     local windows = {}
@@ -280,6 +347,8 @@ function M.backend(url, key, on_event)
     local host = core.hostname() or "host"
     return setmetatable({ name = "redis", url = url, p = p, windows = windows, max_conns = opts.max_conns or 1,
                           timeout = 2, shas = {}, held = {}, seq = 0, on_event = on_event,
+                          connect = driver_name == "ngx" and M.cosocket_client or core.redis_connect,
+                          per_thread = driver_name == "ngx",
                           id = ("%s:%d:%s"):format(host, math.random(1, 2 ^ 31), tostring(core.now())) }, B)
   end
 end

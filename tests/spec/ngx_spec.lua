@@ -126,11 +126,19 @@ describe("the pool inside nginx, 4 workers", function()
     assert.equal("", ngx.log():match("%[error%][^\n]*") or "")
   end)
 
-  it("holds shared connection and AUTH windows across the workers", function()
+  for _, backend in ipairs({ "shared_dict", "redis" }) do
+  it("holds shared connection and AUTH windows across the workers (" .. backend .. ")", function()
     local f = peers.fault({ xoauth2_tokens = { "good" } })
-    finally(function() f:stop() end)
+    local redis = backend == "redis" and peers.redis() or nil
+    finally(function()
+      f:stop()
+      if redis then redis:stop() end
+    end)
     local paths = {}
-    for i = 1, 18 do paths[i] = ("send?cfg=windows&port=%d&to=w%d@y.test"):format(f.port, i) end
+    for i = 1, 18 do
+      paths[i] = backend == "redis" and ("send?cfg=rwin&port=%d&rport=%d&to=w%d@y.test"):format(f.port, redis.port, i)
+        or ("send?cfg=windows&port=%d&to=w%d@y.test"):format(f.port, i)
+    end
     local out = ngx.parallel(paths, 60)
     assert.equal(18, count(out, "^sent 250"), table.concat(out, "\n"))
     local connects, auths = {}, {}
@@ -153,6 +161,7 @@ describe("the pool inside nginx, 4 workers", function()
     assert.is_true(max_in_window(auths, 0.95) <= 3, "auth window exceeded")
     assert.is_true(most <= 2, most .. " connections open at once (max_conns 2)")
   end)
+  end
 end)
 
 describe("the pool inside nginx, 1 worker", function()

@@ -45,6 +45,13 @@ local CONFIGS = {
                ngx.log(ngx.WARN, "OUTCOME ", res and "sent" or ("failed " .. err.kind .. " " .. tostring(err)))
              end }
   end,
+  -- the same windows and max_conns held in Redis (over cosockets) instead of the shared dict
+  rwin = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             max_messages_per_conn = 1, auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
+             rate = { backend = "redis://127.0.0.1:" .. a.rport, key = "rwin" .. a.port,
+                      connections = { 3, 1 }, auth = { 3, 1 } } }
+  end,
   -- a dripping server: the greeting is timed whole, no retries
   drip = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", timeouts = { greeting = 1 },
