@@ -75,31 +75,40 @@ local proxy = peers.proxy(sink_port, RTT / 2)
 
 -- One client run under /usr/bin/time: seconds (the client's own clock when
 -- it prints one), CPU seconds, peak RSS KB.
-local function timed(cmd)
+local LIMIT = tonumber(os.getenv("BENCH_PEER_TIMEOUT")) or 60
+local function timed(cmd, who)
   local tf = dir .. "/time"
-  local out = peers.sh(("/usr/bin/time -f '%%e %%U %%S %%M' -o %s %s 2>&1"):format(q(tf), cmd))
+  os.remove(tf)
+  -- a peer that hangs (seen: Nodemailer's pool with maxMessages and thousands queued) is cut
+  local out = peers.sh(("timeout %d /usr/bin/time -f '%%e %%U %%S %%M' -o %s %s 2>&1; echo rc=$?"):format(LIMIT,
+    q(tf), cmd))
+  local rc = tonumber(out:match("rc=(%d+)%s*$"))
   local e, u, s, m = (peers.read_file(tf) or ""):match("([%d.]+) ([%d.]+) ([%d.]+) (%d+)")
-  local own = tonumber(out:match("^%s*([%d.]+)%s*$"))
-  if not e then return nil end
+  local own = tonumber(out:match("^%s*([%d.]+)%s*rc="))
+  if rc ~= 0 or not e then
+    notes[#notes + 1] = ("%s failed or took over %d s (exit %s): %s"):format(who or cmd, LIMIT, tostring(rc),
+      (out:gsub("%s*rc=%d+%s*$", "")):sub(1, 120))
+    return nil
+  end
   return { secs = own or tonumber(e), cpu = tonumber(u) + tonumber(s), rss = tonumber(m) }
 end
 
 local CLIENTS = {
   { name = "smtppool", run = function(port, n, conns, per)
-    return timed(("lua5.4 bench/send_tree.lua . %d %d %d %d %d"):format(port, conns, per or 0, n, SIZE))
+    return timed(("lua5.4 bench/send_tree.lua . %d %d %d %d %d"):format(port, conns, per or 0, n, SIZE), "smtppool")
   end },
   { name = "smtp-source", skip = not PFENV, run = function(port, n, conns, per)
     if per then return nil end -- it sends every message of a session over one connection (-d) or one per session
     return timed(("%s%s -4 -d -s %d -m %d -l %d -f a@x.test -t b@y.test 127.0.0.1:%d"):format(PFENV,
-      q(PF .. "/usr/sbin/smtp-source"), conns, n, SIZE, port))
+      q(PF .. "/usr/sbin/smtp-source"), conns, n, SIZE, port), "smtp-source")
   end },
   { name = "Nodemailer", skip = not HAVE_NODE, run = function(port, n, conns, per)
     return timed(("env NODE_PATH=%s node bench/peer_nodemailer.js %d %d %d %d %d"):format(q(NODE .. "/node_modules"),
-      port, n, SIZE, conns, per or 0))
+      port, n, SIZE, conns, per or 0), ("Nodemailer (%d conns, maxMessages %s)"):format(conns, per or "none"))
   end },
   { name = "smtplib", run = function(port, n, conns, per)
     if conns > 1 then return nil end -- one connection per process: its usual use
-    return timed(("/usr/bin/python3 bench/peer_smtplib.py %d %d %d %d"):format(port, n, SIZE, per or 0))
+    return timed(("/usr/bin/python3 bench/peer_smtplib.py %d %d %d %d"):format(port, n, SIZE, per or 0), "smtplib")
   end },
 }
 

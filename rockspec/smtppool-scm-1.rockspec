@@ -46,6 +46,7 @@ build = {
       ["smtppool.limits"] = "lua/smtppool/limits.lua",
       ["smtppool.shdict"] = "lua/smtppool/shdict.lua",
       ["smtppool.redis"] = "lua/smtppool/redis.lua",
+      ["smtppool.rcampaign"] = "lua/smtppool/rcampaign.lua",
       ["smtppool.driver.ngx"] = "lua/smtppool/driver/ngx.lua",
       ["smtppool.core"] = {
          sources = {

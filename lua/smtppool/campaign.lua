@@ -45,7 +45,7 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
                   progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean",
                   name = "string", retry_failed = "boolean", outage_threshold = "number", on_outage = "string",
                   outage_wait = "number", outage_delay = "number", handle_signals = "boolean",
-                  delimiter = "string", on_failure = "function" }
+                  delimiter = "string", on_failure = "function", lease = "number" }
 
 --- Makes a campaign (nothing is sent until `run`).
 -- @tparam table o
@@ -95,7 +95,8 @@ function M.new(o)
   end
   if not o.pool or not o.pool.send_batch then error("smtppool.campaign: 'pool' must be a pool", 2) end
   local r = o.recipients
-  if type(r) ~= "table" and type(r) ~= "function" and type(r) ~= "string" then
+  local shared = type(o.journal) == "string" and o.journal:match("^redis://") ~= nil
+  if not (shared and r == nil) and type(r) ~= "table" and type(r) ~= "function" and type(r) ~= "string" then
     error("smtppool.campaign: 'recipients' must be an array, an iterator or a CSV path", 2)
   end
   if type(o.message) ~= "table" and type(o.message) ~= "function" then
@@ -124,6 +125,7 @@ function M.normalize(address)
 end
 
 local JOURNAL_HEADER = "# smtppool journal 2 campaign="
+local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 
 -- The folder a file is in ("." for a bare name).
 local function folder_of(path)
@@ -242,24 +244,53 @@ function Campaign:run()
       return o.recipients[i]
     end
   else
-    source = o.recipients
+    source = o.recipients -- an iterator, or nil: a Redis worker that only takes part
   end
   if columns and not columns[1] then return nil, err("invalid", "the CSV has no columns") end
   local build, cerr = compile_message(o.message, columns, type(o.recipients) == "string" and o.recipients or "the list")
   if not build then return nil, err("invalid", cerr) end
 
   local name = o.name or "campaign"
+  -- A campaign shared through Redis (smtppool.rcampaign): the list is loaded
+  -- there, recipients come from claims, letters go there.
+  local rj, loaded
+  if o.journal and o.journal:match("^redis://") then
+    local re
+    rj, re = require("smtppool.rcampaign").open(o.journal, name, { lease = o.lease,
+      resend_in_flight = o.resend_in_flight })
+    if not rj then return nil, err("config", re) end
+    if source then
+      local json = require("dkjson")
+      local added, dups = rj:load(function()
+        while true do
+          local r = source()
+          if r == nil then return nil end
+          if type(r) == "table" and type(r.email) == "string" then return M.normalize(r.email), json.encode(r) end
+        end
+      end)
+      if not added then return nil, err("connection", "loading the list into Redis: " .. tostring(dups)) end
+      loaded = { added = added, duplicates = dups }
+    end
+    if o.retry_failed then rj:retry_failed() end
+    source = rj:source(GROUP_CLAIM)
+    self.expected = nil
+  end
   -- The address index lives in a file (unlinked, next to the journal), so
   -- memory stays flat however long the list.
-  local states, kerr = core.keyset(o.journal and folder_of(o.journal) or nil)
-  if not states then return nil, err("config", o.journal and ("journal " .. o.journal .. ": " .. kerr) or kerr) end
+  local states, kerr
+  if rj then
+    states = rj:states()
+  else
+    states, kerr = core.keyset(o.journal and folder_of(o.journal) or nil)
+    if not states then return nil, err("config", o.journal and ("journal " .. o.journal .. ": " .. kerr) or kerr) end
+  end
   local jname, v1 = nil, false
-  if o.journal then jname, v1 = read_journal(o.journal, states) end
+  if o.journal and not rj then jname, v1 = read_journal(o.journal, states) end
   if jname and jname ~= name then
     return nil, err("config", ("journal %s belongs to campaign '%s', not '%s'"):format(o.journal, jname, name))
   end
   local journal
-  if o.journal then
+  if o.journal and not rj then
     local je
     journal, je = core.journal_open(o.journal)
     if not journal then return nil, err("config", je) end
@@ -273,6 +304,7 @@ function Campaign:run()
   -- once this run has met the key.
   local function record(state, key, info, sync, e)
     states:set(key, state:lower())
+    if rj then rj:record(state, key, clean(info)) end
     if o.on_failure and (state == "F" or state == "T" or state == "A") then
       pcall(o.on_failure, key, state, e or err("invalid", tostring(info)))
     end
@@ -325,7 +357,7 @@ function Campaign:run()
     if #requeue > 0 then return table.remove(requeue, 1) end
     while true do
       local rcpt = source()
-      if rcpt == nil then return nil end
+      if rcpt == nil or rcpt == false then return rcpt end -- false: nothing now (others hold the rest)
       index = index + 1
       report.total = report.total + 1
       if type(rcpt) ~= "table" or type(rcpt.email) ~= "string" then
@@ -368,6 +400,7 @@ function Campaign:run()
       ready, ready_i = {}, 0
       for _ = 1, GROUP do
         local m = prepare_one()
+        if m == false and #ready == 0 then return false end
         if not m then break end
         ready[#ready + 1] = m
       end
@@ -395,6 +428,11 @@ function Campaign:run()
   local function mark(m)
     local key = keys[m]
     if journal and key then return journal, "L\t" .. key .. "\t\n" end
+  end
+  -- Redis: L is written by the loop itself, before the final dot leaves
+  local function mark_async(m)
+    local key = keys[m]
+    if key then rj:record("L", key) end
   end
 
   local function on_result(m, res, rerr)
@@ -443,7 +481,7 @@ function Campaign:run()
   local waited, delay = 0, o.outage_delay or 5
   while true do
     ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
-      mark = mark })
+      mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil })
     if not ok then break end
     if o.handle_signals and core.signalled() > 0 then
       report.stopped = "interrupted"
@@ -482,6 +520,13 @@ function Campaign:run()
     journal:sync()
     journal:close()
   end
+  if rj then
+    -- claimed here and never started: back to the queue for anyone
+    local back = {}
+    for _, m in ipairs(requeue) do back[#back + 1] = keys[m] end
+    for i = ready_i + 1, #ready do back[#back + 1] = keys[ready[i]] end
+    rj:unclaim(back)
+  end
   if not ok then
     states:close()
     if type(e) == "table" and e.kind then return nil, e end
@@ -492,6 +537,17 @@ function Campaign:run()
   local function n(st) return states:count(st) + states:count(st:lower()) end
   report.failed_total, report.retryable, report.ambiguous_total = n("F") + n("T"), n("T"), n("A")
   states:close()
+  if rj then
+    -- the whole campaign's, every worker's
+    local st = require("smtppool.rcampaign").status(o.journal, name)
+    if st then
+      report.campaign = st
+      report.failed_total, report.retryable, report.ambiguous_total = st.failed + st.retryable, st.retryable,
+        st.ambiguous
+    end
+    if loaded then report.loaded, report.duplicates = loaded.added, report.duplicates + loaded.duplicates end
+    rj:close()
+  end
   report.elapsed = core.now() - t0
   report.rate = report.elapsed > 0 and (report.sent / report.elapsed) or 0
   progress(true)

@@ -282,6 +282,12 @@ end
 --   with an error of kind `cancelled` (never sent), and the ones on the wire
 --   get `close_timeout` seconds to finish before their connections are cut
 --   (at once with `"now"`).
+-- * `mark_async = function(msg)`: called before each attempt's final dot
+--   leaves (with a driver that can hold the dot, the native one, right
+--   before; else before the attempt's first byte); a campaign in Redis
+--   records its `L` there.
+-- * `poll` (seconds): with a source that may answer `false` (nothing now,
+--   more later), how often to ask it again.
 -- * `mark = function(msg) -> journal, line`: a line appended to a journal
 --   (from `smtppool.core.journal_open`, without fsync) just before each
 --   attempt's final dot leaves; a campaign uses it to know which messages
@@ -294,7 +300,7 @@ function Pool:send_batch(source, opts)
   end
   if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
   local on_result = opts and opts.on_result
-  for _, k in ipairs({ "on_result", "should_stop", "mark" }) do
+  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async" }) do
     if opts and opts[k] ~= nil and type(opts[k]) ~= "function" then
       error("send_batch: " .. k .. " must be a function", 2)
     end

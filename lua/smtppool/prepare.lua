@@ -242,7 +242,7 @@ M.prepare_composed = prepare_composed
 --- Prepares a batch item: a message that raises while being prepared (a
 -- template, a field of a strange type) is that item's `invalid` outcome.
 function M.item(m, ctx)
-  if m == nil then return nil end
+  if m == nil or m == false then return m end -- false: the source has nothing now, more later
   local ok, item = pcall(prepare, m, "send_batch", nil, ctx)
   if ok then return item end
   return { msg = m, to = {}, err = errors.new("invalid", "cannot prepare the message: " .. tostring(item),

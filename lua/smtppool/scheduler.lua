@@ -228,10 +228,20 @@ function S:_start(run, rec, job, t)
   end
   local journal, line
   if run.mark then journal, line = run.mark(job.user_msg or job.msg) end
-  -- The session's last transaction under the cap: QUIT leaves with its
-  -- final dot (one round trip less per rotation).
   local cap = self:_cap(rec)
   local last = cap ~= nil and rec.txs + 1 >= cap and (rec.caps and rec.caps.pipelining) or false
+  if run.mark_async then
+    -- A mark the loop writes itself (in Redis): when the server pipelines,
+    -- the driver holds the final dot at "next" until it is written; else
+    -- now, before the first byte (more cautious: a cut then counts as ambiguous).
+    if rec.caps and rec.caps.pipelining and not last then
+      job.mark_pending = true
+    else
+      run.mark_async(job.user_msg or job.msg)
+    end
+  end
+  -- The session's last transaction under the cap (last): QUIT leaves with
+  -- its final dot (one round trip less per rotation).
   local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line, last)
   if not ok then
     -- Refused before a byte was sent (bad address, size over the server's
@@ -270,6 +280,11 @@ function S:_dispatch(run, rec, entry, t)
       if rec.retire then self:_quit(rec, "exhausted") end
     elseif ev == "next" then
       if rec.state == "busy" then rec.state = "pipelining" end
+      local j = rec.job
+      if j and j.mark_pending then -- its final dot is held until the next wait
+        j.mark_pending = nil
+        run.mark_async(j.user_msg or j.msg)
+      end
     elseif ev == "tx" then
       -- Outcomes come in order: the older transaction first.
       local job = rec.prev
@@ -410,6 +425,7 @@ function S:_run(next_msg, on_result, opts)
   local run = {
     queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
     source_done = false, mark = opts and opts.mark, should_stop = opts and opts.should_stop,
+    mark_async = opts and opts.mark_async,
     poll = opts and opts.poll,
   }
   -- messages pulled ahead: enough to keep every connection busy, and to see

@@ -133,3 +133,115 @@ describe("limits in Redis", function()
     assert.equal("config", e2.kind)
   end)
 end)
+
+describe("a campaign shared through Redis", function()
+  local redis, exim, dir
+  setup(function()
+    redis = peers.redis()
+    exim = peers.exim({ max_per_conn = 5 })
+    dir = peers.tmpdir()
+  end)
+  teardown(function()
+    redis:stop()
+    exim:stop()
+    os.execute("rm -rf " .. peers.quote(dir))
+  end)
+
+  local function list(path, from, to, extra)
+    local f = assert(io.open(path, "wb"))
+    f:write("email,name\n")
+    for i = from, to do f:write(("r%d@y.test,Reader %d\n"):format(i, i)) end
+    f:write(extra or "")
+    f:close()
+  end
+
+  local function worker(name, csvpath, conns, lease, out)
+    return ("lua5.4 tests/support/rcampaign_child.lua %d %d %s %s %d %d >%s 2>&1"):format(exim.port, redis.port,
+      name, csvpath or "-", conns, lease, out)
+  end
+
+  it("sends each recipient once across two workers; loading again adds nothing", function()
+    local csvpath = dir .. "/a.csv"
+    list(csvpath, 1, 120, "R5@Y.test,Duplicate\n")
+    os.execute(worker("two", csvpath, 2, 30, dir .. "/w1") .. " & " .. worker("two", csvpath, 2, 30, dir .. "/w2")
+      .. " & wait")
+    local o1, o2 = peers.read_file(dir .. "/w1"), peers.read_file(dir .. "/w2")
+    local s1, s2 = tonumber(o1:match("sent (%d+)")), tonumber(o2:match("sent (%d+)"))
+    assert.truthy(s1 and s2, o1 .. o2)
+    assert.equal(120, s1 + s2)
+    -- each loaded the same list: 120 rows went in once, everything else was a duplicate
+    local l1, l2 = tonumber(o1:match("loaded (%d+)")), tonumber(o2:match("loaded (%d+)"))
+    assert.equal(120, l1 + l2)
+    exim:wait_deliveries(120)
+    for i = 1, 120 do assert.equal(1, #exim:log_lines("=> %S+ <r" .. i .. "@y%.test>")) end
+    -- a third run (the list again) sends nothing and loads nothing
+    os.execute(worker("two", csvpath, 1, 30, dir .. "/w3"))
+    assert.matches("^sent 0 ambiguous 0 loaded 0 duplicates 121", peers.read_file(dir .. "/w3"))
+    local st = assert(require("smtppool.rcampaign").status("redis://127.0.0.1:" .. redis.port, "two"))
+    assert.equal(120, st.total)
+    assert.equal(120, st.sent)
+    assert.equal(0, st.pending + st.claimed)
+    assert.equal(3, #st.workers)
+  end)
+
+  it("survives a worker's kill -9: the rest is sent once, ambiguous at most its connections", function()
+    local csvpath = dir .. "/b.csv"
+    list(csvpath, 1001, 1600)
+    -- the victim loads the list and starts; a second worker joins; the victim dies
+    local victim = tonumber(peers.sh(worker("kill", csvpath, 2, 2, dir .. "/v") .. " & echo $!"):match("%d+"))
+    peers.wait_for(function() return #exim:log_lines("<= news@x%.test") > 160 end, 30, "the victim to be sending")
+    os.execute(worker("kill", nil, 2, 2, dir .. "/k2") .. " & echo $! > " .. dir .. "/k2.pid")
+    peers.sleep(0.3)
+    os.execute("kill -9 " .. victim)
+    peers.wait_for(function() return (peers.read_file(dir .. "/k2") or ""):match("^sent") end, 60, "the survivor")
+    local st = assert(require("smtppool.rcampaign").status("redis://127.0.0.1:" .. redis.port, "kill"))
+    assert.equal(600, st.total)
+    assert.equal(0, st.pending + st.claimed)
+    assert.is_true(st.ambiguous <= 2, st.ambiguous .. " ambiguous (the victim had 2 connections)")
+    assert.equal(600, st.sent + st.ambiguous)
+    exim:wait_deliveries(120 + st.sent)
+    for i = 1001, 1600 do
+      local n = #exim:log_lines("=> %S+ <r" .. i .. "@y%.test>")
+      if n ~= 1 then
+        -- only an ambiguous recipient may be missing or doubled
+        local f = {}
+        for _, x in ipairs(st.failures) do f[x.address] = x.letter end
+        assert.equal("A", f["r" .. i .. "@y.test"], ("r%d@y.test delivered %d times"):format(i, n))
+      end
+    end
+  end)
+end)
+
+describe("the command line with a campaign in Redis", function()
+  it("sends as a worker, joins without the list, and shows the status", function()
+    local redis = peers.redis()
+    local f = peers.fault({})
+    local dir = peers.tmpdir()
+    finally(function()
+      redis:stop()
+      f:stop()
+      os.execute("rm -rf " .. peers.quote(dir))
+    end)
+    peers.write_file(dir .. "/cfg.lua", ('return { host = "127.0.0.1", port = %d, tls = "none", from = "n@x.test" }')
+      :format(f.port))
+    local lines = { "email,name" }
+    for i = 1, 30 do lines[#lines + 1] = ("c%d@y.test,C %d"):format(i, i) end
+    peers.write_file(dir .. "/list.csv", table.concat(lines, "\n") .. "\n")
+    peers.write_file(dir .. "/body.txt", "Dear {{name}}\n")
+    local url = "redis://127.0.0.1:" .. redis.port
+    local base = ("lua5.4 bin/smtppool send --config %s/cfg.lua --journal %s --name cli --subject 'Hi {{name}}' "
+      .. "--text %s/body.txt --quiet"):format(dir, url, dir)
+    local out = peers.sh(base .. " --to " .. dir .. "/list.csv 2>&1; echo exit=$?")
+    assert.matches("exit=0", out)
+    -- a second worker, without the list: nothing left, exits 0 at once
+    assert.matches("exit=0", peers.sh(base .. " 2>&1; echo exit=$?"))
+    local st = peers.sh(("lua5.4 bin/smtppool status --journal %s --name cli 2>&1; echo exit=$?"):format(url))
+    assert.matches("campaign cli: 30 recipients, 30 sent, 0 failed %(0 retryable%), 0 ambiguous, 0 pending, 0 claimed",
+      st)
+    assert.matches("exit=0", st)
+    assert.equal(30, #f:select("message"))
+    local missing = peers.sh(("lua5.4 bin/smtppool status --journal %s --name nope 2>&1; echo exit=$?"):format(url))
+    assert.matches("no campaign 'nope'", missing)
+    assert.matches("exit=2", missing)
+  end)
+end)

@@ -1,0 +1,355 @@
+--- A campaign shared through Redis: any number of worker processes, on any
+-- machines, send one list together, each recipient exactly once.
+--
+--     smtppool.campaign{ pool = pool, journal = "redis://10.0.0.5:6379/0", name = "spring-news",
+--                        recipients = "list.csv", message = {...} }:run()
+--
+-- Run the same on every machine (`bin/smtppool send --journal redis://...`,
+-- or `bin/smtppool worker` without a list once it is loaded):
+--
+-- * **Loading** is idempotent: each row is stored under its normalised
+--   address (`HSETNX`) and queued only if it was new, so loading again, or
+--   from several workers at once, adds nothing; duplicates are counted.
+-- * **Claims with a lease.** A worker takes recipients from the queue a
+--   group at a time; each claim is a lease (`lease`, default 30 s) renewed
+--   while the worker lives. A lease that expires (the worker was killed, or
+--   cut off from Redis) puts the recipient back at the front of the queue,
+--   unless its final dot may have left: as in the file journal, `L` is
+--   written before the final dot leaves (the native driver holds the dot
+--   until it is written), and such a recipient becomes `A` (ambiguous), or
+--   is sent again with `resend_in_flight`. After a worker's `kill -9`, at
+--   most one recipient per connection it had open is ambiguous.
+-- * **Outcomes** are the file journal's letters (`S`, `D`, `F`, `T`, `A`),
+--   counted per campaign and per worker; failures are listed with their
+--   reasons (the last 10,000). `retry_failed` puts `T` recipients back.
+-- * A worker returns when nothing is queued or claimed; while others still
+--   hold claims it waits, and takes over any that expire.
+-- * Every time is the Redis server's (`TIME` in the scripts).
+-- * `status(url, name)` reads the campaign's totals, rate and workers from
+--   any machine (`bin/smtppool status`).
+-- @module smtppool.rcampaign
+
+local core = require("smtppool.core")
+local redis = require("smtppool.redis")
+
+local M = {}
+
+local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
+
+-- KEYS[1]: the prefix; ARGV: key, row, key, row... -> {added, duplicates}
+local LOAD = [[
+local p = KEYS[1]
+local added, dup = 0, 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', p .. 'rows', ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('RPUSH', p .. 'q', ARGV[i])
+    added = added + 1
+  else
+    dup = dup + 1
+  end
+end
+redis.call('HINCRBY', p .. 'meta', 'total', added)
+return {added, dup}
+]]
+
+-- KEYS[1]: the prefix; ARGV: worker, n, lease, resend_in_flight
+-- -> {pending, claimed, key, row, state, key, row, state...}
+local CLAIM = [[
+local p = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local final = {S = true, D = true, F = true, A = true}
+-- leases that ran out: a dead or cut-off worker's recipients
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', p .. 'claims', '-inf', now)) do
+  redis.call('ZREM', p .. 'claims', key)
+  redis.call('HDEL', p .. 'owner', key)
+  local st = redis.call('HGET', p .. 'state', key)
+  if st == 'L' and ARGV[4] ~= '1' then
+    redis.call('HSET', p .. 'state', key, 'A')
+    redis.call('HINCRBY', p .. 'stats', 'A', 1)
+    redis.call('RPUSH', p .. 'failures', key .. '\tA\tfinal dot on its way when its worker stopped')
+  elseif not (st and final[st]) then
+    redis.call('LPUSH', p .. 'q', key)
+  end
+end
+local out = {0, 0}
+for _ = 1, tonumber(ARGV[2]) do
+  local key = redis.call('LPOP', p .. 'q')
+  if not key then break end
+  local st = redis.call('HGET', p .. 'state', key)
+  if not (st and final[st]) then
+    redis.call('ZADD', p .. 'claims', now + tonumber(ARGV[3]), key)
+    redis.call('HSET', p .. 'owner', key, ARGV[1])
+    out[#out + 1] = key
+    out[#out + 1] = redis.call('HGET', p .. 'rows', key) or ''
+    out[#out + 1] = st or ''
+  end
+end
+out[1] = redis.call('LLEN', p .. 'q')
+out[2] = redis.call('ZCARD', p .. 'claims')
+redis.call('HSET', p .. 'seen', ARGV[1], now)
+return out
+]]
+
+-- KEYS[1]: the prefix; ARGV: worker, key, letter, info
+local DONE = [[
+local p = KEYS[1]
+redis.call('HSET', p .. 'state', ARGV[2], ARGV[3])
+redis.call('ZREM', p .. 'claims', ARGV[2])
+redis.call('HDEL', p .. 'owner', ARGV[2])
+redis.call('HINCRBY', p .. 'stats', ARGV[3], 1)
+redis.call('HINCRBY', p .. 'w:' .. ARGV[1], ARGV[3], 1)
+if ARGV[3] == 'T' then redis.call('SADD', p .. 'retryable', ARGV[2]) end
+if ARGV[3] == 'F' or ARGV[3] == 'T' or ARGV[3] == 'A' then
+  redis.call('RPUSH', p .. 'failures', ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4])
+  redis.call('LTRIM', p .. 'failures', -10000, -1)
+end
+if redis.call('HEXISTS', p .. 'meta', 'started') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', p .. 'meta', 'started', t[1])
+end
+return 1
+]]
+
+-- KEYS[1]: the prefix; ARGV: lease, keys... (renewed while still claimed)
+local RENEW = [[
+local p = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', p .. 'claims', ARGV[i]) then redis.call('ZADD', p .. 'claims', now + tonumber(ARGV[1]), ARGV[i]) end
+end
+return 1
+]]
+
+-- KEYS[1]: the prefix: T recipients back in the queue
+local RETRY = [[
+local p = KEYS[1]
+local n = 0
+for _, key in ipairs(redis.call('SMEMBERS', p .. 'retryable')) do
+  if redis.call('HGET', p .. 'state', key) == 'T' then
+    redis.call('HDEL', p .. 'state', key)
+    redis.call('RPUSH', p .. 'q', key)
+    n = n + 1
+  end
+  redis.call('SREM', p .. 'retryable', key)
+end
+return n
+]]
+
+local J = {}
+J.__index = J
+
+--- Opens a campaign in Redis.
+-- @tparam string url `redis://host:port/db`
+-- @tparam string name the campaign
+-- @tparam[opt] table o `lease` (seconds, default 30), `resend_in_flight`
+-- @treturn[1] table the journal
+-- @return[2] nil
+-- @treturn[2] string why
+function M.open(url, name, o)
+  local u, uerr = redis.parse_url(url)
+  if not u then return nil, uerr end
+  if type(name) ~= "string" or not name:match("^[%w._:-]+$") then
+    return nil, "a campaign in Redis needs a name (letters, digits, . _ : -)"
+  end
+  o = o or {}
+  -- the backend's connection and script handling, without its limits
+  local b = redis.backend(u, "campaign", nil)({}, {})
+  local j = setmetatable({ b = b, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30,
+    resend = o.resend_in_flight and "1" or "0", held = {}, claim_state = {},
+    worker = ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, J)
+  return j
+end
+
+-- A script's value, waiting (bounded) while Redis is unreachable: a
+-- campaign's bookkeeping must not be skipped.
+function J:_run(name, body, args, patience)
+  local deadline = core.now() + (patience or 120)
+  while true do
+    local v, e = self.b:_call(name, body, { self.p }, args)
+    if v ~= nil then return v end
+    if core.now() >= deadline then return nil, e end
+    self.b.down_until = nil
+    core.wait({}, 0.5)
+  end
+end
+
+--- Loads rows (an iterator of `key, row` with row a string); idempotent.
+-- @treturn[1] number added
+-- @treturn[1] number duplicates (already loaded, or twice in the list)
+function J:load(next_row)
+  local added, dup, batch = 0, 0, {}
+  local function flush()
+    if #batch == 0 then return true end
+    local v, e = self:_run("load", LOAD, batch)
+    if not v then return nil, e end
+    added, dup = added + v[1], dup + v[2]
+    batch = {}
+    return true
+  end
+  for key, row in next_row do
+    batch[#batch + 1] = key
+    batch[#batch + 1] = row
+    if #batch >= 1000 then
+      local ok, e = flush()
+      if not ok then return nil, e end
+    end
+  end
+  local ok, e = flush()
+  if not ok then return nil, e end
+  return added, dup
+end
+
+--- Claims up to n recipients: a list of `{key, row, state}`, and the
+-- campaign's pending and claimed counts.
+function J:claim(n)
+  local v, e = self:_run("claim", CLAIM, { self.worker, tostring(n), tostring(self.lease), self.resend })
+  if not v then return nil, e end
+  local out = {}
+  for i = 3, #v, 3 do
+    out[#out + 1] = { key = v[i], row = v[i + 1], state = v[i + 2] ~= "" and v[i + 2] or nil }
+    self.held[v[i]] = true
+  end
+  return out, v[1], v[2]
+end
+
+--- Records a letter: `L` before a final dot leaves, or an outcome.
+function J:record(letter, key, info)
+  if letter == "P" then return true end -- a claim is the P of this journal
+  if letter == "L" then
+    return self:_run("mark", "redis.call('HSET', KEYS[1] .. 'state', ARGV[1], 'L') return 1", { key })
+  end
+  self.held[key] = nil
+  return self:_run("done", DONE, { self.worker, key, letter, info or "" })
+end
+
+--- Renews the leases of the recipients this worker holds (every lease/3 s).
+function J:renew()
+  local now = core.now()
+  if now - (self.renewed or 0) < self.lease / 3 then return end
+  self.renewed = now
+  local args = { tostring(self.lease) }
+  for k in pairs(self.held) do args[#args + 1] = k end
+  if #args > 1 then self.b:_call("renew", RENEW, { self.p }, args) end
+end
+
+-- KEYS[1]: the prefix; ARGV: keys claimed here and never started
+local UNCLAIM = [[
+local p = KEYS[1]
+for _, key in ipairs(ARGV) do
+  if redis.call('ZREM', p .. 'claims', key) == 1 then
+    redis.call('HDEL', p .. 'owner', key)
+    local st = redis.call('HGET', p .. 'state', key)
+    if not st or st == 'T' or st == 'P' then redis.call('LPUSH', p .. 'q', key) end
+  end
+end
+return 1
+]]
+
+--- Gives back claims this worker will not send (a stop, an outage).
+function J:unclaim(keys)
+  if #keys == 0 then return true end
+  for _, k in ipairs(keys) do self.held[k] = nil end
+  return self:_run("unclaim", UNCLAIM, keys, 10)
+end
+
+--- The campaign's recipients for the pool: an iterator of rows (tables,
+-- `email` set), claimed `n` at a time; `false` while nothing can be claimed
+-- but some are still held (by this worker's connections or by others,
+-- whose leases may run out); nil when nothing is queued or held.
+function J:source(n)
+  local json = require("dkjson")
+  local buf, bi, quiet_until = {}, 0, 0
+  return function()
+    self:renew()
+    if bi >= #buf then
+      if core.now() < quiet_until then return false end
+      local got, pending, claimed = self:claim(n)
+      if not got then error(require("smtppool.errors").new("connection", "Redis: " .. tostring(pending)), 0) end
+      buf, bi = got, 0
+      if #got == 0 then
+        if pending == 0 and claimed == 0 then return nil end
+        quiet_until = core.now() + 0.2
+        return false
+      end
+    end
+    bi = bi + 1
+    local c = buf[bi]
+    local row = type(c.row) == "string" and json.decode(c.row) or nil
+    if type(row) ~= "table" then row = {} end
+    row.email = type(row.email) == "string" and row.email or c.key
+    self.claim_state[c.key] = c.state
+    return row
+  end
+end
+
+--- What the campaign runner asks of an address index: the state each claim
+-- came with (`get`); letters go to `record`.
+function J:states()
+  local cs = self.claim_state
+  return { get = function(_, k) return cs[k] end, set = function() end, count = function() return 0 end,
+           close = function() end }
+end
+
+--- Puts the `T` (transient failure) recipients back in the queue.
+function J:retry_failed()
+  return self:_run("retry", RETRY, {})
+end
+
+function J:close()
+  if self.b.c then self.b.c:close() end
+  self.b.c = nil
+end
+
+--- The campaign's state, from any machine.
+-- @treturn[1] table `total`, `pending`, `claimed`, `sent`, `failed`,
+--   `retryable`, `ambiguous`, `possible_duplicates`, `started` (Unix time),
+--   `workers` (`{name, sent, failed, ambiguous, seen}`), `failures` (the
+--   last ones: `{address, letter, reason}`)
+-- @return[2] nil
+-- @treturn[2] string why
+function M.status(url, name, nfail)
+  local j, e = M.open(url, name)
+  if not j then return nil, e end
+  local p = j.p
+  local function cmd(...)
+    local v = j.b:_cmd(...)
+    return v
+  end
+  local total = cmd("HGET", p .. "meta", "total")
+  if total == nil then
+    j:close()
+    return nil, "redis at " .. url .. " cannot be reached"
+  end
+  if total == false then
+    j:close()
+    return nil, ("no campaign '%s' in %s"):format(name, url)
+  end
+  local stats = {}
+  local flat = cmd("HGETALL", p .. "stats") or {}
+  for i = 1, #flat, 2 do stats[flat[i]] = tonumber(flat[i + 1]) end
+  local st = { total = tonumber(total), pending = cmd("LLEN", p .. "q"), claimed = cmd("ZCARD", p .. "claims"),
+               sent = (stats.S or 0) + (stats.D or 0), possible_duplicates = stats.D or 0,
+               failed = stats.F or 0, retryable = cmd("SCARD", p .. "retryable"), ambiguous = stats.A or 0,
+               started = tonumber(cmd("HGET", p .. "meta", "started") or nil), workers = {}, failures = {} }
+  local seen = cmd("HGETALL", p .. "seen") or {}
+  for i = 1, #seen, 2 do
+    local w = { name = seen[i], seen = tonumber(seen[i + 1]) }
+    local ws = cmd("HGETALL", p .. "w:" .. seen[i]) or {}
+    local c = {}
+    for k = 1, #ws, 2 do c[ws[k]] = tonumber(ws[k + 1]) end
+    w.sent, w.failed, w.ambiguous = (c.S or 0) + (c.D or 0), (c.F or 0) + (c.T or 0), c.A or 0
+    st.workers[#st.workers + 1] = w
+  end
+  table.sort(st.workers, function(a, b) return a.name < b.name end)
+  for _, line in ipairs(cmd("LRANGE", p .. "failures", -(nfail or 20), -1) or {}) do
+    local a, l, r = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
+    st.failures[#st.failures + 1] = { address = a, letter = l, reason = r }
+  end
+  j:close()
+  return st
+end
+
+M._unpack = unpack
+return M
