@@ -212,6 +212,41 @@ describe("a campaign shared through Redis", function()
   end)
 end)
 
+describe("a campaign in Redis across a Redis restart", function()
+  it("loses and doubles nothing when redis-server restarts mid-run (persistence on)", function()
+    local redis = peers.redis({ persist = true })
+    local f = peers.fault({})
+    local dir = peers.tmpdir()
+    finally(function()
+      redis:stop()
+      f:stop()
+      os.execute("rm -rf " .. peers.quote(dir))
+    end)
+    local lines = { "email,name" }
+    for i = 1, 400 do lines[#lines + 1] = ("z%d@y.test,Z %d"):format(i, i) end
+    peers.write_file(dir .. "/list.csv", table.concat(lines, "\n") .. "\n")
+    local cmd = ("lua5.4 tests/support/rcampaign_child.lua %d %d restart %s 2 30 >%s 2>&1 & echo $!"):format(f.port,
+      redis.port, dir .. "/list.csv", dir .. "/out")
+    peers.sh(cmd)
+    peers.wait_for(function() return #f:select("message") >= 50 end, 30, "the worker to be sending")
+    redis:kill() -- SIGTERM: the append-only file is complete
+    peers.sleep(0.5)
+    redis:start()
+    peers.wait_for(function() return (peers.read_file(dir .. "/out") or ""):match("^sent") end, 120, "the worker")
+    local seen = {}
+    for _, m in ipairs(f:select("message")) do
+      local to = m.rcpt and m.rcpt[1] or (m.envelope and m.envelope.rcpt_tos and m.envelope.rcpt_tos[1])
+      if to then seen[to] = (seen[to] or 0) + 1 end
+    end
+    for i = 1, 400 do
+      assert.equal(1, seen["z" .. i .. "@y.test"], "z" .. i .. "@y.test")
+    end
+    local st = assert(require("smtppool.rcampaign").status("redis://127.0.0.1:" .. redis.port, "restart"))
+    assert.equal(400, st.sent)
+    assert.equal(0, st.ambiguous)
+  end)
+end)
+
 describe("the command line with a campaign in Redis", function()
   it("sends as a worker, joins without the list, and shows the status", function()
     local redis = peers.redis()
