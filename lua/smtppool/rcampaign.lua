@@ -91,9 +91,11 @@ redis.call('HSET', p .. 'seen', ARGV[1], now)
 return out
 ]]
 
--- KEYS[1]: the prefix; ARGV: worker, key, letter, info
+-- KEYS[1]: the prefix; ARGV: worker, key, letter, info. Idempotent: a
+-- call repeated because its reply was lost (Redis restarting) counts once.
 local DONE = [[
 local p = KEYS[1]
+if redis.call('HGET', p .. 'state', ARGV[2]) == ARGV[3] then return 0 end
 redis.call('HSET', p .. 'state', ARGV[2], ARGV[3])
 redis.call('ZREM', p .. 'claims', ARGV[2])
 redis.call('HDEL', p .. 'owner', ARGV[2])
