@@ -269,7 +269,9 @@ describe("the command line with a campaign in Redis", function()
     local out = peers.sh(base .. " --to " .. dir .. "/list.csv 2>&1; echo exit=$?")
     assert.matches("exit=0", out)
     -- a second worker, without the list: nothing left, exits 0 at once
-    assert.matches("exit=0", peers.sh(base .. " 2>&1; echo exit=$?"))
+    assert.matches("exit=0", peers.sh(base:gsub(" send ", " worker ", 1) .. " 2>&1; echo exit=$?"))
+    assert.matches("worker needs %-%-journal redis", peers.sh(("lua5.4 bin/smtppool worker --config %s/cfg.lua "
+      .. "--subject x --text %s/body.txt 2>&1"):format(dir, dir)))
     local st = peers.sh(("lua5.4 bin/smtppool status --journal %s --name cli 2>&1; echo exit=$?"):format(url))
     assert.matches("campaign cli: 30 recipients, 30 sent, 0 failed %(0 retryable%), 0 ambiguous, 0 pending, 0 claimed",
       st)
