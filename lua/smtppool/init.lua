@@ -189,6 +189,7 @@ function M._build(opts, driver, shared)
     prep = { signers = signers },       -- what preparing a message needs: keys, their cache
     retry = opts.retry or retry.backoff(),
     limits = lim,                       -- rate windows, connection slots, shared caps (smtppool.limits)
+    auth_gate = opts.auth ~= nil and lim.windows ~= nil and lim.windows.auth ~= nil, -- logins counted at AUTH
     on_event = opts.on_event,
     conns = {},                         -- connection records (see smtppool.scheduler)
     learner = policy.learner(cfg.cap_recover_after),
@@ -366,6 +367,10 @@ function Pool:verify()
   local result
   while rec.state ~= "gone" do
     local left = deadline - self.driver.now()
+    if rec.auth_wait then -- its login waits for the AUTH window
+      local w = self:_auth_go(rec, self.driver.now())
+      if w > 0 then left = math.min(left, w) end
+    end
     if left <= 0 then
       rec.c:abort("verify: no answer in time")
       left = 0

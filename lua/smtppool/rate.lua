@@ -38,6 +38,14 @@ function Window:spend(now)
   end
 end
 
+--- The margin a window of `per` seconds is kept with: 1 % of it, at least
+-- 20 ms. The pool counts an event when it starts it; the server sees it a
+-- little later, later by more or less (a handshake, a busy scheduler), so
+-- two events `per` apart at the pool can arrive less than `per` apart.
+-- Measured: a `{10, 1}` AUTH window across four processes showed 11 logins
+-- within one second at the server without it (arrival jitter under 10 ms).
+function M.margin(per) return math.max(0.02, per * 0.01) end
+
 --- Builds the pool's windows from its `rate` option.
 -- Each limit is a number per the unit its name gives, or `{limit, per_seconds}`
 -- for another window length: `connections_per_min = 300`,
@@ -64,7 +72,7 @@ function M.from_options(rate)
           s[2] and "" or " pair {limit, per_seconds}"), 4)
       end
       if out[s[1]] then error(("smtppool.new: rate limit for %s given twice"):format(s[1]), 4) end
-      out[s[1]] = M.window(limit, per, s[1])
+      out[s[1]] = M.window(limit, per + M.margin(per), s[1])
     end
   end
   return out

@@ -117,10 +117,26 @@ function S:_senders()
 end
 
 -- The windows a new connection spends from.
-local CONNECT, CONNECT_AUTH, MESSAGE = { "connections" }, { "connections", "auth" }, { "messages" }
+local CONNECT, CONNECT_AUTH, MESSAGE, AUTH = { "connections" }, { "connections", "auth" }, { "messages" },
+  { "auth" }
 
+-- With an AUTH window, a login is counted when its AUTH command leaves
+-- (the session waits at "auth" for the pool), not when its connection
+-- opens: the server sees logins a handshake after the connect, and
+-- handshakes vary, so counting at connect could let the server see more
+-- than the window in some stretch.
 function S:_connect_windows()
-  return self.auth and CONNECT_AUTH or CONNECT
+  return (self.auth and not self.auth_gate) and CONNECT_AUTH or CONNECT
+end
+
+-- Spends the AUTH window for a connection waiting at "auth" and lets it
+-- go; returns 0, or the seconds until the window allows it.
+function S:_auth_go(rec, t)
+  local w = self.limits:take(AUTH, t)
+  if w > 0 then return w end
+  rec.auth_wait = nil
+  rec.c:auth_go()
+  return 0
 end
 
 -- Opens a connection. The caller has taken its slot (conn_acquire) and its
@@ -132,6 +148,7 @@ function S:_open(t, job)
     if not cred then return nil, e end
     self.conn_opts.auth = cred
   end
+  self.conn_opts.auth_gate = self.auth_gate or nil
   local c, e = self.driver.open(self.conn_opts)
   self.conn_opts.auth = nil
   if not c then return nil, e end
@@ -278,6 +295,9 @@ function S:_dispatch(run, rec, entry, t)
         rec.last_used = t
       end
       if rec.retire then self:_quit(rec, "exhausted") end
+    elseif ev == "auth" then
+      rec.auth_wait = true
+      self:_auth_go(rec, t)
     elseif ev == "next" then
       if rec.state == "busy" then rec.state = "pipelining" end
       local j = rec.job
@@ -536,6 +556,7 @@ function S:_run(next_msg, on_result, opts)
     -- Idle connections: retire, check or load them. A fresh connection
     -- that just became ready takes the message bound to it first.
     for _, rec in ipairs({ unpack(self.conns) }) do
+      if rec.auth_wait then held("auth", self:_auth_go(rec, t)) end
       if rec.state == "idle" and rec.job then
         local job = rec.job
         rec.job = nil

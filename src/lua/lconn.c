@@ -101,6 +101,9 @@ static int l_connect(lua_State *L)
             return luaL_error(L, "unknown tls_mode '%s'", mode);
     }
     o.server_name = sp_l_opt_string(L, 1, "server_name");
+    lua_getfield(L, 1, "auth_gate");
+    o.session.auth_gate = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     if (sp_l_read_auth(L, 1, &o.session) < 0)
         return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     lconn *lc = lua_newuserdata(L, sizeof *lc);

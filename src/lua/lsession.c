@@ -158,6 +158,13 @@ static int l_valid_helo(lua_State *L)
     return 1;
 }
 
+/* x:auth_go(): after an "auth" event (auth_gate), the AUTH command is queued. */
+static int s_auth_go(lua_State *L)
+{
+    lua_pushboolean(L, sp_session_auth_go(sp_l_check_session(L, 1)) == 0);
+    return 1;
+}
+
 static int s_tls_active(lua_State *L)
 {
     lua_pushboolean(L, sp_session_tls_active(sp_l_check_session(L, 1)));
@@ -361,6 +368,9 @@ static int l_session(lua_State *L)
             o.starttls = !strcmp(st, "required") ? SP_STARTTLS_REQUIRED : SP_STARTTLS_OPPORTUNISTIC;
         lua_getfield(L, 1, "tls_active");
         o.tls_active = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        lua_getfield(L, 1, "auth_gate");
+        o.auth_gate = lua_toboolean(L, -1);
         lua_pop(L, 1);
         if (sp_l_read_auth(L, 1, &o) < 0)
             return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
@@ -658,7 +668,7 @@ static int ss_gc(lua_State *L)
 const luaL_Reg sp_l_session_common[] = {
     {"state", s_state}, {"phase", s_phase}, {"caps", s_caps},   {"tx", s_tx},
     {"error", s_error}, {"noop", s_noop},   {"quit", s_quit},   {"auth_mechanism", s_auth_mech},
-    {"tls_active", s_tls_active},
+    {"tls_active", s_tls_active}, {"auth_go", s_auth_go},
     {NULL, NULL}};
 
 void sp_lua_open_session(lua_State *L)

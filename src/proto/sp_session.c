@@ -40,7 +40,7 @@ typedef struct awaited {
 static const char *const state_names[] = {"greeting", "ehlo",   "helo", "ready",  "tx",     "body",
                                           "data_end", "rset",   "noop", "quit",   "closed", "dead",
                                           "starttls", "tls",    "auth"};
-static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls", "next"};
+static const char *const event_names[] = {"none", "ready", "body", "tx", "error", "closed", "tls", "next", "auth"};
 
 const char *sp_state_name(sp_state st)
 {
@@ -80,6 +80,7 @@ struct sp_session {
     awaited *aw;
     size_t aw_head, aw_len, aw_cap;
     int starttls, tls_active, allow_plaintext_auth;
+    int auth_gate, auth_waiting, auth_mech_chosen; /* AUTH waits for sp_session_auth_go */
     char *auth_user, *auth_secret;
     unsigned auth_want, auth_mech;
     int auth_step, authed;
@@ -333,6 +334,7 @@ sp_session *sp_session_new(const sp_session_opts *opts)
         s->starttls = opts->starttls;
         s->tls_active = opts->tls_active;
         s->allow_plaintext_auth = opts->allow_plaintext_auth;
+        s->auth_gate = opts->auth_gate;
         s->auth_want = opts->auth_mech;
         if (opts->auth_user) {
             s->auth_user = strdup(opts->auth_user);
@@ -606,7 +608,27 @@ static int start_auth(sp_session *s)
         die_msg(s, SP_KIND_AUTH, SP_PHASE_AUTH, t);
         return -1;
     }
+    if (s->auth_gate) {
+        /* the driver's caller spends its login window now, then lets it go */
+        s->auth_waiting = 1;
+        s->auth_mech_chosen = (int)m;
+        set_state(s, SP_ST_AUTH);
+        push_event(s, SP_EV_AUTH);
+        return 0;
+    }
     if (auth_begin(s, m) < 0) {
+        die_oom(s);
+        return -1;
+    }
+    return 0;
+}
+
+int sp_session_auth_go(sp_session *s)
+{
+    if (!s->auth_waiting)
+        return -1;
+    s->auth_waiting = 0;
+    if (auth_begin(s, (unsigned)s->auth_mech_chosen) < 0) {
         die_oom(s);
         return -1;
     }

@@ -32,10 +32,11 @@ typedef enum sp_event {
     SP_EV_ERROR,   /* the session is dead (sp_session_error): close, never reuse */
     SP_EV_CLOSED,  /* QUIT was answered or the server closed after QUIT */
     SP_EV_TLS,     /* STARTTLS accepted: handshake, then sp_session_tls_done */
-    SP_EV_NEXT     /* PIPELINING: the final dot is queued; the next transaction may
+    SP_EV_NEXT,    /* PIPELINING: the final dot is queued; the next transaction may
                       start now, before that dot's reply (RFC 2920) */
+    SP_EV_AUTH     /* with auth_gate: AUTH is ready to go; sp_session_auth_go sends it */
 } sp_event;
-/* "ready", "body", "tx", "error", "closed", "tls", "next" ("none" for SP_EV_NONE). */
+/* "ready", "body", "tx", "error", "closed", "tls", "next", "auth" ("none" for SP_EV_NONE). */
 const char *sp_event_name(sp_event e);
 
 typedef enum sp_state {
@@ -115,6 +116,8 @@ typedef struct sp_session_opts {
     const char *auth_secret;
     unsigned auth_mech;        /* one SP_AUTH_* to insist on, 0 to pick the strongest shared */
     int allow_plaintext_auth;  /* credentials over a connection without TLS */
+    int auth_gate;             /* AUTH waits for sp_session_auth_go (SP_EV_AUTH): the caller spends
+                                  a login window when the AUTH command really leaves */
 } sp_session_opts;
 
 typedef struct sp_session sp_session;
@@ -156,6 +159,8 @@ int sp_session_body_end(sp_session *s, sp_error *err);
 int sp_session_noop(sp_session *s, sp_error *err);
 int sp_session_rset(sp_session *s, sp_error *err);
 int sp_session_quit(sp_session *s);
+/* After SP_EV_AUTH (auth_gate): send AUTH now. -1 when AUTH was not waiting. */
+int sp_session_auth_go(sp_session *s);
 /* The driver finished the TLS handshake after SP_EV_TLS: EHLO again. */
 void sp_session_tls_done(sp_session *s);
 

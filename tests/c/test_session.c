@@ -334,6 +334,33 @@ static void eof_before_dot_written_is_not_ambiguous(void **state)
     sp_session_free(s);
 }
 
+/* auth_gate: the session stops before AUTH (SP_EV_AUTH) until the caller
+ * has spent its login window and says go. */
+static void auth_waits_for_the_gate(void **state)
+{
+    (void)state;
+    sp_session_opts o;
+    memset(&o, 0, sizeof o);
+    o.helo = "client.test";
+    o.auth_user = "alice";
+    o.auth_secret = "s3cret";
+    o.allow_plaintext_auth = 1;
+    o.auth_gate = 1;
+    sp_session *s = sp_session_new(&o);
+    feed(s, "220 mx.test\r\n");
+    assert_string_equal(take(s), "EHLO client.test\r\n");
+    feed(s, "250-mx.test\r\n250 AUTH PLAIN\r\n");
+    EXPECT(s, SP_EV_AUTH);
+    assert_string_equal(take(s), ""); /* nothing leaves before the gate opens */
+    assert_int_equal(sp_session_phase(s), SP_PHASE_NONE); /* no reply awaited: no timeout runs */
+    assert_int_equal(sp_session_auth_go(s), 0);
+    assert_int_equal(sp_session_auth_go(s), -1); /* once */
+    assert_string_equal(take(s), "AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n");
+    feed(s, "235 ok\r\n");
+    EXPECT(s, SP_EV_READY);
+    sp_session_free(s);
+}
+
 static void malformed_reply_per_phase(void **state)
 {
     (void)state;
@@ -530,6 +557,7 @@ int main(void)
         cmocka_unit_test(pipelined_group),
         cmocka_unit_test(next_transaction_pipelined),
         cmocka_unit_test(next_transaction_failures),
+        cmocka_unit_test(auth_waits_for_the_gate),
         cmocka_unit_test(pipelined_all_rejected_then_354),
         cmocka_unit_test(helo_fallback),
         cmocka_unit_test(mail_421_kills_session),

@@ -367,6 +367,21 @@ describe("rate limits", function()
     assert.is_true(waits > 0)
   end)
 
+  it("counts a login when its AUTH leaves: the server never sees more than the AUTH window", function()
+    local f = peers.fault({ xoauth2_tokens = { "good" } })
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 3,
+      max_messages_per_conn = 1, auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
+      rate = { auth = { 3, 1 } } })
+    local _, summary = batch(pool, messages(12))
+    pool:close()
+    local times = {}
+    for _, e in ipairs(f:select("auth")) do times[#times + 1] = e.t end
+    f:stop()
+    assert.equal(12, summary.sent)
+    assert.equal(12, #times)
+    assert.is_true(max_in_window(times, 1) <= 3, "the server saw more than 3 logins in a second")
+  end)
+
   it("keeps the connection window with replacements opened ahead of the cap", function()
     local f = peers.fault({})
     local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 2,

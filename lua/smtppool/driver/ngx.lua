@@ -178,6 +178,12 @@ function H:quit()
   self:_kick()
 end
 
+function H:auth_go()
+  self.s:auth_go()
+  self:_collect()
+  self:_kick()
+end
+
 function H:noop()
   self.s:noop()
   self:_kick()
