@@ -168,6 +168,8 @@ bench: all $(BUILD)/sink
 	@$(LUA) bench/soak.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/campaign_rss.lua $(BUILD)/sink
+	@echo
+	@$(LUA) bench/redis_campaign.lua
 
 # Coverage-guided fuzzing of the reply reader, protocol machine and codecs
 # (libFuzzer with ASan and UBSan); FUZZ_TIME seconds per target.
