@@ -329,6 +329,11 @@ function S:_dispatch(run, rec, entry, t)
           self:_finish(run, job, res)
         else
           if policy.exhausted(job.seq, err) then
+            -- Sessions still open that carried more than this one are
+            -- evidence against a cap at its count (a real cap never lets one).
+            for _, other in ipairs(self.conns) do
+              if other ~= rec and other.sent > job.seq - 1 then self.learner:note_session(other.sent) end
+            end
             local learned = self.learner:observe(job.seq - 1, t)
             if learned then
               self.limits:publish_cap(learned, self.cfg.cap_recover_after)
