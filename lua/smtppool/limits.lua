@@ -63,12 +63,13 @@ function Local.cap() return nil end
 function Local.publish_cap() end
 function Local.refresh() end
 
---- The limits a pool's options ask for: `rate` windows, in `shared` when given.
+--- The limits a pool's options ask for: `rate` windows, in `shared` when
+-- given, or in Redis when `rate.backend` names it.
 -- @tparam table opts the pool's options (`rate`, and `max_conns` for shared backends)
--- @tparam[opt] string driver_name the driver the pool runs on
 -- @param[opt] shared a backend constructor `function(specs, opts)` (specs: name
 --   -> `{limit, per}`), e.g. `smtppool.shdict.backend(...)`
--- @return a backend
+-- @tparam[opt] string driver_name the driver the pool runs on (`"ngx"`: Redis over cosockets)
+-- @return a backend, or nil and a `config` error
 function M.from_options(opts, shared, driver_name)
   local windows = rate.from_options(opts.rate)
   local r = opts.rate
