@@ -22,9 +22,7 @@ end
 local redis = peers.redis({ persist = true })
 local exim = peers.exim({ max_per_conn = 5 })
 local dir = peers.tmpdir()
-local lines = { "email,name" }
-for i = 1, N do lines[#lines + 1] = ("b%d@y.test,Reader %d"):format(i, i) end
-peers.write_file(dir .. "/list.csv", table.concat(lines, "\n") .. "\n")
+peers.write_list(dir .. "/list.csv", "b", 1, N)
 
 local function worker(i, list)
   return tonumber(peers.sh(("lua5.4 tests/support/rcampaign_child.lua %d %d bench %s 2 30 >%s/w%d 2>&1 & echo $!")
@@ -83,12 +81,7 @@ os.execute(table.concat(cmds, " ") .. " wait")
 local took = core.now() - a0
 local times = {}
 for _, e in ipairs(f:select("auth")) do times[#times + 1] = e.t end
-table.sort(times)
-local most, j = 0, 1
-for i = 1, #times do
-  while times[i] - times[j] >= PER do j = j + 1 end
-  most = math.max(most, i - j + 1)
-end
+local most = peers.max_in_window(times, PER)
 -- the ceiling: LIMIT logins at once, then LIMIT more each PER seconds
 local ceiling = #times <= LIMIT and #times or (#times - LIMIT) / LIMIT * PER
 print(("auth window {%d, %ds} shared by 4 processes: %d logins in %.2f s, at most %d in any %ds window; "

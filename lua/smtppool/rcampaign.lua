@@ -34,8 +34,6 @@ local redis = require("smtppool.redis")
 
 local M = {}
 
-local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
-
 -- KEYS[1]: the prefix; ARGV: key, row, key, row... -> {added, duplicates}
 local LOAD = [[
 local p = KEYS[1]
@@ -353,5 +351,4 @@ function M.status(url, name, nfail)
   return st
 end
 
-M._unpack = unpack
 return M

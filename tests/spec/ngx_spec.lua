@@ -56,16 +56,7 @@ local function count(lines, pattern)
   return k
 end
 
--- The largest number of events (times, sorted) inside any window of `per` seconds.
-local function max_in_window(times, per)
-  table.sort(times)
-  local best, j = 0, 1
-  for i = 1, #times do
-    while times[i] - times[j] >= per do j = j + 1 end
-    best = math.max(best, i - j + 1)
-  end
-  return best
-end
+local max_in_window = peers.max_in_window
 
 describe("the pool inside nginx, 4 workers", function()
   local ngx, exim, keydir

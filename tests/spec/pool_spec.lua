@@ -339,15 +339,7 @@ end)
 describe("rate limits", function()
   -- Largest number of events in any window of `per` seconds (with a small
   -- allowance for loopback jitter between the client's clock and the log).
-  local function max_in_window(times, per)
-    table.sort(times)
-    local best, j = 0, 1
-    for i = 1, #times do
-      while times[i] - times[j] >= per - 0.02 do j = j + 1 end
-      best = math.max(best, i - j + 1)
-    end
-    return best
-  end
+  local function max_in_window(times, per) return peers.max_in_window(times, per - 0.02) end
 
   it("never opens more connections than the window allows, and still completes", function()
     local f = peers.fault({})

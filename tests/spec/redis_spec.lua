@@ -5,15 +5,7 @@ local peers = require("peers")
 local smtppool = require("smtppool")
 local core = require("smtppool.core")
 
-local function max_in_window(times, per)
-  table.sort(times)
-  local best, j = 0, 1
-  for i = 1, #times do
-    while times[i] - times[j] >= per do j = j + 1 end
-    best = math.max(best, i - j + 1)
-  end
-  return best
-end
+local max_in_window = peers.max_in_window
 
 -- Runs children at once; returns their outputs.
 local function children(list)
@@ -147,14 +139,6 @@ describe("a campaign shared through Redis", function()
     os.execute("rm -rf " .. peers.quote(dir))
   end)
 
-  local function list(path, from, to, extra)
-    local f = assert(io.open(path, "wb"))
-    f:write("email,name\n")
-    for i = from, to do f:write(("r%d@y.test,Reader %d\n"):format(i, i)) end
-    f:write(extra or "")
-    f:close()
-  end
-
   local function worker(name, csvpath, conns, lease, out)
     return ("lua5.4 tests/support/rcampaign_child.lua %d %d %s %s %d %d >%s 2>&1"):format(exim.port, redis.port,
       name, csvpath or "-", conns, lease, out)
@@ -162,7 +146,7 @@ describe("a campaign shared through Redis", function()
 
   it("sends each recipient once across two workers; loading again adds nothing", function()
     local csvpath = dir .. "/a.csv"
-    list(csvpath, 1, 120, "R5@Y.test,Duplicate\n")
+    peers.write_list(csvpath, "r", 1, 120, "R5@Y.test,Duplicate\n")
     os.execute(worker("two", csvpath, 2, 30, dir .. "/w1") .. " & " .. worker("two", csvpath, 2, 30, dir .. "/w2")
       .. " & wait")
     local o1, o2 = peers.read_file(dir .. "/w1"), peers.read_file(dir .. "/w2")
@@ -186,7 +170,7 @@ describe("a campaign shared through Redis", function()
 
   it("survives a worker's kill -9: the rest is sent once, ambiguous at most its connections", function()
     local csvpath = dir .. "/b.csv"
-    list(csvpath, 1001, 1600)
+    peers.write_list(csvpath, "r", 1001, 1600)
     -- the victim loads the list and starts; a second worker joins; the victim dies
     local victim = tonumber(peers.sh(worker("kill", csvpath, 2, 2, dir .. "/v") .. " & echo $!"):match("%d+"))
     peers.wait_for(function() return #exim:log_lines("<= news@x%.test") > 160 end, 30, "the victim to be sending")
@@ -212,19 +196,21 @@ describe("a campaign shared through Redis", function()
   end)
 end)
 
+-- A redis-server, a fault server and a folder, all gone when the test ends.
+local function redis_fault_dir(redis_opts)
+  local redis, f, dir = peers.redis(redis_opts), peers.fault({}), peers.tmpdir()
+  finally(function()
+    redis:stop()
+    f:stop()
+    os.execute("rm -rf " .. peers.quote(dir))
+  end)
+  return redis, f, dir
+end
+
 describe("a campaign in Redis across a Redis restart", function()
   it("loses and doubles nothing when redis-server restarts mid-run (persistence on)", function()
-    local redis = peers.redis({ persist = true })
-    local f = peers.fault({})
-    local dir = peers.tmpdir()
-    finally(function()
-      redis:stop()
-      f:stop()
-      os.execute("rm -rf " .. peers.quote(dir))
-    end)
-    local lines = { "email,name" }
-    for i = 1, 400 do lines[#lines + 1] = ("z%d@y.test,Z %d"):format(i, i) end
-    peers.write_file(dir .. "/list.csv", table.concat(lines, "\n") .. "\n")
+    local redis, f, dir = redis_fault_dir({ persist = true })
+    peers.write_list(dir .. "/list.csv", "z", 1, 400)
     local cmd = ("lua5.4 tests/support/rcampaign_child.lua %d %d restart %s 2 30 >%s 2>&1 & echo $!"):format(f.port,
       redis.port, dir .. "/list.csv", dir .. "/out")
     peers.sh(cmd)
@@ -234,10 +220,7 @@ describe("a campaign in Redis across a Redis restart", function()
     redis:start()
     peers.wait_for(function() return (peers.read_file(dir .. "/out") or ""):match("^sent") end, 120, "the worker")
     local seen = {}
-    for _, m in ipairs(f:select("message")) do
-      local to = m.rcpt and m.rcpt[1] or (m.envelope and m.envelope.rcpt_tos and m.envelope.rcpt_tos[1])
-      if to then seen[to] = (seen[to] or 0) + 1 end
-    end
+    for _, m in ipairs(f:select("message")) do seen[m.rcpt[1]] = (seen[m.rcpt[1]] or 0) + 1 end
     for i = 1, 400 do
       assert.equal(1, seen["z" .. i .. "@y.test"], "z" .. i .. "@y.test")
     end
@@ -249,19 +232,10 @@ end)
 
 describe("the command line with a campaign in Redis", function()
   it("sends as a worker, joins without the list, and shows the status", function()
-    local redis = peers.redis()
-    local f = peers.fault({})
-    local dir = peers.tmpdir()
-    finally(function()
-      redis:stop()
-      f:stop()
-      os.execute("rm -rf " .. peers.quote(dir))
-    end)
+    local redis, f, dir = redis_fault_dir()
     peers.write_file(dir .. "/cfg.lua", ('return { host = "127.0.0.1", port = %d, tls = "none", from = "n@x.test" }')
       :format(f.port))
-    local lines = { "email,name" }
-    for i = 1, 30 do lines[#lines + 1] = ("c%d@y.test,C %d"):format(i, i) end
-    peers.write_file(dir .. "/list.csv", table.concat(lines, "\n") .. "\n")
+    peers.write_list(dir .. "/list.csv", "c", 1, 30)
     peers.write_file(dir .. "/body.txt", "Dear {{name}}\n")
     local url = "redis://127.0.0.1:" .. redis.port
     local base = ("lua5.4 bin/smtppool send --config %s/cfg.lua --journal %s --name cli --subject 'Hi {{name}}' "

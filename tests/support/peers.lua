@@ -225,6 +225,25 @@ function Exim:stop()
   os.execute("rm -rf " .. q(self.dir))
 end
 
+--- The largest number of events (times, in seconds) inside any window of
+-- `per` seconds: what a server's log says of a rate window.
+function M.max_in_window(times, per)
+  table.sort(times)
+  local best, j = 0, 1
+  for i = 1, #times do
+    while times[i] - times[j] >= per do j = j + 1 end
+    best = math.max(best, i - j + 1)
+  end
+  return best
+end
+
+--- Writes a recipients CSV (email,name): prefix<from>@y.test .. prefix<to>@y.test, then `extra`.
+function M.write_list(path, prefix, from, to, extra)
+  local lines = { "email,name" }
+  for i = from, to do lines[#lines + 1] = ("%s%d@y.test,Reader %d"):format(prefix, i, i) end
+  M.write_file(path, table.concat(lines, "\n") .. "\n" .. (extra or ""))
+end
+
 ---------------------------------------------------------------- redis
 
 local Redis = {}
