@@ -13,8 +13,11 @@ are C (OpenSSL for TLS); the pool is Lua.
 ]],
    license = "MIT",
 }
--- The Lua modules run under Lua 5.4 and LuaJIT 2.1 (the Lua 5.1 API):
--- `make test` runs every spec under both. The CLI needs argparse and dkjson.
+-- The Lua modules run under Lua 5.1, LuaJIT 2.1 and Lua 5.4:
+-- tests/spec/rockspec_spec.lua builds this rockspec with LuaRocks for each
+-- and loads it, and `make test` runs every spec under Lua 5.4 and LuaJIT.
+-- For LuaJIT, pass LUA_INCDIR=/usr/include/luajit-2.1. The CLI needs
+-- argparse and dkjson.
 dependencies = {
    "lua >= 5.1, < 5.5",
    "argparse",

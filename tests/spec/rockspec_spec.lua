@@ -1,5 +1,7 @@
 -- The rockspec tells the truth about the tree: every Lua module and every C
--- source is in it, and the CLI is installed.
+-- source is in it, and the CLI is installed. LuaRocks itself lints it, builds
+-- and installs it into a private tree for Lua 5.4, Lua 5.1 and LuaJIT, and
+-- each interpreter then loads it from another folder.
 local peers = require("peers")
 
 describe("the rockspec", function()
@@ -28,5 +30,51 @@ describe("the rockspec", function()
     end
     assert.equal("bin/smtppool", spec.build.install.bin.smtppool)
     assert.matches("lua >= 5%.1", spec.dependencies[1])
+  end)
+
+  -- LuaRocks builds in the source folder (objects next to the sources): it
+  -- works on a copy of the tree, never on the checkout.
+  local function luarocks(args)
+    return peers.sh("cd " .. args.dir .. " && env -u LD_PRELOAD luarocks " .. args.cmd .. " 2>&1; echo rc=$?")
+  end
+
+  it("passes luarocks lint, and luarocks make installs a tree each interpreter loads from elsewhere", function()
+    assert.truthy(peers.sh("command -v luarocks"):match("luarocks"), "luarocks is missing: make deps installs it")
+    local root = peers.sh("pwd"):gsub("%s+$", "")
+    local src = peers.tmpdir()
+    peers.sh(("tar -C %s -cf - --exclude=./.git --exclude=./build --exclude=./doc --exclude='*.o' --exclude='*.so' . "
+      .. "| tar -C %s -xf -"):format(peers.quote(root), peers.quote(src)))
+    local lint = luarocks({ dir = peers.quote(src), cmd = "lint rockspec/smtppool-scm-1.rockspec" })
+    assert.matches("rc=0\n$", lint)
+    local probe = peers.tmpdir() .. "/probe.lua"
+    peers.write_file(probe, [[
+local s = require("smtppool")
+local p = assert(s.new{ host = "127.0.0.1", tls = "none" })
+p:close()
+local m = assert(require("smtppool.message").compose{ from = "a@x.test", to = "b@y.test", subject = "s", text = "t" })
+print((jit and "luajit" or _VERSION) .. " " .. s._VERSION .. " " .. #m)
+]])
+    for _, v in ipairs({
+      { lua = "5.4", interp = "lua5.4", want = "^Lua 5%.4 %d" },
+      { lua = "5.1", interp = "lua5.1", want = "^Lua 5%.1 %d" },
+      { lua = "5.1", interp = "env -u LD_PRELOAD " .. root .. "/build/jit_host", want = "^luajit %d",
+        flags = " LUA_INCDIR=/usr/include/luajit-2.1" },
+    }) do
+      local tree = peers.tmpdir()
+      local out = luarocks({ dir = peers.quote(src), cmd = ("--lua-version %s make --tree %s --deps-mode none "
+        .. "rockspec/smtppool-scm-1.rockspec%s"):format(v.lua, peers.quote(tree), v.flags or "") })
+      assert.matches("rc=0\n$", out)
+      local lmod, cmod = tree .. "/share/lua/" .. v.lua, tree .. "/lib/lua/" .. v.lua
+      -- the C module only where C modules go: no stray copy among the Lua files
+      assert.equal("", peers.sh("find " .. peers.quote(lmod) .. " -name '*.so'"))
+      assert.truthy(peers.read_file(cmod .. "/smtppool/core.so"))
+      local env = ("cd / && LUA_PATH='%s/?.lua;%s/?/init.lua' LUA_CPATH='%s/?.so' "):format(lmod, lmod, cmod)
+      local got = peers.sh(env .. v.interp .. " " .. peers.quote(probe) .. " 2>&1")
+      assert.matches(v.want, got)
+      -- the CLI, through LuaRocks' wrapper (argparse and dkjson from Debian)
+      assert.matches("Usage: smtppool", peers.sh(peers.quote(tree .. "/bin/smtppool") .. " --help 2>&1"))
+      os.execute("rm -rf " .. peers.quote(tree))
+    end
+    os.execute("rm -rf " .. peers.quote(src))
   end)
 end)
