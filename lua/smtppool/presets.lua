@@ -45,6 +45,49 @@ M.ses_sandbox = {
   date = "2026-11",
 }
 
+--- Twilio SendGrid SMTP relay: up to 5,000 messages per SMTP connection and
+-- 10,000 concurrent connections from one server. The login is the literal
+-- user `apikey` with an API key as the password: pass
+-- `auth = { password = key }` and the user comes from the preset.
+M.sendgrid = {
+  host = "smtp.sendgrid.net", port = 587, tls = "starttls",
+  max_messages_per_conn = 5000,
+  auth = { user = "apikey" },
+  source = "Twilio SendGrid docs, \"Integrating with the SMTP API\" (Rate limits) "
+    .. "https://www.twilio.com/docs/sendgrid/for-developers/sending-email/integrating-with-the-smtp-api",
+  date = "2026-11",
+}
+
+--- Microsoft 365 / Exchange Online SMTP AUTH client submission: 30 messages
+-- a minute per mailbox, 3 concurrent connections per mailbox (more are
+-- refused with `432 4.3.2 concurrent connection limit exceeded`), at most
+-- 500 recipients per message. The 10,000 recipients a day per mailbox is
+-- not a window the pool keeps: mind it in your campaign's size.
+M.microsoft365 = {
+  host = "smtp.office365.com", port = 587, tls = "starttls",
+  max_conns = 3,
+  max_recipients_per_message = 500,
+  rate = { messages_per_min = 30 },
+  source = "Microsoft Learn, \"Exchange Online limits\" (Sending limits) "
+    .. "https://learn.microsoft.com/en-us/office365/servicedescriptions/exchange-online-service-description/"
+    .. "exchange-online-limits; Exchange Team Blog, \"Changes coming to the SMTP Authenticated Submission "
+    .. "client protocol\" (three concurrent connections per mailbox)",
+  date = "2026-11",
+}
+
+--- Google Workspace SMTP relay service (`smtp-relay.gmail.com`): a registered
+-- user relays at most 10,000 messages in 24 hours (`550 5.4.5 Daily SMTP
+-- relay limit exceeded for user`), kept here as a 24-hour window. The
+-- organisation-wide ceilings (4.6 million recipients a day, 319,444 per 10
+-- minutes) are per customer, not per sender.
+M.google_relay = {
+  host = "smtp-relay.gmail.com", port = 587, tls = "starttls",
+  rate = { messages = { 10000, 86400 } },
+  source = "Google Workspace Admin Help, \"Route outgoing SMTP relay messages through Google\" "
+    .. "(Review sending limits for the SMTP relay service) https://support.google.com/a/answer/2956491",
+  date = "2026-11",
+}
+
 local META = { source = true, date = true }
 
 local function copy(t)
@@ -55,7 +98,8 @@ end
 
 --- The options of a preset with overrides on top (tables such as `rate`
 -- are merged key by key).
--- @tparam string name a preset's name (`"mailersend"`, `"ses"`, `"ses_sandbox"`)
+-- @tparam string name a preset's name (`"mailersend"`, `"ses"`, `"ses_sandbox"`, `"sendgrid"`,
+--   `"microsoft365"`, `"google_relay"`)
 -- @tparam[opt] table overrides options that win over the preset's
 -- @treturn table options for `smtppool.new`
 function M.options(name, overrides)

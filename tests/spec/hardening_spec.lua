@@ -583,6 +583,27 @@ describe("provider presets and max_recipients_per_message", function()
     assert.has_error(function() smtppool.preset("nope") end, nil)
   end)
 
+  it("has every preset cite its source and date, and build a pool", function()
+    local names = {}
+    for name, p in pairs(smtppool.presets) do
+      if type(p) == "table" then
+        names[#names + 1] = name
+        assert.matches("%S", p.source, name)
+        assert.matches("^20%d%d%-%d%d$", p.date, name)
+        local pool = assert(smtppool.new(smtppool.preset(name, { host = "127.0.0.1",
+          auth = { user = "u", password = "p" } })))
+        pool:close()
+      end
+    end
+    table.sort(names)
+    assert.same({ "google_relay", "mailersend", "microsoft365", "sendgrid", "ses", "ses_sandbox" }, names)
+    -- SendGrid's login user comes from the preset; the API key is yours
+    local sg = smtppool.preset("sendgrid", { auth = { password = "SG.key" } })
+    assert.same({ user = "apikey", password = "SG.key" }, sg.auth)
+    assert.same({ 10000, 86400 }, smtppool.preset("google_relay").rate.messages)
+    assert.equal(3, smtppool.preset("microsoft365").max_conns)
+  end)
+
   it("splits a message over max_recipients_per_message into transactions", function()
     local srv = peers.hostile({ quiet = true })
     finally(function() srv:stop() end)
