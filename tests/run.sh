@@ -43,10 +43,11 @@ if [ $rc -ne 0 ] && ! grep -q '^not ok ' "$out"; then
 fi
 
 # The same specs under LuaJIT (OpenResty's interpreter), with the LuaJIT build
-# of the binding; the nginx and CLI specs run their own interpreters already.
+# of the binding; the nginx, CLI, rockspec and install specs run their own
+# interpreters already.
 if [ -n "${SP_JIT_HOST:-}" ]; then
     echo "== busted under LuaJIT"
-    jit_specs=$(ls tests/spec/*_spec.lua | grep -v -e ngx_spec -e cli_spec)
+    jit_specs=$(ls tests/spec/*_spec.lua | grep -v -e ngx_spec -e cli_spec -e rockspec_spec -e install_spec)
     # shellcheck disable=SC2086
     "$SP_JIT_HOST" /usr/bin/busted --cpath="build/luajit/?.so" -o TAP $jit_specs >"$out" 2>&1
     rc=$?
