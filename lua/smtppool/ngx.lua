@@ -228,7 +228,8 @@ function P:enqueue(msg)
 end
 
 --- Sends many messages and waits for all of them (as `Pool:send_batch`:
--- `on_result`, `should_stop`; `mark` is for campaigns, not available here).
+-- `on_result`, `should_stop`, and `poll` for a source that may answer
+-- `false`, "nothing now"; `mark` is for campaigns, not available here).
 -- Messages are handed over as the queue has room.
 function P:send_batch(source, opts)
   if type(source) ~= "table" and type(source) ~= "function" then
@@ -251,6 +252,7 @@ function P:send_batch(source, opts)
   local sem = semaphore.new(0)
   local inflight, exhausted, stopped = 0, false, false
   local window = math.max(1, math.floor(self.queue_size / 2))
+  local poll = opts.poll or 0.05
   local function account(msg, res, err)
     summary.total = summary.total + 1
     if res then summary.sent = summary.sent + 1
@@ -259,6 +261,7 @@ function P:send_batch(source, opts)
     if opts.on_result then opts.on_result(msg, res, err) end
   end
   while true do
+    local idle = false
     while not exhausted and not stopped and inflight < window do
       if opts.should_stop and opts.should_stop() then
         stopped = true
@@ -267,6 +270,10 @@ function P:send_batch(source, opts)
       local m = nextm()
       if m == nil then
         exhausted = true
+        break
+      end
+      if m == false then -- nothing now: ask again within poll seconds
+        idle = true
         break
       end
       local item = prepare.item(m, self.pool.prep)
@@ -279,8 +286,8 @@ function P:send_batch(source, opts)
         account(m, nil, err)
       end
     end
-    if inflight == 0 then break end
-    sem:wait(3600)
+    if inflight == 0 and not idle then break end
+    sem:wait(idle and poll or 3600)
     -- outcomes in completion order
     local j = 1
     while j <= #done do

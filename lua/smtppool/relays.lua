@@ -12,6 +12,12 @@
 --     }
 --     local res, err = relays:send{ from = ..., to = ..., subject = ..., text = ... }
 --     relays:close()
+--
+-- With `spread = true`, messages are shared among the relays that are up in
+-- proportion to each relay's `weight` (smooth weighted round robin, as
+-- nginx spreads requests over an upstream's servers), failover still
+-- applying; a batch then runs every relay's connections at once, in one
+-- loop (the native driver) or in light threads (nginx).
 -- @module smtppool.relays
 
 local errors = require("smtppool.errors")
@@ -37,7 +43,11 @@ M.relay_failure = relay_failure
 -- @tparam table list an array of relays, each the options of `smtppool.new`
 --   plus `name` (default `"relay<i>"`), or `{ name = ..., pool = an existing pool }`
 -- @tparam[opt] table opts `down_for` (seconds a relay that failed is
---   skipped, default 60)
+--   skipped, default 60); `spread` (boolean, default false): share messages
+--   among the relays that are up in proportion to their `weight`, instead
+--   of sending everything through the first one up
+--   (each relay's `weight` is a positive number, default 1; a relay's
+--   share is its weight over the sum of the weights of the relays up)
 -- @tparam[opt] function new the pool constructor (default `smtppool.new`;
 --   `smtppool.ngx.new` in nginx)
 -- @treturn[1] table the group
@@ -50,22 +60,30 @@ function M.new(list, opts, new)
   if type(down_for) ~= "number" or not (down_for >= 0 and down_for < math.huge) then
     error("smtppool.relays: down_for must be a finite number of seconds", 2)
   end
+  if opts.spread ~= nil and type(opts.spread) ~= "boolean" then
+    error("smtppool.relays: spread must be a boolean", 2)
+  end
   local relays = {}
   for i, r in ipairs(list) do
     if type(r) ~= "table" then error("smtppool.relays: relay " .. i .. " must be a table", 2) end
     local name = r.name or ("relay" .. i)
+    local weight = r.weight == nil and 1 or r.weight
+    if type(weight) ~= "number" or not (weight > 0 and weight < math.huge) then
+      error(("smtppool.relays: relay '%s': weight must be a positive number"):format(name), 2)
+    end
     local pool = r.pool
     if not pool then
       local o = {}
-      for k, v in pairs(r) do if k ~= "name" then o[k] = v end end
+      for k, v in pairs(r) do if k ~= "name" and k ~= "weight" then o[k] = v end end
       local ok, p, e = pcall(new, o)
       if not ok then error(("smtppool.relays: relay '%s': %s"):format(name, tostring(p):gsub("^smtppool.new: ", "")), 2) end
       if not p then return nil, errors.new("config", ("relay '%s': %s"):format(name, e.text), e) end
       pool = p
     end
-    relays[i] = { name = name, pool = pool, down_until = 0 }
+    relays[i] = { name = name, pool = pool, down_until = 0, weight = weight, current = 0 }
   end
-  return setmetatable({ relays = relays, down_for = down_for, now = opts.now or os.time }, Relays)
+  return setmetatable({ relays = relays, down_for = down_for, now = opts.now or os.time,
+                        spread = opts.spread or false }, Relays)
 end
 
 local function tag(name, res, err)
@@ -73,11 +91,33 @@ local function tag(name, res, err)
   return res, err
 end
 
--- The relays to try, up ones first (in order), then the ones marked down.
+-- Smooth weighted round robin (nginx's): every candidate gains its weight,
+-- the one with the most goes and pays back the sum. Over any run of picks
+-- each relay's share stays within one message of its weight's share.
+local function pick(candidates)
+  local total, best = 0, nil
+  for _, r in ipairs(candidates) do
+    r.current = r.current + r.weight
+    total = total + r.weight
+    if not best or r.current > best.current then best = r end
+  end
+  if best then best.current = best.current - total end
+  return best
+end
+
+-- The relays to try, up ones first (in order, or with `spread` the weighted
+-- pick first), then the ones marked down.
 function Relays:_order()
   local t, up, down = self.now(), {}, {}
   for _, r in ipairs(self.relays) do
     if r.down_until <= t then up[#up + 1] = r else down[#down + 1] = r end
+  end
+  if self.spread and #up > 1 then
+    local first = pick(up)
+    for i, r in ipairs(up) do
+      if r == first then table.remove(up, i) break end
+    end
+    table.insert(up, 1, first)
   end
   for _, r in ipairs(down) do up[#up + 1] = r end
   return up
@@ -103,10 +143,17 @@ function Relays:send_raw(msg) return self:_one("send_raw", msg) end
 --- Sends many messages (as `Pool:send_batch`): through the first relay up;
 -- the messages it could not carry for a relay-level reason go on to the
 -- next, and so on. `on_result` is called once per message, with `relay` set.
+--
+-- With `spread`, every relay up sends at once, each its weighted share;
+-- a message a relay could not carry for a relay-level reason goes to another
+-- relay that has not tried it, and the relay takes no more of the batch.
+-- `should_stop` is honoured by every relay.
 function Relays:send_batch(source, opts)
   if type(source) ~= "table" and type(source) ~= "function" then
     error("send_batch: source must be an array or an iterator function", 2)
   end
+  if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
+  if self.spread then return self:_spread_batch(source, opts or {}) end
   local on_result = opts and opts.on_result
   local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }
   local order = self:_order()
@@ -133,6 +180,246 @@ function Relays:send_batch(source, opts)
     pending = next_round
   end
   return summary
+end
+
+-- ===== spread batches =====
+
+-- How many messages a relay may have assigned and not yet taken: the
+-- weighted share is kept within this many messages, so a slow relay holds
+-- the others back rather than let its share drift.
+local BACKLOG = 64
+-- How often a relay with nothing to do asks again (a message moved to it
+-- from a relay that went down, or the batch's end).
+local POLL = 0.05
+
+-- The shared state of one spread batch: the source, each relay's assigned
+-- messages, and the messages moved off a relay that went down.
+local function batch_state(self, source, opts)
+  local t = self.now()
+  local active = {}
+  for _, r in ipairs(self.relays) do
+    if r.down_until <= t then active[#active + 1] = r end
+  end
+  if #active == 0 then for i, r in ipairs(self.relays) do active[i] = r end end
+  local st = { active = active, backlog = {}, outstanding = {}, stopped = {}, moved = {}, tried = {}, why = {}, finished = {},
+               exhausted = false, summary = { sent = 0, failed = 0, cancelled = 0, total = 0 } }
+  for _, r in ipairs(active) do
+    st.backlog[r] = {}
+    st.outstanding[r] = 0
+  end
+  local i = 0
+  st.pull = type(source) == "table" and function()
+    i = i + 1
+    return source[i]
+  end or source
+  st.should_stop = opts.should_stop
+  st.on_result = opts.on_result
+  return st
+end
+
+local function running(st)
+  local out = {}
+  for _, r in ipairs(st.active) do
+    if not st.stopped[r] and not st.finished[r] then out[#out + 1] = r end
+  end
+  return out
+end
+
+-- The next message for relay r: nil when it has nothing more to do (the
+-- batch is over for it), false for "nothing now".
+local function next_for(st, r)
+  if st.stopped[r] then return nil end
+  for i, e in ipairs(st.moved) do
+    if not st.tried[e][r] then
+      table.remove(st.moved, i)
+      st.outstanding[r] = st.outstanding[r] + 1
+      return e
+    end
+  end
+  local mine = st.backlog[r]
+  if #mine == 0 and not st.exhausted then
+    local candidates = running(st)
+    while #mine == 0 do
+      if st.should_stop and st.should_stop() then st.exhausted = true break end
+      local m = st.pull()
+      if m == nil then st.exhausted = true break end
+      local to = pick(candidates)
+      local q = st.backlog[to]
+      q[#q + 1] = m
+      st.tried[m] = st.tried[m] or {}
+      if #q >= BACKLOG and to ~= r then break end
+    end
+  end
+  if #mine > 0 then
+    st.outstanding[r] = st.outstanding[r] + 1
+    return table.remove(mine, 1)
+  end
+  -- Nothing assigned: done unless another relay may still move a message
+  -- here (one with messages in flight or assigned, even a relay gone down).
+  if #st.moved > 0 then return false end
+  for other, n in pairs(st.outstanding) do
+    if other ~= r and (n > 0 or #st.backlog[other] > 0) then return false end
+  end
+  st.finished[r] = true
+  return nil
+end
+
+local function report(st, r, m, res, err)
+  st.tried[m] = nil
+  st.why[m] = nil
+  tag(r.name, res, err)
+  local s = st.summary
+  s.total = s.total + 1
+  if res then s.sent = s.sent + 1
+  elseif err.kind == "cancelled" then s.cancelled = s.cancelled + 1
+  else s.failed = s.failed + 1 end
+  if st.on_result then st.on_result(m, res, err) end
+end
+
+-- Moved messages no running relay may still try end with the failure that
+-- moved them.
+local function settle(st)
+  local live = running(st)
+  local i = 1
+  while i <= #st.moved do
+    local m = st.moved[i]
+    local open = false
+    for _, r in ipairs(live) do
+      if not st.tried[m][r] then open = true break end
+    end
+    if open then
+      i = i + 1
+    else
+      table.remove(st.moved, i)
+      local why = st.why[m]
+      report(st, why.relay, m, nil, why.err)
+    end
+  end
+end
+
+-- A relay went down for this batch (err says why): what was assigned to it
+-- and not taken yet moves on.
+local function stop_relay(self, st, r, err)
+  if st.stopped[r] then return end
+  st.stopped[r] = true
+  r.down_until = self.now() + self.down_for
+  local untried = errors.annotate(err, "not tried: relay '" .. r.name .. "' went down")
+  untried.attempts = 0
+  for _, m in ipairs(st.backlog[r]) do
+    st.moved[#st.moved + 1] = m
+    st.why[m] = { relay = r, err = untried }
+  end
+  st.backlog[r] = {}
+end
+
+-- One relay's outcome for m: reported, or moved to a relay that has not
+-- tried it when the relay itself failed.
+local function outcome(self, st, r, m, res, err)
+  st.outstanding[r] = st.outstanding[r] - 1
+  if not res and relay_failure(err) then
+    stop_relay(self, st, r, err)
+    st.tried[m] = st.tried[m] or {}
+    st.tried[m][r] = true
+    st.why[m] = { relay = r, err = err }
+    st.moved[#st.moved + 1] = m
+    settle(st)
+    return
+  end
+  report(st, r, m, res, err)
+end
+
+-- Runs every relay's send_batch at once. Native pools run as coroutines over
+-- one poll: each pool's wait yields its connections and timeout here, and
+-- one core.wait serves them all. In nginx each relay gets a light thread.
+function Relays:_spread_batch(source, opts)
+  local st = batch_state(self, source, opts)
+  local function batch_opts(r)
+    return { poll = POLL, on_result = function(m, res, err) outcome(self, st, r, m, res, err) end,
+             should_stop = opts.should_stop }
+  end
+  local function source_for(r)
+    return function() return next_for(st, r) end
+  end
+  local native = true
+  for _, r in ipairs(st.active) do
+    if not (r.pool.driver and r.pool.driver.name == "native") then native = false end
+  end
+  if native then return self:_mux(st, source_for, batch_opts) end
+  local ngx = rawget(_G, "ngx")
+  if not (ngx and ngx.thread) then
+    error("smtppool.relays: a spread batch runs on pools of smtppool.new or, in nginx, of smtppool.ngx.new", 3)
+  end
+  local threads = {}
+  for i, r in ipairs(st.active) do
+    threads[i] = ngx.thread.spawn(function() return r.pool:send_batch(source_for(r), batch_opts(r)) end)
+  end
+  local failure
+  for _, th in ipairs(threads) do
+    local ok, e = ngx.thread.wait(th)
+    if not ok then failure = failure or e end
+  end
+  if failure then error(failure, 0) end
+  return st.summary
+end
+
+function Relays:_mux(st, source_for, batch_opts)
+  local core = require("smtppool.core")
+  local now = core.now
+  local runs, failure = {}, nil
+  for _, r in ipairs(st.active) do
+    local pool = r.pool
+    local driver = pool.driver
+    local run = { relay = r, pool = pool, driver = driver }
+    pool.driver = setmetatable({ wait = function(list, timeout) return coroutine.yield(list, timeout) end },
+      { __index = driver })
+    run.co = coroutine.create(function() return pool:send_batch(source_for(r), batch_opts(r)) end)
+    runs[#runs + 1] = run
+  end
+  local function resume(run, ...)
+    local ok, list, timeout = coroutine.resume(run.co, ...)
+    if not ok then
+      failure = failure or list
+      run.done = true
+    elseif coroutine.status(run.co) == "dead" then
+      run.done = true
+    else
+      run.list = list
+      run.due = timeout >= 0 and now() + timeout or nil
+    end
+    if run.done then run.pool.driver = run.driver end
+  end
+  for _, run in ipairs(runs) do resume(run) end
+  while true do
+    local all, owner, index, live = {}, {}, {}, {}
+    local due
+    for _, run in ipairs(runs) do
+      if not run.done then
+        live[#live + 1] = run
+        for i, c in ipairs(run.list) do
+          all[#all + 1] = c
+          owner[#all] = run
+          index[#all] = i
+        end
+        if run.due and (not due or run.due < due) then due = run.due end
+      end
+    end
+    if #live == 0 then break end
+    local t = now()
+    local ready = core.wait(all, due and math.max(0, due - t) or -1)
+    local got = {}
+    for _, entry in ipairs(ready) do
+      local run = owner[entry.conn]
+      entry.conn = index[entry.conn]
+      got[run] = got[run] or {}
+      table.insert(got[run], entry)
+    end
+    t = now()
+    for _, run in ipairs(live) do
+      if got[run] or (run.due and run.due <= t) then resume(run, got[run] or {}) end
+    end
+  end
+  if failure then error(failure, 0) end
+  return st.summary
 end
 
 --- The relays' names and state: one `{name, up, stats}` per relay.

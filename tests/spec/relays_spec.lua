@@ -84,3 +84,101 @@ describe("smtppool.relays", function()
     assert.equal("b", err.relay)
   end)
 end)
+
+describe("smtppool.relays with spread", function()
+  local a, b
+  before_each(function()
+    a = peers.hostile({ quiet = true })
+    b = peers.hostile({ quiet = true })
+  end)
+  after_each(function()
+    a:stop()
+    b:stop()
+  end)
+
+  local function pair(wa, wb, port_b, o)
+    local fast = smtppool.retry.backoff{ attempts = 2, base = 0.01 }
+    return assert(smtppool.relays({
+      { name = "a", host = "127.0.0.1", port = a.port, tls = "none", weight = wa, max_conns = 2, retry = fast },
+      { name = "b", host = "127.0.0.1", port = port_b or b.port, tls = "none", weight = wb, max_conns = 2,
+        retry = fast },
+    }, o or { spread = true }))
+  end
+
+  it("shares single sends and a batch by weight, both relays sending at once", function()
+    local g = pair(3, 1)
+    local single = { a = 0, b = 0 }
+    for i = 1, 16 do
+      local r = assert(g:send_raw(msg(i)))
+      single[r.relay] = single[r.relay] + 1
+    end
+    assert.same({ a = 12, b = 4 }, single) -- 3 to 1
+    assert.equal(12, #a:select("message"))
+    assert.equal(4, #b:select("message"))
+    local list = {}
+    for i = 1, 400 do list[i] = msg(i) end
+    local seen, by = {}, { a = 0, b = 0 }
+    local summary = g:send_batch(list, { on_result = function(m, res, err)
+      assert.truthy(res, tostring(err))
+      assert.is_nil(seen[m])
+      seen[m] = true
+      by[res.relay] = by[res.relay] + 1
+    end })
+    local st = g:status()
+    g:close()
+    assert.same({ sent = 400, failed = 0, cancelled = 0, total = 400 }, summary)
+    assert.same({ a = 300, b = 100 }, by)
+    assert.equal(312, #a:select("message"))
+    assert.equal(104, #b:select("message"))
+    -- both relays were connected during the batch: the shares ran side by side
+    assert.is_true(st[1].up and st[2].up)
+    local function span(srv, before)
+      local ms = srv:select("message")
+      return ms[before + 1].t, ms[#ms].t
+    end
+    local a0, a1 = span(a, 12)
+    local b0, b1 = span(b, 4)
+    assert.is_true(a0 < b1 and b0 < a1, "the relays' sends did not overlap")
+  end)
+
+  it("moves a down relay's share to the others, each message once", function()
+    local g = pair(1, 1, peers.free_port())
+    local list = {}
+    for i = 1, 100 do list[i] = msg(i) end
+    local count = 0
+    local summary = g:send_batch(list, { on_result = function(_, res, err)
+      assert.truthy(res, tostring(err))
+      assert.equal("a", res.relay)
+      count = count + 1
+    end })
+    local st = g:status()
+    g:close()
+    assert.same({ sent = 100, failed = 0, cancelled = 0, total = 100 }, summary)
+    assert.equal(100, count)
+    assert.equal(100, #a:select("message"))
+    assert.is_false(st[2].up)
+  end)
+
+  it("fails with the last relay's error when no relay can carry a message", function()
+    local g = assert(smtppool.relays({
+      { name = "x", host = "127.0.0.1", port = peers.free_port(), tls = "none", retry = smtppool.retry.none() },
+      { name = "y", host = "127.0.0.1", port = peers.free_port(), tls = "none", retry = smtppool.retry.none() },
+    }, { spread = true }))
+    local errs = {}
+    local summary = g:send_batch({ msg(1), msg(2), msg(3) }, { on_result = function(_, res, err)
+      assert.is_nil(res)
+      errs[#errs + 1] = err
+    end })
+    g:close()
+    assert.same({ sent = 0, failed = 3, cancelled = 0, total = 3 }, summary)
+    for _, e in ipairs(errs) do assert.equal("connection", e.kind) end
+  end)
+
+  it("refuses a weight that is not a positive number", function()
+    assert.has_error(function()
+      smtppool.relays({ { host = "127.0.0.1", weight = 0 } }, { spread = true })
+    end, "smtppool.relays: relay 'relay1': weight must be a positive number")
+    assert.has_error(function() smtppool.relays({ { host = "127.0.0.1" } }, { spread = "yes" }) end,
+      "smtppool.relays: spread must be a boolean")
+  end)
+end)

@@ -72,6 +72,15 @@ local function pool_for(a)
       { name = "live", host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test" } }))
     return pools[id]
   end
+  if a.cfg == "spread" then
+    -- two relays sharing the messages 3 to 1, both sending at once
+    local id = "spread:" .. a.port .. ":" .. a.port2
+    pools[id] = pools[id] or assert(smtp.relays({
+      { name = "a", host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", weight = 3 },
+      { name = "b", host = "127.0.0.1", port = tonumber(a.port2), tls = "none", helo = "ngx.test", weight = 1 } },
+      { spread = true }))
+    return pools[id]
+  end
   local id = a.cfg .. ":" .. a.port .. ":" .. (a.name or "") .. ":" .. (a.token or "") .. ":" .. (a.rotate or "")
   local p = pools[id]
   if not p then
@@ -134,6 +143,16 @@ function M.handle()
       if ok then queued = queued + 1 elseif qerr.kind == "busy" then busy = busy + 1 end
     end
     ngx.say("queued ", queued, " busy ", busy)
+  elseif action == "batch" then
+    local list, by = {}, {}
+    for i = 1, tonumber(a.n) or 1 do
+      list[i] = { from = "a@x.test", to = "batch" .. i .. "@y.test", subject = "batch " .. i, text = "b" }
+    end
+    local sum = p:send_batch(list, { on_result = function(_, res, berr)
+      local k = res and res.relay or ("failed:" .. berr.kind)
+      by[k] = (by[k] or 0) + 1
+    end })
+    ngx.say("sent ", sum.sent, " failed ", sum.failed, " a ", by.a or 0, " b ", by.b or 0)
   elseif action == "enqueue" then
     local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
     ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))
