@@ -6,7 +6,7 @@ PKGS = lua$(LUA_VERSION) openssl
 CC ?= cc
 OPT ?= -O2 -g
 WARN = -Wall -Wextra -Werror
-CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
+CFLAGS_ALL = -std=c11 -D_GNU_SOURCE -pthread $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
 LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
 LDLIBS_CRYPTO = $(shell pkg-config --libs libcrypto) $(LDLIBS)
 # the binding alone also links hiredis (its RESP reader, for shared limits in Redis)
@@ -55,7 +55,7 @@ $(BUILD):
 LUAJIT_MODULE = $(BUILD)/luajit/smtppool/core.so
 $(LUAJIT_MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
 	mkdir -p $(dir $@)
-	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags luajit openssl) $(CFLAGS) \
+	$(CC) -std=c11 -D_GNU_SOURCE -pthread $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags luajit openssl) $(CFLAGS) \
 	  $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND)
 
 # The C tests link only the layers they test: the protocol core's without

@@ -22,7 +22,7 @@ M.SCHEMA = {
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
   cap_recover_after = "number", trace = "boolean", max_recipients_per_message = "number",
-  rotate_ahead = "number",
+  rotate_ahead = "number", sign_threads = "number",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range
@@ -121,6 +121,10 @@ function M.check(opts, extra)
     or opts.rotate_ahead ~= math.floor(opts.rotate_ahead) or opts.rotate_ahead > 100) then
     error("smtppool.new: option 'rotate_ahead' must be an integer from 0 to 100", 3)
   end
+  if opts.sign_threads ~= nil and (not finite(opts.sign_threads) or opts.sign_threads < 0
+    or opts.sign_threads ~= math.floor(opts.sign_threads) or opts.sign_threads > 64) then
+    error("smtppool.new: option 'sign_threads' must be an integer from 0 to 64", 3)
+  end
   for _, k in ipairs({ "max_conns", "max_messages_per_conn", "max_recipients_per_message" }) do
     if opts[k] and (not finite(opts[k]) or opts[k] < 1 or opts[k] ~= math.floor(opts[k]) or opts[k] > 100000) then
       error(("smtppool.new: option '%s' must be an integer from 1 to 100000"):format(k), 3)
@@ -167,6 +171,8 @@ function M.resolve(opts)
     cap_recover_after = opts.cap_recover_after or 600,
     message_timeout = opts.message_timeout,
     rotate_ahead = opts.rotate_ahead or 2,
+    -- DKIM signing threads for batches: one per processor (at most 8) by default
+    sign_threads = opts.sign_threads or math.min(8, core.cpus()),
   }
 end
 

@@ -112,9 +112,16 @@ end
 
 -- Prepends one DKIM-Signature per configured key (RSA and Ed25519 may sign
 -- side by side), as a segment of its own.
-local function sign(signers, data)
+--
+-- With ctx.defer_sign (a batch with signing threads), a message held in one
+-- string is not signed here: the third result says what to sign, and the
+-- batch's signing stage (M.signing_stage) has worker threads do it.
+local function sign(signers, data, ctx)
   if #signers == 0 then return data end
   local t = os.time()
+  if ctx.defer_sign and type(data) == "string" then
+    return data, nil, { signers = signers, t = t }
+  end
   local sigs = {}
   if type(data) == "table" then
     -- Streaming segments: hash the body once (files read as they will be
@@ -188,15 +195,18 @@ local function prepare_composed(msg, ctx)
   local derr = check_dsn(msg.dsn)
   if derr then return { msg = msg, to = {}, err = errors.new("invalid", derr, { attempts = 0 }) } end
   local data, env = message.compose_segments(msg)
+  local later
   if data then
-    local signed, e = sign(signers or {}, data)
+    local signed, e
+    signed, e, later = sign(signers or {}, data, ctx)
     if signed then data = signed else data, env = nil, e end
   end
   if not data then
     env.attempts = 0
     return { msg = msg, to = {}, err = env }
   end
-  return { msg = { from = env.from, data = data, dsn = tx_params(msg), source = msg }, to = env.to, user_msg = msg }
+  return { msg = { from = env.from, data = data, dsn = tx_params(msg), source = msg }, to = env.to, user_msg = msg,
+           sign = later }
 end
 
 local function prepare(msg, fname, level, ctx)
@@ -222,12 +232,12 @@ local function prepare(msg, fname, level, ctx)
   local signers, serr = signers_for(msg, ctx)
   if not signers then return { msg = msg, to = to, err = serr } end
   if #signers > 0 then
-    local signed, e = sign(signers, msg.data)
+    local signed, e, later = sign(signers, msg.data, ctx)
     if not signed then
       e.attempts = 0
       return { msg = msg, to = to, err = e }
     end
-    return { msg = { from = msg.from, data = signed, dsn = tx_params(msg) }, to = to, user_msg = msg }
+    return { msg = { from = msg.from, data = signed, dsn = tx_params(msg) }, to = to, user_msg = msg, sign = later }
   end
   if msg.require_tls then
     return { msg = { from = msg.from, data = msg.data, dsn = tx_params(msg) }, to = to, user_msg = msg }
@@ -247,6 +257,114 @@ function M.item(m, ctx)
   if ok then return item end
   return { msg = m, to = {}, err = errors.new("invalid", "cannot prepare the message: " .. tostring(item),
     { attempts = 0 }) }
+end
+
+--- The signing stage of a batch: wraps a source of prepared items so that
+-- the DKIM signatures of the items that ask for one (`item.sign`, from a
+-- context with `defer_sign`) are computed by worker threads (`core.signq`)
+-- while the loop serves sockets. It hands out items whose signatures are
+-- ready (in the order they become ready), answers `false` ("nothing now")
+-- while signatures are on their way, and nil at the end. Up to `depth`
+-- items are held at once.
+-- @tparam function next_item the source of prepared items
+-- @tparam table o `threads` (the queue's workers, made at the first item to
+--   sign), `depth`, and `waiting(fds)`: called with the queue's fd when
+--   signatures are on their way (the loop's wait must wake on it) and with
+--   nil when none are
+-- @treturn function the wrapped source
+-- @treturn function `finish()`: stops the workers, and returns the items
+--   taken and never handed out (a batch that stopped early reports them
+--   cancelled)
+function M.signing_stage(next_item, o)
+  local q, depth = nil, o.depth
+  -- ready: a FIFO over ready[head..tail]; jobs: signatures on their way
+  local waiting, held, ready, head, tail, done, id, jobs, raised = {}, 0, {}, 1, 0, false, 0, 0, nil
+  local function push(item)
+    tail = tail + 1
+    ready[tail] = item
+  end
+  local function finish(item)
+    if item.sign_err then
+      item.sign_err.attempts = 0
+      item.err = item.sign_err
+    else
+      item.msg.data = { table.concat(item.sigs), item.msg.data }
+    end
+    item.sign, item.sigs, item.left, item.sign_err = nil, nil, nil, nil
+    push(item)
+  end
+  local function collect()
+    if jobs == 0 then return end
+    for _, r in ipairs(q:take()) do
+      local w = waiting[r[1]]
+      waiting[r[1]] = nil
+      jobs = jobs - 1
+      if jobs == 0 then o.waiting(nil) end
+      local item = w.item
+      if r[2] then item.sigs[w.i] = r[2] else item.sign_err = item.sign_err or r[3] end
+      item.left = item.left - 1
+      if item.left == 0 then finish(item) end
+    end
+  end
+  local function source()
+    collect()
+    while not done and held < depth do
+      -- A source that raises: the items taken before it go out first, then
+      -- its error does (the loop reports every message taken, then raises).
+      local ok, item = pcall(next_item)
+      if not ok then
+        done, raised = true, { item }
+        break
+      end
+      if item == nil then
+        done = true
+        break
+      end
+      if item == false then break end
+      held = held + 1
+      if item.sign then
+        if not q then q = assert(core.signq(o.threads)) end
+        if jobs == 0 then o.waiting(q:fd()) end
+        item.sigs, item.left = {}, #item.sign.signers
+        for i, s in ipairs(item.sign.signers) do
+          id = id + 1
+          jobs = jobs + 1
+          waiting[id] = { item = item, i = i }
+          q:submit(id, s.key, item.msg.data, s.domain, s.selector, s.headers, item.sign.t)
+        end
+      else
+        push(item)
+        -- nothing being signed: hand it out now, pulling no further ahead
+        -- than the loop asks (a batch without DKIM stays as lazy as before)
+        if jobs == 0 then break end
+      end
+    end
+    if head <= tail then
+      local item = ready[head]
+      ready[head] = nil
+      head = head + 1
+      held = held - 1
+      return item
+    end
+    if held > 0 or not done then return false end
+    if raised then error(raised[1], 0) end
+    return nil
+  end
+  local function finish()
+    if q then q:close() end
+    if jobs > 0 then o.waiting(nil) end
+    local out = {}
+    for i = head, tail do out[#out + 1] = ready[i] end
+    local seen = {}
+    for _, w in pairs(waiting) do
+      if not seen[w.item] then
+        seen[w.item] = true
+        out[#out + 1] = w.item
+      end
+    end
+    return out
+  end
+  return source, finish
 end
 
 return M

@@ -82,7 +82,7 @@ M.microsoft365 = {
 -- minutes) are per customer, not per sender.
 M.google_relay = {
   host = "smtp-relay.gmail.com", port = 587, tls = "starttls",
-  rate = { messages = { 10000, 86400 } },
+  rate = { messages_per_day = 10000 },
   source = "Google Workspace Admin Help, \"Route outgoing SMTP relay messages through Google\" "
     .. "(Review sending limits for the SMTP relay service) https://support.google.com/a/answer/2956491",
   date = "2026-11",

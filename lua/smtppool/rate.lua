@@ -49,12 +49,14 @@ function M.margin(per) return math.max(0.02, per * 0.01) end
 --- Builds the pool's windows from its `rate` option.
 -- Each limit is a number per the unit its name gives, or `{limit, per_seconds}`
 -- for another window length: `connections_per_min = 300`,
--- `auth_per_min = 120`, `messages_per_sec = 10`, or `connections = {3, 2}`.
+-- `auth_per_min = 120`, `messages_per_sec = 10` (also `_per_min`, `_per_hour`,
+-- `_per_day`), or `connections = {3, 2}`.
 -- @treturn table name -> window; raises on misuse
 function M.from_options(rate)
   local spec = {
     connections_per_min = { "connections", 60 }, auth_per_min = { "auth", 60 },
     messages_per_sec = { "messages", 1 }, messages_per_min = { "messages", 60 },
+    messages_per_hour = { "messages", 3600 }, messages_per_day = { "messages", 86400 },
     connections = { "connections" }, auth = { "auth" }, messages = { "messages" },
   }
   local out = {}

@@ -370,31 +370,32 @@ function Relays:_mux(st, source_for, batch_opts)
     local pool = r.pool
     local driver = pool.driver
     local run = { relay = r, pool = pool, driver = driver }
-    pool.driver = setmetatable({ wait = function(list, timeout) return coroutine.yield(list, timeout) end },
+    pool.driver = setmetatable({ wait = function(list, timeout, fds) return coroutine.yield(list, timeout, fds) end },
       { __index = driver })
     run.co = coroutine.create(function() return pool:send_batch(source_for(r), batch_opts(r)) end)
     runs[#runs + 1] = run
   end
   local function resume(run, ...)
-    local ok, list, timeout = coroutine.resume(run.co, ...)
+    local ok, list, timeout, fds = coroutine.resume(run.co, ...)
     if not ok then
       failure = failure or list
       run.done = true
     elseif coroutine.status(run.co) == "dead" then
       run.done = true
     else
-      run.list = list
+      run.list, run.fds = list, fds
       run.due = timeout >= 0 and now() + timeout or nil
     end
     if run.done then run.pool.driver = run.driver end
   end
   for _, run in ipairs(runs) do resume(run) end
   while true do
-    local all, owner, index, live = {}, {}, {}, {}
+    local all, owner, index, live, fds = {}, {}, {}, {}, {}
     local due
     for _, run in ipairs(runs) do
       if not run.done then
         live[#live + 1] = run
+        for _, fd in ipairs(run.fds or {}) do fds[#fds + 1] = fd end
         for i, c in ipairs(run.list) do
           all[#all + 1] = c
           owner[#all] = run
@@ -405,7 +406,8 @@ function Relays:_mux(st, source_for, batch_opts)
     end
     if #live == 0 then break end
     local t = now()
-    local ready = core.wait(all, due and math.max(0, due - t) or -1)
+    -- a run's own fds (its signing queue's) wake it too
+    local ready, fd_ready = core.wait(all, due and math.max(0, due - t) or -1, #fds > 0 and fds or nil)
     local got = {}
     for _, entry in ipairs(ready) do
       local run = owner[entry.conn]
@@ -415,7 +417,9 @@ function Relays:_mux(st, source_for, batch_opts)
     end
     t = now()
     for _, run in ipairs(live) do
-      if got[run] or (run.due and run.due <= t) then resume(run, got[run] or {}) end
+      local woken = false
+      for _, fd in ipairs(run.fds or {}) do woken = woken or (fd_ready and fd_ready[fd]) or false end
+      if got[run] or woken or (run.due and run.due <= t) then resume(run, got[run] or {}) end
     end
   end
   if failure then error(failure, 0) end

@@ -382,7 +382,7 @@ end
 function S:_wait(run, recs, timeout)
   local list = {}
   for i, rec in ipairs(recs) do list[i] = rec.c end
-  local ready = self.driver.wait(list, timeout)
+  local ready = self.driver.wait(list, timeout, self._wait_fds)
   local t = self.driver.now()
   for _, entry in ipairs(ready) do
     self:_dispatch(run, recs[entry.conn], entry, t)
@@ -411,6 +411,7 @@ end
 -- later); the ones on the wire get close_timeout seconds to finish, then
 -- their connections are cut (at once when should_stop says "now").
 local CANCELLED = "not sent: the run was stopped before this message started"
+S.CANCELLED = CANCELLED
 
 function S:_stop(run, level, t)
   if not run.stopping then
@@ -677,7 +678,7 @@ function S:_run(next_msg, on_result, opts)
     if run.poll and not run.source_done then wake_at(t + run.poll) end
 
     local timeout = next_wake and math.max(0, next_wake - t) or -1
-    if #self.conns == 0 and timeout < 0 then
+    if #self.conns == 0 and timeout < 0 and not self._wait_fds then
       if run.inflight > 0 and #run.queue == 0 and #run.deferred == 0 then
         error("smtppool: internal error: messages in flight with no connection")
       end

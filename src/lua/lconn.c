@@ -271,7 +271,23 @@ static int l_wait(lua_State *L)
         cs[i] = sp_l_check_conn(L, -1)->c;
         lua_pop(L, 1);
     }
-    int r = sp_conn_wait(cs, n, timeout);
+    /* optional third argument: an array of fds whose readability also ends
+     * the wait (a signing queue's eventfd); the second result lists the
+     * ready ones */
+    int fds[8];
+    unsigned char fd_ready[8];
+    size_t nfds = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        nfds = lua_rawlen(L, 3);
+        luaL_argcheck(L, nfds <= 8, 3, "at most 8 fds");
+        for (size_t i = 0; i < nfds; i++) {
+            lua_rawgeti(L, 3, (int)i + 1);
+            fds[i] = (int)luaL_checkinteger(L, -1);
+            lua_pop(L, 1);
+        }
+    }
+    int r = sp_conn_wait_fds(cs, n, fds, nfds, fd_ready, timeout);
     if (r < 0)
         return luaL_error(L, "poll failed");
     /* One crossing per wake: every connection with events, its events
@@ -286,7 +302,15 @@ static int l_wait(lua_State *L)
         if (sp_l_push_entry(L, sp_conn_session(cs[i]), lc->trace, (lua_Integer)i + 1, conn_next, lc, conn_tx_done))
             lua_rawseti(L, -2, ++k);
     }
-    return 1;
+    if (nfds == 0)
+        return 1;
+    lua_createtable(L, 0, 0);
+    for (size_t i = 0; i < nfds; i++)
+        if (fd_ready[i]) {
+            lua_pushboolean(L, 1);
+            lua_rawseti(L, -2, fds[i]);
+        }
+    return 2;
 }
 
 /* SIGINT and SIGTERM, counted. A signal is process-wide, so this counter is

@@ -1,11 +1,13 @@
 /* Codecs and DKIM for Lua. */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "sp_codec.h"
 #include "sp_dkim.h"
 #include "sp_lua.h"
 #include "sp_mime.h"
+#include "sp_signq.h"
 
 static int l_dotstuff(lua_State *L)
 {
@@ -208,6 +210,120 @@ static int l_body_hash(lua_State *L)
     return 1;
 }
 
+/* ---- signing off the loop ---- */
+
+#define SIGNQ_MT "smtppool.signq"
+
+static sp_signq **check_signq(lua_State *L)
+{
+    sp_signq **q = luaL_checkudata(L, 1, SIGNQ_MT);
+    if (!*q)
+        luaL_argerror(L, 1, "the signing queue is closed");
+    return q;
+}
+
+/* core.signq(threads) -> queue | nil, err: DKIM signing on worker threads */
+static int l_signq(lua_State *L)
+{
+    int n = (int)luaL_checkinteger(L, 1);
+    sp_signq **ud = lua_newuserdata(L, sizeof *ud);
+    *ud = NULL;
+    luaL_getmetatable(L, SIGNQ_MT);
+    lua_setmetatable(L, -2);
+    sp_error e;
+    sp_error_clear(&e);
+    *ud = sp_signq_new(n, &e);
+    if (!*ud)
+        return sp_l_push_fail(L, &e);
+    return 1;
+}
+
+/* q:submit(id, key, message, domain, selector, headers|nil, t) -> true;
+ * the message is copied and the key referenced: both may go at once. */
+static int signq_submit(lua_State *L)
+{
+    sp_signq **q = check_signq(L);
+    sp_sign_job j;
+    j.id = (uint64_t)luaL_checkinteger(L, 2);
+    sp_dkim_key **k = luaL_checkudata(L, 3, DKIM_MT);
+    if (!*k)
+        return luaL_argerror(L, 3, "key is freed");
+    j.key = *k;
+    j.msg = luaL_checklstring(L, 4, &j.len);
+    j.domain = luaL_checkstring(L, 5);
+    j.selector = luaL_checkstring(L, 6);
+    j.headers = luaL_optstring(L, 7, NULL);
+    j.t = (long long)luaL_optnumber(L, 8, 0);
+    if (sp_signq_submit(*q, &j) < 0)
+        return luaL_error(L, "out of memory");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* q:take() -> { {id, signature} | {id, nil, err}, ... } (never blocks) */
+static int signq_take(lua_State *L)
+{
+    sp_signq **q = check_signq(L);
+    sp_sign_result rs[32];
+    lua_newtable(L);
+    int k = 0;
+    size_t n;
+    while ((n = sp_signq_take(*q, rs, sizeof rs / sizeof rs[0])) > 0) {
+        for (size_t i = 0; i < n; i++) {
+            lua_createtable(L, 3, 0);
+            lua_pushinteger(L, (lua_Integer)rs[i].id);
+            lua_rawseti(L, -2, 1);
+            if (rs[i].ok) {
+                lua_pushlstring(L, sp_buf_head(&rs[i].sig), sp_buf_pending(&rs[i].sig));
+                lua_rawseti(L, -2, 2);
+            } else {
+                sp_l_push_error(L, &rs[i].err);
+                lua_rawseti(L, -2, 3);
+            }
+            sp_buf_free(&rs[i].sig);
+            lua_rawseti(L, -2, ++k);
+        }
+        if (n < sizeof rs / sizeof rs[0])
+            break;
+    }
+    return 1;
+}
+
+static int signq_fd(lua_State *L)
+{
+    lua_pushinteger(L, sp_signq_fd(*check_signq(L)));
+    return 1;
+}
+
+static int signq_pending(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)sp_signq_pending(*check_signq(L)));
+    return 1;
+}
+
+static int signq_threads(lua_State *L)
+{
+    lua_pushinteger(L, sp_signq_threads(*check_signq(L)));
+    return 1;
+}
+
+/* q:close(): stops the workers; jobs not taken are dropped. Also __gc. */
+static int signq_close(lua_State *L)
+{
+    sp_signq **q = luaL_checkudata(L, 1, SIGNQ_MT);
+    sp_signq_free(*q);
+    *q = NULL;
+    return 0;
+}
+
+/* core.cpus() -> the number of processors online */
+static int l_cpus(lua_State *L)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    lua_pushinteger(L, n > 0 ? n : 1);
+    return 1;
+}
+
 void sp_lua_open_mail(lua_State *L)
 {
     static const luaL_Reg dkim_methods[] = {{"sign", dkim_sign}, {"sign_hashed", dkim_sign_hashed}, {NULL, NULL}};
@@ -215,7 +331,13 @@ void sp_lua_open_mail(lua_State *L)
                                      {"encode", l_encode},       {"utf8_valid", l_utf8_valid},
                                      {"dkim_key", l_dkim_key},   {"body_hash", l_body_hash},
                                      {"dotstuff", l_dotstuff},   {"base64_encode", l_b64encode},
-                                     {"base64_decode", l_b64decode}, {NULL, NULL}};
+                                     {"base64_decode", l_b64decode}, {"signq", l_signq},
+                                     {"cpus", l_cpus},           {NULL, NULL}};
+    static const luaL_Reg signq_methods[] = {{"submit", signq_submit},   {"take", signq_take},
+                                             {"fd", signq_fd},           {"pending", signq_pending},
+                                             {"threads", signq_threads}, {"close", signq_close},
+                                             {NULL, NULL}};
     sp_l_new_type(L, DKIM_MT, NULL, dkim_methods, dkim_gc);
+    sp_l_new_type(L, SIGNQ_MT, NULL, signq_methods, signq_close);
     luaL_setfuncs(L, funcs, 0);
 }

@@ -62,6 +62,20 @@ sp_dkim_key *sp_dkim_key_new(const char *pem, size_t len, int alg, sp_error *err
     return dk;
 }
 
+sp_dkim_key *sp_dkim_key_ref(const sp_dkim_key *k)
+{
+    sp_dkim_key *r = malloc(sizeof *r);
+    if (!r)
+        return NULL;
+    if (EVP_PKEY_up_ref(k->pkey) != 1) {
+        free(r);
+        return NULL;
+    }
+    r->pkey = k->pkey;
+    r->alg = k->alg;
+    return r;
+}
+
 void sp_dkim_key_free(sp_dkim_key *k)
 {
     if (!k)

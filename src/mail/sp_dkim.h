@@ -21,6 +21,10 @@ enum { SP_DKIM_RSA_SHA256 = 1, SP_DKIM_ED25519_SHA256 = 2 };
  * "-----BEGIN"); alg must match the key's type. NULL with *err (kind config). */
 sp_dkim_key *sp_dkim_key_new(const char *pem, size_t len, int alg, sp_error *err);
 void sp_dkim_key_free(sp_dkim_key *k);
+/* Another handle on the same key (the key itself is shared, counted): a
+ * signing thread holds one, so the key outlives whoever loaded it. NULL
+ * when memory runs out. Free it with sp_dkim_key_free. */
+sp_dkim_key *sp_dkim_key_ref(const sp_dkim_key *k);
 
 /* Streaming relaxed body canonicalisation and SHA-256. */
 typedef struct sp_dkim_body sp_dkim_body;

@@ -525,13 +525,22 @@ void sp_conn_abort(sp_conn *c, const sp_error *err)
 
 int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
 {
+    return sp_conn_wait_fds(conns, n, NULL, 0, NULL, timeout);
+}
+
+int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfds, unsigned char *fd_ready,
+                     double timeout)
+{
     double start = sp_now();
     struct pollfd stackfds[64];
-    struct pollfd *pfd = n <= 64 ? stackfds : malloc(n * sizeof *pfd);
+    size_t total = n + nfds;
+    struct pollfd *pfd = total <= 64 ? stackfds : malloc(total * sizeof *pfd);
     size_t *map = NULL;
     int result = -1;
     if (!pfd)
         return -1;
+    for (size_t k = 0; k < nfds; k++)
+        fd_ready[k] = 0;
     map = malloc((n ? n : 1) * sizeof *map);
     if (!map)
         goto out;
@@ -572,6 +581,13 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
             if (d > 0 && (wake == 0 || d < wake))
                 wake = d;
         }
+        nfds_t nconn = nf;
+        for (size_t k = 0; k < nfds; k++) { /* the caller's own fds: readable wakes the wait */
+            pfd[nf].fd = fds[k];
+            pfd[nf].events = POLLIN;
+            pfd[nf].revents = 0;
+            nf++;
+        }
         if (nf == 0 && wake == 0) {
             result = 0; /* nothing can happen */
             goto out;
@@ -590,7 +606,13 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
             goto out;
         }
         now = sp_now();
-        for (nfds_t k = 0; k < nf; k++) {
+        int extra = 0;
+        for (size_t k = 0; k < nfds; k++)
+            if (pfd[nconn + k].revents) {
+                fd_ready[k] = 1;
+                extra = 1;
+            }
+        for (nfds_t k = 0; k < nconn; k++) {
             sp_conn *c = conns[map[k]];
             short re = pfd[k].revents;
             if (!re || c->fd != pfd[k].fd)
@@ -613,7 +635,7 @@ int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
             if (d > 0 && now >= d)
                 on_deadline(conns[i]);
         }
-        if (timeout >= 0 && now - start >= timeout) {
+        if (extra || (timeout >= 0 && now - start >= timeout)) {
             result = 0;
             for (size_t i = 0; i < n; i++)
                 if (conns[i]->ev_len)

@@ -43,6 +43,7 @@ describe("DKIM", function()
     pool:close()
     f:stop()
     os.execute("rm -rf " .. peers.quote(k.dir))
+    keys = nil
   end)
 
   local function sent_data(n)
@@ -136,5 +137,138 @@ describe("DKIM", function()
       assert.equal("config", err.kind)
     end
     assert.has_error(function() smtppool.new{ host = "h", tls = "none", dkim = { domain = "x" } } end)
+  end)
+end)
+
+-- Batches sign on worker threads (sign_threads) while the loop serves the
+-- sockets: every message must carry its own signatures, whatever order the
+-- threads finish in.
+describe("DKIM on signing threads", function()
+  local f, k
+  setup(function()
+    k = make_keys()
+    f = peers.fault({})
+  end)
+  teardown(function()
+    f:stop()
+    os.execute("rm -rf " .. peers.quote(k.dir))
+    keys = nil
+  end)
+
+  local function new_pool(o)
+    local opts = { host = "127.0.0.1", port = f.port, tls = "none", max_conns = 2, dkim = {
+      { domain = "x.test", selector = "rsa1", key = k.rsa },
+      { domain = "x.test", selector = "ed1", key = k.ed, algorithm = "ed25519-sha256" },
+    } }
+    for kk, v in pairs(o or {}) do opts[kk] = v end
+    return assert(smtppool.new(opts))
+  end
+
+  -- Each signature's bh= is the body hash of the message it is in.
+  local function own_signatures(data)
+    local body = data:match("\r\n\r\n(.*)$")
+    local bh = assert(require("smtppool.core").body_hash(body))
+    local n, at = 0, 1
+    while true do
+      local s = data:find("DKIM-Signature:", at, true)
+      if not s then return n end
+      local e = data:find("\r\n%S", s)
+      local got = data:sub(s, e):gsub("%s", ""):match("bh=([^;]+)")
+      assert.equal(bh, got)
+      n, at = n + 1, e
+    end
+  end
+
+  it("signs a 200-message batch with RSA and Ed25519, each message its own signatures", function()
+    local pool = new_pool({ sign_threads = 2 })
+    local before = #f:select("message")
+    local list = {}
+    for i = 1, 200 do
+      list[i] = { from = "a@x.test", to = ("r%d@y.test"):format(i), subject = "n " .. i,
+                  text = ("Hello recipient %d, %s\n"):format(i, ("x"):rep(i)) }
+    end
+    local summary = pool:send_batch(list)
+    pool:close()
+    assert.same({ sent = 200, failed = 0, cancelled = 0, total = 200 }, summary)
+    local msgs = f:select("message")
+    assert.equal(200, #msgs - before)
+    for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+    for _, i in ipairs({ before + 1, before + 77, #msgs }) do
+      assert.equal("ok", verify(msgs[i].data, k.rsa_pub, k.ed_pub))
+    end
+  end)
+
+  it("signs ready-made messages, skips dkim = false and uses a message's own key, in one batch", function()
+    local pool = new_pool({ sign_threads = 3 })
+    local before = #f:select("message")
+    local own = { domain = "x.test", selector = "ed9", key = k.ed, algorithm = "ed25519-sha256" }
+    local list = {}
+    for i = 1, 30 do
+      local kind = i % 3
+      if kind == 0 then
+        list[i] = { from = "a@x.test", to = "raw" .. i .. "@y.test",
+                    data = ("From: a@x.test\r\nTo: raw%d@y.test\r\nSubject: raw %d\r\n\r\nbody %d\r\n"):format(i, i, i) }
+      elseif kind == 1 then
+        list[i] = { from = "a@x.test", to = "off" .. i .. "@y.test", subject = "off", text = "x" .. i, dkim = false }
+      else
+        list[i] = { from = "a@x.test", to = "own" .. i .. "@y.test", subject = "own", text = "y" .. i, dkim = own }
+      end
+    end
+    local summary = pool:send_batch(list)
+    pool:close()
+    assert.same({ sent = 30, failed = 0, cancelled = 0, total = 30 }, summary)
+    local msgs = f:select("message")
+    local counts = { raw = 0, off = 0, own = 0 }
+    for i = before + 1, #msgs do
+      local d = msgs[i].data
+      local kind = msgs[i].rcpt and msgs[i].rcpt[1] and msgs[i].rcpt[1]:match("^<?(%a+)") or d:match("To: (%a+)")
+      local n = own_signatures(d)
+      if d:find("Subject: raw", 1, true) then
+        counts.raw = counts.raw + 1
+        assert.equal(2, n)
+      elseif d:find("s=ed9", 1, true) then
+        counts.own = counts.own + 1
+        assert.equal(1, n)
+      else
+        counts.off = counts.off + 1
+        assert.equal(0, n)
+      end
+      assert.truthy(kind)
+    end
+    assert.same({ raw = 10, off = 10, own = 10 }, counts)
+  end)
+
+  it("ends the messages still being signed as cancelled when the batch stops", function()
+    local pool = new_pool({ sign_threads = 1 })
+    local pulled, results = 0, 0
+    local summary = pool:send_batch(function()
+      if pulled == 100 then return nil end
+      pulled = pulled + 1
+      return { from = "a@x.test", to = "s" .. pulled .. "@y.test", subject = "s", text = "stop " .. pulled }
+    end, {
+      on_result = function() results = results + 1 end,
+      should_stop = function() return results >= 3 end,
+    })
+    pool:close()
+    assert.equal(pulled, summary.total)
+    assert.equal(pulled, results)
+    assert.equal(summary.total, summary.sent + summary.cancelled)
+    assert.is_true(summary.cancelled > 0)
+    assert.is_true(pulled < 100)
+  end)
+
+  it("takes sign_threads = 0 (sign on the loop) and refuses a bad count", function()
+    local pool = new_pool({ sign_threads = 0 })
+    local before = #f:select("message")
+    local list = {}
+    for i = 1, 5 do list[i] = { from = "a@x.test", to = "z" .. i .. "@y.test", subject = "z", text = "z" .. i } end
+    assert.same({ sent = 5, failed = 0, cancelled = 0, total = 5 }, pool:send_batch(list))
+    pool:close()
+    local msgs = f:select("message")
+    for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+    for _, bad in ipairs({ -1, 1.5, 65, 0 / 0 }) do
+      assert.has_error(function() smtppool.new{ host = "h", tls = "none", sign_threads = bad } end,
+        "smtppool.new: option 'sign_threads' must be an integer from 0 to 64")
+    end
   end)
 end)
