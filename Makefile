@@ -169,6 +169,8 @@ bench: all $(BUILD)/sink
 	@echo
 	@$(LUA) bench/campaign_rss.lua $(BUILD)/sink
 	@echo
+	@$(LUA) bench/signed.lua $(BUILD)/sink
+	@echo
 	@$(LUA) bench/redis_campaign.lua
 
 # Coverage-guided fuzzing of the reply reader, protocol machine and codecs

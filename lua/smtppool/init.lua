@@ -335,7 +335,7 @@ function Pool:send_batch(source, opts)
   local finish
   if threaded then
     next_msg, finish = prepare.signing_stage(next_msg, { threads = self.cfg.sign_threads,
-      depth = math.max(16, 4 * self.cfg.sign_threads),
+      depth = math.max(64, 8 * self.cfg.sign_threads),
       waiting = function(fd) self._wait_fds = fd and { fd } or nil end })
   end
   local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }

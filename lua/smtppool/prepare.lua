@@ -119,8 +119,17 @@ end
 local function sign(signers, data, ctx)
   if #signers == 0 then return data end
   local t = os.time()
-  if ctx.defer_sign and type(data) == "string" then
-    return data, nil, { signers = signers, t = t }
+  if ctx.defer_sign then
+    -- composed segments that are all strings (no file to stream) join into
+    -- the one string a signing thread gets a copy of
+    local flat = data
+    if type(data) == "table" then
+      for _, seg in ipairs(data) do
+        if type(seg) ~= "string" then flat = nil break end
+      end
+      flat = flat and table.concat(data)
+    end
+    if flat then return flat, nil, { signers = signers, t = t } end
   end
   local sigs = {}
   if type(data) == "table" then
