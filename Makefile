@@ -7,7 +7,7 @@ CC ?= cc
 OPT ?= -O2 -g
 WARN = -Wall -Wextra -Werror
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE -pthread $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
-LDLIBS_ALL = $(shell pkg-config --libs openssl) $(LDLIBS)
+LDLIBS_ALL = $(shell pkg-config --libs openssl libcares) $(LDLIBS)
 LDLIBS_CRYPTO = $(shell pkg-config --libs libcrypto) $(LDLIBS)
 # the binding alone also links hiredis (its RESP reader, for shared limits in Redis)
 LDLIBS_BIND = $(shell pkg-config --libs hiredis)
@@ -35,7 +35,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
 	lua-dkjson lua-argparse lua-markdown valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
-	nginx libnginx-mod-http-lua libluajit2-5.1-dev redis-server libhiredis-dev luarocks
+	nginx libnginx-mod-http-lua libluajit2-5.1-dev redis-server libhiredis-dev luarocks libc-ares-dev
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)

@@ -26,6 +26,7 @@ dependencies = {
 external_dependencies = {
    OPENSSL = { header = "openssl/ssl.h" },
    HIREDIS = { header = "hiredis/hiredis.h" },
+   CARES = { header = "ares.h" },
 }
 build = {
    type = "builtin",
@@ -61,9 +62,9 @@ build = {
             "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lkeyset.c", "src/lua/lredis.c",
          },
          defines = { "_GNU_SOURCE" },
-         libraries = { "ssl", "crypto", "hiredis", "pthread" },
-         incdirs = { "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
-         libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)" },
+         libraries = { "ssl", "crypto", "hiredis", "cares", "pthread" },
+         incdirs = { "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)", "$(CARES_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
+         libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)", "$(CARES_LIBDIR)" },
       },
    },
    install = {

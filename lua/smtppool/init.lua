@@ -70,7 +70,12 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --- Creates a pool. No connection is opened until a message needs one.
 -- @tparam table opts
 --
--- * `host` (string, required): server name or address.
+-- * `host` (string, required): server name or address. A name is resolved
+--   without blocking the loop (c-ares; `/etc/hosts` first, then the
+--   servers of `/etc/resolv.conf`); `connect_timeout` covers the lookup.
+-- * `dns_servers` (string, default the system's): `"ip[:port],..."`, the
+--   name servers to ask instead of `/etc/resolv.conf`'s (native driver; in
+--   nginx, nginx's `resolver` applies).
 -- * `port` (number, default 25).
 -- * `tls` (string, default `"starttls"`): `"starttls"` (fails closed when
 --   the server does not offer it), `"implicit"` (TLS from the first byte,
@@ -189,6 +194,7 @@ function M._build(opts, driver, shared)
       host = opts.host, port = cfg.port, helo = cfg.helo,
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
       tls = tls_ctx, tls_mode = cfg.tls, server_name = opts.server_name, trace = opts.trace,
+      dns_servers = opts.dns_servers,
     },
     tls_ctx = tls_ctx,
     auth = opts.auth,

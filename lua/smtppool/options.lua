@@ -22,7 +22,7 @@ M.SCHEMA = {
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
   cap_recover_after = "number", trace = "boolean", max_recipients_per_message = "number",
-  rotate_ahead = "number", sign_threads = "number",
+  rotate_ahead = "number", sign_threads = "number", dns_servers = "string",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range

@@ -58,7 +58,7 @@ static int tls_stats(lua_State *L)
 }
 
 /* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds},
- *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=,
+ *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=, dns_servers=,
  *              auth={user=, secret=, mechanism=, allow_plaintext=}} */
 static int l_connect(lua_State *L)
 {
@@ -101,6 +101,7 @@ static int l_connect(lua_State *L)
             return luaL_error(L, "unknown tls_mode '%s'", mode);
     }
     o.server_name = sp_l_opt_string(L, 1, "server_name");
+    o.dns_servers = sp_l_opt_string(L, 1, "dns_servers");
     lua_getfield(L, 1, "auth_gate");
     o.session.auth_gate = lua_toboolean(L, -1);
     lua_pop(L, 1);

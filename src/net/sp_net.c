@@ -13,18 +13,29 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <ares.h>
 #include <openssl/err.h>
 
 #define READ_CHUNK 16384
 #define BODY_CHUNK 65536 /* body bytes stuffed per step; bounds the output buffer */
 #define CONN_EVQ 16
 
-enum { C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
+enum { C_RESOLVING, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
+
+#define MAX_ADDRS 16
 
 struct sp_conn {
     int fd;
     int state;
-    struct addrinfo *ai_list, *ai_next;
+    /* the addresses to try, in the resolver's order */
+    struct sockaddr_storage addrs[MAX_ADDRS];
+    socklen_t addr_lens[MAX_ADDRS];
+    int naddrs, next_addr;
+    /* c-ares while the name resolves (the loop polls its sockets) */
+    ares_channel resolver;
+    int resolved;   /* the lookup's callback has run */
+    int res_status; /* its status */
+    char port[16];
     char host[256];
     double connect_timeout;
     double timeouts[SP_PHASE_COUNT];
@@ -79,17 +90,17 @@ static void close_fd(sp_conn *c)
 static int try_connect(sp_conn *c)
 {
     /* Walks the address list until a connect starts or succeeds. */
-    while (c->ai_next) {
-        struct addrinfo *ai = c->ai_next;
-        c->ai_next = ai->ai_next;
-        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    while (c->next_addr < c->naddrs) {
+        int i = c->next_addr++;
+        const struct sockaddr *sa = (const struct sockaddr *)&c->addrs[i];
+        int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
         if (fd < 0) {
             sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "socket: %s", strerror(errno));
             continue;
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0 || errno == EINPROGRESS) {
+        if (connect(fd, sa, c->addr_lens[i]) == 0 || errno == EINPROGRESS) {
             c->fd = fd;
             c->state = C_CONNECTING;
             c->last_activity = sp_now();
@@ -102,29 +113,99 @@ static int try_connect(sp_conn *c)
     return -1;
 }
 
-sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
+static void add_addr(sp_conn *c, const struct sockaddr *sa, socklen_t len)
 {
-    sp_error_clear(err);
+    if (c->naddrs >= MAX_ADDRS || len > (socklen_t)sizeof c->addrs[0])
+        return;
+    memcpy(&c->addrs[c->naddrs], sa, len);
+    c->addr_lens[c->naddrs++] = len;
+}
+
+/* The lookup's answer; may run inside ares_getaddrinfo, ares_process_fd or
+ * ares_destroy, so it only records what came. */
+static void on_resolved(void *arg, int status, int timeouts, struct ares_addrinfo *res)
+{
+    (void)timeouts;
+    sp_conn *c = arg;
+    c->resolved = 1;
+    c->res_status = status;
+    if (status == ARES_SUCCESS && res)
+        for (struct ares_addrinfo_node *n = res->nodes; n; n = n->ai_next)
+            add_addr(c, n->ai_addr, n->ai_addrlen);
+    if (res)
+        ares_freeaddrinfo(res);
+}
+
+/* After the resolver has had its chance: connect, or fail the session. */
+static void pump(sp_conn *c);
+static void resolve_step(sp_conn *c)
+{
+    if (!c->resolved)
+        return;
+    ares_destroy(c->resolver);
+    c->resolver = NULL;
+    if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
+        sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s", c->host,
+                     c->port, c->res_status == ARES_SUCCESS ? "no address" : ares_strerror(c->res_status));
+    } else if (try_connect(c) == 0) {
+        return;
+    }
+    c->state = C_CLOSED;
+    sp_session_fail(c->s, &c->connect_err);
+    pump(c);
+}
+
+/* Starts resolving: a numeric address at once, a name through c-ares (its
+ * sockets join the loop's poll, so a slow resolver holds no other
+ * connection). -1 with *err when the lookup cannot even start. */
+static int start_resolve(sp_conn *c, const char *servers, sp_error *err)
+{
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_protocol = IPPROTO_TCP;
-    int rc = getaddrinfo(o->host, o->port, &hints, &res);
-    if (rc != 0) {
-        sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s", o->host, o->port,
-                     gai_strerror(rc));
-        return NULL;
+    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+    if (getaddrinfo(c->host, c->port, &hints, &res) == 0) {
+        for (struct addrinfo *ai = res; ai; ai = ai->ai_next)
+            add_addr(c, ai->ai_addr, ai->ai_addrlen);
+        freeaddrinfo(res);
+        c->resolved = 1;
+        c->res_status = ARES_SUCCESS;
+        return 0;
     }
+    struct ares_options ao;
+    memset(&ao, 0, sizeof ao);
+    int rc = ares_init_options(&c->resolver, &ao, 0);
+    if (rc == ARES_SUCCESS && servers && *servers)
+        rc = ares_set_servers_ports_csv(c->resolver, servers);
+    if (rc != ARES_SUCCESS) {
+        sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_CONNECT, "resolver: %s", ares_strerror(rc));
+        return -1;
+    }
+    struct ares_addrinfo_hints ah;
+    memset(&ah, 0, sizeof ah);
+    ah.ai_family = AF_UNSPEC;
+    ah.ai_socktype = SOCK_STREAM;
+    ah.ai_protocol = IPPROTO_TCP;
+    ah.ai_flags = ARES_AI_NUMERICSERV;
+    c->state = C_RESOLVING;
+    c->last_activity = sp_now();
+    ares_getaddrinfo(c->resolver, c->host, c->port, &ah, on_resolved, c);
+    return 0;
+}
+
+sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
+{
+    sp_error_clear(err);
     sp_conn *c = calloc(1, sizeof *c);
     if (!c) {
-        freeaddrinfo(res);
         sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
         return NULL;
     }
     c->fd = -1;
-    c->ai_list = c->ai_next = res;
     snprintf(c->host, sizeof c->host, "%s", o->host);
+    snprintf(c->port, sizeof c->port, "%s", o->port);
     c->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : sp_default_timeout(SP_PHASE_CONNECT);
     for (int i = 0; i < SP_PHASE_COUNT; i++)
         c->timeouts[i] = o->timeouts[i] > 0 ? o->timeouts[i] : sp_default_timeout((sp_phase)i);
@@ -148,10 +229,26 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
         sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
         return NULL;
     }
-    if (try_connect(c) < 0) {
-        *err = c->connect_err;
+    if (start_resolve(c, o->dns_servers, err) < 0) {
         sp_conn_free(c);
         return NULL;
+    }
+    /* A name in /etc/hosts (or a numeric address) is known at once. */
+    if (c->resolved) {
+        if (c->resolver)
+            ares_destroy(c->resolver);
+        c->resolver = NULL;
+        if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
+            sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s", c->host, c->port,
+                         c->res_status == ARES_SUCCESS ? "no address" : ares_strerror(c->res_status));
+            sp_conn_free(c);
+            return NULL;
+        }
+        if (try_connect(c) < 0) {
+            *err = c->connect_err;
+            sp_conn_free(c);
+            return NULL;
+        }
     }
     return c;
 }
@@ -161,8 +258,8 @@ void sp_conn_free(sp_conn *c)
     if (!c)
         return;
     close_fd(c);
-    if (c->ai_list)
-        freeaddrinfo(c->ai_list);
+    if (c->resolver)
+        ares_destroy(c->resolver); /* the callback runs, recording a cancelled lookup */
     sp_body_src_free(c->body);
     sp_session_free(c->s);
     free(c);
@@ -481,6 +578,16 @@ static void connect_done(sp_conn *c, double now)
  * never on a partial read. */
 static double deadline_of(sp_conn *c, double now)
 {
+    if (c->state == C_RESOLVING) { /* connect_timeout covers resolving and connecting */
+        double d = c->last_activity + c->connect_timeout;
+        struct timeval tv, *tp = ares_timeout(c->resolver, NULL, &tv);
+        if (tp) { /* the resolver's own retransmit */
+            double r = now + (double)tp->tv_sec + (double)tp->tv_usec / 1e6;
+            if (r < d)
+                d = r;
+        }
+        return d;
+    }
     if (c->state == C_CONNECTING)
         return c->last_activity + c->connect_timeout;
     if (c->state == C_HANDSHAKE)
@@ -499,8 +606,22 @@ static double deadline_of(sp_conn *c, double now)
     return c->last_activity + c->timeouts[ph];
 }
 
-static void on_deadline(sp_conn *c)
+static void on_deadline(sp_conn *c, double now)
 {
+    if (c->state == C_RESOLVING) {
+        if (now < c->last_activity + c->connect_timeout) { /* only the resolver's retransmit is due */
+            ares_process_fd(c->resolver, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
+            resolve_step(c);
+            return;
+        }
+        ares_destroy(c->resolver);
+        c->resolver = NULL;
+        sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "resolving %s timed out", c->host);
+        c->state = C_CLOSED;
+        sp_session_fail(c->s, &c->connect_err);
+        pump(c);
+        return;
+    }
     if (c->state == C_CONNECTING) {
         sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s timed out", c->host);
         close_fd(c);
@@ -533,7 +654,13 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
 {
     double start = sp_now();
     struct pollfd stackfds[64];
-    size_t total = n + nfds;
+    /* a connection polls its socket, or while its name resolves, the
+     * resolver's sockets (up to ARES_GETSOCK_MAXNUM) */
+    size_t slots = n;
+    for (size_t i = 0; i < n; i++)
+        if (conns[i]->state == C_RESOLVING)
+            slots += ARES_GETSOCK_MAXNUM - 1;
+    size_t total = slots + nfds;
     struct pollfd *pfd = total <= 64 ? stackfds : malloc(total * sizeof *pfd);
     size_t *map = NULL;
     int result = -1;
@@ -541,7 +668,7 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
         return -1;
     for (size_t k = 0; k < nfds; k++)
         fd_ready[k] = 0;
-    map = malloc((n ? n : 1) * sizeof *map);
+    map = malloc((slots ? slots : 1) * sizeof *map);
     if (!map)
         goto out;
     for (size_t i = 0; i < n; i++)
@@ -568,6 +695,24 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
             sp_conn *c = conns[i];
             if (c->state == C_CLOSED)
                 continue;
+            if (c->state == C_RESOLVING) {
+                ares_socket_t socks[ARES_GETSOCK_MAXNUM];
+                int bits = ares_getsock(c->resolver, socks, ARES_GETSOCK_MAXNUM);
+                for (int k = 0; k < ARES_GETSOCK_MAXNUM; k++) {
+                    short ev = (short)((ARES_GETSOCK_READABLE(bits, k) ? POLLIN : 0) |
+                                       (ARES_GETSOCK_WRITABLE(bits, k) ? POLLOUT : 0));
+                    if (!ev)
+                        continue;
+                    pfd[nf].fd = socks[k];
+                    pfd[nf].events = ev;
+                    pfd[nf].revents = 0;
+                    map[nf++] = i;
+                }
+                double d = deadline_of(c, now);
+                if (d > 0 && (wake == 0 || d < wake))
+                    wake = d;
+                continue;
+            }
             short ev = POLLIN;
             if (c->state == C_HANDSHAKE)
                 ev = c->hs_events;
@@ -615,6 +760,12 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
         for (nfds_t k = 0; k < nconn; k++) {
             sp_conn *c = conns[map[k]];
             short re = pfd[k].revents;
+            if (re && c->state == C_RESOLVING) {
+                ares_process_fd(c->resolver, (re & (POLLIN | POLLHUP | POLLERR)) ? pfd[k].fd : ARES_SOCKET_BAD,
+                                (re & POLLOUT) ? pfd[k].fd : ARES_SOCKET_BAD);
+                resolve_step(c); /* the answer came: connect (polled from the next turn) */
+                continue;
+            }
             if (!re || c->fd != pfd[k].fd)
                 continue;
             if (c->state == C_CONNECTING) {
@@ -633,7 +784,7 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
         for (size_t i = 0; i < n; i++) {
             double d = deadline_of(conns[i], now);
             if (d > 0 && now >= d)
-                on_deadline(conns[i]);
+                on_deadline(conns[i], now);
         }
         if (extra || (timeout >= 0 && now - start >= timeout)) {
             result = 0;

@@ -24,6 +24,7 @@ typedef struct sp_conn_opts {
     sp_tls_ctx *tls;         /* needed for implicit TLS and STARTTLS; borrowed, must outlive the conn */
     int implicit_tls;        /* handshake right after connect (port 465) */
     const char *server_name; /* SNI and certificate name; NULL: host */
+    const char *dns_servers; /* "ip[:port],..." for the resolver; NULL: /etc/resolv.conf */
 } sp_conn_opts;
 
 typedef struct sp_conn sp_conn;
@@ -34,8 +35,12 @@ double sp_now(void);
  * data block 3, final dot 10; 5 min for the rest. */
 double sp_default_timeout(sp_phase ph);
 
-/* Resolves host (IPv4 and IPv6, in getaddrinfo's order) and starts a
- * non-blocking connect. NULL with *err set when nothing can be tried. */
+/* Starts a connection: a numeric host, or a name found in /etc/hosts, is
+ * connected to at once (non-blocking); any other name is resolved with
+ * c-ares (IPv4 and IPv6), its sockets polled by sp_conn_wait beside the
+ * connections', and connect_timeout covers the lookup and the connect. A
+ * name that does not resolve fails the session in phase connect. NULL
+ * with *err set when nothing can be tried. */
 sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err);
 /* Closes the socket at once (no QUIT) and frees everything. */
 void sp_conn_free(sp_conn *c);

@@ -317,6 +317,10 @@ function M.fault(script) return start_server("faultserver.py", script) end
 -- seeded chaos. The same interface as the fault server's.
 function M.hostile(script, port) return start_server("hostile.py", script, port) end
 
+--- Starts a DNS server (see dnsserver.py) answering the script's names;
+-- `dns_servers = "127.0.0.1:" .. d.port` points a pool at it.
+function M.dns(script) return start_server("dnsserver.py", script) end
+
 --- Starts a TCP proxy to 127.0.0.1:target_port (see tcpproxy.py): it
 -- counts the sockets open at once (events "open"/"close" with `open`) and
 -- delays each chunk by `delay` seconds each way when given.
