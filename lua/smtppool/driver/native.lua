@@ -5,8 +5,9 @@
 -- * `open(opts)`: starts a connection (`host`, `port`, `helo`, `tls_mode`,
 --   `tls`, `server_name`, `auth`, `connect_timeout`, `timeouts`, `trace`); returns a
 --   handle, or nil and an error value.
--- * `wait(handles, timeout)`: moves bytes until some connection has events
---   or `timeout` seconds pass (negative: no limit); returns one entry per
+-- * `wait(handles, timeout[, fds])`: moves bytes until some connection has
+--   events, one of `fds` (the native driver: a signing queue's eventfd)
+--   is readable, or `timeout` seconds pass (negative: no limit); returns one entry per
 --   connection with events: `{conn = index, name, payload, name, payload...}`
 --   with names `ready`, `tx` (payload: the transaction's outcome), `error`
 --   (payload: the error value), `closed`, and with `opts.trace`, `trace`
