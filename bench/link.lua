@@ -1,8 +1,9 @@
 -- `make bench` (a real link): messages per round trip through a delay proxy
 -- (tests/support/tcpproxy.py: this kernel has no netem) in front of the C
 -- sink, one connection, uncapped and rotating every 5, with Python's smtplib
--- as the peer. The floor a client can reach is one round trip per message
--- (MAIL, RCPT, DATA pipelined behind the previous final dot).
+-- as the peer. Over DATA the floor is one round trip per message (MAIL, RCPT,
+-- DATA pipelined behind the previous final dot); with CHUNKING (the sink
+-- started as `sink chunking`), a window of BDAT transactions per round trip.
 -- Usage: lua5.4 bench/link.lua SINK   (LINK_RTT_MS=21, LINK_N=300)
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
 package.cpath = "lua/?.so;" .. package.cpath
@@ -20,6 +21,12 @@ local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote
 local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
   5, "the sink")
 local proxy = peers.proxy(port, RTT / 2)
+-- the same sink offering CHUNKING, behind its own delay line
+local cdir = peers.tmpdir()
+local cpid = tonumber(peers.sh(("%s chunking >%s 2>&1 & echo $!"):format(SINK, peers.quote(cdir .. "/port"))):match("%d+"))
+local cport = peers.wait_for(function() return tonumber((peers.read_file(cdir .. "/port") or ""):match("PORT (%d+)")) end,
+  5, "the chunking sink")
+local cproxy = peers.proxy(cport, RTT / 2)
 
 local cases = {
   { "smtplib, 1 connection (peer)", function()
@@ -29,6 +36,14 @@ local cases = {
   { "smtppool, 1 connection", function() return send_loop(smtppool, proxy.port, 1, nil, N, SIZE) end },
   { "smtppool, 1 connection, rotate every 5", function() return send_loop(smtppool, proxy.port, 1, 5, N, SIZE) end },
 }
+for _, w in ipairs({ 2, 4, 8, 16 }) do
+  cases[#cases + 1] = { ("smtppool, BDAT window %d"):format(w), function()
+    return send_loop(smtppool, cproxy.port, 1, nil, N, SIZE, { bdat_window = w })
+  end }
+end
+cases[#cases + 1] = { "smtppool, BDAT window 4, rotate every 5", function()
+  return send_loop(smtppool, cproxy.port, 1, 5, N, SIZE, { bdat_window = 4 })
+end }
 local times = {}
 for _ = 1, 3 do -- interleaved rounds
   for _, c in ipairs(cases) do
@@ -38,8 +53,9 @@ for _ = 1, 3 do -- interleaved rounds
   end
 end
 proxy:stop()
-os.execute("kill " .. pid)
-os.execute("rm -rf " .. peers.quote(dir))
+cproxy:stop()
+os.execute("kill " .. pid .. " " .. cpid)
+os.execute("rm -rf " .. peers.quote(dir) .. " " .. peers.quote(cdir))
 
 print(("%d messages of ~%d bytes through a link with a %.0f ms round trip (3 interleaved rounds; median and spread)")
   :format(N, SIZE, RTT * 1000))

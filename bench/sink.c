@@ -1,6 +1,7 @@
 /* A minimal, fast SMTP sink for benchmarks: accepts every message and
- * forgets it. One poll loop; PIPELINING offered. Prints "PORT n" once it
- * listens on 127.0.0.1. Not for tests of correctness: see tests/support. */
+ * forgets it. One poll loop; PIPELINING offered, and CHUNKING (BDAT) when
+ * started as `sink chunking`. Prints "PORT n" once it listens on 127.0.0.1.
+ * Not for tests of correctness: see tests/support. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -15,6 +16,7 @@
 #define MAXC 256
 typedef struct {
     int fd, in_data;
+    size_t skip; /* BDAT bytes still to come */
     char buf[65536];
     size_t len;
     char out[8192];
@@ -30,6 +32,8 @@ static void reply(conn *c, const char *s)
     }
 }
 
+static int chunking;
+
 static int handle_line(conn *c, const char *l, size_t n)
 {
     if (c->in_data) {
@@ -40,7 +44,13 @@ static int handle_line(conn *c, const char *l, size_t n)
         return 0;
     }
     if (n >= 4 && !strncasecmp(l, "EHLO", 4))
-        reply(c, "250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n");
+        reply(c, chunking ? "250-sink\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n"
+                          : "250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n");
+    else if (chunking && n >= 5 && !strncasecmp(l, "BDAT ", 5)) {
+        c->skip = strtoul(l + 5, NULL, 10);
+        if (!c->skip)
+            reply(c, "250 2.0.0 OK\r\n");
+    }
     else if (n >= 4 && !strncasecmp(l, "HELO", 4))
         reply(c, "250 sink\r\n");
     else if (n >= 4 && !strncasecmp(l, "DATA", 4)) {
@@ -54,8 +64,9 @@ static int handle_line(conn *c, const char *l, size_t n)
     return 0;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    chunking = argc > 1 && !strcmp(argv[1], "chunking");
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -96,13 +107,24 @@ int main(void)
             int quit = r <= 0;
             if (r > 0) {
                 c->len += (size_t)r;
-                size_t st = 0;
-                for (size_t k = 0; k < c->len; k++)
+                size_t st = 0, k = 0;
+                while (k < c->len) {
+                    if (c->skip) { /* a BDAT chunk's bytes */
+                        size_t m = c->len - st < c->skip ? c->len - st : c->skip;
+                        st += m;
+                        c->skip -= m;
+                        k = st;
+                        if (!c->skip)
+                            reply(c, "250 2.0.0 OK\r\n");
+                        continue;
+                    }
                     if (c->buf[k] == '\n') {
                         size_t e = k > st && c->buf[k - 1] == '\r' ? k - 1 : k;
                         quit |= handle_line(c, c->buf + st, e - st);
                         st = k + 1;
                     }
+                    k++;
+                }
                 memmove(c->buf, c->buf + st, c->len - st);
                 c->len -= st;
                 if (c->len == sizeof c->buf)

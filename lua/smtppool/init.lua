@@ -194,7 +194,7 @@ function M._build(opts, driver, shared)
       host = opts.host, port = cfg.port, helo = cfg.helo,
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
       tls = tls_ctx, tls_mode = cfg.tls, server_name = opts.server_name, trace = opts.trace,
-      dns_servers = opts.dns_servers,
+      dns_servers = opts.dns_servers, bdat_window = cfg.bdat_window,
     },
     tls_ctx = tls_ctx,
     auth = opts.auth,

@@ -8,6 +8,11 @@ local errors = require("smtppool.errors")
 
 local M = {}
 
+-- Transactions a connection may have awaiting their final replies when the
+-- server offers CHUNKING (BDAT): also how many messages can be ambiguous at
+-- once when such a connection is lost.
+M.BDAT_WINDOW = 4
+
 M.TLS_MODES = { none = true, starttls = true, implicit = true, opportunistic = true }
 M.PHASES = { "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "data_end", "rset", "noop", "quit" }
 
@@ -22,7 +27,7 @@ M.SCHEMA = {
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
   cap_recover_after = "number", trace = "boolean", max_recipients_per_message = "number",
-  rotate_ahead = "number", sign_threads = "number", dns_servers = "string",
+  rotate_ahead = "number", sign_threads = "number", dns_servers = "string", bdat_window = "number",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range
@@ -121,6 +126,10 @@ function M.check(opts, extra)
     or opts.rotate_ahead ~= math.floor(opts.rotate_ahead) or opts.rotate_ahead > 100) then
     error("smtppool.new: option 'rotate_ahead' must be an integer from 0 to 100", 3)
   end
+  if opts.bdat_window ~= nil and (not finite(opts.bdat_window) or opts.bdat_window < 0
+    or opts.bdat_window ~= math.floor(opts.bdat_window) or opts.bdat_window > 16) then
+    error("smtppool.new: option 'bdat_window' must be an integer from 0 to 16", 3)
+  end
   if opts.sign_threads ~= nil and (not finite(opts.sign_threads) or opts.sign_threads < 0
     or opts.sign_threads ~= math.floor(opts.sign_threads) or opts.sign_threads > 64) then
     error("smtppool.new: option 'sign_threads' must be an integer from 0 to 64", 3)
@@ -171,6 +180,7 @@ function M.resolve(opts)
     cap_recover_after = opts.cap_recover_after or 600,
     message_timeout = opts.message_timeout,
     rotate_ahead = opts.rotate_ahead or 2,
+    bdat_window = opts.bdat_window or M.BDAT_WINDOW,
     -- DKIM signing threads for batches: one per processor (at most 8) by default
     sign_threads = opts.sign_threads or math.min(8, core.cpus()),
   }

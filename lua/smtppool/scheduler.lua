@@ -13,8 +13,9 @@
 -- Connection record states:
 --   connecting  opened, greeting/EHLO not done yet (rec.job may be bound to it)
 --   idle        ready for a transaction
---   busy        a transaction in flight (rec.job; rec.prev: an earlier one
---               whose final dot's reply is still awaited, RFC 2920)
+--   busy        a transaction in flight (rec.job; rec.fly: earlier ones, oldest
+--               first, whose final dot's (or last BDAT chunk's) reply is still
+--               awaited: one with DATA (RFC 2920), up to bdat_window - 1 with BDAT)
 --   pipelining  busy, and its final dot is queued: the next transaction may
 --               start now, before that dot's reply (the server offers PIPELINING)
 --   settling    transaction reported, READY not yet back (RSET in flight)
@@ -266,7 +267,10 @@ function S:_start(run, rec, job, t)
     self:_finish(run, job, nil, err)
     return
   end
-  if rec.state == "pipelining" then rec.prev = rec.job end -- right behind the previous final dot
+  if rec.state == "pipelining" then -- right behind the previous final dot
+    rec.fly = rec.fly or {}
+    rec.fly[#rec.fly + 1] = rec.job
+  end
   rec.state = "busy"
   rec.job = job
   rec.txs = rec.txs + 1
@@ -288,6 +292,7 @@ function S:_dispatch(run, rec, entry, t)
     elseif ev == "ready" then
       if rec.state == "connecting" then
         rec.caps = rec.c:caps()
+        if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
         self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
       end
       if rec.state ~= "quitting" then
@@ -306,10 +311,10 @@ function S:_dispatch(run, rec, entry, t)
         run.mark_async(j.user_msg or j.msg)
       end
     elseif ev == "tx" then
-      -- Outcomes come in order: the older transaction first.
-      local job = rec.prev
+      -- Outcomes come in order: the oldest transaction first.
+      local job = rec.fly and table.remove(rec.fly, 1)
       if job then
-        rec.prev = nil -- the connection carries on with rec.job
+        if #rec.fly == 0 then rec.fly = nil end -- the connection carries on with rec.job
       else
         job = rec.job
         rec.job = nil
@@ -429,7 +434,7 @@ function S:_stop(run, level, t)
   end
   if level == "now" or t - run.stopping >= self.cfg.close_timeout then
     for _, rec in ipairs(self.conns) do
-      if (rec.job or rec.prev) and not rec.cut then
+      if (rec.job or rec.fly) and not rec.cut then
         rec.cut = true
         rec.c:abort("the run was stopped")
       end
@@ -455,15 +460,19 @@ function S:_run(next_msg, on_result, opts)
     poll = opts and opts.poll,
   }
   -- messages pulled ahead: enough to keep every connection busy, and to see
-  -- whether a rotating connection's replacement will have work
-  local lookahead = cfg.max_conns * (2 + cfg.rotate_ahead)
+  -- whether a rotating connection's replacement will have work (with BDAT,
+  -- once a server has offered CHUNKING, a window of transactions per connection)
+  local function lookahead()
+    local window = self._chunking and math.max(1, cfg.bdat_window) or 1
+    return cfg.max_conns * (1 + window + cfg.rotate_ahead)
+  end
   local waits_noted = {}
   local now = self.driver.now
   local t = now()
 
   while true do
     -- Pull messages lazily: enough to keep every connection busy.
-    while not run.source_done and #run.queue < lookahead do
+    while not run.source_done and #run.queue < lookahead() do
       local ok, msg = guarded(run, "the message source", next_msg)
       if not ok then break end
       if msg == nil then run.source_done = true break end
@@ -517,7 +526,9 @@ function S:_run(next_msg, on_result, opts)
         end
       end
       for _, rec in ipairs(self.conns) do
-        for _, job in ipairs({ rec.prev or false, rec.job or false }) do
+        local jobs = { rec.job or false }
+        for _, j in ipairs(rec.fly or {}) do jobs[#jobs + 1] = j end
+        for _, job in ipairs(jobs) do
           if job and job.deadline and not rec.cut then
             if t >= job.deadline then
               rec.cut = true

@@ -59,6 +59,7 @@ static int tls_stats(lua_State *L)
 
 /* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds},
  *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=, dns_servers=,
+ *              bdat_window=,
  *              auth={user=, secret=, mechanism=, allow_plaintext=}} */
 static int l_connect(lua_State *L)
 {
@@ -105,6 +106,7 @@ static int l_connect(lua_State *L)
     lua_getfield(L, 1, "auth_gate");
     o.session.auth_gate = lua_toboolean(L, -1);
     lua_pop(L, 1);
+    o.session.bdat_window = (int)sp_l_opt_number(L, 1, "bdat_window", 0);
     if (sp_l_read_auth(L, 1, &o.session) < 0)
         return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     lconn *lc = lua_newuserdata(L, sizeof *lc);

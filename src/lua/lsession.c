@@ -372,6 +372,7 @@ static int l_session(lua_State *L)
         lua_getfield(L, 1, "auth_gate");
         o.auth_gate = lua_toboolean(L, -1);
         lua_pop(L, 1);
+        o.bdat_window = (int)sp_l_opt_number(L, 1, "bdat_window", 0);
         if (sp_l_read_auth(L, 1, &o) < 0)
             return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     }

@@ -4,7 +4,11 @@
 
 enum { MID = 0, START = 1, AFTER_CR = 2 };
 
-void sp_dotstuff_init(sp_dotstuff *st) { st->state = START; }
+void sp_dotstuff_init(sp_dotstuff *st)
+{
+    st->state = START;
+    st->nostuff = 0;
+}
 
 int sp_dotstuff_feed(sp_dotstuff *st, const char *src, size_t n, sp_buf *out)
 {
@@ -50,7 +54,7 @@ int sp_dotstuff_feed(sp_dotstuff *st, const char *src, size_t n, sp_buf *out)
             s = START;
             continue;
         }
-        if (s == START && c == '.') {
+        if (s == START && c == '.' && !st->nostuff) {
             FLUSH(i);
             if (sp_buf_append(out, ".", 1) < 0)
                 return -1;
@@ -65,7 +69,7 @@ int sp_dotstuff_feed(sp_dotstuff *st, const char *src, size_t n, sp_buf *out)
     return 0;
 }
 
-int sp_dotstuff_finish(sp_dotstuff *st, sp_buf *out)
+int sp_dotstuff_end_line(sp_dotstuff *st, sp_buf *out)
 {
     if (st->state == AFTER_CR) {
         if (sp_buf_append(out, "\n", 1) < 0)
@@ -75,6 +79,13 @@ int sp_dotstuff_finish(sp_dotstuff *st, sp_buf *out)
             return -1;
     }
     st->state = START;
+    return 0;
+}
+
+int sp_dotstuff_finish(sp_dotstuff *st, sp_buf *out)
+{
+    if (sp_dotstuff_end_line(st, out) < 0)
+        return -1;
     return sp_buf_append(out, ".\r\n", 3);
 }
 

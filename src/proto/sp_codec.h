@@ -11,7 +11,8 @@
 #include "sp_buf.h"
 
 typedef struct sp_dotstuff {
-    int state; /* 0 mid-line, 1 at line start, 2 after a CR */
+    int state;   /* 0 mid-line, 1 at line start, 2 after a CR */
+    int nostuff; /* BDAT: line ends made CRLF, dots left alone (set after init) */
 } sp_dotstuff;
 
 void sp_dotstuff_init(sp_dotstuff *st);
@@ -19,6 +20,8 @@ void sp_dotstuff_init(sp_dotstuff *st);
 int sp_dotstuff_feed(sp_dotstuff *st, const char *src, size_t n, sp_buf *out);
 /* Ends the body: a CRLF if the last line lacks one, then ".\r\n". */
 int sp_dotstuff_finish(sp_dotstuff *st, sp_buf *out);
+/* Ends the body without the dot (BDAT): a CRLF if the last line lacks one. */
+int sp_dotstuff_end_line(sp_dotstuff *st, sp_buf *out);
 
 /* What a body holds, for choosing MAIL parameters and refusing what cannot
  * go over DATA. */

@@ -24,7 +24,13 @@ typedef enum cmd {
     CMD_NOOP,
     CMD_QUIT,
     CMD_STARTTLS,
-    CMD_AUTH /* every step of the AUTH exchange */
+    CMD_AUTH, /* every step of the AUTH exchange */
+    /* CHUNKING (RFC 3030): a BDAT transaction's commands, all pipelined; the
+     * reply goes to the oldest transaction still waiting for one */
+    CMD_BMAIL,
+    CMD_BRCPT,
+    CMD_BDAT,     /* a chunk that is not the last */
+    CMD_BDAT_LAST /* the last chunk: its reply is the transaction's outcome */
 } cmd;
 
 typedef struct awaited {
@@ -32,8 +38,9 @@ typedef struct awaited {
     size_t idx; /* recipient index for CMD_RCPT */
 } awaited;
 
-#define EVQ 16
-#define DONE_MAX 4
+#define EVQ 64
+#define FLY_MAX 16 /* transactions awaiting their final reply behind the current one */
+#define DONE_MAX (FLY_MAX + 4)
 #define SP_REDACT_MAX 8
 #define SP_TRACE_MAX 32
 
@@ -65,11 +72,17 @@ struct sp_session {
     sp_error err;
     sp_tx tx;
     int tx_active;
-    /* RFC 2920: the next transaction may start once this one's final dot is
-     * queued; the one awaiting its final reply is then `prev`. */
-    sp_tx prev;
-    int prev_active;
-    unsigned long long prev_dot_mark;
+    /* RFC 2920: the next transaction may start once this one's final dot (or
+     * last BDAT chunk) is queued; the ones awaiting their final replies wait
+     * here, oldest first: one with DATA, up to window - 1 with BDAT. */
+    sp_tx fly[FLY_MAX];
+    unsigned long long fly_mark[FLY_MAX];
+    size_t fly_head, fly_len;
+    int window;      /* transactions in flight at once with BDAT; 0: never BDAT */
+    int bdat;        /* the current transaction goes as BDAT chunks */
+    sp_buf chunk;    /* BDAT: body bytes not yet framed as a chunk */
+    int bdat_broken; /* a BDAT transaction failed: none starts until every reply is in, then RSET */
+    int next_owed;   /* NEXT was withheld (window full): due when a slot frees */
     /* finished transactions whose outcome the driver has not taken yet */
     sp_tx done[DONE_MAX];
     size_t done_head, done_len;
@@ -174,10 +187,14 @@ static sp_phase phase_of(cmd c)
     case CMD_GREETING: return SP_PHASE_GREETING;
     case CMD_EHLO:
     case CMD_HELO: return SP_PHASE_EHLO;
-    case CMD_MAIL: return SP_PHASE_MAIL;
-    case CMD_RCPT: return SP_PHASE_RCPT;
-    case CMD_DATA: return SP_PHASE_DATA;
+    case CMD_MAIL:
+    case CMD_BMAIL: return SP_PHASE_MAIL;
+    case CMD_RCPT:
+    case CMD_BRCPT: return SP_PHASE_RCPT;
+    case CMD_DATA:
+    case CMD_BDAT: return SP_PHASE_DATA;
     case CMD_DATA_END:
+    case CMD_BDAT_LAST:
     case CMD_DATA_DISCARD: return SP_PHASE_DATA_END;
     case CMD_RSET: return SP_PHASE_RSET;
     case CMD_NOOP: return SP_PHASE_NOOP;
@@ -329,6 +346,7 @@ sp_session *sp_session_new(const sp_session_opts *opts)
     const char *h = opts && opts->helo && *opts->helo ? opts->helo : "localhost";
     snprintf(s->helo, sizeof s->helo, "%s", h);
     sp_buf_init(&s->out);
+    sp_buf_init(&s->chunk);
     s->state = SP_ST_GREETING; /* the first state: no transition to trace */
     if (opts) {
         s->starttls = opts->starttls;
@@ -336,6 +354,7 @@ sp_session *sp_session_new(const sp_session_opts *opts)
         s->allow_plaintext_auth = opts->allow_plaintext_auth;
         s->auth_gate = opts->auth_gate;
         s->auth_want = opts->auth_mech;
+        s->window = opts->bdat_window < 0 ? 0 : opts->bdat_window > FLY_MAX ? FLY_MAX : opts->bdat_window;
         if (opts->auth_user) {
             s->auth_user = strdup(opts->auth_user);
             s->auth_secret = strdup(opts->auth_secret ? opts->auth_secret : "");
@@ -380,9 +399,42 @@ static void tx_done(sp_session *s, sp_tx *t)
     memset(t, 0, sizeof *t);
     if (t == &s->tx)
         s->tx_active = 0;
-    else
-        s->prev_active = 0;
     push_event(s, SP_EV_TX_DONE);
+}
+
+static sp_tx *fly_at(sp_session *s, size_t i) { return &s->fly[(s->fly_head + i) % FLY_MAX]; }
+
+/* The transaction the reply at the head of the awaited queue belongs to:
+ * replies come in the order the commands left, oldest transaction first. */
+static sp_tx *owner(sp_session *s) { return s->fly_len ? fly_at(s, 0) : &s->tx; }
+
+/* How many transactions may await their final reply behind the current one. */
+static size_t fly_room(const sp_session *s)
+{
+    if (!s->bdat)
+        return 1; /* DATA: the next MAIL may follow a dot (RFC 2920), one dot unanswered at a time */
+    return s->window > 1 ? (size_t)(s->window - 1) : 0;
+}
+
+/* Takes the oldest in-flight transaction out of the window (its outcome is
+ * set) and reports it. */
+static void fly_pop(sp_session *s)
+{
+    sp_tx *t = fly_at(s, 0);
+    s->fly_mark[s->fly_head] = 0;
+    s->fly_head = (s->fly_head + 1) % FLY_MAX;
+    s->fly_len--;
+    tx_done(s, t);
+}
+
+/* A slot of the window freed: NEXT if it was withheld. */
+static void offer_next(sp_session *s)
+{
+    if (s->next_owed && s->state == SP_ST_DATA_END && s->tx_active && !s->bdat_broken &&
+        s->fly_len < fly_room(s)) {
+        s->next_owed = 0;
+        push_event(s, SP_EV_NEXT);
+    }
 }
 
 void sp_session_free(sp_session *s)
@@ -393,7 +445,9 @@ void sp_session_free(sp_session *s)
     sp_buf_free(&s->out);
     sp_reply_clear(&s->greeting);
     tx_clear(&s->tx);
-    tx_clear(&s->prev);
+    for (size_t i = 0; i < FLY_MAX; i++)
+        tx_clear(&s->fly[i]);
+    sp_buf_free(&s->chunk);
     for (size_t i = 0; i < DONE_MAX; i++)
         tx_clear(&s->done[i]);
     free(s->aw);
@@ -421,19 +475,20 @@ static void die(sp_session *s, const sp_error *err)
     if (s->state == SP_ST_DEAD || s->state == SP_ST_CLOSED)
         return;
     s->err = *err;
-    /* The older transaction first (its final reply was awaited first). Lost
-     * after its final dot left and before its reply, the server may have
-     * taken the message: only an explicit reply can settle that. */
-    sp_tx *order[2] = {s->prev_active ? &s->prev : NULL, s->tx_active && !s->tx.done ? &s->tx : NULL};
-    for (int i = 0; i < 2; i++) {
-        sp_tx *t = order[i];
-        if (!t)
-            continue;
+    /* The oldest transaction first (its final reply was awaited first). Lost
+     * after its final dot (or last BDAT chunk) left and before its final
+     * reply, the server may have taken the message: only an explicit reply
+     * can settle that. */
+    while (s->fly_len + (s->tx_active && !s->tx.done)) {
+        sp_tx *t = owner(s);
         t->err = *err;
-        if (t->dot_written && err->code == 0 && s->aw_len > 0 && s->aw[s->aw_head].c == CMD_DATA_END)
+        if (t->dot_written && err->code == 0 && s->aw_len > 0)
             t->err.kind = SP_KIND_AMBIGUOUS;
         t->ok = 0;
-        tx_done(s, t);
+        if (s->fly_len)
+            fly_pop(s);
+        else
+            tx_done(s, t);
     }
     set_state(s, SP_ST_DEAD);
     s->aw_len = 0;
@@ -502,11 +557,10 @@ static int finish_failed_tx(sp_session *s)
     return 0;
 }
 
-static void fail_tx_all_rcpts(sp_session *s)
+static void fail_all_rcpts(sp_tx *t)
 {
     /* No recipient was accepted: the transaction fails with the first
      * rejection's reply, which the result's recipient list details. */
-    sp_tx *t = &s->tx;
     for (size_t i = 0; i < t->nrcpt; i++) {
         if (t->rcpts[i].code && t->rcpts[i].code >= 300) {
             sp_error_clear(&t->err);
@@ -520,6 +574,21 @@ static void fail_tx_all_rcpts(sp_session *s)
     }
 }
 
+static void fail_tx_all_rcpts(sp_session *s) { fail_all_rcpts(&s->tx); }
+
+static void record_rcpt(sp_tx *t, size_t idx, sp_reply *r)
+{
+    sp_rcpt_result *rr = &t->rcpts[idx];
+    rr->code = r->code;
+    memcpy(rr->enhanced, r->enhanced, sizeof rr->enhanced);
+    free(rr->text);
+    rr->text = r->text;
+    r->text = NULL;
+    t->answered++;
+    if (r->code / 100 == 2)
+        t->accepted++;
+}
+
 static int send_ehlo(sp_session *s, const char *verb, cmd c)
 {
     char line[300];
@@ -528,14 +597,16 @@ static int send_ehlo(sp_session *s, const char *verb, cmd c)
 }
 
 /* Queues one RCPT TO. */
-static int send_rcpt(sp_session *s, size_t i)
+static int send_rcpt_as(sp_session *s, size_t i, cmd c)
 {
     size_t before = sp_buf_pending(&s->out);
     if (sp_envelope_rcpt(&s->out, s->tx.rcpts[i].address, s->tx.rcpt_params, s->tx.orcpt) < 0)
         return -1;
     s->queued += sp_buf_pending(&s->out) - before;
-    return await(s, CMD_RCPT, i);
+    return await(s, c, i);
 }
+
+static int send_rcpt(sp_session *s, size_t i) { return send_rcpt_as(s, i, CMD_RCPT); }
 
 static void die_msg(sp_session *s, sp_kind kind, sp_phase ph, const char *text)
 {
@@ -707,6 +778,77 @@ static int on_auth_reply(sp_session *s, sp_reply *r)
     return -1;
 }
 
+/* A reply to a BDAT transaction's command (RFC 3030, always pipelined): it
+ * belongs to the oldest transaction still awaiting replies, and the reply
+ * to its last chunk ends it. A failed one stops the window: no transaction
+ * starts until every reply is in, then RSET. */
+static int on_bdat_reply(sp_session *s, awaited a, sp_phase ph, sp_reply *r)
+{
+    sp_tx *t = owner(s);
+    int cls = r->code / 100;
+    switch (a.c) {
+    case CMD_BMAIL:
+        if (cls != 2 && !t->err.kind)
+            set_tx_err_reply(t, ph, r);
+        return 0;
+    case CMD_BRCPT:
+        record_rcpt(t, a.idx, r);
+        return 0;
+    case CMD_BDAT:
+        if (cls != 2 && !t->err.kind) {
+            if (t->accepted == 0)
+                fail_all_rcpts(t);
+            if (!t->err.kind)
+                set_tx_err_reply(t, ph, r);
+        }
+        return 0;
+    default: /* CMD_BDAT_LAST */
+        break;
+    }
+    int was_broken = s->bdat_broken;
+    move_reply(&t->final, r);
+    if (cls == 2 && !t->err.kind && t->accepted > 0) {
+        t->ok = 1;
+        s->tx_count++;
+    } else {
+        t->ok = 0;
+        if (!t->err.kind && t->accepted == 0)
+            fail_all_rcpts(t);
+        if (!t->err.kind)
+            set_tx_err_reply(t, ph, &t->final);
+        /* A server may answer the transactions pipelined behind a failed one
+         * "bad sequence" (503): that says nothing about the message itself. */
+        if (was_broken && t->err.code == 503) {
+            t->err.kind = SP_KIND_TRANSIENT;
+            size_t l = strlen(t->err.text);
+            snprintf(t->err.text + l, sizeof t->err.text - l, " (behind a failed BDAT transaction)");
+        }
+        s->bdat_broken = 1;
+    }
+    if (s->fly_len) {
+        fly_pop(s);
+        offer_next(s);
+        return 0;
+    }
+    tx_done(s, &s->tx);
+    if (s->quit_after) { /* QUIT left with the last chunk: its 221 comes next */
+        set_state(s, SP_ST_QUIT);
+        return 0;
+    }
+    if (s->bdat_broken) {
+        s->bdat_broken = 0;
+        set_state(s, SP_ST_RSET);
+        if (queue_cmd(s, "RSET", CMD_RSET, 0) < 0) {
+            die_oom(s);
+            return -1;
+        }
+        return 0;
+    }
+    set_state(s, SP_ST_READY);
+    push_event(s, SP_EV_READY);
+    return 0;
+}
+
 /* Handles one complete reply. Returns -1 when the session died. */
 static int on_reply(sp_session *s, sp_reply *r)
 {
@@ -779,15 +921,7 @@ static int on_reply(sp_session *s, sp_reply *r)
             goto oom;
         return 0;
     case CMD_RCPT: {
-        sp_rcpt_result *rr = &s->tx.rcpts[a.idx];
-        rr->code = r->code;
-        memcpy(rr->enhanced, r->enhanced, sizeof rr->enhanced);
-        free(rr->text);
-        rr->text = r->text;
-        r->text = NULL;
-        s->tx.answered++;
-        if (cls == 2)
-            s->tx.accepted++;
+        record_rcpt(&s->tx, a.idx, r);
         if (s->pipelining)
             return 0;
         if (a.idx + 1 < s->tx.nrcpt) {
@@ -828,18 +962,18 @@ static int on_reply(sp_session *s, sp_reply *r)
     case CMD_DATA_DISCARD:
         return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
     case CMD_DATA_END:
-        if (s->prev_active) {
+        if (s->fly_len) {
             /* The reply to a dot the next transaction was pipelined behind:
              * that one carries on; no RSET (the reply ended this one). */
-            move_reply(&s->prev.final, r);
+            sp_tx *t = fly_at(s, 0);
+            move_reply(&t->final, r);
             if (cls == 2) {
-                s->prev.ok = 1;
+                t->ok = 1;
                 s->tx_count++;
             } else {
-                set_tx_err_reply(&s->prev, ph, &s->prev.final);
+                set_tx_err_reply(t, ph, &t->final);
             }
-            s->prev_dot_mark = 0;
-            tx_done(s, &s->prev);
+            fly_pop(s);
             return 0;
         }
         move_reply(&s->tx.final, r);
@@ -863,6 +997,11 @@ static int on_reply(sp_session *s, sp_reply *r)
             return 0;
         }
         return finish_failed_tx(s) < 0 ? (die_oom(s), -1) : 0;
+    case CMD_BMAIL:
+    case CMD_BRCPT:
+    case CMD_BDAT:
+    case CMD_BDAT_LAST:
+        return on_bdat_reply(s, a, ph, r);
     case CMD_RSET:
     case CMD_NOOP:
         if (cls == 2) {
@@ -983,8 +1122,11 @@ void sp_session_consume(sp_session *s, size_t n)
 {
     sp_buf_consume(&s->out, n);
     s->written += n;
-    if (s->prev_active && s->prev_dot_mark && s->written >= s->prev_dot_mark)
-        s->prev.dot_written = 1;
+    for (size_t i = 0; i < s->fly_len; i++) {
+        size_t k = (s->fly_head + i) % FLY_MAX;
+        if (s->fly_mark[k] && s->written >= s->fly_mark[k])
+            s->fly[k].dot_written = 1;
+    }
     if (s->dot_mark && s->written >= s->dot_mark && s->tx_active)
         s->tx.dot_written = 1;
 }
@@ -1000,20 +1142,25 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
 {
     sp_error_clear(err);
     /* RFC 2920: with PIPELINING the next MAIL may follow a final dot
-     * before its reply (one transaction awaits its reply at a time). */
-    int next = s->state == SP_ST_DATA_END && s->pipelining && s->tx_active && !s->prev_active && !s->quit_after;
+     * before its reply (one dot unanswered at a time); with CHUNKING, up to
+     * window transactions may await their final replies. */
+    int next = s->state == SP_ST_DATA_END && s->pipelining && s->tx_active && !s->quit_after && !s->bdat_broken &&
+               s->fly_len < fly_room(s);
     if (s->state != SP_ST_READY && !next)
         return not_ready(s, err, "start a transaction");
     int utf8 = 0;
     if (sp_envelope_check(o, &s->caps, s->tls_active, &utf8, err) < 0)
         return -1;
     if (next) {
-        s->prev = s->tx;
+        size_t k = (s->fly_head + s->fly_len) % FLY_MAX;
+        s->fly[k] = s->tx;
+        s->fly_mark[k] = s->dot_mark;
+        s->fly_len++;
         memset(&s->tx, 0, sizeof s->tx);
-        s->prev_active = 1;
-        s->prev_dot_mark = s->dot_mark;
         s->dot_mark = 0;
     }
+    s->next_owed = 0;
+    s->bdat = s->window > 0 && s->pipelining && (s->caps.flags & SP_CAP_CHUNKING);
 
     tx_clear(&s->tx);
     sp_tx *t = &s->tx;
@@ -1043,10 +1190,21 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     s->quit_after = o->quit_after && s->pipelining;
     s->dot_mark = 0;
     set_state(s, SP_ST_TX);
-    int rc = queue_cmd(s, sp_buf_head(&mail), CMD_MAIL, 0);
+    int rc = queue_cmd(s, sp_buf_head(&mail), s->bdat ? CMD_BMAIL : CMD_MAIL, 0);
     sp_buf_free(&mail);
     if (rc < 0)
         goto oom_dead;
+    if (s->bdat) { /* RFC 3030: MAIL, every RCPT, then the body as BDAT chunks, no reply awaited */
+        for (size_t i = 0; i < t->nrcpt; i++)
+            if (send_rcpt_as(s, i, CMD_BRCPT) < 0)
+                goto oom_dead;
+        sp_buf_reset(&s->chunk);
+        sp_dotstuff_init(&s->ds);
+        s->ds.nostuff = 1;
+        set_state(s, SP_ST_BODY);
+        push_event(s, SP_EV_BODY);
+        return 0;
+    }
     if (s->pipelining) { /* RFC 2920: MAIL, every RCPT and DATA in one group */
         for (size_t i = 0; i < t->nrcpt; i++)
             if (send_rcpt(s, i) < 0)
@@ -1066,10 +1224,40 @@ oom_dead:
     return -1;
 }
 
+/* BDAT: the body bytes gathered so far leave as one chunk ("BDAT n" and the
+ * bytes; "BDAT n LAST" for the last). A chunk is framed only when more
+ * bytes arrive or the body ends, so a message fed in one piece is one
+ * "BDAT n LAST". */
+static int flush_chunk(sp_session *s, int last)
+{
+    char line[48];
+    size_t n = sp_buf_pending(&s->chunk);
+    if (!n && !last)
+        return 0;
+    snprintf(line, sizeof line, last ? "BDAT %zu LAST\r\n" : "BDAT %zu\r\n", n);
+    size_t ll = strlen(line);
+    if (sp_buf_append(&s->out, line, ll) < 0 || sp_buf_append(&s->out, sp_buf_head(&s->chunk), n) < 0 ||
+        await(s, last ? CMD_BDAT_LAST : CMD_BDAT, 0) < 0)
+        return -1;
+    s->queued += ll + n;
+    sp_buf_reset(&s->chunk);
+    return 0;
+}
+
 int sp_session_body(sp_session *s, const char *p, size_t n, sp_error *err)
 {
     if (s->state != SP_ST_BODY)
         return not_ready(s, err, "send body bytes");
+    if (s->bdat) {
+        if (n == 0)
+            return 0;
+        if (flush_chunk(s, 0) < 0 || sp_dotstuff_feed(&s->ds, p, n, &s->chunk) < 0) {
+            die_oom(s);
+            *err = s->err;
+            return -1;
+        }
+        return 0;
+    }
     size_t before = sp_buf_pending(&s->out);
     if (sp_dotstuff_feed(&s->ds, p, n, &s->out) < 0) {
         die_oom(s);
@@ -1084,13 +1272,21 @@ int sp_session_body_end(sp_session *s, sp_error *err)
 {
     if (s->state != SP_ST_BODY)
         return not_ready(s, err, "end the body");
-    size_t before = sp_buf_pending(&s->out);
-    if (sp_dotstuff_finish(&s->ds, &s->out) < 0 || await(s, CMD_DATA_END, 0) < 0) {
-        die_oom(s);
-        *err = s->err;
-        return -1;
+    if (s->bdat) {
+        if (sp_dotstuff_end_line(&s->ds, &s->chunk) < 0 || flush_chunk(s, 1) < 0) {
+            die_oom(s);
+            *err = s->err;
+            return -1;
+        }
+    } else {
+        size_t before = sp_buf_pending(&s->out);
+        if (sp_dotstuff_finish(&s->ds, &s->out) < 0 || await(s, CMD_DATA_END, 0) < 0) {
+            die_oom(s);
+            *err = s->err;
+            return -1;
+        }
+        s->queued += sp_buf_pending(&s->out) - before;
     }
-    s->queued += sp_buf_pending(&s->out) - before;
     s->dot_mark = s->queued;
     if (s->quit_after && queue_cmd(s, "QUIT", CMD_QUIT, 0) < 0) {
         die_oom(s);
@@ -1098,8 +1294,11 @@ int sp_session_body_end(sp_session *s, sp_error *err)
         return -1;
     }
     set_state(s, SP_ST_DATA_END);
-    if (s->pipelining && !s->quit_after)
-        push_event(s, SP_EV_NEXT); /* the next transaction may follow the dot now */
+    if (s->pipelining && !s->quit_after) {
+        /* the next transaction may follow the dot now, if the window has room */
+        s->next_owed = 1;
+        offer_next(s);
+    }
     return 0;
 }
 

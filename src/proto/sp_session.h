@@ -10,7 +10,10 @@
  * Life of a session: greeting, EHLO (HELO when EHLO is refused), then READY.
  * On READY the driver may start one transaction (MAIL, RCPT per recipient,
  * DATA; pipelined when the server offers PIPELINING), feed the body on
- * SP_EV_BODY, and learns the outcome on SP_EV_TX_DONE. A failed transaction
+ * SP_EV_BODY, and learns the outcome on SP_EV_TX_DONE. With CHUNKING,
+ * PIPELINING and a bdat_window, the body goes as BDAT chunks right after the
+ * RCPTs, and SP_EV_NEXT comes after each last chunk while fewer than
+ * bdat_window transactions await their final replies. A failed transaction
  * is followed by RSET and a new READY. A 421, malformed reply, EOF or
  * timeout ends the session for good with SP_EV_ERROR: the driver closes the
  * connection and never reuses it. */
@@ -118,6 +121,10 @@ typedef struct sp_session_opts {
     int allow_plaintext_auth;  /* credentials over a connection without TLS */
     int auth_gate;             /* AUTH waits for sp_session_auth_go (SP_EV_AUTH): the caller spends
                                   a login window when the AUTH command really leaves */
+    int bdat_window;           /* with CHUNKING and PIPELINING: send bodies as BDAT (RFC 3030) and let
+                                  up to this many transactions await their final replies at once
+                                  (1..16); 0: never BDAT. At most that many messages are ambiguous
+                                  when the connection is lost. */
 } sp_session_opts;
 
 typedef struct sp_session sp_session;

@@ -550,12 +550,173 @@ static void quit_with_the_final_dot(void **state)
     sp_session_free(s);
 }
 
+/* CHUNKING with a window of 3: MAIL, RCPT and the body as "BDAT n LAST"
+ * leave without waiting; three transactions await their replies at once,
+ * the fourth waits for a slot; replies settle them oldest first. */
+static sp_session *bdat_ready(int window)
+{
+    sp_session_opts o = {0};
+    o.bdat_window = window;
+    return ready_with(o, "250-mx.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+}
+
+static void bdat_one(sp_session *s, const char *to, const char *body)
+{
+    const char *rc[] = {to};
+    sp_error e;
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    EXPECT(s, SP_EV_BODY);
+    assert_int_equal(sp_session_body(s, body, strlen(body), &e), 0);
+    assert_int_equal(sp_session_body_end(s, &e), 0);
+}
+
+static void bdat_window_pipelines(void **state)
+{
+    (void)state;
+    sp_session *s = bdat_ready(3);
+    bdat_one(s, "b@y.test", ".dot\nline");
+    EXPECT(s, SP_EV_NEXT);
+    /* no dot-stuffing, line ends made CRLF, the size counted after that */
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+                                 "BDAT 12 LAST\r\n.dot\r\nline\r\n");
+    bdat_one(s, "c@y.test", "two\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    bdat_one(s, "d@y.test", "three\r\n");
+    EXPECT(s); /* three in flight: the window is full, NEXT waits */
+    sp_error e;
+    const char *rc[] = {"e@y.test"};
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), -1);
+    take(s);
+    /* the first transaction's replies: it is done, and a slot opens */
+    feed(s, "250 ok\r\n250 ok\r\n250 queued 1\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_NEXT);
+    const sp_tx *t = sp_session_tx(s);
+    assert_true(t->ok);
+    assert_string_equal(t->rcpts[0].address, "b@y.test");
+    assert_string_equal(t->final.text, "queued 1");
+    sp_session_tx_done(s);
+    /* the other two in one read */
+    feed(s, "250 ok\r\n250 ok\r\n250 queued 2\r\n250 ok\r\n250 ok\r\n250 queued 3\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_TX_DONE, SP_EV_READY);
+    assert_string_equal(sp_session_tx(s)->final.text, "queued 2");
+    sp_session_tx_done(s);
+    assert_string_equal(sp_session_tx(s)->final.text, "queued 3");
+    sp_session_tx_done(s);
+    assert_int_equal(sp_session_tx_count(s), 3);
+    assert_int_equal(sp_session_state(s), SP_ST_READY);
+    sp_session_free(s);
+}
+
+/* A body fed in pieces goes as chunks, the last one marked LAST. */
+static void bdat_chunks(void **state)
+{
+    (void)state;
+    sp_session *s = bdat_ready(2);
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body(s, "abc\r", 4, &e);
+    sp_session_body(s, "\nxyz", 4, &e);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+                                 "BDAT 4\r\nabc\rBDAT 6 LAST\r\n\nxyz\r\n");
+    feed(s, "250 ok\r\n250 ok\r\n250 4 octets\r\n250 queued\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    assert_true(sp_session_tx(s)->ok);
+    sp_session_free(s);
+}
+
+/* A refused recipient fails its own transaction only; the window stops
+ * (no NEXT) until every reply is in, then RSET; a 503 to a transaction
+ * pipelined behind the failure is transient, not the message's fault. */
+static void bdat_failure_in_window(void **state)
+{
+    (void)state;
+    sp_session *s = bdat_ready(3);
+    bdat_one(s, "bad@y.test", "one\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    bdat_one(s, "c@y.test", "two\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    take(s);
+    feed(s, "250 ok\r\n550 no such user\r\n554 no valid recipients\r\n");
+    EXPECT(s, SP_EV_TX_DONE); /* no NEXT: the window stopped */
+    const sp_tx *t = sp_session_tx(s);
+    assert_false(t->ok);
+    assert_int_equal(t->err.code, 550);
+    assert_int_equal(t->err.kind, SP_KIND_PERMANENT);
+    assert_int_equal(t->err.phase, SP_PHASE_RCPT);
+    sp_session_tx_done(s);
+    feed(s, "503 sender already given\r\n250 ok\r\n503 bad sequence\r\n");
+    EXPECT(s, SP_EV_TX_DONE);
+    t = sp_session_tx(s);
+    assert_false(t->ok);
+    assert_int_equal(t->err.kind, SP_KIND_TRANSIENT);
+    assert_int_equal(t->err.code, 503);
+    sp_session_tx_done(s);
+    assert_string_equal(take(s), "RSET\r\n");
+    feed(s, "250 reset\r\n");
+    EXPECT(s, SP_EV_READY);
+    sp_session_free(s);
+}
+
+/* The connection lost with three last chunks written and no final reply:
+ * all three are ambiguous (the bound is the window); a transaction whose
+ * last chunk had not left is a plain connection failure. */
+static void bdat_lost_window_is_ambiguous(void **state)
+{
+    (void)state;
+    sp_session *s = bdat_ready(4);
+    bdat_one(s, "b@y.test", "1\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    bdat_one(s, "c@y.test", "2\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    bdat_one(s, "d@y.test", "3\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    take(s);
+    bdat_one(s, "e@y.test", "4\r\n"); /* queued, never written */
+    EXPECT(s); /* four in flight: the window (4) is full */
+    feed(s, "250 ok\r\n250 ok\r\n"); /* the first one's MAIL and RCPT only */
+    sp_session_eof(s);
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_TX_DONE, SP_EV_TX_DONE, SP_EV_TX_DONE, SP_EV_ERROR);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_AMBIGUOUS);
+        sp_session_tx_done(s);
+    }
+    assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_CONNECTION);
+    sp_session_free(s);
+}
+
+/* Without CHUNKING offered, or with a window of 0, DATA as before. */
+static void bdat_only_when_offered(void **state)
+{
+    (void)state;
+    sp_session_opts o = {0};
+    o.bdat_window = 4;
+    sp_session *s = ready_with(o, "250-mx.test\r\n250 PIPELINING\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+    sp_session_free(s);
+    s = bdat_ready(0);
+    start(s, "a@x.test", rc, 1, &e);
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+    sp_session_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(lockstep_transaction),
         cmocka_unit_test(pipelined_group),
         cmocka_unit_test(next_transaction_pipelined),
+        cmocka_unit_test(bdat_window_pipelines),
+        cmocka_unit_test(bdat_chunks),
+        cmocka_unit_test(bdat_failure_in_window),
+        cmocka_unit_test(bdat_lost_window_is_ambiguous),
+        cmocka_unit_test(bdat_only_when_offered),
         cmocka_unit_test(next_transaction_failures),
         cmocka_unit_test(auth_waits_for_the_gate),
         cmocka_unit_test(pipelined_all_rejected_then_354),

@@ -39,6 +39,12 @@ Script keys (all optional):
     p_drip_dot      chance the reply to the final dot drips at `drip_interval`
                     seconds a byte (the message is accepted when it starts)
     drip_interval   default 0.05
+    chunking        advertise CHUNKING and take BDAT (RFC 3030): each chunk
+                    "250 <n> octets", the last one queues the message
+    reject_rcpt     a substring: a RCPT holding it gets 550 5.1.1
+    hold_after      after this many messages in a session, stop replying
+                    (messages that arrive are logged "unconfirmed"), and
+                    close once nothing has come for 0.3 s
 
 The log has one JSON line per event: session (a connection), cmd (with the
 verb and argument, unless "quiet"), message (id from the X-Test-Id header or
@@ -99,13 +105,17 @@ class Session:
         self.srv, self.sid, self.r, self.w = srv, sid, reader, writer
         self.tx = 0
         self.closed = False
+        self.holding = False
         self.reset_tx()
 
     def reset_tx(self):
         self.mail = None
         self.rcpts = []
+        self.chunks = []
 
     async def reply(self, text, phase=None):
+        if self.holding:  # hold_after: read on, answer nothing
+            return
         data = (text + "\r\n").encode("latin-1")
         drip = self.srv.s.get("drip")
         if drip and (phase == drip.get("phase") or drip.get("phase") == "all"):
@@ -137,7 +147,15 @@ class Session:
         self.w.transport.abort()
 
     async def line(self):
-        l = await self.r.readline()
+        if self.holding:
+            try:
+                l = await asyncio.wait_for(self.r.readline(), 0.3)
+            except asyncio.TimeoutError:
+                self.srv.log(ev="fault", s=self.sid, do="hold_close")
+                self.close()
+                raise ConnectionError("held")
+        else:
+            l = await self.r.readline()
         if not l:
             raise ConnectionError("eof")
         return l.decode("latin-1").rstrip("\r\n")
@@ -164,6 +182,8 @@ class Session:
                     await self.reply("250 hostile.test")
                     continue
                 lines = ["hostile.test", "PIPELINING", "8BITMIME"] + list(s.get("ehlo_lines", []))
+                if s.get("chunking"):
+                    lines.append("CHUNKING")
                 if s.get("auth"):
                     lines.append("AUTH " + " ".join(s["auth"]))
                 if s.get("rcptmax"):
@@ -197,6 +217,8 @@ class Session:
                     return self.close()
                 if self.mail is None:
                     await self.reply("503 5.5.1 MAIL first")
+                elif s.get("reject_rcpt") and s["reject_rcpt"] in arg:
+                    await self.reply("550 5.1.1 no such user")
                 elif s.get("rcptmax") and len(self.rcpts) >= s["rcptmax"]:
                     await self.reply("452 4.5.3 Too many recipients")
                 else:
@@ -209,6 +231,9 @@ class Session:
                 await self.reply("354 go ahead")
                 if not await self.data():
                     return
+            elif verb == "BDAT" and s.get("chunking"):
+                if not await self.bdat(arg):
+                    return
             elif verb == "RSET":
                 self.reset_tx()
                 await self.reply("250 2.0.0 OK")
@@ -219,6 +244,24 @@ class Session:
                 return self.close()
             else:
                 await self.reply("502 5.5.2 unknown command")
+
+    async def bdat(self, arg):
+        """One BDAT chunk (its bytes read whatever happens); the last one
+        ends the message. False when the session ended."""
+        parts = arg.split()
+        n = int(parts[0])
+        last = len(parts) > 1 and parts[1].upper() == "LAST"
+        self.chunks.append(await self.r.readexactly(n))
+        if not last:
+            await self.reply("250 2.0.0 %d octets received" % n)
+            return True
+        text = b"".join(self.chunks).decode("latin-1")
+        self.chunks = []
+        if self.mail is None or not self.rcpts:
+            self.reset_tx()
+            await self.reply("503 5.5.1 no valid recipients")
+            return True
+        return await self.finish_message(text)
 
     async def data(self):
         """Reads the message to the final dot; False when the session ended."""
@@ -239,7 +282,11 @@ class Session:
             if l in (b".\r\n", b".\n"):
                 break
             lines.append(l[1:] if l.startswith(b".") else l)
-        text = b"".join(lines).decode("latin-1")
+        return await self.finish_message(b"".join(lines).decode("latin-1"))
+
+    async def finish_message(self, text):
+        """A whole message (DATA or BDAT): logged, then answered (or not)."""
+        s = self.srv.s
         headers = {}
         for h in text.split("\r\n"):
             if h == "":
@@ -252,6 +299,12 @@ class Session:
                    size=len(text), sha256=hashlib.sha256(text.encode("latin-1")).hexdigest())
         mail_ok = self.mail is not None
         self.reset_tx()
+        if self.holding or (s.get("hold_after") is not None and self.tx > s["hold_after"]):
+            if not self.holding:
+                self.srv.log(ev="fault", s=self.sid, do="hold")
+            self.holding = True
+            self.srv.log(status="unconfirmed", **rec)
+            return True
         if self.srv.chance("p_drop_dot"):
             self.srv.log(status="unconfirmed", **rec)
             self.srv.log(ev="fault", s=self.sid, do="drop_dot")

@@ -239,6 +239,7 @@ function M.new()
     local auth = o.auth
     local s, err = core.session{
       helo = o.helo, tls_active = o.tls_mode == "implicit", trace = o.trace, auth = auth,
+      auth_gate = o.auth_gate, bdat_window = o.bdat_window,
       starttls = (o.tls_mode == "starttls" and "required") or (o.tls_mode == "opportunistic" and "opportunistic")
         or nil,
     }
