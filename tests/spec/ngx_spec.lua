@@ -117,6 +117,21 @@ describe("the pool inside nginx, 4 workers", function()
     assert.equal("", ngx.log():match("%[error%][^\n]*") or "")
   end)
 
+  it("paces logins by an AUTH window alone, counted as each AUTH leaves", function()
+    local f = peers.fault({ xoauth2_tokens = { "good" } })
+    finally(function() f:stop() end)
+    local paths = {}
+    for i = 1, 12 do paths[i] = ("send?cfg=authwin&port=%d&to=a%d@y.test"):format(f.port, i) end
+    local out = ngx.parallel(paths, 60)
+    assert.equal(12, count(out, "^sent 250"), table.concat(out, "\n"))
+    local auths = {}
+    for _, e in ipairs(f:events()) do
+      if e.ev == "auth" then auths[#auths + 1] = e.t end
+    end
+    assert.equal(12, #auths)
+    assert.is_true(max_in_window(auths, 0.95) <= 3, "auth window exceeded")
+  end)
+
   for _, backend in ipairs({ "shared_dict", "redis" }) do
   it("holds shared connection and AUTH windows across the workers (" .. backend .. ")", function()
     local f = peers.fault({ xoauth2_tokens = { "good" } })

@@ -20,6 +20,14 @@ local CONFIGS = {
              auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
              rate = { connections = { 3, 1 }, auth = { 3, 1 } } }
   end,
+  -- an AUTH window alone (no connection window to hide it): the logins
+  -- themselves must be paced, as each AUTH command leaves
+  authwin = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 3,
+             max_messages_per_conn = 1, shared_dict = "smtppool", shared_key = "aw" .. a.port,
+             auth = { user = "alice", token = "good" }, allow_plaintext_auth = true,
+             rate = { auth = { 3, 1 } } }
+  end,
   -- STARTTLS with verification, AUTH PLAIN (exim: alice / s3cret); rotate=1: a connection per message
   tls = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "starttls", helo = "ngx.test",
