@@ -114,6 +114,11 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   `max_conns` bounds sockets across the workers).
 -- * `rotate_ahead` (default 2): how many transactions before a connection's
 --   session cap its replacement is opened (0: only after it has gone).
+-- * `bdat_window` (default 4, at most 16): when the server offers CHUNKING
+--   and PIPELINING, bodies go as BDAT chunks (RFC 3030) and this many
+--   transactions per connection may await their final replies at once;
+--   it is also the most messages a lost connection can leave ambiguous
+--   (one over DATA). 0: always DATA.
 -- * `max_messages_per_conn` (default none): transactions per connection
 --   before it is rotated (QUIT and replaced). The pool also honours the
 --   server's `LIMITS MAILMAX` and a cap it learns when the server declares
