@@ -1,9 +1,10 @@
 /* libFuzzer target: arbitrary server bytes into the protocol machine.
  *
  * The input is split at random points (the first byte seeds the split
- * lengths) and fed to a session that starts a pipelined transaction as soon
- * as it is ready, feeds a body on 354 and quits at the end. Any crash, leak,
- * sanitizer report or hang is a bug; every outcome must be an event. */
+ * lengths and the BDAT window, 0-7) and fed to a session that starts a
+ * transaction whenever it is ready or offers the next one (up to six), feeds
+ * each body and quits at the end. Any crash, leak, sanitizer report or hang
+ * is a bug; every outcome must be an event. */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -16,13 +17,16 @@ static void drain(sp_session *s, int *started)
     sp_event e;
     sp_error err;
     while ((e = sp_session_next_event(s)) != SP_EV_NONE) {
-        if (e == SP_EV_READY && !*started) {
+        if ((e == SP_EV_READY || e == SP_EV_NEXT) && *started < 6) {
             const char *rc[] = {"b@y.test", "c@y.test"};
             sp_tx_opts o = {.from = "a@x.test", .rcpts = rc, .nrcpt = 2, .size = 10};
-            *started = sp_session_start_tx(s, &o, &err) == 0;
+            *started += sp_session_start_tx(s, &o, &err) == 0;
         } else if (e == SP_EV_BODY) {
             sp_session_body(s, ".x\n", 3, &err);
+            sp_session_body(s, "\r\n..y", 5, &err);
             sp_session_body_end(s, &err);
+        } else if (e == SP_EV_TX_DONE) {
+            sp_session_tx_done(s);
         }
     }
     sp_session_consume(s, sp_buf_pending(sp_session_output(s)));
@@ -35,7 +39,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned seed = data[0];
     data++;
     size--;
-    sp_session *s = sp_session_new(NULL);
+    sp_session_opts so = {0};
+    so.bdat_window = (int)(seed & 7);
+    sp_session *s = sp_session_new(&so);
     int started = 0;
     size_t off = 0;
     while (off < size) {
