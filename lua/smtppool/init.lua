@@ -349,14 +349,7 @@ function Pool:send_batch(source, opts)
       depth = math.max(64, 8 * self.cfg.sign_threads),
       waiting = function(fd) self._wait_fds = fd and { fd } or nil end })
   end
-  local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }
-  local function account(msg, res, err)
-    summary.total = summary.total + 1
-    if res then summary.sent = summary.sent + 1
-    elseif err.kind == "cancelled" then summary.cancelled = summary.cancelled + 1
-    else summary.failed = summary.failed + 1 end
-    if on_result then on_result(msg, res, err) end
-  end
+  local summary, account = policy.summary(on_result)
   local ok, e = pcall(self._run, self, next_msg, account, opts)
   if finish then
     -- messages taken for signing and never started (the batch was stopped)

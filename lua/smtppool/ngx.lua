@@ -31,6 +31,7 @@ local smtppool = require("smtppool")
 local errors = require("smtppool.errors")
 local options = require("smtppool.options")
 local prepare = require("smtppool.prepare")
+local policy = require("smtppool.policy")
 local driver = require("smtppool.driver.ngx")
 local shdict = require("smtppool.shdict")
 local semaphore = require("ngx.semaphore")
@@ -247,19 +248,12 @@ function P:send_batch(source, opts)
     i = i + 1
     return source[i]
   end or source
-  local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }
+  local summary, account = policy.summary(opts.on_result)
   local done = {}
   local sem = semaphore.new(0)
   local inflight, exhausted, stopped = 0, false, false
   local window = math.max(1, math.floor(self.queue_size / 2))
   local poll = opts.poll or 0.05
-  local function account(msg, res, err)
-    summary.total = summary.total + 1
-    if res then summary.sent = summary.sent + 1
-    elseif err.kind == "cancelled" then summary.cancelled = summary.cancelled + 1
-    else summary.failed = summary.failed + 1 end
-    if opts.on_result then opts.on_result(msg, res, err) end
-  end
   while true do
     local idle = false
     while not exhausted and not stopped and inflight < window do

@@ -212,4 +212,20 @@ function M.merge_parts(group)
   return nil, out, attempts, ambiguous
 end
 
+--- A batch's summary, and the function that counts one outcome into it and
+-- passes it on to `on_result`.
+-- @tparam[opt] function on_result called with `(msg, res, err)` after counting
+-- @treturn table `{sent, failed, cancelled, total}`, kept up to date
+-- @treturn function `account(msg, res, err)`
+function M.summary(on_result)
+  local s = { sent = 0, failed = 0, cancelled = 0, total = 0 }
+  return s, function(msg, res, err)
+    s.total = s.total + 1
+    if res then s.sent = s.sent + 1
+    elseif err.kind == "cancelled" then s.cancelled = s.cancelled + 1
+    else s.failed = s.failed + 1 end
+    if on_result then on_result(msg, res, err) end
+  end
+end
+
 return M

@@ -21,6 +21,7 @@
 -- @module smtppool.relays
 
 local errors = require("smtppool.errors")
+local policy = require("smtppool.policy")
 
 local M = {}
 
@@ -154,8 +155,7 @@ function Relays:send_batch(source, opts)
   end
   if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
   if self.spread then return self:_spread_batch(source, opts or {}) end
-  local on_result = opts and opts.on_result
-  local summary = { sent = 0, failed = 0, cancelled = 0, total = 0 }
+  local summary, account = policy.summary(opts and opts.on_result)
   local order = self:_order()
   local pending = source
   for i, r in ipairs(order) do
@@ -169,11 +169,7 @@ function Relays:send_batch(source, opts)
         return
       end
       tag(r.name, res, err)
-      summary.total = summary.total + 1
-      if res then summary.sent = summary.sent + 1
-      elseif err.kind == "cancelled" then summary.cancelled = summary.cancelled + 1
-      else summary.failed = summary.failed + 1 end
-      if on_result then on_result(m, res, err) end
+      account(m, res, err)
     end })
     if relay_down then r.down_until = self.now() + self.down_for end
     if #next_round == 0 then break end
@@ -202,7 +198,8 @@ local function batch_state(self, source, opts)
   end
   if #active == 0 then for i, r in ipairs(self.relays) do active[i] = r end end
   local st = { active = active, backlog = {}, outstanding = {}, stopped = {}, moved = {}, tried = {}, why = {}, finished = {},
-               exhausted = false, summary = { sent = 0, failed = 0, cancelled = 0, total = 0 } }
+               exhausted = false }
+  st.summary, st.account = policy.summary(opts.on_result)
   for _, r in ipairs(active) do
     st.backlog[r] = {}
     st.outstanding[r] = 0
@@ -213,7 +210,6 @@ local function batch_state(self, source, opts)
     return source[i]
   end or source
   st.should_stop = opts.should_stop
-  st.on_result = opts.on_result
   return st
 end
 
@@ -268,12 +264,7 @@ local function report(st, r, m, res, err)
   st.tried[m] = nil
   st.why[m] = nil
   tag(r.name, res, err)
-  local s = st.summary
-  s.total = s.total + 1
-  if res then s.sent = s.sent + 1
-  elseif err.kind == "cancelled" then s.cancelled = s.cancelled + 1
-  else s.failed = s.failed + 1 end
-  if st.on_result then st.on_result(m, res, err) end
+  st.account(m, res, err)
 end
 
 -- Moved messages no running relay may still try end with the failure that

@@ -28,6 +28,16 @@ struct sp_signq {
     size_t pending; /* submitted and not yet taken: only the loop's thread touches it */
 };
 
+/* Makes the eventfd readable: results wait. */
+static void notify(sp_signq *q)
+{
+    uint64_t one = 1;
+    ssize_t w;
+    do
+        w = write(q->efd, &one, sizeof one);
+    while (w < 0 && errno == EINTR);
+}
+
 static void *worker(void *arg)
 {
     sp_signq *q = arg;
@@ -64,11 +74,7 @@ static void *worker(void *arg)
             q->done = n;
         q->done_tail = n;
         pthread_mutex_unlock(&q->mu);
-        uint64_t one = 1;
-        ssize_t w;
-        do
-            w = write(q->efd, &one, sizeof one);
-        while (w < 0 && errno == EINTR);
+        notify(q);
     }
 }
 
@@ -201,13 +207,8 @@ size_t sp_signq_take(sp_signq *q, sp_sign_result *out, size_t max)
     }
     int more = q->done != NULL;
     pthread_mutex_unlock(&q->mu);
-    if (more) { /* results left behind (max reached): stay readable */
-        uint64_t one = 1;
-        ssize_t w;
-        do
-            w = write(q->efd, &one, sizeof one);
-        while (w < 0 && errno == EINTR);
-    }
+    if (more) /* results left behind (max reached): stay readable */
+        notify(q);
     q->pending -= k;
     return k;
 }

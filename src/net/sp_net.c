@@ -708,20 +708,17 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
                     pfd[nf].revents = 0;
                     map[nf++] = i;
                 }
-                double d = deadline_of(c, now);
-                if (d > 0 && (wake == 0 || d < wake))
-                    wake = d;
-                continue;
+            } else {
+                short ev = POLLIN;
+                if (c->state == C_HANDSHAKE)
+                    ev = c->hs_events;
+                else if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
+                    ev = c->state == C_CONNECTING ? POLLOUT : (POLLIN | POLLOUT);
+                pfd[nf].fd = c->fd;
+                pfd[nf].events = ev;
+                pfd[nf].revents = 0;
+                map[nf++] = i;
             }
-            short ev = POLLIN;
-            if (c->state == C_HANDSHAKE)
-                ev = c->hs_events;
-            else if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
-                ev = c->state == C_CONNECTING ? POLLOUT : (POLLIN | POLLOUT);
-            pfd[nf].fd = c->fd;
-            pfd[nf].events = ev;
-            pfd[nf].revents = 0;
-            map[nf++] = i;
             double d = deadline_of(c, now);
             if (d > 0 && (wake == 0 || d < wake))
                 wake = d;
