@@ -249,10 +249,13 @@ function S:_start(run, rec, job, t)
   local cap = self:_cap(rec)
   local last = cap ~= nil and rec.txs + 1 >= cap and (rec.caps and rec.caps.pipelining) or false
   if run.mark_async then
-    -- A mark the loop writes itself (in Redis): when the server pipelines,
-    -- the driver holds the final dot at "next" until it is written; else
-    -- now, before the first byte (more cautious: a cut then counts as ambiguous).
-    if rec.caps and rec.caps.pipelining and not last then
+    -- A mark the loop writes itself (in Redis): when the server pipelines
+    -- over DATA, the driver holds the final dot at "next" until it is
+    -- written; else now, before the first byte (more cautious: a cut then
+    -- counts as ambiguous). With BDAT a full window withholds "next" while
+    -- the last chunk leaves, so the mark goes first there too.
+    local bdat = rec.caps and rec.caps.chunking and self.cfg.bdat_window > 0
+    if rec.caps and rec.caps.pipelining and not last and not bdat then
       job.mark_pending = true
     else
       run.mark_async(job.user_msg or job.msg)
