@@ -697,10 +697,12 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
                 continue;
             if (c->state == C_RESOLVING) {
                 ares_socket_t socks[ARES_GETSOCK_MAXNUM];
-                int bits = ares_getsock(c->resolver, socks, ARES_GETSOCK_MAXNUM);
-                for (int k = 0; k < ARES_GETSOCK_MAXNUM; k++) {
-                    short ev = (short)((ARES_GETSOCK_READABLE(bits, k) ? POLLIN : 0) |
-                                       (ARES_GETSOCK_WRITABLE(bits, k) ? POLLOUT : 0));
+                /* the bit masks by hand: c-ares's ARES_GETSOCK_WRITABLE shifts a
+                 * signed 1 into the sign bit for the 16th socket */
+                unsigned bits = (unsigned)ares_getsock(c->resolver, socks, ARES_GETSOCK_MAXNUM);
+                for (unsigned k = 0; k < ARES_GETSOCK_MAXNUM; k++) {
+                    short ev = (short)(((bits & (1u << k)) ? POLLIN : 0) |
+                                       ((bits & (1u << (k + ARES_GETSOCK_MAXNUM))) ? POLLOUT : 0));
                     if (!ev)
                         continue;
                     pfd[nf].fd = socks[k];
