@@ -126,6 +126,43 @@ describe("limits in Redis", function()
   end)
 end)
 
+-- One worker of a campaign in Redis, as a shell command.
+local function worker_cmd(exim, redis, name, csvpath, conns, lease, out)
+  return ("lua5.4 tests/support/rcampaign_child.lua %d %d %s %s %d %d >%s 2>&1"):format(exim.port, redis.port,
+    name, csvpath or "-", conns, lease, out)
+end
+
+-- 600 recipients; a worker loads and starts, a second joins, the first is
+-- killed with -9: everything is sent once, except at most o.bound
+-- ambiguous ones, which alone may be missing or doubled.
+local function kill_run(o)
+  local exim, redis, dir = o.exim, o.redis, o.dir
+  local csvpath = dir .. "/" .. o.name .. ".csv"
+  peers.write_list(csvpath, "r", o.from, o.from + 599)
+  local base_in, base_out = #exim:log_lines("<= news@x%.test"), exim:deliveries()
+  local victim = tonumber(peers.sh(worker_cmd(exim, redis, o.name, csvpath, 2, 2, dir .. "/v") .. " & echo $!")
+    :match("%d+"))
+  peers.wait_for(function() return #exim:log_lines("<= news@x%.test") > base_in + 40 end, 30, "the victim to be sending")
+  os.execute(worker_cmd(exim, redis, o.name, nil, 2, 2, dir .. "/k2") .. " & echo $! > " .. dir .. "/k2.pid")
+  peers.sleep(0.3)
+  os.execute("kill -9 " .. victim)
+  peers.wait_for(function() return (peers.read_file(dir .. "/k2") or ""):match("^sent") end, 60, "the survivor")
+  local st = assert(require("smtppool.rcampaign").status("redis://127.0.0.1:" .. redis.port, o.name))
+  assert.equal(600, st.total)
+  assert.equal(0, st.pending + st.claimed)
+  assert.is_true(st.ambiguous <= o.bound, st.ambiguous .. " ambiguous (" .. o.why .. ")")
+  assert.equal(600, st.sent + st.ambiguous)
+  exim:wait_deliveries(base_out + st.sent)
+  local f = {}
+  for _, x in ipairs(st.failures) do f[x.address] = x.letter end
+  for i = o.from, o.from + 599 do
+    local n = #exim:log_lines("=> %S+ <r" .. i .. "@y%.test>")
+    if n ~= 1 then -- only an ambiguous recipient may be missing or doubled
+      assert.equal("A", f["r" .. i .. "@y.test"], ("r%d@y.test delivered %d times"):format(i, n))
+    end
+  end
+end
+
 describe("a campaign shared through Redis", function()
   local redis, exim, dir
   setup(function()
@@ -139,10 +176,7 @@ describe("a campaign shared through Redis", function()
     os.execute("rm -rf " .. peers.quote(dir))
   end)
 
-  local function worker(name, csvpath, conns, lease, out)
-    return ("lua5.4 tests/support/rcampaign_child.lua %d %d %s %s %d %d >%s 2>&1"):format(exim.port, redis.port,
-      name, csvpath or "-", conns, lease, out)
-  end
+  local function worker(...) return worker_cmd(exim, redis, ...) end
 
   it("sends each recipient once across two workers; loading again adds nothing", function()
     local csvpath = dir .. "/a.csv"
@@ -169,30 +203,21 @@ describe("a campaign shared through Redis", function()
   end)
 
   it("survives a worker's kill -9: the rest is sent once, ambiguous at most its connections", function()
-    local csvpath = dir .. "/b.csv"
-    peers.write_list(csvpath, "r", 1001, 1600)
-    -- the victim loads the list and starts; a second worker joins; the victim dies
-    local victim = tonumber(peers.sh(worker("kill", csvpath, 2, 2, dir .. "/v") .. " & echo $!"):match("%d+"))
-    peers.wait_for(function() return #exim:log_lines("<= news@x%.test") > 160 end, 30, "the victim to be sending")
-    os.execute(worker("kill", nil, 2, 2, dir .. "/k2") .. " & echo $! > " .. dir .. "/k2.pid")
-    peers.sleep(0.3)
-    os.execute("kill -9 " .. victim)
-    peers.wait_for(function() return (peers.read_file(dir .. "/k2") or ""):match("^sent") end, 60, "the survivor")
-    local st = assert(require("smtppool.rcampaign").status("redis://127.0.0.1:" .. redis.port, "kill"))
-    assert.equal(600, st.total)
-    assert.equal(0, st.pending + st.claimed)
-    assert.is_true(st.ambiguous <= 2, st.ambiguous .. " ambiguous (the victim had 2 connections)")
-    assert.equal(600, st.sent + st.ambiguous)
-    exim:wait_deliveries(120 + st.sent)
-    for i = 1001, 1600 do
-      local n = #exim:log_lines("=> %S+ <r" .. i .. "@y%.test>")
-      if n ~= 1 then
-        -- only an ambiguous recipient may be missing or doubled
-        local f = {}
-        for _, x in ipairs(st.failures) do f[x.address] = x.letter end
-        assert.equal("A", f["r" .. i .. "@y.test"], ("r%d@y.test delivered %d times"):format(i, n))
-      end
-    end
+    kill_run({ exim = exim, redis = redis, dir = dir, name = "kill", from = 1001, bound = 2,
+               why = "the victim had 2 connections" })
+  end)
+end)
+
+describe("a campaign shared through Redis over BDAT", function()
+  it("survives a worker's kill -9: ambiguous at most its connections times bdat_window", function()
+    local redis, exim, dir = peers.redis(), peers.exim({ max_per_conn = 5, chunking = true }), peers.tmpdir()
+    finally(function()
+      redis:stop()
+      exim:stop()
+      os.execute("rm -rf " .. peers.quote(dir))
+    end)
+    kill_run({ exim = exim, redis = redis, dir = dir, name = "bkill", from = 3001, bound = 8,
+               why = "the victim had 2 connections, each with a window of 4" })
   end)
 end)
 
