@@ -217,6 +217,20 @@ describe("the pool inside nginx, 1 worker", function()
     assert.is_true(resumed >= 2, resumed .. " of 3 sessions resumed")
   end)
 
+  it("sends over BDAT when the server offers CHUNKING, a window of messages in flight", function()
+    local h = peers.hostile({ chunking = true, reject_rcpt = "reject-me" })
+    finally(function() h:stop() end)
+    local paths = {}
+    for i = 1, 8 do paths[i] = "raw?cfg=plain&port=" .. h.port end
+    local out = ngx.parallel(paths, 30)
+    assert.equal(8, count(out, "^sent 250 rejected 1 550"), table.concat(out, "\n"))
+    local verbs = {}
+    for _, e in ipairs(h:select("cmd")) do verbs[e.cmd] = (verbs[e.cmd] or 0) + 1 end
+    assert.equal(8, verbs.BDAT)
+    assert.is_nil(verbs.DATA)
+    assert.equal(8, #h:select("message", { status = "accepted" }))
+  end)
+
   it("authenticates with XOAUTH2; a refused token is an auth error that names no secret", function()
     local f = peers.fault({ xoauth2_tokens = { "good" } })
     finally(function() f:stop() end)
