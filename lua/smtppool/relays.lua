@@ -22,6 +22,7 @@
 
 local errors = require("smtppool.errors")
 local policy = require("smtppool.policy")
+local scheduler = require("smtppool.scheduler")
 
 local M = {}
 
@@ -335,20 +336,36 @@ function Relays:_spread_batch(source, opts)
   for _, r in ipairs(st.active) do
     if not (r.pool.driver and r.pool.driver.name == "native") then native = false end
   end
-  if native then return self:_mux(st, source_for, batch_opts) end
-  local ngx = rawget(_G, "ngx")
-  if not (ngx and ngx.thread) then
-    error("smtppool.relays: a spread batch runs on pools of smtppool.new or, in nginx, of smtppool.ngx.new", 3)
-  end
-  local threads = {}
-  for i, r in ipairs(st.active) do
-    threads[i] = ngx.thread.spawn(function() return r.pool:send_batch(source_for(r), batch_opts(r)) end)
-  end
   local failure
-  for _, th in ipairs(threads) do
-    local ok, e = ngx.thread.wait(th)
-    if not ok then failure = failure or e end
+  if native then
+    failure = self:_mux(st, source_for, batch_opts)
+  else
+    local ngx = rawget(_G, "ngx")
+    if not (ngx and ngx.thread) then
+      error("smtppool.relays: a spread batch runs on pools of smtppool.new or, in nginx, of smtppool.ngx.new", 3)
+    end
+    local threads = {}
+    for i, r in ipairs(st.active) do
+      threads[i] = ngx.thread.spawn(function() return r.pool:send_batch(source_for(r), batch_opts(r)) end)
+    end
+    for _, th in ipairs(threads) do
+      local ok, e = ngx.thread.wait(th)
+      if not ok then failure = failure or e end
+    end
   end
+  -- What no pool took (the batch was stopped, or a callback raised): every
+  -- message taken from the source still gets its one outcome.
+  for _, r in ipairs(st.active) do
+    for _, m in ipairs(st.backlog[r]) do
+      report(st, r, m, nil, errors.new("cancelled", scheduler.CANCELLED, { attempts = 0 }))
+    end
+    st.backlog[r] = {}
+  end
+  for _, m in ipairs(st.moved) do
+    local why = st.why[m]
+    report(st, why.relay, m, nil, why.err)
+  end
+  st.moved = {}
   if failure then error(failure, 0) end
   return st.summary
 end
@@ -413,8 +430,7 @@ function Relays:_mux(st, source_for, batch_opts)
       if got[run] or woken or (run.due and run.due <= t) then resume(run, got[run] or {}) end
     end
   end
-  if failure then error(failure, 0) end
-  return st.summary
+  return failure
 end
 
 --- The relays' names and state: one `{name, up, stats}` per relay.

@@ -182,3 +182,36 @@ describe("smtppool.relays with spread", function()
       "smtppool.relays: spread must be a boolean")
   end)
 end)
+
+describe("a spread batch that is stopped", function()
+  it("gives every message taken from the source one outcome, cancelled when no relay took it", function()
+    local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
+    finally(function()
+      a:stop()
+      b:stop()
+    end)
+    local g = assert(smtppool.relays({
+      { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
+      { name = "b", host = "127.0.0.1", port = b.port, tls = "none", weight = 3 },
+    }, { spread = true }))
+    local pulled, results, seen = 0, 0, {}
+    local summary = g:send_batch(function()
+      if pulled == 500 then return nil end
+      pulled = pulled + 1
+      return msg(pulled)
+    end, {
+      on_result = function(m, res, err)
+        assert.is_nil(seen[m])
+        seen[m] = true
+        results = results + 1
+        if not res then assert.equal("cancelled", err.kind) end
+      end,
+      should_stop = function() return results >= 20 end,
+    })
+    g:close()
+    assert.equal(pulled, summary.total)
+    assert.equal(pulled, results)
+    assert.is_true(summary.cancelled > 0)
+    assert.equal(summary.sent, #a:select("message") + #b:select("message"))
+  end)
+end)
