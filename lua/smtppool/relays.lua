@@ -265,7 +265,13 @@ local function report(st, r, m, res, err)
   st.tried[m] = nil
   st.why[m] = nil
   tag(r.name, res, err)
-  st.account(m, res, err)
+  -- a callback that raises stops the whole batch taking new messages (the
+  -- error goes on up through the pool that called it)
+  local ok, e = pcall(st.account, m, res, err)
+  if not ok then
+    st.exhausted = true
+    error(e, 0)
+  end
 end
 
 -- Moved messages no running relay may still try end with the failure that

@@ -215,3 +215,31 @@ describe("a spread batch that is stopped", function()
     assert.equal(summary.sent, #a:select("message") + #b:select("message"))
   end)
 end)
+
+describe("a spread batch whose callback raises", function()
+  it("takes nothing new, reports every message taken, then raises", function()
+    local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
+    finally(function()
+      a:stop()
+      b:stop()
+    end)
+    local g = assert(smtppool.relays({
+      { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
+      { name = "b", host = "127.0.0.1", port = b.port, tls = "none" },
+    }, { spread = true }))
+    local pulled, results = 0, 0
+    local ok, err = pcall(g.send_batch, g, function()
+      if pulled == 500 then return nil end
+      pulled = pulled + 1
+      return msg(pulled)
+    end, { on_result = function()
+      results = results + 1
+      if results == 10 then error("callback bug") end
+    end })
+    g:close()
+    assert.is_false(ok)
+    assert.matches("callback bug", tostring(err))
+    assert.equal(pulled, results)
+    assert.is_true(pulled < 500, "the batch kept taking messages: " .. pulled)
+  end)
+end)
