@@ -25,9 +25,7 @@ local sizes = {}
 for n in (os.getenv("CAMPAIGN_ROWS") or "100000,1000000"):gmatch("%d+") do sizes[#sizes + 1] = tonumber(n) end
 
 local dir = peers.sh("mktemp -d /dev/shm/smtppool-bench.XXXXXX 2>/dev/null || mktemp -d"):gsub("%s+$", "")
-local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
-local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
-  5, "the sink")
+local pid, port = peers.sink(SINK, dir)
 print("campaign memory: peak RSS of one campaign process, CSV streamed, journal on " .. dir:match("^/[^/]+"))
 print(("%12s %12s %14s %12s"):format("rows", "sent", "peak RSS KB", "CPU s"))
 local peaks = {}

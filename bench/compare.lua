@@ -67,9 +67,7 @@ if PFENV then
   end, 5, "smtp-sink")
 else
   local sink = arg[1] or "build/sink"
-  sink_pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(sink, q(dir .. "/port"))):match("%d+"))
-  sink_port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
-    5, "the sink")
+  sink_pid, sink_port = peers.sink(sink, dir)
 end
 local proxy = peers.proxy(sink_port, RTT / 2)
 

@@ -45,9 +45,7 @@ local SIZE = tonumber(os.getenv("BENCH_SIZE")) or 2048
 local SINK = arg[1] or "build/sink"
 
 local dir = peers.tmpdir()
-local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
-local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
-  5, "the sink")
+local pid, port = peers.sink(SINK, dir)
 
 local function lists(size)
   local body = ("x"):rep(70) .. "\r\n"

@@ -17,15 +17,11 @@ local SIZE = 1024
 local SINK = arg[1] or "build/sink"
 
 local dir = peers.tmpdir()
-local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
-local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
-  5, "the sink")
+local pid, port = peers.sink(SINK, dir)
 local proxy = peers.proxy(port, RTT / 2)
 -- the same sink offering CHUNKING, behind its own delay line
 local cdir = peers.tmpdir()
-local cpid = tonumber(peers.sh(("%s chunking >%s 2>&1 & echo $!"):format(SINK, peers.quote(cdir .. "/port"))):match("%d+"))
-local cport = peers.wait_for(function() return tonumber((peers.read_file(cdir .. "/port") or ""):match("PORT (%d+)")) end,
-  5, "the chunking sink")
+local cpid, cport = peers.sink(SINK, cdir, "chunking")
 local cproxy = peers.proxy(cport, RTT / 2)
 
 local cases = {

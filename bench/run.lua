@@ -13,8 +13,7 @@ local SIZE = tonumber(os.getenv("BENCH_SIZE")) or 2048
 local SINK = arg[1] or "build/sink"
 
 local dir = peers.tmpdir()
-local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
-local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end, 5, "the sink")
+local pid, port = peers.sink(SINK, dir)
 
 local send_loop = dofile("bench/send_loop.lua")
 local function run_smtppool(conns, per_conn)
@@ -87,8 +86,7 @@ end
 -- Memory: peak RSS of a process sending one message with a 1 MB and a 20 MB
 -- attachment, streamed from disk (path) and loaded into Lua (data).
 local d = peers.tmpdir()
-local pid2 = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(d .. "/port"))):match("%d+"))
-local port2 = peers.wait_for(function() return tonumber((peers.read_file(d .. "/port") or ""):match("PORT (%d+)")) end, 5, "the sink")
+local pid2, port2 = peers.sink(SINK, d)
 print()
 print("peak RSS sending one message with an attachment (KB)")
 print(("%-12s %12s %12s"):format("attachment", "path", "data"))

@@ -16,9 +16,7 @@ local ROUNDS = tonumber(os.getenv("BENCH_ROUNDS")) or 3
 local SINK = arg[1] or "build/sink"
 
 local dir = peers.tmpdir()
-local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
-local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
-  5, "the sink")
+local pid, port = peers.sink(SINK, dir)
 assert(os.execute("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out " .. dir .. "/rsa.pem 2>/dev/null"))
 assert(os.execute("openssl genpkey -algorithm ED25519 -out " .. dir .. "/ed.pem 2>/dev/null"))
 local KEYS = {

@@ -52,9 +52,7 @@ local body = "From: soak@x.test\r\nTo: r@y.test\r\nSubject: soak\r\n\r\n" .. ("x
 
 -- 1. the sink, rotated every 5
 local dir = peers.tmpdir()
-local pid = tonumber(peers.sh(("%s >%s 2>&1 & echo $!"):format(SINK, peers.quote(dir .. "/port"))):match("%d+"))
-local port = peers.wait_for(function() return tonumber((peers.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
-  5, "the sink")
+local pid, port = peers.sink(SINK, dir)
 local pool = assert(smtppool.new{ host = "127.0.0.1", port = port, tls = "none", max_conns = 4,
   max_messages_per_conn = 5 })
 local secs, a = soak(pool, N, body)

@@ -183,13 +183,19 @@ describe("smtppool.relays with spread", function()
   end)
 end)
 
+-- Two quiet hostile servers, stopped when the test ends.
+local function two_servers()
+  local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
+  finally(function()
+    a:stop()
+    b:stop()
+  end)
+  return a, b
+end
+
 describe("a spread batch that is stopped", function()
   it("gives every message taken from the source one outcome, cancelled when no relay took it", function()
-    local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
-    finally(function()
-      a:stop()
-      b:stop()
-    end)
+    local a, b = two_servers()
     local g = assert(smtppool.relays({
       { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
       { name = "b", host = "127.0.0.1", port = b.port, tls = "none", weight = 3 },
@@ -218,11 +224,7 @@ end)
 
 describe("a spread batch whose callback raises", function()
   it("takes nothing new, reports every message taken, then raises", function()
-    local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
-    finally(function()
-      a:stop()
-      b:stop()
-    end)
+    local a, b = two_servers()
     local g = assert(smtppool.relays({
       { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
       { name = "b", host = "127.0.0.1", port = b.port, tls = "none" },

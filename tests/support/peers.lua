@@ -318,6 +318,17 @@ function M.fault(script) return start_server("faultserver.py", script) end
 -- seeded chaos. The same interface as the fault server's.
 function M.hostile(script, port) return start_server("hostile.py", script, port) end
 
+--- Starts the benches' C sink (bench/sink.c) with its arguments (such as
+-- "chunking"); its "PORT n" line goes to dir/port.
+-- @treturn number pid
+-- @treturn number port
+function M.sink(bin, dir, args)
+  local pid = tonumber(sh(("%s %s >%s 2>&1 & echo $!"):format(bin, args or "", q(dir .. "/port"))):match("%d+"))
+  local port = M.wait_for(function() return tonumber((M.read_file(dir .. "/port") or ""):match("PORT (%d+)")) end,
+    5, "the sink")
+  return pid, port
+end
+
 --- Starts a DNS server (see dnsserver.py) answering the script's names;
 -- `dns_servers = "127.0.0.1:" .. d.port` points a pool at it.
 function M.dns(script) return start_server("dnsserver.py", script) end
