@@ -288,6 +288,7 @@ function M.signing_stage(next_item, o)
   local q, depth = nil, o.depth
   -- ready: a FIFO over ready[head..tail]; jobs: signatures on their way
   local waiting, held, ready, head, tail, done, id, jobs, raised = {}, 0, {}, 1, 0, false, 0, 0, nil
+  local no_threads = false
   local function push(item)
     tail = tail + 1
     ready[tail] = item
@@ -331,8 +332,23 @@ function M.signing_stage(next_item, o)
       end
       if item == false then break end
       held = held + 1
-      if item.sign then
-        if not q then q = assert(core.signq(o.threads)) end
+      -- threads that cannot be had (a process out of them): sign on the loop
+      if item.sign and not q and not no_threads then
+        q = core.signq(o.threads)
+        no_threads = not q
+      end
+      if item.sign and no_threads then
+        item.sigs = {}
+        for i, s in ipairs(item.sign.signers) do
+          local h, e = s.key:sign(item.msg.data, s.domain, s.selector, s.headers, item.sign.t)
+          if not h then
+            item.sign_err = e
+            break
+          end
+          item.sigs[i] = h
+        end
+        finish(item)
+      elseif item.sign then
         if jobs == 0 then o.waiting(q:fd()) end
         item.sigs, item.left = {}, #item.sign.signers
         for i, s in ipairs(item.sign.signers) do

@@ -257,6 +257,22 @@ describe("DKIM on signing threads", function()
     assert.is_true(pulled < 100)
   end)
 
+  it("signs on the loop when no thread can be started", function()
+    local core = require("smtppool.core")
+    local real = core.signq
+    core.signq = function() return nil, "cannot start a signing thread: Resource temporarily unavailable" end
+    finally(function() core.signq = real end)
+    local pool = new_pool({ sign_threads = 2 })
+    local before = #f:select("message")
+    local list = {}
+    for i = 1, 6 do list[i] = { from = "a@x.test", to = "n" .. i .. "@y.test", subject = "n", text = "n" .. i } end
+    assert.same({ sent = 6, failed = 0, cancelled = 0, total = 6 }, pool:send_batch(list))
+    pool:close()
+    local msgs = f:select("message")
+    assert.equal(6, #msgs - before)
+    for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+  end)
+
   it("takes sign_threads = 0 (sign on the loop) and refuses a bad count", function()
     local pool = new_pool({ sign_threads = 0 })
     local before = #f:select("message")
