@@ -199,6 +199,7 @@ local function batch_state(self, source, opts)
   end
   if #active == 0 then for i, r in ipairs(self.relays) do active[i] = r end end
   local st = { active = active, backlog = {}, outstanding = {}, stopped = {}, moved = {}, tried = {}, why = {}, finished = {},
+               ended = {}, -- relays whose pool's send_batch has returned
                exhausted = false }
   st.summary, st.account = policy.summary(opts.on_result)
   for _, r in ipairs(active) do
@@ -226,6 +227,10 @@ end
 -- batch is over for it), false for "nothing now".
 local function next_for(st, r)
   if st.stopped[r] then return nil end
+  if st.raised then -- a callback raised: nothing more is taken (what is left ends cancelled)
+    st.finished[r] = true
+    return nil
+  end
   for i, e in ipairs(st.moved) do
     if not st.tried[e][r] then
       table.remove(st.moved, i)
@@ -238,7 +243,11 @@ local function next_for(st, r)
     local candidates = running(st)
     while #mine == 0 do
       if st.should_stop and st.should_stop() then st.exhausted = true break end
-      local m = st.pull()
+      local ok, m = pcall(st.pull)
+      if not ok then -- the source raised: no relay takes more; the pool asking gets the error
+        st.raised = true
+        error(m, 0)
+      end
       if m == nil then st.exhausted = true break end
       local to = pick(candidates)
       local q = st.backlog[to]
@@ -252,10 +261,11 @@ local function next_for(st, r)
     return table.remove(mine, 1)
   end
   -- Nothing assigned: done unless another relay may still move a message
-  -- here (one with messages in flight or assigned, even a relay gone down).
+  -- here (one still running with messages in flight or assigned, even a
+  -- relay gone down).
   if #st.moved > 0 then return false end
   for other, n in pairs(st.outstanding) do
-    if other ~= r and (n > 0 or #st.backlog[other] > 0) then return false end
+    if other ~= r and not st.ended[other] and (n > 0 or #st.backlog[other] > 0) then return false end
   end
   st.finished[r] = true
   return nil
@@ -269,7 +279,7 @@ local function report(st, r, m, res, err)
   -- error goes on up through the pool that called it)
   local ok, e = pcall(st.account, m, res, err)
   if not ok then
-    st.exhausted = true
+    st.raised = true
     error(e, 0)
   end
 end
@@ -352,7 +362,11 @@ function Relays:_spread_batch(source, opts)
     end
     local threads = {}
     for i, r in ipairs(st.active) do
-      threads[i] = ngx.thread.spawn(function() return r.pool:send_batch(source_for(r), batch_opts(r)) end)
+      threads[i] = ngx.thread.spawn(function()
+        local ok, e = pcall(r.pool.send_batch, r.pool, source_for(r), batch_opts(r))
+        st.ended[r] = true
+        if not ok then error(e, 0) end
+      end)
     end
     for _, th in ipairs(threads) do
       local ok, e = ngx.thread.wait(th)
@@ -400,7 +414,10 @@ function Relays:_mux(st, source_for, batch_opts)
       run.list, run.fds = list, fds
       run.due = timeout >= 0 and now() + timeout or nil
     end
-    if run.done then run.pool.driver = run.driver end
+    if run.done then
+      run.pool.driver = run.driver
+      st.ended[run.relay] = true
+    end
   end
   for _, run in ipairs(runs) do resume(run) end
   while true do

@@ -245,3 +245,24 @@ describe("a spread batch whose callback raises", function()
     assert.is_true(pulled < 500, "the batch kept taking messages: " .. pulled)
   end)
 end)
+
+describe("a spread batch whose source raises", function()
+  it("takes nothing more on any relay, reports every message taken, then raises", function()
+    local a, b = two_servers()
+    local g = assert(smtppool.relays({
+      { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
+      { name = "b", host = "127.0.0.1", port = b.port, tls = "none" },
+    }, { spread = true }))
+    local pulled, results = 0, 0
+    local ok, err = pcall(g.send_batch, g, function()
+      if pulled == 30 then error("source bug") end
+      pulled = pulled + 1
+      return msg(pulled)
+    end, { on_result = function() results = results + 1 end })
+    g:close()
+    assert.is_false(ok)
+    assert.matches("source bug", tostring(err))
+    assert.equal(30, pulled)
+    assert.equal(pulled, results)
+  end)
+end)
