@@ -46,6 +46,7 @@ describe("BDAT", function()
   it("uses BDAT when offered, with the same bytes at the server as over DATA", function()
     local function run(chunking)
       local srv = peers.hostile({ chunking = chunking })
+      finally(function() srv:stop() end)
       local pool = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", max_conns = 1 })
       local list = {}
       for i = 1, 10 do list[i] = { from = "a@x.test", to = "r@y.test", data = ("X-Test-Id: m%d\r\n\r\n%s"):format(i, body(i)) } end
@@ -54,7 +55,6 @@ describe("BDAT", function()
       local verbs, sums = {}, {}
       for _, e in ipairs(srv:select("cmd")) do verbs[e.cmd] = (verbs[e.cmd] or 0) + 1 end
       for _, m in ipairs(srv:select("message")) do sums[m.id] = m.sha256 end
-      srv:stop()
       return verbs, sums
     end
     local bv, bsums = run(true)
