@@ -183,23 +183,24 @@ describe("smtppool.relays with spread", function()
   end)
 end)
 
--- Two quiet hostile servers, stopped when the test ends.
-local function two_servers()
+-- Two quiet hostile servers, stopped when the test ends, and a spread group
+-- over them (weights wa and wb, default 1).
+local function two_servers(wa, wb)
   local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
   finally(function()
     a:stop()
     b:stop()
   end)
-  return a, b
+  local g = assert(smtppool.relays({
+    { name = "a", host = "127.0.0.1", port = a.port, tls = "none", weight = wa },
+    { name = "b", host = "127.0.0.1", port = b.port, tls = "none", weight = wb },
+  }, { spread = true }))
+  return a, b, g
 end
 
 describe("a spread batch that is stopped", function()
   it("gives every message taken from the source one outcome, cancelled when no relay took it", function()
-    local a, b = two_servers()
-    local g = assert(smtppool.relays({
-      { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
-      { name = "b", host = "127.0.0.1", port = b.port, tls = "none", weight = 3 },
-    }, { spread = true }))
+    local a, b, g = two_servers(1, 3)
     local pulled, results, seen = 0, 0, {}
     local summary = g:send_batch(function()
       if pulled == 500 then return nil end
@@ -224,11 +225,7 @@ end)
 
 describe("a spread batch whose callback raises", function()
   it("takes nothing new, reports every message taken, then raises", function()
-    local a, b = two_servers()
-    local g = assert(smtppool.relays({
-      { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
-      { name = "b", host = "127.0.0.1", port = b.port, tls = "none" },
-    }, { spread = true }))
+    local _, _, g = two_servers()
     local pulled, results = 0, 0
     local ok, err = pcall(g.send_batch, g, function()
       if pulled == 500 then return nil end
@@ -248,11 +245,7 @@ end)
 
 describe("a spread batch whose source raises", function()
   it("takes nothing more on any relay, reports every message taken, then raises", function()
-    local a, b = two_servers()
-    local g = assert(smtppool.relays({
-      { name = "a", host = "127.0.0.1", port = a.port, tls = "none" },
-      { name = "b", host = "127.0.0.1", port = b.port, tls = "none" },
-    }, { spread = true }))
+    local _, _, g = two_servers()
     local pulled, results = 0, 0
     local ok, err = pcall(g.send_batch, g, function()
       if pulled == 30 then error("source bug") end
