@@ -44,9 +44,13 @@ describe("BDAT", function()
   end)
 
   it("uses BDAT when offered, with the same bytes at the server as over DATA", function()
+    local servers = {}
+    finally(function() -- one finally per test: it stops both servers
+      for _, srv in ipairs(servers) do srv:stop() end
+    end)
     local function run(chunking)
       local srv = peers.hostile({ chunking = chunking })
-      finally(function() srv:stop() end)
+      servers[#servers + 1] = srv
       local pool = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", max_conns = 1 })
       local list = {}
       for i = 1, 10 do list[i] = { from = "a@x.test", to = "r@y.test", data = ("X-Test-Id: m%d\r\n\r\n%s"):format(i, body(i)) } end
