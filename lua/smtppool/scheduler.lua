@@ -265,6 +265,14 @@ function S:_start(run, rec, job, t)
   -- its final dot (one round trip less per rotation).
   local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line, last)
   if not ok then
+    if rec.state == "pipelining" then
+      -- The session took back its offer of a next transaction (a BDAT
+      -- transaction failed in the window after "next" came): the message
+      -- waits for a ready connection, as if it had never been offered one.
+      rec.state = "busy"
+      table.insert(run.queue, 1, job)
+      return
+    end
     -- Refused before a byte was sent (bad address, size over the server's
     -- limit...): final, and the connection stays as it was.
     self:_finish(run, job, nil, err)
