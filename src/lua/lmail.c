@@ -3,6 +3,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/rand.h>
+
 #include "sp_codec.h"
 #include "sp_dkim.h"
 #include "sp_lua.h"
@@ -316,6 +318,27 @@ static int signq_close(lua_State *L)
     return 0;
 }
 
+/* core.random_hex(n) -> 2n hex digits from OpenSSL's CSPRNG (Message-IDs,
+ * MIME boundaries), or nil when it cannot give them */
+static int l_random_hex(lua_State *L)
+{
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, n > 0 && n <= 64, 1, "1 to 64 bytes");
+    unsigned char raw[64];
+    char hex[129];
+    if (RAND_bytes(raw, (int)n) != 1) {
+        lua_pushnil(L);
+        return 1;
+    }
+    static const char digits[] = "0123456789abcdef";
+    for (lua_Integer i = 0; i < n; i++) {
+        hex[2 * i] = digits[raw[i] >> 4];
+        hex[2 * i + 1] = digits[raw[i] & 15];
+    }
+    lua_pushlstring(L, hex, (size_t)(2 * n));
+    return 1;
+}
+
 /* core.cpus() -> the number of processors online */
 static int l_cpus(lua_State *L)
 {
@@ -332,7 +355,8 @@ void sp_lua_open_mail(lua_State *L)
                                      {"dkim_key", l_dkim_key},   {"body_hash", l_body_hash},
                                      {"dotstuff", l_dotstuff},   {"base64_encode", l_b64encode},
                                      {"base64_decode", l_b64decode}, {"signq", l_signq},
-                                     {"cpus", l_cpus},           {NULL, NULL}};
+                                     {"cpus", l_cpus},           {"random_hex", l_random_hex},
+                                     {NULL, NULL}};
     static const luaL_Reg signq_methods[] = {{"submit", signq_submit},   {"take", signq_take},
                                              {"fd", signq_fd},           {"pending", signq_pending},
                                              {"threads", signq_threads}, {"close", signq_close},

@@ -172,3 +172,23 @@ describe("injection attempts", function()
     assert.equal("a@x.test", msgs[1].mail_from)
   end)
 end)
+
+describe("Message-IDs and boundaries", function()
+  it("draws them from OpenSSL's generator: hex of the asked length, never the same twice", function()
+    local core = require("smtppool.core")
+    local seen = {}
+    for _ = 1, 2000 do
+      local h = core.random_hex(16)
+      assert.matches("^%x+$", h)
+      assert.equal(32, #h)
+      assert.is_nil(seen[h])
+      seen[h] = true
+    end
+    assert.has_error(function() core.random_hex(0) end)
+    assert.has_error(function() core.random_hex(65) end)
+    local a = assert(smtppool.message.compose{ from = "a@x.test", to = "b@y.test", subject = "s", text = "t" })
+    local b = assert(smtppool.message.compose{ from = "a@x.test", to = "b@y.test", subject = "s", text = "t" })
+    assert.matches("Message%-ID: <%x+@x%.test>", a)
+    assert.are_not.equal(a:match("Message%-ID: ([^\r]+)"), b:match("Message%-ID: ([^\r]+)"))
+  end)
+end)
