@@ -167,26 +167,15 @@ end
 
 -- Body of a text part: 7bit when it is short-lined ASCII, else quoted-printable.
 -- Whether every line of s is at most max octets (no copy of s is made).
-local function lines_fit(s, max)
-  local pos, n = 1, #s
-  while pos <= n do
-    local nl = s:find("\n", pos, true) or n + 1
-    if nl - pos > max + (s:byte(nl - 1) == 13 and 1 or 0) then return false end
-    pos = nl + 1
-  end
-  return true
-end
-
+-- A text part: 7bit with CRLF lines when it can be (core.text_7bit; text
+-- already in CRLF lines is used as it is, no copy), else quoted-printable.
 local function text_part(ctype, text)
-  local plain = not text:find("[\128-\255%z]") and not text:find("[^\r\n]\r[^\n]") and lines_fit(text, 998)
-  local body, cte
-  if plain then
-    -- Text already in CRLF lines is used as it is: no copy of the body.
-    body, cte = text, "7bit"
-    if text:find("^\n") or text:find("[^\r]\n") then body = text:gsub("\r?\n", "\r\n") end
-    if #body > 0 and not body:find("\r\n$") then body = { body, "\r\n" } end
-  else
+  local body, needs_crlf = core.text_7bit(text)
+  local cte = "7bit"
+  if not body then
     body, cte = core.encode("qp", text), "quoted-printable"
+  elseif needs_crlf then
+    body = { body, "\r\n" }
   end
   return { headers = { "Content-Type: " .. ctype .. "; charset=utf-8\r\n",
                        "Content-Transfer-Encoding: " .. cte .. "\r\n" }, body = body }

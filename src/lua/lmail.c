@@ -120,6 +120,60 @@ static int l_encode(lua_State *L)
     return sp_l_push_buf(L, &b);
 }
 
+/* core.text_7bit(text) -> body, needs_crlf | nil: a text part that can go as
+ * 7bit (no 8-bit byte, no NUL, no CR outside CRLF, no line over 998
+ * octets) with its line ends made CRLF. The text itself comes back when it
+ * has no bare LF (needs_crlf: it lacks only the final CRLF); nil when it
+ * must be encoded. One pass in C: composition's largest cost in Lua. */
+static int l_text_7bit(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    size_t line = 0, bare_lf = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c >= 0x80 || c == 0)
+            return 0;
+        if (c == '\r') {
+            if (i + 1 < n && p[i + 1] == '\n') {
+                i++;
+                line = 0;
+                continue;
+            }
+            return 0; /* a bare CR */
+        }
+        if (c == '\n') {
+            bare_lf++;
+            line = 0;
+            continue;
+        }
+        if (++line > 998)
+            return 0;
+    }
+    int crlf_end = n >= 2 && p[n - 2] == '\r' && p[n - 1] == '\n';
+    if (!bare_lf) {
+        lua_pushvalue(L, 1);
+        lua_pushboolean(L, n > 0 && !crlf_end);
+        return 2;
+    }
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    size_t run = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == '\n' && (i == 0 || p[i - 1] != '\r')) {
+            luaL_addlstring(&b, p + run, i - run);
+            luaL_addlstring(&b, "\r\n", 2);
+            run = i + 1;
+        }
+    }
+    luaL_addlstring(&b, p + run, n - run);
+    if (p[n - 1] != '\n') /* the last line gets its CRLF */
+        luaL_addlstring(&b, "\r\n", 2);
+    luaL_pushresult(&b);
+    lua_pushboolean(L, 0);
+    return 2;
+}
+
 static int l_utf8_valid(lua_State *L)
 {
     size_t n;
@@ -356,6 +410,7 @@ void sp_lua_open_mail(lua_State *L)
                                      {"dotstuff", l_dotstuff},   {"base64_encode", l_b64encode},
                                      {"base64_decode", l_b64decode}, {"signq", l_signq},
                                      {"cpus", l_cpus},           {"random_hex", l_random_hex},
+                                     {"text_7bit", l_text_7bit},
                                      {NULL, NULL}};
     static const luaL_Reg signq_methods[] = {{"submit", signq_submit},   {"take", signq_take},
                                              {"fd", signq_fd},           {"pending", signq_pending},

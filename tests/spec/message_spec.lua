@@ -192,3 +192,26 @@ describe("Message-IDs and boundaries", function()
     assert.are_not.equal(a:match("Message%-ID: ([^\r]+)"), b:match("Message%-ID: ([^\r]+)"))
   end)
 end)
+
+describe("text parts", function()
+  it("go as 7bit with CRLF lines when they can, else quoted-printable", function()
+    local core = require("smtppool.core")
+    assert.same({ "a\r\nb\r\n", false }, { core.text_7bit("a\nb") })
+    assert.same({ "a\r\nb\r\n", false }, { core.text_7bit("a\r\nb\n") })
+    assert.same({ "a\r\nb", true }, { core.text_7bit("a\r\nb") }) -- the same string; the CRLF is a segment
+    assert.same({ "", false }, { core.text_7bit("") })
+    assert.same({ ("x"):rep(998), true }, { core.text_7bit(("x"):rep(998)) })
+    for _, t in ipairs({ "x\r", "a\rb", "a\r\r\n", "caf\195\169", "nul\0", ("x"):rep(999) }) do
+      assert.is_nil(core.text_7bit(t), ("%q"):format(t))
+    end
+    local function cte(text)
+      local d = assert(smtppool.message.compose{ from = "a@x.test", to = "b@y.test", text = text })
+      return d:match("Content%-Transfer%-Encoding: (%S+)"), d
+    end
+    assert.equal("7bit", cte("plain\nlines\n"))
+    local enc, d = cte("a bare\rCR")
+    assert.equal("quoted-printable", enc)
+    assert.is_nil(d:find("bare\rCR", 1, true))
+    assert.equal("quoted-printable", cte(("y"):rep(1200)))
+  end)
+end)
