@@ -13,6 +13,8 @@ local peers = require("peers")
 
 local N = tonumber(os.getenv("BENCH_N")) or 3000
 local ROUNDS = tonumber(os.getenv("BENCH_ROUNDS")) or 3
+-- BENCH_SIGN_THREADS: the threaded cases' sign_threads (default: the pool's default)
+local THREADS = tonumber(os.getenv("BENCH_SIGN_THREADS"))
 local SINK = arg[1] or "build/sink"
 
 local dir = peers.tmpdir()
@@ -63,9 +65,9 @@ end
 local cases = {
   { "unsigned", function() return campaign(nil, 0) end },
   { "Ed25519, on the loop", function() return campaign(KEYS.ed, 0) end },
-  { "Ed25519, signing threads", function() return campaign(KEYS.ed) end },
+  { "Ed25519, signing threads", function() return campaign(KEYS.ed, THREADS) end },
   { "RSA-2048, on the loop", function() return campaign(KEYS.rsa, 0) end },
-  { "RSA-2048, signing threads", function() return campaign(KEYS.rsa) end },
+  { "RSA-2048, signing threads", function() return campaign(KEYS.rsa, THREADS) end },
   { "RSA-2048 key:sign alone (1 thread)", function() return sign_rate(KEYS.rsa) end },
   { "Ed25519 key:sign alone (1 thread)", function() return sign_rate(KEYS.ed) end },
 }

@@ -181,8 +181,9 @@ function M.resolve(opts)
     message_timeout = opts.message_timeout,
     rotate_ahead = opts.rotate_ahead or 2,
     bdat_window = opts.bdat_window or M.BDAT_WINDOW,
-    -- DKIM signing threads for batches: one per processor (at most 8) by default
-    sign_threads = opts.sign_threads or math.min(8, core.cpus()),
+    -- DKIM signing threads for batches: nil here means the default, which
+    -- depends on the keys (init.lua, sign_threads_default)
+    sign_threads = opts.sign_threads,
   }
 end
 

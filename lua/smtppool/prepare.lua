@@ -82,7 +82,7 @@ function M.dkim_signers(cfg)
       end
       headers = table.concat(c.headers, ":"):lower()
     end
-    out[#out + 1] = { key = key, domain = c.domain, selector = c.selector, headers = headers }
+    out[#out + 1] = { key = key, domain = c.domain, selector = c.selector, headers = headers, alg = alg }
   end
   return out
 end

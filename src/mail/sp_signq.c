@@ -68,13 +68,18 @@ static void *worker(void *arg)
         n->next = NULL;
 
         pthread_mutex_lock(&q->mu);
+        int was_empty = q->done == NULL;
         if (q->done_tail)
             q->done_tail->next = n;
         else
             q->done = n;
         q->done_tail = n;
         pthread_mutex_unlock(&q->mu);
-        notify(q);
+        /* One wake-up for a run of results: the loop drains the whole list
+         * when it takes (a result added after its drain finds the list empty
+         * and notifies again). */
+        if (was_empty)
+            notify(q);
     }
 }
 

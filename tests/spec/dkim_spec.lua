@@ -282,6 +282,10 @@ describe("DKIM on signing threads", function()
     pool:close()
     local msgs = f:select("message")
     for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+    -- the default: every processor for RSA, one left to the loop when every key is Ed25519
+    local cpus = require("smtppool.core").cpus()
+    assert.equal(math.min(8, cpus), smtppool._sign_threads_default({ { alg = "rsa-sha256" }, { alg = "ed25519-sha256" } }))
+    assert.equal(math.max(1, math.min(8, cpus - 1)), smtppool._sign_threads_default({ { alg = "ed25519-sha256" } }))
     for _, bad in ipairs({ -1, 1.5, 65, 0 / 0 }) do
       assert.has_error(function() smtppool.new{ host = "h", tls = "none", sign_threads = bad } end,
         "smtppool.new: option 'sign_threads' must be an integer from 0 to 64")
