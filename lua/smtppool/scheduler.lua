@@ -342,6 +342,9 @@ function S:_dispatch(run, rec, entry, t)
         if res then
           job.attempts = job.attempts + 1
           rec.sent = rec.sent + 1
+          -- a session that has carried n is evidence against any cap below n
+          -- (a real cap never lets one get there), as soon as it does
+          self.learner:note_session(rec.sent)
           self:_finish(run, job, res)
         else
           if policy.exhausted(job.seq, err) then
