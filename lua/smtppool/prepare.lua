@@ -116,9 +116,9 @@ end
 -- With ctx.defer_sign (a batch with signing threads), a message held in one
 -- string is not signed here: the third result says what to sign, and the
 -- batch's signing stage (M.signing_stage) has worker threads do it.
-local function sign(signers, data, ctx)
+local function sign(signers, data, ctx, t)
   if #signers == 0 then return data end
-  local t = os.time()
+  t = t or os.time()
   if ctx.defer_sign then
     -- composed segments that are all strings (no file to stream) join into
     -- the one string a signing thread gets a copy of
@@ -284,6 +284,8 @@ end
 -- @treturn function `finish()`: stops the workers, and returns the items
 --   taken and never handed out (a batch that stopped early reports them
 --   cancelled)
+local ON_LOOP = {} -- a context that signs where it is asked to
+
 function M.signing_stage(next_item, o)
   local q, depth = nil, o.depth
   -- ready: a FIFO over ready[head..tail]; jobs: signatures on their way
@@ -338,16 +340,10 @@ function M.signing_stage(next_item, o)
         no_threads = not q
       end
       if item.sign and no_threads then
-        item.sigs = {}
-        for i, s in ipairs(item.sign.signers) do
-          local h, e = s.key:sign(item.msg.data, s.domain, s.selector, s.headers, item.sign.t)
-          if not h then
-            item.sign_err = e
-            break
-          end
-          item.sigs[i] = h
-        end
-        finish(item)
+        local signed, e = sign(item.sign.signers, item.msg.data, ON_LOOP, item.sign.t)
+        if signed then item.msg.data = signed else item.err, e.attempts = e, 0 end
+        item.sign = nil
+        push(item)
       elseif item.sign then
         if jobs == 0 then o.waiting(q:fd()) end
         item.sigs, item.left = {}, #item.sign.signers

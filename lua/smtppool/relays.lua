@@ -20,6 +20,7 @@
 -- loop (the native driver) or in light threads (nginx).
 -- @module smtppool.relays
 
+local core = require("smtppool.core")
 local errors = require("smtppool.errors")
 local policy = require("smtppool.policy")
 local scheduler = require("smtppool.scheduler")
@@ -391,7 +392,6 @@ function Relays:_spread_batch(source, opts)
 end
 
 function Relays:_mux(st, source_for, batch_opts)
-  local core = require("smtppool.core")
   local now = core.now
   local runs, failure = {}, nil
   for _, r in ipairs(st.active) do

@@ -257,31 +257,30 @@ describe("DKIM on signing threads", function()
     assert.is_true(pulled < 100)
   end)
 
+  -- n composed messages through a pool with these options: every one sent,
+  -- and every one carrying both its signatures.
+  local function send_signed(o, n)
+    local pool = new_pool(o)
+    local before = #f:select("message")
+    local list = {}
+    for i = 1, n do list[i] = { from = "a@x.test", to = "n" .. i .. "@y.test", subject = "n", text = "n" .. i } end
+    assert.same({ sent = n, failed = 0, cancelled = 0, total = n }, pool:send_batch(list))
+    pool:close()
+    local msgs = f:select("message")
+    assert.equal(n, #msgs - before)
+    for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+  end
+
   it("signs on the loop when no thread can be started", function()
     local core = require("smtppool.core")
     local real = core.signq
     core.signq = function() return nil, "cannot start a signing thread: Resource temporarily unavailable" end
     finally(function() core.signq = real end)
-    local pool = new_pool({ sign_threads = 2 })
-    local before = #f:select("message")
-    local list = {}
-    for i = 1, 6 do list[i] = { from = "a@x.test", to = "n" .. i .. "@y.test", subject = "n", text = "n" .. i } end
-    assert.same({ sent = 6, failed = 0, cancelled = 0, total = 6 }, pool:send_batch(list))
-    pool:close()
-    local msgs = f:select("message")
-    assert.equal(6, #msgs - before)
-    for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+    send_signed({ sign_threads = 2 }, 6)
   end)
 
   it("takes sign_threads = 0 (sign on the loop) and refuses a bad count", function()
-    local pool = new_pool({ sign_threads = 0 })
-    local before = #f:select("message")
-    local list = {}
-    for i = 1, 5 do list[i] = { from = "a@x.test", to = "z" .. i .. "@y.test", subject = "z", text = "z" .. i } end
-    assert.same({ sent = 5, failed = 0, cancelled = 0, total = 5 }, pool:send_batch(list))
-    pool:close()
-    local msgs = f:select("message")
-    for i = before + 1, #msgs do assert.equal(2, own_signatures(msgs[i].data)) end
+    send_signed({ sign_threads = 0 }, 5)
     -- the default: every processor for RSA, one left to the loop when every key is Ed25519
     local cpus = require("smtppool.core").cpus()
     assert.equal(math.min(8, cpus), smtppool._sign_threads_default({ { alg = "rsa-sha256" }, { alg = "ed25519-sha256" } }))
