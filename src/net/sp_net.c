@@ -18,7 +18,9 @@
 
 #define READ_CHUNK 16384
 #define BODY_CHUNK 65536 /* body bytes stuffed per step; bounds the output buffer */
-#define CONN_EVQ 16
+/* The connection passes on its session's events (a few it acts on itself),
+ * and the caller drains them at every turn: the session's bound holds. */
+#define CONN_EVQ SP_SESSION_EVENTS_MAX
 
 enum { C_RESOLVING, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
 
@@ -296,8 +298,12 @@ sp_event sp_conn_next_event(sp_conn *c)
 
 static void push(sp_conn *c, sp_event e)
 {
-    if (c->ev_len < CONN_EVQ)
-        c->evq[(c->ev_head + c->ev_len++) % CONN_EVQ] = e;
+    if (c->ev_len == CONN_EVQ) { /* cannot happen while the session keeps its bound: never drop */
+        fprintf(stderr, "smtppool: connection event queue overflow (%s dropped): a bug, please report\n",
+                sp_event_name(e));
+        abort();
+    }
+    c->evq[(c->ev_head + c->ev_len++) % CONN_EVQ] = e;
 }
 
 void sp_body_pump(sp_session *s, sp_body_src **body, sp_dot_hook *hook, void *hook_ud)

@@ -38,8 +38,9 @@ typedef struct awaited {
     size_t idx; /* recipient index for CMD_RCPT */
 } awaited;
 
-#define EVQ 64
-#define FLY_MAX 16 /* transactions awaiting their final reply behind the current one */
+#define EVQ SP_SESSION_EVENTS_MAX
+#define FLY_MAX SP_BDAT_WINDOW_MAX /* transactions awaiting their final reply behind the current one */
+_Static_assert(EVQ >= 2 * (FLY_MAX + 1) + 8, "the event queue holds every transaction's outcome and more");
 #define DONE_MAX (FLY_MAX + 4)
 #define SP_REDACT_MAX 8
 #define SP_TRACE_MAX 32
@@ -113,10 +114,15 @@ struct sp_session {
 
 static void push_event(sp_session *s, sp_event e)
 {
-    /* One transaction at a time yields at most four events per reply, and
-     * drivers drain the queue after every feed, so EVQ is never reached. */
-    if (s->ev_len == EVQ)
-        return;
+    /* Between two of the driver's turns a session queues one SP_EV_TX_DONE
+     * per transaction it holds (at most FLY_MAX + 1) and a few others (one
+     * SP_EV_ERROR or SP_EV_CLOSED ends it): EVQ is sized with room to spare,
+     * so a full queue is a broken invariant, never a silent drop. */
+    if (s->ev_len == EVQ) {
+        fprintf(stderr, "smtppool: session event queue overflow (%s dropped): a bug, please report\n",
+                sp_event_name(e));
+        abort();
+    }
     s->evq[(s->ev_head + s->ev_len++) % EVQ] = e;
 }
 

@@ -152,6 +152,14 @@ void sp_session_fail(sp_session *s, const sp_error *err);
 const sp_buf *sp_session_output(const sp_session *s);
 void sp_session_consume(sp_session *s, size_t n);
 
+/* The most transactions awaiting their final replies at once (bdat_window's
+ * maximum), and the events a session holds between two of the driver's
+ * turns: each of those transactions' SP_EV_TX_DONE, the current one's, and a
+ * few of the other kinds, with room to spare. A driver that keeps its own
+ * event queue sizes it SP_SESSION_EVENTS_MAX and cannot overflow. */
+#define SP_BDAT_WINDOW_MAX 16
+#define SP_SESSION_EVENTS_MAX 64
+
 /* Events in the order they happened; SP_EV_NONE when none are queued. */
 sp_event sp_session_next_event(sp_session *s);
 

@@ -96,20 +96,27 @@ describe("BDAT", function()
     assert.equal(40, #srv:select("message", { status = "accepted" }))
   end)
 
-  for _, window in ipairs({ 1, 4 }) do
+  -- 16 is the documented maximum: a full window's outcomes and the session's
+  -- error must all reach the pool (the driver's event queue once held 16 and
+  -- dropped the error, which wedged the pool)
+  for _, window in ipairs({ 1, 4, 16 }) do
     it(("leaves at most bdat_window (%d) messages ambiguous when the server stops answering"):format(window), function()
       local srv = peers.hostile({ chunking = true, hold_after = 3, quiet = true })
       finally(function() srv:stop() end)
       local pool = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", max_conns = 1,
-        bdat_window = window, timeouts = { data_end = 2, mail = 2, rcpt = 2 },
+        bdat_window = window, timeouts = { data_end = 2, mail = 2, rcpt = 2 }, wait_timeout = 10,
         retry = smtppool.retry.backoff{ attempts = 3, base = 0.01 } })
       local list = {}
-      for i = 1, 12 do list[i] = { from = "a@x.test", to = "r@y.test", data = ("X-Test-Id: m%d\r\n\r\nb\r\n"):format(i) } end
-      local ambiguous, sent = {}, {}
-      pool:send_batch(list, { on_result = function(m, res, err)
+      for i = 1, window + 8 do list[i] = { from = "a@x.test", to = "r@y.test", data = ("X-Test-Id: m%d\r\n\r\nb\r\n"):format(i) } end
+      local ambiguous, sent, waited = {}, {}, 0
+      local report = pool:send_batch(list, { on_result = function(m, res, err)
         local id = m.data:match("m%d+")
         if res then sent[id] = true elseif err.kind == "ambiguous" then ambiguous[id] = true end
+        if err and tostring(err.text):find("wait_timeout", 1, true) then waited = waited + 1 end
       end })
+      -- the pool went on after the loss: a fresh connection carried the rest
+      assert.equal(0, waited, "messages waited out wait_timeout: the pool stopped opening connections")
+      assert.equal(#list, report.sent + report.failed)
       pool:close()
       -- the server's view: which arrived unanswered, session by session
       local unconfirmed, per_session = {}, {}
