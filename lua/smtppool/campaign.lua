@@ -124,6 +124,25 @@ function M.normalize(address)
   return (address:gsub("^%s+", ""):gsub("%s+$", ""):lower())
 end
 
+--- The journal key of a recipient's address, or nil and why the row cannot
+-- have one. An address with a control character (CR, LF, NUL, a tab...) is
+-- never a key: trimmed, it would pose as another row's address, and a line
+-- break in it would write a record of its own into the journal.
+-- @param address the row's `email` field
+-- @treturn[1] string the key
+-- @treturn[2] nil
+-- @treturn[2] string why
+function M.key(address)
+  if type(address) ~= "string" then return nil, "invalid recipient (no email field)" end
+  local at = address:find("[%z\1-\31\127]")
+  if at then
+    return nil, ("invalid address: it holds a control character (byte %d at %d)"):format(address:byte(at), at)
+  end
+  local key = M.normalize(address)
+  if key == "" then return nil, "invalid address: empty" end
+  return key
+end
+
 local JOURNAL_HEADER = "# smtppool journal 2 campaign="
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 
@@ -260,12 +279,16 @@ function Campaign:run()
       resend_in_flight = o.resend_in_flight })
     if not rj then return nil, err("config", re) end
     if source then
-      local json = require("dkjson")
+      local json, rows_read = require("dkjson"), 0
       local added, dups = rj:load(function()
         while true do
           local r = source()
           if r == nil then return nil end
-          if type(r) == "table" and type(r.email) == "string" then return M.normalize(r.email), json.encode(r) end
+          if type(r) == "table" then
+            -- a row with no key is loaded under its place in the list, and fails when claimed
+            rows_read = rows_read + 1
+            return M.key(r.email) or ("#" .. rows_read), json.encode(r)
+          end
         end
       end)
       if not added then return nil, err("connection", "loading the list into Redis: " .. tostring(dups)) end
@@ -356,15 +379,17 @@ function Campaign:run()
   local function prepare_one()
     if #requeue > 0 then return table.remove(requeue, 1) end
     while true do
-      local rcpt = source()
+      local rcpt, given_key = source()
       if rcpt == nil or rcpt == false then return rcpt end -- false: nothing now (others hold the rest)
       index = index + 1
       report.total = report.total + 1
-      if type(rcpt) ~= "table" or type(rcpt.email) ~= "string" then
-        record("F", "#" .. index, "invalid recipient (no email field)", false)
+      local key, why
+      if type(rcpt) == "table" then key, why = M.key(rcpt.email) else why = "invalid recipient (not a table)" end
+      if not key then
+        -- the row's own key (a Redis claim's), or its place in this run's list
+        record("F", given_key or ("#" .. index), why, false, err("invalid", why))
         report.failed = report.failed + 1
       else
-        local key = M.normalize(rcpt.email)
         local st = states:get(key)
         if st and st:match("%l") then
           -- met earlier in this run: a list naming one address twice sends once

@@ -255,7 +255,7 @@ function J:unclaim(keys)
 end
 
 --- The campaign's recipients for the pool: an iterator of rows (tables,
--- `email` set), claimed `n` at a time; `false` while nothing can be claimed
+-- `email` set) and their keys, claimed `n` at a time; `false` while nothing can be claimed
 -- but some are still held (by this worker's connections or by others,
 -- whose leases may run out); nil when nothing is queued or held.
 function J:source(n)
@@ -280,7 +280,7 @@ function J:source(n)
     if type(row) ~= "table" then row = {} end
     row.email = type(row.email) == "string" and row.email or c.key
     self.claim_state[c.key] = c.state
-    return row
+    return row, c.key
   end
 end
 

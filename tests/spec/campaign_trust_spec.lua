@@ -168,6 +168,39 @@ describe("campaign journals keyed by address", function()
     assert.matches("1 duplicate rows sent once", smtppool.campaign.summary(r))
   end)
 
+  it("fails a row whose address holds CR, LF, NUL or another control character, and that row only", function()
+    local failures = {}
+    local list = {
+      '"x@y.test\r",Carriage',               -- trimmed, this was once the key of the valid row below
+      'x@y.test,Valid',
+      '"a@b.test\nF\tvictim@c.test\t",Forger', -- once wrote a forged F line for victim into the journal
+      'victim@c.test,Victim',
+      '"nul\0@x.test",Nul',
+      '"tab\t@x.test",Tab',
+    }
+    local r = assert(run(list, { on_failure = function(key, state, e) failures[#failures + 1] = { key, state, e } end }))
+    assert.equal(2, r.sent)
+    assert.equal(4, r.failed)
+    assert.equal(0, r.duplicates)
+    local per, n = received(srv)
+    assert.equal(2, n)
+    assert.equal(1, per["x@y.test"])
+    assert.equal(1, per["victim@c.test"])
+    assert.equal(4, #failures)
+    for _, f in ipairs(failures) do
+      assert.equal("F", f[2])
+      assert.equal("invalid", f[3].kind)
+      assert.matches("control character", f[3].text)
+      assert.is_nil(f[1]:find("[%z\1-\31\127]"), "a key with a control character: " .. f[1])
+    end
+    -- a resume reads back what the first run did: nothing is sent again, no row hides another
+    local r2 = assert(run(list))
+    assert.equal(0, r2.sent)
+    assert.equal(2, r2.skipped)
+    local _, n2 = received(srv)
+    assert.equal(2, n2)
+  end)
+
   it("refuses a journal of another campaign", function()
     assert(run(rows(1, 2), { name = "spring" }))
     local r, e = run(rows(1, 2), { name = "autumn" })
