@@ -8,6 +8,8 @@ OPT ?= -O2 -g
 WARN = -Wall -Wextra -Werror
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE -pthread $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
 LDLIBS_ALL = $(shell pkg-config --libs openssl libcares) $(LDLIBS)
+# the binding alone also links SQLite (the campaign journal, src/store)
+LDLIBS_STORE = $(shell pkg-config --libs sqlite3)
 LDLIBS_CRYPTO = $(shell pkg-config --libs libcrypto) $(LDLIBS)
 # the binding alone also links hiredis (its RESP reader, for shared limits in Redis)
 LDLIBS_BIND = $(shell pkg-config --libs hiredis)
@@ -16,16 +18,18 @@ LDLIBS_BIND = $(shell pkg-config --libs hiredis)
 #   proto  the sans-IO protocol core: replies, capabilities, codecs, session (libcrypto)
 #   mail   MIME, bodies, DKIM (libcrypto)
 #   net    the native driver: sockets, TLS (libssl)
+#   store  the campaign journal in SQLite (libc and SQLite only)
 #   lua    the binding
 PROTO_SRC = $(wildcard src/proto/*.c)
 MAIL_SRC = $(wildcard src/mail/*.c)
 NET_SRC = $(wildcard src/net/*.c)
-BIND_SRC = $(wildcard src/lua/*.c)
+STORE_SRC = $(wildcard src/store/*.c)
+BIND_SRC = $(STORE_SRC) $(wildcard src/lua/*.c)
 CORE_SRC = $(PROTO_SRC) $(MAIL_SRC) $(NET_SRC)
 HDRS = $(wildcard src/*/*.h)
 INC_PROTO = -Isrc/proto
 INC_MAIL = $(INC_PROTO) -Isrc/mail
-INC_ALL = $(INC_MAIL) -Isrc/net -Isrc/lua
+INC_ALL = $(INC_MAIL) -Isrc/net -Isrc/store -Isrc/lua
 MODULE = lua/smtppool/core.so
 BUILD = build
 
@@ -35,7 +39,8 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
 	lua-dkjson lua-argparse lua-markdown valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
-	nginx libnginx-mod-http-lua libluajit2-5.1-dev redis-server libhiredis-dev luarocks libc-ares-dev
+	nginx libnginx-mod-http-lua libluajit2-5.1-dev redis-server libhiredis-dev luarocks libc-ares-dev \
+	libsqlite3-dev sqlite3
 
 PREFIX ?= /usr/local
 LUA_LMOD = $(PREFIX)/share/lua/$(LUA_VERSION)
@@ -46,7 +51,7 @@ LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
 all: $(MODULE)
 
 $(MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
-	$(CC) $(CFLAGS_ALL) $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND)
+	$(CC) $(CFLAGS_ALL) $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND) $(LDLIBS_STORE)
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -56,7 +61,7 @@ LUAJIT_MODULE = $(BUILD)/luajit/smtppool/core.so
 $(LUAJIT_MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
 	mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -pthread $(OPT) $(WARN) -fPIC $(shell pkg-config --cflags luajit openssl) $(CFLAGS) \
-	  $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND)
+	  $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND) $(LDLIBS_STORE)
 
 # The C tests link only the layers they test: the protocol core's without
 # mail/ and net/ (and without libssl), the MIME tests without net/.

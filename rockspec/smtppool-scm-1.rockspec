@@ -27,6 +27,7 @@ external_dependencies = {
    OPENSSL = { header = "openssl/ssl.h" },
    HIREDIS = { header = "hiredis/hiredis.h" },
    CARES = { header = "ares.h" },
+   SQLITE = { header = "sqlite3.h" },
 }
 build = {
    type = "builtin",
@@ -59,12 +60,12 @@ build = {
             "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c", "src/mail/sp_signq.c",
             "src/net/sp_tls.c", "src/net/sp_net.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",
-            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lkeyset.c", "src/lua/lredis.c",
+            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lredis.c", "src/store/sp_journal.c",
          },
          defines = { "_GNU_SOURCE" },
-         libraries = { "ssl", "crypto", "hiredis", "cares", "pthread" },
-         incdirs = { "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)", "$(CARES_INCDIR)", "src/proto", "src/mail", "src/net", "src/lua" },
-         libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)", "$(CARES_LIBDIR)" },
+         libraries = { "ssl", "crypto", "hiredis", "cares", "sqlite3", "pthread" },
+         incdirs = { "$(OPENSSL_INCDIR)", "$(HIREDIS_INCDIR)", "$(CARES_INCDIR)", "$(SQLITE_INCDIR)", "src/proto", "src/mail", "src/net", "src/store", "src/lua" },
+         libdirs = { "$(OPENSSL_LIBDIR)", "$(HIREDIS_LIBDIR)", "$(CARES_LIBDIR)", "$(SQLITE_LIBDIR)" },
       },
    },
    install = {

@@ -143,34 +143,72 @@ function M.key(address)
   return key
 end
 
-local JOURNAL_HEADER = "# smtppool journal 2 campaign="
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 
--- The folder a file is in ("." for a bare name).
-local function folder_of(path)
-  return path:match("^(.*)/[^/]*$") or "."
-end
-
--- Reads a journal into states (a core.keyset: key -> last state letter);
--- returns the campaign it belongs to. Version 1 journals (no header, keys
--- "row:address") are read by address.
-local function read_journal(path, states)
+--- Imports a text journal (versions 1 and 2, before the SQLite one) at
+-- path into an SQLite journal at the same path; the text is kept beside it
+-- as `path .. ".v1.txt"` or `".v2.txt"`. Nothing to do when path is absent
+-- or already a database.
+-- @treturn[1] true
+-- @treturn[2] nil
+-- @treturn[2] string why (another campaign's journal, an unknown version, a file that is no journal)
+function M.import_text_journal(path, name)
   local f = io.open(path, "rb")
-  if not f then return nil end
-  local name, v1
+  if not f then return true end
+  local head = f:read(16) or ""
+  f:close()
+  if head == "" or head == "SQLite format 3\0" then return true end
+  f = assert(io.open(path, "rb"))
+  local first = f:read("l") or ""
+  local version, jname = first:match("^# smtppool journal (%d+) campaign=([^%s]+)")
+  if not version and first:match("^# smtppool journal") then
+    f:close()
+    return nil, ("journal %s has an unknown version header (%q); this smtppool reads text versions 1 and 2 "
+      .. "and its own SQLite journals"):format(path, first:sub(1, 60))
+  end
+  if version and version ~= "2" then
+    f:close()
+    return nil, ("journal %s has version %s; this smtppool reads text versions 1 and 2 and its own SQLite journals")
+      :format(path, version)
+  end
+  if not version and not first:match("^[PLSFTAD]\t[^\t]+") then
+    f:close()
+    return nil, ("journal %s is not an smtppool journal"):format(path)
+  end
+  if jname and jname ~= name then
+    f:close()
+    return nil, ("journal %s belongs to campaign '%s', not '%s'"):format(path, jname, name)
+  end
+  local tmp = path .. ".importing"
+  os.remove(tmp)
+  local j, e = core.journal_open(tmp, name)
+  if not j then f:close() return nil, e end
+  local function take(line)
+    -- a torn last line (cut before the tab after its key) is ignored
+    local st, key, info = line:match("^([PLSFTAD])\t([^\t]+)\t(.*)$")
+    if not st then return true end
+    if not version then key = M.normalize(key:match("^%d+:(.*)$") or key) end
+    if not M.key(key) then return true end -- a control character: never a key
+    return j:record(st, key, info)
+  end
+  local ok, re = true, nil
+  if not version then ok, re = take(first) end
   for line in f:lines() do
-    if not name and v1 == nil then
-      name = line:match("^# smtppool journal 2 campaign=([^%s]+)")
-      v1 = name == nil
-    end
-    local st, key = line:match("^([PLSFTAD])\t([^\t]+)")
-    if st then -- a torn last line without a tab is ignored
-      if v1 then key = M.normalize(key:match("^%d+:(.*)$") or key) end
-      states:set(key, st)
-    end
+    if not ok then break end
+    ok, re = take(line)
   end
   f:close()
-  return name, v1
+  if ok then ok, re = j:commit(true) end
+  j:close()
+  if not ok then os.remove(tmp) return nil, re end
+  local kept = path .. (version and ".v2.txt" or ".v1.txt")
+  local r1, e1 = os.rename(path, kept)
+  if not r1 then os.remove(tmp) return nil, e1 end
+  local r2, e2 = os.rename(tmp, path)
+  if not r2 then return nil, e2 end
+  os.remove(tmp .. "-wal")
+  os.remove(tmp .. "-shm")
+  return true
 end
 
 local function clean(s)
@@ -298,43 +336,41 @@ function Campaign:run()
     source = rj:source(GROUP_CLAIM)
     self.expected = nil
   end
-  -- The address index lives in a file (unlinked, next to the journal), so
-  -- memory stays flat however long the list.
-  local states, kerr
+  -- The journal: an SQLite database (one run at a time), or without one a
+  -- private temporary database that only deduplicates this run's rows;
+  -- in Redis, the claims' states.
+  local journal, states
   if rj then
     states = rj:states()
   else
-    states, kerr = core.keyset(o.journal and folder_of(o.journal) or nil)
-    if not states then return nil, err("config", o.journal and ("journal " .. o.journal .. ": " .. kerr) or kerr) end
-  end
-  local jname, v1 = nil, false
-  if o.journal and not rj then jname, v1 = read_journal(o.journal, states) end
-  if jname and jname ~= name then
-    return nil, err("config", ("journal %s belongs to campaign '%s', not '%s'"):format(o.journal, jname, name))
-  end
-  local journal
-  if o.journal and not rj then
-    local je
-    journal, je = core.journal_open(o.journal)
-    if not journal then return nil, err("config", je) end
-    if not jname and not v1 then -- a new journal: its header first
-      local ok, e = journal:append(JOURNAL_HEADER .. name .. "\n", true)
-      if not ok then return nil, err("config", e) end
+    local je, jst
+    if o.journal then
+      local ok, ie = M.import_text_journal(o.journal, name)
+      if not ok then return nil, err("config", ie) end
     end
+    journal, je, jst = core.journal_open(o.journal, name)
+    if not journal then return nil, err(jst == "full" and "journal" or "config", je) end
+    states = journal
   end
-  -- states: key -> the journal's last letter (a core.keyset: 16 bytes an
-  -- address, in a file); upper case as read from an earlier run, lower case
-  -- once this run has met the key.
-  local function record(state, key, info, sync, e)
-    states:set(key, state:lower())
-    if rj then rj:record(state, key, clean(info)) end
+  local function journal_failed(e, st)
+    -- a full disk stops the run (resume later); anything else is a broken journal
+    error(err(st == "full" and "journal" or "config", e), 0)
+  end
+  local function record(state, key, info, e)
+    if rj then
+      rj:record(state, key, clean(info))
+    else
+      local ok, je, jst = journal:record(state, key, clean(info))
+      if not ok then journal_failed(je, jst) end
+    end
     if o.on_failure and (state == "F" or state == "T" or state == "A") then
       pcall(o.on_failure, key, state, e or err("invalid", tostring(info)))
     end
-    if journal then
-      local ok, e = journal:append(("%s\t%s\t%s\n"):format(state, key, clean(info)), sync)
-      if not ok then error(err("config", e), 0) end
-    end
+  end
+  local function commit(sync)
+    if not journal then return end
+    local ok, je, jst = journal:commit(sync)
+    if not ok then journal_failed(je, jst) end
   end
 
   local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,
@@ -387,20 +423,22 @@ function Campaign:run()
       if type(rcpt) == "table" then key, why = M.key(rcpt.email) else why = "invalid recipient (not a table)" end
       if not key then
         -- the row's own key (a Redis claim's), or its place in this run's list
-        record("F", given_key or ("#" .. index), why, false, err("invalid", why))
+        record("F", given_key or ("#" .. index), why, err("invalid", why))
         report.failed = report.failed + 1
       else
-        local st = states:get(key)
-        if st and st:match("%l") then
+        local st, this_run, jst = states:get(key)
+        if st == nil and this_run then journal_failed(this_run, jst) end
+        if this_run then
           -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
         elseif st == "S" or st == "D" or st == "F" or st == "A" or (st == "T" and not o.retry_failed) then
-          states:set(key, st:lower())
+          local okm, me, mst = states:meet(key)
+          if not okm then journal_failed(me, mst) end
           report.skipped = report.skipped + 1
         elseif st == "L" and not o.resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
-          record("A", key, "final dot on its way when an earlier run stopped", true)
+          record("A", key, "final dot on its way when an earlier run stopped")
           report.ambiguous = report.ambiguous + 1
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
@@ -408,10 +446,10 @@ function Campaign:run()
           if not okb then m, e = nil, m end
           if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
           if not m then
-            record("F", key, "invalid: " .. tostring(e), false)
+            record("F", key, "invalid: " .. tostring(e))
             report.failed = report.failed + 1
           else
-            record("P", key, "", false)
+            record("P", key, "")
             keys[m] = key
             if st == "L" then resent[m] = true end
             return m
@@ -429,10 +467,7 @@ function Campaign:run()
         if not m then break end
         ready[#ready + 1] = m
       end
-      if #ready > 0 and journal then
-        local ok, e = journal:sync() -- durable before any of them can leave
-        if not ok then error(err("config", "journal fsync failed: " .. tostring(e)), 0) end
-      end
+      if #ready > 0 then commit(true) end -- their P durable (power loss too) before any of them can leave
     end
     ready_i = ready_i + 1
     return ready[ready_i]
@@ -452,7 +487,7 @@ function Campaign:run()
   end
   local function mark(m)
     local key = keys[m]
-    if journal and key then return journal, "L\t" .. key .. "\t\n" end
+    if journal and key then return journal, key end
   end
   -- Redis: L is written by the loop itself, before the final dot leaves
   local function mark_async(m)
@@ -469,23 +504,23 @@ function Campaign:run()
       local dup = res.ambiguous or resent[m]
       if dup then report.possible_duplicates = report.possible_duplicates + 1 end
       record(dup and "D" or "S", key, res.code .. " " .. (res.text or "") .. rej
-        .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""), false)
+        .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""))
     elseif rerr.kind == "cancelled" then
       -- Never started: its P stands, so a later run sends it; a waiting run re-feeds it.
       requeue[#requeue + 1] = m
     elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
       -- it, or an earlier try of it, may have arrived
       report.ambiguous = report.ambiguous + 1
-      record("A", key, tostring(rerr), false, rerr)
+      record("A", key, tostring(rerr), rerr)
     elseif rerr.kind == "transient" or rerr.kind == "connection" then
       report.failed = report.failed + 1
-      record("T", key, tostring(rerr), false, rerr)
+      record("T", key, tostring(rerr), rerr)
       streak = streak + 1
       streak_msgs[#streak_msgs + 1] = m
       if streak >= threshold and not tripped then tripped = rerr end
     else
       report.failed = report.failed + 1
-      record("F", key, tostring(rerr), false, rerr)
+      record("F", key, tostring(rerr), rerr)
     end
     -- retries that ended with this message are no longer waiting
     local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
@@ -506,7 +541,8 @@ function Campaign:run()
   local waited, delay = 0, o.outage_delay or 5
   while true do
     ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
-      mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil })
+      mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil,
+      before_wait = journal and commit or nil })
     if not ok then break end
     if o.handle_signals and core.signalled() > 0 then
       report.stopped = "interrupted"
@@ -515,7 +551,18 @@ function Campaign:run()
     if not tripped then break end
     report.outage = tostring(tripped)
     if (o.on_outage or "stop") == "stop" or waited >= (o.outage_wait or 3600) then
+      -- The failures that tripped the breaker were the relay's, not their
+      -- recipients': back to pending (P), so a plain resume sends them.
       report.stopped = "outage"
+      local okr, re = pcall(function()
+        for _, m in ipairs(streak_msgs) do
+          if keys[m] then record("P", keys[m], "") end
+        end
+        commit(false)
+      end)
+      report.failed = report.failed - #streak_msgs
+      report.pending_outage = #streak_msgs
+      if not okr then ok, e = false, re end
       break
     end
     -- Wait, then probe: the outage's victims and the cancelled go first.
@@ -537,13 +584,18 @@ function Campaign:run()
   pool.retry, pool.on_event = saved_policy, saved_hook
   -- Still pending: cancelled by the stop, prepared and never handed out, or
   -- (for a list of known length) not read yet.
-  report.pending = #requeue + math.max(0, #ready - ready_i)
+  report.pending = #requeue + math.max(0, #ready - ready_i) + (report.pending_outage or 0)
+  report.pending_outage = nil
   if report.stopped and self.expected then
     report.pending = report.pending + math.max(0, self.expected - report.total - report.duplicates)
   end
   if journal then
-    journal:sync()
-    journal:close()
+    -- what the journal still holds unresolved (this run's and earlier runs'):
+    -- failures and ambiguities a scripted caller must not miss
+    local c = journal:counts()
+    report.failed_total, report.retryable, report.ambiguous_total = (c.F or 0) + (c.T or 0), c.T or 0, c.A or 0
+    local okc, ce, cst = journal:close() -- commits, ends the run, lets the next one in
+    if ok and not okc then ok, e = false, err(cst == "full" and "journal" or "config", ce) end
   end
   if rj then
     -- claimed here and never started: back to the queue for anyone
@@ -553,15 +605,18 @@ function Campaign:run()
     rj:unclaim(back)
   end
   if not ok then
-    states:close()
-    if type(e) == "table" and e.kind then return nil, e end
-    error(e, 0)
+    if type(e) == "table" and e.kind == "journal" then
+      -- the disk is full: what was recorded stands; a resume once there is
+      -- room goes on from it (a message whose outcome could not be written
+      -- is ambiguous then, never sent twice)
+      report.stopped = "journal"
+      report.journal_error = e.text
+    elseif type(e) == "table" and e.kind then
+      return nil, e
+    else
+      error(e, 0)
+    end
   end
-  -- What the journal still holds unresolved (this run's and earlier runs'):
-  -- failures and ambiguities a scripted caller must not miss.
-  local function n(st) return states:count(st) + states:count(st:lower()) end
-  report.failed_total, report.retryable, report.ambiguous_total = n("F") + n("T"), n("T"), n("A")
-  states:close()
   if rj then
     -- the whole campaign's, every worker's
     local st = require("smtppool.rcampaign").status(o.journal, name)

@@ -326,10 +326,13 @@ end
 --   records its `L` there.
 -- * `poll` (seconds): with a source that may answer `false` (nothing now,
 --   more later), how often to ask it again.
--- * `mark = function(msg) -> journal, line`: a line appended to a journal
---   (from `smtppool.core.journal_open`, without fsync) just before each
---   attempt's final dot leaves; a campaign uses it to know which messages
---   may have been committed when the process dies.
+-- * `mark = function(msg) -> journal, key`: key's `L` committed to a
+--   journal (from `smtppool.core.journal_open`) just before each attempt's
+--   final dot leaves; a campaign uses it to know which messages may have
+--   been committed when the process dies.
+-- * `before_wait = function()`: called once a turn of the loop, before it
+--   waits on the network (a campaign commits its journal's records there,
+--   one transaction a turn).
 -- @treturn table summary: `sent`, `failed`, `cancelled` (never started:
 --   the run was stopped), `total`
 function Pool:send_batch(source, opts)
@@ -338,7 +341,7 @@ function Pool:send_batch(source, opts)
   end
   if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
   local on_result = opts and opts.on_result
-  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async" }) do
+  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async", "before_wait" }) do
     if opts and opts[k] ~= nil and type(opts[k]) ~= "function" then
       error("send_batch: " .. k .. " must be a function", 2)
     end

@@ -401,6 +401,7 @@ end
 function S:_wait(run, recs, timeout)
   local list = {}
   for i, rec in ipairs(recs) do list[i] = rec.c end
+  if run.before_wait then guarded(run, "before_wait", run.before_wait) end
   local ready = self.driver.wait(list, timeout, self._wait_fds)
   local t = self.driver.now()
   for _, entry in ipairs(ready) do
@@ -470,7 +471,7 @@ function S:_run(next_msg, on_result, opts)
   local run = {
     queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
     source_done = false, mark = opts and opts.mark, should_stop = opts and opts.should_stop,
-    mark_async = opts and opts.mark_async,
+    mark_async = opts and opts.mark_async, before_wait = opts and opts.before_wait,
     poll = opts and opts.poll,
   }
   -- messages pulled ahead: enough to keep every connection busy, and to see

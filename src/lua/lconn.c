@@ -114,8 +114,8 @@ static int l_connect(lua_State *L)
     lc->body_ref = LUA_NOREF;
     lc->tls_ref = LUA_NOREF;
     lc->trace = 0;
-    lc->mark.fd = -1;
-    lc->mark.line = NULL;
+    lc->mark.j = NULL;
+    lc->mark.key = NULL;
     lc->mark.len = 0;
     if (tls_idx) {
         lua_pushvalue(L, tls_idx);
@@ -140,59 +140,8 @@ static void release_body(lua_State *L, lconn *lc)
     lc->body_ref = LUA_NOREF;
 }
 
-void sp_l_mark_clear(sp_l_mark *m)
-{
-    free(m->line);
-    m->line = NULL;
-    m->len = 0;
-    m->fd = -1;
-}
-
-void sp_l_mark_take(lua_State *L, sp_l_mark *m, int j)
-{
-    sp_l_mark_clear(m);
-    if (lua_isnoneornil(L, j))
-        return;
-    int *fd = luaL_checkudata(L, j, JOURNAL_MT);
-    size_t len;
-    const char *line = luaL_checklstring(L, j + 1, &len);
-    if (*fd < 0)
-        luaL_argerror(L, j, "journal is closed");
-    /* copied now: the string may not outlive this call */
-    if (!(m->line = malloc(len ? len : 1)))
-        luaL_error(L, "out of memory");
-    memcpy(m->line, line, len);
-    m->len = len;
-    m->fd = *fd;
-}
-
-/* The pre-dot hook: appends the mark line to the journal with a plain
- * write (no fsync: a killed process's writes survive in the page cache;
- * the journal's group fsync covers power loss). */
-int sp_l_mark_write(void *ud, sp_error *err)
-{
-    sp_l_mark *m = ud;
-    const char *p = m->line;
-    size_t n = m->len;
-    while (n > 0) {
-        ssize_t w = write(m->fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0) {
-            sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_DATA,
-                         "cannot journal the message before its final dot: %s", strerror(errno));
-            sp_l_mark_clear(m);
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    sp_l_mark_clear(m);
-    return 0;
-}
-
-/* conn:start(from, to, data, params[, journal, line[, last]]): with a
- * journal, line is appended to it just before the final dot leaves; with
+/* conn:start(from, to, data, params[, journal, key[, last]]): with a
+ * journal, key's L is committed to it just before the final dot leaves; with
  * last, QUIT leaves with the final dot. */
 static int c_start(lua_State *L)
 {
@@ -204,7 +153,7 @@ static int c_start(lua_State *L)
     int quit_after = lua_toboolean(L, 8);
     lua_settop(L, 5);
     int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, quit_after, &segs, &nseg);
-    if (lua_toboolean(L, -1) && nret == 1 && lc->mark.fd >= 0)
+    if (lua_toboolean(L, -1) && nret == 1 && lc->mark.j)
         sp_conn_set_dot_hook(lc->c, sp_l_mark_write, &lc->mark);
     else
         sp_l_mark_clear(&lc->mark);

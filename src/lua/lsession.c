@@ -382,7 +382,7 @@ static int l_session(lua_State *L)
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     memset(ls, 0, sizeof *ls);
     ls->body_ref = LUA_NOREF;
-    ls->mark.fd = -1;
+    ls->mark.j = NULL;
     luaL_getmetatable(L, SESSION_MT);
     lua_setmetatable(L, -2);
     ls->s = sp_session_new(&o);
@@ -417,7 +417,7 @@ static void ls_release_body(lua_State *L, lsession *ls)
  * the body source and the journal mark, and feeds the body as its output
  * drains, exactly as the native driver's connection does. */
 
-/* s:send(from, to, data, params[, journal, line[, last]]): starts a
+/* s:send(from, to, data, params[, journal, key[, last]]): starts a
  * transaction as conn:start does (data: a string or segments). */
 static int ls_send(lua_State *L)
 {
@@ -443,7 +443,7 @@ static int ls_send(lua_State *L)
 
 static void ls_pump(lsession *ls)
 {
-    sp_dot_hook hook = ls->mark.fd >= 0 ? sp_l_mark_write : NULL;
+    sp_dot_hook hook = ls->mark.j ? sp_l_mark_write : NULL;
     sp_body_pump(ls->s, &ls->body, &hook, &ls->mark);
     if (!hook)
         sp_l_mark_clear(&ls->mark);

@@ -27,7 +27,6 @@ int luaopen_smtppool_core(lua_State *L)
     sp_lua_open_conn(L);
     sp_lua_open_mail(L);
     sp_lua_open_journal(L);
-    sp_lua_open_keyset(L);
     sp_lua_open_redis(L);
     return 1;
 }

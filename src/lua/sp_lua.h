@@ -1,8 +1,8 @@
 /* sp_lua.h: what the binding's files share. One file per object family
  * (lerror.c: error values and table helpers; lsession.c: the protocol
  * machine, bare and through a connection; lconn.c: the native driver and
- * TLS contexts; lmail.c: codecs and DKIM; ljournal.c: the campaign journal;
- * lkeyset.c: a campaign's address index in a file; lredis.c: RESP through
+ * TLS contexts; lmail.c: codecs and DKIM; ljournal.c: the campaign journal
+ * (SQLite, src/store); lredis.c: RESP through
  * hiredis and a small blocking Redis client),
  * each registering its types and functions through sp_lua_open_*, all with
  * the one type registrar in lsmtppool.c. */
@@ -25,10 +25,12 @@
 #define DKIM_MT "smtppool.dkim_key"
 #define JOURNAL_MT "smtppool.journal"
 
-/* A line to append to a campaign journal just before a final dot leaves. */
+/* A recipient whose L goes into a campaign journal just before a final dot
+ * leaves (ljournal.c). */
+struct sp_journal;
 typedef struct sp_l_mark {
-    int fd; /* the journal, or -1 */
-    char *line;
+    struct sp_journal *j; /* holds a reference; NULL: no mark */
+    char *key;
     size_t len;
 } sp_l_mark;
 
@@ -76,7 +78,7 @@ void sp_l_push_tx(lua_State *L, const sp_tx *t);
  * quit_after: QUIT leaves with the final dot (the session's last). */
 int sp_l_start_tx(lua_State *L, sp_session *s, int idx, int quit_after, sp_body_seg **segs, size_t *nseg);
 int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o);
-/* The optional journal and line arguments at j, j+1 into m (raises on
+/* The optional journal and key arguments at j, j+1 into m (raises on
  * misuse); clearing frees the line. sp_l_mark_write is the dot hook. */
 void sp_l_mark_take(lua_State *L, sp_l_mark *m, int j);
 void sp_l_mark_clear(sp_l_mark *m);
@@ -106,7 +108,6 @@ void sp_lua_open_session(lua_State *L);
 void sp_lua_open_conn(lua_State *L);
 void sp_lua_open_mail(lua_State *L);
 void sp_lua_open_journal(lua_State *L);
-void sp_lua_open_keyset(lua_State *L);
 void sp_lua_open_redis(lua_State *L);
 
 #endif

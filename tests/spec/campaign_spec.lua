@@ -21,12 +21,11 @@ local function delivered(exim)
   return per
 end
 
+-- address -> state letter, read with the sqlite3 shell as a user would
 local function journal_states(path)
   local st = {}
-  for line in io.lines(path) do
-    local s, key = line:match("^([PLSFTAD])\t([^\t]+)")
-    if s then st[key] = s end
-  end
+  local out = peers.sh(("sqlite3 -separator ' ' %s 'SELECT state, address FROM recipients'"):format(peers.quote(path)))
+  for s, key in out:gmatch("([PLSFTAD]) ([^\n]+)") do st[key] = s end
   return st
 end
 
@@ -136,36 +135,90 @@ describe("campaigns against exim with a per-session cap of 5", function()
   end)
 end)
 
--- The campaign's address index: a file the process never holds in memory.
-describe("the address index (core.keyset)", function()
+-- The journal itself (src/store/sp_journal.c): one run at a time, a schema
+-- version, refusals that say what the file is.
+describe("the campaign journal (SQLite)", function()
   local core = require("smtppool.core")
+  local dir
+  before_each(function() dir = peers.tmpdir() end)
+  after_each(function() os.execute("rm -rf " .. peers.quote(dir)) end)
 
-  it("keeps one state per key across growth, counts by state, and leaves no file behind", function()
-    local dir = peers.tmpdir()
-    finally(function() os.execute("rm -rf " .. peers.quote(dir)) end)
-    local ks = assert(core.keyset(dir))
-    assert.equal("", peers.sh("ls -A " .. peers.quote(dir))) -- unlinked at once
-    for i = 1, 20000 do ks:set("user" .. i .. "@example.net", "P") end -- grows 4096 -> 32768 slots
-    for i = 1, 20000, 2 do ks:set("user" .. i .. "@example.net", "s") end
-    assert.equal(20000, ks:count())
-    assert.equal(10000, ks:count("P"))
-    assert.equal(10000, ks:count("s"))
-    for i = 1, 20000 do
-      local want = i % 2 == 1 and "s" or "P"
-      if ks:get("user" .. i .. "@example.net") ~= want then error("wrong state for key " .. i) end
-    end
-    assert.is_nil(ks:get("nobody@example.net"))
-    assert.has_error(function() ks:set("x", "") end)
-    assert.has_error(function() ks:set("x", "\0") end)
-    ks:close()
-    ks:close()
-    assert.has_error(function() ks:get("x") end)
-    assert.equal("", peers.sh("ls -A " .. peers.quote(dir)))
+  it("keeps one state per address, knows what this run met, counts by state", function()
+    local j = assert(core.journal_open(dir .. "/j", "spring"))
+    for i = 1, 2000 do assert(j:record("P", "user" .. i .. "@example.net", "")) end
+    for i = 1, 2000, 2 do assert(j:record("S", "user" .. i .. "@example.net", "250 ok")) end
+    assert(j:commit(true))
+    local c = j:counts()
+    assert.equal(1000, c.P)
+    assert.equal(1000, c.S)
+    assert.same({ "S", true }, { j:get("user1@example.net") })
+    assert.is_nil(j:get("nobody@example.net"))
+    assert.has_error(function() j:record("x", "a@b", "") end)
+    assert(j:close())
+    assert.has_error(function() j:get("x") end)
+    -- a later run reads the letters as an earlier run's until it meets them
+    j = assert(core.journal_open(dir .. "/j", "spring"))
+    assert.same({ "P", false }, { j:get("user2@example.net") })
+    assert(j:meet("user2@example.net"))
+    assert.same({ "P", true }, { j:get("user2@example.net") })
+    assert(j:close())
   end)
 
-  it("says why when its folder cannot hold it", function()
-    local ks, err = core.keyset("/nonexistent/folder")
-    assert.is_nil(ks)
-    assert.matches("cannot make the address index in /nonexistent/folder", err)
+  it("admits one run at a time and names the one that holds it", function()
+    local j = assert(core.journal_open(dir .. "/j", "spring"))
+    local again, e, st = core.journal_open(dir .. "/j", "spring")
+    assert.is_nil(again)
+    assert.equal("busy", st)
+    assert.matches("in use by another run %(pid " .. peers.sh("echo $PPID"):match("%d+") .. " on ", e)
+    -- another process is refused too
+    local out = peers.sh(("lua5.4 -e 'package.cpath=\"lua/?.so;\"..package.cpath local c=require(\"smtppool.core\") "
+      .. "print(select(3, c.journal_open(%q, \"spring\")))'"):format(dir .. "/j"))
+    assert.matches("busy", out)
+    local status = assert(core.journal_status(dir .. "/j"))
+    assert.is_true(status.running)
+    assert.equal("spring", status.campaign)
+    assert(j:close())
+    assert.is_false(assert(core.journal_status(dir .. "/j")).running)
+    assert(assert(core.journal_open(dir .. "/j", "spring")):close())
+  end)
+
+  it("refuses another campaign's journal, another schema version, and a file that is no journal", function()
+    assert(assert(core.journal_open(dir .. "/j", "spring")):close())
+    local j, e, st = core.journal_open(dir .. "/j", "autumn")
+    assert.is_nil(j)
+    assert.equal("campaign", st)
+    assert.matches("belongs to campaign 'spring', not 'autumn'", e)
+    peers.sh(("sqlite3 %s 'PRAGMA user_version=9'"):format(peers.quote(dir .. "/j")))
+    j, e, st = core.journal_open(dir .. "/j", "spring")
+    assert.equal("version", st)
+    assert.matches("schema version 9; this smtppool reads version 3", e)
+    peers.write_file(dir .. "/bin", "\0\1\2binary junk")
+    j, e, st = core.journal_open(dir .. "/bin", "spring")
+    assert.equal("not_journal", st)
+    assert.matches("is not an smtppool journal", e)
+    assert.equal("\0\1\2binary junk", peers.read_file(dir .. "/bin")) -- never appended to
+  end)
+
+  it("imports text journals (versions 1 and 2), ignoring a torn last line, and refuses unknown ones", function()
+    peers.write_file(dir .. "/v2", "# smtppool journal 2 campaign=campaign\nP\ta@x.test\t\nS\ta@x.test\t250 ok\n"
+      .. "P\tb@x.test\t\nL\tb@x.test\t\nP\tc@x")
+    assert(campaign.import_text_journal(dir .. "/v2", "campaign"))
+    assert.same({ ["a@x.test"] = "S", ["b@x.test"] = "L" }, journal_states(dir .. "/v2"))
+    assert.matches("^# smtppool journal 2", peers.read_file(dir .. "/v2.v2.txt"))
+    peers.write_file(dir .. "/v1", "P\t1:A@X.test\t\nF\t1:A@X.test\t550 no\n")
+    assert(campaign.import_text_journal(dir .. "/v1", "campaign"))
+    assert.same({ ["a@x.test"] = "F" }, journal_states(dir .. "/v1"))
+    for _, bad in ipairs({ "# smtppool journal 7 campaign=campaign\n", "# smtppool journal of the future\n",
+                           "\0\0binary\n" }) do
+      peers.write_file(dir .. "/bad", bad)
+      local ok, e = campaign.import_text_journal(dir .. "/bad", "campaign")
+      assert.is_nil(ok)
+      assert.matches("journal .*bad", e)
+      assert.equal(bad, peers.read_file(dir .. "/bad"))
+    end
+    peers.write_file(dir .. "/other", "# smtppool journal 2 campaign=spring\n")
+    local ok, e = campaign.import_text_journal(dir .. "/other", "campaign")
+    assert.is_nil(ok)
+    assert.matches("belongs to campaign 'spring'", e)
   end)
 end)

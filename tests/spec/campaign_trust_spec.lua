@@ -215,11 +215,12 @@ describe("campaign journals keyed by address", function()
     srv = peers.hostile({ quiet = true, p_drop_dot = 1, seed = 1 })
     local r = assert(run(rows(1, 1), { retry = smtppool.retry.none() }))
     assert.equal(1, r.ambiguous)
-    local j = peers.read_file(dir .. "/j")
-    assert.matches("\nP\tu1@y.test\t\n", j)
-    assert.matches("\nL\tu1@y.test\t\n", j)
-    assert.matches("\nA\tu1@y.test\t", j)
-    -- a journal that ends at P (the process died before the dot) sends it; one that ends at L does not
+    -- the journal is an SQLite database the sqlite3 shell reads
+    assert.equal("A|ambiguous", peers.sh(("sqlite3 %s \"SELECT state, substr(info, 1, 9) FROM recipients "
+      .. "WHERE address = 'u1@y.test'\""):format(peers.quote(dir .. "/j"))):gsub("%s+$", ""))
+    -- a text journal (version 2) is imported: one that ends at P (the process
+    -- died before the dot) sends it; one that ends at L does not
+    os.remove(dir .. "/j")
     peers.write_file(dir .. "/j", "# smtppool journal 2 campaign=campaign\nP\tu1@y.test\t\nP\tu2@y.test\t\n"
       .. "L\tu2@y.test\t\n")
     srv:stop()

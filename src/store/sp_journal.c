@@ -1,0 +1,524 @@
+#include "sp_journal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+
+enum { Q_GET, Q_MEET, Q_RECORD, Q_COUNTS, Q_COUNT_ };
+
+static const char *const queries[Q_COUNT_] = {
+    [Q_GET] = "SELECT state, run FROM recipients WHERE address = ?1",
+    [Q_MEET] = "UPDATE recipients SET run = ?2 WHERE address = ?1",
+    [Q_RECORD] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
+                 "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
+    [Q_COUNTS] = "SELECT state, count(*) FROM recipients GROUP BY state",
+};
+
+static const char schema[] =
+    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS recipients(address TEXT PRIMARY KEY, state TEXT NOT NULL,"
+    " info TEXT NOT NULL DEFAULT '', run INTEGER NOT NULL, updated REAL NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS runs(id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL,"
+    " started REAL NOT NULL, ended REAL);";
+
+struct sp_journal {
+    sqlite3 *db;
+    sqlite3_stmt *st[Q_COUNT_];
+    int lock_fd; /* holds the flock for the run; closed only after the database */
+    int refs;
+    int in_tx;
+    int readonly;
+    long long run;
+    char *path;
+    char campaign[128];
+    sp_journal_status status;
+    char err[512];
+};
+
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int fail(sp_journal *j, sp_journal_status st, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(j->err, sizeof j->err, fmt, ap);
+    va_end(ap);
+    j->status = st;
+    return -1;
+}
+
+/* An SQLite failure as the journal's error: a full disk is its own class
+ * (the run stops and resumes later), anything else is an I/O failure. */
+static int fail_db(sp_journal *j, int rc, const char *what)
+{
+    int full = rc == SQLITE_FULL || (j->db && sqlite3_extended_errcode(j->db) == SQLITE_IOERR_WRITE && errno == ENOSPC);
+    return fail(j, full ? SP_JOURNAL_FULL : SP_JOURNAL_IO, "journal %s: %s: %s", j->path ? j->path : "(temporary)",
+                what, full ? "the disk is full" : (j->db ? sqlite3_errmsg(j->db) : sqlite3_errstr(rc)));
+}
+
+static int exec(sp_journal *j, const char *sql, const char *what)
+{
+    int rc = sqlite3_exec(j->db, sql, NULL, NULL, NULL);
+    return rc == SQLITE_OK ? 0 : fail_db(j, rc, what);
+}
+
+static int begin(sp_journal *j)
+{
+    if (j->in_tx)
+        return 0;
+    if (exec(j, "BEGIN", "begin") < 0)
+        return -1;
+    j->in_tx = 1;
+    return 0;
+}
+
+/* The first bytes of an SQLite database; an empty file is a new one. */
+static int looks_like_sqlite(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return 1; /* absent: it will be created */
+    char head[16];
+    size_t n = fread(head, 1, sizeof head, f);
+    fclose(f);
+    return n == 0 || (n == sizeof head && memcmp(head, "SQLite format 3", 16) == 0);
+}
+
+static sp_journal *new_journal(const char *path)
+{
+    sp_journal *j = calloc(1, sizeof *j);
+    if (!j)
+        return NULL;
+    j->lock_fd = -1;
+    j->refs = 1;
+    if (path && !(j->path = strdup(path))) {
+        free(j);
+        return NULL;
+    }
+    return j;
+}
+
+static void destroy(sp_journal *j)
+{
+    for (int i = 0; i < Q_COUNT_; i++)
+        sqlite3_finalize(j->st[i]);
+    memset(j->st, 0, sizeof j->st);
+    if (j->db)
+        sqlite3_close(j->db);
+    j->db = NULL;
+    /* after the database: closing any descriptor of the file drops the
+     * process's POSIX locks on it, SQLite's own included */
+    if (j->lock_fd >= 0)
+        close(j->lock_fd);
+    j->lock_fd = -1;
+}
+
+static sp_journal *open_failed(sp_journal *j, sp_journal_status *status, char *err, size_t errlen)
+{
+    if (status)
+        *status = j->status;
+    if (err && errlen)
+        snprintf(err, errlen, "%s", j->err);
+    destroy(j);
+    free(j->path);
+    free(j);
+    return NULL;
+}
+
+static int read_meta(sp_journal *j)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(j->db, "SELECT value FROM meta WHERE key = 'campaign'", -1, &st, NULL) != SQLITE_OK)
+        return fail_db(j, sqlite3_errcode(j->db), "reading its campaign");
+    if (sqlite3_step(st) == SQLITE_ROW)
+        snprintf(j->campaign, sizeof j->campaign, "%s", (const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    return 0;
+}
+
+static int user_version(sp_journal *j, int *v)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(j->db, "PRAGMA user_version", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return rc == SQLITE_NOTADB
+                   ? fail(j, SP_JOURNAL_NOT_JOURNAL, "journal %s is not an smtppool journal (not a database)", j->path)
+                   : fail_db(j, rc, "reading its version");
+    rc = sqlite3_step(st);
+    *v = rc == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW)
+        return rc == SQLITE_NOTADB
+                   ? fail(j, SP_JOURNAL_NOT_JOURNAL, "journal %s is not an smtppool journal (not a database)", j->path)
+                   : fail_db(j, rc, "reading its version");
+    return 0;
+}
+
+static int check_version(sp_journal *j, int v)
+{
+    if (v != SP_JOURNAL_VERSION)
+        return fail(j, SP_JOURNAL_VERSION_MISMATCH,
+                    "journal %s has schema version %d; this smtppool reads version %d", j->path, v,
+                    SP_JOURNAL_VERSION);
+    return 0;
+}
+
+/* Why a journal is busy: the run that holds it, as its runs row says. */
+static void describe_holder(sp_journal *j)
+{
+    long long pid = 0;
+    char host[128] = "";
+    double started = 0, ended = 0;
+    sp_journal *r = sp_journal_open_read(j->path, NULL, NULL, 0);
+    int have = r ? sp_journal_last_run(r, &pid, host, sizeof host, &started, &ended) : 0;
+    if (r)
+        sp_journal_unref(r);
+    if (have > 0) {
+        char when[64] = "";
+        time_t t = (time_t)started;
+        struct tm tm;
+        if (gmtime_r(&t, &tm))
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
+        fail(j, SP_JOURNAL_BUSY,
+             "journal %s is in use by another run (pid %lld on %s, started %s): one run at a time; wait "
+             "for it to end or stop it first",
+             j->path, pid, host, when);
+    } else {
+        fail(j, SP_JOURNAL_BUSY, "journal %s is in use by another run: one run at a time; wait for it to end or "
+                                 "stop it first", j->path);
+    }
+}
+
+sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_status *status, char *err,
+                            size_t errlen)
+{
+    sp_journal *j = new_journal(path);
+    if (!j) {
+        if (status)
+            *status = SP_JOURNAL_IO;
+        if (err && errlen)
+            snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    if (path) {
+        if (!looks_like_sqlite(path)) {
+            fail(j, SP_JOURNAL_NOT_JOURNAL, "journal %s is not an smtppool journal (not a database)", path);
+            return open_failed(j, status, err, errlen);
+        }
+        j->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (j->lock_fd < 0) {
+            fail(j, SP_JOURNAL_IO, "cannot open journal %s: %s", path, strerror(errno));
+            return open_failed(j, status, err, errlen);
+        }
+        if (flock(j->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+            if (errno == EWOULDBLOCK)
+                describe_holder(j);
+            else
+                fail(j, SP_JOURNAL_IO, "cannot lock journal %s: %s", path, strerror(errno));
+            return open_failed(j, status, err, errlen);
+        }
+    }
+    /* path NULL: "" is SQLite's private temporary database, on disk when it grows */
+    int rc = sqlite3_open_v2(path ? path : "", &j->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+    if (rc != SQLITE_OK) {
+        fail_db(j, rc, "open");
+        return open_failed(j, status, err, errlen);
+    }
+    sqlite3_busy_timeout(j->db, 2000); /* a status reader's checkpoint, never another writer */
+    int v;
+    if (user_version(j, &v) < 0)
+        return open_failed(j, status, err, errlen);
+    if (exec(j, path ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF", "setup") < 0)
+        return open_failed(j, status, err, errlen);
+    if (v == 0) { /* new: its schema and campaign in one transaction */
+        char sql[512];
+        char *q = sqlite3_mprintf("%q", campaign ? campaign : "campaign");
+        snprintf(sql, sizeof sql,
+                 "BEGIN; INSERT OR IGNORE INTO meta VALUES('campaign', '%s');"
+                 " INSERT OR IGNORE INTO meta VALUES('created', strftime('%%Y-%%m-%%dT%%H:%%M:%%SZ'));"
+                 " PRAGMA user_version=%d; COMMIT",
+                 q ? q : "campaign", SP_JOURNAL_VERSION);
+        sqlite3_free(q);
+        if (exec(j, schema, "creating its tables") < 0 || exec(j, sql, "creating it") < 0)
+            return open_failed(j, status, err, errlen);
+    } else if (check_version(j, v) < 0) {
+        return open_failed(j, status, err, errlen);
+    }
+    if (read_meta(j) < 0)
+        return open_failed(j, status, err, errlen);
+    if (campaign && strcmp(j->campaign, campaign) != 0) {
+        fail(j, SP_JOURNAL_CAMPAIGN, "journal %s belongs to campaign '%s', not '%s'", path, j->campaign, campaign);
+        return open_failed(j, status, err, errlen);
+    }
+    for (int i = 0; i < Q_COUNT_; i++)
+        if ((rc = sqlite3_prepare_v3(j->db, queries[i], -1, SQLITE_PREPARE_PERSISTENT, &j->st[i], NULL)) !=
+            SQLITE_OK) {
+            fail_db(j, rc, "preparing its queries");
+            return open_failed(j, status, err, errlen);
+        }
+    /* this run's row: who holds the journal, for a second run's refusal */
+    char host[128] = "?";
+    gethostname(host, sizeof host - 1);
+    sqlite3_stmt *st;
+    rc = sqlite3_prepare_v2(j->db, "INSERT INTO runs(pid, host, started) VALUES (?1, ?2, ?3)", -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, (long long)getpid());
+        sqlite3_bind_text(st, 2, host, -1, SQLITE_TRANSIENT);
+        sqlite3_bind_double(st, 3, wall_now());
+        rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+    }
+    if (rc != SQLITE_DONE) {
+        fail_db(j, rc, "recording the run");
+        return open_failed(j, status, err, errlen);
+    }
+    j->run = sqlite3_last_insert_rowid(j->db);
+    if (status)
+        *status = SP_JOURNAL_OK;
+    return j;
+}
+
+sp_journal *sp_journal_open_read(const char *path, sp_journal_status *status, char *err, size_t errlen)
+{
+    sp_journal *j = new_journal(path);
+    if (!j)
+        return NULL;
+    j->readonly = 1;
+    if (!looks_like_sqlite(path) || access(path, R_OK) < 0) {
+        if (access(path, R_OK) < 0)
+            fail(j, SP_JOURNAL_IO, "cannot read journal %s: %s", path, strerror(errno));
+        else
+            fail(j, SP_JOURNAL_NOT_JOURNAL, "journal %s is not an smtppool journal (not a database)", path);
+        return open_failed(j, status, err, errlen);
+    }
+    int rc = sqlite3_open_v2(path, &j->db, SQLITE_OPEN_READONLY, NULL);
+    int v;
+    if (rc != SQLITE_OK) {
+        fail_db(j, rc, "open");
+        return open_failed(j, status, err, errlen);
+    }
+    sqlite3_busy_timeout(j->db, 2000);
+    if (user_version(j, &v) < 0 || check_version(j, v) < 0 || read_meta(j) < 0)
+        return open_failed(j, status, err, errlen);
+    if ((rc = sqlite3_prepare_v2(j->db, queries[Q_COUNTS], -1, &j->st[Q_COUNTS], NULL)) != SQLITE_OK) {
+        fail_db(j, rc, "preparing its queries");
+        return open_failed(j, status, err, errlen);
+    }
+    if (status)
+        *status = SP_JOURNAL_OK;
+    return j;
+}
+
+int sp_journal_running(sp_journal *j)
+{
+    if (!j->path)
+        return 0;
+    int fd = open(j->path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    int busy = flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK;
+    if (!busy)
+        flock(fd, LOCK_UN);
+    /* Closing this descriptor drops the process's POSIX locks on the file:
+     * harmless for a reader between statements. */
+    close(fd);
+    return busy;
+}
+
+const char *sp_journal_campaign(const sp_journal *j) { return j->campaign; }
+
+int sp_journal_last_run(sp_journal *j, long long *pid, char *host, size_t hostlen, double *started, double *ended)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(j->db, "SELECT pid, host, started, ended FROM runs ORDER BY id DESC LIMIT 1", -1,
+                                &st, NULL);
+    if (rc != SQLITE_OK)
+        return fail_db(j, rc, "reading its runs");
+    rc = sqlite3_step(st);
+    int have = rc == SQLITE_ROW;
+    if (have) {
+        *pid = sqlite3_column_int64(st, 0);
+        snprintf(host, hostlen, "%s", (const char *)sqlite3_column_text(st, 1));
+        *started = sqlite3_column_double(st, 2);
+        *ended = sqlite3_column_double(st, 3);
+    }
+    sqlite3_finalize(st);
+    if (!have && rc != SQLITE_DONE)
+        return fail_db(j, rc, "reading its runs");
+    return have;
+}
+
+int sp_journal_failures(sp_journal *j, int n, sp_journal_row_fn fn, void *ud)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(j->db,
+                                "SELECT state, address, info, updated FROM recipients WHERE state IN ('F','T','A') "
+                                "ORDER BY updated DESC LIMIT ?1",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return fail_db(j, rc, "reading its failures");
+    sqlite3_bind_int(st, 1, n);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        fn(ud, ((const char *)sqlite3_column_text(st, 0))[0], (const char *)sqlite3_column_text(st, 1),
+           (const char *)sqlite3_column_text(st, 2), sqlite3_column_double(st, 3));
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : fail_db(j, rc, "reading its failures");
+}
+
+int sp_journal_is_open(const sp_journal *j) { return j->db != NULL; }
+
+static int not_open(sp_journal *j)
+{
+    if (j->db && !j->readonly)
+        return 0;
+    return fail(j, SP_JOURNAL_IO, "journal %s is closed", j->path ? j->path : "(temporary)");
+}
+
+int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, int *this_run)
+{
+    if (not_open(j) < 0)
+        return -1;
+    sqlite3_stmt *st = j->st[Q_GET];
+    sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    int found = rc == SQLITE_ROW;
+    if (found) {
+        const unsigned char *s = sqlite3_column_text(st, 0);
+        *letter = s ? (char)s[0] : 0;
+        *this_run = sqlite3_column_int64(st, 1) == j->run;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (!found && rc != SQLITE_DONE)
+        return fail_db(j, rc, "reading a recipient");
+    return found;
+}
+
+static int step_done(sp_journal *j, sqlite3_stmt *st, const char *what)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc == SQLITE_DONE ? 0 : fail_db(j, rc, what);
+}
+
+int sp_journal_meet(sp_journal *j, const char *key, size_t klen)
+{
+    if (not_open(j) < 0 || begin(j) < 0)
+        return -1;
+    sqlite3_stmt *st = j->st[Q_MEET];
+    sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, j->run);
+    return step_done(j, st, "writing a recipient");
+}
+
+int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, const char *info, size_t ilen)
+{
+    if (not_open(j) < 0 || begin(j) < 0)
+        return -1;
+    sqlite3_stmt *st = j->st[Q_RECORD];
+    sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, &letter, 1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, 3, info ? info : "", info ? (int)ilen : 0, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, j->run);
+    sqlite3_bind_double(st, 5, wall_now());
+    return step_done(j, st, "writing a recipient");
+}
+
+int sp_journal_commit(sp_journal *j, int sync)
+{
+    if (not_open(j) < 0)
+        return -1;
+    if (!j->in_tx)
+        return 0;
+    int rc = sqlite3_exec(j->db, "COMMIT", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        fail_db(j, rc, "commit");
+        /* a failed COMMIT may leave the transaction open: end it, losing
+         * only what it held (never an L whose dot then left) */
+        if (!sqlite3_get_autocommit(j->db))
+            sqlite3_exec(j->db, "ROLLBACK", NULL, NULL, NULL);
+        j->in_tx = 0;
+        return -1;
+    }
+    j->in_tx = 0;
+    /* synchronous=NORMAL: a commit is written to the WAL before COMMIT
+     * returns, so kill -9 keeps it; sync also flushes the WAL to the disk,
+     * for power loss (the pragma cannot change inside a transaction) */
+    if (sync && j->path) {
+        sqlite3_file *f = NULL;
+        if (sqlite3_file_control(j->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f) == SQLITE_OK && f &&
+            f->pMethods && (rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL)) != SQLITE_OK)
+            return fail_db(j, rc, "sync");
+    }
+    return 0;
+}
+
+int sp_journal_mark(sp_journal *j, const char *key, size_t klen)
+{
+    if (sp_journal_record(j, 'L', key, klen, "", 0) < 0)
+        return -1;
+    return sp_journal_commit(j, 0);
+}
+
+int sp_journal_counts(sp_journal *j, long long counts[26])
+{
+    memset(counts, 0, 26 * sizeof *counts);
+    if (!j->db)
+        return fail(j, SP_JOURNAL_IO, "journal is closed");
+    sqlite3_stmt *st = j->st[Q_COUNTS];
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const unsigned char *s = sqlite3_column_text(st, 0);
+        if (s && s[0] >= 'A' && s[0] <= 'Z')
+            counts[s[0] - 'A'] += sqlite3_column_int64(st, 1);
+    }
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? 0 : fail_db(j, rc, "counting");
+}
+
+int sp_journal_close(sp_journal *j)
+{
+    if (!j->db)
+        return 0;
+    int r = 0;
+    if (!j->readonly) {
+        r = sp_journal_commit(j, 1);
+        sqlite3_stmt *st;
+        if (sqlite3_prepare_v2(j->db, "UPDATE runs SET ended = ?1 WHERE id = ?2", -1, &st, NULL) == SQLITE_OK) {
+            sqlite3_bind_double(st, 1, wall_now());
+            sqlite3_bind_int64(st, 2, j->run);
+            sqlite3_step(st);
+            sqlite3_finalize(st);
+        }
+    }
+    destroy(j);
+    return r;
+}
+
+void sp_journal_ref(sp_journal *j) { j->refs++; }
+
+void sp_journal_unref(sp_journal *j)
+{
+    if (--j->refs > 0)
+        return;
+    sp_journal_close(j);
+    free(j->path);
+    free(j);
+}
+
+const char *sp_journal_error(const sp_journal *j) { return j->err; }
+sp_journal_status sp_journal_last_status(const sp_journal *j) { return j->status; }
