@@ -663,6 +663,9 @@ function M.summary(r)
   if r.stopped == "outage" then
     line = line .. "\nstopped: the relay is failing (" .. tostring(r.outage) .. "); nothing pending was lost: "
       .. "run again with --resume --retry-failed when it is back"
+  elseif r.stopped == "journal" then
+    line = line .. "\nstopped: the journal cannot be written (" .. tostring(r.journal_error) .. "); what it holds "
+      .. "stands: make room, then run again with --resume (nothing recorded is sent twice)"
   elseif r.stopped == "interrupted" then
     line = line .. "\nstopped on a signal; run again with --resume to send the rest"
   end
