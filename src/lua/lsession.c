@@ -476,6 +476,17 @@ static int ls_written(lua_State *L)
     return 0;
 }
 
+/* s:handing(n): the next n pending bytes are being written (before a
+ * cosocket send that yields while the reader may take their replies). */
+static int ls_handing(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, n >= 0, 2, "a byte count");
+    sp_session_handing(ls->s, (size_t)n);
+    return 0;
+}
+
 static sp_event ls_next(void *ud)
 {
     lsession *ls = ud;
@@ -678,7 +689,7 @@ void sp_lua_open_session(lua_State *L)
                                        {"output", ss_output},       {"start", ss_start}, {"body", ss_body},
                                        {"next_event", ss_next_event}, {"body_end", ss_body_end},
                                        {"tls_done", ss_tls_done},   {"send", ls_send},
-                                       {"pending", ls_pending},     {"written", ls_written},
+                                       {"pending", ls_pending},     {"written", ls_written}, {"handing", ls_handing},
                                        {"drain", ls_drain},         {"abort", ls_abort},
                                        {"replies", ls_replies},     {NULL, NULL}};
     sp_l_new_type(L, SESSION_MT, sp_l_session_common, methods, ss_gc);

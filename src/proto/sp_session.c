@@ -35,7 +35,8 @@ typedef enum cmd {
 
 typedef struct awaited {
     cmd c;
-    size_t idx; /* recipient index for CMD_RCPT */
+    size_t idx;             /* recipient index for CMD_RCPT */
+    unsigned long long end; /* the output offset where the command ends: its reply cannot come before */
 } awaited;
 
 #define EVQ SP_SESSION_EVENTS_MAX
@@ -67,6 +68,7 @@ struct sp_session {
     sp_buf out;
     unsigned long long queued;  /* bytes ever queued to out */
     unsigned long long written; /* bytes ever consumed from out */
+    unsigned long long handed;  /* bytes handed to the transport (>= written): replies may answer them */
     unsigned long long dot_mark;
     sp_caps caps;
     sp_reply greeting;
@@ -183,6 +185,8 @@ static int await(sp_session *s, cmd c, size_t idx)
     }
     s->aw[s->aw_head + s->aw_len].c = c;
     s->aw[s->aw_head + s->aw_len].idx = idx;
+    /* every caller has appended the command's bytes already */
+    s->aw[s->aw_head + s->aw_len].end = s->written + sp_buf_pending(&s->out);
     s->aw_len++;
     return 0;
 }
@@ -885,6 +889,28 @@ static int on_reply(sp_session *s, sp_reply *r)
         return -1;
     }
 
+    /* A reply that belongs to no command: it came before the command it
+     * would answer had left in full (a server that answered one command
+     * twice), or its code cannot answer that command (354 is DATA's alone;
+     * AUTH's 334 the only other 3xx). Matched anyway, it would shift every
+     * later outcome by one: the session ends instead, and the transactions
+     * in flight are judged as for a lost connection. */
+    int early = a.c != CMD_GREETING && s->handed < a.end;
+    if (early ||
+        (a.c == CMD_DATA ? (cls != 3 && cls != 4 && cls != 5) || (cls == 3 && r->code != 354)
+                         : a.c != CMD_AUTH && cls == 3)) {
+        sp_error e;
+        sp_error_set(&e, SP_KIND_PROTOCOL, ph,
+                     early ? "reply %d came before the command it would answer was sent: it belongs "
+                                          "to no command (the server answered one twice?)"
+                                        : "reply %d cannot answer %s: it belongs to no command (the server "
+                                          "answered one twice?)",
+                     r->code, sp_phase_name(ph));
+        e.code = r->code;
+        die(s, &e);
+        return -1;
+    }
+
     switch (a.c) {
     case CMD_GREETING:
         if (r->code != 220) {
@@ -1124,10 +1150,20 @@ void sp_session_fail(sp_session *s, const sp_error *err) { die(s, err); }
 
 const sp_buf *sp_session_output(const sp_session *s) { return &s->out; }
 
+void sp_session_handing(sp_session *s, size_t n)
+{
+    if (n > sp_buf_pending(&s->out))
+        n = sp_buf_pending(&s->out);
+    if (s->written + n > s->handed)
+        s->handed = s->written + n;
+}
+
 void sp_session_consume(sp_session *s, size_t n)
 {
     sp_buf_consume(&s->out, n);
     s->written += n;
+    if (s->handed < s->written)
+        s->handed = s->written;
     for (size_t i = 0; i < s->fly_len; i++) {
         size_t k = (s->fly_head + i) % FLY_MAX;
         if (s->fly_mark[k] && s->written >= s->fly_mark[k])

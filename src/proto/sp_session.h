@@ -151,6 +151,11 @@ void sp_session_fail(sp_session *s, const sp_error *err);
 /* Output: bytes to write, and how many were written. */
 const sp_buf *sp_session_output(const sp_session *s);
 void sp_session_consume(sp_session *s, size_t n);
+/* A driver whose write completes after replies may already be read (a
+ * writer and a reader running apart) says first that the next n pending
+ * bytes are on their way: a reply to them is not taken for one that came
+ * before its command. (sp_session_consume still says what left.) */
+void sp_session_handing(sp_session *s, size_t n);
 
 /* The most transactions awaiting their final replies at once (bdat_window's
  * maximum), and the events a session holds between two of the driver's

@@ -688,6 +688,97 @@ static void bdat_lost_window_is_ambiguous(void **state)
     sp_session_free(s);
 }
 
+/* A reply that belongs to no command ends the session as a protocol error;
+ * matched to the next command it would shift every later outcome. Over DATA
+ * in lock step: a second reply to MAIL comes before RCPT has left. */
+static void extra_reply_before_its_command(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250 mx.test\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "250 ok\r\n250 ok again\r\n"); /* RCPT is queued, not written */
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    const sp_tx *t = sp_session_tx(s);
+    assert_int_equal(t->err.kind, SP_KIND_PROTOCOL);
+    assert_non_null(strstr(sp_session_error(s)->text, "belongs to no command"));
+    assert_int_equal(sp_session_error(s)->phase, SP_PHASE_RCPT);
+    sp_session_free(s);
+}
+
+/* Pipelined over DATA: the extra reply shifts RCPT's 250 onto DATA, where
+ * only 354 or an error can answer: a protocol error, not "failed at DATA". */
+static void extra_reply_in_a_pipelined_group(void **state)
+{
+    (void)state;
+    sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    start(s, "a@x.test", rc, 1, &e);
+    take(s);
+    feed(s, "250 ok\r\n250 extra\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_PROTOCOL);
+    assert_int_equal(sp_session_error(s)->code, 250);
+    assert_int_equal(sp_session_error(s)->phase, SP_PHASE_DATA);
+    sp_session_free(s);
+}
+
+/* In a BDAT window: an extra reply that reaches a transaction whose
+ * commands are still queued ends the session; the transaction before it
+ * whose last chunk left (and got no reply of its own) is ambiguous, the
+ * queued one a plain failure; nothing is reported sent on a shifted 250. */
+static void extra_reply_in_a_bdat_window(void **state)
+{
+    (void)state;
+    sp_session *s = bdat_ready(4);
+    bdat_one(s, "b@y.test", "1\r\n");
+    EXPECT(s, SP_EV_NEXT);
+    take(s);
+    bdat_one(s, "c@y.test", "2\r\n"); /* queued, not written */
+    EXPECT(s, SP_EV_NEXT);
+    /* MAIL, an extra 250, RCPT's 550: taken in order they would make the
+     * first transaction fail at its last chunk and the fourth reply (BDAT's
+     * own) answer the second transaction's MAIL, which has not left */
+    feed(s, "250 ok\r\n250 extra\r\n550 no such user\r\n250 queued\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_TX_DONE, SP_EV_ERROR);
+    const sp_tx *t = sp_session_tx(s);
+    assert_false(t->ok);
+    sp_session_tx_done(s);
+    t = sp_session_tx(s);
+    assert_false(t->ok);
+    assert_int_equal(t->err.kind, SP_KIND_PROTOCOL);
+    assert_int_equal(sp_session_error(s)->kind, SP_KIND_PROTOCOL);
+    sp_session_free(s);
+}
+
+/* The documented maximum window, lost: sixteen outcomes and the error, none
+ * dropped (a driver's queue once held sixteen events and lost the error). */
+static void bdat_full_window_of_16_lost(void **state)
+{
+    (void)state;
+    sp_session *s = bdat_ready(16);
+    for (int i = 0; i < 16; i++) {
+        bdat_one(s, "b@y.test", "x\r\n");
+        if (i < 15)
+            EXPECT(s, SP_EV_NEXT);
+        else
+            EXPECT(s); /* the window is full */
+        take(s);
+    }
+    sp_session_eof(s);
+    for (int i = 0; i < 16; i++)
+        assert_int_equal(sp_session_next_event(s), SP_EV_TX_DONE);
+    assert_int_equal(sp_session_next_event(s), SP_EV_ERROR);
+    for (int i = 0; i < 16; i++) {
+        assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_AMBIGUOUS);
+        sp_session_tx_done(s);
+    }
+    sp_session_free(s);
+}
+
 /* Without CHUNKING offered, or with a window of 0, DATA as before. */
 static void bdat_only_when_offered(void **state)
 {
@@ -733,6 +824,10 @@ int main(void)
         cmocka_unit_test(dsn_parameters),
         cmocka_unit_test(requiretls),
         cmocka_unit_test(quit_with_the_final_dot),
+        cmocka_unit_test(extra_reply_before_its_command),
+        cmocka_unit_test(extra_reply_in_a_pipelined_group),
+        cmocka_unit_test(extra_reply_in_a_bdat_window),
+        cmocka_unit_test(bdat_full_window_of_16_lost),
     };
     return cmocka_run_group_tests_name("session", tests, NULL, NULL);
 }

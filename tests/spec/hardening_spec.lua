@@ -470,14 +470,14 @@ describe("7. the smaller promises", function()
       message = { from = "a@hard.test", subject = "s {{n}}", text = "t" } })
     local report = assert(c:run())
     pool:close()
-    local journal = peers.read_file(dir .. "/j")
+    local d = tonumber(peers.sh(("sqlite3 %s \"SELECT count(*) FROM recipients WHERE state = 'D'\""):format(
+      peers.quote(dir .. "/j"))):match("%d+"))
     os.execute("rm -rf " .. peers.quote(dir))
     local per = {}
     for _, e in ipairs(srv:events()) do
       if e.ev == "message" then per[e.rcpt[1]] = (per[e.rcpt[1]] or 0) + 1 end
     end
     srv:stop()
-    local d = select(2, journal:gsub("\nD\t", "")) + (journal:match("^D\t") and 1 or 0)
     assert.is_true(report.possible_duplicates > 0)
     assert.equal(report.possible_duplicates, d)
     -- every recipient the server saw more than once is flagged

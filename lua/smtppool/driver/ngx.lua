@@ -147,6 +147,7 @@ function M._writer(self)
   while not self.over and not self.cut do
     local out = s:pending()
     if out then
+      s:handing(#out) -- the reader may take their replies before send returns
       local n, err = sock:send(out)
       if self.cut then break end
       if not n then
