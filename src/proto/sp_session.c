@@ -1,5 +1,6 @@
 #include "sp_session.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -300,9 +301,36 @@ static void add_redact(sp_session *s, const char *p, size_t n)
     s->redact[s->nredact++] = c;
 }
 
+/* Where secret sec starts in hay, in any letter case and with line breaks
+ * and blanks allowed between its characters (a server that folds an echo
+ * over two reply lines, or lower-cases it); *span is how much of hay the
+ * match covers. NULL when it is not there. */
+static const char *find_loose(const char *hay, const char *sec, size_t *span)
+{
+    for (const char *h = hay; *h; h++) {
+        const char *p = h, *q = sec;
+        while (*q && *p) {
+            if (p != h && (*p == '\n' || *p == '\r' || *p == ' ' || *p == '\t')) {
+                p++;
+                continue;
+            }
+            if (tolower((unsigned char)*p) != tolower((unsigned char)*q))
+                break;
+            p++;
+            q++;
+        }
+        if (!*q) {
+            *span = (size_t)(p - h);
+            return h;
+        }
+    }
+    return NULL;
+}
+
 /* Replaces every remembered secret in a reply's text with "[redacted]", so
- * a server that echoes the client's AUTH line (or the password) cannot put
- * the credentials into an error, an event or a log. */
+ * a server that echoes the client's AUTH line, the password or its base64
+ * (whole, folded over lines, in another case) cannot put the credentials
+ * into an error, an event or a log. */
 static void scrub_reply(sp_session *s, sp_reply *r)
 {
     static const char mark[] = "[redacted]";
@@ -310,12 +338,13 @@ static void scrub_reply(sp_session *s, sp_reply *r)
         return;
     for (size_t k = 0; k < s->nredact; k++) {
         const char *sec = s->redact[k];
-        size_t sl = strlen(sec);
-        char *hit = strstr(r->text, sec);
+        size_t span;
+        const char *hit = find_loose(r->text, sec, &span);
         if (!hit)
             continue;
-        /* the result is at most (len / sl + 1) * sizeof mark longer */
-        size_t cap = r->text_len + (r->text_len / sl + 1) * sizeof mark + 1;
+        /* each match covers at least one character: the result is at most
+         * text_len * sizeof mark long */
+        size_t cap = (r->text_len + 1) * sizeof mark + 1;
         char *out = malloc(cap);
         if (!out) { /* cannot rewrite: drop the text rather than leak it */
             OPENSSL_cleanse(r->text, r->text_len);
@@ -330,8 +359,8 @@ static void scrub_reply(sp_session *s, sp_reply *r)
             o += (size_t)(hit - p);
             memcpy(out + o, mark, sizeof mark - 1);
             o += sizeof mark - 1;
-            p = hit + sl;
-            hit = strstr(p, sec);
+            p = hit + span;
+            hit = find_loose(p, sec, &span);
         }
         size_t rest = strlen(p);
         memcpy(out + o, p, rest + 1);
@@ -373,6 +402,17 @@ sp_session *sp_session_new(const sp_session_opts *opts)
                 return NULL;
             }
             add_redact(s, s->auth_secret, strlen(s->auth_secret));
+            /* and its base64, which no AUTH line carries alone but a
+             * server may echo decoded-then-re-encoded */
+            size_t sl = strlen(s->auth_secret);
+            char *b = sl ? malloc(sp_base64_encoded_len(sl) + 1) : NULL;
+            if (b) {
+                sp_base64_encode((const unsigned char *)s->auth_secret, sl, b);
+                b[sp_base64_encoded_len(sl)] = 0;
+                add_redact(s, b, strlen(b));
+                OPENSSL_cleanse(b, strlen(b));
+                free(b);
+            }
         }
     }
     if (await(s, CMD_GREETING, 0) < 0) {

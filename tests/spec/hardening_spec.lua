@@ -371,6 +371,35 @@ describe("5. credentials a server echoes never reach an error or an event", func
   end
 end)
 
+describe("5b. credentials echoed folded, re-encoded or in another case are redacted too", function()
+  local USER, PASS = "user@hard.test", "s3cret-Pa55word"
+  local function b64(s) return core.base64_encode(s) end
+  for _, mode in ipairs({ "fold", "recode", "lower" }) do
+    for _, mech in ipairs({ "PLAIN", "LOGIN" }) do
+      it(("redacts a %s echo of %s"):format(mode, mech), function()
+        local srv = peers.hostile({ auth = { mech }, echo_auth = mode })
+        finally(function() srv:stop() end)
+        local pool = pool_for(srv, { allow_plaintext_auth = true,
+          auth = { user = USER, password = PASS, mechanism = mech } })
+        local res, err = pool:send_raw(raw(1))
+        pool:close()
+        local lines = srv:select("auth")[1].lines
+        assert.is_nil(res)
+        assert.equal(535, err.code)
+        -- compared without line breaks or blanks and in one case, as a reader would see it
+        local text = tostring(err):gsub("[%s]", ""):lower()
+        local forbidden = { PASS, b64(PASS), b64("\0" .. USER .. "\0" .. PASS) }
+        for _, l in ipairs(lines) do forbidden[#forbidden + 1] = l end
+        for _, f in ipairs(forbidden) do
+          assert.is_nil(text:find(f:lower(), 1, true), mode .. "/" .. mech .. ": the error shows " .. f .. ": "
+            .. tostring(err))
+        end
+        assert.matches("%[redacted%]", err.text)
+      end)
+    end
+  end
+end)
+
 describe("6. every number option is finite and in range", function()
   local function refused(o)
     local opts = { host = "127.0.0.1", tls = "none" }

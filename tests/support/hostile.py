@@ -15,7 +15,10 @@ Script keys (all optional):
     seed            random seed (default 1)
     auth            mechanisms to offer: ["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]
     echo_auth       answer every AUTH exchange 535, echoing what the client
-                    sent: its lines as they came, and decoded (NUL as space)
+                    sent: its lines as they came, and decoded (NUL as space);
+                    "fold": each line split over two reply lines; "recode":
+                    the secret alone, base64 again; "lower": decoded,
+                    lower-cased
     drip            {"phase": "greeting"|"EHLO"|"DATA_END"|"all", "interval": s}:
                     that reply (every reply with "all") is written one byte
                     every `interval` seconds
@@ -354,6 +357,21 @@ class Session:
                 decoded.append("?")
         def printable(t):
             return "".join(c if 32 <= ord(c) < 127 else "?" for c in t)
+        mode = s.get("echo_auth")
+        if mode == "fold":  # each line it got split over two reply lines
+            parts = []
+            for g in got:
+                half = len(g) // 2
+                parts += ["535-5.7.8 got " + printable(g[:half]), "535-5.7.8 " + printable(g[half:])]
+            await self.reply("\r\n".join(parts) + "\r\n535 5.7.8 failed")
+            return True
+        if mode == "recode":  # the secret (the last NUL-separated field) re-encoded alone
+            secrets = [base64.b64encode(d.split(" ")[-1].encode("latin-1")).decode() for d in decoded]
+            await self.reply("535 5.7.8 bad secret: " + printable(" | ".join(secrets)))
+            return True
+        if mode == "lower":  # what it decoded, lower-cased
+            await self.reply("535 5.7.8 decoded: " + printable(" | ".join(decoded)).lower())
+            return True
         echo = printable(" | ".join("AUTH %s %s" % (mech, g) for g in got))
         await self.reply("535-5.7.8 Authentication failed for: " + echo +
                          "\r\n535 5.7.8 decoded: " + printable(" | ".join(decoded)))
