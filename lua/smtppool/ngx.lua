@@ -155,15 +155,26 @@ local function agent(premature, self)
   local ok, err = pcall(pool._run, pool, source, function(entry, res, e) self:_deliver(entry, res, e) end,
     { poll = 1, should_stop = should_stop })
   if not ok then ngx.log(ngx.ERR, "smtppool: the sending agent failed: ", tostring(err)) end
-  -- Anything handed in after the loop stopped taking messages still gets an outcome.
+  -- Closing the connections yields: a request may hand a message in
+  -- meanwhile, and finds the agent still running. So the agent stops
+  -- running first, then ends what it holds (no yield between the two), and
+  -- a message handed in later starts a new agent or is refused at once.
+  self:_cancel_all() -- the waiting requests answer before the connections close
+  pcall(pool._close_all, pool)
+  self.running = false
+  self:_cancel_all()
+end
+
+-- Ends every queued message `cancelled` (the loop no longer takes them).
+-- Runs without yielding (on_result must not block), so nothing can slip in
+-- between the last check and the end.
+function P:_cancel_all()
   while true do
     local e = self:_pop()
     if not e then break end
     self:_deliver(e, nil, errors.new("cancelled", "not sent: the nginx worker is exiting or the pool closed",
       { attempts = 0 }))
   end
-  pcall(pool._close_all, pool)
-  self.running = false
 end
 
 -- Hands a prepared item to the agent, starting it if needed.
@@ -174,6 +185,10 @@ function P:_submit(item, waiter)
       :format(self.queue_size), { attempts = 0 })
   end
   if not self.running then
+    -- an exiting worker starts no agent: its timers would be premature
+    if ngx.worker.exiting() then
+      return nil, errors.new("cancelled", "not sent: the nginx worker is exiting", { attempts = 0 })
+    end
     local ok, err = ngx.timer.at(0, agent, self)
     if not ok then
       return nil, errors.new("cancelled", "not sent: cannot start the sending agent: " .. tostring(err),

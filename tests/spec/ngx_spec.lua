@@ -339,6 +339,70 @@ describe("the pool inside nginx, 1 worker", function()
   end)
 end)
 
+describe("the pool inside nginx, reloaded under load", function()
+  -- The hole itself, on cue: a request of the exiting worker hands its
+  -- message over while the agent, done taking messages, waits on a QUIT the
+  -- server holds. It must be answered (cancelled), not left waiting.
+  it("answers a request that hands a message over while the exiting agent closes its connections", function()
+    local f = peers.fault({ rules = { { on = "QUIT", ["do"] = "stall", seconds = 4, times = -1 } } })
+    local ngx = start_nginx(1)
+    finally(function() ngx.cleanup() f:stop() end)
+    assert.matches("^sent 250", ngx.get("send?cfg=reload&port=" .. f.port .. "&to=first@y.test"))
+    local out = ngx.dir .. "/late.txt"
+    os.execute(("(env -u LD_PRELOAD curl -s --max-time 20 %s >%s; echo done >%s.end) &"):format(
+      peers.quote(ngx.url("send?cfg=reload&port=" .. f.port .. "&to=late@y.test&delay=2")), peers.quote(out),
+      peers.quote(out)))
+    peers.sleep(0.3)
+    os.execute("kill -HUP " .. ngx.pid()) -- the worker exits; its agent stops taking and sends QUIT
+    peers.wait_for(function() return peers.read_file(out .. ".end") end, 30, "the late request to end")
+    assert.matches("^failed cancelled", peers.read_file(out) or "(no answer)")
+  end)
+
+  it("answers every request (sent or cancelled) across repeated reloads, each message at most once", function()
+    local srv = peers.hostile({ quiet = true, drip = { phase = "DATA_END", interval = 0.001 } })
+    local ngx = start_nginx(2)
+    finally(function() ngx.cleanup() srv:stop() end)
+    local N = 800
+    local cfg = ngx.dir .. "/reload-urls.txt"
+    local lines = {}
+    for i = 1, N do
+      lines[i] = ('url = "%s"\noutput = "/dev/stdout"'):format(ngx.url(("send?cfg=reload&port=%d&to=r%d@y.test")
+        :format(srv.port, i)))
+    end
+    peers.write_file(cfg, table.concat(lines, "\n") .. "\n")
+    local out = ngx.dir .. "/reload-out.txt"
+    os.execute(("(env -u LD_PRELOAD curl -s --parallel --parallel-immediate --parallel-max 48 --max-time 40 -K %s "
+      .. "2>/dev/null | cat >%s; echo done >%s.end) &"):format(peers.quote(cfg), peers.quote(out), peers.quote(out)))
+    peers.wait_for(function() return #srv:select("message") >= 20 end, 30, "the requests to be sending")
+    local reloads = 0
+    while not peers.read_file(out .. ".end") and reloads < 10 do
+      os.execute("kill -HUP " .. ngx.pid())
+      reloads = reloads + 1
+      peers.sleep(0.25)
+    end
+    peers.wait_for(function() return peers.read_file(out .. ".end") end, 90, "every request to end")
+    local answers = {}
+    for l in (peers.read_file(out) or ""):gmatch("[^\n]+") do answers[#answers + 1] = l end
+    local sent, cancelled = count(answers, "^sent 250"), count(answers, "^failed cancelled")
+    assert.equal(N, #answers, ("%d of %d requests answered after %d reloads: %s"):format(#answers, N, reloads,
+      (peers.read_file(out) or ""):sub(1, 300)))
+    assert.equal(N, sent + cancelled, table.concat(answers, "\n"):sub(1, 1500))
+    assert.is_true(reloads >= 3, reloads .. " reloads")
+    -- every message the pool called sent arrived once; none arrived twice
+    local per = {}
+    for _, e in ipairs(srv:select("message", { status = "accepted" })) do
+      local a = e.rcpt[1]:match("<([^>]+)>")
+      per[a] = (per[a] or 0) + 1
+    end
+    local arrived = 0
+    for a, k in pairs(per) do
+      assert.equal(1, k, a)
+      arrived = arrived + 1
+    end
+    assert.equal(sent, arrived)
+  end)
+end)
+
 describe("the OpenResty example (examples/nginx)", function()
   it("runs as shipped: a form that waits, a queued notification, metrics", function()
     local exim = peers.exim({})

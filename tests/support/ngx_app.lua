@@ -65,6 +65,12 @@ local CONFIGS = {
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", timeouts = { greeting = 1 },
              retry = function() return false end }
   end,
+  -- for reloads under load: a short exit_timeout, so exiting workers end
+  -- what they hold while requests keep coming
+  reload = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             exit_timeout = 0.5 }
+  end,
   plain = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test",
              auth = a.token and { user = "alice", token = a.token } or nil, allow_plaintext_auth = true }
@@ -136,6 +142,7 @@ function M.handle()
     return
   end
   if action == "send" then
+    if a.delay then ngx.sleep(tonumber(a.delay)) end -- a handler busy before it hands its message over
     say_outcome(p:send{ from = "a@x.test", to = { a.to or "b@y.test" }, subject = a.subject or "from nginx",
                         text = ".dot line\nbody " .. (a.n or "") .. "\n" })
   elseif action == "raw" then
