@@ -10,17 +10,17 @@
 --     }
 --     local report = assert(c:run())
 --
--- The journal is an append-only file, keyed by the normalised address (so
--- reordering, adding or removing rows never re-sends), with the campaign's
--- name in its first line. Per recipient: `P` (handed to the pool; fsync'ed in
--- groups before any of them can leave), `L` (its final dot is about to leave:
--- a plain write just before it), then the outcome: `S` sent, `D` sent and
--- possibly twice, `F` failed for good, `T` failed for now (transient or
--- connection: `retry_failed` sends it again), `A` ambiguous. On resume, a
--- recipient last seen `P` never reached its final dot and is sent; one last
--- seen `L` may have been delivered and is recorded ambiguous (unless
--- `resend_in_flight`): after `kill -9`, at most one message per open
--- connection is ambiguous.
+-- The journal is an SQLite database (src/store/sp_journal.c; one run at a
+-- time), keyed by the normalised address (so reordering, adding or removing
+-- rows never re-sends), with the campaign's name. Per recipient: `P` (handed
+-- to the pool; synced in groups before any of them can leave), `L` (its
+-- final dot is about to leave: committed just before it), then the outcome:
+-- `S` sent, `D` sent and possibly twice, `F` failed for good, `T` failed for
+-- now (transient or connection: `retry_failed` sends it again), `A`
+-- ambiguous. On resume, a recipient last seen `P` never reached its final dot
+-- and is sent; one last seen `L` may have been delivered and is recorded
+-- ambiguous (unless `resend_in_flight`): after `kill -9`, at most one message
+-- per open connection is ambiguous over DATA, `bdat_window` over BDAT.
 --
 -- An outage (the relay down, refusing connections, or failing every message
 -- for a while) trips a circuit breaker after `outage_threshold` transient or
@@ -438,7 +438,8 @@ function Campaign:run()
           report.skipped = report.skipped + 1
         elseif st == "L" and not o.resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
-          record("A", key, "final dot on its way when an earlier run stopped")
+          local why = "final dot on its way when an earlier run stopped"
+          record("A", key, why, err("ambiguous", why))
           report.ambiguous = report.ambiguous + 1
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
@@ -656,7 +657,11 @@ function M.summary(r)
   local dup = (r.possible_duplicates or 0) > 0
     and (" (%d of them possibly twice)"):format(r.possible_duplicates) or ""
   local extra = ""
-  if (r.duplicates or 0) > 0 then extra = extra .. (", %d duplicate rows sent once"):format(r.duplicates) end
+  if (r.duplicates or 0) > 0 then
+    -- a Redis worker's count includes the rows another worker (or an earlier run) loaded first
+    extra = extra .. (r.loaded and ", %d rows already in the campaign (loaded before, or listed twice)"
+      or ", %d duplicate rows sent once"):format(r.duplicates)
+  end
   if (r.pending or 0) > 0 then extra = extra .. (", %d pending"):format(r.pending) end
   local line = ("%d recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries%s, %.1fs, %.0f msg/s")
     :format(r.total, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, extra, r.elapsed, r.rate)
