@@ -45,7 +45,8 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
                   progress = true, resend_in_flight = "boolean", report_json = "string", strict = "boolean",
                   name = "string", retry_failed = "boolean", outage_threshold = "number", on_outage = "string",
                   outage_wait = "number", outage_delay = "number", handle_signals = "boolean",
-                  delimiter = "string", on_failure = "function", lease = "number" }
+                  delimiter = "string", on_failure = "function", lease = "number",
+                  allow_volatile_redis = "boolean" }
 
 --- Makes a campaign (nothing is sent until `run`).
 -- @tparam table o
@@ -80,6 +81,9 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 --   giving up.
 -- * `on_failure` (function, optional): `function(email, state, err)` for
 --   each recipient that failed (`state` `F` or `T`) or is ambiguous (`A`).
+-- * `allow_volatile_redis` (default false): run a campaign in a Redis that
+--   keeps nothing on disk (no AOF, no RDB saves), which is refused otherwise:
+--   a restart would lose its state.
 -- * `handle_signals` (default false): SIGINT and SIGTERM stop the run
 --   gracefully (nothing new starts, the messages on the wire finish, the
 --   journal is flushed, `report.stopped = "interrupted"`); a second one
@@ -314,7 +318,7 @@ function Campaign:run()
   if o.journal and o.journal:match("^redis://") then
     local re
     rj, re = require("smtppool.rcampaign").open(o.journal, name, { lease = o.lease,
-      resend_in_flight = o.resend_in_flight })
+      resend_in_flight = o.resend_in_flight, allow_volatile = o.allow_volatile_redis })
     if not rj then return nil, err("config", re) end
     if source then
       local json, rows_read = require("dkjson"), 0
@@ -352,10 +356,15 @@ function Campaign:run()
     if not journal then return nil, err(jst == "full" and "journal" or "config", je) end
     states = journal
   end
-  local function journal_failed(e, st)
-    -- a full disk stops the run (resume later); anything else is a broken journal
-    error(err(st == "full" and "journal" or "config", e), 0)
+  -- a full disk stops the run (resume later); anything else is a broken journal
+  local function journal_error(e, st)
+    if st == "full" then
+      e = ("the journal cannot be written (%s); what it holds stands: make room, then run again with --resume "
+        .. "(nothing recorded is sent twice)"):format(e)
+    end
+    return err(st == "full" and "journal" or "config", e)
   end
+  local function journal_failed(e, st) error(journal_error(e, st), 0) end
   local function record(state, key, info, e)
     if rj then
       rj:record(state, key, clean(info))
@@ -596,7 +605,7 @@ function Campaign:run()
     local c = journal:counts()
     report.failed_total, report.retryable, report.ambiguous_total = (c.F or 0) + (c.T or 0), c.T or 0, c.A or 0
     local okc, ce, cst = journal:close() -- commits, ends the run, lets the next one in
-    if ok and not okc then ok, e = false, err(cst == "full" and "journal" or "config", ce) end
+    if ok and not okc then ok, e = false, journal_error(ce, cst) end
   end
   if rj then
     -- claimed here and never started: back to the queue for anyone
@@ -669,8 +678,7 @@ function M.summary(r)
     line = line .. "\nstopped: the relay is failing (" .. tostring(r.outage) .. "); nothing pending was lost: "
       .. "run again with --resume --retry-failed when it is back"
   elseif r.stopped == "journal" then
-    line = line .. "\nstopped: the journal cannot be written (" .. tostring(r.journal_error) .. "); what it holds "
-      .. "stands: make room, then run again with --resume (nothing recorded is sent twice)"
+    line = line .. "\nstopped: " .. tostring(r.journal_error)
   elseif r.stopped == "interrupted" then
     line = line .. "\nstopped on a signal; run again with --resume to send the rest"
   end

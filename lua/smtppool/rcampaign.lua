@@ -34,11 +34,16 @@ local redis = require("smtppool.redis")
 
 local M = {}
 
--- KEYS[1]: the prefix; ARGV: key, row, key, row... -> {added, duplicates}
+-- KEYS[1]: the prefix; ARGV: epoch, key, row, key, row... -> {added, duplicates}.
+-- The epoch names this generation of the campaign's state: set by the
+-- first load, checked by every claim, so state that vanished (a Redis
+-- restarted without persistence, keys deleted) is noticed, never mistaken
+-- for a finished campaign.
 local LOAD = [[
 local p = KEYS[1]
+redis.call('HSETNX', p .. 'meta', 'epoch', ARGV[1])
 local added, dup = 0, 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('HSETNX', p .. 'rows', ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('RPUSH', p .. 'q', ARGV[i])
     added = added + 1
@@ -50,10 +55,12 @@ redis.call('HINCRBY', p .. 'meta', 'total', added)
 return {added, dup}
 ]]
 
--- KEYS[1]: the prefix; ARGV: worker, n, lease, resend_in_flight
--- -> {pending, claimed, key, row, state, key, row, state...}
+-- KEYS[1]: the prefix; ARGV: worker, n, lease, resend_in_flight, epoch
+-- -> {pending, claimed, key, row, state, key, row, state...}, or {-1, 0}
+-- when the campaign's state is not the epoch's any more
 local CLAIM = [[
 local p = KEYS[1]
+if redis.call('HGET', p .. 'meta', 'epoch') ~= ARGV[5] then return {-1, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local final = {S = true, D = true, F = true, A = true}
@@ -143,7 +150,8 @@ J.__index = J
 --- Opens a campaign in Redis.
 -- @tparam string url `redis://host:port/db`
 -- @tparam string name the campaign
--- @tparam[opt] table o `lease` (seconds, default 30), `resend_in_flight`
+-- @tparam[opt] table o `lease` (seconds, default 30), `resend_in_flight`,
+--   `allow_volatile` (accept a Redis that keeps nothing on disk)
 -- @treturn[1] table the journal
 -- @return[2] nil
 -- @treturn[2] string why
@@ -156,7 +164,20 @@ function M.open(url, name, o)
   o = o or {}
   -- the backend's connection and script handling, without its limits
   local b = redis.backend(u, "campaign", nil)({}, {})
-  local j = setmetatable({ b = b, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30,
+  if not o.allow_volatile then
+    -- A campaign is only as durable as the server: refuse one that keeps
+    -- nothing (no AOF, no RDB saves). CONFIG may be renamed away (managed
+    -- services, which persist): then nothing can be told, and it goes on.
+    local aof, save = b:_cmd("CONFIG", "GET", "appendonly"), b:_cmd("CONFIG", "GET", "save")
+    if type(aof) == "table" and type(save) == "table" and aof[2] == "no" and save[2] == "" then
+      if b.c then b.c:close() end
+      return nil, ("Redis at %s keeps nothing on disk (appendonly no, save \"\"): a restart would lose the "
+        .. "campaign and a second run would send it again. Turn on AOF or RDB snapshots, or accept the risk "
+        .. "by name (allow_volatile_redis = true, --allow-volatile-redis)"):format(url)
+    end
+  end
+  local j = setmetatable({ b = b, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30, url = url,
+    name = name,
     resend = o.resend_in_flight and "1" or "0", held = {}, claim_state = {},
     worker = ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, J)
   return j
@@ -180,8 +201,10 @@ end
 -- @treturn[1] number duplicates (already loaded, or twice in the list)
 function J:load(next_row)
   local added, dup, batch = 0, 0, {}
+  local epoch = core.random_hex(8)
   local function flush()
     if #batch == 0 then return true end
+    table.insert(batch, 1, epoch)
     local v, e = self:_run("load", LOAD, batch)
     if not v then return nil, e end
     added, dup = added + v[1], dup + v[2]
@@ -204,14 +227,27 @@ end
 --- Claims up to n recipients: a list of `{key, row, state}`, and the
 -- campaign's pending and claimed counts.
 function J:claim(n)
-  local v, e = self:_run("claim", CLAIM, { self.worker, tostring(n), tostring(self.lease), self.resend })
+  local v, e = self:_run("claim", CLAIM, { self.worker, tostring(n), tostring(self.lease), self.resend,
+    self.epoch or "" })
   if not v then return nil, e end
+  if v[1] == -1 then return nil, self:_gone() end
   local out = {}
   for i = 3, #v, 3 do
     out[#out + 1] = { key = v[i], row = v[i + 1], state = v[i + 2] ~= "" and v[i + 2] or nil }
     self.held[v[i]] = true
   end
   return out, v[1], v[2]
+end
+
+-- Why the run stops when the campaign's state is gone.
+function J:_gone()
+  self.gone = true
+  local held = 0
+  for _ in pairs(self.held) do held = held + 1 end
+  return ("the campaign '%s' is gone from %s (Redis restarted without persistence, or its keys were deleted): "
+    .. "%d recipients this worker held have no recorded outcome. Running the same command again would load "
+    .. "the list anew and send again every recipient whose outcome was lost; check what was delivered first")
+    :format(self.name, self.url, held)
 end
 
 --- Records a letter: `L` before a final dot leaves, or an outcome.
@@ -261,11 +297,21 @@ end
 function J:source(n)
   local json = require("dkjson")
   local buf, bi, quiet_until = {}, 0, 0
+  local epoch = self.b:_cmd("HGET", self.p .. "meta", "epoch")
+  if epoch == nil then
+    error(require("smtppool.errors").new("connection", "Redis at " .. self.url .. " cannot be reached"), 0)
+  end
+  if epoch == false then
+    error(require("smtppool.errors").new("config", ("no campaign '%s' in %s: nothing is loaded (a worker "
+      .. "without a list joins a campaign whose list is loaded)"):format(self.name, self.url)), 0)
+  end
+  self.epoch = epoch
   return function()
     self:renew()
     if bi >= #buf then
       if core.now() < quiet_until then return false end
       local got, pending, claimed = self:claim(n)
+      if not got and self.gone then error(require("smtppool.errors").new("journal", pending), 0) end
       if not got then error(require("smtppool.errors").new("connection", "Redis: " .. tostring(pending)), 0) end
       buf, bi = got, 0
       if #got == 0 then
@@ -310,7 +356,7 @@ end
 -- @return[2] nil
 -- @treturn[2] string why
 function M.status(url, name, nfail)
-  local j, e = M.open(url, name)
+  local j, e = M.open(url, name, { allow_volatile = true }) -- a reader risks nothing
   if not j then return nil, e end
   local p = j.p
   local function cmd(...)

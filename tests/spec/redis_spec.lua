@@ -284,3 +284,53 @@ describe("the command line with a campaign in Redis", function()
     assert.matches("exit=2", missing)
   end)
 end)
+
+describe("a campaign's state in Redis cannot vanish unnoticed", function()
+  local CLI = "lua5.4 bin/smtppool"
+  local function run_cli(args)
+    local out = peers.sh(CLI .. " " .. args .. " 2>&1; echo \"exit=$?\"")
+    return out, tonumber(out:match("exit=(%d+)%s*$"))
+  end
+
+  it("refuses a Redis that keeps nothing on disk unless told so by name", function()
+    local redis, srv, dir = peers.redis({ persist = false }), peers.hostile({ quiet = true }), peers.tmpdir()
+    finally(function() redis:stop() srv:stop() os.execute("rm -rf " .. peers.quote(dir)) end)
+    peers.write_list(dir .. "/l.csv", "v", 1, 5)
+    peers.write_file(dir .. "/pool.lua", ("return { host = '127.0.0.1', port = %d, tls = 'none', from = 'n@x.test' }")
+      :format(srv.port))
+    local args = ("send --config %s/pool.lua --to %s/l.csv --subject s --text %s/l.csv --quiet --name vol "
+      .. "--journal redis://127.0.0.1:%d"):format(dir, dir, dir, redis.port)
+    local out, code = run_cli(args)
+    assert.equal(2, code, out)
+    assert.matches("keeps nothing on disk", out)
+    assert.matches("%-%-allow%-volatile%-redis", out)
+    assert.equal(0, #srv:select("message"))
+    out, code = run_cli(args .. " --allow-volatile-redis")
+    assert.equal(0, code, out)
+    assert.equal(5, #srv:select("message"))
+  end)
+
+  it("stops with exit 3 and says what happened when the campaign's state is gone mid-run", function()
+    local redis, dir = peers.redis({ persist = false }), peers.tmpdir()
+    local srv = peers.hostile({ quiet = true, drip = { phase = "DATA_END", interval = 0.005 } })
+    finally(function() redis:stop() srv:stop() os.execute("rm -rf " .. peers.quote(dir)) end)
+    peers.write_list(dir .. "/l.csv", "g", 1, 400)
+    peers.write_file(dir .. "/pool.lua", ("return { host = '127.0.0.1', port = %d, tls = 'none', from = 'n@x.test', "
+      .. "max_conns = 2 }"):format(srv.port))
+    local args = ("send --config %s/pool.lua --to %s/l.csv --subject s --text %s/l.csv --quiet --name gone "
+      .. "--journal redis://127.0.0.1:%d --allow-volatile-redis"):format(dir, dir, dir, redis.port)
+    os.execute(("(%s %s >%s 2>&1; echo \"exit=$?\" >>%s) &"):format(CLI, args, peers.quote(dir .. "/out"),
+      peers.quote(dir .. "/out")))
+    peers.wait_for(function() return #srv:select("message") >= 10 end, 30, "the campaign to be sending")
+    -- what a restart without persistence does: everything is gone
+    assert.matches("OK", peers.sh(("redis-cli -p %d FLUSHALL"):format(redis.port)))
+    peers.wait_for(function() return (peers.read_file(dir .. "/out") or ""):match("exit=%d+") end, 60,
+      "the worker to stop")
+    local out = peers.read_file(dir .. "/out")
+    assert.equal("3", out:match("exit=(%d+)"), out)
+    assert.matches("the campaign 'gone' is gone from redis://", out)
+    assert.matches("send again every recipient whose outcome was lost", out)
+    assert.is_nil(out:find("traceback", 1, true))
+    assert.is_true(#srv:select("message") < 400)
+  end)
+end)

@@ -251,12 +251,12 @@ local Redis = {}
 Redis.__index = Redis
 
 --- Starts redis-server on 127.0.0.1 (a free port, or `port`), its files in
--- a folder of its own; opts.persist: append-only file on, so a restart keeps
--- the data.
+-- a folder of its own; with the append-only file on (a restart keeps the
+-- data), unless opts.persist is false (nothing on disk).
 function M.redis(opts)
   opts = opts or {}
   local r = setmetatable({ dir = opts.dir or M.tmpdir(), port = opts.port or M.free_port(),
-                           persist = opts.persist }, Redis)
+                           persist = opts.persist ~= false }, Redis)
   r:start()
   return r
 end
