@@ -389,7 +389,9 @@ static int not_open(sp_journal *j)
 
 int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, int *this_run)
 {
-    if (not_open(j) < 0)
+    /* inside the open transaction: a read outside one takes and drops the
+     * database's locks each time (four times the cost) */
+    if (not_open(j) < 0 || begin(j) < 0)
         return -1;
     sqlite3_stmt *st = j->st[Q_GET];
     sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
