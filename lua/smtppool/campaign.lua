@@ -150,9 +150,9 @@ end
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 
 --- Imports a text journal (versions 1 and 2, before the SQLite one) at
--- path into an SQLite journal at the same path; the text is kept beside it
--- as `path .. ".v1.txt"` or `".v2.txt"`. Nothing to do when path is absent
--- or already a database.
+-- path into an SQLite journal at the same path; the text is kept beside it,
+-- its name ending in `.v1.txt` or `.v2.txt`. Nothing to do when path is
+-- absent or already a database.
 -- @treturn[1] true
 -- @treturn[2] nil
 -- @treturn[2] string why (another campaign's journal, an unknown version, a file that is no journal)

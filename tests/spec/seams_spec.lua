@@ -74,11 +74,16 @@ describe("the journal's seams", function()
   it("stops with exit 3 and no traceback when the disk is full; resumed with room, nothing is sent twice", function()
     local mnt = peers.tmpdir()
     -- a filesystem of its own that fills: tmpfs (the tests run as root)
-    assert.is_true(os.execute(("mount -t tmpfs -o size=160k tmpfs %s"):format(peers.quote(mnt))) == true,
+    local function ok(r) return r == true or r == 0 end -- Lua 5.4 and LuaJIT
+    assert.is_true(ok(os.execute(("mount -t tmpfs -o size=160k tmpfs %s"):format(peers.quote(mnt)))),
       "cannot mount a tmpfs (the suite runs as root)")
-    finally(function() os.execute(("umount -l %s; rm -rf %s"):format(peers.quote(mnt), peers.quote(mnt))) end)
-    local srv = peers.hostile({ quiet = true })
-    finally(function() srv:stop() end)
+    local srv
+    -- one finally: busted keeps only a test's last
+    finally(function()
+      if srv then srv:stop() end
+      os.execute(("umount -l %s; rm -rf %s"):format(peers.quote(mnt), peers.quote(mnt)))
+    end)
+    srv = peers.hostile({ quiet = true })
     list(dir .. "/list.csv", 1, 1500)
     local args = send_args(srv.port, mnt .. "/run.db")
     local out, code = run_cli(args)
@@ -88,7 +93,7 @@ describe("the journal's seams", function()
     local _, first = received(srv)
     assert.is_true(first > 0 and first < 1500, first .. " sent before the disk filled")
     -- room again: the resume finishes the list, each recipient at most once
-    assert.is_true(os.execute(("mount -o remount,size=64m %s"):format(peers.quote(mnt))) == true)
+    assert.is_true(ok(os.execute(("mount -o remount,size=64m %s"):format(peers.quote(mnt)))))
     out, code = run_cli(args .. " --resume")
     assert.is_true(code == 0 or code == 1, out)
     local per, n = received(srv)
