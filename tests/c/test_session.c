@@ -726,10 +726,11 @@ static void extra_reply_in_a_pipelined_group(void **state)
     sp_session_free(s);
 }
 
-/* In a BDAT window: an extra reply that reaches a transaction whose
- * commands are still queued ends the session; the transaction before it
- * whose last chunk left (and got no reply of its own) is ambiguous, the
- * queued one a plain failure; nothing is reported sent on a shifted 250. */
+/* In a BDAT window: an extra reply shifts the first transaction's replies
+ * (its RCPT's 550 lands on its last chunk: failed, in the wrong phase, the
+ * limit of what can be told), and the next reply would answer the second
+ * transaction's MAIL, which has not left: the session ends there as a
+ * protocol error; nothing is reported sent on a shifted 250. */
 static void extra_reply_in_a_bdat_window(void **state)
 {
     (void)state;
