@@ -64,7 +64,7 @@ static int fail(sp_journal *j, sp_journal_status st, const char *fmt, ...)
  * (the run stops and resumes later), anything else is an I/O failure. */
 static int fail_db(sp_journal *j, int rc, const char *what)
 {
-    int full = rc == SQLITE_FULL || (j->db && sqlite3_extended_errcode(j->db) == SQLITE_IOERR_WRITE && errno == ENOSPC);
+    int full = rc == SQLITE_FULL || (j->db && (sqlite3_extended_errcode(j->db) & 0xff) == SQLITE_IOERR && sqlite3_system_errno(j->db) == ENOSPC);
     return fail(j, full ? SP_JOURNAL_FULL : SP_JOURNAL_IO, "journal %s: %s: %s", j->path ? j->path : "(temporary)",
                 what, full ? "the disk is full" : (j->db ? sqlite3_errmsg(j->db) : sqlite3_errstr(rc)));
 }
