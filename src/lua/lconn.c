@@ -57,6 +57,21 @@ static int tls_stats(lua_State *L)
     return 1;
 }
 
+/* The connection's journal hooks: a final dot's L goes into the open
+ * transaction, committed before the connection's next write (one commit
+ * for all the dots of a loop turn, which leave together). */
+static int conn_dot(void *ud, sp_error *err)
+{
+    lconn *lc = ud;
+    return sp_l_mark_defer(&lc->mark, &lc->sync, err);
+}
+
+static int conn_sync(void *ud, sp_error *err)
+{
+    lconn *lc = ud;
+    return sp_l_sync_run(&lc->sync, err);
+}
+
 /* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds},
  *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=, dns_servers=,
  *              bdat_window=,
@@ -117,6 +132,8 @@ static int l_connect(lua_State *L)
     lc->mark.j = NULL;
     lc->mark.key = NULL;
     lc->mark.len = 0;
+    lc->sync.j = NULL;
+    lc->sync.gen = 0;
     if (tls_idx) {
         lua_pushvalue(L, tls_idx);
         lc->tls_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -131,6 +148,7 @@ static int l_connect(lua_State *L)
     lc->trace = lua_toboolean(L, -1);
     lua_pop(L, 1);
     sp_session_trace(sp_conn_session(lc->c), lc->trace);
+    sp_conn_set_sync_hook(lc->c, conn_sync, lc);
     return 1;
 }
 
@@ -154,7 +172,7 @@ static int c_start(lua_State *L)
     lua_settop(L, 5);
     int nret = sp_l_start_tx(L, sp_conn_session(lc->c), 2, quit_after, &segs, &nseg);
     if (lua_toboolean(L, -1) && nret == 1 && lc->mark.j)
-        sp_conn_set_dot_hook(lc->c, sp_l_mark_write, &lc->mark);
+        sp_conn_set_dot_hook(lc->c, conn_dot, lc);
     else
         sp_l_mark_clear(&lc->mark);
     if (lua_toboolean(L, -1) && nret == 1) {
@@ -174,6 +192,7 @@ static int c_close(lua_State *L)
 {
     lconn *lc = luaL_checkudata(L, 1, CONN_MT);
     sp_l_mark_clear(&lc->mark);
+    sp_l_sync_clear(&lc->sync);
     if (lc->c) {
         sp_conn_free(lc->c);
         lc->c = NULL;

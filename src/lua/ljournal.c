@@ -223,6 +223,12 @@ void sp_l_mark_take(lua_State *L, sp_l_mark *m, int idx)
     sp_journal_ref(m->j);
 }
 
+static void mark_failed(sp_error *err, sp_journal *j)
+{
+    sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_DATA, "cannot journal the message before its final dot: %s",
+                 sp_journal_error(j));
+}
+
 /* The pre-dot hook: L for the key, committed (it survives kill -9) before
  * the dot leaves; when it cannot be, the dot does not leave. */
 int sp_l_mark_write(void *ud, sp_error *err)
@@ -230,8 +236,51 @@ int sp_l_mark_write(void *ud, sp_error *err)
     sp_l_mark *m = ud;
     int r = sp_journal_mark(m->j, m->key, m->len);
     if (r < 0)
-        sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_DATA, "cannot journal the message before its final dot: %s",
-                     sp_journal_error(m->j));
+        mark_failed(err, m->j);
+    sp_l_mark_clear(m);
+    return r;
+}
+
+void sp_l_sync_clear(sp_l_sync *sync)
+{
+    if (sync->j)
+        sp_journal_unref(sync->j);
+    sync->j = NULL;
+    sync->gen = 0;
+}
+
+int sp_l_sync_run(sp_l_sync *sync, sp_error *err)
+{
+    if (!sync->j)
+        return 0;
+    int r = sp_journal_sync_to(sync->j, sync->gen);
+    if (r < 0)
+        mark_failed(err, sync->j);
+    sp_l_sync_clear(sync);
+    return r;
+}
+
+int sp_l_mark_defer(sp_l_mark *m, sp_l_sync *sync, sp_error *err)
+{
+    /* an earlier dot of this connection still waiting (its write blocked)
+     * is settled first: a later transaction's commit does not cover it */
+    if (sync->j && sync->j != m->j && sp_l_sync_run(sync, err) < 0) {
+        sp_l_mark_clear(m);
+        return -1;
+    }
+    unsigned long long gen;
+    int r = sp_journal_mark_deferred(m->j, m->key, m->len, &gen);
+    if (r < 0) {
+        mark_failed(err, m->j);
+    } else if (sync->j && sync->gen != gen) {
+        r = sp_l_sync_run(sync, err);
+    }
+    if (r == 0 && !sync->j) {
+        sync->j = m->j;
+        sp_journal_ref(sync->j);
+    }
+    if (r == 0)
+        sync->gen = gen;
     sp_l_mark_clear(m);
     return r;
 }

@@ -34,12 +34,20 @@ typedef struct sp_l_mark {
     size_t len;
 } sp_l_mark;
 
+/* A connection's L records waiting for their commit, which happens before
+ * the connection's next write (sp_conn_set_sync_hook). */
+typedef struct sp_l_sync {
+    struct sp_journal *j; /* holds a reference; NULL: nothing waits */
+    unsigned long long gen;
+} sp_l_sync;
+
 typedef struct lconn {
     sp_conn *c;
     int body_ref; /* registry reference keeping the body string alive */
     int tls_ref;  /* registry reference keeping the TLS context alive */
     int trace;    /* state changes are reported with the events */
     sp_l_mark mark;
+    sp_l_sync sync;
 } lconn;
 
 typedef struct ltls {
@@ -83,6 +91,12 @@ int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o);
 void sp_l_mark_take(lua_State *L, sp_l_mark *m, int j);
 void sp_l_mark_clear(sp_l_mark *m);
 int sp_l_mark_write(void *ud, sp_error *err);
+/* The native connection's way: the mark's L goes into the open transaction
+ * and sync remembers it; sp_l_sync_run commits it (once for all the marks
+ * of a loop turn) before the connection writes again. */
+int sp_l_mark_defer(sp_l_mark *m, sp_l_sync *sync, sp_error *err);
+int sp_l_sync_run(sp_l_sync *sync, sp_error *err);
+void sp_l_sync_clear(sp_l_sync *sync);
 /* One wait entry {conn = index, name, payload...}: the trace (when on) and
  * every event next(ud) yields; on_tx_done runs before a "tx" payload is
  * made (to release the body). Pushes nothing and returns 0 when there is

@@ -49,6 +49,8 @@ struct sp_conn {
     sp_dot_hook dot_hook; /* for the transaction in flight; cleared when it ends */
     int hold; /* a final dot waits for the caller to pipeline the next transaction behind it */
     void *dot_ud;
+    sp_dot_hook sync_hook; /* before any write (see sp_conn_set_sync_hook) */
+    void *sync_ud;
     sp_event evq[CONN_EVQ];
     size_t ev_head, ev_len;
     sp_conn_counters counters;
@@ -277,6 +279,12 @@ void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud)
     c->dot_ud = ud;
 }
 
+void sp_conn_set_sync_hook(sp_conn *c, sp_dot_hook fn, void *ud)
+{
+    c->sync_hook = fn;
+    c->sync_ud = ud;
+}
+
 void sp_conn_set_body_src(sp_conn *c, sp_body_src *src)
 {
     sp_body_src_free(c->body);
@@ -475,6 +483,15 @@ static int flush_out(sp_conn *c, double now)
         size_t n = sp_buf_pending(o);
         if (n == 0 || c->state != C_OPEN)
             return 0;
+        if (c->sync_hook) {
+            sp_error e;
+            if (c->sync_hook(c->sync_ud, &e) < 0) { /* what it guards has not left: no ambiguity */
+                sp_session_fail(c->s, &e);
+                pump(c);
+                close_fd(c);
+                return -1;
+            }
+        }
         ssize_t w;
         if (c->ssl) {
             ERR_clear_error();

@@ -62,6 +62,13 @@ void sp_conn_set_body_src(sp_conn *c, sp_body_src *src);
 typedef int (*sp_dot_hook)(void *ud, sp_error *err);
 void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud);
 
+/* Called before each write of the connection's output (and so before a
+ * final dot that the dot hook let pass is sent): a campaign's journal
+ * commits there the L records its dot hooks wrote, one commit for every
+ * connection's dots of a loop turn. -1 with *err set ends the connection
+ * before anything more leaves. */
+void sp_conn_set_sync_hook(sp_conn *c, sp_dot_hook fn, void *ud);
+
 /* Feeds the body from *body into the session while its output holds less
  * than 64 KB; when the body ends, runs *hook once (cleared first) and queues
  * the final dot. On a failure (an unreadable file, a hook that fails) the

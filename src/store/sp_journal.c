@@ -12,7 +12,7 @@
 
 #include <sqlite3.h>
 
-enum { Q_GET, Q_MEET, Q_RECORD, Q_COUNTS, Q_COUNT_ };
+enum { Q_GET, Q_MEET, Q_RECORD, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
 
 static const char *const queries[Q_COUNT_] = {
     [Q_GET] = "SELECT state, run FROM recipients WHERE address = ?1",
@@ -20,6 +20,9 @@ static const char *const queries[Q_COUNT_] = {
     [Q_RECORD] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
                  "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
     [Q_COUNTS] = "SELECT state, count(*) FROM recipients GROUP BY state",
+    /* prepared too: a transaction per loop turn should not parse SQL */
+    [Q_BEGIN] = "BEGIN",
+    [Q_COMMIT] = "COMMIT",
 };
 
 static const char schema[] =
@@ -35,6 +38,8 @@ struct sp_journal {
     int lock_fd; /* holds the flock for the run; closed only after the database */
     int refs;
     int in_tx;
+    unsigned long long tx_gen;  /* the open (or last) transaction's number */
+    unsigned long long durable; /* the last one committed */
     int readonly;
     long long run;
     char *path;
@@ -75,13 +80,23 @@ static int exec(sp_journal *j, const char *sql, const char *what)
     return rc == SQLITE_OK ? 0 : fail_db(j, rc, what);
 }
 
+/* Steps a statement with no rows once: SQLITE_OK or the error. */
+static int run_stmt(sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
 static int begin(sp_journal *j)
 {
     if (j->in_tx)
         return 0;
-    if (exec(j, "BEGIN", "begin") < 0)
-        return -1;
+    int rc = run_stmt(j->st[Q_BEGIN]);
+    if (rc != SQLITE_OK)
+        return fail_db(j, rc, "begin");
     j->in_tx = 1;
+    j->tx_gen++;
     return 0;
 }
 
@@ -446,7 +461,7 @@ int sp_journal_commit(sp_journal *j, int sync)
         return -1;
     if (!j->in_tx)
         return 0;
-    int rc = sqlite3_exec(j->db, "COMMIT", NULL, NULL, NULL);
+    int rc = run_stmt(j->st[Q_COMMIT]);
     if (rc != SQLITE_OK) {
         fail_db(j, rc, "commit");
         /* a failed COMMIT may leave the transaction open: end it, losing
@@ -457,6 +472,7 @@ int sp_journal_commit(sp_journal *j, int sync)
         return -1;
     }
     j->in_tx = 0;
+    j->durable = j->tx_gen;
     /* synchronous=NORMAL: a commit is written to the WAL before COMMIT
      * returns, so kill -9 keeps it; sync also flushes the WAL to the disk,
      * for power loss (the pragma cannot change inside a transaction) */
@@ -474,6 +490,26 @@ int sp_journal_mark(sp_journal *j, const char *key, size_t klen)
     if (sp_journal_record(j, 'L', key, klen, "", 0) < 0)
         return -1;
     return sp_journal_commit(j, 0);
+}
+
+int sp_journal_mark_deferred(sp_journal *j, const char *key, size_t klen, unsigned long long *gen)
+{
+    if (sp_journal_record(j, 'L', key, klen, "", 0) < 0)
+        return -1;
+    *gen = j->tx_gen;
+    return 0;
+}
+
+int sp_journal_sync_to(sp_journal *j, unsigned long long gen)
+{
+    if (j->durable >= gen)
+        return 0;
+    if (j->in_tx && j->tx_gen == gen)
+        return sp_journal_commit(j, 0);
+    /* its transaction ended without a commit (the commit failed) */
+    if (!j->err[0])
+        snprintf(j->err, sizeof j->err, "an earlier commit failed");
+    return -1;
 }
 
 int sp_journal_counts(sp_journal *j, long long counts[26])

@@ -57,6 +57,14 @@ int sp_journal_meet(sp_journal *j, const char *key, size_t klen);
 int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, const char *info, size_t ilen);
 /* L for key, committed with everything before it: the final dot may leave. */
 int sp_journal_mark(sp_journal *j, const char *key, size_t klen);
+/* L for key in the open transaction, whose number goes to *gen: the final
+ * dot may leave once sp_journal_sync_to(j, *gen) has returned 0. Marks of
+ * several connections made in one loop turn share one commit. */
+int sp_journal_mark_deferred(sp_journal *j, const char *key, size_t klen, unsigned long long *gen);
+/* Commits transaction gen if it is still open (0 at once when it already
+ * is); -1 when it cannot be, or when it ended without a commit (a failed
+ * one), so a mark it held was lost. */
+int sp_journal_sync_to(sp_journal *j, unsigned long long gen);
 /* Commits the open transaction (none: nothing to do); sync: fsync too. */
 int sp_journal_commit(sp_journal *j, int sync);
 /* Recipients per letter: counts['S' - 'A'] and so on (26 slots). */
