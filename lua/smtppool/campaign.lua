@@ -125,7 +125,10 @@ end
 -- are case-sensitive in theory and never in practice; a list that spells
 -- one address two ways means one person).
 function M.normalize(address)
-  return (address:gsub("^%s+", ""):gsub("%s+$", ""):lower())
+  if address:find("^%s") or address:find("%s$") then
+    address = address:gsub("^%s+", ""):gsub("%s+$", "")
+  end
+  return (address:lower())
 end
 
 --- The journal key of a recipient's address, or nil and why the row cannot

@@ -97,6 +97,32 @@ function M.rows(path, opts)
       col0 = col0 - pos + 1
       pos = 1
     end
+    -- The common case first: a whole line in the buffer with no quote and
+    -- no lone CR, valid UTF-8, split on the delimiter. Anything else (and a
+    -- problem to report with its column) takes the field-by-field way.
+    local nl = text:find("\n", pos, true)
+    if nl then
+      local stop = nl - 1
+      if stop >= pos and text:byte(stop) == 13 then stop = stop - 1 end
+      local s = text:sub(pos, stop)
+      if not s:find('["\r]') and core.utf8_valid(s) then
+        local fields, i = {}, 1
+        while true do
+          local d = s:find(delim, i, true)
+          if not d then
+            fields[#fields + 1] = s:sub(i)
+            break
+          end
+          fields[#fields + 1] = s:sub(i, d - 1)
+          i = d + 1
+        end
+        local start_line = line
+        pos = nl + 1
+        line = line + 1
+        col0 = pos
+        return fields, start_line
+      end
+    end
     if char_at(pos) == "" then return nil end
     local fields = {}
     local start_line = line

@@ -58,8 +58,8 @@ function M.compile(src)
       return nil, ("bad tag '{{%s}}' at line %d"):format(tag, line_of(src, s))
     end
     if sigil == "#" or sigil == "^" then
-      local node = { kind = sigil == "#" and "section" or "inverted", name = name, children = {},
-                     line = line_of(src, s) }
+      local node = M._path({ kind = sigil == "#" and "section" or "inverted", name = name, children = {},
+                             line = line_of(src, s) })
       top.children[#top.children + 1] = node
       if #stack > M.MAX_DEPTH then
         return nil, ("sections nest deeper than %d at line %d"):format(M.MAX_DEPTH, node.line)
@@ -72,8 +72,8 @@ function M.compile(src)
       end
       stack[#stack] = nil
     elseif sigil ~= "!" then
-      top.children[#top.children + 1] = { kind = sigil == "{" and "raw" or "var", name = name,
-                                          line = line_of(src, s) }
+      top.children[#top.children + 1] = M._path({ kind = sigil == "{" and "raw" or "var", name = name,
+                                                  line = line_of(src, s) })
     end
     pos = ce + 1
   end
@@ -86,18 +86,37 @@ end
 
 local ESC = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }
 
-local function lookup(ctx, name)
-  if name == "." then return ctx[#ctx], true end
-  local first, rest = name:match("^([^.]+)(.*)$")
+-- A name's lookup path, split once at compile time: `first` is looked up
+-- in the context stack, then each of `parts` in turn.
+function M._path(node)
+  local name = node.name
+  node.first = name:match("^([^.]+)")
+  if name:find(".", 1, true) and name ~= "." then
+    local parts = {}
+    for part in name:match("^[^.]*(.*)$"):gmatch("%.([^.]+)") do parts[#parts + 1] = part end
+    if #parts > 0 then node.parts = parts end
+  end
+  return node
+end
+
+local function lookup(ctx, n)
+  if n.name == "." then return ctx[#ctx], true end
+  local first = n.first
+  if first == nil then return nil, false end
   for i = #ctx, 1, -1 do
     local c = ctx[i]
-    if type(c) == "table" and c[first] ~= nil then
+    if type(c) == "table" then
       local v = c[first]
-      for part in rest:gmatch("%.([^.]+)") do
-        if type(v) ~= "table" then return nil, false end
-        v = v[part]
+      if v ~= nil then
+        local parts = n.parts
+        if parts then
+          for k = 1, #parts do
+            if type(v) ~= "table" then return nil, false end
+            v = v[parts[k]]
+          end
+        end
+        return v, v ~= nil
       end
-      return v, v ~= nil
     end
   end
   return nil, false
@@ -109,40 +128,55 @@ local function truthy(v)
   return true
 end
 
-local function render(node, ctx, out, opts)
-  for _, n in ipairs(node.children) do
-    if n.kind == "text" then
+-- Appends node's output to out; returns the node of a missing variable
+-- when strict (nothing is raised: rendering a row is on the hot path).
+local function render(node, ctx, out, html, strict)
+  local children = node.children
+  for i = 1, #children do
+    local n = children[i]
+    local kind = n.kind
+    if kind == "text" then
       out[#out + 1] = n.text
-    elseif n.kind == "var" or n.kind == "raw" then
-      local v, found = lookup(ctx, n.name)
-      if not found and opts.strict then
-        error({ missing = n.name, line = n.line }, 0)
-      end
+    elseif kind == "var" or kind == "raw" then
+      local v, found = lookup(ctx, n)
+      if not found and strict then return n end
       if v ~= nil then
-        v = tostring(v)
-        if n.kind == "var" and opts.escape == "html" then v = v:gsub("[&<>\"']", ESC) end
+        if type(v) ~= "string" then v = tostring(v) end
+        if html and kind == "var" then v = v:gsub("[&<>\"']", ESC) end
         out[#out + 1] = v
       end
-    elseif n.kind == "section" then
-      local v, found = lookup(ctx, n.name)
-      if not found and opts.strict then error({ missing = n.name, line = n.line }, 0) end
+    elseif kind == "section" then
+      local v, found = lookup(ctx, n)
+      if not found and strict then return n end
       if truthy(v) then
         if type(v) == "table" and v[1] ~= nil then
           for _, item in ipairs(v) do
             ctx[#ctx + 1] = item
-            render(n, ctx, out, opts)
+            local miss = render(n, ctx, out, html, strict)
             ctx[#ctx] = nil
+            if miss then return miss end
           end
         else
           ctx[#ctx + 1] = type(v) == "table" and v or ctx[#ctx]
-          render(n, ctx, out, opts)
+          local miss = render(n, ctx, out, html, strict)
           ctx[#ctx] = nil
+          if miss then return miss end
         end
       end
-    elseif n.kind == "inverted" then
-      if not truthy((lookup(ctx, n.name))) then render(n, ctx, out, opts) end
+    elseif kind == "inverted" then
+      if not truthy((lookup(ctx, n))) then
+        local miss = render(n, ctx, out, html, strict)
+        if miss then return miss end
+      end
     end
   end
+end
+
+local function render_string(t, vars, html, strict)
+  local out = {}
+  local miss = render(t.root, { vars or {} }, out, html, strict)
+  if miss then return nil, ("missing variable '%s' at line %d"):format(miss.name, miss.line) end
+  return table.concat(out)
 end
 
 --- Renders with the given variables.
@@ -153,17 +187,7 @@ end
 -- @return[2] nil
 -- @treturn[2] string the missing variable and its line
 function Template:render(vars, opts)
-  opts = opts or {}
-  local o = { escape = opts.escape, strict = opts.strict ~= false }
-  local out = {}
-  local ok, err = pcall(render, self.root, { vars or {} }, out, o)
-  if not ok then
-    if type(err) == "table" then
-      return nil, ("missing variable '%s' at line %d"):format(err.missing, err.line)
-    end
-    error(err, 0)
-  end
-  return table.concat(out)
+  return render_string(self, vars, opts and opts.escape == "html", not (opts and opts.strict == false))
 end
 
 --- Renders the templated fields of a message for one recipient.
@@ -177,22 +201,26 @@ end
 -- @treturn[1] table a message for `pool:send`
 -- @return[2] nil
 -- @treturn[2] string which field failed and why
+local FIELDS = { "from", "subject", "text", "html" }
+
 function M.render_message(msg, vars, opts)
-  opts = opts or {}
+  local renderer = opts and opts.renderer
+  local strict = not (opts and opts.strict == false)
   local out = {}
   for k, v in pairs(msg) do out[k] = v end
-  for _, f in ipairs({ "from", "subject", "text", "html" }) do
+  for i = 1, #FIELDS do
+    local f = FIELDS[i]
     local src = msg[f]
     if src ~= nil then
       local s, err
-      if opts.renderer then
-        s, err = opts.renderer(type(src) == "table" and src.source or src, vars, f)
+      if renderer then
+        s, err = renderer(type(src) == "table" and src.source or src, vars, f)
       else
         local t = src
         if type(t) == "string" then
           t, err = M.compile(t)
         end
-        if t then s, err = t:render(vars, { escape = f == "html" and "html" or nil, strict = opts.strict }) end
+        if t then s, err = render_string(t, vars, f == "html", strict) end
       end
       if s == nil then return nil, f .. ": " .. tostring(err) end
       out[f] = s
