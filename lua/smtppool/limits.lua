@@ -68,9 +68,9 @@ function Local.refresh() end
 -- @tparam table opts the pool's options (`rate`, and `max_conns` for shared backends)
 -- @param[opt] shared a backend constructor `function(specs, opts)` (specs: name
 --   -> `{limit, per}`), e.g. `smtppool.shdict.backend(...)`
--- @tparam[opt] string driver_name the driver the pool runs on (`"ngx"`: Redis over cosockets)
+-- @tparam[opt] table driver the driver the pool runs on (Redis goes over its `redis_connect`)
 -- @return a backend, or nil and a `config` error
-function M.from_options(opts, shared, driver_name)
+function M.from_options(opts, shared, driver)
   local windows = rate.from_options(opts.rate)
   local r = opts.rate
   if r and (r.backend ~= nil or r.key ~= nil) then
@@ -83,7 +83,7 @@ function M.from_options(opts, shared, driver_name)
     end
     local url, uerr = require("smtppool.redis").parse_url(r.backend)
     if not url then return nil, errors.new("config", "rate.backend: " .. uerr) end
-    shared = require("smtppool.redis").backend(url, r.key, opts.on_event, driver_name)
+    shared = require("smtppool.redis").backend(url, r.key, opts.on_event, driver)
   end
   if not shared then return M.process(windows) end
   local specs = {}

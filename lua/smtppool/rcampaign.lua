@@ -30,7 +30,7 @@
 -- @module smtppool.rcampaign
 
 local core = require("smtppool.core")
-local redis = require("smtppool.redis")
+local client = require("smtppool.redis_client")
 
 local M = {}
 
@@ -156,27 +156,27 @@ J.__index = J
 -- @return[2] nil
 -- @treturn[2] string why
 function M.open(url, name, o)
-  local u, uerr = redis.parse_url(url)
+  local u, uerr = client.parse_url(url)
   if not u then return nil, uerr end
   if type(name) ~= "string" or not name:match("^[%w._:-]+$") then
     return nil, "a campaign in Redis needs a name (letters, digits, . _ : -)"
   end
   o = o or {}
-  -- the backend's connection and script handling, without its limits
-  local b = redis.backend(u, "campaign", nil)({}, {})
+  -- its own connection (scripts, commands), not the limits backend's
+  local c = client.new(u, { timeout = 2 })
   if not o.allow_volatile then
     -- A campaign is only as durable as the server: refuse one that keeps
     -- nothing (no AOF, no RDB saves). CONFIG may be renamed away (managed
     -- services, which persist): then nothing can be told, and it goes on.
-    local aof, save = b:_cmd("CONFIG", "GET", "appendonly"), b:_cmd("CONFIG", "GET", "save")
+    local aof, save = c:call("CONFIG", "GET", "appendonly"), c:call("CONFIG", "GET", "save")
     if type(aof) == "table" and type(save) == "table" and aof[2] == "no" and save[2] == "" then
-      if b.c then b.c:close() end
+      c:close()
       return nil, ("Redis at %s keeps nothing on disk (appendonly no, save \"\"): a restart would lose the "
         .. "campaign and a second run would send it again. Turn on AOF or RDB snapshots, or accept the risk "
         .. "by name (allow_volatile_redis = true, --allow-volatile-redis)"):format(url)
     end
   end
-  local j = setmetatable({ b = b, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30, url = url,
+  local j = setmetatable({ c = c, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30, url = url,
     name = name,
     resend = o.resend_in_flight and "1" or "0", held = {}, claim_state = {},
     worker = ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, J)
@@ -188,10 +188,9 @@ end
 function J:_run(name, body, args, patience)
   local deadline = core.now() + (patience or 120)
   while true do
-    local v, e = self.b:_call(name, body, { self.p }, args)
+    local v, e = self.c:script(name, body, { self.p }, args)
     if v ~= nil then return v end
     if core.now() >= deadline then return nil, e end
-    self.b.down_until = nil
     core.wait({}, 0.5)
   end
 end
@@ -267,7 +266,7 @@ function J:renew()
   self.renewed = now
   local args = { tostring(self.lease) }
   for k in pairs(self.held) do args[#args + 1] = k end
-  if #args > 1 then self.b:_call("renew", RENEW, { self.p }, args) end
+  if #args > 1 then self.c:script("renew", RENEW, { self.p }, args) end
 end
 
 -- KEYS[1]: the prefix; ARGV: keys claimed here and never started
@@ -297,7 +296,7 @@ end
 function J:source(n)
   local json = require("dkjson")
   local buf, bi, quiet_until = {}, 0, 0
-  local epoch = self.b:_cmd("HGET", self.p .. "meta", "epoch")
+  local epoch = self.c:call("HGET", self.p .. "meta", "epoch")
   if epoch == nil then
     error(require("smtppool.errors").new("connection", "Redis at " .. self.url .. " cannot be reached"), 0)
   end
@@ -344,8 +343,7 @@ function J:retry_failed()
 end
 
 function J:close()
-  if self.b.c then self.b.c:close() end
-  self.b.c = nil
+  self.c:close()
 end
 
 --- The campaign's state, from any machine.
@@ -360,8 +358,7 @@ function M.status(url, name, nfail)
   if not j then return nil, e end
   local p = j.p
   local function cmd(...)
-    local v = j.b:_cmd(...)
-    return v
+    return (j.c:call(...))
   end
   local total = cmd("HGET", p .. "meta", "total")
   if total == nil then

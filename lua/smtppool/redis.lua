@@ -24,14 +24,16 @@
 -- event (and `limits_available` when Redis is back). Messages already on
 -- the wire finish. A message waits within `wait_timeout` like any other.
 --
--- The RESP codec is hiredis's. The native driver's client is a small
--- blocking one in C (each step is one round trip to Redis, about 0.1 ms on
--- a local network); in nginx (`smtppool.ngx`) the client is a cosocket, one
--- per light thread that uses it (the agent's is kept open).
+-- Its Redis connection is a `smtppool.redis_client` over the driver's
+-- transport: in the native driver a small blocking client in C (each step
+-- is one round trip to Redis, about 0.1 ms on a local network); in nginx
+-- (`smtppool.ngx`) a cosocket, one per light thread that uses it (the
+-- agent's is kept open).
 -- @module smtppool.redis
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")
+local client = require("smtppool.redis_client")
 
 local M = {}
 
@@ -95,120 +97,12 @@ return 1
 local B = {}
 B.__index = B
 
---- A client over nginx cosockets with the native client's interface
--- (`call(...) -> value | nil, err`, `close()`).
-function M.cosocket_client(host, port, timeout)
-  local ngx = ngx -- luacheck: ignore (set by nginx)
-  local sock = ngx.socket.tcp()
-  local ms = math.floor(timeout * 1000)
-  sock:settimeouts(ms, ms, ms)
-  local ok, err = sock:connect(host, port)
-  if not ok then return nil, "redis connect: " .. tostring(err) end
-  local reader = core.resp_reader()
-  local c = {}
-  function c.call(_, ...)
-    local sent, serr = sock:send(core.resp_command(...))
-    if not sent then
-      sock:close()
-      return nil, "redis call: " .. tostring(serr)
-    end
-    while true do
-      local got, v = reader:next()
-      if got then return v end
-      if v then -- malformed
-        sock:close()
-        return nil, v
-      end
-      local data, rerr = sock:receiveany(16384)
-      if not data then
-        sock:close()
-        return nil, "redis call: " .. tostring(rerr)
-      end
-      reader:feed(data)
-    end
-  end
-  function c.close() sock:close() end
-  return c
-end
-
---- Parses `redis://[:password@]host[:port][/db]`.
--- @treturn[1] table `host`, `port`, `db`, `password`
--- @return[2] nil
--- @treturn[2] string why
-function M.parse_url(url)
-  if type(url) ~= "string" then return nil, "the backend must be a redis:// URL" end
-  local rest = url:match("^redis://(.*)$")
-  if not rest then return nil, "the backend must be a redis:// URL, got " .. url end
-  local password
-  local auth, hostpart = rest:match("^([^@]*)@(.*)$")
-  if auth then
-    password = auth:match("^:(.*)$") or auth
-    rest = hostpart
-  end
-  local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
-  if not host then return nil, "cannot read host, port and db from " .. url end
-  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password }
-end
+--- Parses `redis://[:password@]host[:port][/db]` (as
+-- `smtppool.redis_client.parse_url`).
+M.parse_url = client.parse_url
 
 function B:_emit(ev)
   if self.on_event then pcall(self.on_event, ev) end
-end
-
--- The connection for this call: the kept one (made on first use and after
--- a failure, AUTH and SELECT done), or, for a light thread other than the
--- one that made it (a cosocket belongs to its thread), one for this call
--- only. Returns the client and whether it is the kept one.
-function B:_conn()
-  local mine = not self.per_thread or self.owner == nil or self.owner == coroutine.running()
-  if self.c and mine then return self.c, true end
-  local c, err = self.connect(self.url.host, self.url.port, self.timeout)
-  if not c then return nil, err end
-  local function check(v, e)
-    if v == nil then return nil, e end
-    if type(v) == "table" and v.err then return nil, "redis: " .. v.err end
-    return v
-  end
-  if self.url.password then
-    local ok, e = check(c:call("AUTH", self.url.password))
-    if not ok then
-      c:close()
-      return nil, (tostring(e):gsub(self.url.password:gsub("%p", "%%%0"), "***"))
-    end
-  end
-  if self.url.db ~= 0 then
-    local ok, e = check(c:call("SELECT", tostring(self.url.db)))
-    if not ok then
-      c:close()
-      return nil, e
-    end
-  end
-  if mine then
-    self.c, self.owner = c, coroutine.running()
-    return c, true
-  end
-  return c, false
-end
-
--- Runs fn(client) -> value | nil, err on a connection: a failed call drops
--- the kept connection (the next makes a new one); a passing one is closed.
-function B:_with(fn)
-  local c, kept = self:_conn()
-  if not c then return nil, kept end
-  local v, err = fn(c)
-  if not kept then c:close()
-  elseif v == nil then
-    c:close()
-    self.c, self.owner = nil, nil
-  end
-  return v, err
-end
-
--- EVALSHA takes keys and args flat: one list.
-local function flat(keys, args)
-  local out = {}
-  for _, k in ipairs(keys) do out[#out + 1] = k end
-  for _, a in ipairs(args) do out[#out + 1] = a end
-  return out
 end
 
 -- Runs a script (EVALSHA, loading it once; scripts are the server's, so any
@@ -216,22 +110,7 @@ end
 -- unreachable or failing, and the pool then pauses.
 function B:_call(name, body, keys, args)
   if self.down_until and core.now() < self.down_until then return nil, self.last_err end
-  local all = flat(keys, args)
-  local v, err = self:_with(function(c)
-    local sha = self.shas[name]
-    if not sha then
-      local r, e = c:call("SCRIPT", "LOAD", body)
-      if type(r) ~= "string" then return nil, e or ("redis: " .. tostring(r and r.err)) end
-      sha = r
-      self.shas[name] = sha
-    end
-    local r, e = c:call("EVALSHA", sha, tostring(#keys), (table.unpack or unpack)(all)) -- luacheck: ignore
-    if type(r) == "table" and r.err then
-      if r.err:match("^NOSCRIPT") then self.shas[name] = nil end
-      return nil, "redis: " .. r.err
-    end
-    return r, e
-  end)
+  local v, err = self.client:script(name, body, keys, args)
   if v ~= nil then
     if self.down_since then
       self:_emit({ type = "limits_available", backend = "redis", seconds = core.now() - self.down_since })
@@ -252,10 +131,7 @@ end
 -- One plain command; nil when Redis is unreachable (no pause: a read).
 function B:_cmd(...)
   if self.down_until and core.now() < self.down_until then return nil end
-  local args = { ... }
-  local v = self:_with(function(c) return c:call((table.unpack or unpack)(args)) end) -- luacheck: ignore
-  if type(v) == "table" and v.err then return nil end
-  return v
+  return (self.client:call(...))
 end
 
 function B:take(names, now)
@@ -336,8 +212,9 @@ end
 -- @tparam table url from `parse_url`
 -- @tparam string key the account's name (the prefix of its keys)
 -- @tparam[opt] function on_event the pool's event hook
--- @tparam[opt] string driver_name `"ngx"`: cosockets instead of the blocking client
-function M.backend(url, key, on_event, driver_name)
+-- @tparam[opt] table driver the pool's driver (its Redis transport: the
+--   native driver's blocking client, nginx's cosockets)
+function M.backend(url, key, on_event, driver)
   return function(specs, opts)
     local p = "smtppool:" .. key .. ":"
     local windows = {}
@@ -346,9 +223,8 @@ function M.backend(url, key, on_event, driver_name)
     end
     local host = core.hostname() or "host"
     return setmetatable({ name = "redis", url = url, p = p, windows = windows, max_conns = opts.max_conns or 1,
-                          timeout = 2, shas = {}, held = {}, seq = 0, on_event = on_event,
-                          connect = driver_name == "ngx" and M.cosocket_client or core.redis_connect,
-                          per_thread = driver_name == "ngx",
+                          client = client.new(url, { driver = driver, timeout = 2 }),
+                          held = {}, seq = 0, on_event = on_event,
                           id = ("%s:%d:%s"):format(host, math.random(1, 2 ^ 31), tostring(core.now())) }, B)
   end
 end

@@ -238,6 +238,63 @@ static void redis_close(lredis *c)
     c->r = NULL;
 }
 
+/* Writes n bytes; -1 with errno on an I/O error or timeout. */
+static int send_all(lredis *c, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+        if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (wait_fd(c->fd, POLLOUT, c->timeout) <= 0)
+                return -1;
+            continue;
+        }
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Pushes the next reply: 1; 0 with errno set on an I/O error or timeout;
+ * -1 with the message pushed when the reply is malformed. */
+static int read_reply(lua_State *L, lredis *c)
+{
+    for (;;) {
+        int k = next_reply(L, c->r);
+        if (k != 0)
+            return k;
+        char buf[16384];
+        ssize_t r = recv(c->fd, buf, sizeof buf, 0);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (wait_fd(c->fd, POLLIN, c->timeout) <= 0)
+                return 0;
+            continue;
+        }
+        if (r == 0)
+            errno = ECONNRESET;
+        if (r <= 0)
+            return 0;
+        if (redisReaderFeed(c->r, buf, (size_t)r) != REDIS_OK)
+            return 0;
+    }
+}
+
+static int io_failed(lua_State *L, lredis *c, const char *what)
+{
+    const char *why = strerror(errno);
+    redis_close(c);
+    return fail(L, what, why);
+}
+
+static int malformed(lua_State *L, lredis *c)
+{
+    redis_close(c);
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+}
+
 /* c:call(cmd, args...) -> value | nil, err (the connection is closed on an
  * I/O error or timeout: make a new one). An error reply is a value. */
 static int redis_call(lua_State *L)
@@ -248,48 +305,53 @@ static int redis_call(lua_State *L)
     push_command(L, 2);
     size_t n;
     const char *p = lua_tolstring(L, -1, &n);
-    while (n > 0) {
-        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
-        if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
-            if (wait_fd(c->fd, POLLOUT, c->timeout) <= 0)
-                goto io;
+    if (send_all(c, p, n) < 0)
+        return io_failed(L, c, "call");
+    int k = read_reply(L, c);
+    if (k == 1)
+        return 1;
+    return k < 0 ? malformed(L, c) : io_failed(L, c, "call");
+}
+
+/* c:pipeline({cmd, args...}, ...) -> {value, ...} | nil, err: the commands
+ * leave in one write and their replies are read in order (one round trip);
+ * an error reply is a value in its place. */
+static int redis_pipeline(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (c->fd < 0)
+        return fail(L, "pipeline", "the connection is closed");
+    lua_Integer ncmd = (lua_Integer)lua_rawlen(L, 2);
+    lua_pushliteral(L, ""); /* the commands, concatenated (pipelines are short) */
+    for (lua_Integer i = 1; i <= ncmd; i++) {
+        lua_rawgeti(L, 2, (int)i);
+        if (!lua_istable(L, -1))
+            return luaL_argerror(L, 2, "each command must be a table of strings");
+        int nargs = (int)lua_rawlen(L, -1);
+        int from = lua_gettop(L) + 1;
+        luaL_checkstack(L, nargs + 2, "too many arguments");
+        for (int k = 1; k <= nargs; k++)
+            lua_rawgeti(L, from - 1, k);
+        push_command(L, from);
+        lua_replace(L, from - 1);
+        lua_settop(L, from - 1);
+        lua_concat(L, 2);
+    }
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n);
+    if (send_all(c, p, n) < 0)
+        return io_failed(L, c, "pipeline");
+    lua_createtable(L, (int)ncmd, 0);
+    for (lua_Integer i = 1; i <= ncmd; i++) {
+        int k = read_reply(L, c);
+        if (k == 1) {
+            lua_rawseti(L, -2, i);
             continue;
         }
-        if (w <= 0)
-            goto io;
-        p += w;
-        n -= (size_t)w;
+        return k < 0 ? malformed(L, c) : io_failed(L, c, "pipeline");
     }
-    for (;;) {
-        int k = next_reply(L, c->r);
-        if (k == 1)
-            return 1;
-        if (k < 0) {
-            redis_close(c);
-            lua_pushnil(L);
-            lua_insert(L, -2);
-            return 2;
-        }
-        char buf[16384];
-        ssize_t r = recv(c->fd, buf, sizeof buf, 0);
-        if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
-            if (wait_fd(c->fd, POLLIN, c->timeout) <= 0)
-                goto io;
-            continue;
-        }
-        if (r == 0) {
-            errno = ECONNRESET;
-            goto io;
-        }
-        if (r < 0)
-            goto io;
-        if (redisReaderFeed(c->r, buf, (size_t)r) != REDIS_OK)
-            goto io;
-    }
-io:;
-    const char *why = strerror(errno);
-    redis_close(c);
-    return fail(L, "call", why);
+    return 1;
 }
 
 static int redis_gc(lua_State *L)
@@ -301,7 +363,7 @@ static int redis_gc(lua_State *L)
 void sp_lua_open_redis(lua_State *L)
 {
     static const luaL_Reg resp_methods[] = {{"feed", resp_feed}, {"next", resp_next}, {NULL, NULL}};
-    static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"close", redis_gc}, {NULL, NULL}};
+    static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"pipeline", redis_pipeline}, {"close", redis_gc}, {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"resp_reader", l_resp_reader}, {"resp_command", l_resp_command},
                                      {"redis_connect", l_redis_connect}, {NULL, NULL}};
     sp_l_new_type(L, RESP_MT, NULL, resp_methods, resp_gc);

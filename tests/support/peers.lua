@@ -252,19 +252,21 @@ Redis.__index = Redis
 
 --- Starts redis-server on 127.0.0.1 (a free port, or `port`), its files in
 -- a folder of its own; with the append-only file on (a restart keeps the
--- data), unless opts.persist is false (nothing on disk).
+-- data), unless opts.persist is false (nothing on disk); opts.password sets
+-- requirepass.
 function M.redis(opts)
   opts = opts or {}
   local r = setmetatable({ dir = opts.dir or M.tmpdir(), port = opts.port or M.free_port(),
-                           persist = opts.persist ~= false }, Redis)
+                           persist = opts.persist ~= false, password = opts.password }, Redis)
   r:start()
   return r
 end
 
 function Redis:start()
   self.pid = tonumber(sh(("%sredis-server --bind 127.0.0.1 --port %d --dir %s --save '' --appendonly %s "
-    .. "--protected-mode no --daemonize no >%s 2>&1 & echo $!"):format(CLEAN, self.port, q(self.dir),
-    self.persist and "yes" or "no", q(self.dir .. "/redis.log"))):match("%d+"))
+    .. "--protected-mode no --daemonize no %s>%s 2>&1 & echo $!"):format(CLEAN, self.port, q(self.dir),
+    self.persist and "yes" or "no", self.password and ("--requirepass " .. q(self.password) .. " ") or "",
+    q(self.dir .. "/redis.log"))):match("%d+"))
   M.wait_for(function()
     return (M.read_file(self.dir .. "/redis.log") or ""):find("Ready to accept connections", 1, true)
   end, 10, "redis-server")

@@ -18,6 +18,10 @@
 --   `abort(text)` (cut now; the transaction in flight fails), `close()`,
 --   `caps()` (what EHLO offered).
 -- * `now()`: a monotonic clock in seconds; `tls_context(opts)`.
+-- * `redis_connect(host, port, timeout)`: a Redis connection for
+--   `smtppool.redis_client` (`call`, `pipeline`, `close`); here a small
+--   blocking client in C. `redis_per_thread`: whether a connection belongs
+--   to the coroutine that made it (nginx's cosockets do; these do not).
 -- @module smtppool.driver.native
 
 local core = require("smtppool.core")
@@ -28,4 +32,6 @@ return {
   open = core.connect,
   wait = core.wait,
   tls_context = core.tls_context,
+  redis_connect = core.redis_connect,
+  redis_per_thread = false,
 }

@@ -221,11 +221,61 @@ function H:caps() return self.s:caps() end
 function H:tls_active() return self.s:tls_active() end
 function H:auth_mechanism() return self.s:auth_mechanism() end
 
+--- A Redis connection over a cosocket, for `smtppool.redis_client`:
+-- `call(...)`, `pipeline(cmds)`, `close()`, with the RESP codec of the
+-- native one (hiredis's). A cosocket belongs to the light thread that made
+-- it (`redis_per_thread`).
+function M.redis_connect(host, port, timeout)
+  local sock = ngx.socket.tcp()
+  local ms = math.floor(timeout * 1000)
+  sock:settimeouts(ms, ms, ms)
+  local ok, err = sock:connect(host, port)
+  if not ok then return nil, "redis connect: " .. tostring(err) end
+  local reader = core.resp_reader()
+  local c = {}
+  local function failed(what, e)
+    sock:close()
+    return nil, ("redis %s: %s"):format(what, tostring(e))
+  end
+  local function read(what)
+    while true do
+      local got, v = reader:next()
+      if got then return true, v end
+      if v then return failed(what, v) end -- malformed
+      local data, rerr = sock:receiveany(16384)
+      if not data then return failed(what, rerr) end
+      reader:feed(data)
+    end
+  end
+  function c.call(_, ...)
+    local sent, serr = sock:send(core.resp_command(...))
+    if not sent then return failed("call", serr) end
+    local ok2, v = read("call")
+    if not ok2 then return nil, v end
+    return v
+  end
+  function c.pipeline(_, cmds)
+    local out = {}
+    for i, cmd in ipairs(cmds) do out[i] = core.resp_command((table.unpack or unpack)(cmd)) end -- luacheck: ignore
+    local sent, serr = sock:send(table.concat(out))
+    if not sent then return failed("pipeline", serr) end
+    local values = {}
+    for i = 1, #cmds do
+      local ok2, v = read("pipeline")
+      if not ok2 then return nil, v end
+      values[i] = v
+    end
+    return values
+  end
+  function c.close() sock:close() end
+  return c
+end
+
 --- A driver instance: one per pool (its semaphore wakes that pool's loop).
 -- @treturn table the driver
 function M.new()
   local sem = semaphore.new(0)
-  local d = { name = "ngx", now = core.now }
+  local d = { name = "ngx", now = core.now, redis_connect = M.redis_connect, redis_per_thread = true }
   local waiting, posted = false, false
 
   function d.wake()

@@ -1,0 +1,245 @@
+--- A small Redis client: one connection, its state kept, the transport
+-- given by the driver.
+--
+--     local client = require("smtppool.redis_client")
+--     local c = assert(client.new("redis://:secret@127.0.0.1:6379/2"))
+--     assert(c:connect())
+--     c:call("SET", "k", "v")              --> "OK"
+--     c:pipeline({ { "GET", "k" }, { "INCR", "n" } })  --> { "v", 1 }
+--     c:script("bump", "return redis.call('INCR', KEYS[1])", { "n" }, {})
+--     c:close()
+--
+-- Its surface is lua-resty-redis's (connect, call, pipeline, close). The
+-- limits backend (`smtppool.redis`) and the campaign journal in Redis
+-- (`smtppool.rcampaign`) each hold one; neither reaches into the other.
+--
+-- * **Values**: a status or bulk string is a string, an integer a number,
+--   an array a table, a nil reply `false`. An error reply is `nil`, the
+--   error (`"redis: ERR ..."`) and `true` (the server answered), so a
+--   caller can tell a refused command from an unreachable server
+--   (`nil, err` with no third value; the connection is then dropped and
+--   the next call makes a new one).
+-- * **Connecting**: on first use, and after a failure: the password
+--   (`AUTH`) and the database (`SELECT`) are sent first; an error never
+--   shows the password.
+-- * **Transport**: `driver.redis_connect(host, port, timeout)` gives a
+--   connection with `call(...)`, `pipeline(cmds)` and `close()` (the native
+--   driver's is in C; nginx's a cosocket). A driver whose connections
+--   belong to the light thread that made them (`redis_per_thread`, nginx)
+--   gets a connection for each call made from another thread.
+-- * **Misuse** raises: a call after `close()`, a command that is not a
+--   non-empty list of strings and numbers.
+-- @module smtppool.redis_client
+
+local core = require("smtppool.core")
+
+local M = {}
+
+local C = {}
+C.__index = C
+
+--- Parses `redis://[:password@]host[:port][/db]`.
+-- @treturn[1] table `host`, `port`, `db`, `password`
+-- @return[2] nil
+-- @treturn[2] string why
+function M.parse_url(url)
+  if type(url) ~= "string" then return nil, "the backend must be a redis:// URL" end
+  local rest = url:match("^redis://(.*)$")
+  if not rest then return nil, "the backend must be a redis:// URL, got " .. url end
+  local password
+  local auth, hostpart = rest:match("^([^@]*)@(.*)$")
+  if auth then
+    password = auth:match("^:(.*)$") or auth
+    rest = hostpart
+  end
+  local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
+  if not host then return nil, "cannot read host, port and db from " .. url end
+  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password }
+end
+
+--- A client (nothing is connected yet).
+-- @param url a `redis://` URL or a table from `parse_url`
+-- @tparam[opt] table opts `driver` (its `redis_connect` and
+--   `redis_per_thread`; default: the native driver), `timeout` (seconds
+--   for each connect and reply, default 2)
+-- @treturn[1] table the client
+-- @return[2] nil
+-- @treturn[2] string why the URL is wrong
+function M.new(url, opts)
+  if type(url) ~= "table" then
+    local u, e = M.parse_url(url)
+    if not u then return nil, e end
+    url = u
+  end
+  opts = opts or {}
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+    error("redis_client.new: timeout must be a positive number", 2)
+  end
+  local d = opts.driver or {}
+  return setmetatable({ url = url, timeout = opts.timeout or 2,
+                        transport = d.redis_connect or core.redis_connect,
+                        per_thread = d.redis_per_thread and true or false,
+                        shas = {}, closed = false }, C)
+end
+
+-- An error text without the password.
+function C:_scrub(e)
+  local pw = self.url.password
+  e = tostring(e)
+  if pw and pw ~= "" then e = e:gsub(pw:gsub("%p", "%%%0"), "***") end
+  return e
+end
+
+-- Opens a transport connection, AUTH and SELECT done.
+function C:_open()
+  local u = self.url
+  local c, err = self.transport(u.host, u.port, self.timeout)
+  if not c then return nil, self:_scrub(err) end
+  local function step(...)
+    local v, e = c:call(...)
+    if v == nil then return nil, e end
+    if type(v) == "table" and v.err then return nil, "redis: " .. v.err end
+    return v
+  end
+  if u.password then
+    local ok, e = step("AUTH", u.password)
+    if not ok then
+      c:close()
+      return nil, self:_scrub(e)
+    end
+  end
+  if u.db ~= 0 then
+    local ok, e = step("SELECT", tostring(u.db))
+    if not ok then
+      c:close()
+      return nil, e
+    end
+  end
+  return c
+end
+
+-- The connection for this call: the kept one, or (another light thread's
+-- call when connections are per thread) one for this call only.
+function C:_conn()
+  if self.closed then error("redis client: used after close()", 3) end
+  local mine = not self.per_thread or self.owner == nil or self.owner == coroutine.running()
+  if self.c and mine then return self.c, true end
+  local c, err = self:_open()
+  if not c then return nil, err end
+  if mine then
+    self.c, self.owner = c, coroutine.running()
+    return c, true
+  end
+  return c, false
+end
+
+-- Runs fn(conn) -> value | nil, err: an unreachable server drops the kept
+-- connection (the next call makes a new one); an error reply keeps it.
+function C:_with(fn)
+  local c, kept = self:_conn()
+  if not c then return nil, kept end
+  local v, err, answered = fn(c)
+  if not kept then
+    c:close()
+  elseif v == nil and not answered then
+    c:close()
+    self.c, self.owner = nil, nil
+  end
+  return v, err, answered
+end
+
+local function value(v, err)
+  if v == nil then return nil, tostring(err) end
+  if type(v) == "table" and v.err then return nil, "redis: " .. v.err, true end
+  return v
+end
+
+local function check_args(args, level)
+  if #args == 0 then error("redis client: a command needs a name", level) end
+  for i = 1, #args do
+    local t = type(args[i])
+    if t ~= "string" and t ~= "number" then
+      error(("redis client: argument %d is a %s, not a string or number"):format(i, t), level)
+    end
+  end
+end
+
+--- Connects now (calls connect on their own otherwise).
+-- @treturn[1] true
+-- @return[2] nil
+-- @treturn[2] string why (never with the password)
+function C:connect()
+  local c, err = self:_conn()
+  if not c then return nil, err end
+  return true
+end
+
+--- One command.
+-- @param ... the command and its arguments (strings or numbers)
+-- @return[1] its value (`false` for a nil reply)
+-- @return[2] nil
+-- @treturn[2] string why
+-- @treturn[2] boolean true when the server answered with an error
+function C:call(...)
+  local args = { ... }
+  check_args(args, 3)
+  return self:_with(function(c)
+    return value(c:call((table.unpack or unpack)(args))) -- luacheck: ignore
+  end)
+end
+
+--- Several commands in one round trip.
+-- @tparam table cmds a list of commands, each a list of strings
+-- @treturn[1] table their values in order; an error reply is a table
+--   `{err = "..."}` in its place
+-- @return[2] nil
+-- @treturn[2] string why (the server could not be reached)
+function C:pipeline(cmds)
+  if type(cmds) ~= "table" then error("redis client: pipeline takes a list of commands", 2) end
+  for _, cmd in ipairs(cmds) do
+    if type(cmd) ~= "table" then error("redis client: each command must be a list", 2) end
+    check_args(cmd, 3)
+  end
+  if #cmds == 0 then return {} end
+  return self:_with(function(c)
+    local v, err = c:pipeline(cmds)
+    if v == nil then return nil, tostring(err) end
+    return v
+  end)
+end
+
+--- Runs a server-side script by its SHA (`EVALSHA`), loading it once per
+-- client and again when the server has forgotten it (a restart).
+-- @tparam string name the script's name for the cache
+-- @tparam string body its source
+-- @tparam table keys KEYS
+-- @tparam table args ARGV
+-- @return as `call`
+function C:script(name, body, keys, args)
+  local all = {}
+  for _, k in ipairs(keys) do all[#all + 1] = k end
+  for _, a in ipairs(args) do all[#all + 1] = a end
+  check_args({ "EVALSHA", (table.unpack or unpack)(all) }, 3) -- luacheck: ignore
+  return self:_with(function(c)
+    for _ = 1, 2 do
+      local sha = self.shas[name]
+      if not sha then
+        local r, e, answered = value(c:call("SCRIPT", "LOAD", body))
+        if r == nil then return nil, e, answered end
+        sha = r
+        self.shas[name] = sha
+      end
+      local r, e, answered = value(c:call("EVALSHA", sha, tostring(#keys), (table.unpack or unpack)(all))) -- luacheck: ignore
+      if r ~= nil or not (answered and e:match("^redis: NOSCRIPT")) then return r, e, answered end
+      self.shas[name] = nil -- the server restarted: load it again, once
+    end
+  end)
+end
+
+--- Closes the connection; the client cannot be used again.
+function C:close()
+  if self.c then self.c:close() end
+  self.c, self.owner, self.closed = nil, nil, true
+end
+
+return M
