@@ -51,13 +51,16 @@ build = {
       ["smtppool.limits"] = "lua/smtppool/limits.lua",
       ["smtppool.shdict"] = "lua/smtppool/shdict.lua",
       ["smtppool.redis"] = "lua/smtppool/redis.lua",
+      ["smtppool.redis_client"] = "lua/smtppool/redis_client.lua",
       ["smtppool.rcampaign"] = "lua/smtppool/rcampaign.lua",
       ["smtppool.driver.ngx"] = "lua/smtppool/driver/ngx.lua",
       ["smtppool.core"] = {
          sources = {
             "src/proto/sp_buf.c", "src/proto/sp_error.c", "src/proto/sp_reply.c", "src/proto/sp_caps.c",
-            "src/proto/sp_codec.c", "src/proto/sp_session.c", "src/proto/sp_sasl.c", "src/proto/sp_envelope.c",
+            "src/proto/sp_codec.c", "src/proto/sp_session.c", "src/proto/sp_session_auth.c", "src/proto/sp_session_tx.c",
+            "src/proto/sp_sasl.c", "src/proto/sp_envelope.c",
             "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c", "src/mail/sp_signq.c",
+            "src/mail/sp_pump.c",
             "src/net/sp_tls.c", "src/net/sp_net.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",
             "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lredis.c", "src/store/sp_journal.c",

@@ -17,7 +17,6 @@
 #include <openssl/err.h>
 
 #define READ_CHUNK 16384
-#define BODY_CHUNK 65536 /* body bytes stuffed per step; bounds the output buffer */
 /* The connection passes on its session's events (a few it acts on itself),
  * and the caller drains them at every turn: the session's bound holds. */
 #define CONN_EVQ SP_SESSION_EVENTS_MAX
@@ -312,48 +311,6 @@ static void push(sp_conn *c, sp_event e)
         abort();
     }
     c->evq[(c->ev_head + c->ev_len++) % CONN_EVQ] = e;
-}
-
-void sp_body_pump(sp_session *s, sp_body_src **body, sp_dot_hook *hook, void *hook_ud)
-{
-    sp_error e;
-    while (sp_session_state(s) == SP_ST_BODY && sp_buf_pending(sp_session_output(s)) < BODY_CHUNK) {
-        if (!*body) {
-            sp_error_set(&e, SP_KIND_INVALID, SP_PHASE_DATA, "no message body was given");
-            sp_session_fail(s, &e);
-            return;
-        }
-        const char *p;
-        size_t n;
-        int r = sp_body_src_next(*body, &p, &n, &e);
-        if (r < 0) {
-            /* Cannot finish the body: drop the connection before the dot so
-             * the server discards the partial message. */
-            sp_session_fail(s, &e);
-            return;
-        }
-        if (r == 0) {
-            sp_body_src_free(*body);
-            *body = NULL;
-            if (*hook) {
-                sp_dot_hook fn = *hook;
-                *hook = NULL;
-                if (fn(hook_ud, &e) < 0) {
-                    sp_session_fail(s, &e);
-                    return;
-                }
-            }
-            sp_session_body_end(s, &e);
-            return;
-        }
-        while (n > 0) { /* bounded bites keep the output buffer near BODY_CHUNK */
-            size_t k = n < BODY_CHUNK ? n : BODY_CHUNK;
-            if (sp_session_body(s, p, k, &e) < 0)
-                return;
-            p += k;
-            n -= k;
-        }
-    }
 }
 
 static void fill_body(sp_conn *c) { sp_body_pump(c->s, &c->body, &c->dot_hook, c->dot_ud); }

@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 #include "sp_body.h"
+#include "sp_pump.h"
 #include "sp_error.h"
 #include "sp_session.h"
 #include "sp_tls.h"
@@ -55,11 +56,7 @@ int sp_conn_is_open(const sp_conn *c);
  * the connection owns and frees it. */
 void sp_conn_set_body_src(sp_conn *c, sp_body_src *src);
 
-/* Called once per transaction when the whole body has been fed, just
- * before the final dot is queued: the last moment the message certainly has
- * not been committed (a campaign journals "leaving" here). A hook that
- * returns -1 with *err set ends the connection before the dot leaves. */
-typedef int (*sp_dot_hook)(void *ud, sp_error *err);
+/* The dot hook (sp_pump.h) for the transaction just started. */
 void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud);
 
 /* Called before each write of the connection's output (and so before a
@@ -68,13 +65,6 @@ void sp_conn_set_dot_hook(sp_conn *c, sp_dot_hook fn, void *ud);
  * connection's dots of a loop turn. -1 with *err set ends the connection
  * before anything more leaves. */
 void sp_conn_set_sync_hook(sp_conn *c, sp_dot_hook fn, void *ud);
-
-/* Feeds the body from *body into the session while its output holds less
- * than 64 KB; when the body ends, runs *hook once (cleared first) and queues
- * the final dot. On a failure (an unreadable file, a hook that fails) the
- * session is failed before the dot. sp_conn's pump, and the binding's
- * socketless session's (the OpenResty driver). */
-void sp_body_pump(sp_session *s, sp_body_src **body, sp_dot_hook *hook, void *hook_ud);
 
 /* Events the driver passes on (SP_EV_BODY is handled inside). */
 sp_event sp_conn_next_event(sp_conn *c);
