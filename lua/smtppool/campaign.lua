@@ -541,21 +541,18 @@ function Campaign:run()
     progress(false)
   end
 
-  local saved_policy, saved_hook = pool.retry, pool.on_event
-  if o.retry then pool.retry = o.retry end
-  pool.on_event = function(ev)
+  local function on_event(ev)
     if ev.type == "retry" then -- a message waiting for its next attempt
       report.retried = report.retried + 1
       report.deferred = report.deferred + 1
     end
-    if saved_hook then saved_hook(ev) end
   end
   local ok, e
   local waited, delay = 0, o.outage_delay or 5
   while true do
     ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
       mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil,
-      before_wait = journal and commit or nil })
+      before_wait = journal and commit or nil, retry = o.retry, on_event = on_event })
     if not ok then break end
     if o.handle_signals and core.signalled() > 0 then
       report.stopped = "interrupted"
@@ -579,7 +576,7 @@ function Campaign:run()
       break
     end
     -- Wait, then probe: the outage's victims and the cancelled go first.
-    if saved_hook then pcall(saved_hook, { type = "outage_wait", seconds = delay, err = tripped }) end
+    if pool.on_event then pcall(pool.on_event, { type = "outage_wait", seconds = delay, err = tripped }) end
     core.wait({}, delay)
     waited = waited + delay
     delay = math.min(delay * 2, 300)
@@ -594,7 +591,6 @@ function Campaign:run()
       break
     end
   end
-  pool.retry, pool.on_event = saved_policy, saved_hook
   -- Still pending: cancelled by the stop, prepared and never handed out, or
   -- (for a list of known length) not read yet.
   report.pending = #requeue + math.max(0, #ready - ready_i) + (report.pending_outage or 0)

@@ -173,7 +173,7 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   credentials with `tls = "none"` and no `allow_plaintext_auth`...)
 function M.new(opts)
   options.check(opts)
-  return M._build(opts, native)
+  return M.build(opts, native)
 end
 
 -- The default number of signing threads. An RSA-2048 signature costs four
@@ -193,10 +193,17 @@ function M._sign_threads_default(signers)
   return math.min(8, cpus)
 end
 
--- The pool over a driver (`smtppool.driver.native`, or the OpenResty one),
--- its limits in a shared backend when `shared` is given (see
--- `smtppool.limits.from_options`). opts are checked already.
-function M._build(opts, driver, shared)
+--- A pool over a given driver: what a front-end on another event loop uses
+-- (`smtppool.ngx` builds its pools on nginx's cosockets with it). `new` is
+-- `build(opts, require("smtppool.driver.native"))` after checking opts.
+-- @tparam table opts the pool's options, as for `new` (checked by the caller:
+--   `smtppool.options.check`)
+-- @tparam table driver a driver (the interface: `smtppool.driver.native`)
+-- @param[opt] shared a limits backend constructor (`smtppool.limits.from_options`)
+-- @treturn[1] Pool
+-- @return[2] nil
+-- @treturn[2] table error value (kind `config`)
+function M.build(opts, driver, shared)
   local cfg, cerr = options.resolve(opts)
   if not cfg then return nil, cerr end
   local tls_ctx
@@ -209,7 +216,7 @@ function M._build(opts, driver, shared)
   local signers, derr = prepare.dkim_signers(opts.dkim)
   if not signers then return nil, derr end
   if cfg.sign_threads == nil then cfg.sign_threads = M._sign_threads_default(signers) end
-  local lim, lerr = limits.from_options(opts, shared, driver.name)
+  local lim, lerr = limits.from_options(opts, shared, driver)
   if not lim then return nil, lerr end
   return setmetatable({
     opts = opts,
@@ -244,7 +251,7 @@ end
 function Pool:_send_one(item)
   local res, err
   local given = false
-  self:_run(function()
+  self:run(function()
     if given then return nil end
     given = true
     return item
@@ -333,6 +340,10 @@ end
 -- * `before_wait = function()`: called once a turn of the loop, before it
 --   waits on the network (a campaign commits its journal's records there,
 --   one transaction a turn).
+-- * `retry = function(attempt, err) -> delay | false`: this batch's retry
+--   policy instead of the pool's (`smtppool.retry`).
+-- * `on_event = function(ev)`: called with this batch's events, besides
+--   the pool's `on_event`.
 -- @treturn table summary: `sent`, `failed`, `cancelled` (never started:
 --   the run was stopped), `total`
 function Pool:send_batch(source, opts)
@@ -341,7 +352,7 @@ function Pool:send_batch(source, opts)
   end
   if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
   local on_result = opts and opts.on_result
-  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async", "before_wait" }) do
+  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async", "before_wait", "retry", "on_event" }) do
     if opts and opts[k] ~= nil and type(opts[k]) ~= "function" then
       error("send_batch: " .. k .. " must be a function", 2)
     end
@@ -373,7 +384,10 @@ function Pool:send_batch(source, opts)
       waiting = function(fd) self._wait_fds = fd and { fd } or nil end })
   end
   local summary, account = policy.summary(on_result)
-  local ok, e = pcall(self._run, self, next_msg, account, opts)
+  local saved_retry, saved_hook = self.batch_retry, self.batch_on_event
+  self.batch_retry, self.batch_on_event = opts and opts.retry, opts and opts.on_event
+  local ok, e = pcall(self.run, self, next_msg, account, opts)
+  self.batch_retry, self.batch_on_event = saved_retry, saved_hook
   if finish then
     -- messages taken for signing and never started (the batch was stopped)
     local left = finish()
@@ -500,7 +514,9 @@ end
 -- @treturn table `opened`, `closed_by_us`, `closed_by_server`, `rotated`,
 --   `moved` (messages moved off exhausted connections without spending an
 --   attempt), `sent`, `failed`, `retried`, `ambiguous`, `rate_waits`,
---   `open`, `idle`, `in_use`, and `learned_cap` when one was learned
+--   `open`, `idle`, `in_use`, `learned_cap` when one was learned, and with
+--   limits shared by every process (`shared_dict` in nginx, `rate.backend`
+--   in Redis) `open_total`: sockets open across all of them
 function Pool:stats()
   local s = {}
   for k, v in pairs(self.counters) do s[k] = v end
@@ -516,6 +532,7 @@ function Pool:stats()
     end
   end
   s.learned_cap = self:_learned_cap()
+  if self.limits.open_total then s.open_total = self.limits:open_total() end
   return s
 end
 
@@ -525,7 +542,7 @@ end
 function Pool:close()
   if self.closed then return true end
   self.closed = true
-  self:_close_all()
+  self:close_connections()
   return true
 end
 

@@ -91,7 +91,7 @@ function M.new(opts)
     shared = shdict.backend(opts.shared_dict, key)
   end
   local drv = driver.new()
-  local pool, err = smtppool._build(base, drv, shared)
+  local pool, err = smtppool.build(base, drv, shared)
   if not pool then return nil, err end
   return setmetatable({
     base = base, shared = shared, pool = pool, drv = drv, queue = {}, head = 1, tail = 0,
@@ -149,10 +149,10 @@ local function agent(premature, self)
   end
   local function should_stop()
     if not (premature or ngx.worker.exiting()) then return false end
-    exit_started = exit_started or pool.driver.now()
-    return pool.driver.now() - exit_started >= self.exit_timeout
+    exit_started = exit_started or self.drv.now()
+    return self.drv.now() - exit_started >= self.exit_timeout
   end
-  local ok, err = pcall(pool._run, pool, source, function(entry, res, e) self:_deliver(entry, res, e) end,
+  local ok, err = pcall(pool.run, pool, source, function(entry, res, e) self:_deliver(entry, res, e) end,
     { poll = 1, should_stop = should_stop })
   if not ok then ngx.log(ngx.ERR, "smtppool: the sending agent failed: ", tostring(err)) end
   -- Closing the connections yields: a request may hand a message in
@@ -160,7 +160,7 @@ local function agent(premature, self)
   -- running first, then ends what it holds (no yield between the two), and
   -- a message handed in later starts a new agent or is refused at once.
   self:_cancel_all() -- the waiting requests answer before the connections close
-  pcall(pool._close_all, pool)
+  pcall(pool.close_connections, pool)
   self.running = false
   self:_cancel_all()
 end
@@ -317,7 +317,7 @@ end
 -- connection of its own in the calling request.
 function P:verify()
   if self.closed then return nil, errors.new("config", "the pool is closed") end
-  local p, err = smtppool._build(self.base, driver.new(), self.shared)
+  local p, err = smtppool.build(self.base, driver.new(), self.shared)
   if not p then return nil, err end
   local res, verr = p:verify()
   p:close()
@@ -330,8 +330,6 @@ end
 function P:stats()
   local s = self.pool:stats()
   s.queued = self:_len()
-  local lim = self.pool.limits
-  if lim.open_total then s.open_total = lim:open_total() end
   return s
 end
 

@@ -35,13 +35,16 @@ local S = {}
 -- How often a pool denied a connection slot by a shared backend looks again.
 local SLOT_POLL = 0.05
 
+-- The pool's on_event, and a batch's own (send_batch's opts.on_event).
 function S:_emit(ev)
-  if self.on_event then
-    local ok, e = pcall(self.on_event, ev)
-    if not ok and not self._hook_warned then
-      -- A broken hook must not break delivery; report it once on stderr.
-      self._hook_warned = true
-      io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
+  for _, hook in ipairs({ self.batch_on_event or false, self.on_event or false }) do
+    if hook then
+      local ok, e = pcall(hook, ev)
+      if not ok and not self._hook_warned then
+        -- A broken hook must not break delivery; report it once on stderr.
+        self._hook_warned = true
+        io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
+      end
     end
   end
 end
@@ -210,7 +213,7 @@ function S:_after_failure(run, job, err, rec, t)
   -- A stopping run neither retries nor moves: the attempt's outcome stands.
   local d = run.stopping and { action = "final", attempts = job.attempts + 1, err = err,
                                ambiguous = err.kind == "ambiguous" or nil }
-    or policy.after_failure(job, err, rec and job.seq, t, self.retry)
+    or policy.after_failure(job, err, rec and job.seq, t, self.batch_retry or self.retry)
   if d.action == "move" then
     job.free_moves = job.free_moves + 1
     self.counters.moved = self.counters.moved + 1
@@ -458,11 +461,16 @@ function S:_stop(run, level, t)
   return run.stopping + self.cfg.close_timeout
 end
 
--- Runs messages pulled from next_msg() through the pool until all have an
--- outcome. on_result(msg, res, err) is called once per message. opts:
--- `mark(msg) -> journal, line` (a line written just before each attempt's
--- final dot) and `should_stop() -> false | true | "now"`.
-function S:_run(next_msg, on_result, opts)
+--- The loop: runs messages pulled from `next_msg()` through the pool until
+-- all have an outcome (what `send`, `send_batch` and `smtppool.ngx`'s agent
+-- run on). `on_result(item, res, err)` is called once per message. A
+-- source may answer `false`: nothing now, more later.
+-- @tparam function next_msg the source of prepared items
+-- @tparam function on_result the outcome of each
+-- @tparam[opt] table opts `mark(item) -> journal, key` (L just before each
+--   attempt's final dot), `mark_async`, `should_stop() -> false | true | "now"`,
+--   `poll` (seconds between asking a source that said `false`), `before_wait`
+function S:run(next_msg, on_result, opts)
   -- A source may answer false: nothing now, more later (the OpenResty
   -- agent's queue). The loop then wakes at least every `poll` seconds
   -- (opts.poll) to ask again, and the driver's wait returns early when the
@@ -723,9 +731,10 @@ function S:_run(next_msg, on_result, opts)
   end
 end
 
--- QUITs the idle connections, waits up to close_timeout for the replies,
--- then closes every socket.
-function S:_close_all()
+--- QUITs the idle connections, waits up to `close_timeout` for the
+-- replies, then closes every socket; the pool stays usable (`close` also
+-- refuses new messages).
+function S:close_connections()
   for _, rec in ipairs(self.conns) do
     if rec.state == "idle" then self:_quit(rec) end
   end

@@ -239,6 +239,29 @@ describe("pool behaviour", function()
       end)
   end)
 
+  it("takes a batch's own retry policy and event hook, leaving the pool's as they were", function()
+    local pool_events, batch_events = {}, {}
+    local no_retry = function() return false end
+    with_fault({ rules = { { on = "MAIL", nth = 1, ["do"] = "reply", text = "451 4.3.0 try later" } } },
+      { retry = no_retry, on_event = function(ev) pool_events[#pool_events + 1] = ev.type end },
+      function(pool)
+        local outcomes = {}
+        pool:send_batch({ msg(1) }, { retry = smtppool.retry.backoff{ base = 0.01 },
+          on_event = function(ev) batch_events[#batch_events + 1] = ev.type end,
+          on_result = function(_, res, err) outcomes[#outcomes + 1] = { res, err } end })
+        assert.truthy(outcomes[1][1], tostring(outcomes[1][2]))
+        assert.equal(2, outcomes[1][1].attempts)
+        assert.same(pool_events, batch_events) -- both hooks saw every event of the batch
+        assert.truthy(table.concat(batch_events, " "):find("retry", 1, true))
+        -- afterwards the pool's own policy is back, and the batch hook is gone
+        assert.equal(no_retry, pool.retry)
+        local n = #batch_events
+        assert.truthy(pool:send_raw(msg(2)))
+        assert.equal(n, #batch_events)
+        assert.has_error(function() pool:send_batch({}, { retry = 3 }) end, "send_batch: retry must be a function")
+      end)
+  end)
+
   it("never retries a permanent error", function()
     with_fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "550 5.7.1 no" } } }, {}, function(pool)
       local res, err = pool:send_raw(msg(1))
