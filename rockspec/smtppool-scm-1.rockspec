@@ -45,6 +45,7 @@ build = {
       ["smtppool.prepare"] = "lua/smtppool/prepare.lua",
       ["smtppool.policy"] = "lua/smtppool/policy.lua",
       ["smtppool.scheduler"] = "lua/smtppool/scheduler.lua",
+      ["smtppool.loop"] = "lua/smtppool/loop.lua",
       ["smtppool.driver.native"] = "lua/smtppool/driver/native.lua",
       ["smtppool.presets"] = "lua/smtppool/presets.lua",
       ["smtppool.relays"] = "lua/smtppool/relays.lua",

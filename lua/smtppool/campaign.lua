@@ -33,6 +33,7 @@
 local core = require("smtppool.core")
 local csv = require("smtppool.csv")
 local template = require("smtppool.template")
+local loop = require("smtppool.loop")
 
 local M = {}
 
@@ -577,7 +578,7 @@ function Campaign:run()
     end
     -- Wait, then probe: the outage's victims and the cancelled go first.
     if pool.on_event then pcall(pool.on_event, { type = "outage_wait", seconds = delay, err = tripped }) end
-    core.wait({}, delay)
+    loop.sleep(delay)
     waited = waited + delay
     delay = math.min(delay * 2, 300)
     for i = #streak_msgs, 1, -1 do

@@ -30,6 +30,7 @@ local options = require("smtppool.options")
 local prepare = require("smtppool.prepare")
 local policy = require("smtppool.policy")
 local scheduler = require("smtppool.scheduler")
+local loop = require("smtppool.loop")
 local native = require("smtppool.driver.native")
 local limits = require("smtppool.limits")
 local message = require("smtppool.message")
@@ -340,7 +341,7 @@ end
 -- * `before_wait = function()`: called once a turn of the loop, before it
 --   waits on the network (a campaign commits its journal's records there,
 --   one transaction a turn).
--- * `retry = function(attempt, err) -> delay | false`: this batch's retry
+-- * `retry = function(err, attempt, msg) -> delay | false`: this batch's retry
 --   policy instead of the pool's (`smtppool.retry`).
 -- * `on_event = function(ev)`: called with this batch's events, besides
 --   the pool's `on_event`.
@@ -423,7 +424,7 @@ function Pool:verify()
       return nil, errors.new("connection", "verify: the rate windows allow no connection in time",
         { phase = "connect" })
     end
-    self.driver.wait({}, w)
+    loop.sleep(w, self.driver)
     t = self.driver.now()
   end
   local rec, err = self:_open(t)
@@ -535,6 +536,10 @@ function Pool:stats()
   if self.limits.open_total then s.open_total = self.limits:open_total() end
   return s
 end
+
+--- The name of the driver the pool runs on: `"native"` (the C core's
+-- sockets) or `"ngx"` (cosockets).
+function Pool:driver_name() return self.driver.name end
 
 --- Closes every connection: QUIT on idle ones (waiting at most
 -- `close_timeout` seconds), then the sockets. The pool refuses new messages

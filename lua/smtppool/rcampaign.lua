@@ -31,6 +31,7 @@
 
 local core = require("smtppool.core")
 local client = require("smtppool.redis_client")
+local loop = require("smtppool.loop")
 
 local M = {}
 
@@ -191,7 +192,7 @@ function J:_run(name, body, args, patience)
     local v, e = self.c:script(name, body, { self.p }, args)
     if v ~= nil then return v end
     if core.now() >= deadline then return nil, e end
-    core.wait({}, 0.5)
+    loop.sleep(0.5)
   end
 end
 

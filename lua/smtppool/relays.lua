@@ -20,8 +20,8 @@
 -- loop (the native driver) or in light threads (nginx).
 -- @module smtppool.relays
 
-local core = require("smtppool.core")
 local errors = require("smtppool.errors")
+local loop = require("smtppool.loop")
 local policy = require("smtppool.policy")
 local scheduler = require("smtppool.scheduler")
 
@@ -337,9 +337,10 @@ local function outcome(self, st, r, m, res, err)
   report(st, r, m, res, err)
 end
 
--- Runs every relay's send_batch at once. Native pools run as coroutines over
--- one poll: each pool's wait yields its connections and timeout here, and
--- one core.wait serves them all. In nginx each relay gets a light thread.
+-- Runs every relay's send_batch at once. Native pools run as tasks of one
+-- loop (`smtppool.loop`): each pool's wait yields its connections, timeout
+-- and fds to it, and one wait serves them all. In nginx each relay gets a
+-- light thread.
 function Relays:_spread_batch(source, opts)
   local st = batch_state(self, source, opts)
   local function batch_opts(r)
@@ -351,7 +352,8 @@ function Relays:_spread_batch(source, opts)
   end
   local native = true
   for _, r in ipairs(st.active) do
-    if not (r.pool.driver and r.pool.driver.name == "native") then native = false end
+    -- (smtppool.ngx's pools have no driver_name: they run in light threads)
+    if not (type(r.pool.driver_name) == "function" and r.pool:driver_name() == "native") then native = false end
   end
   local failure
   if native then
@@ -391,69 +393,18 @@ function Relays:_spread_batch(source, opts)
   return st.summary
 end
 
+-- Every native relay's share as a task of one loop (smtppool.loop): one
+-- wait on the network serves them all.
 function Relays:_mux(st, source_for, batch_opts)
-  local now = core.now
-  local runs, failure = {}, nil
+  local l = loop.new(require("smtppool.driver.native"))
   for _, r in ipairs(st.active) do
-    local pool = r.pool
-    local driver = pool.driver
-    local run = { relay = r, pool = pool, driver = driver }
-    pool.driver = setmetatable({ wait = function(list, timeout, fds) return coroutine.yield(list, timeout, fds) end },
-      { __index = driver })
-    run.co = coroutine.create(function() return pool:send_batch(source_for(r), batch_opts(r)) end)
-    runs[#runs + 1] = run
+    l:spawn(function()
+      local ok, e = pcall(r.pool.send_batch, r.pool, source_for(r), batch_opts(r))
+      st.ended[r] = true -- the others may take what it has not
+      if not ok then error(e, 0) end
+    end)
   end
-  local function resume(run, ...)
-    local ok, list, timeout, fds = coroutine.resume(run.co, ...)
-    if not ok then
-      failure = failure or list
-      run.done = true
-    elseif coroutine.status(run.co) == "dead" then
-      run.done = true
-    else
-      run.list, run.fds = list, fds
-      run.due = timeout >= 0 and now() + timeout or nil
-    end
-    if run.done then
-      run.pool.driver = run.driver
-      st.ended[run.relay] = true
-    end
-  end
-  for _, run in ipairs(runs) do resume(run) end
-  while true do
-    local all, owner, index, live, fds = {}, {}, {}, {}, {}
-    local due
-    for _, run in ipairs(runs) do
-      if not run.done then
-        live[#live + 1] = run
-        for _, fd in ipairs(run.fds or {}) do fds[#fds + 1] = fd end
-        for i, c in ipairs(run.list) do
-          all[#all + 1] = c
-          owner[#all] = run
-          index[#all] = i
-        end
-        if run.due and (not due or run.due < due) then due = run.due end
-      end
-    end
-    if #live == 0 then break end
-    local t = now()
-    -- a run's own fds (its signing queue's) wake it too
-    local ready, fd_ready = core.wait(all, due and math.max(0, due - t) or -1, #fds > 0 and fds or nil)
-    local got = {}
-    for _, entry in ipairs(ready) do
-      local run = owner[entry.conn]
-      entry.conn = index[entry.conn]
-      got[run] = got[run] or {}
-      table.insert(got[run], entry)
-    end
-    t = now()
-    for _, run in ipairs(live) do
-      local woken = false
-      for _, fd in ipairs(run.fds or {}) do woken = woken or (fd_ready and fd_ready[fd]) or false end
-      if got[run] or woken or (run.due and run.due <= t) then resume(run, got[run] or {}) end
-    end
-  end
-  return failure
+  return l:run()
 end
 
 --- The relays' names and state: one `{name, up, stats}` per relay.

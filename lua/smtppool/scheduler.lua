@@ -27,6 +27,7 @@
 local errors = require("smtppool.errors")
 local options = require("smtppool.options")
 local policy = require("smtppool.policy")
+local loop = require("smtppool.loop")
 
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
@@ -405,7 +406,7 @@ function S:_wait(run, recs, timeout)
   local list = {}
   for i, rec in ipairs(recs) do list[i] = rec.c end
   if run.before_wait then guarded(run, "before_wait", run.before_wait) end
-  local ready = self.driver.wait(list, timeout, self._wait_fds)
+  local ready = loop.wait(self.driver, list, timeout, self._wait_fds)
   local t = self.driver.now()
   for _, entry in ipairs(ready) do
     self:_dispatch(run, recs[entry.conn], entry, t)

@@ -1,0 +1,133 @@
+--- The loop: one wait on the network for several tasks.
+--
+-- A task is a coroutine (a pool's `send_batch`, a relay's share of a
+-- spread batch). When a task running on a loop waits (the scheduler's wait
+-- goes through `smtppool.loop.wait`), it yields its connections, timeout
+-- and file descriptors to the loop instead of waiting itself; the loop
+-- makes one `driver.wait` over every task's connections and fds, with the
+-- nearest of their deadlines, and resumes each task whose connections have
+-- events, whose fds are readable or whose deadline has come, with its own
+-- entries (connection indexes as in the list it gave).
+--
+--     local loop = require("smtppool.loop")
+--     local l = loop.new(require("smtppool.driver.native"))
+--     l:spawn(function() return pool_a:send_batch(list_a) end)
+--     l:spawn(function() return pool_b:send_batch(list_b) end)
+--     local failure = l:run() -- nil, or the first error a task raised
+--
+-- A wait made outside any loop (a plain `send_batch`) goes to the driver
+-- directly. Native driver only: in nginx every pool's agent is a light
+-- thread of its own and the cosockets are nginx's loop.
+-- @module smtppool.loop
+
+local M = {}
+
+local Loop = {}
+Loop.__index = Loop
+
+-- coroutine -> the loop it runs on (weak: a finished task is forgotten)
+local running = setmetatable({}, { __mode = "k" })
+
+--- A loop over a driver (`wait`, `now`).
+-- @tparam table driver
+-- @treturn table the loop
+function M.new(driver)
+  if type(driver) ~= "table" or type(driver.wait) ~= "function" or type(driver.now) ~= "function" then
+    error("loop.new: a driver with wait and now is needed", 2)
+  end
+  return setmetatable({ driver = driver, tasks = {} }, Loop)
+end
+
+--- Adds a task: `fn(...)` runs as a coroutine on this loop from `run`.
+-- @tparam function fn
+-- @return the task (a table; `task.done`, `task.ok`, `task.result` or
+--   `task.err` once it ended)
+function Loop:spawn(fn, ...)
+  if type(fn) ~= "function" then error("loop:spawn: a function is needed", 2) end
+  local args = table.pack and table.pack(...) or { n = select("#", ...), ... }
+  local task = { co = coroutine.create(function() return fn((table.unpack or unpack)(args, 1, args.n)) end) } -- luacheck: ignore
+  running[task.co] = self
+  self.tasks[#self.tasks + 1] = task
+  return task
+end
+
+--- Waits as the driver's `wait` does: on the running task's loop when there
+-- is one (the task yields), else on the driver itself.
+-- @tparam table driver the caller's driver
+-- @tparam table handles connections
+-- @tparam number timeout seconds (negative: no limit)
+-- @tparam[opt] table fds file descriptors whose readability wakes the wait
+-- @return the driver's entries
+function M.wait(driver, handles, timeout, fds)
+  local co = coroutine.running()
+  if co and running[co] then return coroutine.yield(handles, timeout, fds) end
+  return driver.wait(handles, timeout, fds)
+end
+
+--- Sleeps: the running task yields to its loop (its other tasks' sockets
+-- are served meanwhile); outside a loop, a wait on the driver with no
+-- connections.
+-- @tparam number seconds
+-- @tparam[opt] table driver (default: the native one)
+function M.sleep(seconds, driver)
+  return M.wait(driver or require("smtppool.driver.native"), {}, seconds)
+end
+
+local function resume(self, task, ...)
+  local ok, list, timeout, fds = coroutine.resume(task.co, ...)
+  if not ok then
+    task.done, task.ok, task.err = true, false, list
+    self.failure = self.failure or list
+  elseif coroutine.status(task.co) == "dead" then
+    task.done, task.ok, task.result = true, true, list
+  else
+    task.list, task.fds = list or {}, fds
+    task.due = (timeout and timeout >= 0) and self.driver.now() + timeout or nil
+  end
+end
+
+--- Runs every task to its end, tasks spawned meanwhile included.
+-- @treturn[1] nil every task ended without an error
+-- @return[2] the first error a task raised (the others still ran to their end)
+function Loop:run()
+  local started = 0
+  self.failure = nil
+  while true do
+    while started < #self.tasks do
+      started = started + 1
+      resume(self, self.tasks[started])
+    end
+    local all, owner, index, live, fds = {}, {}, {}, {}, {}
+    local due
+    for _, task in ipairs(self.tasks) do
+      if not task.done then
+        live[#live + 1] = task
+        for _, fd in ipairs(task.fds or {}) do fds[#fds + 1] = fd end
+        for i, c in ipairs(task.list) do
+          all[#all + 1] = c
+          owner[#all] = task
+          index[#all] = i
+        end
+        if task.due and (not due or task.due < due) then due = task.due end
+      end
+    end
+    if #live == 0 then return self.failure end
+    local t = self.driver.now()
+    local ready, fd_ready = self.driver.wait(all, due and math.max(0, due - t) or -1, #fds > 0 and fds or nil)
+    local got = {}
+    for _, entry in ipairs(ready) do
+      local task = owner[entry.conn]
+      entry.conn = index[entry.conn]
+      got[task] = got[task] or {}
+      table.insert(got[task], entry)
+    end
+    t = self.driver.now()
+    for _, task in ipairs(live) do
+      local woken = false
+      for _, fd in ipairs(task.fds or {}) do woken = woken or (fd_ready and fd_ready[fd]) or false end
+      if got[task] or woken or (task.due and task.due <= t) then resume(self, task, got[task] or {}, fd_ready) end
+    end
+  end
+end
+
+return M

@@ -1,0 +1,154 @@
+-- The scheduler and the loop driven without sockets: a fake driver
+-- (tests/support/fake_driver.lua) models servers at the level of the
+-- events the scheduler sees, on a virtual clock, and keeps the server's
+-- view to assert on. Fast and exact: what the specs against real servers
+-- show with noise, these show for every message.
+local smtppool = require("smtppool")
+local loop = require("smtppool.loop")
+local fake = require("fake_driver")
+
+local function list(n, tag)
+  local out = {}
+  for i = 1, n do
+    out[i] = { from = "a@x.test", to = ("%s%d@y.test"):format(tag or "u", i), subject = "s", text = "hello " .. i }
+  end
+  return out
+end
+
+local function pool_on(net, o)
+  local opts = { host = o.host or "mx", tls = "none", max_conns = o.max_conns or 2 }
+  for k, v in pairs(o) do if k ~= "host" then opts[k] = v end end
+  return assert(smtppool.build(opts, net:driver()))
+end
+
+local function outcomes(pool, msgs, opts)
+  local got = {}
+  opts = opts or {}
+  opts.on_result = function(m, res, err) got[#got + 1] = { m = m, res = res, err = err } end
+  local sum = pool:send_batch(msgs, opts)
+  return sum, got
+end
+
+describe("the scheduler over a fake driver", function()
+  it("rotates before a configured cap: no session takes more, none is refused", function()
+    local net = fake.network()
+    local srv = net:server("mx", { cap = 5 })
+    local pool = pool_on(net, { max_conns = 3, max_messages_per_conn = 5 })
+    local sum = outcomes(pool, list(200))
+    assert.equal(200, sum.sent)
+    assert.equal(0, srv.over_cap)
+    for _, s in ipairs(srv.sessions) do assert.is_true(s.messages <= 5) end
+    assert.equal(200, srv.accepted)
+    assert.is_true(#srv.sessions >= 40)
+    pool:close()
+  end)
+
+  it("learns a cap it was not told, and loses nothing while it learns", function()
+    local net = fake.network()
+    local srv = net:server("mx", { cap = 5 })
+    local pool = pool_on(net, { max_conns = 2 })
+    local sum, got = outcomes(pool, list(300))
+    assert.equal(300, sum.sent)
+    assert.equal(0, sum.failed)
+    assert.equal(300, #got)
+    assert.equal(5, pool:stats().learned_cap)
+    -- each 421 costs a move, not an attempt; after the cap is learned they stop
+    assert.is_true(srv.over_cap <= 6, "421s: " .. srv.over_cap)
+    for _, g in ipairs(got) do assert.equal(1, g.res.attempts) end
+    pool:close()
+  end)
+
+  it("keeps LIMITS MAILMAX as the cap from the first session", function()
+    local net = fake.network()
+    local srv = net:server("mx", { cap = 4, mailmax = 4 })
+    local pool = pool_on(net, { max_conns = 2 })
+    local sum = outcomes(pool, list(100))
+    assert.equal(100, sum.sent)
+    assert.equal(0, srv.over_cap)
+    pool:close()
+  end)
+
+  it("retries a transient reply and fails a permanent one at once, one outcome each", function()
+    local net = fake.network()
+    net:server("mx", { reply = function(_, _, _, to)
+      if to[1] == "u7@y.test" then return 550, "5.1.1 no such user" end
+      if to[1] == "u3@y.test" and not net.retried then
+        net.retried = true
+        return 451, "4.3.0 try later"
+      end
+    end })
+    local pool = pool_on(net, { max_conns = 2, retry = smtppool.retry.backoff{ base = 0.5, attempts = 3 } })
+    local sum, got = outcomes(pool, list(10))
+    assert.equal(9, sum.sent)
+    assert.equal(1, sum.failed)
+    local by = {}
+    for _, g in ipairs(got) do by[g.m.to] = g end
+    assert.equal("permanent", by["u7@y.test"].err.kind)
+    assert.equal(1, by["u7@y.test"].err.attempts)
+    assert.equal(2, by["u3@y.test"].res.attempts)
+    assert.is_true(net.t >= 0.5) -- the retry waited its delay on the virtual clock
+    pool:close()
+  end)
+
+  it("never opens more sockets than max_conns when rotating ahead is off", function()
+    local net = fake.network()
+    local srv = net:server("mx", { cap = 5 })
+    local pool = pool_on(net, { max_conns = 3, max_messages_per_conn = 5, rotate_ahead = 0 })
+    assert.equal(150, (outcomes(pool, list(150))).sent)
+    assert.is_true(srv.max_open <= 3, "sockets at once: " .. srv.max_open)
+    pool:close()
+  end)
+
+  it("fails what waits past wait_timeout when the server refuses every connection", function()
+    local net = fake.network()
+    net:server("mx", { max_sessions = 0 })
+    local pool = pool_on(net, { max_conns = 2, wait_timeout = 5,
+      retry = smtppool.retry.backoff{ base = 0.2, attempts = 2 } })
+    local sum, got = outcomes(pool, list(4))
+    assert.equal(0, sum.sent)
+    assert.equal(4, #got)
+    for _, g in ipairs(got) do assert.truthy(g.err) end
+    pool:close()
+  end)
+end)
+
+describe("the loop", function()
+  it("runs two pools' batches as tasks over one wait, each to its end", function()
+    local net = fake.network()
+    local a = net:server("a", { rtt = 0.01 })
+    local b = net:server("b", { rtt = 0.05 })
+    local pa, pb = pool_on(net, { host = "a" }), pool_on(net, { host = "b" })
+    -- one driver for the loop: the network's (both pools' handles are its)
+    local l = loop.new(net:driver())
+    local sa, sb
+    l:spawn(function() sa = pa:send_batch(list(50, "a")) end)
+    l:spawn(function() sb = pb:send_batch(list(50, "b")) end)
+    assert.is_nil(l:run())
+    assert.equal(50, sa.sent)
+    assert.equal(50, sb.sent)
+    assert.equal(50, a.accepted)
+    assert.equal(50, b.accepted)
+    -- the slow server set the pace, the fast one did not wait for it
+    assert.is_true(net.t < 50 * 4 * 0.05, "virtual seconds: " .. net.t)
+    pa:close(); pb:close()
+  end)
+
+  it("returns a task's error after the others end, and sleeps without a driver wait of its own", function()
+    local net = fake.network()
+    net:server("a")
+    local pa = pool_on(net, { host = "a" })
+    local l = loop.new(net:driver())
+    local sa, woke
+    l:spawn(function() error("task failed", 0) end)
+    l:spawn(function() sa = pa:send_batch(list(20)) end)
+    l:spawn(function()
+      loop.sleep(3, net:driver())
+      woke = net.t
+    end)
+    assert.equal("task failed", l:run())
+    assert.equal(20, sa.sent)
+    assert.is_true(woke >= 3)
+    assert.has_error(function() loop.new({}) end, "loop.new: a driver with wait and now is needed")
+    pa:close()
+  end)
+end)
