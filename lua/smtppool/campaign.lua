@@ -34,6 +34,7 @@ local core = require("smtppool.core")
 local csv = require("smtppool.csv")
 local template = require("smtppool.template")
 local loop = require("smtppool.loop")
+local redis_url = require("smtppool.redis_client").is_url
 
 local M = {}
 
@@ -59,8 +60,9 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 --   `email` field is the address (in a CSV, the column `email` in any case,
 --   or `e-mail`, `mail`, `email address`); the other fields are template
 --   variables.
--- * `message`: a table of templates (`from`, `subject`, `text`, `html`;
---   other fields as for `pool:send`), or `function(recipient) -> message`.
+-- * `message`: a table of templates (`from`, `subject`, `text`, `html`,
+--   `list_unsubscribe`: `smtppool.template.FIELDS`; other fields as for
+--   `pool:send`), or `function(recipient) -> message`.
 -- * `journal` (path, optional): the durable record; without it a crash
 --   forgets what was sent.
 -- * `retry` (optional): the retry policy for this run (the pool's otherwise).
@@ -100,7 +102,7 @@ function M.new(o)
   end
   if not o.pool or not o.pool.send_batch then error("smtppool.campaign: 'pool' must be a pool", 2) end
   local r = o.recipients
-  local shared = type(o.journal) == "string" and o.journal:match("^redis://") ~= nil
+  local shared = redis_url(o.journal)
   if not (shared and r == nil) and type(r) ~= "table" and type(r) ~= "function" and type(r) ~= "string" then
     error("smtppool.campaign: 'recipients' must be an array, an iterator or a CSV path", 2)
   end
@@ -243,7 +245,7 @@ local function compile_message(msg, columns, path)
   if type(msg) == "function" then return msg end
   local compiled = {}
   for k, v in pairs(msg) do compiled[k] = v end
-  for _, f in ipairs({ "from", "subject", "text", "html" }) do
+  for _, f in ipairs(template.FIELDS) do
     if type(msg[f]) == "string" then
       local t, e = template.compile(msg[f])
       if not t then return nil, ("message.%s: %s"):format(f, e) end
@@ -253,7 +255,7 @@ local function compile_message(msg, columns, path)
   if columns then
     local probe = {}
     for _, c in ipairs(columns) do probe[c] = "x" end
-    for _, f in ipairs({ "from", "subject", "text", "html" }) do
+    for _, f in ipairs(template.FIELDS) do
       if type(compiled[f]) == "table" then
         local ok, e = compiled[f]:render(probe)
         if not ok then
@@ -319,7 +321,7 @@ function Campaign:run()
   -- A campaign shared through Redis (smtppool.rcampaign): the list is loaded
   -- there, recipients come from claims, letters go there.
   local rj, loaded
-  if o.journal and o.journal:match("^redis://") then
+  if redis_url(o.journal) then
     local re
     rj, re = require("smtppool.rcampaign").open(o.journal, name, { lease = o.lease,
       resend_in_flight = o.resend_in_flight, allow_volatile = o.allow_volatile_redis })

@@ -38,14 +38,22 @@ local M = {}
 local C = {}
 C.__index = C
 
+--- Whether a string names a Redis server (a `redis://` URL): the one test
+-- every module and the command line make.
+-- @param s anything
+-- @treturn boolean
+function M.is_url(s)
+  return type(s) == "string" and s:sub(1, 8) == "redis://"
+end
+
 --- Parses `redis://[:password@]host[:port][/db]`.
 -- @treturn[1] table `host`, `port`, `db`, `password`
 -- @return[2] nil
 -- @treturn[2] string why
 function M.parse_url(url)
   if type(url) ~= "string" then return nil, "the backend must be a redis:// URL" end
-  local rest = url:match("^redis://(.*)$")
-  if not rest then return nil, "the backend must be a redis:// URL, got " .. url end
+  if not M.is_url(url) then return nil, "the backend must be a redis:// URL, got " .. url end
+  local rest = url:sub(9)
   local password
   local auth, hostpart = rest:match("^([^@]*)@(.*)$")
   if auth then

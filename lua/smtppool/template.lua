@@ -191,8 +191,8 @@ function Template:render(vars, opts)
 end
 
 --- Renders the templated fields of a message for one recipient.
--- `subject`, `text`, `html` (HTML-escaped) and `from` may be template
--- sources or compiled templates; other fields are copied. With
+-- The fields of `FIELDS` may be template sources or compiled templates;
+-- other fields are copied. With
 -- `opts.renderer = function(source, vars, field) -> string | nil, err`
 -- another template engine does the work.
 -- @tparam table msg the message with templates
@@ -201,7 +201,11 @@ end
 -- @treturn[1] table a message for `pool:send`
 -- @return[2] nil
 -- @treturn[2] string which field failed and why
-local FIELDS = { "from", "subject", "text", "html" }
+--- The message fields that are templates, in one list for every user
+-- (`render_message`, campaigns, the command line): `from`, `subject`,
+-- `text`, `html` (its values HTML-escaped) and `list_unsubscribe`.
+M.FIELDS = { "from", "subject", "text", "html", "list_unsubscribe" }
+local FIELDS = M.FIELDS
 
 function M.render_message(msg, vars, opts)
   local renderer = opts and opts.renderer

@@ -86,7 +86,7 @@ describe("the scheduler over a fake driver", function()
     assert.equal("permanent", by["u7@y.test"].err.kind)
     assert.equal(1, by["u7@y.test"].err.attempts)
     assert.equal(2, by["u3@y.test"].res.attempts)
-    assert.is_true(net.t >= 0.5) -- the retry waited its delay on the virtual clock
+    assert.is_true(net.t >= 0.25) -- the retry waited its delay (0.5 s, jitter half) on the virtual clock
     pool:close()
   end)
 
@@ -150,5 +150,27 @@ describe("the loop", function()
     assert.is_true(woke >= 3)
     assert.has_error(function() loop.new({}) end, "loop.new: a driver with wait and now is needed")
     pa:close()
+  end)
+end)
+
+describe("a campaign over the fake driver", function()
+  it("renders every templated field for each row, List-Unsubscribe included", function()
+    local net = fake.network()
+    local srv = net:server("mx")
+    local pool = pool_on(net, { max_conns = 2 })
+    local rows = {}
+    for i = 1, 20 do rows[i] = { email = ("r%d@y.test"):format(i), name = "N" .. i, id = "id" .. i } end
+    local report = assert(smtppool.campaign{ pool = pool, recipients = rows, progress = false,
+      message = { from = "news@x.test", subject = "Hi {{name}}", text = "Dear {{name}}",
+                  list_unsubscribe = "<https://x.test/u?id={{id}}>", list_unsubscribe_post = true } }:run())
+    assert.equal(20, report.sent)
+    assert.equal(20, #srv.received)
+    for _, m in ipairs(srv.received) do
+      local i = m.to[1]:match("^r(%d+)@")
+      assert.truthy(m.data:find("Subject: Hi N" .. i .. "\r\n", 1, true), m.data)
+      assert.truthy(m.data:find("List-Unsubscribe: <https://x.test/u?id=id" .. i .. ">\r\n", 1, true), m.data)
+      assert.falsy(m.data:find("{{", 1, true))
+    end
+    pool:close()
   end)
 end)

@@ -17,7 +17,8 @@
 -- `reply(srv, session, tx, to) -> nil | code, text[, phase]` (a reply for
 -- the transaction instead of 250: 4xx transient, 5xx permanent; in phase
 -- `data_end` unless told: a 4xx to MAIL after a transaction is the
--- session's exhaustion, moved without an attempt).
+-- session's exhaustion, moved without an attempt). `srv.received` lists
+-- what it accepted: `{from, to, data}` (the message as it left).
 local errors = require("smtppool.errors")
 
 local M = {}
@@ -39,7 +40,7 @@ function Net:server(host, o)
   o = o or {}
   local s = setmetatable({ host = host, cap = o.cap, max_sessions = o.max_sessions, rtt = o.rtt or 0.01,
     pipelining = o.pipelining ~= false, mailmax = o.mailmax, reply = o.reply, sessions = {}, open = 0,
-    max_open = 0, refused = 0, accepted = 0, over_cap = 0 }, Server)
+    max_open = 0, refused = 0, accepted = 0, over_cap = 0, received = {} }, Server)
   self.servers[host] = s
   return s
 end
@@ -138,7 +139,14 @@ end
 function H:tls_active() return false end
 function H:auth_mechanism() return nil end
 
-function H:start(_, to, _, _, _, _, last)
+local function flat(data)
+  if type(data) == "string" then return data end
+  local out = {}
+  for i, seg in ipairs(data) do out[i] = type(seg) == "string" and seg or "" end
+  return table.concat(out)
+end
+
+function H:start(from, to, data, _, _, _, last)
   if self.state ~= "ready" or self.dying then
     return nil, errors.new("invalid", "fake: the session is not ready")
   end
@@ -165,6 +173,7 @@ function H:start(_, to, _, _, _, _, last)
   end
   self.session.messages = self.session.messages + 1
   srv.accepted = srv.accepted + 1
+  srv.received[#srv.received + 1] = { from = from, to = to, data = flat(data) }
   -- MAIL, RCPT, DATA pipelined, then the body and its dot: two round trips
   net:_at(self, net.t + 2 * srv.rtt, "tx", tx_payload(true, 250, "OK", to))
   if last then
