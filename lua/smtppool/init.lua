@@ -248,11 +248,19 @@ end
 
 -- ===== public API =====
 
+-- Runs fn on a loop when the pool waits on more than its sockets (its
+-- limits in Redis: the loop goes on serving the sockets while a Redis
+-- reply is awaited); directly otherwise.
+function Pool:_on_loop(fn, ...)
+  if self.limits.name == "redis" and self.driver.name == "native" then return loop.run(self.driver, fn, ...) end
+  return fn(...)
+end
+
 -- Runs one prepared message through the scheduler and returns its outcome.
 function Pool:_send_one(item)
   local res, err
   local given = false
-  self:run(function()
+  self:_on_loop(self.run, self, function()
     if given then return nil end
     given = true
     return item
@@ -387,7 +395,7 @@ function Pool:send_batch(source, opts)
   local summary, account = policy.summary(on_result)
   local saved_retry, saved_hook = self.batch_retry, self.batch_on_event
   self.batch_retry, self.batch_on_event = opts and opts.retry, opts and opts.on_event
-  local ok, e = pcall(self.run, self, next_msg, account, opts)
+  local ok, e = pcall(self._on_loop, self, self.run, self, next_msg, account, opts)
   self.batch_retry, self.batch_on_event = saved_retry, saved_hook
   if finish then
     -- messages taken for signing and never started (the batch was stopped)

@@ -27,11 +27,17 @@
 --   driver's is in C; nginx's a cosocket). A driver whose connections
 --   belong to the light thread that made them (`redis_per_thread`, nginx)
 --   gets a connection for each call made from another thread.
+-- * **On a loop** (`smtppool.loop`: a pool's batch running as its task), a
+--   native connection does not block: the task waits for the reply's bytes
+--   on the loop, which meanwhile serves every SMTP connection (a Redis that
+--   hangs pauses the Redis work, not the sockets). Elsewhere a call blocks
+--   for at most `timeout` seconds.
 -- * **Misuse** raises: a call after `close()`, a command that is not a
 --   non-empty list of strings and numbers.
 -- @module smtppool.redis_client
 
 local core = require("smtppool.core")
+local loop = require("smtppool.loop")
 
 local M = {}
 
@@ -90,6 +96,51 @@ function M.new(url, opts)
                         shas = {}, closed = false }, C)
 end
 
+-- One reply read without blocking the loop: the task waits on the socket.
+local function read_on_loop(c, timeout)
+  local deadline = core.now() + timeout
+  while true do
+    local ok, v = c:recv()
+    if ok then return v end
+    if v ~= nil then return nil, v end
+    local left = deadline - core.now()
+    if left <= 0 then
+      c:close()
+      return nil, "redis call: timed out"
+    end
+    local fd = c:fd()
+    if not fd then return nil, "redis call: the connection is closed" end
+    loop.wait_fd(fd, left)
+  end
+end
+
+-- conn:call(...) and conn:pipeline(cmds), or their non-blocking forms on a loop.
+local function conn_call(self, c, args)
+  if c.recv and loop.in_task() then
+    local sent, e = c:send((table.unpack or unpack)(args)) -- luacheck: ignore
+    if not sent then return nil, e end
+    return read_on_loop(c, self.timeout)
+  end
+  return c:call((table.unpack or unpack)(args)) -- luacheck: ignore
+end
+
+local function conn_pipeline(self, c, cmds)
+  if c.recv and loop.in_task() then
+    for _, cmd in ipairs(cmds) do
+      local sent, e = c:send((table.unpack or unpack)(cmd)) -- luacheck: ignore
+      if not sent then return nil, e end
+    end
+    local out = {}
+    for i = 1, #cmds do
+      local v, e = read_on_loop(c, self.timeout)
+      if v == nil then return nil, e end
+      out[i] = v
+    end
+    return out
+  end
+  return c:pipeline(cmds)
+end
+
 -- An error text without the password.
 function C:_scrub(e)
   local pw = self.url.password
@@ -104,7 +155,7 @@ function C:_open()
   local c, err = self.transport(u.host, u.port, self.timeout)
   if not c then return nil, self:_scrub(err) end
   local function step(...)
-    local v, e = c:call(...)
+    local v, e = conn_call(self, c, { ... })
     if v == nil then return nil, e end
     if type(v) == "table" and v.err then return nil, "redis: " .. v.err end
     return v
@@ -192,7 +243,7 @@ function C:call(...)
   local args = { ... }
   check_args(args, 3)
   return self:_with(function(c)
-    return value(c:call((table.unpack or unpack)(args))) -- luacheck: ignore
+    return value(conn_call(self, c, args))
   end)
 end
 
@@ -210,7 +261,7 @@ function C:pipeline(cmds)
   end
   if #cmds == 0 then return {} end
   return self:_with(function(c)
-    local v, err = c:pipeline(cmds)
+    local v, err = conn_pipeline(self, c, cmds)
     if v == nil then return nil, tostring(err) end
     return v
   end)
@@ -232,12 +283,13 @@ function C:script(name, body, keys, args)
     for _ = 1, 2 do
       local sha = self.shas[name]
       if not sha then
-        local r, e, answered = value(c:call("SCRIPT", "LOAD", body))
+        local r, e, answered = value(conn_call(self, c, { "SCRIPT", "LOAD", body }))
         if r == nil then return nil, e, answered end
         sha = r
         self.shas[name] = sha
       end
-      local r, e, answered = value(c:call("EVALSHA", sha, tostring(#keys), (table.unpack or unpack)(all))) -- luacheck: ignore
+      local r, e, answered = value(conn_call(self, c, { "EVALSHA", sha, tostring(#keys),
+        (table.unpack or unpack)(all) })) -- luacheck: ignore
       if r ~= nil or not (answered and e:match("^redis: NOSCRIPT")) then return r, e, answered end
       self.shas[name] = nil -- the server restarted: load it again, once
     end

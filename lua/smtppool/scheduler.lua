@@ -277,6 +277,15 @@ function S:_start(run, rec, job, t)
       table.insert(run.queue, 1, job)
       return
     end
+    local st = rec.c.state and rec.c:state()
+    if st == "dead" or st == "closed" then
+      -- The connection ended while this pool waited on something else (a
+      -- Redis reply on the loop): its events are still to come. The
+      -- message waits for another connection; this one takes no more.
+      rec.state = "settling"
+      table.insert(run.queue, 1, job)
+      return
+    end
     -- Refused before a byte was sent (bad address, size over the server's
     -- limit...): final, and the connection stays as it was.
     self:_finish(run, job, nil, err)
@@ -310,11 +319,17 @@ function S:_dispatch(run, rec, entry, t)
         if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
         self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
       end
-      if rec.state ~= "quitting" then
-        rec.state = "idle"
-        rec.last_used = t
+      if rec.state == "busy" and rec.job then
+        -- Stale: the session was ready before the transaction now on it
+        -- started (events kept while the pool waited on a Redis reply on
+        -- the loop arrive after what it did meanwhile).
+      else
+        if rec.state ~= "quitting" then
+          rec.state = "idle"
+          rec.last_used = t
+        end
+        if rec.retire then self:_quit(rec, "exhausted") end
       end
-      if rec.retire then self:_quit(rec, "exhausted") end
     elseif ev == "auth" then
       rec.auth_wait = true
       self:_auth_go(rec, t)
@@ -403,10 +418,19 @@ end
 -- One wait on the driver, then each connection's events. recs: the
 -- connection records waited on (their order matches the entries' indexes).
 function S:_wait(run, recs, timeout)
+  if not self._live then
+    -- the connections open now, for a loop serving them while this pool
+    -- waits on something else (a Redis reply)
+    self._live = function()
+      local l = {}
+      for i, rec in ipairs(self.conns) do l[i] = rec.c end
+      return l
+    end
+  end
   local list = {}
   for i, rec in ipairs(recs) do list[i] = rec.c end
   if run.before_wait then guarded(run, "before_wait", run.before_wait) end
-  local ready = loop.wait(self.driver, list, timeout, self._wait_fds)
+  local ready = loop.wait(self.driver, list, timeout, self._wait_fds, self._live)
   local t = self.driver.now()
   for _, entry in ipairs(ready) do
     self:_dispatch(run, recs[entry.conn], entry, t)

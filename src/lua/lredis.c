@@ -354,6 +354,61 @@ static int redis_pipeline(lua_State *L)
     return 1;
 }
 
+/* The non-blocking way, for a loop that waits on the descriptor itself:
+ * c:fd() -> the socket (nil when closed); c:send(cmd, args...) -> true |
+ * nil, err (a command is small: written whole, waiting at most the timeout
+ * for room); c:recv() -> true, value (a reply is complete) | nil (not yet:
+ * wait until the socket is readable) | nil, err (closed, malformed). */
+static int redis_fd(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    if (c->fd < 0)
+        return 0;
+    lua_pushinteger(L, c->fd);
+    return 1;
+}
+
+static int redis_send(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    if (c->fd < 0)
+        return fail(L, "send", "the connection is closed");
+    push_command(L, 2);
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n);
+    if (send_all(c, p, n) < 0)
+        return io_failed(L, c, "send");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int redis_recv(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    if (c->fd < 0)
+        return fail(L, "recv", "the connection is closed");
+    for (;;) {
+        int k = next_reply(L, c->r);
+        if (k == 1) {
+            lua_pushboolean(L, 1);
+            lua_insert(L, -2);
+            return 2;
+        }
+        if (k < 0)
+            return malformed(L, c);
+        char buf[16384];
+        ssize_t r = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        if (r == 0)
+            errno = ECONNRESET;
+        if (r <= 0 || redisReaderFeed(c->r, buf, (size_t)r) != REDIS_OK)
+            return io_failed(L, c, "recv");
+    }
+}
+
 static int redis_gc(lua_State *L)
 {
     redis_close(luaL_checkudata(L, 1, REDIS_MT));
@@ -363,7 +418,8 @@ static int redis_gc(lua_State *L)
 void sp_lua_open_redis(lua_State *L)
 {
     static const luaL_Reg resp_methods[] = {{"feed", resp_feed}, {"next", resp_next}, {NULL, NULL}};
-    static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"pipeline", redis_pipeline}, {"close", redis_gc}, {NULL, NULL}};
+    static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"pipeline", redis_pipeline}, {"fd", redis_fd},  {"send", redis_send},
+                                               {"recv", redis_recv}, {"close", redis_gc},       {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"resp_reader", l_resp_reader}, {"resp_command", l_resp_command},
                                      {"redis_connect", l_redis_connect}, {NULL, NULL}};
     sp_l_new_type(L, RESP_MT, NULL, resp_methods, resp_gc);

@@ -118,6 +118,51 @@ describe("limits in Redis", function()
     assert.equal(1, #f:select("message"))
   end)
 
+  it("keeps serving its SMTP connections while Redis hangs for 5 s, then sends the rest once", function()
+    -- Redis stopped (SIGSTOP: connections hang, no refusal) while messages
+    -- are on the wire: the pool's wait for a Redis reply is a task's wait
+    -- on the loop, so the messages in flight reach the server at once
+    -- instead of when the Redis call gives up; nothing is lost or doubled.
+    local r = peers.redis()
+    local f = peers.fault({})
+    finally(function()
+      os.execute("kill -CONT " .. r.pid .. " 2>/dev/null")
+      f:stop()
+      r:stop()
+    end)
+    local function wall() return tonumber((peers.sh("date +%s.%N"):gsub("%s+$", ""))) end
+    local discards, t_stop = 0, nil
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 2,
+      rate = { backend = "redis://127.0.0.1:" .. r.port, key = "hang1", messages = { 100000, 1 } },
+      on_event = function(ev) if ev.type == "discard" then discards = discards + 1 end end })
+    local n, i = 60, 0
+    local outcomes = {}
+    local sum = pool:send_batch(function()
+      i = i + 1
+      if i > n then return nil end
+      if i == 25 then
+        os.execute(("kill -STOP %d; (sleep 5; kill -CONT %d) >/dev/null 2>&1 &"):format(r.pid, r.pid))
+        t_stop = wall()
+      end
+      return { from = "a@x.test", to = ("h%d@y.test"):format(i), subject = "s", text = "m" .. i }
+    end, { on_result = function(m, res, e) outcomes[#outcomes + 1] = { m.to, res ~= nil, e } end })
+    pool:close()
+    assert.equal(n, sum.sent)
+    assert.equal(0, discards) -- no session was lost to the pause
+    local seen, during, before = {}, 0, 0
+    for _, e in ipairs(f:select("message")) do
+      for _, rc in ipairs(e.rcpt) do seen[rc] = (seen[rc] or 0) + 1 end
+      if e.t > t_stop and e.t < t_stop + 1.5 then during = during + 1 end
+      if e.t <= t_stop then before = before + 1 end
+    end
+    assert.equal(n, #f:select("message"))
+    for k = 1, n do assert.equal(1, seen[("h%d@y.test"):format(k)]) end
+    -- messages that were on the wire when Redis stopped arrived during the
+    -- pause (a blocking client would have held them for its 2 s timeout)
+    assert.is_true(during >= 1, ("arrived before the stop %d, in the 1.5 s after it %d"):format(before, during))
+    for _, o in ipairs(outcomes) do assert.is_true(o[2], tostring(o[3])) end
+  end)
+
   it("refuses a bad backend or key at new with a config error", function()
     local _, e1 = smtppool.new{ host = "h", tls = "none", rate = { backend = "http://x", key = "k" } }
     assert.equal("config", e1.kind)
