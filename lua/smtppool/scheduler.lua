@@ -37,17 +37,18 @@ local S = {}
 local SLOT_POLL = 0.05
 
 -- The pool's on_event, and a batch's own (send_batch's opts.on_event).
-function S:_emit(ev)
-  for _, hook in ipairs({ self.batch_on_event or false, self.on_event or false }) do
-    if hook then
-      local ok, e = pcall(hook, ev)
-      if not ok and not self._hook_warned then
-        -- A broken hook must not break delivery; report it once on stderr.
-        self._hook_warned = true
-        io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
-      end
-    end
+local function call_hook(self, hook, ev)
+  local ok, e = pcall(hook, ev)
+  if not ok and not self._hook_warned then
+    -- A broken hook must not break delivery; report it once on stderr.
+    self._hook_warned = true
+    io.stderr:write("smtppool: on_event hook failed: ", tostring(e), "\n")
   end
+end
+
+function S:_emit(ev)
+  if self.batch_on_event then call_hook(self, self.batch_on_event, ev) end
+  if self.on_event then call_hook(self, self.on_event, ev) end
 end
 
 -- ===== connections =====
