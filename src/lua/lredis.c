@@ -295,18 +295,28 @@ static int malformed(lua_State *L, lredis *c)
     return 2;
 }
 
+/* Writes the command at 2..top: 0, or the pushed nil, err (what failed). */
+static int send_command(lua_State *L, lredis *c, const char *what)
+{
+    if (c->fd < 0)
+        return fail(L, what, "the connection is closed");
+    push_command(L, 2);
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n);
+    if (send_all(c, p, n) < 0)
+        return io_failed(L, c, what);
+    lua_pop(L, 1);
+    return 0;
+}
+
 /* c:call(cmd, args...) -> value | nil, err (the connection is closed on an
  * I/O error or timeout: make a new one). An error reply is a value. */
 static int redis_call(lua_State *L)
 {
     lredis *c = luaL_checkudata(L, 1, REDIS_MT);
-    if (c->fd < 0)
-        return fail(L, "call", "the connection is closed");
-    push_command(L, 2);
-    size_t n;
-    const char *p = lua_tolstring(L, -1, &n);
-    if (send_all(c, p, n) < 0)
-        return io_failed(L, c, "call");
+    int r = send_command(L, c, "call");
+    if (r)
+        return r;
     int k = read_reply(L, c);
     if (k == 1)
         return 1;
@@ -371,13 +381,9 @@ static int redis_fd(lua_State *L)
 static int redis_send(lua_State *L)
 {
     lredis *c = luaL_checkudata(L, 1, REDIS_MT);
-    if (c->fd < 0)
-        return fail(L, "send", "the connection is closed");
-    push_command(L, 2);
-    size_t n;
-    const char *p = lua_tolstring(L, -1, &n);
-    if (send_all(c, p, n) < 0)
-        return io_failed(L, c, "send");
+    int r = send_command(L, c, "send");
+    if (r)
+        return r;
     lua_pushboolean(L, 1);
     return 1;
 }
