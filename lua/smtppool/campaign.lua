@@ -153,6 +153,16 @@ function M.key(address)
   return key
 end
 
+--- The journal's letters, one per recipient, in the SQLite journal and in
+-- Redis alike: `P` prepared (safe to send: nothing left), `L` leaving (its
+-- final dot or last chunk may have left), `S` sent, `D` sent but possibly
+-- twice, `F` failed (permanent or invalid), `T` failed for now (sent again
+-- with `retry_failed`), `A` ambiguous (it may have arrived).
+M.LETTERS = { P = "prepared", L = "leaving", S = "sent", D = "sent, possibly twice", F = "failed",
+              T = "failed for now", A = "ambiguous" }
+-- the letters a later run skips (T too, unless retry_failed)
+local FINAL = { S = true, D = true, F = true, A = true }
+
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 
 --- Imports a text journal (versions 1 and 2, before the SQLite one) at
@@ -447,7 +457,7 @@ function Campaign:run()
           -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
-        elseif st == "S" or st == "D" or st == "F" or st == "A" or (st == "T" and not o.retry_failed) then
+        elseif FINAL[st] or (st == "T" and not o.retry_failed) then
           local okm, me, mst = states:meet(key)
           if not okm then journal_failed(me, mst) end
           report.skipped = report.skipped + 1

@@ -94,11 +94,7 @@ static int l_connect(lua_State *L)
     lua_getfield(L, 1, "helo");
     o.session.helo = luaL_optstring(L, -1, NULL);
     o.connect_timeout = sp_l_opt_number(L, 1, "connect_timeout", 0);
-    lua_getfield(L, 1, "timeouts");
-    if (lua_istable(L, -1)) {
-        for (int p = SP_PHASE_GREETING; p < SP_PHASE_COUNT; p++)
-            o.timeouts[p] = sp_l_opt_number(L, lua_gettop(L), sp_phase_name((sp_phase)p), 0);
-    }
+    sp_l_read_timeouts(L, 1, o.timeouts);
     const char *mode = sp_l_opt_string(L, 1, "tls_mode");
     if (mode && strcmp(mode, "none") != 0) {
         lua_getfield(L, 1, "tls");

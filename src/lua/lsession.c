@@ -356,6 +356,19 @@ int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o)
     return 0;
 }
 
+/* The `timeouts` field of the table at idx (phase name -> seconds) into
+ * out; phases not named stay as they are (0: the default). */
+void sp_l_read_timeouts(lua_State *L, int idx, double out[SP_PHASE_COUNT])
+{
+    lua_getfield(L, idx, "timeouts");
+    if (lua_istable(L, -1)) {
+        int t = lua_gettop(L);
+        for (int p = SP_PHASE_GREETING; p < SP_PHASE_COUNT; p++)
+            out[p] = sp_l_opt_number(L, t, sp_phase_name((sp_phase)p), out[p]);
+    }
+    lua_pop(L, 1);
+}
+
 static int l_session(lua_State *L)
 {
     sp_session_opts o;
@@ -373,6 +386,7 @@ static int l_session(lua_State *L)
         o.auth_gate = lua_toboolean(L, -1);
         lua_pop(L, 1);
         o.bdat_window = (int)sp_l_opt_number(L, 1, "bdat_window", 0);
+        sp_l_read_timeouts(L, 1, o.timeouts);
         if (sp_l_read_auth(L, 1, &o) < 0)
             return luaL_error(L, "auth needs 'user' and 'secret' strings and a known mechanism");
     }
@@ -485,6 +499,26 @@ static int ls_handing(lua_State *L)
     luaL_argcheck(L, n >= 0, 2, "a byte count");
     sp_session_handing(ls->s, (size_t)n);
     return 0;
+}
+
+/* s:activity(now): bytes left at now (monotonic seconds); s:deadline(now)
+ * -> when the awaited reply is overdue, or nil when none is awaited: the
+ * session's reply clock (sp_session_deadline), one rule for every driver. */
+static int ls_activity(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    sp_session_activity(ls->s, luaL_checknumber(L, 2));
+    return 0;
+}
+
+static int ls_deadline(lua_State *L)
+{
+    lsession *ls = check_ls(L);
+    double d = sp_session_deadline(ls->s, luaL_checknumber(L, 2));
+    if (d <= 0)
+        return 0;
+    lua_pushnumber(L, d);
+    return 1;
 }
 
 static sp_event ls_next(void *ud)
@@ -690,6 +724,7 @@ void sp_lua_open_session(lua_State *L)
                                        {"next_event", ss_next_event}, {"body_end", ss_body_end},
                                        {"tls_done", ss_tls_done},   {"send", ls_send},
                                        {"pending", ls_pending},     {"written", ls_written}, {"handing", ls_handing},
+                                       {"activity", ls_activity},   {"deadline", ls_deadline},
                                        {"drain", ls_drain},         {"abort", ls_abort},
                                        {"replies", ls_replies},     {NULL, NULL}};
     sp_l_new_type(L, SESSION_MT, sp_l_session_common, methods, ss_gc);

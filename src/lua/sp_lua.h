@@ -86,6 +86,8 @@ void sp_l_push_tx(lua_State *L, const sp_tx *t);
  * quit_after: QUIT leaves with the final dot (the session's last). */
 int sp_l_start_tx(lua_State *L, sp_session *s, int idx, int quit_after, sp_body_seg **segs, size_t *nseg);
 int sp_l_read_auth(lua_State *L, int t, sp_session_opts *o);
+/* The `timeouts` field (phase name -> seconds) of the options at idx. */
+void sp_l_read_timeouts(lua_State *L, int idx, double out[SP_PHASE_COUNT]);
 /* The optional journal and key arguments at j, j+1 into m (raises on
  * misuse); clearing frees the line. sp_l_mark_write is the dot hook. */
 void sp_l_mark_take(lua_State *L, sp_l_mark *m, int j);

@@ -39,10 +39,7 @@ struct sp_conn {
     char port[16];
     char host[256];
     double connect_timeout;
-    double timeouts[SP_PHASE_COUNT];
-    double last_activity;    /* when the current timeout started counting */
-    sp_phase timed_phase;    /* the phase and reply count it counts for */
-    unsigned long timed_replies;
+    double last_activity; /* when connect_timeout (or the TLS handshake's) started counting */
     sp_session *s;
     sp_body_src *body;
     sp_dot_hook dot_hook; /* for the transaction in flight; cleared when it ends */
@@ -66,16 +63,6 @@ double sp_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-double sp_default_timeout(sp_phase ph)
-{
-    switch (ph) {
-    case SP_PHASE_DATA: return 180;     /* DATA initiation is 2 min, data blocks 3 min */
-    case SP_PHASE_DATA_END: return 600; /* the final dot: 10 min */
-    case SP_PHASE_CONNECT: return 30;
-    default: return 300;
-    }
 }
 
 static void close_fd(sp_conn *c)
@@ -210,8 +197,6 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
     snprintf(c->host, sizeof c->host, "%s", o->host);
     snprintf(c->port, sizeof c->port, "%s", o->port);
     c->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : sp_default_timeout(SP_PHASE_CONNECT);
-    for (int i = 0; i < SP_PHASE_COUNT; i++)
-        c->timeouts[i] = o->timeouts[i] > 0 ? o->timeouts[i] : sp_default_timeout((sp_phase)i);
     c->tls = o->tls;
     c->implicit = o->implicit_tls;
     snprintf(c->server_name, sizeof c->server_name, "%s", o->server_name ? o->server_name : o->host);
@@ -221,6 +206,9 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
         return NULL;
     }
     sp_session_opts so = o->session;
+    for (int i = 0; i < SP_PHASE_COUNT; i++) /* the session keeps the reply clock */
+        if (o->timeouts[i] > 0)
+            so.timeouts[i] = o->timeouts[i];
     so.tls_active = c->implicit;
     if (sp_session_opts_check(&so, err) < 0) {
         sp_conn_free(c);
@@ -386,6 +374,7 @@ static void handshake_step(sp_conn *c, double now)
         sp_tls_note_handshake(c->tls, c->ssl);
         c->state = C_OPEN;
         c->last_activity = now;
+        sp_session_activity(c->s, now);
         if (sp_session_state(c->s) == SP_ST_TLS) {
             sp_session_tls_done(c->s);
             pump(c);
@@ -474,7 +463,7 @@ static int flush_out(sp_conn *c, double now)
         }
         c->counters.writes++;
         c->counters.bytes_out += (unsigned long long)w;
-        c->last_activity = now;
+        sp_session_activity(c->s, now);
         sp_session_consume(c->s, (size_t)w);
         pump(c);
     }
@@ -539,6 +528,7 @@ static void connect_done(sp_conn *c, double now)
     if (soerr == 0) {
         c->state = C_OPEN;
         c->last_activity = now;
+        sp_session_activity(c->s, now);
         if (c->implicit)
             start_handshake(c, now);
         return;
@@ -571,19 +561,10 @@ static double deadline_of(sp_conn *c, double now)
     if (c->state == C_CONNECTING)
         return c->last_activity + c->connect_timeout;
     if (c->state == C_HANDSHAKE)
-        return c->last_activity + c->timeouts[SP_PHASE_STARTTLS];
+        return c->last_activity + sp_session_phase_timeout(c->s, SP_PHASE_STARTTLS);
     if (c->state != C_OPEN)
         return 0;
-    sp_phase ph = sp_session_phase(c->s);
-    unsigned long replies = sp_session_replies(c->s);
-    if (ph != c->timed_phase || replies != c->timed_replies) {
-        c->timed_phase = ph;
-        c->timed_replies = replies;
-        c->last_activity = now;
-    }
-    if (ph == SP_PHASE_NONE)
-        return 0; /* idle: the pool's idle timeout applies, not ours */
-    return c->last_activity + c->timeouts[ph];
+    return sp_session_deadline(c->s, now);
 }
 
 static void on_deadline(sp_conn *c, double now)

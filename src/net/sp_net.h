@@ -1,9 +1,9 @@
 /* sp_net: the native driver. Non-blocking sockets, one poll loop over any
  * number of connections, each carrying one sp_session.
  *
- * The driver owns the clock (CLOCK_MONOTONIC) and the timeouts: each awaited
- * reply gets the timeout of its phase, counted from the last byte that moved
- * (RFC 5321 4.5.3.2). It feeds message bodies from memory through the
+ * The driver reads the clock (CLOCK_MONOTONIC) and arms the timeouts whose
+ * rule is the session's (sp_session_deadline, RFC 5321 4.5.3.2), telling it
+ * when bytes leave (sp_session_activity). It feeds message bodies from memory through the
  * session's dot-stuffer in bounded chunks. */
 #ifndef SP_NET_H
 #define SP_NET_H
@@ -32,9 +32,6 @@ typedef struct sp_conn sp_conn;
 
 /* Monotonic seconds. */
 double sp_now(void);
-/* RFC 5321 4.5.3.2 timeouts: greeting 5 min, MAIL 5, RCPT 5, DATA 2,
- * data block 3, final dot 10; 5 min for the rest. */
-double sp_default_timeout(sp_phase ph);
 
 /* Starts a connection: a numeric host, or a name found in /etc/hosts, is
  * connected to at once (non-blocking); any other name is resolved with

@@ -147,6 +147,8 @@ sp_session *sp_session_new(const sp_session_opts *opts)
         free(s);
         return NULL;
     }
+    for (int i = 0; i < SP_PHASE_COUNT; i++)
+        s->timeouts[i] = opts && opts->timeouts[i] > 0 ? opts->timeouts[i] : sp_default_timeout((sp_phase)i);
     const char *h = opts && opts->helo && *opts->helo ? opts->helo : "localhost";
     snprintf(s->helo, sizeof s->helo, "%s", h);
     sp_buf_init(&s->out);
@@ -645,3 +647,32 @@ unsigned sp_session_tx_count(const sp_session *s) { return s->tx_count; }
 unsigned long sp_session_replies(const sp_session *s) { return s->replies; }
 const sp_reply *sp_session_greeting(const sp_session *s) { return &s->greeting; }
 
+double sp_default_timeout(sp_phase ph)
+{
+    switch (ph) {
+    case SP_PHASE_DATA: return 180;     /* DATA initiation is 2 min, data blocks 3 min */
+    case SP_PHASE_DATA_END: return 600; /* the final dot: 10 min */
+    case SP_PHASE_CONNECT: return 30;
+    default: return 300;
+    }
+}
+
+void sp_session_activity(sp_session *s, double now) { s->timed_at = now; }
+
+double sp_session_phase_timeout(const sp_session *s, sp_phase ph)
+{
+    return (unsigned)ph < SP_PHASE_COUNT ? s->timeouts[ph] : sp_default_timeout(ph);
+}
+
+double sp_session_deadline(sp_session *s, double now)
+{
+    sp_phase ph = sp_session_phase(s);
+    if (ph != s->timed_phase || s->replies != s->timed_replies) {
+        s->timed_phase = ph;
+        s->timed_replies = s->replies;
+        s->timed_at = now;
+    }
+    if (ph == SP_PHASE_NONE)
+        return 0;
+    return s->timed_at + s->timeouts[ph];
+}

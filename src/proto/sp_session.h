@@ -125,9 +125,14 @@ typedef struct sp_session_opts {
                                   up to this many transactions await their final replies at once
                                   (1..16); 0: never BDAT. At most that many messages are ambiguous
                                   when the connection is lost. */
+    double timeouts[SP_PHASE_COUNT]; /* seconds for each phase's reply; 0: sp_default_timeout */
 } sp_session_opts;
 
 typedef struct sp_session sp_session;
+
+/* RFC 5321 4.5.3.2 timeouts: greeting 5 min, MAIL 5, RCPT 5, DATA 2,
+ * data block 3, final dot 10; 5 min for the rest (connect: 30 s). */
+double sp_default_timeout(sp_phase ph);
 
 /* Checks every string of opts that reaches a command line: the EHLO name
  * must be a domain or an address literal (RFC 5321 4.1.3), the AUTH user
@@ -144,6 +149,16 @@ void sp_session_free(sp_session *s);
 int sp_session_feed(sp_session *s, const char *buf, size_t len);
 int sp_session_eof(sp_session *s);
 int sp_session_timeout(sp_session *s);
+/* The session's clock, which a driver feeds and arms (the one rule for
+ * every driver): each awaited reply gets its phase's timeout, counted from
+ * the last write (sp_session_activity, with the driver's monotonic now),
+ * the last complete reply or the last phase change. sp_session_deadline
+ * gives when the reply now awaited is overdue (then sp_session_timeout), or
+ * 0 when none is awaited (an idle session: the pool's idle rules apply). */
+void sp_session_activity(sp_session *s, double now);
+double sp_session_deadline(sp_session *s, double now);
+/* A phase's timeout in seconds, as the options gave it or the default. */
+double sp_session_phase_timeout(const sp_session *s, sp_phase ph);
 /* The driver could not reach the server or lost the transport (reset, TLS
  * failure): kills the session with the given error. */
 void sp_session_fail(sp_session *s, const sp_error *err);

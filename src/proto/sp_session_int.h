@@ -99,6 +99,11 @@ struct sp_session {
     unsigned long tr_dropped;
     sp_event evq[EVQ];
     size_t ev_head, ev_len;
+    /* the reply clock (sp_session_deadline) */
+    double timeouts[SP_PHASE_COUNT];
+    double timed_at;
+    sp_phase timed_phase;
+    unsigned long timed_replies;
 };
 
 static inline sp_tx *sp_ss_fly_at(sp_session *s, size_t i) { return &s->fly[(s->fly_head + i) % FLY_MAX]; }

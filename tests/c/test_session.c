@@ -798,6 +798,37 @@ static void bdat_only_when_offered(void **state)
     sp_session_free(s);
 }
 
+/* The reply clock: each awaited reply gets its phase's timeout, counted
+ * from the last write, the last complete reply or the last phase change,
+ * never from a partial read; none while idle. */
+static void reply_deadlines(void **state)
+{
+    (void)state;
+    sp_session_opts o = {0};
+    o.helo = "client.test";
+    o.timeouts[SP_PHASE_GREETING] = 7;
+    o.timeouts[SP_PHASE_EHLO] = 3;
+    sp_session *s = sp_session_new(&o);
+    assert_true(sp_session_deadline(s, 100.0) == 107.0); /* the greeting, from when first asked */
+    assert_true(sp_session_deadline(s, 104.0) == 107.0);
+    feed(s, "220 mx.test");                                 /* a partial line restarts nothing */
+    assert_true(sp_session_deadline(s, 105.0) == 107.0);
+    feed(s, " ESMTP\r\n");                                   /* the greeting is in: EHLO's own */
+    assert_true(sp_session_deadline(s, 105.5) == 108.5);
+    take(s);
+    sp_session_activity(s, 106.0);                          /* EHLO left at 106 */
+    assert_true(sp_session_deadline(s, 106.5) == 109.0);
+    feed(s, "250-mx.test\r\n");                             /* a partial multi-line reply */
+    assert_true(sp_session_deadline(s, 107.0) == 109.0);
+    feed(s, "250 PIPELINING\r\n");
+    EXPECT(s, SP_EV_READY);
+    assert_true(sp_session_deadline(s, 108.0) == 0);        /* idle */
+    assert_true(sp_session_phase_timeout(s, SP_PHASE_MAIL) == 300);
+    assert_true(sp_session_phase_timeout(s, SP_PHASE_DATA_END) == 600);
+    assert_true(sp_default_timeout(SP_PHASE_DATA) == 180);
+    sp_session_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -829,6 +860,7 @@ int main(void)
         cmocka_unit_test(extra_reply_in_a_pipelined_group),
         cmocka_unit_test(extra_reply_in_a_bdat_window),
         cmocka_unit_test(bdat_full_window_of_16_lost),
+        cmocka_unit_test(reply_deadlines),
     };
     return cmocka_run_group_tests_name("session", tests, NULL, NULL);
 }

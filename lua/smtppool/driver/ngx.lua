@@ -71,17 +71,10 @@ function H:_kick()
   end
 end
 
--- The deadline of the reply awaited now (nil: none, the session is idle).
+-- The deadline of the reply awaited now (nil: none, the session is idle):
+-- the session's own reply clock, as the native driver arms it.
 function H:_deadline(now)
-  local s = self.s
-  local ph, replies = s:phase(), s:replies()
-  if ph ~= self.timed_phase or replies ~= self.timed_replies then
-    self.timed_phase, self.timed_replies = ph, replies
-    self.last_activity = now
-  end
-  if ph == "none" then return nil end
-  local t = self.timeouts[ph] or DEFAULT_TIMEOUT[ph] or 300
-  return self.last_activity + t
+  return self.s:deadline(now)
 end
 
 local function ms(seconds) return math.max(1, math.floor(seconds * 1000)) end
@@ -97,7 +90,7 @@ function H:_handshake(phase)
   end
   if type(sess) == "userdata" or type(sess) == "cdata" then tls.session = sess end
   self.tls_on = true
-  self.last_activity = core.now()
+  self.s:activity(core.now())
   return true
 end
 
@@ -111,7 +104,7 @@ local function reader(self)
   elseif o.tls_mode == "implicit" then
     self:_handshake("connect")
   end
-  self.last_activity = core.now()
+  s:activity(core.now())
   while not self.over and not self.cut do
     if self:_collect() then
       if self:_handshake("starttls") then s:tls_done() end
@@ -156,7 +149,7 @@ function M._writer(self)
         break
       end
       s:written(#out)
-      self.last_activity = core.now()
+      s:activity(core.now())
       self:_collect()
     else
       self.kicked = false
@@ -290,15 +283,14 @@ function M.new()
     local auth = o.auth
     local s, err = core.session{
       helo = o.helo, tls_active = o.tls_mode == "implicit", trace = o.trace, auth = auth,
-      auth_gate = o.auth_gate, bdat_window = o.bdat_window,
+      auth_gate = o.auth_gate, bdat_window = o.bdat_window, timeouts = o.timeouts,
       starttls = (o.tls_mode == "starttls" and "required") or (o.tls_mode == "opportunistic" and "opportunistic")
         or nil,
     }
     if not s then return nil, err end
     local h = setmetatable({
       drv = d, o = o, s = s, sock = ngx.socket.tcp(), events = {}, wsem = semaphore.new(0),
-      timeouts = o.timeouts or {}, tls = o.tls, server_name = o.server_name or o.host,
-      last_activity = core.now(),
+      tls = o.tls, server_name = o.server_name or o.host,
     }, H)
     -- Both threads are the opener's children, so it can end them.
     h.reader = ngx.thread.spawn(reader, h)
