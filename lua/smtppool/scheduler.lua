@@ -55,15 +55,17 @@ end
 
 function S:_remove(rec)
   if rec.state ~= "gone" then self.learner:note_session(rec.sent) end
+  for i, r in ipairs(self.conns) do
+    if r == rec then table.remove(self.conns, i) break end
+  end
+  -- the socket closes before its slot is given back: another process (an
+  -- nginx worker, a machine sharing Redis) may open one the moment it is
+  rec.c:close()
+  rec.state = "gone"
   if rec.slot then
     rec.slot = nil
     self.limits:conn_release()
   end
-  for i, r in ipairs(self.conns) do
-    if r == rec then table.remove(self.conns, i) break end
-  end
-  rec.c:close()
-  rec.state = "gone"
 end
 
 -- The learned cap in force: this pool's, or a smaller one another process
