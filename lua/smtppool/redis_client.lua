@@ -213,8 +213,9 @@ local function value(v, err)
   return v
 end
 
-local function check_args(args, level)
-  if #args == 0 then error("redis client: a command needs a name", level) end
+-- empty: a script's KEYS and ARGV may be none; a command needs its name
+local function check_args(args, level, empty)
+  if #args == 0 and not empty then error("redis client: a command needs a name", level) end
   for i = 1, #args do
     local t = type(args[i])
     if t ~= "string" and t ~= "number" then
@@ -278,7 +279,7 @@ function C:script(name, body, keys, args)
   local all = {}
   for _, k in ipairs(keys) do all[#all + 1] = k end
   for _, a in ipairs(args) do all[#all + 1] = a end
-  check_args({ "EVALSHA", (table.unpack or unpack)(all) }, 3) -- luacheck: ignore
+  check_args(all, 3, true)
   return self:_with(function(c)
     for _ = 1, 2 do
       local sha = self.shas[name]
