@@ -109,14 +109,16 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 -- * `helo` (string, default this machine's host name): the EHLO name, a
 --   domain or an address literal (`"[192.0.2.1]"`); anything else (a
 --   space, CR, LF) is refused.
--- * `max_conns` (default 1): connections carrying messages at once. A
---   connection within `rotate_ahead` transactions of its session cap, or
---   QUITting, does not count: its replacement opens ahead but sends nothing
---   until the old one has left, so sockets open may briefly reach twice
---   `max_conns` (never with `rotate_ahead = 0`; in nginx with `shared_dict`,
---   `max_conns` bounds sockets across the workers).
--- * `rotate_ahead` (default 2): how many transactions before a connection's
---   session cap its replacement is opened (0: only after it has gone).
+-- * `max_conns` (default 1): the ceiling on sockets open at once, as
+--   servers and providers count them (in nginx with `shared_dict` and
+--   with `rate.backend`, across every worker and process). The pool also
+--   learns a lower one when the server refuses connections for
+--   concurrency (see `limit_probe_after`).
+-- * `rotate_ahead` (default 0): extra sockets, past `max_conns`, for a
+--   connection's replacement opened this many transactions before its
+--   session cap, so its handshakes overlap the old one's last messages
+--   (it sends nothing until the old one has left). Off by default:
+--   providers count those sockets too.
 -- * `bdat_window` (default 4, at most 16): when the server offers CHUNKING
 --   and PIPELINING, bodies go as BDAT chunks (RFC 3030) and this many
 --   transactions per connection may await their final replies at once;
@@ -127,8 +129,17 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   server's `LIMITS MAILMAX` and a cap it learns when the server declares
 --   three sessions exhausted after the same count with none in between
 --   carrying more (never below 2).
--- * `cap_recover_after` (seconds, default 600): a learned cap is forgotten
---   after this long without an exhaustion signal.
+-- * `cap_recover_after` (seconds, default 600): a learned cap, concurrency,
+--   rate or login rate is forgotten after this long without a signal.
+-- * `limit_probe_after` (seconds, default 30): after a concurrency limit
+--   was learned (a 4xx at connect or greeting while other connections
+--   were open: the limit is cut to those), each quiet period this long
+--   allows one connection more, up to `max_conns`. A learned message rate
+--   (a 4xx to MAIL not explained by a session count) is cut to 90 % of what
+--   the server let through in the last second and raised 5 % every quiet
+--   2 s; a login rate (a 4xx to AUTH), likewise over a minute. A message
+--   refused for any of these limits waits its turn without spending a
+--   retry attempt (`stats().limited`).
 -- * `message_timeout` (seconds, default none): how long a message may take
 --   from submission to outcome, retries included; at the deadline a
 --   message on the wire has its connection cut (`ambiguous` when its final
@@ -238,11 +249,17 @@ function M.build(opts, driver, shared)
     on_event = opts.on_event,
     conns = {},                         -- connection records (see smtppool.scheduler)
     learner = policy.learner(cfg.cap_recover_after),
+    -- limits the server shows but nobody told the pool (see policy.signal)
+    learned = {
+      conns = policy.concurrency_learner(cfg.max_conns, cfg.limit_probe_after, cfg.cap_recover_after),
+      rate = policy.rate_learner(1, 2, cfg.cap_recover_after),          -- messages a second
+      auth = policy.rate_learner(60, 60, cfg.cap_recover_after),        -- logins a minute
+    },
     closed = false,
     next_id = 0,
     counters = { opened = 0, closed_by_us = 0, closed_by_server = 0, rotated = 0,
                  sent = 0, failed = 0, retried = 0, ambiguous = 0, rate_waits = 0,
-                 moved = 0 },
+                 moved = 0, limited = 0 },
   }, Pool)
 end
 
@@ -514,6 +531,10 @@ function Pool:metrics(prefix, labels)
   metric("connections_open", "gauge", "Connections open now.", st.open)
   metric("connections_in_use", "gauge", "Connections carrying a transaction now.", st.in_use)
   metric("learned_cap", "gauge", "The session cap learned from the server.", st.learned_cap)
+  metric("learned_conns", "gauge", "The concurrent connections learned from the server.", st.learned_conns)
+  metric("learned_rate", "gauge", "The messages a second learned from the server.", st.learned_rate)
+  metric("learned_auth_per_min", "gauge", "The logins a minute learned from the server.", st.learned_auth_per_min)
+  metric("limited_total", "counter", "Messages moved by a limit signal without spending an attempt.", st.limited)
   metric("tls_handshakes_total", "counter", "TLS handshakes.", st.tls_handshakes)
   metric("tls_resumed_total", "counter", "TLS handshakes that resumed a session.", st.tls_resumed)
   return table.concat(out)
@@ -523,7 +544,10 @@ end
 -- @treturn table `opened`, `closed_by_us`, `closed_by_server`, `rotated`,
 --   `moved` (messages moved off exhausted connections without spending an
 --   attempt), `sent`, `failed`, `retried`, `ambiguous`, `rate_waits`,
---   `open`, `idle`, `in_use`, `learned_cap` when one was learned, and with
+--   `limited` (messages moved by a limit signal of the server's without
+--   spending an attempt), `open`, `idle`, `in_use`; `learned_cap`,
+--   `learned_conns`, `learned_rate` (messages a second) and
+--   `learned_auth_per_min` while learned (see `limit_probe_after`); with
 --   limits shared by every process (`shared_dict` in nginx, `rate.backend`
 --   in Redis) `open_total`: sockets open across all of them
 function Pool:stats()
@@ -541,6 +565,8 @@ function Pool:stats()
     end
   end
   s.learned_cap = self:_learned_cap()
+  s.learned_conns, s.learned_rate = self.learned.conns.limit, self.learned.rate.limit
+  s.learned_auth_per_min = self.learned.auth.limit
   if self.limits.open_total then s.open_total = self.limits:open_total() end
   return s
 end

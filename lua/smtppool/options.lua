@@ -26,7 +26,7 @@ M.SCHEMA = {
   ca_file = "string", ca_path = "string", cert_file = "string", key_file = "string",
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
-  cap_recover_after = "number", trace = "boolean", max_recipients_per_message = "number",
+  cap_recover_after = "number", limit_probe_after = "number", trace = "boolean", max_recipients_per_message = "number",
   rotate_ahead = "number", sign_threads = "number", dns_servers = "string", bdat_window = "number",
 }
 
@@ -86,7 +86,8 @@ function M.check(opts, extra)
     end
   end
   for _, k in ipairs({ "connect_timeout", "close_timeout", "wait_timeout", "idle_timeout",
-                       "max_conn_lifetime", "health_check_after", "message_timeout", "cap_recover_after" }) do
+                       "max_conn_lifetime", "health_check_after", "message_timeout", "cap_recover_after",
+                       "limit_probe_after" }) do
     if opts[k] ~= nil and (not finite(opts[k]) or opts[k] <= 0) then
       error(("smtppool.new: option '%s' must be a positive finite number of seconds"):format(k), 3)
     end
@@ -179,7 +180,9 @@ function M.resolve(opts)
     close_timeout = opts.close_timeout or 5,
     cap_recover_after = opts.cap_recover_after or 600,
     message_timeout = opts.message_timeout,
-    rotate_ahead = opts.rotate_ahead or 2,
+    limit_probe_after = opts.limit_probe_after or 30,
+    -- 0: max_conns is the ceiling on sockets open, as servers count them
+    rotate_ahead = opts.rotate_ahead or 0,
     bdat_window = opts.bdat_window or M.BDAT_WINDOW,
     -- DKIM signing threads for batches: nil here means the default, which
     -- depends on the keys (init.lua, sign_threads_default)

@@ -89,6 +89,187 @@ function Learner:recover(t)
   return nil
 end
 
+-- ===== the server's limit signals =====
+
+--- Seconds within which MAIL refusals on different connections are taken
+-- for one rate limit rather than for sessions that each ran out.
+M.SIGNAL_WINDOW = 1
+--- Moves by limit signals a message may take while the pool delivers
+-- nothing: past them, a "limit" that never lets anything through is an
+-- ordinary transient failure, and the retry policy decides.
+M.MAX_LIMIT_MOVES = 5
+
+--- Classifies a failure as one of the server's limit signals, by reply
+-- code, phase and correlation, never by reply text (DESIGN invariant 4):
+--
+-- * `"concurrency"`: a 4xx at connect or greeting (421, 432...) while
+--   other connections of the account are open.
+-- * `"auth_rate"`: a 4xx to AUTH (454...).
+-- * `"rate"`: a 4xx other than 421 to MAIL correlated with others
+--   (`ctx.correlated`: another such refusal on another connection, at
+--   another count, within `SIGNAL_WINDOW`, or any while a rate is learned)
+--   and not explained by a session count.
+-- * `"session"`: the session is exhausted (`exhausted`).
+--
+-- Any other failure is none of them (nil): transient, permanent... as its
+-- kind says.
+-- @tparam table err the failure
+-- @tparam table ctx `txs` (transactions the connection started, this one
+--   included; nil when it died before carrying one), `others` (other
+--   connections of the account open), `correlated` (a MAIL refusal on
+--   another connection within `SIGNAL_WINDOW`)
+-- @treturn[opt] string the signal
+function M.signal(err, ctx)
+  local code, phase = err.code, err.phase
+  if not code or code < 400 or code >= 500 then return nil end
+  if phase == "connect" or phase == "greeting" then
+    return (ctx.others or 0) > 0 and "concurrency" or nil
+  end
+  if phase == "auth" then return "auth_rate" end
+  if phase == "mail" and code ~= 421 and ctx.correlated then return "rate" end
+  if ctx.txs and M.exhausted(ctx.txs, err) then return "session" end
+  return nil
+end
+
+-- ===== learning concurrency =====
+
+local Conc = {}
+Conc.__index = Conc
+
+--- A concurrency learner, as Postfix's queue manager learns a destination's:
+-- a refusal with n other connections open cuts the limit to n (never
+-- below 1), each quiet `probe_after` seconds raise it by one, and it is
+-- forgotten on reaching `ceiling` (the configured `max_conns`) or after
+-- `recover_after` seconds without a signal.
+function M.concurrency_learner(ceiling, probe_after, recover_after)
+  return setmetatable({ ceiling = ceiling, probe_after = probe_after, recover_after = recover_after }, Conc)
+end
+
+--- A connection was refused for concurrency with `others` open at time t.
+-- @treturn[opt] number the new limit, when this cut it
+function Conc:observe(others, t)
+  self.signal_at, self.probe_at = t, t
+  local n = math.max(1, others)
+  if n >= self.ceiling or (self.limit and n >= self.limit) then return nil end
+  self.limit = n
+  return n
+end
+
+--- Probes upward after a quiet period, or forgets.
+-- @treturn[opt] string `"probe"` or `"forget"`
+-- @treturn[opt] number the limit now (nil when forgotten)
+function Conc:tick(t)
+  if not self.limit then return nil end
+  if t - self.signal_at >= self.recover_after then
+    self.limit = nil
+    return "forget"
+  end
+  if t - self.probe_at >= self.probe_after then
+    self.probe_at = t
+    self.limit = self.limit + 1
+    if self.limit >= self.ceiling then
+      self.limit = nil
+      return "forget"
+    end
+    return "probe", self.limit
+  end
+  return nil
+end
+
+-- ===== learning a rate =====
+
+local Rate = {}
+Rate.__index = Rate
+
+--- A rate learner for events (messages started, logins) counted over `per`
+-- seconds. It keeps the times of the recent events; a signal sets the
+-- limit to 90 % of the events in the last `per` (what the server let
+-- through, so a cut at most once per `per`), each quiet `probe_after`
+-- seconds raise it by 5 % (at least one), and it is forgotten after
+-- `recover_after` seconds without a signal. `wait(t)` paces to the limit
+-- over the same history (so a new limit applies to what was just sent).
+function M.rate_learner(per, probe_after, recover_after)
+  return setmetatable({ per = per, probe_after = probe_after, recover_after = recover_after,
+                        times = {}, head = 1, tail = 0 }, Rate)
+end
+
+-- Drops the events older than the window (with the pacing margin).
+-- times[head..tail] are the events kept, oldest first.
+function Rate:_trim(t)
+  local times, head = self.times, self.head
+  local from = t - self.per - math.max(0.02, self.per * 0.01)
+  while head <= self.tail and times[head] < from do
+    times[head] = nil
+    head = head + 1
+  end
+  if head > self.tail then head, self.tail = 1, 0 end
+  self.head = head
+end
+
+--- One event at time t.
+function Rate:note(t)
+  self:_trim(t)
+  self.tail = self.tail + 1
+  self.times[self.tail] = t
+end
+
+--- Takes back the newest event (one the server refused does not count).
+function Rate:unnote()
+  if self.tail >= self.head then
+    self.times[self.tail] = nil
+    self.tail = self.tail - 1
+  end
+end
+
+-- Events in the last `per` seconds.
+function Rate:count(t)
+  self:_trim(t)
+  local n = 0
+  for i = self.head, self.tail do
+    if self.times[i] > t - self.per then n = n + 1 end
+  end
+  return n
+end
+
+--- The server refused an event for its rate at time t.
+-- @treturn[opt] number the new limit, when this cut it
+function Rate:observe(t)
+  self.signal_at, self.probe_at = t, t
+  if self.cut_at and t - self.cut_at < self.per then return nil end
+  local n = math.max(1, math.floor(self:count(t) * 0.9))
+  if self.limit and n >= self.limit then n = math.max(1, math.floor(self.limit * 0.9)) end
+  self.limit, self.cut_at = n, t
+  return n
+end
+
+--- Seconds until one more event keeps to the learned limit (0: now).
+function Rate:wait(t)
+  if not self.limit then return 0 end
+  self:_trim(t)
+  local n = self.tail - self.head + 1
+  if n < self.limit then return 0 end
+  local per = self.per + math.max(0.02, self.per * 0.01)
+  local w = self.times[self.head + n - self.limit] + per - t
+  return w > 0 and w or 0
+end
+
+--- Probes upward after a quiet period, or forgets.
+-- @treturn[opt] string `"probe"` or `"forget"`
+-- @treturn[opt] number the limit now
+function Rate:tick(t)
+  if not self.limit then return nil end
+  if t - self.signal_at >= self.recover_after then
+    self.limit = nil
+    return "forget"
+  end
+  if t - self.probe_at >= self.probe_after then
+    self.probe_at = t
+    self.limit = self.limit + math.max(1, math.floor(self.limit * 0.05))
+    return "probe", self.limit
+  end
+  return nil
+end
+
 -- ===== after a failed attempt =====
 
 --- Decides what happens to a message after a failed attempt.
@@ -98,12 +279,20 @@ end
 --   included); nil when the connection died before carrying the message
 -- @tparam number t now
 -- @tparam function retry the retry policy `(err, attempt, msg) -> delay | false`
+-- @tparam[opt] boolean limit_move the failure is a limit signal (see
+--   `signal`) the message may move on for free (the scheduler bounds it by
+--   `MAX_LIMIT_MOVES` without progress)
 -- @treturn table `{action = "move"}` (a fresh connection, no attempt spent),
 --   or `{action = "retry", delay = s, attempts = n, err = e}`, or
 --   `{action = "final", attempts = n, err = e}`; `ambiguous = true` when
 --   this attempt may have been delivered
-function M.after_failure(job, err, txs, t, retry)
+function M.after_failure(job, err, txs, t, retry, limit_move)
   local expired = job.deadline and t >= job.deadline
+  if limit_move and not expired then
+    -- A limit of the server's (concurrency, rate, logins): the message waits
+    -- its turn, it did nothing wrong.
+    return { action = "move", limit = true }
+  end
   if txs and not expired and job.free_moves < M.MAX_FREE_MOVES and
       (M.exhausted(txs, err) or (txs > 1 and err.kind == "connection" and not err.code)) then
     -- An exhausted or stale reused connection: not the message's fault.

@@ -55,6 +55,7 @@ end
 
 function S:_remove(rec)
   if rec.state ~= "gone" then self.learner:note_session(rec.sent) end
+  if rec.caps and rec.state ~= "gone" then self.closed_ready_at = self.driver.now() end
   for i, r in ipairs(self.conns) do
     if r == rec then table.remove(self.conns, i) break end
   end
@@ -74,6 +75,78 @@ function S:_learned_cap()
   local mine, theirs = self.learner.cap, self.limits:cap()
   if mine and theirs then return math.min(mine, theirs) end
   return mine or theirs
+end
+
+-- How long a server may go on counting a socket the pool has closed.
+local CLOSE_GRACE = 0.25
+
+-- Other connections of the account open, as the server may count them now:
+-- the pool's own, and one more when a session ended a moment ago.
+function S:_others_open(t)
+  local n = #self.conns
+  if self.closed_ready_at and t - self.closed_ready_at < CLOSE_GRACE then n = n + 1 end
+  return n
+end
+
+local LEARNED_NAMES = { conns = "conns", rate = "rate", auth = "auth_per_min" }
+
+-- Applies a limit signal (policy.signal) to what the pool has learned.
+function S:_learn_limit(sig, t, others)
+  local name, n
+  if sig == "concurrency" then
+    name, n = "conns", self.learned.conns:observe(others, t)
+  elseif sig == "rate" then
+    name, n = "rate", self.learned.rate:observe(t)
+  elseif sig == "auth_rate" then
+    name, n = "auth", self.learned.auth:observe(t)
+  end
+  if n then self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "signal" }) end
+end
+
+-- Probes learned limits upward after quiet periods, or forgets them.
+function S:_tick_limits(t)
+  for name, l in pairs(self.learned) do
+    local what, n = l:tick(t)
+    if what == "probe" then
+      self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "probe" })
+    elseif what == "forget" then
+      self:_emit({ type = "unlearn_limit", limit = LEARNED_NAMES[name] })
+    end
+  end
+end
+
+-- The sockets the pool may have open: max_conns, or less while a
+-- concurrency limit is learned.
+function S:_ceiling()
+  local l = self.learned.conns.limit
+  if l and l < self.cfg.max_conns then return l, true end
+  return self.cfg.max_conns, false
+end
+
+-- Whether a failure that is a limit signal moves its message for free: a
+-- few times while the pool delivers nothing, any number while it does.
+function S:_limit_move(job, sig, t)
+  if not sig or sig == "session" then return false end
+  if job.limit_moved_at and (self.progress_at or -1) > job.limit_moved_at then job.limit_moves = 0 end
+  if (job.limit_moves or 0) >= policy.MAX_LIMIT_MOVES then return false end
+  job.limit_moves = (job.limit_moves or 0) + 1
+  job.limit_moved_at = t
+  return true
+end
+
+-- Whether a MAIL refused (4xx, not 421) after n transactions on rec is
+-- one rate limit with others: one on another connection at another count
+-- within the signal window, or any while a rate is learned. Never when a
+-- session count explains it (a cap learned or last seen at n), nor on a
+-- connection refused more times in a row than one window of transactions
+-- could be: that session is exhausted, whatever the others are.
+function S:_correlated(rec, n, t)
+  if n == self.learner.cap or n == self.learner.last then return false end
+  if (rec.mail_refusals or 0) > math.max(1, self.cfg.bdat_window) + 1 then return false end
+  local r = self.learned.rate
+  if r.limit or (r.signal_at and t - r.signal_at < policy.SIGNAL_WINDOW) then return true end
+  local m = self.mail_refused
+  return m ~= nil and m.conn ~= rec.id and m.n ~= n and t - m.t < policy.SIGNAL_WINDOW
 end
 
 function S:_cap(rec)
@@ -213,14 +286,19 @@ end
 
 -- Applies the policy's decision after a failed attempt. rec: the connection
 -- that carried it, nil when it died before it could.
-function S:_after_failure(run, job, err, rec, t)
+function S:_after_failure(run, job, err, rec, t, sig)
   -- A stopping run neither retries nor moves: the attempt's outcome stands.
   local d = run.stopping and { action = "final", attempts = job.attempts + 1, err = err,
                                ambiguous = err.kind == "ambiguous" or nil }
-    or policy.after_failure(job, err, rec and job.seq, t, self.batch_retry or self.retry)
+    or policy.after_failure(job, err, rec and job.seq, t, self.batch_retry or self.retry,
+      self:_limit_move(job, sig, t))
   if d.action == "move" then
-    job.free_moves = job.free_moves + 1
-    self.counters.moved = self.counters.moved + 1
+    if d.limit then
+      self.counters.limited = self.counters.limited + 1
+    else
+      job.free_moves = job.free_moves + 1
+      self.counters.moved = self.counters.moved + 1
+    end
     table.insert(run.queue, 1, job)
     job.queued_at = t
     return
@@ -301,6 +379,7 @@ function S:_start(run, rec, job, t)
   rec.state = "busy"
   rec.job = job
   rec.txs = rec.txs + 1
+  self.learned.rate:note(t)
   job.seq = rec.txs -- its place in the session, for the exhaustion rules
   job.last = last or nil
   rec.last_used = t
@@ -367,9 +446,22 @@ function S:_dispatch(run, rec, entry, t)
           -- a session that has carried n is evidence against any cap below n
           -- (a real cap never lets one get there), as soon as it does
           self.learner:note_session(rec.sent)
+          self.progress_at = t
+          rec.mail_refusals = nil
           self:_finish(run, job, res)
         else
-          if policy.exhausted(job.seq, err) then
+          local sig = policy.signal(err, { txs = job.seq, correlated = self:_correlated(rec, job.seq - 1, t) })
+          if err.phase == "mail" and err.code and err.code >= 400 and err.code < 500 and err.code ~= 421 then
+            self.mail_refused = { conn = rec.id, t = t, n = job.seq - 1 }
+            rec.mail_refusals = (rec.mail_refusals or 0) + 1
+          end
+          -- a refused start is not one the server let through
+          if sig == "rate" then self.learned.rate:unnote() end
+          self:_learn_limit(sig, t)
+          if sig == "session" and not rec.exhaust_noted then
+            -- Once per session: the transactions behind it in a pipeline
+            -- or BDAT window fail with it, at higher counts.
+            rec.exhaust_noted = true
             -- Sessions still open that carried more than this one are
             -- evidence against a cap at its count (a real cap never lets one).
             for _, other in ipairs(self.conns) do
@@ -380,9 +472,11 @@ function S:_dispatch(run, rec, entry, t)
               self.limits:publish_cap(learned, self.cfg.cap_recover_after)
               self:_emit({ type = "learn_cap", cap = learned })
             end
+          end
+          if sig == "session" then
             rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
           end
-          self:_after_failure(run, job, err, rec, t)
+          self:_after_failure(run, job, err, rec, t, sig)
         end
       end
     elseif ev == "error" then
@@ -403,10 +497,16 @@ function S:_dispatch(run, rec, entry, t)
         -- this call fails once with it rather than one connection per message.
         run.tls_failed = e
       end
+      -- refused at connect or greeting while others are open: concurrency;
+      -- at AUTH: the login rate
+      local others = self:_others_open(t)
+      local sig = rec.sent == 0 and rec.txs == 0 and policy.signal(e, { others = others }) or nil
+      self:_learn_limit(sig, t, others)
       if job then
         -- Died before it could carry the message bound to it (connect,
-        -- greeting, EHLO): that is the message's attempt.
-        self:_after_failure(run, job, e, nil, t)
+        -- greeting, EHLO): that is the message's attempt, unless a limit
+        -- of the server's refused it.
+        self:_after_failure(run, job, e, nil, t, sig)
       end
       return
     elseif ev == "closed" then
@@ -602,6 +702,7 @@ function S:run(next_msg, on_result, opts)
     self.limits:refresh(t)
     local forgotten = self.learner:recover(t)
     if forgotten then self:_emit({ type = "unlearn_cap", cap = forgotten }) end
+    self:_tick_limits(t)
 
     if run.inflight == 0 and run.source_done then break end
 
@@ -620,6 +721,13 @@ function S:run(next_msg, on_result, opts)
       wake_at(t + w)
       return true
     end
+    -- A message may start: the learned rate, then the rate windows.
+    local learned_rate = self.learned.rate
+    local function message_held()
+      local w = learned_rate:wait(t)
+      if held("learned_rate", w) then return true end
+      return held("messages", self.limits:take(MESSAGE, t))
+    end
 
     -- Idle connections: retire, check or load them. A fresh connection
     -- that just became ready takes the message bound to it first.
@@ -628,7 +736,7 @@ function S:run(next_msg, on_result, opts)
       if rec.state == "idle" and rec.job then
         local job = rec.job
         rec.job = nil
-        if held("messages", self.limits:take(MESSAGE, t)) then
+        if message_held() then
           table.insert(run.queue, 1, job)
         else
           self:_start(run, rec, job, t)
@@ -640,7 +748,7 @@ function S:run(next_msg, on_result, opts)
         -- unless the session is due to rotate.
         local cap = self:_cap(rec)
         if not (cap and rec.txs >= cap) and not (cfg.max_conn_lifetime and t - rec.born >= cfg.max_conn_lifetime)
-          and not held("messages", self.limits:take(MESSAGE, t)) then
+          and not message_held() then
           self:_start(run, rec, table.remove(run.queue, 1), t)
         end
       end
@@ -659,7 +767,7 @@ function S:run(next_msg, on_result, opts)
           rec.state = "checking"
         elseif #run.queue > 0 and not (rec.spare and self:_senders() >= cfg.max_conns) then
           rec.spare = nil
-          if not held("messages", self.limits:take(MESSAGE, t)) then
+          if not message_held() then
             self:_start(run, rec, table.remove(run.queue, 1), t)
           end
         end
@@ -671,7 +779,8 @@ function S:run(next_msg, on_result, opts)
     -- cap) does not count against max_conns: its replacement opens ahead,
     -- and its handshakes overlap the old one's last messages.
     local open_conns = #self.conns
-    if cfg.rotate_ahead > 0 then
+    local ceiling, learned_ceiling = self:_ceiling()
+    if cfg.rotate_ahead > 0 and not learned_ceiling then
       local leaving, room = 0, 0
       for _, rec in ipairs(self.conns) do
         local cap = rec.state ~= "connecting" and self:_cap(rec)
@@ -686,7 +795,7 @@ function S:run(next_msg, on_result, opts)
       -- last transactions (the look-ahead queue is deep enough to tell)
       if #run.queue > room then open_conns = open_conns - leaving end
     end
-    while #run.queue > 0 and open_conns < cfg.max_conns do
+    while #run.queue > 0 and open_conns < ceiling do
       -- A slot among max_conns (across processes with a shared backend):
       -- when others hold them all, look again shortly.
       if not self.limits:conn_acquire(t) then
@@ -698,6 +807,11 @@ function S:run(next_msg, on_result, opts)
         break
       end
       waits_noted.max_conns = nil
+      -- a login rate learned from the server's refusals
+      if self.auth and held("learned_auth", self.learned.auth:wait(t)) then
+        self.limits:conn_release()
+        break
+      end
       if held("connections", self.limits:take(self:_connect_windows(), t)) then
         self.limits:conn_release()
         break
@@ -705,7 +819,7 @@ function S:run(next_msg, on_result, opts)
       -- Past max_conns sockets, the replacement of a connection rotating
       -- out is a spare: it takes no message until a sender has left, so at
       -- most max_conns connections carry messages at once.
-      local spare = #self.conns >= cfg.max_conns
+      local spare = #self.conns >= ceiling
       local job = not spare and table.remove(run.queue, 1) or nil
       local rec, err = self:_open(t, job)
       if not rec then
@@ -715,12 +829,14 @@ function S:run(next_msg, on_result, opts)
       end
       rec.spare = spare or nil
       open_conns = open_conns + 1
+      if self.auth then self.learned.auth:note(t) end
     end
 
     -- Nothing could start a connection for the head of the queue in time.
     -- Time spent waiting on a rate limit does not count: that wait is chosen.
     local head = run.queue[1]
-    if head and (waits_noted.connections or waits_noted.messages) then
+    if head and (waits_noted.connections or waits_noted.messages or waits_noted.learned_rate
+        or waits_noted.learned_auth) then
       head.queued_at = t
     end
     if head then

@@ -19,6 +19,11 @@ listens. The script is a JSON object:
       "max_tx_per_session": 5,       # the session cap: MAIL after N transactions...
       "cap_reply": "421 4.7.0 Maximum message count per session reached",
       "cap_close": true,             # ...is answered cap_reply, then closed if cap_close
+      "max_sessions": 2,             # concurrency: a connection over N open at once is
+      "sessions_reply": "432 4.3.2 Concurrent connections limit exceeded",  # greeted so, closed
+      "mail_per_sec": 200,           # rate: a MAIL past N accepted in the last second is
+      "rate_reply": "454 4.7.0 Throttling failure: Maximum sending rate exceeded",  # answered so
+      "chunking": true,              # offer CHUNKING and take BDAT (RFC 3030)
       "rules": [                     # first matching rule with uses left wins
         {"on": "MAIL",               # greeting EHLO HELO STARTTLS MAIL RCPT DATA DATA_END RSET NOOP QUIT
          "session": 2,               # only on the 2nd connection (1-based); optional
@@ -43,6 +48,7 @@ reply, fault, close.
 import argparse
 import asyncio
 import base64
+import collections
 import json
 import os
 import signal
@@ -72,7 +78,23 @@ class State:
         self.rules = [dict(r, used=0) for r in script.get("rules", [])]
         self.seen = {}
         self.sessions = 0
+        self.open = 0  # connections open now
+        self.mails = collections.deque()  # when recent MAILs were accepted
         self.log = log
+
+    def throttled(self):
+        """The rate limit: True when mail_per_sec MAILs were accepted in the
+        last second (the MAIL asking is then refused, and not counted)."""
+        limit = self.script.get("mail_per_sec")
+        if limit is None:
+            return False
+        now = time.monotonic()
+        while self.mails and now - self.mails[0] >= 1.0:
+            self.mails.popleft()
+        if len(self.mails) >= limit:
+            return True
+        self.mails.append(now)
+        return False
 
     def match(self, phase, session, arg):
         n = self.seen.get(phase, 0) + 1
@@ -107,6 +129,8 @@ class Handler:
         extra = list(self.state.script.get("extensions", []))
         if self.state.script.get("pipelining", True):
             extra.append("PIPELINING")
+        if self.state.script.get("chunking"):
+            extra.append("CHUNKING")
         # responses: ['250-host', ..., '250 HELP']; keep the last line last
         body = [r[4:] for r in responses]
         lines = body[:-1] + extra + body[-1:]
@@ -162,10 +186,18 @@ class FaultSMTP(SMTP):
             self.pending = None
 
     def connection_made(self, transport):
-        self.state.log.write(ev="connect", s=self.sid)
+        self.state.open += 1
+        self.counted = True
+        limit = self.state.script.get("max_sessions")
+        # over the concurrency limit: the greeting refuses (see push)
+        self.over = limit is not None and self.state.open > limit
+        self.state.log.write(ev="connect", s=self.sid, open=self.state.open)
         super().connection_made(transport)
 
     def connection_lost(self, exc):
+        if self.counted:
+            self.counted = False
+            self.state.open -= 1
         self.state.log.write(ev="close", s=self.sid)
         super().connection_lost(exc)
 
@@ -188,6 +220,13 @@ class FaultSMTP(SMTP):
         if self.transport is None:
             return
         text = status.decode("latin-1") if isinstance(status, bytes) else status
+        if self.phase == "greeting" and self.over:
+            text = self.state.script.get("sessions_reply", "421 4.7.0 too many concurrent connections")
+            self.state.log.write(ev="over_sessions", s=self.sid, open=self.state.open)
+            self.state.log.write(ev="reply", s=self.sid, phase=self.phase, text=text)
+            await super().push(text)
+            self._close()
+            return
         rule = None
         if self.fresh:
             self.fresh = False
@@ -254,7 +293,43 @@ class FaultSMTP(SMTP):
             if self.state.script.get("cap_close", True) or text.startswith("421"):
                 self._close()
             return
+        if self.state.throttled():
+            self.phase = "MAIL"
+            self.state.log.write(ev="cmd", s=self.sid, cmd="MAIL", arg=arg)
+            self.state.log.write(ev="throttle", s=self.sid, tx=self.tx)
+            await SMTP.push(self, self.state.script.get(
+                "rate_reply", "454 4.7.0 Throttling failure: Maximum sending rate exceeded"))
+            return
         await self._cmd("MAIL", arg, super().smtp_MAIL)
+
+    async def smtp_BDAT(self, arg):
+        """BDAT (RFC 3030): a chunk of exactly n octets follows the command;
+        LAST ends the message, whose reply is the transaction's."""
+        self.phase = "BDAT"
+        self.fresh = True
+        self._arg = arg
+        self.state.log.write(ev="cmd", s=self.sid, cmd="BDAT", arg=arg)
+        parts = (arg or "").split()
+        if not self.state.script.get("chunking") or not parts or not parts[0].isdigit() or len(parts) > 2 \
+                or (len(parts) == 2 and parts[1].upper() != "LAST"):
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        n, last = int(parts[0]), len(parts) == 2
+        chunk = await self._reader.readexactly(n) if n else b""
+        self.state.log.write(ev="bdat_chunk", s=self.sid, n=len(chunk))
+        if not self.envelope.rcpt_tos:
+            self.bdat = None
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        self.bdat = (getattr(self, "bdat", None) or b"") + chunk
+        if not last:
+            await self.push("250 2.0.0 %d octets received" % n)
+            return
+        self.envelope.original_content = self.envelope.content = self.bdat
+        self.bdat = None
+        status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+        self._set_post_data_state()
+        await self.push(status)
 
     async def smtp_RCPT(self, arg):
         await self._cmd("RCPT", arg, super().smtp_RCPT)
@@ -263,6 +338,7 @@ class FaultSMTP(SMTP):
         await self._cmd("DATA", arg, super().smtp_DATA)
 
     async def smtp_RSET(self, arg):
+        self.bdat = None
         await self._cmd("RSET", arg, super().smtp_RSET)
 
     async def smtp_NOOP(self, arg):
