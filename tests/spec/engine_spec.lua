@@ -99,6 +99,26 @@ describe("the scheduler over a fake driver", function()
     pool:close()
   end)
 
+  it("learns a concurrency limit it was not told, moving refused messages without spending an attempt", function()
+    local net = fake.network()
+    local srv = net:server("mx", { max_sessions = 2, cap = 5 })
+    local events = {}
+    local pool = pool_on(net, { max_conns = 6, max_messages_per_conn = 5, limit_probe_after = 5,
+      on_event = function(e) if e.type == "learn_limit" then events[#events + 1] = e end end })
+    local sum, got = outcomes(pool, list(300))
+    assert.equal(300, sum.sent)
+    for _, g in ipairs(got) do assert.equal(1, g.res.attempts) end
+    local least = math.huge
+    for _, e in ipairs(events) do
+      assert.equal("conns", e.limit)
+      if e.value < least then least = e.value end
+    end
+    assert.equal(2, least)
+    -- the first burst, then one refusal per probe at most
+    assert.is_true(srv.refused <= 4 + net.t / 5, srv.refused .. " refused in " .. net.t .. " s")
+    pool:close()
+  end)
+
   it("fails what waits past wait_timeout when the server refuses every connection", function()
     local net = fake.network()
     net:server("mx", { max_sessions = 0 })

@@ -167,3 +167,83 @@ describe("policy.split and merge_parts", function()
     assert.equal(2, #e.recipients)
   end)
 end)
+
+describe("policy.signal (the server's limit signals, never read from reply text)", function()
+  it("reads a 4xx at connect or greeting as concurrency only while other connections are open", function()
+    assert.equal("concurrency", policy.signal(err("transient", 432, "greeting"), { others = 2 }))
+    assert.equal("concurrency", policy.signal(err("connection", 421, "greeting"), { others = 1 }))
+    assert.is_nil(policy.signal(err("connection", 421, "greeting"), { others = 0 }))
+    assert.is_nil(policy.signal(err("permanent", 554, "greeting"), { others = 3 }))
+    assert.is_nil(policy.signal(err("connection", nil, "connect"), { others = 3 })) -- refused socket: no reply
+  end)
+  it("reads a 4xx to AUTH as the login rate, a 5xx never", function()
+    assert.equal("auth_rate", policy.signal(err("transient", 454, "auth"), {}))
+    assert.is_nil(policy.signal(err("auth", 535, "auth"), {}))
+  end)
+  it("reads a 4xx to MAIL as rate only when correlated, else as exhaustion after a first transaction", function()
+    assert.equal("rate", policy.signal(err("transient", 454, "mail"), { txs = 3, correlated = true }))
+    assert.equal("rate", policy.signal(err("transient", 451, "mail"), { txs = 1, correlated = true }))
+    assert.equal("session", policy.signal(err("transient", 454, "mail"), { txs = 3 }))
+    assert.is_nil(policy.signal(err("transient", 451, "mail"), { txs = 1 }))
+    -- a 421 closes the session: exhaustion, whatever else is going on
+    assert.equal("session", policy.signal(err("connection", 421, "mail"), { txs = 3, correlated = true }))
+    assert.is_nil(policy.signal(err("transient", 450, "rcpt"), { txs = 1, correlated = true }))
+  end)
+  it("moves a message refused for a limit without spending an attempt, until its deadline", function()
+    local never = function() error("the retry policy is not asked for a limit") end
+    local d = policy.after_failure(job(), err("transient", 432, "greeting"), nil, 10, never, true)
+    assert.same({ action = "move", limit = true }, d)
+    d = policy.after_failure(job({ deadline = 5 }), err("transient", 432, "greeting"), nil, 10,
+      function() return false end, true)
+    assert.equal("final", d.action)
+  end)
+end)
+
+describe("policy.concurrency_learner", function()
+  it("cuts to the connections open at a refusal, probes up after quiet periods, forgets at the ceiling", function()
+    local l = policy.concurrency_learner(8, 30, 600)
+    assert.equal(7, l:observe(7, 0))
+    assert.equal(2, l:observe(2, 0))
+    assert.is_nil(l:observe(5, 0))   -- a refusal with more open says nothing new
+    assert.equal(1, l:observe(0, 1)) -- never below one
+    assert.is_nil(l:tick(20))
+    assert.same({ "probe", 2 }, { l:tick(31) })
+    for t = 61, 61 + 30 * 5, 30 do l:tick(t) end
+    assert.is_nil(l.limit)          -- probed back to max_conns: forgotten
+    assert.is_nil(l:observe(8, 300)) -- at the ceiling: nothing to learn
+  end)
+  it("forgets after recover_after without a signal", function()
+    local l = policy.concurrency_learner(8, 1000, 60)
+    l:observe(2, 0)
+    assert.equal("forget", (l:tick(61)))
+    assert.is_nil(l.limit)
+  end)
+end)
+
+describe("policy.rate_learner", function()
+  it("cuts to 90% of what went through in the last window, once per window, and paces to it", function()
+    local l = policy.rate_learner(1, 2, 600)
+    for i = 1, 100 do l:note(i / 200) end -- 100 in the last half second
+    assert.equal(0, l:wait(0.5))
+    assert.equal(90, l:observe(0.5))
+    assert.is_nil(l:observe(0.9)) -- the same window's refusals: one cut
+    assert.is_true(l:wait(0.9) > 0, "not paced to the limit")
+    -- a second cut a window later, with the 90 that went through: 90% of them
+    for i = 1, 90 do l:note(0.6 + i / 100) end
+    assert.equal(81, l:observe(1.6))
+  end)
+  it("probes up by 5% per quiet period and forgets after recover_after", function()
+    local l = policy.rate_learner(1, 2, 10)
+    for i = 1, 50 do l:note(i / 100) end
+    assert.equal(45, l:observe(0.5))
+    assert.is_nil(l:tick(1))
+    assert.same({ "probe", 47 }, { l:tick(2.5) })
+    assert.equal("forget", (l:tick(11)))
+  end)
+  it("takes back a refused event", function()
+    local l = policy.rate_learner(1, 2, 10)
+    l:note(0.1); l:note(0.2)
+    l:unnote()
+    assert.equal(1, l:count(0.3))
+  end)
+end)
