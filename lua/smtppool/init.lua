@@ -565,7 +565,8 @@ function Pool:stats()
     end
   end
   s.learned_cap = self:_learned_cap()
-  s.learned_conns, s.learned_rate = self.learned.conns.limit, self.learned.rate.limit
+  local ceiling, learned_ceiling = self:_ceiling()
+  s.learned_conns, s.learned_rate = learned_ceiling and ceiling or nil, self.learned.rate.limit
   s.learned_auth_per_min = self.learned.auth.limit
   if self.limits.open_total then s.open_total = self.limits:open_total() end
   return s

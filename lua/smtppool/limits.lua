@@ -8,14 +8,19 @@
 --   window are skipped) if every one of them allows it, all or none, and
 --   returns 0; otherwise spends nothing and returns the seconds until they
 --   could. Atomic across everything sharing the backend.
--- * `conn_acquire(now)` / `conn_release()`: a slot among `max_conns`
---   sockets open at once. In one process the pool counts its own; a shared
+-- * `conn_acquire(now[, limit])` / `conn_release()`: a slot among
+--   `max_conns` sockets open at once (or `limit`, a lower ceiling learned
+--   from the server). In one process the pool counts its own; a shared
 --   backend counts every process's.
 -- * `contended(now)`: true when another process waited for a slot in the
 --   last second (a pool then QUITs its idle connections rather than hold
 --   them).
 -- * `cap()` / `publish_cap(n, ttl)`: a session cap learned by any process,
 --   forgotten after `ttl` seconds.
+-- * `learned(name)` / `publish_learned(name, n, ttl)`: another limit learned
+--   from the server (`"conns"`: concurrent connections), the latest any
+--   process published (a cut or a probe upward), until `ttl`; `n = nil`
+--   forgets it.
 -- * `refresh(now)`: renews what this process holds (a shared backend's
 --   leases); called on every turn of the pool's loop, cheap when not due.
 -- * `name`: `"process"`, `"shared_dict"`, `"redis"`.
@@ -61,6 +66,8 @@ function Local.conn_release() end
 function Local.contended() return false end
 function Local.cap() return nil end
 function Local.publish_cap() end
+function Local.learned() return nil end
+function Local.publish_learned() end
 function Local.refresh() end
 
 --- The limits a pool's options ask for: `rate` windows, in `shared` when

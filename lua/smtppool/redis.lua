@@ -152,11 +152,11 @@ function B:take(names, now)
   return tonumber(v) or RETRY
 end
 
-function B:conn_acquire(now)
+function B:conn_acquire(now, limit)
   self.seq = self.seq + 1
   local member = self.id .. ":c" .. self.seq
   local v = self:_call("acquire", ACQUIRE, { self.p .. "slots", self.p .. "want" },
-    { tostring(self.max_conns), member, tostring(LEASE), self.id })
+    { tostring(limit or self.max_conns), member, tostring(LEASE), self.id })
   if v ~= 1 then return false end
   self.held[#self.held + 1] = member
   self:refresh(now)
@@ -202,6 +202,26 @@ function B:publish_cap(n, ttl)
   self.cap_at = nil
 end
 
+function B:learned(name)
+  -- asked on every turn of the loop: cached for a second
+  local now = core.now()
+  local c = self.learned_cache[name]
+  if c and now - c.at < 1 then return c.v end
+  local v = self:_cmd("GET", self.p .. "learned:" .. name)
+  v = type(v) == "string" and tonumber(v) or nil
+  self.learned_cache[name] = { at = now, v = v }
+  return v
+end
+
+function B:publish_learned(name, n, ttl)
+  if n then
+    self:_cmd("SET", self.p .. "learned:" .. name, tostring(n), "EX", tostring(math.max(1, math.floor(ttl))))
+  else
+    self:_cmd("DEL", self.p .. "learned:" .. name)
+  end
+  self.learned_cache[name] = nil
+end
+
 --- Sockets open now across every process (stats).
 function B:open_total()
   local v = self:_cmd("ZCARD", self.p .. "slots")
@@ -224,7 +244,7 @@ function M.backend(url, key, on_event, driver)
     local host = core.hostname() or "host"
     return setmetatable({ name = "redis", url = url, p = p, windows = windows, max_conns = opts.max_conns or 1,
                           client = client.new(url, { driver = driver, timeout = 2 }),
-                          held = {}, seq = 0, on_event = on_event,
+                          held = {}, seq = 0, on_event = on_event, learned_cache = {},
                           id = ("%s:%d:%s"):format(host, math.random(1, 2 ^ 31), tostring(core.now())) }, B)
   end
 end

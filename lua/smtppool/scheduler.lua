@@ -81,9 +81,11 @@ end
 local CLOSE_GRACE = 0.25
 
 -- Other connections of the account open, as the server may count them now:
--- the pool's own, and one more when a session ended a moment ago.
+-- the pool's own (every process's with shared limits), and one more when
+-- a session ended a moment ago.
 function S:_others_open(t)
   local n = #self.conns
+  if self.limits.open_total then n = math.max(n, self.limits:open_total() or 0) end
   if self.closed_ready_at and t - self.closed_ready_at < CLOSE_GRACE then n = n + 1 end
   return n
 end
@@ -100,13 +102,17 @@ function S:_learn_limit(sig, t, others)
   elseif sig == "auth_rate" then
     name, n = "auth", self.learned.auth:observe(t)
   end
-  if n then self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "signal" }) end
+  if n then
+    if name == "conns" then self.limits:publish_learned("conns", n, self.cfg.cap_recover_after) end
+    self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "signal" })
+  end
 end
 
 -- Probes learned limits upward after quiet periods, or forgets them.
 function S:_tick_limits(t)
   for name, l in pairs(self.learned) do
     local what, n = l:tick(t)
+    if what and name == "conns" then self.limits:publish_learned("conns", n, self.cfg.cap_recover_after) end
     if what == "probe" then
       self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "probe" })
     elseif what == "forget" then
@@ -116,9 +122,11 @@ function S:_tick_limits(t)
 end
 
 -- The sockets the pool may have open: max_conns, or less while a
--- concurrency limit is learned.
+-- concurrency limit is learned (here or by another process sharing the
+-- limits).
 function S:_ceiling()
-  local l = self.learned.conns.limit
+  local l, shared = self.learned.conns.limit, self.limits:learned("conns")
+  if shared and (not l or shared < l) then l = shared end
   if l and l < self.cfg.max_conns then return l, true end
   return self.cfg.max_conns, false
 end
@@ -798,7 +806,7 @@ function S:run(next_msg, on_result, opts)
     while #run.queue > 0 and open_conns < ceiling do
       -- A slot among max_conns (across processes with a shared backend):
       -- when others hold them all, look again shortly.
-      if not self.limits:conn_acquire(t) then
+      if not self.limits:conn_acquire(t, learned_ceiling and ceiling or nil) then
         if not waits_noted.max_conns then
           waits_noted.max_conns = true
           self:_emit({ type = "rate_wait", limit = "max_conns", seconds = SLOT_POLL })

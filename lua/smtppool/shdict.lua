@@ -129,10 +129,10 @@ function B:_record(now)
   self.renewed = now
 end
 
-function B:conn_acquire(now)
+function B:conn_acquire(now, limit)
   self:_lock()
   local _, total = self:_holders()
-  local ok = total < self.max_conns
+  local ok = total < (limit or self.max_conns)
   if ok then
     self.mine = self.mine + 1
     self:_record(now)
@@ -172,6 +172,14 @@ function B:publish_cap(n, ttl)
   local cur = self.dict:get(self.p .. "cap")
   if not cur or n < cur then self.dict:set(self.p .. "cap", n, ttl) end
   self:_unlock()
+end
+
+function B:learned(name)
+  return self.dict:get(self.p .. "learned:" .. name)
+end
+
+function B:publish_learned(name, n, ttl)
+  if n then self.dict:set(self.p .. "learned:" .. name, n, ttl) else self.dict:delete(self.p .. "learned:" .. name) end
 end
 
 --- Sockets open now across every worker (stats).
