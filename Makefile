@@ -166,6 +166,8 @@ bench: all $(BUILD)/sink
 	@echo
 	@$(LUA) bench/link.lua $(BUILD)/sink
 	@echo
+	@$(LUA) bench/learn.lua
+	@echo
 	@$(LUA) bench/compare.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/count.lua $(BUILD)/sink

@@ -100,6 +100,29 @@ describe("TLS against exim", function()
   end)
 end)
 
+describe("TLS resumption at a small session cap", function()
+  it("resumes every reconnect after the first two, even when sessions end by the server's 421", function()
+    -- exim caps sessions at 2 and the pool is not told: until it learns the
+    -- cap, sessions end by a 421 and EOF; the session those connections
+    -- carried must stay resumable (it once cost 5 of 9 reconnects)
+    local certs = peers.certs()
+    local exim = peers.exim({ max_per_conn = 2 })
+    finally(function() exim:stop() end)
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, ca_file = certs.ca,
+      server_name = "localhost", max_conns = 2 })
+    local list = {}
+    for i = 1, 20 do list[i] = msg(300 + i) end
+    local summary = p:send_batch(list)
+    local st = p:stats()
+    p:close()
+    assert.equal(20, summary.sent)
+    assert.is_true(st.closed_by_server >= 1, "no session ended by the server: the spec shows nothing")
+    -- two connections open at once before any ticket exists; every later one resumes
+    assert.is_true(st.tls_resumed >= st.tls_handshakes - 3,
+      ("resumed %d of %d handshakes"):format(st.tls_resumed, st.tls_handshakes))
+  end)
+end)
+
 describe("STARTTLS policy", function()
   local exim
   setup(function() exim = peers.exim({ starttls = false }) end)
