@@ -94,6 +94,11 @@ end
 --- Seconds within which MAIL refusals on different connections are taken
 -- for one rate limit rather than for sessions that each ran out.
 M.SIGNAL_WINDOW = 1
+--- A rate signal needs MAIL refusals dense enough to be one: at least this
+-- share of the MAILs of the last `SIGNAL_WINDOW` (a server's sparse
+-- tempfails are not a rate), and at least `RATE_MIN_SAMPLE` MAILs.
+M.RATE_DENSITY = 0.05
+M.RATE_MIN_SAMPLE = 10
 --- Moves by limit signals a message may take while the pool delivers
 -- nothing: past them, a "limit" that never lets anything through is an
 -- ordinary transient failure, and the retry policy decides.
@@ -106,9 +111,10 @@ M.MAX_LIMIT_MOVES = 5
 --   other connections of the account are open.
 -- * `"auth_rate"`: a 4xx to AUTH (454...).
 -- * `"rate"`: a 4xx other than 421 to MAIL correlated with others
---   (`ctx.correlated`: another such refusal on another connection, at
---   another count, within `SIGNAL_WINDOW`, or any while a rate is learned)
---   and not explained by a session count.
+--   (`ctx.correlated`: such refusals on two connections or more within
+--   `SIGNAL_WINDOW`, at least `RATE_DENSITY` of its MAILs, or one while a
+--   learned rate is being probed upward) and not explained by a session
+--   count.
 -- * `"session"`: the session is exhausted (`exhausted`).
 --
 -- Any other failure is none of them (nil): transient, permanent... as its
@@ -137,21 +143,36 @@ local Conc = {}
 Conc.__index = Conc
 
 --- A concurrency learner, as Postfix's queue manager learns a destination's:
--- a refusal with n other connections open cuts the limit to n (never
--- below 1), each quiet `probe_after` seconds raise it by one, and it is
+-- refusals with n other connections open cut the limit to n (never below
+-- 1), each quiet `probe_after` seconds raise it by one, and it is
 -- forgotten on reaching `ceiling` (the configured `max_conns`) or after
--- `recover_after` seconds without a signal.
+-- `recover_after` seconds without a signal. One refusal alone cuts only a
+-- probe back to the level that held: a cut below it takes two within
+-- `SIGNAL_WINDOW` (a server's odd 421 at the greeting must not ratchet the
+-- pool down).
 function M.concurrency_learner(ceiling, probe_after, recover_after)
-  return setmetatable({ ceiling = ceiling, probe_after = probe_after, recover_after = recover_after }, Conc)
+  return setmetatable({ ceiling = ceiling, probe_after = probe_after, recover_after = recover_after,
+                        recent = {} }, Conc)
 end
 
 --- A connection was refused for concurrency with `others` open at time t.
 -- @treturn[opt] number the new limit, when this cut it
 function Conc:observe(others, t)
   self.signal_at, self.probe_at = t, t
+  if self.limit and self.level and self.limit > self.level then
+    self.limit = self.level -- the probe was refused
+    return self.limit
+  end
+  local recent = {}
+  for _, x in ipairs(self.recent) do
+    if t - x < M.SIGNAL_WINDOW then recent[#recent + 1] = x end
+  end
+  recent[#recent + 1] = t
+  self.recent = recent
+  if #recent < 2 then return nil end
   local n = math.max(1, others)
   if n >= self.ceiling or (self.limit and n >= self.limit) then return nil end
-  self.limit = n
+  self.limit, self.level = n, n
   return n
 end
 
@@ -161,14 +182,14 @@ end
 function Conc:tick(t)
   if not self.limit then return nil end
   if t - self.signal_at >= self.recover_after then
-    self.limit = nil
+    self.limit, self.level = nil, nil
     return "forget"
   end
   if t - self.probe_at >= self.probe_after then
     self.probe_at = t
     self.limit = self.limit + 1
     if self.limit >= self.ceiling then
-      self.limit = nil
+      self.limit, self.level = nil, nil
       return "forget"
     end
     return "probe", self.limit
@@ -185,8 +206,9 @@ Rate.__index = Rate
 -- seconds. It keeps the times of the recent events; a signal sets the
 -- limit to 90 % of the events in the last `per` (what the server let
 -- through, so a cut at most once per `per`), each quiet `probe_after`
--- seconds raise it by 5 % (at least one), and it is forgotten after
--- `recover_after` seconds without a signal. `wait(t)` paces to the limit
+-- seconds raise it by 5 % (at least one), a signal after a probe takes
+-- the limit back to the level that held (no cut below it), and it is
+-- forgotten after `recover_after` seconds without a signal. `wait(t)` paces to the limit
 -- over the same history (so a new limit applies to what was just sent).
 function M.rate_learner(per, probe_after, recover_after)
   return setmetatable({ per = per, probe_after = probe_after, recover_after = recover_after,
@@ -235,11 +257,20 @@ end
 -- @treturn[opt] number the new limit, when this cut it
 function Rate:observe(t)
   self.signal_at, self.probe_at = t, t
+  if self:probing() then
+    self.limit = self.level -- the probe was refused
+    return self.limit
+  end
   if self.cut_at and t - self.cut_at < self.per then return nil end
   local n = math.max(1, math.floor(self:count(t) * 0.9))
   if self.limit and n >= self.limit then n = math.max(1, math.floor(self.limit * 0.9)) end
-  self.limit, self.cut_at = n, t
+  self.limit, self.level, self.cut_at = n, n, t
   return n
+end
+
+--- Whether the limit was probed above the level that last held.
+function Rate:probing()
+  return self.limit ~= nil and self.level ~= nil and self.limit > self.level
 end
 
 --- Seconds until one more event keeps to the learned limit (0: now).
@@ -259,7 +290,7 @@ end
 function Rate:tick(t)
   if not self.limit then return nil end
   if t - self.signal_at >= self.recover_after then
-    self.limit = nil
+    self.limit, self.level = nil, nil
     return "forget"
   end
   if t - self.probe_at >= self.probe_after then

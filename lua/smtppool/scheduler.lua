@@ -143,18 +143,27 @@ function S:_limit_move(job, sig, t)
 end
 
 -- Whether a MAIL refused (4xx, not 421) after n transactions on rec is
--- one rate limit with others: one on another connection at another count
--- within the signal window, or any while a rate is learned. Never when a
--- session count explains it (a cap learned or last seen at n), nor on a
--- connection refused more times in a row than one window of transactions
--- could be: that session is exhausted, whatever the others are.
+-- one rate limit with others (policy.signal's `correlated`): refusals on
+-- two connections or more within the signal window, dense among its MAILs,
+-- or one while a learned rate is probed upward. Never when a session count
+-- explains it (a cap learned or last seen at n), nor on a connection
+-- refused more times in a row than one window of transactions could be:
+-- that session is exhausted, whatever the others are.
 function S:_correlated(rec, n, t)
   if n == self.learner.cap or n == self.learner.last then return false end
   if (rec.mail_refusals or 0) > math.max(1, self.cfg.bdat_window) + 1 then return false end
   local r = self.learned.rate
-  if r.limit or (r.signal_at and t - r.signal_at < policy.SIGNAL_WINDOW) then return true end
-  local m = self.mail_refused
-  return m ~= nil and m.conn ~= rec.id and m.n ~= n and t - m.t < policy.SIGNAL_WINDOW
+  if r:probing() then return true end
+  local recent, conns, k = {}, {}, 0
+  for _, m in ipairs(self.mail_refused or {}) do
+    if t - m.t < policy.SIGNAL_WINDOW then
+      recent[#recent + 1] = m
+      if not conns[m.conn] then conns[m.conn] = true k = k + 1 end
+    end
+  end
+  self.mail_refused = recent
+  local mails = r:count(t) + #recent
+  return k >= 2 and mails >= policy.RATE_MIN_SAMPLE and #recent >= mails * policy.RATE_DENSITY
 end
 
 function S:_cap(rec)
@@ -458,13 +467,16 @@ function S:_dispatch(run, rec, entry, t)
           rec.mail_refusals = nil
           self:_finish(run, job, res)
         else
-          local sig = policy.signal(err, { txs = job.seq, correlated = self:_correlated(rec, job.seq - 1, t) })
-          if err.phase == "mail" and err.code and err.code >= 400 and err.code < 500 and err.code ~= 421 then
-            self.mail_refused = { conn = rec.id, t = t, n = job.seq - 1 }
+          local refused = err.phase == "mail" and err.code and err.code >= 400 and err.code < 500
+            and err.code ~= 421
+          if refused then
+            local l = self.mail_refused or {}
+            l[#l + 1] = { conn = rec.id, t = t }
+            self.mail_refused = l
             rec.mail_refusals = (rec.mail_refusals or 0) + 1
+            self.learned.rate:unnote() -- a refused start is not one the server let through
           end
-          -- a refused start is not one the server let through
-          if sig == "rate" then self.learned.rate:unnote() end
+          local sig = policy.signal(err, { txs = job.seq, correlated = refused and self:_correlated(rec, job.seq - 1, t) })
           self:_learn_limit(sig, t)
           if sig == "session" and not rec.exhaust_noted then
             -- Once per session: the transactions behind it in a pipeline

@@ -200,21 +200,27 @@ describe("policy.signal (the server's limit signals, never read from reply text)
 end)
 
 describe("policy.concurrency_learner", function()
-  it("cuts to the connections open at a refusal, probes up after quiet periods, forgets at the ceiling", function()
+  it("cuts to the connections open at refusals close together, probes up, forgets at the ceiling", function()
     local l = policy.concurrency_learner(8, 30, 600)
-    assert.equal(7, l:observe(7, 0))
-    assert.equal(2, l:observe(2, 0))
-    assert.is_nil(l:observe(5, 0))   -- a refusal with more open says nothing new
-    assert.equal(1, l:observe(0, 1)) -- never below one
+    assert.is_nil(l:observe(7, 0))   -- one refusal alone: a server's odd 421 is no limit
+    assert.equal(6, l:observe(6, 0))
+    assert.equal(2, l:observe(2, 0.1))
+    assert.is_nil(l:observe(5, 0.2)) -- a refusal with more open says nothing new
     assert.is_nil(l:tick(20))
-    assert.same({ "probe", 2 }, { l:tick(31) })
-    for t = 61, 61 + 30 * 5, 30 do l:tick(t) end
+    assert.same({ "probe", 3 }, { l:tick(31) })
+    -- the probe refused: back to the level that held, never below it on one refusal
+    assert.equal(2, l:observe(2, 40))
+    assert.is_nil(l:observe(1, 45))
+    assert.equal(2, l.limit)
+    for t = 80, 80 + 30 * 6, 30 do l:tick(t) end
     assert.is_nil(l.limit)          -- probed back to max_conns: forgotten
     assert.is_nil(l:observe(8, 300)) -- at the ceiling: nothing to learn
   end)
   it("forgets after recover_after without a signal", function()
     local l = policy.concurrency_learner(8, 1000, 60)
     l:observe(2, 0)
+    l:observe(2, 0)
+    assert.equal(2, l.limit)
     assert.equal("forget", (l:tick(61)))
     assert.is_nil(l.limit)
   end)
@@ -238,7 +244,11 @@ describe("policy.rate_learner", function()
     assert.equal(45, l:observe(0.5))
     assert.is_nil(l:tick(1))
     assert.same({ "probe", 47 }, { l:tick(2.5) })
-    assert.equal("forget", (l:tick(11)))
+    assert.is_true(l:probing())
+    -- a signal after a probe takes it back to the level that held, no lower
+    assert.equal(45, l:observe(3))
+    assert.is_false(l:probing())
+    assert.equal("forget", (l:tick(14)))
   end)
   it("takes back a refused event", function()
     local l = policy.rate_learner(1, 2, 10)
