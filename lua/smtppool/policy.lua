@@ -104,6 +104,13 @@ M.RATE_MIN_SAMPLE = 10
 -- ordinary transient failure, and the retry policy decides.
 M.MAX_LIMIT_MOVES = 5
 
+--- Whether a failure is MAIL refused for now with the session kept: a
+-- 4xx other than 421 (the refusals a rate limit gives).
+function M.mail_refusal(err)
+  local code = err.code
+  return err.phase == "mail" and code ~= nil and code >= 400 and code < 500 and code ~= 421
+end
+
 --- Classifies a failure as one of the server's limit signals, by reply
 -- code, phase and correlation, never by reply text (DESIGN invariant 4):
 --
@@ -132,12 +139,34 @@ function M.signal(err, ctx)
     return (ctx.others or 0) > 0 and "concurrency" or nil
   end
   if phase == "auth" then return "auth_rate" end
-  if phase == "mail" and code ~= 421 and ctx.correlated then return "rate" end
+  if ctx.correlated and M.mail_refusal(err) then return "rate" end
   if ctx.txs and M.exhausted(ctx.txs, err) then return "session" end
   return nil
 end
 
 -- ===== learning concurrency =====
+
+--- The additive half of a learner (its `limit`, `level`, `signal_at`,
+-- `probe_at`, `probe_after`, `recover_after`): after `recover_after`
+-- seconds without a signal the limit is forgotten; after each quiet
+-- `probe_after` it rises by `step`, and is forgotten on reaching `ceiling`.
+-- @treturn[opt] string `"probe"` or `"forget"`
+-- @treturn[opt] number the limit now
+function M.probe_tick(l, t, step, ceiling)
+  if not l.limit then return nil end
+  if t - l.signal_at >= l.recover_after then
+    l.limit, l.level = nil, nil
+    return "forget"
+  end
+  if t - l.probe_at < l.probe_after then return nil end
+  l.probe_at = t
+  l.limit = l.limit + step
+  if ceiling and l.limit >= ceiling then
+    l.limit, l.level = nil, nil
+    return "forget"
+  end
+  return "probe", l.limit
+end
 
 local Conc = {}
 Conc.__index = Conc
@@ -155,9 +184,9 @@ function M.concurrency_learner(ceiling, probe_after, recover_after)
                         recent = {} }, Conc)
 end
 
---- A connection was refused for concurrency with `others` open at time t.
+--- A connection was refused for concurrency at time t with `others` open.
 -- @treturn[opt] number the new limit, when this cut it
-function Conc:observe(others, t)
+function Conc:observe(t, others)
   self.signal_at, self.probe_at = t, t
   if self.limit and self.level and self.limit > self.level then
     self.limit = self.level -- the probe was refused
@@ -179,23 +208,7 @@ end
 --- Probes upward after a quiet period, or forgets.
 -- @treturn[opt] string `"probe"` or `"forget"`
 -- @treturn[opt] number the limit now (nil when forgotten)
-function Conc:tick(t)
-  if not self.limit then return nil end
-  if t - self.signal_at >= self.recover_after then
-    self.limit, self.level = nil, nil
-    return "forget"
-  end
-  if t - self.probe_at >= self.probe_after then
-    self.probe_at = t
-    self.limit = self.limit + 1
-    if self.limit >= self.ceiling then
-      self.limit, self.level = nil, nil
-      return "forget"
-    end
-    return "probe", self.limit
-  end
-  return nil
-end
+function Conc:tick(t) return M.probe_tick(self, t, 1, self.ceiling) end
 
 -- ===== learning a rate =====
 
@@ -287,19 +300,7 @@ end
 --- Probes upward after a quiet period, or forgets.
 -- @treturn[opt] string `"probe"` or `"forget"`
 -- @treturn[opt] number the limit now
-function Rate:tick(t)
-  if not self.limit then return nil end
-  if t - self.signal_at >= self.recover_after then
-    self.limit, self.level = nil, nil
-    return "forget"
-  end
-  if t - self.probe_at >= self.probe_after then
-    self.probe_at = t
-    self.limit = self.limit + math.max(1, math.floor(self.limit * 0.05))
-    return "probe", self.limit
-  end
-  return nil
-end
+function Rate:tick(t) return M.probe_tick(self, t, math.max(1, math.floor((self.limit or 0) * 0.05))) end
 
 -- ===== after a failed attempt =====
 

@@ -91,17 +91,14 @@ function S:_others_open(t)
 end
 
 local LEARNED_NAMES = { conns = "conns", rate = "rate", auth = "auth_per_min" }
+-- The learner each limit signal (policy.signal) teaches.
+local SIGNAL_LEARNER = { concurrency = "conns", rate = "rate", auth_rate = "auth" }
 
--- Applies a limit signal (policy.signal) to what the pool has learned.
+-- Applies a limit signal to what the pool has learned.
 function S:_learn_limit(sig, t, others)
-  local name, n
-  if sig == "concurrency" then
-    name, n = "conns", self.learned.conns:observe(others, t)
-  elseif sig == "rate" then
-    name, n = "rate", self.learned.rate:observe(t)
-  elseif sig == "auth_rate" then
-    name, n = "auth", self.learned.auth:observe(t)
-  end
+  local name = SIGNAL_LEARNER[sig]
+  if not name then return end
+  local n = self.learned[name]:observe(t, others)
   if n then
     if name == "conns" then self.limits:publish_learned("conns", n, self.cfg.cap_recover_after) end
     self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "signal" })
@@ -467,8 +464,7 @@ function S:_dispatch(run, rec, entry, t)
           rec.mail_refusals = nil
           self:_finish(run, job, res)
         else
-          local refused = err.phase == "mail" and err.code and err.code >= 400 and err.code < 500
-            and err.code ~= 421
+          local refused = policy.mail_refusal(err)
           if refused then
             local l = self.mail_refused or {}
             l[#l + 1] = { conn = rec.id, t = t }
@@ -520,7 +516,7 @@ function S:_dispatch(run, rec, entry, t)
       -- refused at connect or greeting while others are open: concurrency;
       -- at AUTH: the login rate
       local others = self:_others_open(t)
-      local sig = rec.sent == 0 and rec.txs == 0 and policy.signal(e, { others = others }) or nil
+      local sig = policy.signal(e, { others = others })
       self:_learn_limit(sig, t, others)
       if job then
         -- Died before it could carry the message bound to it (connect,
@@ -794,10 +790,12 @@ function S:run(next_msg, on_result, opts)
       end
     end
 
-    -- Open connections for messages still queued. A connection on its way
-    -- out (QUIT sent, or within rotate_ahead transactions of its session
-    -- cap) does not count against max_conns: its replacement opens ahead,
-    -- and its handshakes overlap the old one's last messages.
+    -- Open connections for messages still queued, up to the ceiling on
+    -- sockets (max_conns, or a lower one learned). With rotate_ahead (extra
+    -- sockets, asked for by name) a connection on its way out (QUIT sent,
+    -- or within rotate_ahead transactions of its session cap) does not
+    -- count: its replacement opens ahead, its handshakes overlapping the
+    -- old one's last messages.
     local open_conns = #self.conns
     local ceiling, learned_ceiling = self:_ceiling()
     if cfg.rotate_ahead > 0 and not learned_ceiling then

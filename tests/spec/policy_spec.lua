@@ -202,24 +202,24 @@ end)
 describe("policy.concurrency_learner", function()
   it("cuts to the connections open at refusals close together, probes up, forgets at the ceiling", function()
     local l = policy.concurrency_learner(8, 30, 600)
-    assert.is_nil(l:observe(7, 0))   -- one refusal alone: a server's odd 421 is no limit
-    assert.equal(6, l:observe(6, 0))
-    assert.equal(2, l:observe(2, 0.1))
-    assert.is_nil(l:observe(5, 0.2)) -- a refusal with more open says nothing new
+    assert.is_nil(l:observe(0, 7))   -- one refusal alone: a server's odd 421 is no limit
+    assert.equal(6, l:observe(0, 6))
+    assert.equal(2, l:observe(0.1, 2))
+    assert.is_nil(l:observe(0.2, 5)) -- a refusal with more open says nothing new
     assert.is_nil(l:tick(20))
     assert.same({ "probe", 3 }, { l:tick(31) })
     -- the probe refused: back to the level that held, never below it on one refusal
-    assert.equal(2, l:observe(2, 40))
-    assert.is_nil(l:observe(1, 45))
+    assert.equal(2, l:observe(40, 2))
+    assert.is_nil(l:observe(45, 1))
     assert.equal(2, l.limit)
     for t = 80, 80 + 30 * 6, 30 do l:tick(t) end
     assert.is_nil(l.limit)          -- probed back to max_conns: forgotten
-    assert.is_nil(l:observe(8, 300)) -- at the ceiling: nothing to learn
+    assert.is_nil(l:observe(300, 8)) -- at the ceiling: nothing to learn
   end)
   it("forgets after recover_after without a signal", function()
     local l = policy.concurrency_learner(8, 1000, 60)
-    l:observe(2, 0)
-    l:observe(2, 0)
+    l:observe(0, 2)
+    l:observe(0, 2)
     assert.equal(2, l.limit)
     assert.equal("forget", (l:tick(61)))
     assert.is_nil(l.limit)
