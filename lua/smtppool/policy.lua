@@ -97,7 +97,7 @@ M.SIGNAL_WINDOW = 1
 --- A rate signal needs MAIL refusals dense enough to be one: at least this
 -- share of the MAILs of the last `SIGNAL_WINDOW` (a server's sparse
 -- tempfails are not a rate), and at least `RATE_MIN_SAMPLE` MAILs.
-M.RATE_DENSITY = 0.05
+M.RATE_DENSITY = 0.2
 M.RATE_MIN_SAMPLE = 10
 --- Moves by limit signals a message may take while the pool delivers
 -- nothing: past them, a "limit" that never lets anything through is an
