@@ -132,14 +132,16 @@ valgrind: $(CTESTS)
 # exactly what `make install` put there.
 JIT_LMOD = $(PREFIX)/share/lua/5.1
 JIT_CMOD = $(PREFIX)/lib/lua/5.1
-LUA_FILES = $(notdir $(wildcard lua/smtppool/*.lua))
-DRIVER_FILES = $(notdir $(wildcard lua/smtppool/driver/*.lua))
+# every Lua module, by its path under lua/ (smtppool/engine/loop.lua ...),
+# and the folders that hold them, deepest first for uninstall
+LUA_FILES = $(patsubst lua/%,%,$(shell find lua/smtppool -name '*.lua' | sort))
+LUA_DIRS = $(patsubst lua/%,%,$(shell find lua/smtppool -type d | sort -r))
 
 install: all $(LUAJIT_MODULE)
 	@for lmod in $(LUA_LMOD) $(JIT_LMOD); do \
-	  install -d $(DESTDIR)$$lmod/smtppool/driver && \
-	  install -m 644 lua/smtppool/*.lua $(DESTDIR)$$lmod/smtppool/ && \
-	  install -m 644 lua/smtppool/driver/*.lua $(DESTDIR)$$lmod/smtppool/driver/ || exit 1; \
+	  for f in $(LUA_FILES); do \
+	    install -D -m 644 lua/$$f $(DESTDIR)$$lmod/$$f || exit 1; \
+	  done; \
 	done
 	install -d $(DESTDIR)$(LUA_CMOD)/smtppool $(DESTDIR)$(JIT_CMOD)/smtppool $(DESTDIR)$(PREFIX)/bin
 	install -m 755 $(MODULE) $(DESTDIR)$(LUA_CMOD)/smtppool/core.so
@@ -148,9 +150,8 @@ install: all $(LUAJIT_MODULE)
 
 uninstall:
 	@for lmod in $(LUA_LMOD) $(JIT_LMOD); do \
-	  for f in $(LUA_FILES); do rm -f $(DESTDIR)$$lmod/smtppool/$$f; done; \
-	  for f in $(DRIVER_FILES); do rm -f $(DESTDIR)$$lmod/smtppool/driver/$$f; done; \
-	  rmdir $(DESTDIR)$$lmod/smtppool/driver $(DESTDIR)$$lmod/smtppool 2>/dev/null; true; \
+	  for f in $(LUA_FILES); do rm -f $(DESTDIR)$$lmod/$$f; done; \
+	  for d in $(LUA_DIRS); do rmdir $(DESTDIR)$$lmod/$$d 2>/dev/null; done; true; \
 	done
 	rm -f $(DESTDIR)$(LUA_CMOD)/smtppool/core.so $(DESTDIR)$(JIT_CMOD)/smtppool/core.so $(DESTDIR)$(PREFIX)/bin/smtppool
 	-rmdir $(DESTDIR)$(LUA_CMOD)/smtppool $(DESTDIR)$(JIT_CMOD)/smtppool 2>/dev/null

@@ -11,7 +11,7 @@ package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
 package.cpath = "lua/?.so;" .. package.cpath
 local peers = require("peers")
 local core = require("smtppool.core")
-local rcampaign = require("smtppool.rcampaign")
+local rcampaign = require("smtppool.campaign.redis")
 
 local N = tonumber(os.getenv("REDIS_BENCH_N")) or 20000
 if not os.execute("command -v redis-server >/dev/null 2>&1") then

@@ -31,10 +31,10 @@
 -- @module smtppool.campaign
 
 local core = require("smtppool.core")
-local csv = require("smtppool.csv")
-local template = require("smtppool.template")
-local loop = require("smtppool.loop")
-local redis_url = require("smtppool.redis_client").is_url
+local csv = require("smtppool.compose.csv")
+local template = require("smtppool.compose.template")
+local loop = require("smtppool.engine.loop")
+local redis_url = require("smtppool.redis.client").is_url
 
 local M = {}
 
@@ -328,12 +328,12 @@ function Campaign:run()
   if not build then return nil, err("invalid", cerr) end
 
   local name = o.name or "campaign"
-  -- A campaign shared through Redis (smtppool.rcampaign): the list is loaded
+  -- A campaign shared through Redis (smtppool.campaign.redis): the list is loaded
   -- there, recipients come from claims, letters go there.
   local rj, loaded
   if redis_url(o.journal) then
     local re
-    rj, re = require("smtppool.rcampaign").open(o.journal, name, { lease = o.lease,
+    rj, re = require("smtppool.campaign.redis").open(o.journal, name, { lease = o.lease,
       resend_in_flight = o.resend_in_flight, allow_volatile = o.allow_volatile_redis })
     if not rj then return nil, err("config", re) end
     if source then
@@ -641,7 +641,7 @@ function Campaign:run()
   end
   if rj then
     -- the whole campaign's, every worker's
-    local st = require("smtppool.rcampaign").status(o.journal, name)
+    local st = require("smtppool.campaign.redis").status(o.journal, name)
     if st then
       report.campaign = st
       report.failed_total, report.retryable, report.ambiguous_total = st.failed + st.retryable, st.retryable,

@@ -27,19 +27,19 @@
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")
 local options = require("smtppool.options")
-local prepare = require("smtppool.prepare")
-local policy = require("smtppool.policy")
-local scheduler = require("smtppool.scheduler")
-local loop = require("smtppool.loop")
+local prepare = require("smtppool.compose.prepare")
+local policy = require("smtppool.engine.policy")
+local scheduler = require("smtppool.engine.scheduler")
+local loop = require("smtppool.engine.loop")
 local native = require("smtppool.driver.native")
-local limits = require("smtppool.limits")
-local message = require("smtppool.message")
-local template = require("smtppool.template")
+local limits = require("smtppool.limits.process")
+local message = require("smtppool.compose.message")
+local template = require("smtppool.compose.template")
 local campaign = require("smtppool.campaign")
-local csv = require("smtppool.csv")
-local retry = require("smtppool.retry")
+local csv = require("smtppool.compose.csv")
+local retry = require("smtppool.engine.retry")
 local presets = require("smtppool.presets")
-local relays = require("smtppool.relays")
+local relays = require("smtppool.engine.relays")
 
 local M = { _VERSION = "0.5.0", retry = retry, message = message, template = template, campaign = campaign,
             csv = csv, errors = errors, presets = presets }
@@ -162,7 +162,7 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   With `backend = "redis://host:port/db"` and `key = "account"`, the
 --   windows, `max_conns` (then counted as sockets across every process) and
 --   the learned cap are shared by every process and machine using that key
---   (see `smtppool.redis`); while Redis cannot be reached, sending pauses.
+--   (see `smtppool.limits.redis`); while Redis cannot be reached, sending pauses.
 -- * `retry` (function, default `smtppool.retry.backoff()`): the retry
 --   policy, `function(err, attempt, msg) -> delay | false`.
 -- * `connect_timeout` (seconds, default 30).
@@ -244,10 +244,10 @@ function M.build(opts, driver, shared)
     auth = opts.auth,
     prep = { signers = signers },       -- what preparing a message needs: keys, their cache
     retry = opts.retry or retry.backoff(),
-    limits = lim,                       -- rate windows, connection slots, shared caps (smtppool.limits)
+    limits = lim,                       -- rate windows, connection slots, shared caps (smtppool.limits.process)
     auth_gate = opts.auth ~= nil and lim.windows ~= nil and lim.windows.auth ~= nil, -- logins counted at AUTH
     on_event = opts.on_event,
-    conns = {},                         -- connection records (see smtppool.scheduler)
+    conns = {},                         -- connection records (see smtppool.engine.scheduler)
     learner = policy.learner(cfg.cap_recover_after),
     -- limits the server shows but nobody told the pool (see policy.signal)
     learned = {
@@ -367,7 +367,7 @@ end
 --   waits on the network (a campaign commits its journal's records there,
 --   one transaction a turn).
 -- * `retry = function(err, attempt, msg) -> delay | false`: this batch's retry
---   policy instead of the pool's (`smtppool.retry`).
+--   policy instead of the pool's (`smtppool.engine.retry`).
 -- * `on_event = function(ev)`: called with this batch's events, besides
 --   the pool's `on_event`.
 -- @treturn table summary: `sent`, `failed`, `cancelled` (never started:

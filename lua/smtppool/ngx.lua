@@ -18,7 +18,7 @@
 --                                 subject = "Hi", text = "Hello" }
 --
 -- With `shared_dict`, the account's limits hold across every worker of the
--- nginx (see `smtppool.shdict`): the rate windows, `max_conns` (sockets
+-- nginx (see `smtppool.limits.shdict`): the rate windows, `max_conns` (sockets
 -- open across the whole nginx) and the learned cap. Without it each worker
 -- keeps its own, as separate processes would.
 --
@@ -30,10 +30,10 @@
 local smtppool = require("smtppool")
 local errors = require("smtppool.errors")
 local options = require("smtppool.options")
-local prepare = require("smtppool.prepare")
-local policy = require("smtppool.policy")
+local prepare = require("smtppool.compose.prepare")
+local policy = require("smtppool.engine.policy")
 local driver = require("smtppool.driver.ngx")
-local shdict = require("smtppool.shdict")
+local shdict = require("smtppool.limits.shdict")
 local semaphore = require("ngx.semaphore")
 
 local ngx = ngx -- luacheck: ignore (set by nginx)
@@ -103,7 +103,7 @@ end
 -- options of this module's `new` plus a `name`): a relay that cannot be
 -- reached, fails TLS or refuses the login is skipped for `down_for` seconds;
 -- outcomes name their relay.
-function M.relays(list, opts) return require("smtppool.relays").new(list, opts, M.new) end
+function M.relays(list, opts) return require("smtppool.engine.relays").new(list, opts, M.new) end
 
 -- ===== the agent =====
 

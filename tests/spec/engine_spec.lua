@@ -4,7 +4,7 @@
 -- view to assert on. Fast and exact: what the specs against real servers
 -- show with noise, these show for every message.
 local smtppool = require("smtppool")
-local loop = require("smtppool.loop")
+local loop = require("smtppool.engine.loop")
 local fake = require("fake_driver")
 
 local function list(n, tag)

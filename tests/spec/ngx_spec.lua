@@ -182,7 +182,8 @@ describe("the pool inside nginx, 1 worker", function()
   end)
 
   it("loads every module under LuaJIT and composes a message there", function()
-    assert.matches("^loaded 19 composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?",
+    local n = #peers.sh("find lua/smtppool -name '*.lua'"):gsub("[^\n]", "")
+    assert.matches("^loaded " .. n .. " composed Thu, 01 Jan 1970 %d%d:00:00 [+-]%d%d%d%d Hi =%?UTF%-8%?",
       ngx.get("modules"))
   end)
 

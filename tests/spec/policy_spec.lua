@@ -1,8 +1,8 @@
--- The pool's decisions without a socket: smtppool.policy is pure, so each
+-- The pool's decisions without a socket: smtppool.engine.policy is pure, so each
 -- rule of ARCHITECTURE.md's invariants is checked here with plain tables.
-local policy = require("smtppool.policy")
+local policy = require("smtppool.engine.policy")
 local errors = require("smtppool.errors")
-local retry = require("smtppool.retry")
+local retry = require("smtppool.engine.retry")
 
 local function err(kind, code, phase)
   return errors.new(kind, "x", { code = code, phase = phase })

@@ -1,8 +1,8 @@
--- smtppool.redis_client against a real redis-server: values, pipelines,
+-- smtppool.redis.client against a real redis-server: values, pipelines,
 -- scripts that survive a SCRIPT FLUSH, AUTH and SELECT with the password
 -- never in an error, a server that goes away and comes back, and misuse.
 local peers = require("peers")
-local client = require("smtppool.redis_client")
+local client = require("smtppool.redis.client")
 
 describe("the Redis client", function()
   local r

@@ -51,7 +51,7 @@ describe("the rockspec", function()
 local s = require("smtppool")
 local p = assert(s.new{ host = "127.0.0.1", tls = "none" })
 p:close()
-local m = assert(require("smtppool.message").compose{ from = "a@x.test", to = "b@y.test", subject = "s", text = "t" })
+local m = assert(require("smtppool.compose.message").compose{ from = "a@x.test", to = "b@y.test", subject = "s", text = "t" })
 print((jit and "luajit" or _VERSION) .. " " .. s._VERSION .. " " .. #m)
 ]])
     for _, v in ipairs({

@@ -1,5 +1,5 @@
-local template = require("smtppool.template")
-local message = require("smtppool.message")
+local template = require("smtppool.compose.template")
+local message = require("smtppool.compose.message")
 
 local function render(src, vars, opts)
   local t = assert(template.compile(src))

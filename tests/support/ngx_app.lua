@@ -121,14 +121,16 @@ function M.handle()
   local action = ngx.var.uri:sub(2)
   if action == "modules" then
     -- every module loads under LuaJIT, and composition works there
-    local names = { "smtppool", "smtppool.message", "smtppool.template", "smtppool.csv", "smtppool.rate",
-                    "smtppool.retry", "smtppool.campaign", "smtppool.ngx", "smtppool.errors",
-                    "smtppool.options", "smtppool.prepare", "smtppool.policy", "smtppool.scheduler",
-                    "smtppool.driver.native", "smtppool.driver.ngx", "smtppool.presets", "smtppool.relays",
-                    "smtppool.limits", "smtppool.shdict" }
+    -- (every file under lua/smtppool, found where this nginx loads them from)
+    local init = assert(package.searchpath("smtppool", package.path))
+    local root = init:gsub("/smtppool/init%.lua$", "")
+    local names = {}
+    for path in io.popen("find " .. root .. "/smtppool -name '*.lua' | sort"):lines() do
+      names[#names + 1] = path:sub(#root + 2):gsub("%.lua$", ""):gsub("/init$", ""):gsub("/", ".")
+    end
     for _, n in ipairs(names) do require(n) end
-    local msg = require("smtppool.message")
-    local tpl = require("smtppool.template")
+    local msg = require("smtppool.compose.message")
+    local tpl = require("smtppool.compose.template")
     local subject = assert(tpl.compile("Hi {{name}}")):render({ name = "Zoë" })
     local data, env = msg.compose({ from = "A <a@x.test>", to = "b@y.test", subject = subject,
       text = "caf959", html = "<p>x</p>", date = 0 })

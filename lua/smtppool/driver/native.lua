@@ -19,7 +19,7 @@
 --   `caps()` (what EHLO offered).
 -- * `now()`: a monotonic clock in seconds; `tls_context(opts)`.
 -- * `redis_connect(host, port, timeout)`: a Redis connection for
---   `smtppool.redis_client` (`call`, `pipeline`, `close`); here a small
+--   `smtppool.redis.client` (`call`, `pipeline`, `close`); here a small
 --   blocking client in C. `redis_per_thread`: whether a connection belongs
 --   to the coroutine that made it (nginx's cosockets do; these do not).
 -- @module smtppool.driver.native

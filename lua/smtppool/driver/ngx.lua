@@ -214,7 +214,7 @@ function H:caps() return self.s:caps() end
 function H:tls_active() return self.s:tls_active() end
 function H:auth_mechanism() return self.s:auth_mechanism() end
 
---- A Redis connection over a cosocket, for `smtppool.redis_client`:
+--- A Redis connection over a cosocket, for `smtppool.redis.client`:
 -- `call(...)`, `pipeline(cmds)`, `close()`, with the RESP codec of the
 -- native one (hiredis's). A cosocket belongs to the light thread that made
 -- it (`redis_per_thread`).

@@ -27,11 +27,11 @@
 -- * Every time is the Redis server's (`TIME` in the scripts).
 -- * `status(url, name)` reads the campaign's totals, rate and workers from
 --   any machine (`bin/smtppool status`).
--- @module smtppool.rcampaign
+-- @module smtppool.campaign.redis
 
 local core = require("smtppool.core")
-local client = require("smtppool.redis_client")
-local loop = require("smtppool.loop")
+local client = require("smtppool.redis.client")
+local loop = require("smtppool.engine.loop")
 
 local M = {}
 

@@ -1,7 +1,7 @@
 --- A small Redis client: one connection, its state kept, the transport
 -- given by the driver.
 --
---     local client = require("smtppool.redis_client")
+--     local client = require("smtppool.redis.client")
 --     local c = assert(client.new("redis://:secret@127.0.0.1:6379/2"))
 --     assert(c:connect())
 --     c:call("SET", "k", "v")              --> "OK"
@@ -10,8 +10,8 @@
 --     c:close()
 --
 -- Its surface is lua-resty-redis's (connect, call, pipeline, close). The
--- limits backend (`smtppool.redis`) and the campaign journal in Redis
--- (`smtppool.rcampaign`) each hold one; neither reaches into the other.
+-- limits backend (`smtppool.limits.redis`) and the campaign journal in Redis
+-- (`smtppool.campaign.redis`) each hold one; neither reaches into the other.
 --
 -- * **Values**: a status or bulk string is a string, an integer a number,
 --   an array a table, a nil reply `false`. An error reply is `nil`, the
@@ -27,17 +27,17 @@
 --   driver's is in C; nginx's a cosocket). A driver whose connections
 --   belong to the light thread that made them (`redis_per_thread`, nginx)
 --   gets a connection for each call made from another thread.
--- * **On a loop** (`smtppool.loop`: a pool's batch running as its task), a
+-- * **On a loop** (`smtppool.engine.loop`: a pool's batch running as its task), a
 --   native connection does not block: the task waits for the reply's bytes
 --   on the loop, which meanwhile serves every SMTP connection (a Redis that
 --   hangs pauses the Redis work, not the sockets). Elsewhere a call blocks
 --   for at most `timeout` seconds.
 -- * **Misuse** raises: a call after `close()`, a command that is not a
 --   non-empty list of strings and numbers.
--- @module smtppool.redis_client
+-- @module smtppool.redis.client
 
 local core = require("smtppool.core")
-local loop = require("smtppool.loop")
+local loop = require("smtppool.engine.loop")
 
 local M = {}
 

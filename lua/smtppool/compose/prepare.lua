@@ -5,11 +5,11 @@
 -- or an array of segments (strings and `{path = file}`) that the C side
 -- sends as they are: a DKIM signature is one more segment in front, never a
 -- concatenation with the message.
--- @module smtppool.prepare
+-- @module smtppool.compose.prepare
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")
-local message = require("smtppool.message")
+local message = require("smtppool.compose.message")
 
 local M = {}
 

@@ -2,7 +2,7 @@
 --
 -- These are the pool's internal methods (`init.lua` mixes them into the
 -- pool object). They keep ARCHITECTURE.md's invariants; every decision is
--- asked of `smtppool.policy`, every byte moved by the driver
+-- asked of `smtppool.engine.policy`, every byte moved by the driver
 -- (`self.driver`: `open`, `wait`, handle methods; see
 -- `smtppool.driver.native`).
 --
@@ -22,12 +22,11 @@
 --   checking    NOOP health check in flight
 --   quitting    QUIT sent
 --   gone        closed and removed
--- @module smtppool.scheduler
+-- @module smtppool.engine.scheduler
 
 local errors = require("smtppool.errors")
 local options = require("smtppool.options")
-local policy = require("smtppool.policy")
-local loop = require("smtppool.loop")
+local policy = require("smtppool.engine.policy")
 
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT)
 
@@ -67,104 +66,6 @@ function S:_remove(rec)
     rec.slot = nil
     self.limits:conn_release()
   end
-end
-
--- The learned cap in force: this pool's, or a smaller one another process
--- sharing the limits learned.
-function S:_learned_cap()
-  local mine, theirs = self.learner.cap, self.limits:cap()
-  if mine and theirs then return math.min(mine, theirs) end
-  return mine or theirs
-end
-
--- How long a server may go on counting a socket the pool has closed.
-local CLOSE_GRACE = 0.25
-
--- Other connections of the account open, as the server may count them now:
--- the pool's own (every process's with shared limits), and one more when
--- a session ended a moment ago.
-function S:_others_open(t)
-  local n = #self.conns
-  if self.limits.open_total then n = math.max(n, self.limits:open_total() or 0) end
-  if self.closed_ready_at and t - self.closed_ready_at < CLOSE_GRACE then n = n + 1 end
-  return n
-end
-
-local LEARNED_NAMES = { conns = "conns", rate = "rate", auth = "auth_per_min" }
--- The learner each limit signal (policy.signal) teaches.
-local SIGNAL_LEARNER = { concurrency = "conns", rate = "rate", auth_rate = "auth" }
-
--- Applies a limit signal to what the pool has learned.
-function S:_learn_limit(sig, t, others)
-  local name = SIGNAL_LEARNER[sig]
-  if not name then return end
-  local n = self.learned[name]:observe(t, others)
-  if n then
-    if name == "conns" then self.limits:publish_learned("conns", n, self.cfg.cap_recover_after) end
-    self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "signal" })
-  end
-end
-
--- Probes learned limits upward after quiet periods, or forgets them.
-function S:_tick_limits(t)
-  for name, l in pairs(self.learned) do
-    local what, n = l:tick(t)
-    if what and name == "conns" then self.limits:publish_learned("conns", n, self.cfg.cap_recover_after) end
-    if what == "probe" then
-      self:_emit({ type = "learn_limit", limit = LEARNED_NAMES[name], value = n, reason = "probe" })
-    elseif what == "forget" then
-      self:_emit({ type = "unlearn_limit", limit = LEARNED_NAMES[name] })
-    end
-  end
-end
-
--- The sockets the pool may have open: max_conns, or less while a
--- concurrency limit is learned (here or by another process sharing the
--- limits).
-function S:_ceiling()
-  local l, shared = self.learned.conns.limit, self.limits:learned("conns")
-  if shared and (not l or shared < l) then l = shared end
-  if l and l < self.cfg.max_conns then return l, true end
-  return self.cfg.max_conns, false
-end
-
--- Whether a failure that is a limit signal moves its message for free: a
--- few times while the pool delivers nothing, any number while it does.
-function S:_limit_move(job, sig, t)
-  if not sig or sig == "session" then return false end
-  if job.limit_moved_at and (self.progress_at or -1) > job.limit_moved_at then job.limit_moves = 0 end
-  if (job.limit_moves or 0) >= policy.MAX_LIMIT_MOVES then return false end
-  job.limit_moves = (job.limit_moves or 0) + 1
-  job.limit_moved_at = t
-  return true
-end
-
--- Whether a MAIL refused (4xx, not 421) after n transactions on rec is
--- one rate limit with others (policy.signal's `correlated`): refusals on
--- two connections or more within the signal window, dense among its MAILs,
--- or one while a learned rate is probed upward. Never when a session count
--- explains it (a cap learned or last seen at n), nor on a connection
--- refused more times in a row than one window of transactions could be:
--- that session is exhausted, whatever the others are.
-function S:_correlated(rec, n, t)
-  if n == self.learner.cap or n == self.learner.last then return false end
-  if (rec.mail_refusals or 0) > math.max(1, self.cfg.bdat_window) + 1 then return false end
-  local r = self.learned.rate
-  if r:probing() then return true end
-  local recent, conns, k = {}, {}, 0
-  for _, m in ipairs(self.mail_refused or {}) do
-    if t - m.t < policy.SIGNAL_WINDOW then
-      recent[#recent + 1] = m
-      if not conns[m.conn] then conns[m.conn] = true k = k + 1 end
-    end
-  end
-  self.mail_refused = recent
-  local mails = r:count(t) + #recent
-  return k >= 2 and mails >= policy.RATE_MIN_SAMPLE and #recent >= mails * policy.RATE_DENSITY
-end
-
-function S:_cap(rec)
-  return policy.cap_in_force(self.cfg.max_messages_per_conn, rec.caps and rec.caps.mailmax, self:_learned_cap())
 end
 
 -- QUITs a connection; reason "cap", "lifetime" or "exhausted" makes it a
@@ -271,6 +172,7 @@ local function guarded(run, what, fn, ...)
   end
   return false
 end
+S._guarded = guarded
 
 function S:_finish(run, job, res, err)
   local group = job.group
@@ -397,164 +299,6 @@ function S:_start(run, rec, job, t)
   job.seq = rec.txs -- its place in the session, for the exhaustion rules
   job.last = last or nil
   rec.last_used = t
-end
-
--- ===== events =====
-
--- Acts on one connection's events, as the driver's wait returned them.
-function S:_dispatch(run, rec, entry, t)
-  for i = 1, #entry, 2 do
-    local ev, payload = entry[i], entry[i + 1]
-    if ev == "trace" then
-      for _, tr in ipairs(payload) do
-        self:_emit({ type = "trace", conn = rec.id, from = tr.from, to = tr.to, code = tr.code })
-      end
-    elseif ev == "ready" then
-      if rec.state == "connecting" then
-        rec.caps = rec.c:caps()
-        if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
-        self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
-      end
-      if rec.state == "busy" and rec.job then
-        -- Stale: the session was ready before the transaction now on it
-        -- started (events kept while the pool waited on a Redis reply on
-        -- the loop arrive after what it did meanwhile).
-      else
-        if rec.state ~= "quitting" then
-          rec.state = "idle"
-          rec.last_used = t
-        end
-        if rec.retire then self:_quit(rec, "exhausted") end
-      end
-    elseif ev == "auth" then
-      rec.auth_wait = true
-      self:_auth_go(rec, t)
-    elseif ev == "next" then
-      if rec.state == "busy" then rec.state = "pipelining" end
-      local j = rec.job
-      if j and j.mark_pending then -- its final dot is held until the next wait
-        j.mark_pending = nil
-        run.mark_async(j.user_msg or j.msg)
-      end
-    elseif ev == "tx" then
-      -- Outcomes come in order: the oldest transaction first.
-      local job = rec.fly and table.remove(rec.fly, 1)
-      if job then
-        if #rec.fly == 0 then rec.fly = nil end -- the connection carries on with rec.job
-      else
-        job = rec.job
-        rec.job = nil
-        rec.state = "settling"
-      end
-      if job and job.last then
-        -- QUIT left with the dot: the session ends after this reply.
-        rec.state = "quitting"
-        self.counters.rotated = self.counters.rotated + 1
-        self:_emit({ type = "rotate", conn = rec.id, messages = rec.sent + (payload.ok and 1 or 0), reason = "cap" })
-      end
-      if job then
-        local res, err = policy.outcome(payload)
-        if res then
-          job.attempts = job.attempts + 1
-          rec.sent = rec.sent + 1
-          -- a session that has carried n is evidence against any cap below n
-          -- (a real cap never lets one get there), as soon as it does
-          self.learner:note_session(rec.sent)
-          self.progress_at = t
-          rec.mail_refusals = nil
-          self:_finish(run, job, res)
-        else
-          local refused = policy.mail_refusal(err)
-          if refused then
-            local l = self.mail_refused or {}
-            l[#l + 1] = { conn = rec.id, t = t }
-            self.mail_refused = l
-            rec.mail_refusals = (rec.mail_refusals or 0) + 1
-            self.learned.rate:unnote() -- a refused start is not one the server let through
-          end
-          local sig = policy.signal(err, { txs = job.seq, correlated = refused and self:_correlated(rec, job.seq - 1, t) })
-          self:_learn_limit(sig, t)
-          if sig == "session" and not rec.exhaust_noted then
-            -- Once per session: the transactions behind it in a pipeline
-            -- or BDAT window fail with it, at higher counts.
-            rec.exhaust_noted = true
-            -- Sessions still open that carried more than this one are
-            -- evidence against a cap at its count (a real cap never lets one).
-            for _, other in ipairs(self.conns) do
-              if other ~= rec and other.sent > job.seq - 1 then self.learner:note_session(other.sent) end
-            end
-            local learned = self.learner:observe(job.seq - 1, t)
-            if learned then
-              self.limits:publish_cap(learned, self.cfg.cap_recover_after)
-              self:_emit({ type = "learn_cap", cap = learned })
-            end
-          end
-          if sig == "session" then
-            rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
-          end
-          self:_after_failure(run, job, err, rec, t, sig)
-        end
-      end
-    elseif ev == "error" then
-      local e = payload
-      local job = rec.job
-      rec.job = nil
-      self.counters.closed_by_server = self.counters.closed_by_server + 1
-      rec.err = e
-      self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.sent })
-      self:_remove(rec)
-      if e.kind == "auth" and e.code then
-        -- The server refused the credentials: every further try would be
-        -- refused too, and servers lock accounts that keep trying.
-        self.auth_failed = e
-      elseif e.kind == "tls" then
-        -- A certificate that fails verification (or a server without the
-        -- STARTTLS we require) fails every connection alike: the queue of
-        -- this call fails once with it rather than one connection per message.
-        run.tls_failed = e
-      end
-      -- refused at connect or greeting while others are open: concurrency;
-      -- at AUTH: the login rate
-      local others = self:_others_open(t)
-      local sig = policy.signal(e, { others = others })
-      self:_learn_limit(sig, t, others)
-      if job then
-        -- Died before it could carry the message bound to it (connect,
-        -- greeting, EHLO): that is the message's attempt, unless a limit
-        -- of the server's refused it.
-        self:_after_failure(run, job, e, nil, t, sig)
-      end
-      return
-    elseif ev == "closed" then
-      self.counters.closed_by_us = self.counters.closed_by_us + 1
-      self:_emit({ type = "close", conn = rec.id, messages = rec.sent })
-      self:_remove(rec)
-      return
-    end
-  end
-end
-
--- One wait on the driver, then each connection's events. recs: the
--- connection records waited on (their order matches the entries' indexes).
-function S:_wait(run, recs, timeout)
-  if not self._live then
-    -- the connections open now, for a loop serving them while this pool
-    -- waits on something else (a Redis reply)
-    self._live = function()
-      local l = {}
-      for i, rec in ipairs(self.conns) do l[i] = rec.c end
-      return l
-    end
-  end
-  local list = {}
-  for i, rec in ipairs(recs) do list[i] = rec.c end
-  if run.before_wait then guarded(run, "before_wait", run.before_wait) end
-  local ready = loop.wait(self.driver, list, timeout, self._wait_fds, self._live)
-  local t = self.driver.now()
-  for _, entry in ipairs(ready) do
-    self:_dispatch(run, recs[entry.conn], entry, t)
-  end
-  return t
 end
 
 -- ===== the loop =====
@@ -913,6 +657,10 @@ function S:close_connections()
     self:_wait(run, waiting, left)
   end
   for _, rec in ipairs({ unpack(self.conns) }) do self:_remove(rec) end
+end
+
+for _, part in ipairs({ "smtppool.engine.learning", "smtppool.engine.events" }) do
+  for k, v in pairs(require(part)) do S[k] = v end
 end
 
 return S

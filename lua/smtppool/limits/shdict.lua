@@ -1,6 +1,6 @@
 --- A limits backend shared by every worker of one nginx: a `lua_shared_dict`.
 --
--- Implements the interface of `smtppool.limits` for `smtppool.ngx` pools
+-- Implements the interface of `smtppool.limits.process` for `smtppool.ngx` pools
 -- given `shared_dict = "name"`:
 --
 -- * **Rate windows** are sliding logs: each window keeps the times of its
@@ -26,7 +26,7 @@
 -- Keys are `<key>:...`; `key` defaults to host, port and user, so pools of
 -- one account share their limits. The dict needs a few KB plus 64 bytes per
 -- window slot: `lua_shared_dict smtppool 1m;` fits thousands.
--- @module smtppool.shdict
+-- @module smtppool.limits.shdict
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")
@@ -48,12 +48,12 @@ function B:_lock()
   for i = 1, 5000 do
     local ok, err = d:add(k, true, LOCK_TTL)
     if ok then return true end
-    if err ~= "exists" then error("smtppool.shdict: cannot take the lock: " .. tostring(err)) end
+    if err ~= "exists" then error("smtppool.limits.shdict: cannot take the lock: " .. tostring(err)) end
     if i > 3 then ngx.sleep(0.001) end
   end
   -- 5 s without the lock: a holder cannot keep it past LOCK_TTL, so the
   -- dict itself is failing.
-  error("smtppool.shdict: the lock was not free for 5 s")
+  error("smtppool.limits.shdict: the lock was not free for 5 s")
 end
 
 function B:_unlock()

@@ -1,6 +1,6 @@
 --- Mustache-style templates for personalised messages.
 --
---     local template = require("smtppool.template")
+--     local template = require("smtppool.compose.template")
 --     local t = assert(template.compile("Hello {{name}}{{#items}}, {{.}}{{/items}}"))
 --     t:render({ name = "Ann", items = { "a", "b" } })   --> "Hello Ann, a, b"
 --
@@ -11,7 +11,7 @@
 -- `{{a.b.c}}` looks into nested tables, `{{.}}` is the current element.
 -- Compiled templates are trees, never Lua code: a template cannot run
 -- anything.
--- @module smtppool.template
+-- @module smtppool.compose.template
 
 local M = {}
 

@@ -4,7 +4,7 @@
 -- list; the delimiter (`,`, `;` or tab, as spreadsheet exports in many
 -- locales use) is found from the header row unless given. Errors name the
 -- line and column where the problem starts.
--- @module smtppool.csv
+-- @module smtppool.compose.csv
 
 local core = require("smtppool.core")
 
@@ -42,7 +42,7 @@ end
 function M.rows(path, opts)
   local delim = opts and opts.delimiter
   if delim ~= nil and not DELIMITERS[delim] then
-    error("smtppool.csv: delimiter must be ',', ';' or a tab", 2)
+    error("smtppool.compose.csv: delimiter must be ',', ';' or a tab", 2)
   end
   local f, err = io.open(path, "rb")
   if not f then return nil, err end

@@ -25,12 +25,12 @@
 --   leases); called on every turn of the pool's loop, cheap when not due.
 -- * `name`: `"process"`, `"shared_dict"`, `"redis"`.
 --
--- Backends: this module's (in one process; the default), `smtppool.shdict`
+-- Backends: this module's (in one process; the default), `smtppool.limits.shdict`
 -- (every worker of one nginx, through a `lua_shared_dict`) and
--- `smtppool.redis` (every process and machine using one Redis).
--- @module smtppool.limits
+-- `smtppool.limits.redis` (every process and machine using one Redis).
+-- @module smtppool.limits.process
 
-local rate = require("smtppool.rate")
+local rate = require("smtppool.limits.windows")
 local errors = require("smtppool.errors")
 
 local M = {}
@@ -38,7 +38,7 @@ local M = {}
 local Local = {}
 Local.__index = Local
 
---- The in-process backend over `rate` windows (see `smtppool.rate`).
+--- The in-process backend over `rate` windows (see `smtppool.limits.windows`).
 -- @tparam table windows name -> window, from `smtppool.rate.from_options`
 function M.process(windows)
   return setmetatable({ name = "process", windows = windows }, Local)
@@ -88,9 +88,9 @@ function M.from_options(opts, shared, driver)
     if type(r.key) ~= "string" or not r.key:match("^[%w._:-]+$") then
       return nil, errors.new("config", "rate.key must name the account (letters, digits, . _ : -)")
     end
-    local url, uerr = require("smtppool.redis").parse_url(r.backend)
+    local url, uerr = require("smtppool.limits.redis").parse_url(r.backend)
     if not url then return nil, errors.new("config", "rate.backend: " .. uerr) end
-    shared = require("smtppool.redis").backend(url, r.key, opts.on_event, driver)
+    shared = require("smtppool.limits.redis").backend(url, r.key, opts.on_event, driver)
   end
   if not shared then return M.process(windows) end
   local specs = {}

@@ -9,7 +9,7 @@
 -- events, whose fds are readable or whose deadline has come, with its own
 -- entries (connection indexes as in the list it gave).
 --
---     local loop = require("smtppool.loop")
+--     local loop = require("smtppool.engine.loop")
 --     local l = loop.new(require("smtppool.driver.native"))
 --     l:spawn(function() return pool_a:send_batch(list_a) end)
 --     l:spawn(function() return pool_b:send_batch(list_b) end)
@@ -18,7 +18,7 @@
 -- A wait made outside any loop (a plain `send_batch`) goes to the driver
 -- directly. Native driver only: in nginx every pool's agent is a light
 -- thread of its own and the cosockets are nginx's loop.
--- @module smtppool.loop
+-- @module smtppool.engine.loop
 
 local M = {}
 

@@ -4,7 +4,7 @@
 -- times of the last `limit` events, so the rule holds for every window, not
 -- just aligned ones (a token bucket would allow a burst of twice the limit
 -- across a refill). Time comes from the caller (a monotonic clock).
--- @module smtppool.rate
+-- @module smtppool.limits.windows
 
 local M = {}
 
@@ -61,7 +61,7 @@ function M.from_options(rate)
   }
   local out = {}
   for k, v in pairs(rate or {}) do
-    -- backend and key say where the windows live (smtppool.limits)
+    -- backend and key say where the windows live (smtppool.limits.process)
     if k ~= "backend" and k ~= "key" then
       local s = spec[k]
       if not s then error(("smtppool.new: unknown rate limit '%s'"):format(tostring(k)), 4) end

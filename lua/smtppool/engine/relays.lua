@@ -18,12 +18,12 @@
 -- nginx spreads requests over an upstream's servers), failover still
 -- applying; a batch then runs every relay's connections at once, in one
 -- loop (the native driver) or in light threads (nginx).
--- @module smtppool.relays
+-- @module smtppool.engine.relays
 
 local errors = require("smtppool.errors")
-local loop = require("smtppool.loop")
-local policy = require("smtppool.policy")
-local scheduler = require("smtppool.scheduler")
+local loop = require("smtppool.engine.loop")
+local policy = require("smtppool.engine.policy")
+local scheduler = require("smtppool.engine.scheduler")
 
 local M = {}
 
@@ -338,7 +338,7 @@ local function outcome(self, st, r, m, res, err)
 end
 
 -- Runs every relay's send_batch at once. Native pools run as tasks of one
--- loop (`smtppool.loop`): each pool's wait yields its connections, timeout
+-- loop (`smtppool.engine.loop`): each pool's wait yields its connections, timeout
 -- and fds to it, and one wait serves them all. In nginx each relay gets a
 -- light thread.
 function Relays:_spread_batch(source, opts)
@@ -393,7 +393,7 @@ function Relays:_spread_batch(source, opts)
   return st.summary
 end
 
--- Every native relay's share as a task of one loop (smtppool.loop): one
+-- Every native relay's share as a task of one loop (smtppool.engine.loop): one
 -- wait on the network serves them all.
 function Relays:_mux(st, source_for, batch_opts)
   local l = loop.new(require("smtppool.driver.native"))

@@ -1,6 +1,6 @@
 --- A limits backend shared by every process and machine using one Redis.
 --
--- Implements the interface of `smtppool.limits` for pools given
+-- Implements the interface of `smtppool.limits.process` for pools given
 -- `rate = { backend = "redis://host:port/db", key = "acct1", ... }`: the
 -- account's limits hold across every process with the same key, whatever
 -- machine it runs on.
@@ -24,16 +24,16 @@
 -- event (and `limits_available` when Redis is back). Messages already on
 -- the wire finish. A message waits within `wait_timeout` like any other.
 --
--- Its Redis connection is a `smtppool.redis_client` over the driver's
+-- Its Redis connection is a `smtppool.redis.client` over the driver's
 -- transport: in the native driver a small blocking client in C (each step
 -- is one round trip to Redis, about 0.1 ms on a local network); in nginx
 -- (`smtppool.ngx`) a cosocket, one per light thread that uses it (the
 -- agent's is kept open).
--- @module smtppool.redis
+-- @module smtppool.limits.redis
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")
-local client = require("smtppool.redis_client")
+local client = require("smtppool.redis.client")
 
 local M = {}
 

@@ -3,7 +3,7 @@
 -- Nothing here touches a socket, a clock or the pool's queues: the
 -- scheduler asks and applies. That keeps every rule of ARCHITECTURE.md's
 -- invariants testable without a server (`tests/spec/policy_spec.lua`).
--- @module smtppool.policy
+-- @module smtppool.engine.policy
 
 local errors = require("smtppool.errors")
 

@@ -1,0 +1,138 @@
+--- The scheduler's events: one wait on the loop, then each connection's
+-- events (ready, auth, next, tx, error, closed) applied to its record.
+-- Methods mixed into the pool with the scheduler's
+-- (`smtppool.engine.scheduler`).
+-- @module smtppool.engine.events
+
+local policy = require("smtppool.engine.policy")
+local loop = require("smtppool.engine.loop")
+
+local S = {}
+
+-- ===== events =====
+
+-- Acts on one connection's events, as the driver's wait returned them.
+function S:_dispatch(run, rec, entry, t)
+  for i = 1, #entry, 2 do
+    local ev, payload = entry[i], entry[i + 1]
+    if ev == "trace" then
+      for _, tr in ipairs(payload) do
+        self:_emit({ type = "trace", conn = rec.id, from = tr.from, to = tr.to, code = tr.code })
+      end
+    elseif ev == "ready" then
+      if rec.state == "connecting" then
+        rec.caps = rec.c:caps()
+        if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
+        self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
+      end
+      if rec.state == "busy" and rec.job then
+        -- Stale: the session was ready before the transaction now on it
+        -- started (events kept while the pool waited on a Redis reply on
+        -- the loop arrive after what it did meanwhile).
+      else
+        if rec.state ~= "quitting" then
+          rec.state = "idle"
+          rec.last_used = t
+        end
+        if rec.retire then self:_quit(rec, "exhausted") end
+      end
+    elseif ev == "auth" then
+      rec.auth_wait = true
+      self:_auth_go(rec, t)
+    elseif ev == "next" then
+      if rec.state == "busy" then rec.state = "pipelining" end
+      local j = rec.job
+      if j and j.mark_pending then -- its final dot is held until the next wait
+        j.mark_pending = nil
+        run.mark_async(j.user_msg or j.msg)
+      end
+    elseif ev == "tx" then
+      -- Outcomes come in order: the oldest transaction first.
+      local job = rec.fly and table.remove(rec.fly, 1)
+      if job then
+        if #rec.fly == 0 then rec.fly = nil end -- the connection carries on with rec.job
+      else
+        job = rec.job
+        rec.job = nil
+        rec.state = "settling"
+      end
+      if job and job.last then
+        -- QUIT left with the dot: the session ends after this reply.
+        rec.state = "quitting"
+        self.counters.rotated = self.counters.rotated + 1
+        self:_emit({ type = "rotate", conn = rec.id, messages = rec.sent + (payload.ok and 1 or 0), reason = "cap" })
+      end
+      if job then
+        local res, err = policy.outcome(payload)
+        if res then
+          job.attempts = job.attempts + 1
+          rec.sent = rec.sent + 1
+          self:_tx_sent(rec, t)
+          self:_finish(run, job, res)
+        else
+          local sig = self:_tx_failed(rec, job, err, t)
+          if sig == "session" then
+            rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
+          end
+          self:_after_failure(run, job, err, rec, t, sig)
+        end
+      end
+    elseif ev == "error" then
+      local e = payload
+      local job = rec.job
+      rec.job = nil
+      self.counters.closed_by_server = self.counters.closed_by_server + 1
+      rec.err = e
+      self:_emit({ type = "discard", conn = rec.id, err = e, messages = rec.sent })
+      self:_remove(rec)
+      if e.kind == "auth" and e.code then
+        -- The server refused the credentials: every further try would be
+        -- refused too, and servers lock accounts that keep trying.
+        self.auth_failed = e
+      elseif e.kind == "tls" then
+        -- A certificate that fails verification (or a server without the
+        -- STARTTLS we require) fails every connection alike: the queue of
+        -- this call fails once with it rather than one connection per message.
+        run.tls_failed = e
+      end
+      local sig = self:_conn_failed(e, t)
+      if job then
+        -- Died before it could carry the message bound to it (connect,
+        -- greeting, EHLO): that is the message's attempt, unless a limit
+        -- of the server's refused it.
+        self:_after_failure(run, job, e, nil, t, sig)
+      end
+      return
+    elseif ev == "closed" then
+      self.counters.closed_by_us = self.counters.closed_by_us + 1
+      self:_emit({ type = "close", conn = rec.id, messages = rec.sent })
+      self:_remove(rec)
+      return
+    end
+  end
+end
+
+-- One wait on the driver, then each connection's events. recs: the
+-- connection records waited on (their order matches the entries' indexes).
+function S:_wait(run, recs, timeout)
+  if not self._live then
+    -- the connections open now, for a loop serving them while this pool
+    -- waits on something else (a Redis reply)
+    self._live = function()
+      local l = {}
+      for i, rec in ipairs(self.conns) do l[i] = rec.c end
+      return l
+    end
+  end
+  local list = {}
+  for i, rec in ipairs(recs) do list[i] = rec.c end
+  if run.before_wait then self._guarded(run, "before_wait", run.before_wait) end
+  local ready = loop.wait(self.driver, list, timeout, self._wait_fds, self._live)
+  local t = self.driver.now()
+  for _, entry in ipairs(ready) do
+    self:_dispatch(run, recs[entry.conn], entry, t)
+  end
+  return t
+end
+
+return S
