@@ -34,6 +34,7 @@ local core = require("smtppool.core")
 local csv = require("smtppool.compose.csv")
 local template = require("smtppool.compose.template")
 local loop = require("smtppool.engine.loop")
+local policy = require("smtppool.engine.policy")
 local redis_url = require("smtppool.redis.client").is_url
 
 local M = {}
@@ -502,6 +503,7 @@ function Campaign:run()
   -- The circuit breaker: transient or connection failures in a row.
   local threshold = o.outage_threshold or 10
   local streak, streak_msgs, tripped = 0, {}, nil
+  local misconfigured -- a configuration failure (TLS mode, certificate, host name, login): the run stops
   if o.handle_signals then core.catch_signals() end
   local function should_stop()
     if o.handle_signals then
@@ -509,7 +511,7 @@ function Campaign:run()
       if n >= 2 then return "now" end
       if n >= 1 then return true end
     end
-    return tripped ~= nil
+    return tripped ~= nil or misconfigured ~= nil
   end
   local function mark(m)
     local key = keys[m]
@@ -531,8 +533,11 @@ function Campaign:run()
       if dup then report.possible_duplicates = report.possible_duplicates + 1 end
       record(dup and "D" or "S", key, res.code .. " " .. (res.text or "") .. rej
         .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""))
-    elseif rerr.kind == "cancelled" then
-      -- Never started: its P stands, so a later run sends it; a waiting run re-feeds it.
+    elseif rerr.kind == "cancelled" or policy.misconfigured(rerr) then
+      -- Never started, or stopped by the configuration (the TLS mode, the
+      -- certificate, the host name, the login), not by its recipient: its P
+      -- stands, so a later run sends it; a waiting run re-feeds it.
+      if rerr.kind ~= "cancelled" then misconfigured = misconfigured or rerr end
       requeue[#requeue + 1] = m
     elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
       -- it, or an earlier try of it, may have arrived
@@ -569,6 +574,11 @@ function Campaign:run()
     if not ok then break end
     if o.handle_signals and core.signalled() > 0 then
       report.stopped = "interrupted"
+      break
+    end
+    if misconfigured then
+      report.stopped = "config"
+      report.config_error = tostring(misconfigured)
       break
     end
     if not tripped then break end
@@ -689,6 +699,9 @@ function M.summary(r)
   if r.stopped == "outage" then
     line = line .. "\nstopped: the relay is failing (" .. tostring(r.outage) .. "); nothing pending was lost: "
       .. "run again with --resume --retry-failed when it is back"
+  elseif r.stopped == "config" then
+    line = line .. "\nstopped: " .. tostring(r.config_error) .. "; nothing pending was lost: "
+      .. "fix the configuration and run again with --resume"
   elseif r.stopped == "journal" then
     line = line .. "\nstopped: " .. tostring(r.journal_error)
   elseif r.stopped == "interrupted" then

@@ -78,8 +78,9 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 -- * `dns_servers` (string, default the system's): `"ip[:port],..."`, the
 --   name servers to ask instead of `/etc/resolv.conf`'s (native driver; in
 --   nginx, nginx's `resolver` applies).
--- * `port` (number, default 25).
--- * `tls` (string, default `"starttls"`): `"starttls"` (fails closed when
+-- * `port` (number, default 25; 465 with `tls = "implicit"`).
+-- * `tls` (string, default `"starttls"`, `"implicit"` when `port` is 465):
+--   `"starttls"` (fails closed when
 --   the server does not offer it), `"implicit"` (TLS from the first byte,
 --   port 465 by default), `"opportunistic"` (STARTTLS when offered) or
 --   `"none"`.
@@ -169,7 +170,10 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 -- * `timeouts` (table): reply timeouts in seconds per phase (`greeting`,
 --   `ehlo`, `starttls`, `auth`, `mail`, `rcpt`, `data`, `data_end`, `rset`,
 --   `noop`, `quit`); defaults are RFC 5321 section 4.5.3.2's (5 minutes;
---   `data` 3, `data_end` 10). Each bounds a whole reply, counted from the
+--   `data` 3, `data_end` 10), except `greeting`, 30 s: a server silent that
+--   long is most often an implicit-TLS port asked for STARTTLS, and the
+--   error says so (kind `config` when the pool has never been greeted: the
+--   call's queue fails once). Each bounds a whole reply, counted from the
 --   last write: bytes trickling in do not restart it.
 -- * `close_timeout` (seconds, default 5): how long `close` waits for QUIT.
 -- * `trace` (boolean, default false): report every protocol state change

@@ -156,7 +156,9 @@ end
 -- @treturn[2] table a `config` error (an unknown TLS mode, credentials over
 --   plaintext without `allow_plaintext_auth`, a port out of range)
 function M.resolve(opts)
-  local tls = opts.tls or "starttls"
+  -- Port 465 is implicit TLS's (RFC 8314's submissions): a pool given that
+  -- port and no mode speaks TLS from the first byte, as Nodemailer does.
+  local tls = opts.tls or (opts.port == 465 and "implicit" or "starttls")
   if not M.TLS_MODES[tls] then
     return nil, errors.new("config", ("unknown tls mode '%s' (none, starttls, implicit, opportunistic)"):format(tls))
   end

@@ -24,6 +24,10 @@ void sp_l_push_error(lua_State *L, const sp_error *e)
     }
     lua_pushstring(L, e->text);
     lua_setfield(L, -2, "text");
+    if (e->silent) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "silent");
+    }
     luaL_getmetatable(L, ERROR_MT);
     lua_setmetatable(L, -2);
 }

@@ -551,9 +551,10 @@ static int ls_drain(lua_State *L)
     return 1;
 }
 
-/* s:abort(text[, phase[, "tls"]]): the connection is gone (a refused
- * connect, a failed write, a cut) or its handshake failed: the session fails
- * with a connection (or tls) error in phase (default: the current one), or
+/* s:abort(text[, phase[, kind]]): the connection is gone (a refused
+ * connect, a failed write, a cut), its handshake failed ("tls") or its
+ * host name does not exist ("config"): the session fails with an error of
+ * that kind (default "connection") in phase (default: the current one), or
  * ambiguous when a final dot had left. */
 static int ls_abort(lua_State *L)
 {
@@ -569,9 +570,13 @@ static int ls_abort(lua_State *L)
         luaL_argcheck(L, p < SP_PHASE_COUNT, 3, "unknown phase");
         ph = (sp_phase)p;
     }
-    luaL_argcheck(L, !strcmp(kname, "connection") || !strcmp(kname, "tls"), 4, "'connection' or 'tls'");
+    sp_kind kind = !strcmp(kname, "connection") ? SP_KIND_CONNECTION
+                   : !strcmp(kname, "tls")      ? SP_KIND_TLS
+                   : !strcmp(kname, "config")   ? SP_KIND_CONFIG
+                                                : SP_KIND_NONE;
+    luaL_argcheck(L, kind != SP_KIND_NONE, 4, "'connection', 'tls' or 'config'");
     sp_error e;
-    sp_error_set(&e, kname[0] == 't' ? SP_KIND_TLS : SP_KIND_CONNECTION, ph, "%s", text);
+    sp_error_set(&e, kind, ph, "%s", text);
     sp_session_fail(ls->s, &e);
     return 0;
 }

@@ -15,6 +15,7 @@
 
 #include <ares.h>
 #include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #define READ_CHUNK 16384
 /* The connection passes on its session's events (a few it acts on itself),
@@ -126,6 +127,17 @@ static void on_resolved(void *arg, int status, int timeouts, struct ares_addrinf
         ares_freeaddrinfo(res);
 }
 
+/* A failed lookup as an error. A name the DNS says does not exist (or has
+ * no address) is the configuration's (kind config: trying again cannot
+ * help); a resolver that timed out or failed may answer next time. */
+static void resolve_error(const sp_conn *c, sp_error *err)
+{
+    int st = c->res_status;
+    int unknown = st == ARES_SUCCESS || st == ARES_ENOTFOUND || st == ARES_ENODATA || st == ARES_ENONAME;
+    sp_error_set(err, unknown ? SP_KIND_CONFIG : SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s",
+                 c->host, c->port, st == ARES_SUCCESS ? "no address" : ares_strerror(st));
+}
+
 /* After the resolver has had its chance: connect, or fail the session. */
 static void pump(sp_conn *c);
 static void resolve_step(sp_conn *c)
@@ -135,8 +147,7 @@ static void resolve_step(sp_conn *c)
     ares_destroy(c->resolver);
     c->resolver = NULL;
     if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
-        sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s", c->host,
-                     c->port, c->res_status == ARES_SUCCESS ? "no address" : ares_strerror(c->res_status));
+        resolve_error(c, &c->connect_err);
     } else if (try_connect(c) == 0) {
         return;
     }
@@ -230,8 +241,7 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
             ares_destroy(c->resolver);
         c->resolver = NULL;
         if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
-            sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s", c->host, c->port,
-                         c->res_status == ARES_SUCCESS ? "no address" : ares_strerror(c->res_status));
+            resolve_error(c, err);
             sp_conn_free(c);
             return NULL;
         }
@@ -401,7 +411,19 @@ static void handshake_step(sp_conn *c, double now)
         return;
     }
     sp_error e;
+    /* A record OpenSSL cannot read at implicit TLS is most often an SMTP
+     * server greeting in plaintext ("220 ...") on a STARTTLS port. */
+    unsigned long first = ERR_peek_error();
+    int plain = c->implicit && ERR_GET_LIB(first) == ERR_LIB_SSL &&
+                (ERR_GET_REASON(first) == SSL_R_WRONG_VERSION_NUMBER ||
+                 ERR_GET_REASON(first) == SSL_R_UNKNOWN_PROTOCOL ||
+                 ERR_GET_REASON(first) == SSL_R_PACKET_LENGTH_TOO_LONG);
     sp_tls_error(&e, c->implicit ? SP_PHASE_CONNECT : SP_PHASE_STARTTLS, "TLS handshake", c->ssl, r);
+    if (plain) {
+        size_t n = strlen(e.text);
+        snprintf(e.text + n, sizeof e.text - n, " (the server answered in plaintext, not TLS: a server that "
+                 "greets first and offers STARTTLS, as on ports 25 and 587, wants tls = \"starttls\")");
+    }
     sp_session_fail(c->s, &e);
     pump(c);
     close_fd(c);

@@ -44,6 +44,7 @@ typedef struct sp_error {
     int code;                        /* SMTP reply code, 0 when the server did not speak */
     char enhanced[SP_ENHANCED_MAX];  /* RFC 3463 code or "" */
     char text[SP_ERROR_TEXT_MAX];    /* server text or our description, truncated */
+    int silent;                      /* the server never sent a byte on this connection */
 } sp_error;
 
 const char *sp_kind_name(sp_kind k);

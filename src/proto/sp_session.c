@@ -506,6 +506,7 @@ int sp_session_feed(sp_session *s, const char *buf, size_t len)
         return -1;
     if (s->state == SP_ST_CLOSED)
         return 0; /* bytes after the QUIT reply are of no interest */
+    s->bytes_in += len;
     if (sp_reply_reader_feed(s->reader, buf, len) < 0) {
         sp_ss_die_oom(s);
         return -1;
@@ -563,7 +564,18 @@ int sp_session_timeout(sp_session *s)
     if (s->state == SP_ST_DEAD || s->state == SP_ST_CLOSED)
         return -1;
     sp_error e;
-    sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(s), "timed out waiting for the server");
+    if (s->state == SP_ST_GREETING && s->bytes_in == 0 && !s->tls_active) {
+        /* Not one byte: a server that starts with TLS (implicit TLS, RFC 8314)
+         * waits silently for the client's handshake, where an SMTP server
+         * greets. The commonest misconfiguration gets its hint here. */
+        sp_error_set(&e, SP_KIND_CONNECTION, SP_PHASE_GREETING,
+                     "no greeting within %gs, and not one byte from the server: a server that expects TLS "
+                     "from the first byte (implicit TLS, usually port 465) waits like this; set tls = \"implicit\"",
+                     s->timeouts[SP_PHASE_GREETING]);
+        e.silent = 1;
+    } else {
+        sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(s), "timed out waiting for the server");
+    }
     die(s, &e);
     return -1;
 }
@@ -653,6 +665,7 @@ double sp_default_timeout(sp_phase ph)
     case SP_PHASE_DATA: return 180;     /* DATA initiation is 2 min, data blocks 3 min */
     case SP_PHASE_DATA_END: return 600; /* the final dot: 10 min */
     case SP_PHASE_CONNECT: return 30;
+    case SP_PHASE_GREETING: return 30; /* RFC 5321 says 5 min for relays; see sp_session.h */
     default: return 300;
     }
 }

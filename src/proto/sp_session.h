@@ -130,8 +130,12 @@ typedef struct sp_session_opts {
 
 typedef struct sp_session sp_session;
 
-/* RFC 5321 4.5.3.2 timeouts: greeting 5 min, MAIL 5, RCPT 5, DATA 2,
- * data block 3, final dot 10; 5 min for the rest (connect: 30 s). */
+/* RFC 5321 4.5.3.2 timeouts: MAIL 5 min, RCPT 5, DATA 2, data block 3,
+ * final dot 10; 5 min for the rest (connect: 30 s). The greeting: 30 s,
+ * not the RFC's 5 min. Submission servers greet at once, and a silent one
+ * is most often an implicit-TLS port asked for STARTTLS (the session's
+ * timeout then says so): 5 minutes times the retries left users waiting
+ * with no word. Relays to MXes that delay their greeting set it higher. */
 double sp_default_timeout(sp_phase ph);
 
 /* Checks every string of opts that reaches a command line: the EHLO name

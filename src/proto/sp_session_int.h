@@ -92,6 +92,7 @@ struct sp_session {
     char *redact[SP_REDACT_MAX];
     size_t nredact;
     unsigned long replies;
+    unsigned long long bytes_in; /* bytes ever fed from the server */
     int cur_code; /* the reply being handled, for the trace */
     int trace;
     sp_transition tr[SP_TRACE_MAX];

@@ -100,7 +100,10 @@ local function reader(self)
   sock:settimeouts(ms(o.connect_timeout or DEFAULT_TIMEOUT.connect), ms(SEND_TIMEOUT), ms(READ_SLICE))
   local ok, err = sock:connect(o.host, o.port)
   if not ok then
-    s:abort(("connect to %s:%s: %s"):format(o.host, tostring(o.port), tostring(err)), "connect")
+    -- nginx's resolver says "(3: Host not found)" for a name that does not
+    -- exist: the configuration's, as the native driver's NXDOMAIN
+    local unknown = tostring(err):find("could not be resolved %(3:") and "config" or nil
+    s:abort(("connect to %s:%s: %s"):format(o.host, tostring(o.port), tostring(err)), "connect", unknown)
   elseif o.tls_mode == "implicit" then
     self:_handshake("connect")
   end

@@ -4,6 +4,7 @@
 -- (`smtppool.engine.scheduler`).
 -- @module smtppool.engine.events
 
+local errors = require("smtppool.errors")
 local policy = require("smtppool.engine.policy")
 local loop = require("smtppool.engine.loop")
 
@@ -21,6 +22,7 @@ function S:_dispatch(run, rec, entry, t)
       end
     elseif ev == "ready" then
       if rec.state == "connecting" then
+        self.greeted = true
         rec.caps = rec.c:caps()
         if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
         self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
@@ -79,6 +81,12 @@ function S:_dispatch(run, rec, entry, t)
       end
     elseif ev == "error" then
       local e = payload
+      if e.silent and not self.greeted then
+        -- Not one byte before the greeting timeout, and this pool has never
+        -- been greeted by the server: the TLS mode, not a slow server (the
+        -- error says which mode): the configuration's, failed once.
+        e = errors.new("config", e.text, e)
+      end
       local job = rec.job
       rec.job = nil
       self.counters.closed_by_server = self.counters.closed_by_server + 1
@@ -89,11 +97,12 @@ function S:_dispatch(run, rec, entry, t)
         -- The server refused the credentials: every further try would be
         -- refused too, and servers lock accounts that keep trying.
         self.auth_failed = e
-      elseif e.kind == "tls" then
+      elseif e.kind == "tls" or e.kind == "config" then
         -- A certificate that fails verification (or a server without the
-        -- STARTTLS we require) fails every connection alike: the queue of
+        -- STARTTLS we require), a TLS mode the server does not speak, a host
+        -- name that does not exist fail every connection alike: the queue of
         -- this call fails once with it rather than one connection per message.
-        run.tls_failed = e
+        run.config_failed = e
       end
       local sig = self:_conn_failed(e, t)
       if job then

@@ -27,6 +27,16 @@ function M.cap_in_force(configured, advertised, learned)
   return cap
 end
 
+--- Whether err is the configuration's, not the message's: a TLS failure (a
+-- mode the server does not speak, a certificate that fails verification),
+-- a `config` error (a host name that does not exist, a silent first
+-- greeting) or a refused login. Every message would meet it alike: a batch
+-- fails its queue once, a campaign stops with the rows still pending.
+function M.misconfigured(err)
+  local k = err and err.kind
+  return k == "tls" or k == "config" or (k == "auth" and err.code ~= nil)
+end
+
 --- Whether a failure says the server declared the session exhausted: a 421
 -- anywhere, or any 4xx to MAIL, on a connection that had already started
 -- `txs - 1` transactions before this one (DESIGN invariant 4; no reply text

@@ -416,8 +416,8 @@ function S:run(next_msg, on_result, opts)
     end
 
     -- After a refused login, nothing more is sent: the queue fails with it.
-    -- After a TLS failure, this call's queue fails with it.
-    local fatal = self.auth_failed or run.tls_failed
+    -- After a TLS or configuration failure, this call's queue fails with it.
+    local fatal = self.auth_failed or run.config_failed
     if fatal then end_waiting(self, run, fatal, true) end
 
     -- message_timeout: a message still waiting for a connection when its
@@ -586,6 +586,7 @@ function S:run(next_msg, on_result, opts)
       local rec, err = self:_open(t, job)
       if not rec then
         self.limits:conn_release()
+        if err.kind == "config" or err.kind == "tls" then run.config_failed = err end
         if job then self:_after_failure(run, job, err, nil, t) end
         break -- resolution failed: let the retry policy pace the next try
       end
