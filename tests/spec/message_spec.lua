@@ -3,7 +3,7 @@
 local peers = require("peers")
 local smtppool = require("smtppool")
 local json = require("dkjson")
-local message = smtppool.compose.message
+local message = smtppool.message
 
 local function sha256(data)
   local d = peers.tmpdir()

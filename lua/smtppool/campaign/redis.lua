@@ -165,6 +165,12 @@ function M.open(url, name, o)
   o = o or {}
   -- its own connection (scripts, commands), not the limits backend's
   local c = client.new(u, { timeout = 2 })
+  local okc, ce, why = c:connect()
+  if not okc and why == "login" then
+    -- wrong credentials are not an outage to wait out
+    c:close()
+    return nil, ce
+  end
   if not o.allow_volatile then
     -- A campaign is only as durable as the server: refuse one that keeps
     -- nothing (no AOF, no RDB saves). CONFIG may be renamed away (managed
@@ -174,7 +180,7 @@ function M.open(url, name, o)
       c:close()
       return nil, ("Redis at %s keeps nothing on disk (appendonly no, save \"\"): a restart would lose the "
         .. "campaign and a second run would send it again. Turn on AOF or RDB snapshots, or accept the risk "
-        .. "by name (allow_volatile_redis = true, --allow-volatile-redis)"):format(url)
+        .. "by name (allow_volatile_redis = true, --allow-volatile-redis)"):format(client.redact(url))
     end
   end
   local j = setmetatable({ c = c, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30, url = url,
@@ -189,9 +195,9 @@ end
 function J:_run(name, body, args, patience)
   local deadline = core.now() + (patience or 120)
   while true do
-    local v, e = self.c:script(name, body, { self.p }, args)
+    local v, e, why = self.c:script(name, body, { self.p }, args)
     if v ~= nil then return v end
-    if core.now() >= deadline then return nil, e end
+    if why == "login" or core.now() >= deadline then return nil, e end
     loop.sleep(0.5)
   end
 end

@@ -42,7 +42,7 @@ end
 function M.rows(path, opts)
   local delim = opts and opts.delimiter
   if delim ~= nil and not DELIMITERS[delim] then
-    error("smtppool.compose.csv: delimiter must be ',', ';' or a tab", 2)
+    error("smtppool.csv: delimiter must be ',', ';' or a tab", 2)
   end
   local f, err = io.open(path, "rb")
   if not f then return nil, err end

@@ -460,6 +460,10 @@ function S:run(next_msg, on_result, opts)
     end
 
     self.limits:refresh(t)
+    -- a shared backend that cannot work as configured (Redis refused the
+    -- login): the queue fails with it, as after a TLS failure
+    local lf = self.limits:failure()
+    if lf then run.config_failed = run.config_failed or lf end
     local forgotten = self.learner:recover(t)
     if forgotten then self:_emit({ type = "unlearn_cap", cap = forgotten }) end
     self:_tick_limits(t)

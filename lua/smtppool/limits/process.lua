@@ -23,6 +23,9 @@
 --   forgets it.
 -- * `refresh(now)`: renews what this process holds (a shared backend's
 --   leases); called on every turn of the pool's loop, cheap when not due.
+-- * `failure()`: a `config` error once when the backend cannot work as
+--   configured (Redis refused the login), then nil until it happens again;
+--   the pool fails the call's queue with it instead of pausing.
 -- * `name`: `"process"`, `"shared_dict"`, `"redis"`.
 --
 -- Backends: this module's (in one process; the default), `smtppool.limits.shdict`
@@ -69,6 +72,7 @@ function Local.publish_cap() end
 function Local.learned() return nil end
 function Local.publish_learned() end
 function Local.refresh() end
+function Local.failure() end
 
 --- The limits a pool's options ask for: `rate` windows, in `shared` when
 -- given, or in Redis when `rate.backend` names it.

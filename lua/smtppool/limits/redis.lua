@@ -97,8 +97,8 @@ return 1
 local B = {}
 B.__index = B
 
---- Parses `redis://[:password@]host[:port][/db]` (as
--- `smtppool.redis_client.parse_url`).
+--- Parses `redis[s]://[[user]:password@]host[:port][/db]` (as
+-- `smtppool.redis.client.parse_url`).
 M.parse_url = client.parse_url
 
 function B:_emit(ev)
@@ -110,7 +110,15 @@ end
 -- unreachable or failing, and the pool then pauses.
 function B:_call(name, body, keys, args)
   if self.down_until and core.now() < self.down_until then return nil, self.last_err end
-  local v, err = self.client:script(name, body, keys, args)
+  local v, err, why = self.client:script(name, body, keys, args)
+  if why == "login" then
+    -- the credentials are the configuration's: the pool fails its queue at
+    -- once (failure()) instead of pausing until wait_timeout
+    self.failed = errors.new("config", err)
+    self.last_err = err
+    self.down_until = core.now() + RETRY
+    return nil, err
+  end
   if v ~= nil then
     if self.down_since then
       self:_emit({ type = "limits_available", backend = "redis", seconds = core.now() - self.down_since })
@@ -126,6 +134,13 @@ function B:_call(name, body, keys, args)
                  err = errors.new("connection", "the shared limits are unreachable: " .. tostring(err)) })
   end
   return nil, err
+end
+
+-- A refused login, once (the next call tries again).
+function B:failure()
+  local f = self.failed
+  self.failed = nil
+  return f
 end
 
 -- One plain command; nil when Redis is unreachable (no pause: a read).

@@ -155,6 +155,8 @@ function B:contended()
   return w ~= nil and w ~= self.pid
 end
 
+function B.failure() end
+
 function B:refresh(now)
   if self.mine > 0 and now - (self.renewed or 0) >= RENEW then
     self:_lock()

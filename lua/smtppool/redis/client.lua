@@ -44,31 +44,56 @@ local M = {}
 local C = {}
 C.__index = C
 
---- Whether a string names a Redis server (a `redis://` URL): the one test
--- every module and the command line make.
+--- Whether a string names a Redis server (a `redis://` or `rediss://`
+-- URL): the one test every module and the command line make.
 -- @param s anything
 -- @treturn boolean
 function M.is_url(s)
-  return type(s) == "string" and s:sub(1, 8) == "redis://"
+  return type(s) == "string" and (s:sub(1, 8) == "redis://" or s:sub(1, 9) == "rediss://")
 end
 
---- Parses `redis://[:password@]host[:port][/db]`.
--- @treturn[1] table `host`, `port`, `db`, `password`
+-- %XX escapes decoded (a password with '@', ':' or '/' must be written so).
+local function unescape(s)
+  if s:find("%%") and not s:find("%%%x%x") then return nil end
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- The URL for errors and logs: without its password.
+local function redact(url)
+  return (url:gsub("^(rediss?://[^:@/]*:)[^@]*@", "%1***@"))
+end
+M.redact = redact
+
+--- Parses `redis://[[user]:password@]host[:port][/db]` (and `rediss://`,
+-- TLS), as managed Redis services hand them out: a user (Redis 6 ACLs;
+-- `AUTH user password`), or a password alone (`redis://:secret@host`);
+-- both percent-decoded. A host may be an IPv6 literal in brackets.
+-- @treturn[1] table `host`, `port`, `db`, `user`, `password`, `tls`
 -- @return[2] nil
--- @treturn[2] string why
+-- @treturn[2] string why (never with the password)
 function M.parse_url(url)
-  if type(url) ~= "string" then return nil, "the backend must be a redis:// URL" end
-  if not M.is_url(url) then return nil, "the backend must be a redis:// URL, got " .. url end
-  local rest = url:sub(9)
-  local password
-  local auth, hostpart = rest:match("^([^@]*)@(.*)$")
+  if type(url) ~= "string" then return nil, "the backend must be a redis:// or rediss:// URL" end
+  if not M.is_url(url) then
+    return nil, "the backend must be a redis:// or rediss:// URL, got " .. redact(url)
+  end
+  local tls = url:sub(1, 9) == "rediss://"
+  local rest = url:sub(tls and 10 or 9)
+  local user, password
+  local auth, hostpart = rest:match("^(.*)@([^@]*)$")
   if auth then
-    password = auth:match("^:(.*)$") or auth
+    local u, pw = auth:match("^([^:]*):(.*)$")
+    if not u then u, pw = auth, nil end -- redis://secret@host: a password alone, as before
+    if pw == nil then u, pw = "", u end
+    user, password = unescape(u), unescape(pw)
+    if not user or not password then return nil, "a bad %-escape in the credentials of " .. redact(url) end
+    if user == "" then user = nil end
     rest = hostpart
   end
-  local host, port, db = rest:match("^([^:/]+):?(%d*)/?(%d*)$")
-  if not host then return nil, "cannot read host, port and db from " .. url end
-  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, password = password }
+  local host, port, db = rest:match("^%[([%x:.]+)%]:?(%d*)/?(%d*)$")
+  if not host then host, port, db = rest:match("^([^:/%[%]]+):?(%d*)/?(%d*)$") end
+  if not host then return nil, "cannot read host, port and db from " .. redact(url) end
+  return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, user = user, password = password,
+           tls = tls or nil }
 end
 
 --- A client (nothing is connected yet).
@@ -161,9 +186,12 @@ function C:_open()
     return v
   end
   if u.password then
-    local ok, e = step("AUTH", u.password)
+    local ok, e
+    if u.user then ok, e = step("AUTH", u.user, u.password) else ok, e = step("AUTH", u.password) end
     if not ok then
       c:close()
+      -- an answer (WRONGPASS, an unknown user): every try would get it
+      if tostring(e):match("^redis: ") then return nil, "Redis refused the login: " .. self:_scrub(e), "login" end
       return nil, self:_scrub(e)
     end
   end
@@ -183,8 +211,8 @@ function C:_conn()
   if self.closed then error("redis client: used after close()", 3) end
   local mine = not self.per_thread or self.owner == nil or self.owner == coroutine.running()
   if self.c and mine then return self.c, true end
-  local c, err = self:_open()
-  if not c then return nil, err end
+  local c, err, why = self:_open()
+  if not c then return nil, err, why end
   if mine then
     self.c, self.owner = c, coroutine.running()
     return c, true
@@ -195,8 +223,8 @@ end
 -- Runs fn(conn) -> value | nil, err: an unreachable server drops the kept
 -- connection (the next call makes a new one); an error reply keeps it.
 function C:_with(fn)
-  local c, kept = self:_conn()
-  if not c then return nil, kept end
+  local c, kept, why = self:_conn()
+  if not c then return nil, kept, why end
   local v, err, answered = fn(c)
   if not kept then
     c:close()
@@ -229,8 +257,8 @@ end
 -- @return[2] nil
 -- @treturn[2] string why (never with the password)
 function C:connect()
-  local c, err = self:_conn()
-  if not c then return nil, err end
+  local c, err, why = self:_conn()
+  if not c then return nil, err, why end
   return true
 end
 
@@ -239,7 +267,9 @@ end
 -- @return[1] its value (`false` for a nil reply)
 -- @return[2] nil
 -- @treturn[2] string why
--- @treturn[2] boolean true when the server answered with an error
+-- @treturn[2] boolean|string true when the server answered with an error;
+--   `"login"` when it refused the credentials (every try would: a
+--   configuration error, not an outage)
 function C:call(...)
   local args = { ... }
   check_args(args, 3)

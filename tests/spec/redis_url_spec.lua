@@ -1,0 +1,112 @@
+-- Redis as managed services hand it out (issue 23): URLs with an ACL user
+-- and percent-escaped passwords, and a refused login that is a config error
+-- at once (never a pause until wait_timeout), for the client, a pool's
+-- shared limits and a campaign in Redis.
+local peers = require("peers")
+local smtppool = require("smtppool")
+local client = require("smtppool.redis.client")
+local core = require("smtppool.core")
+
+describe("Redis URLs", function()
+  it("read a user and a password, percent-decoded, a password alone, IPv6 literals and rediss://", function()
+    local u = assert(client.parse_url("redis://app:p%40ss%3Aw%2Frd@10.0.0.5:6380/2"))
+    assert.same({ host = "10.0.0.5", port = 6380, db = 2, user = "app", password = "p@ss:w/rd" }, u)
+    u = assert(client.parse_url("redis://:secret@h"))
+    assert.same({ host = "h", port = 6379, db = 0, password = "secret" }, u)
+    u = assert(client.parse_url("redis://secret@h:1/0")) -- a password alone, as before
+    assert.same({ host = "h", port = 1, db = 0, password = "secret" }, u)
+    u = assert(client.parse_url("rediss://default:pw@[::1]:6390/1"))
+    assert.same({ host = "::1", port = 6390, db = 1, user = "default", password = "pw", tls = true }, u)
+    assert.is_true(client.is_url("rediss://h"))
+    assert.is_false(client.is_url("http://h"))
+  end)
+
+  it("refuse what they cannot read without showing the password", function()
+    local u, e = client.parse_url("redis://app:pw%zz-top-secret@h")
+    assert.is_nil(u)
+    assert.matches("bad %%%-escape", e)
+    assert.falsy(e:find("top-secret", 1, true))
+    u, e = client.parse_url("redis://app:top-secret@h:port")
+    assert.is_nil(u)
+    assert.falsy(e:find("top-secret", 1, true))
+    assert.matches("app:%*%*%*@", e)
+    u, e = client.parse_url("memcache://top-secret@h")
+    assert.is_nil(u)
+    assert.matches("redis:// or rediss://", e)
+  end)
+end)
+
+describe("Redis logins", function()
+  local r
+  setup(function()
+    r = peers.redis({ persist = false, password = "admin-pw" })
+    local admin = assert(client.new(("redis://:admin-pw@127.0.0.1:%d"):format(r.port)))
+    assert.equal("OK", admin:call("ACL", "SETUSER", "app", "on", ">p@ss:w/rd", "~*", "+@all"))
+    admin:close()
+  end)
+  teardown(function() r:stop() end)
+
+  it("log in as an ACL user with an escaped password", function()
+    local c = assert(client.new(("redis://app:p%%40ss%%3Aw%%2Frd@127.0.0.1:%d/0"):format(r.port)))
+    assert.is_true(c:connect())
+    assert.equal("app", c:call("ACL", "WHOAMI"))
+    c:close()
+  end)
+
+  it("say a refused login is one, and never show the password", function()
+    local c = assert(client.new(("redis://app:wrong-SECRET@127.0.0.1:%d/0"):format(r.port)))
+    local ok, e, why = c:connect()
+    assert.is_nil(ok)
+    assert.equal("login", why)
+    assert.matches("^Redis refused the login: redis: WRONGPASS", e)
+    assert.falsy(e:find("wrong-SECRET", 1, true))
+    local v, e2, why2 = c:call("PING")
+    assert.is_nil(v)
+    assert.equal("login", why2)
+    assert.matches("refused the login", e2)
+    c:close()
+  end)
+
+  it("fail a pool's queue at once with a config error when the shared limits' login is refused", function()
+    local srv = peers.fault({})
+    local ok, e = pcall(function()
+      local p = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none",
+        rate = { backend = ("redis://app:wrong-SECRET@127.0.0.1:%d/0"):format(r.port), key = "acl1",
+                 messages = { 100, 1 } } })
+      local t0 = core.now()
+      local outs = {}
+      p:send_batch({ { from = "a@x.test", to = { "b1@y.test" }, subject = "s", text = "t" },
+                     { from = "a@x.test", to = { "b2@y.test" }, subject = "s", text = "t" } },
+        { on_result = function(_, res, err) outs[#outs + 1] = err or res end })
+      local dt = core.now() - t0
+      p:close()
+      assert.equal(2, #outs)
+      for _, err in ipairs(outs) do
+        assert.equal("config", err.kind)
+        assert.matches("Redis refused the login", err.text)
+        assert.falsy(err.text:find("wrong-SECRET", 1, true))
+      end
+      assert.is_true(dt < 5, ("took %.1f s (wait_timeout is 60)"):format(dt))
+      assert.equal(0, #srv:select("connect"))
+    end)
+    srv:stop()
+    assert(ok, e)
+  end)
+
+  it("refuse to open a campaign in Redis at once when the login is refused", function()
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = 9, tls = "none" })
+    local dir = peers.tmpdir()
+    peers.write_file(dir .. "/list.csv", "email\nx@y.test\n")
+    local t0 = core.now()
+    local rep, err = smtppool.campaign{ pool = pool, recipients = dir .. "/list.csv", name = "acl",
+      journal = ("redis://app:wrong-SECRET@127.0.0.1:%d/0"):format(r.port), progress = false,
+      message = { from = "a@x.test", subject = "s", text = "t" } }:run()
+    pool:close()
+    os.execute("rm -rf " .. peers.quote(dir))
+    assert.is_nil(rep)
+    assert.equal("config", err.kind)
+    assert.matches("Redis refused the login", err.text)
+    assert.falsy(err.text:find("wrong-SECRET", 1, true))
+    assert.is_true(core.now() - t0 < 5)
+  end)
+end)
