@@ -4,9 +4,12 @@
  *
  *   core.resp_reader()         a reader: r:feed(bytes), r:next() -> true, value | nil
  *   core.resp_command(...)     one command as RESP bytes (redisFormatCommandArgv)
- *   core.redis_connect(host, port, timeout) -> client | nil, err
+ *   core.redis_connect(host, port, timeout[, tls]) -> client | nil, err
  *                              a small blocking client for the native driver:
- *                              c:call(...) -> value | nil, err; c:close()
+ *                              c:call(...) -> value | nil, err; c:close();
+ *                              tls = {server_name =, ca_file =, ca_path =,
+ *                              insecure_skip_verify =} speaks TLS (rediss://),
+ *                              the certificate verified unless told by name
  *
  * Values: strings (bulk and status), integers, arrays as tables, a nil
  * reply as false, an error reply as {err = "text"}. */
@@ -20,8 +23,10 @@
 #include <fcntl.h>
 
 #include <hiredis/hiredis.h>
+#include <openssl/err.h>
 
 #include "sp_lua.h"
+#include "sp_tls.h"
 
 #define RESP_MT "smtppool.resp_reader"
 #define REDIS_MT "smtppool.redis"
@@ -161,7 +166,55 @@ typedef struct lredis {
     int fd;
     redisReader *r;
     double timeout;
+    sp_tls_ctx *tls; /* rediss://: its context and connection */
+    SSL *ssl;
+    short want; /* what a TLS read or write that could not go on waits for */
 } lredis;
+
+/* One write or read on the connection, plain or TLS: bytes moved; -1 with
+ * errno EAGAIN (c->want says for what) or an I/O error; 0 on EOF (read). */
+static ssize_t io_write(lredis *c, const char *p, size_t n)
+{
+    c->want = POLLOUT;
+    if (!c->ssl)
+        return send(c->fd, p, n, MSG_NOSIGNAL);
+    size_t w = 0;
+    ERR_clear_error();
+    int r = SSL_write_ex(c->ssl, p, n, &w);
+    if (r == 1)
+        return (ssize_t)w;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        c->want = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+        errno = EAGAIN;
+    } else if (errno == 0 || errno == EAGAIN) {
+        errno = EPROTO;
+    }
+    return -1;
+}
+
+static ssize_t io_read(lredis *c, char *buf, size_t n, int flags)
+{
+    c->want = POLLIN;
+    if (!c->ssl)
+        return recv(c->fd, buf, n, flags);
+    size_t got = 0;
+    ERR_clear_error();
+    int r = SSL_read_ex(c->ssl, buf, n, &got);
+    if (r == 1)
+        return (ssize_t)got;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        c->want = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+        errno = EAGAIN;
+        return -1;
+    }
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return 0;
+    if (errno == 0 || errno == EAGAIN)
+        errno = ECONNRESET;
+    return -1;
+}
 
 static int wait_fd(int fd, short ev, double timeout)
 {
@@ -182,6 +235,53 @@ static int fail(lua_State *L, const char *what, const char *detail)
     lua_pushnil(L);
     lua_pushfstring(L, "redis %s: %s", what, detail);
     return 2;
+}
+
+/* rediss://: the TLS handshake on the connected socket (the table at
+ * index 4), within the timeout; 0, or -1 with nil, err pushed and the
+ * connection closed. */
+static void redis_close(lredis *c);
+static int tls_handshake(lua_State *L, lredis *c, const char *host)
+{
+    sp_tls_opts o;
+    memset(&o, 0, sizeof o);
+    lua_getfield(L, 4, "ca_file");
+    o.ca_file = lua_tostring(L, -1);
+    lua_getfield(L, 4, "ca_path");
+    o.ca_path = lua_tostring(L, -1);
+    lua_getfield(L, 4, "insecure_skip_verify");
+    o.insecure_skip_verify = lua_toboolean(L, -1);
+    lua_getfield(L, 4, "server_name");
+    const char *name = lua_isstring(L, -1) ? lua_tostring(L, -1) : host;
+    sp_error e;
+    c->tls = sp_tls_ctx_new(&o, &e);
+    if (c->tls)
+        c->ssl = sp_tls_new_ssl(c->tls, name, &e);
+    if (c->ssl && sp_tls_set_fd(c->tls, c->ssl, c->fd) != 0)
+        sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "out of memory");
+    else if (c->ssl) {
+        for (;;) {
+            ERR_clear_error();
+            int r = SSL_connect(c->ssl);
+            if (r == 1) {
+                lua_pop(L, 4);
+                return 0;
+            }
+            int se = SSL_get_error(c->ssl, r);
+            if ((se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE) &&
+                wait_fd(c->fd, se == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, c->timeout) > 0)
+                continue;
+            if (se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE)
+                sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "TLS handshake: timed out");
+            else
+                sp_tls_error(&e, SP_PHASE_CONNECT, "TLS handshake", c->ssl, r);
+            break;
+        }
+    }
+    redis_close(c);
+    lua_pushnil(L);
+    lua_pushfstring(L, "redis connect: %s", e.text);
+    return -1;
 }
 
 static int l_redis_connect(lua_State *L)
@@ -218,6 +318,7 @@ static int l_redis_connect(lua_State *L)
     if (fd < 0)
         return fail(L, "connect", why);
     lredis *c = lua_newuserdata(L, sizeof *c);
+    memset(c, 0, sizeof *c);
     c->fd = fd;
     c->timeout = timeout;
     c->r = redisReaderCreate();
@@ -225,11 +326,18 @@ static int l_redis_connect(lua_State *L)
     lua_setmetatable(L, -2);
     if (!c->r)
         return luaL_error(L, "out of memory");
+    if (lua_istable(L, 4) && tls_handshake(L, c, host) != 0)
+        return 2; /* nil, err pushed; the connection closed */
     return 1;
 }
 
 static void redis_close(lredis *c)
 {
+    if (c->ssl)
+        SSL_free(c->ssl);
+    c->ssl = NULL;
+    sp_tls_ctx_free(c->tls);
+    c->tls = NULL;
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
@@ -242,9 +350,9 @@ static void redis_close(lredis *c)
 static int send_all(lredis *c, const char *p, size_t n)
 {
     while (n > 0) {
-        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+        ssize_t w = io_write(c, p, n);
         if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
-            if (wait_fd(c->fd, POLLOUT, c->timeout) <= 0)
+            if (wait_fd(c->fd, c->want, c->timeout) <= 0)
                 return -1;
             continue;
         }
@@ -265,9 +373,9 @@ static int read_reply(lua_State *L, lredis *c)
         if (k != 0)
             return k;
         char buf[16384];
-        ssize_t r = recv(c->fd, buf, sizeof buf, 0);
+        ssize_t r = io_read(c, buf, sizeof buf, 0);
         if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
-            if (wait_fd(c->fd, POLLIN, c->timeout) <= 0)
+            if (wait_fd(c->fd, c->want, c->timeout) <= 0)
                 return 0;
             continue;
         }
@@ -403,7 +511,7 @@ static int redis_recv(lua_State *L)
         if (k < 0)
             return malformed(L, c);
         char buf[16384];
-        ssize_t r = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+        ssize_t r = io_read(c, buf, sizeof buf, MSG_DONTWAIT);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))

@@ -433,9 +433,9 @@ static void start_handshake(sp_conn *c, double now)
 {
     sp_error e;
     c->ssl = sp_tls_new_ssl(c->tls, c->server_name, &e);
-    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+    if (!c->ssl || sp_tls_set_fd(c->tls, c->ssl, c->fd) != 0) {
         if (c->ssl)
-            sp_error_set(&e, SP_KIND_TLS, SP_PHASE_STARTTLS, "SSL_set_fd failed");
+            sp_error_set(&e, SP_KIND_TLS, SP_PHASE_STARTTLS, "out of memory attaching the socket");
         sp_session_fail(c->s, &e);
         pump(c);
         close_fd(c);

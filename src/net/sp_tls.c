@@ -1,13 +1,17 @@
 #include "sp_tls.h"
 
+#include <errno.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 struct sp_tls_ctx {
     SSL_CTX *ctx;
+    BIO_METHOD *sock; /* a socket BIO that writes with MSG_NOSIGNAL */
     SSL_SESSION *session; /* newest resumable session, or NULL */
     int verify;
     unsigned long handshakes, resumed;
@@ -24,6 +28,64 @@ static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
     return 1; /* we keep the reference */
 }
 
+/* The socket BIO OpenSSL would use (bss_sock.c), except that it writes with
+ * MSG_NOSIGNAL: a peer that has gone away (a server that closed after a
+ * 421) is an EPIPE for the writer, never a SIGPIPE that ends the process. */
+static int sock_fd(BIO *b) { return (int)(intptr_t)BIO_get_data(b); }
+
+static int sock_write(BIO *b, const char *buf, int len)
+{
+    errno = 0;
+    ssize_t w = send(sock_fd(b), buf, (size_t)len, MSG_NOSIGNAL);
+    BIO_clear_retry_flags(b);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        BIO_set_retry_write(b);
+    return (int)w;
+}
+
+static int sock_read(BIO *b, char *buf, int len)
+{
+    errno = 0;
+    ssize_t r = recv(sock_fd(b), buf, (size_t)len, 0);
+    BIO_clear_retry_flags(b);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        BIO_set_retry_read(b);
+    else if (r == 0)
+        BIO_set_flags(b, BIO_FLAGS_IN_EOF);
+    return (int)r;
+}
+
+static long sock_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)num;
+    switch (cmd) {
+    case BIO_C_GET_FD:
+        if (ptr)
+            *(int *)ptr = sock_fd(b);
+        return sock_fd(b);
+    case BIO_CTRL_EOF: return BIO_test_flags(b, BIO_FLAGS_IN_EOF) != 0;
+    case BIO_CTRL_FLUSH:
+    case BIO_CTRL_DUP: return 1;
+    default: return 0;
+    }
+}
+
+static int sock_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+int sp_tls_set_fd(sp_tls_ctx *t, SSL *ssl, int fd)
+{
+    BIO *b = BIO_new(t->sock);
+    if (!b)
+        return -1;
+    BIO_set_data(b, (void *)(intptr_t)fd);
+    SSL_set_bio(ssl, b, b); /* one reference, taken by the SSL */
+    return 0;
+}
+
 sp_tls_ctx *sp_tls_ctx_new(const sp_tls_opts *o, sp_error *err)
 {
     char why[256];
@@ -35,6 +97,10 @@ sp_tls_ctx *sp_tls_ctx_new(const sp_tls_opts *o, sp_error *err)
     }
     t->ctx = SSL_CTX_new(TLS_client_method());
     if (!t->ctx)
+        goto fail;
+    t->sock = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "sp_socket");
+    if (!t->sock || !BIO_meth_set_write(t->sock, sock_write) || !BIO_meth_set_read(t->sock, sock_read) ||
+        !BIO_meth_set_ctrl(t->sock, sock_ctrl) || !BIO_meth_set_create(t->sock, sock_create))
         goto fail;
     SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
     SSL_CTX_set_app_data(t->ctx, t);
@@ -90,6 +156,7 @@ void sp_tls_ctx_free(sp_tls_ctx *t)
     if (t->session)
         SSL_SESSION_free(t->session);
     SSL_CTX_free(t->ctx);
+    BIO_meth_free(t->sock);
     free(t);
 }
 

@@ -27,6 +27,9 @@ void sp_tls_ctx_free(sp_tls_ctx *t);
 /* A new SSL object for one connection: SNI and host name check against
  * server_name, the cached session offered for resumption. */
 SSL *sp_tls_new_ssl(sp_tls_ctx *t, const char *server_name, sp_error *err);
+/* Attaches the socket fd to ssl (for reading and writing) through a BIO
+ * that never raises SIGPIPE; 0, or -1 when out of memory. */
+int sp_tls_set_fd(sp_tls_ctx *t, SSL *ssl, int fd);
 /* Handshakes that resumed a session, counted by sp_tls_note_handshake. */
 unsigned long sp_tls_resumed(const sp_tls_ctx *t);
 unsigned long sp_tls_handshakes(const sp_tls_ctx *t);

@@ -16,7 +16,11 @@ describe("Redis URLs", function()
     u = assert(client.parse_url("redis://secret@h:1/0")) -- a password alone, as before
     assert.same({ host = "h", port = 1, db = 0, password = "secret" }, u)
     u = assert(client.parse_url("rediss://default:pw@[::1]:6390/1"))
-    assert.same({ host = "::1", port = 6390, db = 1, user = "default", password = "pw", tls = true }, u)
+    assert.same({ host = "::1", port = 6390, db = 1, user = "default", password = "pw", tls = {} }, u)
+    u = assert(client.parse_url("rediss://h/0?ca_file=%2Fetc%2Fca.pem&server_name=r.test&insecure_skip_verify=false"))
+    assert.same({ ca_file = "/etc/ca.pem", server_name = "r.test", insecure_skip_verify = false }, u.tls)
+    assert.is_nil(client.parse_url("redis://h/0?ca_file=/x")) -- TLS parameters without TLS
+    assert.is_nil(client.parse_url("rediss://h/0?verify=no"))
     assert.is_true(client.is_url("rediss://h"))
     assert.is_false(client.is_url("http://h"))
   end)
@@ -108,5 +112,57 @@ describe("Redis logins", function()
     assert.matches("Redis refused the login", err.text)
     assert.falsy(err.text:find("wrong-SECRET", 1, true))
     assert.is_true(core.now() - t0 < 5)
+  end)
+end)
+
+describe("rediss://", function()
+  local r, certs
+  setup(function()
+    certs = peers.certs()
+    r = peers.redis({ persist = false, password = "tls-pw", tls = certs })
+  end)
+  teardown(function() r:stop() end)
+
+  local function url(q) return ("rediss://:tls-pw@127.0.0.1:%d/0%s"):format(r.port, q or "") end
+
+  it("speaks TLS with the certificate verified against the URL's CA, and runs scripts over it", function()
+    local c = assert(client.new(url("?ca_file=" .. certs.ca)))
+    assert.equal("PONG", c:call("PING"))
+    assert.equal(3, c:script("bump", "return redis.call('INCRBY', KEYS[1], ARGV[1])", { "n" }, { "3" }))
+    assert.same({ "OK", "v" }, c:pipeline({ { "SET", "k", "v" }, { "GET", "k" } }))
+    c:close()
+  end)
+
+  it("refuses a certificate from an unknown CA or for another name, unless told by name", function()
+    for _, q in ipairs({ "?ca_file=" .. certs.other_ca, "", "?ca_file=" .. certs.ca .. "&server_name=other.test" }) do
+      local c = assert(client.new(url(q)))
+      local ok, e = c:connect()
+      assert.is_nil(ok, q)
+      assert.matches("TLS handshake: certificate verification failed", e)
+      assert.falsy(e:find("tls-pw", 1, true))
+      c:close()
+    end
+    local c = assert(client.new(url("?insecure_skip_verify=true")))
+    assert.equal("PONG", c:call("PING"))
+    c:close()
+  end)
+
+  it("carries a pool's shared limits and a campaign in Redis", function()
+    local srv = peers.fault({})
+    local dir = peers.tmpdir()
+    local ok, e = pcall(function()
+      local p = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", max_conns = 2,
+        rate = { backend = url("?ca_file=" .. certs.ca), key = "tls1", messages = { 1000, 1 } } })
+      peers.write_file(dir .. "/list.csv", "email\nt1@y.test\nt2@y.test\nt3@y.test\n")
+      local rep = assert(smtppool.campaign{ pool = p, recipients = dir .. "/list.csv", name = "tlscamp",
+        journal = url("?ca_file=" .. certs.ca), progress = false, allow_volatile_redis = true,
+        message = { from = "a@x.test", subject = "s", text = "t" } }:run())
+      p:close()
+      assert.equal(3, rep.sent)
+      assert.equal(3, #srv:select("message"))
+    end)
+    srv:stop()
+    os.execute("rm -rf " .. peers.quote(dir))
+    assert(ok, e)
   end)
 end)

@@ -253,18 +253,24 @@ Redis.__index = Redis
 --- Starts redis-server on 127.0.0.1 (a free port, or `port`), its files in
 -- a folder of its own; with the append-only file on (a restart keeps the
 -- data), unless opts.persist is false (nothing on disk); opts.password sets
--- requirepass.
+-- requirepass; opts.tls (a table from certs()) makes port a TLS port (rediss://)
+-- with no plaintext one.
 function M.redis(opts)
   opts = opts or {}
   local r = setmetatable({ dir = opts.dir or M.tmpdir(), port = opts.port or M.free_port(),
-                           persist = opts.persist ~= false, password = opts.password }, Redis)
+                           persist = opts.persist ~= false, password = opts.password, tls = opts.tls }, Redis)
   r:start()
   return r
 end
 
 function Redis:start()
-  self.pid = tonumber(sh(("%sredis-server --bind 127.0.0.1 --port %d --dir %s --save '' --appendonly %s "
-    .. "--protected-mode no --daemonize no %s>%s 2>&1 & echo $!"):format(CLEAN, self.port, q(self.dir),
+  local ports = ("--port %d "):format(self.port)
+  if self.tls then
+    ports = ("--port 0 --tls-port %d --tls-cert-file %s --tls-key-file %s --tls-ca-cert-file %s "
+      .. "--tls-auth-clients no "):format(self.port, q(self.tls.cert), q(self.tls.key), q(self.tls.ca))
+  end
+  self.pid = tonumber(sh(("%sredis-server --bind 127.0.0.1 %s--dir %s --save '' --appendonly %s "
+    .. "--protected-mode no --daemonize no %s>%s 2>&1 & echo $!"):format(CLEAN, ports, q(self.dir),
     self.persist and "yes" or "no", self.password and ("--requirepass " .. q(self.password) .. " ") or "",
     q(self.dir .. "/redis.log"))):match("%d+"))
   M.wait_for(function()

@@ -18,9 +18,10 @@
 --   `abort(text)` (cut now; the transaction in flight fails), `close()`,
 --   `caps()` (what EHLO offered).
 -- * `now()`: a monotonic clock in seconds; `tls_context(opts)`.
--- * `redis_connect(host, port, timeout)`: a Redis connection for
---   `smtppool.redis.client` (`call`, `pipeline`, `close`); here a small
---   blocking client in C. `redis_per_thread`: whether a connection belongs
+-- * `redis_connect(host, port, timeout[, tls])`: a Redis connection for
+--   `smtppool.redis.client` (`call`, `pipeline`, `close`), over TLS with the
+--   certificate verified when `tls` is given (`ca_file`, `ca_path`,
+--   `server_name`, `insecure_skip_verify`); here a small blocking client in C. `redis_per_thread`: whether a connection belongs
 --   to the coroutine that made it (nginx's cosockets do; these do not).
 -- @module smtppool.driver.native
 

@@ -220,13 +220,26 @@ function H:auth_mechanism() return self.s:auth_mechanism() end
 --- A Redis connection over a cosocket, for `smtppool.redis.client`:
 -- `call(...)`, `pipeline(cmds)`, `close()`, with the RESP codec of the
 -- native one (hiredis's). A cosocket belongs to the light thread that made
--- it (`redis_per_thread`).
-function M.redis_connect(host, port, timeout)
+-- it (`redis_per_thread`). With `tls` (rediss://) the handshake verifies
+-- the certificate against `lua_ssl_trusted_certificate` (nginx's store: a
+-- URL's `ca_file` cannot replace it per connection, and is refused rather
+-- than ignored), for the host's name or `server_name`.
+function M.redis_connect(host, port, timeout, tls)
+  if tls and (tls.ca_file or tls.ca_path) then
+    return nil, "redis connect: in nginx a rediss:// CA comes from lua_ssl_trusted_certificate, not ca_file"
+  end
   local sock = ngx.socket.tcp()
   local ms = math.floor(timeout * 1000)
   sock:settimeouts(ms, ms, ms)
   local ok, err = sock:connect(host, port)
   if not ok then return nil, "redis connect: " .. tostring(err) end
+  if tls then
+    local sess, herr = sock:sslhandshake(nil, tls.server_name or host, not tls.insecure_skip_verify)
+    if not sess then
+      sock:close()
+      return nil, "redis connect: TLS handshake: " .. tostring(herr)
+    end
+  end
   local reader = core.resp_reader()
   local c = {}
   local function failed(what, e)

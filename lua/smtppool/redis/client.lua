@@ -64,11 +64,19 @@ local function redact(url)
 end
 M.redact = redact
 
+-- What a rediss:// URL's query may say about its TLS.
+local TLS_PARAMS = { ca_file = true, ca_path = true, server_name = true, insecure_skip_verify = true }
+
 --- Parses `redis://[[user]:password@]host[:port][/db]` (and `rediss://`,
 -- TLS), as managed Redis services hand them out: a user (Redis 6 ACLs;
 -- `AUTH user password`), or a password alone (`redis://:secret@host`);
--- both percent-decoded. A host may be an IPv6 literal in brackets.
--- @treturn[1] table `host`, `port`, `db`, `user`, `password`, `tls`
+-- both percent-decoded. A host may be an IPv6 literal in brackets. A
+-- `rediss://` URL verifies the server's certificate against the system
+-- store, or `?ca_file=/path` (`ca_path`), for the host's name or
+-- `server_name=`; only `insecure_skip_verify=true` turns that off.
+-- @treturn[1] table `host`, `port`, `db`, `user`, `password`, `tls` (a
+--   table for rediss://: `ca_file`, `ca_path`, `server_name`,
+--   `insecure_skip_verify`)
 -- @return[2] nil
 -- @treturn[2] string why (never with the password)
 function M.parse_url(url)
@@ -76,8 +84,23 @@ function M.parse_url(url)
   if not M.is_url(url) then
     return nil, "the backend must be a redis:// or rediss:// URL, got " .. redact(url)
   end
-  local tls = url:sub(1, 9) == "rediss://"
-  local rest = url:sub(tls and 10 or 9)
+  local tls = url:sub(1, 9) == "rediss://" and {} or nil
+  local rest, query = url:sub(tls and 10 or 9), nil
+  rest, query = rest:match("^([^?]*)%??(.*)$")
+  for pair in query:gmatch("[^&]+") do
+    local k, v = pair:match("^([%w_]+)=(.*)$")
+    if not k or not TLS_PARAMS[k] or not tls then
+      return nil, ("unknown URL parameter '%s' (rediss:// takes ca_file, ca_path, server_name, "
+        .. "insecure_skip_verify) in %s"):format(k or pair, redact(url))
+    end
+    v = unescape(v)
+    if not v then return nil, "a bad %-escape in " .. redact(url) end
+    if k == "insecure_skip_verify" then
+      if v ~= "true" and v ~= "false" then return nil, "insecure_skip_verify must be true or false" end
+      v = v == "true"
+    end
+    tls[k] = v
+  end
   local user, password
   local auth, hostpart = rest:match("^(.*)@([^@]*)$")
   if auth then
@@ -93,7 +116,7 @@ function M.parse_url(url)
   if not host then host, port, db = rest:match("^([^:/%[%]]+):?(%d*)/?(%d*)$") end
   if not host then return nil, "cannot read host, port and db from " .. redact(url) end
   return { host = host, port = tonumber(port) or 6379, db = tonumber(db) or 0, user = user, password = password,
-           tls = tls or nil }
+           tls = tls }
 end
 
 --- A client (nothing is connected yet).
@@ -177,7 +200,7 @@ end
 -- Opens a transport connection, AUTH and SELECT done.
 function C:_open()
   local u = self.url
-  local c, err = self.transport(u.host, u.port, self.timeout)
+  local c, err = self.transport(u.host, u.port, self.timeout, u.tls)
   if not c then return nil, self:_scrub(err) end
   local function step(...)
     local v, e = conn_call(self, c, { ... })
