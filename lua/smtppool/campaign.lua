@@ -49,7 +49,7 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
                   name = "string", retry_failed = "boolean", outage_threshold = "number", on_outage = "string",
                   outage_wait = "number", outage_delay = "number", handle_signals = "boolean",
                   delimiter = "string", on_failure = "function", lease = "number",
-                  allow_volatile_redis = "boolean" }
+                  allow_volatile_redis = "boolean", list_wait = "number", expire_after = "number" }
 
 --- Makes a campaign (nothing is sent until `run`).
 -- @tparam table o
@@ -88,6 +88,13 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 -- * `allow_volatile_redis` (default false): run a campaign in a Redis that
 --   keeps nothing on disk (no AOF, no RDB saves), which is refused otherwise:
 --   a restart would lose its state.
+-- * `list_wait` (seconds, default 0; Redis): a worker without a list
+--   whose campaign is not loaded yet waits this long for another process to
+--   load it (an `on_event` `{type = "list_wait"}` says so) instead of failing.
+-- * `expire_after` (seconds; Redis): a run that ends with the campaign
+--   complete (nothing queued or claimed by any worker) sets its keys,
+--   addresses included, to expire after this long (`report.expires_in`);
+--   `smtppool.campaign.purge(url, name)` deletes them at once.
 -- * `handle_signals` (default false): SIGINT and SIGTERM stop the run
 --   gracefully (nothing new starts, the messages on the wire finish, the
 --   journal is flushed, `report.stopped = "interrupted"`); a second one
@@ -113,11 +120,14 @@ function M.new(o)
   if o.on_outage ~= nil and o.on_outage ~= "stop" and o.on_outage ~= "wait" then
     error("smtppool.campaign: on_outage must be \"stop\" or \"wait\"", 2)
   end
-  for _, k in ipairs({ "outage_threshold", "outage_wait", "outage_delay" }) do
+  for _, k in ipairs({ "outage_threshold", "outage_wait", "outage_delay", "expire_after" }) do
     local v = o[k]
     if v ~= nil and not (v > 0 and v < math.huge) then
       error(("smtppool.campaign: %s must be a positive finite number"):format(k), 2)
     end
+  end
+  if o.list_wait ~= nil and not (o.list_wait >= 0 and o.list_wait < math.huge) then
+    error("smtppool.campaign: list_wait must be a finite number of seconds, 0 or more", 2)
   end
   if o.name ~= nil and not o.name:match("^[%w._%-]+$") then
     error("smtppool.campaign: name must be letters, digits, '.', '_' or '-'", 2)
@@ -335,7 +345,11 @@ function Campaign:run()
   if redis_url(o.journal) then
     local re
     rj, re = require("smtppool.campaign.redis").open(o.journal, name, { lease = o.lease,
-      resend_in_flight = o.resend_in_flight, allow_volatile = o.allow_volatile_redis })
+      resend_in_flight = o.resend_in_flight, allow_volatile = o.allow_volatile_redis, list_wait = o.list_wait,
+      on_wait = function(n, secs)
+        local hook = o.pool.on_event
+        if hook then pcall(hook, { type = "list_wait", name = n, seconds = secs }) end
+      end })
     if not rj then return nil, err("config", re) end
     if source then
       local json, rows_read = require("dkjson"), 0
@@ -658,6 +672,9 @@ function Campaign:run()
         st.ambiguous
     end
     if loaded then report.loaded, report.duplicates = loaded.added, report.duplicates + loaded.duplicates end
+    if o.expire_after and not report.stopped and rj:expire_when_done(o.expire_after) then
+      report.expires_in = o.expire_after
+    end
     rj:close()
   end
   report.elapsed = core.now() - t0
@@ -696,6 +713,9 @@ function M.summary(r)
   if (r.pending or 0) > 0 then extra = extra .. (", %d pending"):format(r.pending) end
   local line = ("%d recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries%s, %.1fs, %.0f msg/s")
     :format(r.total, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, extra, r.elapsed, r.rate)
+  if r.expires_in then
+    line = line .. ("\nthe campaign is complete: its keys in Redis expire in %gs"):format(r.expires_in)
+  end
   if r.stopped == "outage" then
     line = line .. "\nstopped: the relay is failing (" .. tostring(r.outage) .. "); nothing pending was lost: "
       .. "run again with --resume --retry-failed when it is back"
@@ -708,6 +728,18 @@ function M.summary(r)
     line = line .. "\nstopped on a signal; run again with --resume to send the rest"
   end
   return line
+end
+
+--- Deletes a campaign in Redis (its list, states, counts and failures):
+-- refused while workers hold claims, unless `force`.
+-- @tparam string url `redis://...`
+-- @tparam string name the campaign
+-- @tparam[opt] boolean force even while it runs
+-- @treturn[1] number the keys deleted (0: no such campaign)
+-- @return[2] nil
+-- @treturn[2] string why
+function M.purge(url, name, force)
+  return require("smtppool.campaign.redis").purge(url, name, force)
 end
 
 setmetatable(M, { __call = function(_, o) return M.new(o) end })

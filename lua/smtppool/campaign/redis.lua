@@ -24,6 +24,11 @@
 --   reasons (the last 10,000). `retry_failed` puts `T` recipients back.
 -- * A worker returns when nothing is queued or claimed; while others still
 --   hold claims it waits, and takes over any that expire.
+-- * A worker started before the list is loaded waits for it (`list_wait`
+--   seconds) instead of ending with nothing to do.
+-- * **Lifecycle**: a finished campaign's keys (addresses included) expire
+--   `expire_after` seconds after a run that found it complete; `purge`
+--   deletes them now (refused while a worker holds claims, unless forced).
 -- * Every time is the Redis server's (`TIME` in the scripts).
 -- * `status(url, name)` reads the campaign's totals, rate and workers from
 --   any machine (`bin/smtppool status`).
@@ -183,8 +188,8 @@ function M.open(url, name, o)
         .. "by name (allow_volatile_redis = true, --allow-volatile-redis)"):format(client.redact(url))
     end
   end
-  local j = setmetatable({ c = c, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30, url = url,
-    name = name,
+  local j = setmetatable({ c = c, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30,
+    url = client.redact(url), name = name, list_wait = o.list_wait or 0, on_wait = o.on_wait,
     resend = o.resend_in_flight and "1" or "0", held = {}, claim_state = {},
     worker = ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, J)
   return j
@@ -303,16 +308,30 @@ end
 function J:source(n)
   local json = require("dkjson")
   local buf, bi, quiet_until = {}, 0, 0
-  local epoch = self.c:call("HGET", self.p .. "meta", "epoch")
-  if epoch == nil then
-    error(require("smtppool.errors").new("connection", "Redis at " .. self.url .. " cannot be reached"), 0)
+  local wait_until = core.now() + self.list_wait
+  local function loaded()
+    local epoch = self.c:call("HGET", self.p .. "meta", "epoch")
+    if epoch == nil then
+      error(require("smtppool.errors").new("connection", "Redis at " .. self.url .. " cannot be reached"), 0)
+    end
+    if epoch == false and core.now() >= wait_until then
+      error(require("smtppool.errors").new("config", ("no campaign '%s' in %s: nothing is loaded (a worker "
+        .. "without a list joins a campaign whose list is loaded%s)"):format(self.name, self.url,
+        self.list_wait > 0 and (", and none was within %gs"):format(self.list_wait) or "")), 0)
+    end
+    self.epoch = epoch or nil
+    return epoch
   end
-  if epoch == false then
-    error(require("smtppool.errors").new("config", ("no campaign '%s' in %s: nothing is loaded (a worker "
-      .. "without a list joins a campaign whose list is loaded)"):format(self.name, self.url)), 0)
-  end
-  self.epoch = epoch
+  if not loaded() and self.on_wait then self.on_wait(self.name, self.list_wait) end
   return function()
+    if not self.epoch then
+      -- waiting for another process to load the list: ask again shortly
+      if core.now() < quiet_until then return false end
+      if not loaded() then
+        quiet_until = core.now() + 0.5
+        return false
+      end
+    end
     self:renew()
     if bi >= #buf then
       if core.now() < quiet_until then return false end
@@ -351,6 +370,71 @@ end
 
 function J:close()
   self.c:close()
+end
+
+-- Every key of the campaign (SCAN, never KEYS: a big Redis stays responsive).
+local function campaign_keys(c, p)
+  local keys, cursor = {}, "0"
+  repeat
+    local r, e = c:call("SCAN", cursor, "MATCH", p:gsub("[%*%?%[%]\\]", "\\%0") .. "*", "COUNT", 1000)
+    if not r then return nil, e end
+    cursor = r[1]
+    for _, k in ipairs(r[2]) do keys[#keys + 1] = k end
+  until cursor == "0"
+  return keys
+end
+
+--- After a run: when the campaign is complete (nothing queued or claimed),
+-- its keys expire in `seconds`. Returns true when they were set to expire.
+function J:expire_when_done(seconds)
+  local q, claims = self.c:call("LLEN", self.p .. "q"), self.c:call("ZCARD", self.p .. "claims")
+  if q ~= 0 or claims ~= 0 then return false end
+  local keys, e = campaign_keys(self.c, self.p)
+  if not keys then return nil, e end
+  local cmds = {}
+  for i, k in ipairs(keys) do cmds[i] = { "EXPIRE", k, tostring(math.max(1, math.floor(seconds))) } end
+  local ok, pe = self.c:pipeline(cmds)
+  if not ok then return nil, pe end
+  return true
+end
+
+--- Deletes a campaign's every key (its list, states, counts, failures).
+-- Refused while a worker holds claims (a campaign still running), unless
+-- `force`.
+-- @treturn[1] number the keys deleted (0: no such campaign)
+-- @return[2] nil
+-- @treturn[2] string why
+function M.purge(url, name, force)
+  local j, e = M.open(url, name, { allow_volatile = true })
+  if not j then return nil, e end
+  local claims = j.c:call("ZCARD", j.p .. "claims")
+  if claims == nil then
+    j:close()
+    return nil, "redis at " .. j.url .. " cannot be reached"
+  end
+  if claims > 0 and not force then
+    j:close()
+    return nil, ("campaign '%s' is running: %d recipients are claimed by workers (stop them, or force)")
+      :format(name, claims)
+  end
+  local keys, ke = campaign_keys(j.c, j.p)
+  if not keys then
+    j:close()
+    return nil, ke
+  end
+  local n = 0
+  for i = 1, #keys, 500 do
+    local cmd = { "UNLINK" }
+    for k = i, math.min(#keys, i + 499) do cmd[#cmd + 1] = keys[k] end
+    local d, de = j.c:call((table.unpack or unpack)(cmd)) -- luacheck: ignore
+    if not d then
+      j:close()
+      return nil, de
+    end
+    n = n + d
+  end
+  j:close()
+  return n
 end
 
 --- The campaign's state, from any machine.
