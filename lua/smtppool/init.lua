@@ -75,6 +75,12 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 -- * `host` (string, required): server name or address. A name is resolved
 --   without blocking the loop (c-ares; `/etc/hosts` first, then the
 --   servers of `/etc/resolv.conf`); `connect_timeout` covers the lookup.
+-- * `proxy` (string): connect through a proxy: `socks5://[user:password@]host:port`
+--   (RFC 1928/1929; the proxy resolves the server's name) or
+--   `http://[user:password@]host:port` (HTTP CONNECT); TLS and STARTTLS run
+--   through the tunnel as usual, verified against `host`. The proxy's
+--   credentials travel as its protocol carries them (in the clear to the
+--   proxy). Native driver only (nginx's cosockets connect directly).
 -- * `dns_servers` (string, default the system's): `"ip[:port],..."`, the
 --   name servers to ask instead of `/etc/resolv.conf`'s (native driver; in
 --   nginx, nginx's `resolver` applies).
@@ -243,6 +249,9 @@ function M.build(opts, driver, shared)
       connect_timeout = opts.connect_timeout, timeouts = opts.timeouts,
       tls = tls_ctx, tls_mode = cfg.tls, server_name = opts.server_name, trace = opts.trace,
       dns_servers = opts.dns_servers, bdat_window = cfg.bdat_window,
+      proxy_kind = cfg.proxy and cfg.proxy.kind, proxy_host = cfg.proxy and cfg.proxy.host,
+      proxy_port = cfg.proxy and tostring(cfg.proxy.port), proxy_user = cfg.proxy and cfg.proxy.user,
+      proxy_password = cfg.proxy and cfg.proxy.password,
     },
     tls_ctx = tls_ctx,
     auth = opts.auth,

@@ -90,6 +90,10 @@ function M.new(opts)
       opts.auth and opts.auth.user or "")
     shared = shdict.backend(opts.shared_dict, key)
   end
+  if opts.proxy then
+    return nil, errors.new("config", "proxy: nginx's cosockets connect directly; a proxy is for the native "
+      .. "driver (smtppool.new)")
+  end
   local drv = driver.new()
   local pool, err = smtppool.build(base, drv, shared)
   if not pool then return nil, err end

@@ -27,7 +27,7 @@ M.SCHEMA = {
   server_name = "string", insecure_skip_verify = "boolean", auth = "table",
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
   cap_recover_after = "number", limit_probe_after = "number", trace = "boolean", max_recipients_per_message = "number",
-  rotate_ahead = "number", sign_threads = "number", dns_servers = "string", bdat_window = "number",
+  rotate_ahead = "number", sign_threads = "number", dns_servers = "string", bdat_window = "number", proxy = "string",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range
@@ -170,6 +170,12 @@ function M.resolve(opts)
   if port ~= math.floor(port) or port < 1 or port > 65535 then
     return nil, errors.new("config", "port must be an integer from 1 to 65535")
   end
+  local proxy
+  if opts.proxy then
+    local perr
+    proxy, perr = M.parse_proxy(opts.proxy)
+    if not proxy then return nil, errors.new("config", perr) end
+  end
   return {
     tls = tls, port = port, helo = opts.helo or M.default_helo(),
     max_conns = opts.max_conns or 1,
@@ -189,7 +195,45 @@ function M.resolve(opts)
     -- DKIM signing threads for batches: nil here means the default, which
     -- depends on the keys (init.lua, sign_threads_default)
     sign_threads = opts.sign_threads,
+    proxy = proxy,
   }
+end
+
+-- %XX escapes decoded; nil for a bad one.
+local function unescape(s)
+  if s:find("%%") and not s:find("%%%x%x") then return nil end
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- Parses a `proxy` URL: `socks5://[user:password@]host:port` (`socks5h://`
+-- alike: the proxy always resolves the server's name) or
+-- `http://[user:password@]host:port` (HTTP CONNECT); credentials
+-- percent-decoded, never shown in errors.
+-- @treturn[1] table `kind` (`"socks5"` or `"http"`), `host`, `port`, `user`, `password`
+-- @return[2] nil
+-- @treturn[2] string why
+function M.parse_proxy(url)
+  local scheme, rest = url:match("^(%w+)://(.+)$")
+  local kind = ({ socks5 = "socks5", socks5h = "socks5", http = "http" })[scheme or ""]
+  local shown = url:gsub("//([^:@/]*):[^@]*@", "//%1:***@")
+  if not kind then
+    return nil, ("proxy must be socks5://, socks5h:// or http:// (host:port), got %s"):format(shown)
+  end
+  local user, password
+  local auth, hostpart = rest:match("^(.*)@([^@]*)$")
+  if auth then
+    local u, pw = auth:match("^([^:]*):(.*)$")
+    user, password = unescape(u or auth), unescape(pw or "")
+    if not user or not password then return nil, "a bad %-escape in the proxy's credentials: " .. shown end
+    rest = hostpart
+  end
+  local host, port = rest:match("^%[([%x:.]+)%]:(%d+)/?$")
+  if not host then host, port = rest:match("^([^:/%[%]]+):(%d+)/?$") end
+  port = tonumber(port)
+  if not host or not port or port < 1 or port > 65535 then
+    return nil, ("proxy needs host:port, got %s"):format(shown)
+  end
+  return { kind = kind, host = host, port = port, user = user, password = password }
 end
 
 return M

@@ -74,7 +74,8 @@ static int conn_sync(void *ud, sp_error *err)
 
 /* core.connect{host=, port=, helo=, connect_timeout=, timeouts={phase=seconds},
  *              tls=ctx, tls_mode="none"|"implicit"|"starttls"|"opportunistic", server_name=, dns_servers=,
- *              bdat_window=,
+ *              bdat_window=, proxy_kind="socks5"|"http", proxy_host=, proxy_port=,
+ *              proxy_user=, proxy_password=,
  *              auth={user=, secret=, mechanism=, allow_plaintext=}} */
 static int l_connect(lua_State *L)
 {
@@ -114,6 +115,21 @@ static int l_connect(lua_State *L)
     }
     o.server_name = sp_l_opt_string(L, 1, "server_name");
     o.dns_servers = sp_l_opt_string(L, 1, "dns_servers");
+    const char *pk = sp_l_opt_string(L, 1, "proxy_kind");
+    if (pk) {
+        if (strcmp(pk, "socks5") == 0)
+            o.proxy_kind = SP_PROXY_SOCKS5;
+        else if (strcmp(pk, "http") == 0)
+            o.proxy_kind = SP_PROXY_HTTP;
+        else
+            return luaL_error(L, "unknown proxy_kind '%s'", pk);
+        o.proxy_host = sp_l_opt_string(L, 1, "proxy_host");
+        o.proxy_port = sp_l_opt_string(L, 1, "proxy_port");
+        if (!o.proxy_host || !o.proxy_port)
+            return luaL_error(L, "a proxy needs proxy_host and proxy_port");
+        o.proxy_user = sp_l_opt_string(L, 1, "proxy_user");
+        o.proxy_password = sp_l_opt_string(L, 1, "proxy_password");
+    }
     lua_getfield(L, 1, "auth_gate");
     o.session.auth_gate = lua_toboolean(L, -1);
     lua_pop(L, 1);

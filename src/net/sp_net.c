@@ -1,4 +1,4 @@
-#include "sp_net.h"
+#include "sp_net_int.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -16,48 +16,6 @@
 #include <ares.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
-
-#define READ_CHUNK 16384
-/* The connection passes on its session's events (a few it acts on itself),
- * and the caller drains them at every turn: the session's bound holds. */
-#define CONN_EVQ SP_SESSION_EVENTS_MAX
-
-enum { C_RESOLVING, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
-
-#define MAX_ADDRS 16
-
-struct sp_conn {
-    int fd;
-    int state;
-    /* the addresses to try, in the resolver's order */
-    struct sockaddr_storage addrs[MAX_ADDRS];
-    socklen_t addr_lens[MAX_ADDRS];
-    int naddrs, next_addr;
-    /* c-ares while the name resolves (the loop polls its sockets) */
-    ares_channel resolver;
-    int resolved;   /* the lookup's callback has run */
-    int res_status; /* its status */
-    char port[16];
-    char host[256];
-    double connect_timeout;
-    double last_activity; /* when connect_timeout (or the TLS handshake's) started counting */
-    sp_session *s;
-    sp_body_src *body;
-    sp_dot_hook dot_hook; /* for the transaction in flight; cleared when it ends */
-    int hold; /* a final dot waits for the caller to pipeline the next transaction behind it */
-    void *dot_ud;
-    sp_dot_hook sync_hook; /* before any write (see sp_conn_set_sync_hook) */
-    void *sync_ud;
-    sp_event evq[CONN_EVQ];
-    size_t ev_head, ev_len;
-    sp_conn_counters counters;
-    sp_error connect_err;
-    sp_tls_ctx *tls;
-    SSL *ssl;
-    int implicit;
-    short hs_events; /* what the handshake waits for */
-    char server_name[256];
-};
 
 double sp_now(void)
 {
@@ -78,124 +36,6 @@ static void close_fd(sp_conn *c)
     c->state = C_CLOSED;
 }
 
-static int try_connect(sp_conn *c)
-{
-    /* Walks the address list until a connect starts or succeeds. */
-    while (c->next_addr < c->naddrs) {
-        int i = c->next_addr++;
-        const struct sockaddr *sa = (const struct sockaddr *)&c->addrs[i];
-        int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
-        if (fd < 0) {
-            sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "socket: %s", strerror(errno));
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(fd, sa, c->addr_lens[i]) == 0 || errno == EINPROGRESS) {
-            c->fd = fd;
-            c->state = C_CONNECTING;
-            c->last_activity = sp_now();
-            return 0;
-        }
-        sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s: %s", c->host,
-                     strerror(errno));
-        close(fd);
-    }
-    return -1;
-}
-
-static void add_addr(sp_conn *c, const struct sockaddr *sa, socklen_t len)
-{
-    if (c->naddrs >= MAX_ADDRS || len > (socklen_t)sizeof c->addrs[0])
-        return;
-    memcpy(&c->addrs[c->naddrs], sa, len);
-    c->addr_lens[c->naddrs++] = len;
-}
-
-/* The lookup's answer; may run inside ares_getaddrinfo, ares_process_fd or
- * ares_destroy, so it only records what came. */
-static void on_resolved(void *arg, int status, int timeouts, struct ares_addrinfo *res)
-{
-    (void)timeouts;
-    sp_conn *c = arg;
-    c->resolved = 1;
-    c->res_status = status;
-    if (status == ARES_SUCCESS && res)
-        for (struct ares_addrinfo_node *n = res->nodes; n; n = n->ai_next)
-            add_addr(c, n->ai_addr, n->ai_addrlen);
-    if (res)
-        ares_freeaddrinfo(res);
-}
-
-/* A failed lookup as an error. A name the DNS says does not exist (or has
- * no address) is the configuration's (kind config: trying again cannot
- * help); a resolver that timed out or failed may answer next time. */
-static void resolve_error(const sp_conn *c, sp_error *err)
-{
-    int st = c->res_status;
-    int unknown = st == ARES_SUCCESS || st == ARES_ENOTFOUND || st == ARES_ENODATA || st == ARES_ENONAME;
-    sp_error_set(err, unknown ? SP_KIND_CONFIG : SP_KIND_CONNECTION, SP_PHASE_CONNECT, "cannot resolve %s port %s: %s",
-                 c->host, c->port, st == ARES_SUCCESS ? "no address" : ares_strerror(st));
-}
-
-/* After the resolver has had its chance: connect, or fail the session. */
-static void pump(sp_conn *c);
-static void resolve_step(sp_conn *c)
-{
-    if (!c->resolved)
-        return;
-    ares_destroy(c->resolver);
-    c->resolver = NULL;
-    if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
-        resolve_error(c, &c->connect_err);
-    } else if (try_connect(c) == 0) {
-        return;
-    }
-    c->state = C_CLOSED;
-    sp_session_fail(c->s, &c->connect_err);
-    pump(c);
-}
-
-/* Starts resolving: a numeric address at once, a name through c-ares (its
- * sockets join the loop's poll, so a slow resolver holds no other
- * connection). -1 with *err when the lookup cannot even start. */
-static int start_resolve(sp_conn *c, const char *servers, sp_error *err)
-{
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_protocol = IPPROTO_TCP;
-    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
-    if (getaddrinfo(c->host, c->port, &hints, &res) == 0) {
-        for (struct addrinfo *ai = res; ai; ai = ai->ai_next)
-            add_addr(c, ai->ai_addr, ai->ai_addrlen);
-        freeaddrinfo(res);
-        c->resolved = 1;
-        c->res_status = ARES_SUCCESS;
-        return 0;
-    }
-    struct ares_options ao;
-    memset(&ao, 0, sizeof ao);
-    int rc = ares_init_options(&c->resolver, &ao, 0);
-    if (rc == ARES_SUCCESS && servers && *servers)
-        rc = ares_set_servers_ports_csv(c->resolver, servers);
-    if (rc != ARES_SUCCESS) {
-        sp_error_set(err, SP_KIND_CONFIG, SP_PHASE_CONNECT, "resolver: %s", ares_strerror(rc));
-        return -1;
-    }
-    struct ares_addrinfo_hints ah;
-    memset(&ah, 0, sizeof ah);
-    ah.ai_family = AF_UNSPEC;
-    ah.ai_socktype = SOCK_STREAM;
-    ah.ai_protocol = IPPROTO_TCP;
-    ah.ai_flags = ARES_AI_NUMERICSERV;
-    c->state = C_RESOLVING;
-    c->last_activity = sp_now();
-    ares_getaddrinfo(c->resolver, c->host, c->port, &ah, on_resolved, c);
-    return 0;
-}
-
 sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
 {
     sp_error_clear(err);
@@ -205,8 +45,19 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
         return NULL;
     }
     c->fd = -1;
-    snprintf(c->host, sizeof c->host, "%s", o->host);
-    snprintf(c->port, sizeof c->port, "%s", o->port);
+    if (o->proxy_kind != SP_PROXY_NONE) {
+        /* resolve and connect to the proxy; the target goes in its handshake */
+        c->proxy = sp_proxy_new(o->proxy_kind, o->host, o->port, o->proxy_user, o->proxy_password, err);
+        if (!c->proxy) {
+            free(c);
+            return NULL;
+        }
+        snprintf(c->host, sizeof c->host, "%s", o->proxy_host);
+        snprintf(c->port, sizeof c->port, "%s", o->proxy_port);
+    } else {
+        snprintf(c->host, sizeof c->host, "%s", o->host);
+        snprintf(c->port, sizeof c->port, "%s", o->port);
+    }
     c->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : sp_default_timeout(SP_PHASE_CONNECT);
     c->tls = o->tls;
     c->implicit = o->implicit_tls;
@@ -231,7 +82,7 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
         sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
         return NULL;
     }
-    if (start_resolve(c, o->dns_servers, err) < 0) {
+    if (sp_net_start_resolve(c, o->dns_servers, err) < 0) {
         sp_conn_free(c);
         return NULL;
     }
@@ -241,11 +92,11 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
             ares_destroy(c->resolver);
         c->resolver = NULL;
         if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
-            resolve_error(c, err);
+            sp_net_resolve_error(c, err);
             sp_conn_free(c);
             return NULL;
         }
-        if (try_connect(c) < 0) {
+        if (sp_net_try_connect(c) < 0) {
             *err = c->connect_err;
             sp_conn_free(c);
             return NULL;
@@ -259,6 +110,8 @@ void sp_conn_free(sp_conn *c)
     if (!c)
         return;
     close_fd(c);
+    sp_proxy_free(c->proxy);
+    c->proxy = NULL;
     if (c->resolver)
         ares_destroy(c->resolver); /* the callback runs, recording a cancelled lookup */
     sp_body_src_free(c->body);
@@ -317,7 +170,7 @@ static void fill_body(sp_conn *c) { sp_body_pump(c->s, &c->body, &c->dot_hook, c
  * driver handles itself. */
 static void start_handshake(sp_conn *c, double now);
 
-static void pump(sp_conn *c)
+void sp_net_pump(sp_conn *c)
 {
     sp_event e;
     while ((e = sp_session_next_event(c->s)) != SP_EV_NONE) {
@@ -365,7 +218,7 @@ static void transport_error(sp_conn *c, int err_no, const char *what)
     sp_error e;
     sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(c->s), "%s: %s", what, strerror(err_no));
     sp_session_fail(c->s, &e);
-    pump(c);
+    sp_net_pump(c);
     close_fd(c);
 }
 
@@ -382,7 +235,7 @@ static void tls_io_error(sp_conn *c, const char *what, int ret)
     sp_tls_error(&e, sp_session_phase(c->s), what, c->ssl, ret);
     e.kind = SP_KIND_CONNECTION;
     sp_session_fail(c->s, &e);
-    pump(c);
+    sp_net_pump(c);
     close_fd(c);
 }
 
@@ -397,7 +250,7 @@ static void handshake_step(sp_conn *c, double now)
         sp_session_activity(c->s, now);
         if (sp_session_state(c->s) == SP_ST_TLS) {
             sp_session_tls_done(c->s);
-            pump(c);
+            sp_net_pump(c);
         }
         return;
     }
@@ -425,7 +278,7 @@ static void handshake_step(sp_conn *c, double now)
                  "greets first and offers STARTTLS, as on ports 25 and 587, wants tls = \"starttls\")");
     }
     sp_session_fail(c->s, &e);
-    pump(c);
+    sp_net_pump(c);
     close_fd(c);
 }
 
@@ -437,7 +290,7 @@ static void start_handshake(sp_conn *c, double now)
         if (c->ssl)
             sp_error_set(&e, SP_KIND_TLS, SP_PHASE_STARTTLS, "out of memory attaching the socket");
         sp_session_fail(c->s, &e);
-        pump(c);
+        sp_net_pump(c);
         close_fd(c);
         return;
     }
@@ -454,7 +307,7 @@ static int flush_out(sp_conn *c, double now)
         /* A final dot just queued (SP_EV_NEXT) waits for the caller, who
          * may start the next transaction: dot, MAIL, RCPT and DATA then
          * leave in one write. The next sp_conn_wait sends it either way. */
-        pump(c);
+        sp_net_pump(c);
         if (c->hold)
             return 0;
         const sp_buf *o = sp_session_output(c->s);
@@ -465,7 +318,7 @@ static int flush_out(sp_conn *c, double now)
             sp_error e;
             if (c->sync_hook(c->sync_ud, &e) < 0) { /* what it guards has not left: no ambiguity */
                 sp_session_fail(c->s, &e);
-                pump(c);
+                sp_net_pump(c);
                 close_fd(c);
                 return -1;
             }
@@ -497,7 +350,7 @@ static int flush_out(sp_conn *c, double now)
         c->counters.bytes_out += (unsigned long long)w;
         sp_session_activity(c->s, now);
         sp_session_consume(c->s, (size_t)w);
-        pump(c);
+        sp_net_pump(c);
     }
 }
 
@@ -536,7 +389,7 @@ static void do_read(sp_conn *c)
         }
         if (r == 0) {
             sp_session_eof(c->s);
-            pump(c);
+            sp_net_pump(c);
             close_fd(c);
             return;
         }
@@ -545,7 +398,7 @@ static void do_read(sp_conn *c)
         /* Bytes read do not restart the clock: a reply is timed whole, so a
          * server dripping a byte a second cannot hold the connection. */
         sp_session_feed(c->s, buf, (size_t)r);
-        pump(c);
+        sp_net_pump(c);
         if ((size_t)r < sizeof buf && !(c->ssl && SSL_pending(c->ssl) > 0))
             return;
     }
@@ -557,6 +410,11 @@ static void connect_done(sp_conn *c, double now)
     socklen_t sl = sizeof soerr;
     if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
         soerr = errno;
+    if (soerr == 0 && c->proxy) { /* connect_timeout covers the tunnel too */
+        c->state = C_PROXY;
+        c->proxy_events = POLLOUT;
+        return;
+    }
     if (soerr == 0) {
         c->state = C_OPEN;
         c->last_activity = now;
@@ -568,10 +426,35 @@ static void connect_done(sp_conn *c, double now)
     sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s: %s", c->host,
                  strerror(soerr));
     close_fd(c);
-    if (try_connect(c) < 0) {
+    if (sp_net_try_connect(c) < 0) {
         sp_session_fail(c->s, &c->connect_err);
-        pump(c);
+        sp_net_pump(c);
     }
+}
+
+/* The proxy's handshake moved on; once the tunnel is open the session
+ * starts as on a direct connection. */
+static void proxy_step(sp_conn *c, double now)
+{
+    sp_error e;
+    int r = sp_proxy_step(c->proxy, c->fd, c->implicit ? NULL : c->s, &c->proxy_events, &e);
+    if (r == 0)
+        return;
+    sp_proxy_free(c->proxy);
+    c->proxy = NULL;
+    if (r < 0) {
+        sp_session_fail(c->s, &e);
+        sp_net_pump(c);
+        close_fd(c);
+        return;
+    }
+    c->state = C_OPEN;
+    c->last_activity = now;
+    sp_session_activity(c->s, now);
+    if (c->implicit)
+        start_handshake(c, now);
+    else
+        sp_net_pump(c); /* the greeting may have come with the proxy's reply */
 }
 
 /* When the connection's current wait times out (0: no deadline). RFC 5321
@@ -590,7 +473,7 @@ static double deadline_of(sp_conn *c, double now)
         }
         return d;
     }
-    if (c->state == C_CONNECTING)
+    if (c->state == C_CONNECTING || c->state == C_PROXY)
         return c->last_activity + c->connect_timeout;
     if (c->state == C_HANDSHAKE)
         return c->last_activity + sp_session_phase_timeout(c->s, SP_PHASE_STARTTLS);
@@ -604,7 +487,7 @@ static void on_deadline(sp_conn *c, double now)
     if (c->state == C_RESOLVING) {
         if (now < c->last_activity + c->connect_timeout) { /* only the resolver's retransmit is due */
             ares_process_fd(c->resolver, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
-            resolve_step(c);
+            sp_net_resolve_step(c);
             return;
         }
         ares_destroy(c->resolver);
@@ -612,20 +495,27 @@ static void on_deadline(sp_conn *c, double now)
         sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "resolving %s timed out", c->host);
         c->state = C_CLOSED;
         sp_session_fail(c->s, &c->connect_err);
-        pump(c);
+        sp_net_pump(c);
+        return;
+    }
+    if (c->state == C_PROXY) {
+        sp_error e;
+        sp_error_set(&e, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "proxy %s: no tunnel within %gs", c->host,
+                     c->connect_timeout);
+        sp_conn_abort(c, &e);
         return;
     }
     if (c->state == C_CONNECTING) {
         sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "connect to %s timed out", c->host);
         close_fd(c);
-        if (try_connect(c) < 0) {
+        if (sp_net_try_connect(c) < 0) {
             sp_session_fail(c->s, &c->connect_err);
-            pump(c);
+            sp_net_pump(c);
         }
         return;
     }
     sp_session_timeout(c->s);
-    pump(c);
+    sp_net_pump(c);
     close_fd(c);
 }
 
@@ -633,7 +523,7 @@ void sp_conn_abort(sp_conn *c, const sp_error *err)
 {
     if (err)
         sp_session_fail(c->s, err);
-    pump(c);
+    sp_net_pump(c);
     close_fd(c);
 }
 
@@ -707,6 +597,8 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
                 short ev = POLLIN;
                 if (c->state == C_HANDSHAKE)
                     ev = c->hs_events;
+                else if (c->state == C_PROXY)
+                    ev = c->proxy_events;
                 else if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
                     ev = c->state == C_CONNECTING ? POLLOUT : (POLLIN | POLLOUT);
                 pfd[nf].fd = c->fd;
@@ -755,7 +647,7 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
             if (re && c->state == C_RESOLVING) {
                 ares_process_fd(c->resolver, (re & (POLLIN | POLLHUP | POLLERR)) ? pfd[k].fd : ARES_SOCKET_BAD,
                                 (re & POLLOUT) ? pfd[k].fd : ARES_SOCKET_BAD);
-                resolve_step(c); /* the answer came: connect (polled from the next turn) */
+                sp_net_resolve_step(c); /* the answer came: connect (polled from the next turn) */
                 continue;
             }
             if (!re || c->fd != pfd[k].fd)
@@ -766,6 +658,10 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
             }
             if (c->state == C_HANDSHAKE) {
                 handshake_step(c, now);
+                continue;
+            }
+            if (c->state == C_PROXY) {
+                proxy_step(c, now);
                 continue;
             }
             if (re & (POLLIN | POLLHUP | POLLERR))

@@ -14,6 +14,7 @@
 #include "sp_pump.h"
 #include "sp_error.h"
 #include "sp_session.h"
+#include "sp_proxy.h"
 #include "sp_tls.h"
 
 typedef struct sp_conn_opts {
@@ -26,6 +27,11 @@ typedef struct sp_conn_opts {
     int implicit_tls;        /* handshake right after connect (port 465) */
     const char *server_name; /* SNI and certificate name; NULL: host */
     const char *dns_servers; /* "ip[:port],..." for the resolver; NULL: /etc/resolv.conf */
+    /* a tunnel through a proxy (sp_proxy.h): host and port are then the
+     * target the proxy connects to, proxy_host and proxy_port what is resolved
+     * and connected to; user and password optional */
+    sp_proxy_kind proxy_kind;
+    const char *proxy_host, *proxy_port, *proxy_user, *proxy_password;
 } sp_conn_opts;
 
 typedef struct sp_conn sp_conn;

@@ -348,6 +348,10 @@ function M.proxy(target_port, delay)
   return start_server("tcpproxy.py", nil, nil, (" --target 127.0.0.1:%d --delay %g"):format(target_port, delay or 0))
 end
 
+--- Starts a SOCKS5 and HTTP CONNECT proxy (see tunnelproxy.py); script:
+-- `{user = "u", password = "p"}` to require credentials.
+function M.tunnel(script) return start_server("tunnelproxy.py", script) end
+
 --- The server's event log as a list of tables.
 function Fault:events()
   local out = {}

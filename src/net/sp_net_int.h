@@ -1,0 +1,69 @@
+/* The native driver's insides, shared by its files (sp_net.c: the
+ * connection's life and I/O; sp_net_connect.c: resolving and connecting). */
+#ifndef SP_NET_INT_H
+#define SP_NET_INT_H
+
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <ares.h>
+#include <openssl/ssl.h>
+
+#include "sp_net.h"
+
+#define READ_CHUNK 16384
+/* The connection passes on its session's events (a few it acts on itself),
+ * and the caller drains them at every turn: the session's bound holds. */
+#define CONN_EVQ SP_SESSION_EVENTS_MAX
+
+enum { C_RESOLVING, C_CONNECTING, C_PROXY, C_HANDSHAKE, C_OPEN, C_CLOSED };
+
+#define MAX_ADDRS 16
+
+struct sp_conn {
+    int fd;
+    int state;
+    /* the addresses to try, in the resolver's order */
+    struct sockaddr_storage addrs[MAX_ADDRS];
+    socklen_t addr_lens[MAX_ADDRS];
+    int naddrs, next_addr;
+    /* c-ares while the name resolves (the loop polls its sockets) */
+    ares_channel resolver;
+    int resolved;   /* the lookup's callback has run */
+    int res_status; /* its status */
+    char port[16];
+    char host[256];
+    double connect_timeout;
+    double last_activity; /* when connect_timeout (or the TLS handshake's) started counting */
+    sp_session *s;
+    sp_body_src *body;
+    sp_dot_hook dot_hook; /* for the transaction in flight; cleared when it ends */
+    int hold; /* a final dot waits for the caller to pipeline the next transaction behind it */
+    void *dot_ud;
+    sp_dot_hook sync_hook; /* before any write (see sp_conn_set_sync_hook) */
+    void *sync_ud;
+    sp_event evq[CONN_EVQ];
+    size_t ev_head, ev_len;
+    sp_conn_counters counters;
+    sp_error connect_err;
+    sp_tls_ctx *tls;
+    SSL *ssl;
+    int implicit;
+    short hs_events; /* what the handshake waits for */
+    sp_proxy *proxy;     /* the tunnel's handshake, until it is open */
+    short proxy_events;  /* what it waits for */
+    char server_name[256];
+};
+
+/* Connects to the next address that takes it: 0, or -1 with connect_err. */
+int sp_net_try_connect(sp_conn *c);
+/* A failed lookup as an error (kind config for a name that does not exist). */
+void sp_net_resolve_error(const sp_conn *c, sp_error *err);
+/* After the resolver has had its chance: connect, or fail the session. */
+void sp_net_resolve_step(sp_conn *c);
+/* Starts resolving (a numeric address at once); -1 with *err. */
+int sp_net_start_resolve(sp_conn *c, const char *servers, sp_error *err);
+/* Moves the session's events into the connection's queue. */
+void sp_net_pump(sp_conn *c);
+
+#endif
