@@ -36,7 +36,7 @@
 
 local core = require("smtppool.core")
 local client = require("smtppool.redis.client")
-local loop = require("smtppool.engine.loop")
+local queue = require("smtppool.redis.queue")
 
 local M = {}
 
@@ -61,45 +61,18 @@ redis.call('HINCRBY', p .. 'meta', 'total', added)
 return {added, dup}
 ]]
 
--- KEYS[1]: the prefix; ARGV: worker, n, lease, resend_in_flight, epoch
--- -> {pending, claimed, key, row, state, key, row, state...}, or {-1, 0}
--- when the campaign's state is not the epoch's any more
-local CLAIM = [[
-local p = KEYS[1]
-if redis.call('HGET', p .. 'meta', 'epoch') ~= ARGV[5] then return {-1, 0} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+-- What the shared queue (smtppool.redis.queue) needs to know of a campaign:
+-- a key holds its row in `rows`; an outcome is a letter in `state`; a key
+-- whose worker died after its L becomes A, listed with the failures.
+local HOOKS = [[
 local final = {S = true, D = true, F = true, A = true}
--- leases that ran out: a dead or cut-off worker's recipients
-for _, key in ipairs(redis.call('ZRANGEBYSCORE', p .. 'claims', '-inf', now)) do
-  redis.call('ZREM', p .. 'claims', key)
-  redis.call('HDEL', p .. 'owner', key)
-  local st = redis.call('HGET', p .. 'state', key)
-  if st == 'L' and ARGV[4] ~= '1' then
-    redis.call('HSET', p .. 'state', key, 'A')
-    redis.call('HINCRBY', p .. 'stats', 'A', 1)
-    redis.call('RPUSH', p .. 'failures', key .. '\tA\tfinal dot on its way when its worker stopped')
-  elseif not (st and final[st]) then
-    redis.call('LPUSH', p .. 'q', key)
-  end
+local function gone(p, key, st) return st and final[st] end
+local function lost(p, key)
+  redis.call('HSET', p .. 'state', key, 'A')
+  redis.call('HINCRBY', p .. 'stats', 'A', 1)
+  redis.call('RPUSH', p .. 'failures', key .. '\tA\tfinal dot on its way when its worker stopped')
 end
-local out = {0, 0}
-for _ = 1, tonumber(ARGV[2]) do
-  local key = redis.call('LPOP', p .. 'q')
-  if not key then break end
-  local st = redis.call('HGET', p .. 'state', key)
-  if not (st and final[st]) then
-    redis.call('ZADD', p .. 'claims', now + tonumber(ARGV[3]), key)
-    redis.call('HSET', p .. 'owner', key, ARGV[1])
-    out[#out + 1] = key
-    out[#out + 1] = redis.call('HGET', p .. 'rows', key) or ''
-    out[#out + 1] = st or ''
-  end
-end
-out[1] = redis.call('LLEN', p .. 'q')
-out[2] = redis.call('ZCARD', p .. 'claims')
-redis.call('HSET', p .. 'seen', ARGV[1], now)
-return out
+local function payload(p, key) return redis.call('HGET', p .. 'rows', key) or '' end
 ]]
 
 -- KEYS[1]: the prefix; ARGV: worker, key, letter, info. Idempotent: a
@@ -120,17 +93,6 @@ end
 if redis.call('HEXISTS', p .. 'meta', 'started') == 0 then
   local t = redis.call('TIME')
   redis.call('HSET', p .. 'meta', 'started', t[1])
-end
-return 1
-]]
-
--- KEYS[1]: the prefix; ARGV: lease, keys... (renewed while still claimed)
-local RENEW = [[
-local p = KEYS[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for i = 2, #ARGV do
-  if redis.call('ZSCORE', p .. 'claims', ARGV[i]) then redis.call('ZADD', p .. 'claims', now + tonumber(ARGV[1]), ARGV[i]) end
 end
 return 1
 ]]
@@ -177,34 +139,23 @@ function M.open(url, name, o)
     return nil, ce
   end
   if not o.allow_volatile then
-    -- A campaign is only as durable as the server: refuse one that keeps
-    -- nothing (no AOF, no RDB saves). CONFIG may be renamed away (managed
-    -- services, which persist): then nothing can be told, and it goes on.
-    local aof, save = c:call("CONFIG", "GET", "appendonly"), c:call("CONFIG", "GET", "save")
-    if type(aof) == "table" and type(save) == "table" and aof[2] == "no" and save[2] == "" then
+    local vol = queue.volatile(c, "campaign")
+    if vol then
       c:close()
-      return nil, ("Redis at %s keeps nothing on disk (appendonly no, save \"\"): a restart would lose the "
-        .. "campaign and a second run would send it again. Turn on AOF or RDB snapshots, or accept the risk "
-        .. "by name (allow_volatile_redis = true, --allow-volatile-redis)"):format(client.redact(url))
+      return nil, vol
     end
   end
-  local j = setmetatable({ c = c, p = "smtppool:campaign:" .. name .. ":", lease = o.lease or 30,
-    url = client.redact(url), name = name, list_wait = o.list_wait or 0, on_wait = o.on_wait,
-    resend = o.resend_in_flight and "1" or "0", held = {}, claim_state = {},
-    worker = ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, J)
-  return j
+  local p = "smtppool:campaign:" .. name .. ":"
+  local q = queue.new(c, p, { name = "campaign", hooks = HOOKS, lease = o.lease,
+    resend_in_flight = o.resend_in_flight })
+  return setmetatable({ c = c, p = p, q = q, url = client.redact(url), name = name, list_wait = o.list_wait or 0,
+    on_wait = o.on_wait, claim_state = {}, worker = q.worker }, J)
 end
 
 -- A script's value, waiting (bounded) while Redis is unreachable: a
 -- campaign's bookkeeping must not be skipped.
 function J:_run(name, body, args, patience)
-  local deadline = core.now() + (patience or 120)
-  while true do
-    local v, e, why = self.c:script(name, body, { self.p }, args)
-    if v ~= nil then return v end
-    if why == "login" or core.now() >= deadline then return nil, e end
-    loop.sleep(0.5)
-  end
+  return self.q:run(name, body, args, patience)
 end
 
 --- Loads rows (an iterator of `key, row` with row a string); idempotent.
@@ -238,23 +189,19 @@ end
 --- Claims up to n recipients: a list of `{key, row, state}`, and the
 -- campaign's pending and claimed counts.
 function J:claim(n)
-  local v, e = self:_run("claim", CLAIM, { self.worker, tostring(n), tostring(self.lease), self.resend,
-    self.epoch or "" })
-  if not v then return nil, e end
-  if v[1] == -1 then return nil, self:_gone() end
-  local out = {}
-  for i = 3, #v, 3 do
-    out[#out + 1] = { key = v[i], row = v[i + 1], state = v[i + 2] ~= "" and v[i + 2] or nil }
-    self.held[v[i]] = true
+  local out, pending, claimed = self.q:claim(n, self.epoch)
+  if not out then
+    if pending == "gone" then return nil, self:_gone() end
+    return nil, pending
   end
-  return out, v[1], v[2]
+  for _, c in ipairs(out) do c.row = c.payload end
+  return out, pending, claimed
 end
 
 -- Why the run stops when the campaign's state is gone.
 function J:_gone()
   self.gone = true
-  local held = 0
-  for _ in pairs(self.held) do held = held + 1 end
+  local held = self.q:holding()
   return ("the campaign '%s' is gone from %s (Redis restarted without persistence, or its keys were deleted): "
     .. "%d recipients this worker held have no recorded outcome. Running the same command again would load "
     .. "the list anew and send again every recipient whose outcome was lost; check what was delivered first")
@@ -265,40 +212,20 @@ end
 function J:record(letter, key, info)
   if letter == "P" then return true end -- a claim is the P of this journal
   if letter == "L" then
-    return self:_run("mark", "redis.call('HSET', KEYS[1] .. 'state', ARGV[1], 'L') return 1", { key })
+    return self.q:mark(key)
   end
-  self.held[key] = nil
+  self.q:release(key)
   return self:_run("done", DONE, { self.worker, key, letter, info or "" })
 end
 
 --- Renews the leases of the recipients this worker holds (every lease/3 s).
 function J:renew()
-  local now = core.now()
-  if now - (self.renewed or 0) < self.lease / 3 then return end
-  self.renewed = now
-  local args = { tostring(self.lease) }
-  for k in pairs(self.held) do args[#args + 1] = k end
-  if #args > 1 then self.c:script("renew", RENEW, { self.p }, args) end
+  self.q:renew()
 end
-
--- KEYS[1]: the prefix; ARGV: keys claimed here and never started
-local UNCLAIM = [[
-local p = KEYS[1]
-for _, key in ipairs(ARGV) do
-  if redis.call('ZREM', p .. 'claims', key) == 1 then
-    redis.call('HDEL', p .. 'owner', key)
-    local st = redis.call('HGET', p .. 'state', key)
-    if not st or st == 'T' or st == 'P' then redis.call('LPUSH', p .. 'q', key) end
-  end
-end
-return 1
-]]
 
 --- Gives back claims this worker will not send (a stop, an outage).
 function J:unclaim(keys)
-  if #keys == 0 then return true end
-  for _, k in ipairs(keys) do self.held[k] = nil end
-  return self:_run("unclaim", UNCLAIM, keys, 10)
+  return self.q:unclaim(keys)
 end
 
 --- The campaign's recipients for the pool: an iterator of rows (tables,
