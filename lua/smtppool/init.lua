@@ -40,6 +40,7 @@ local csv = require("smtppool.compose.csv")
 local retry = require("smtppool.engine.retry")
 local presets = require("smtppool.presets")
 local relays = require("smtppool.engine.relays")
+local outbox = require("smtppool.outbox")
 
 local M = { _VERSION = "0.5.0", retry = retry, message = message, template = template, campaign = campaign,
             csv = csv, errors = errors, presets = presets }
@@ -240,6 +241,14 @@ function M.build(opts, driver, shared)
   if cfg.sign_threads == nil then cfg.sign_threads = M._sign_threads_default(signers) end
   local lim, lerr = limits.from_options(opts, shared, driver)
   if not lim then return nil, lerr end
+  local box
+  if opts.outbox then
+    local berr
+    box, berr = outbox.open(opts.outbox, { name = opts.outbox_name, max = opts.outbox_max, keep = opts.outbox_keep,
+      lease = opts.outbox_lease, timeout = opts.outbox_timeout, allow_volatile = opts.allow_volatile_redis,
+      driver = driver })
+    if not box then return nil, berr end
+  end
   return setmetatable({
     opts = opts,
     cfg = cfg,
@@ -268,6 +277,7 @@ function M.build(opts, driver, shared)
       rate = policy.rate_learner(1, 2, cfg.cap_recover_after),          -- messages a second
       auth = policy.rate_learner(60, 60, cfg.cap_recover_after),        -- logins a minute
     },
+    outbox = box,                       -- the durable outbox in Redis (smtppool.outbox), or nil
     closed = false,
     next_id = 0,
     counters = { opened = 0, closed_by_us = 0, closed_by_server = 0, rotated = 0,
@@ -282,7 +292,9 @@ end
 -- limits in Redis: the loop goes on serving the sockets while a Redis
 -- reply is awaited); directly otherwise.
 function Pool:_on_loop(fn, ...)
-  if self.limits.name == "redis" and self.driver.name == "native" then return loop.run(self.driver, fn, ...) end
+  if (self.limits.name == "redis" or self.outbox) and self.driver.name == "native" then
+    return loop.run(self.driver, fn, ...)
+  end
   return fn(...)
 end
 
@@ -423,10 +435,7 @@ function Pool:send_batch(source, opts)
       waiting = function(fd) self._wait_fds = fd and { fd } or nil end })
   end
   local summary, account = policy.summary(on_result)
-  local saved_retry, saved_hook = self.batch_retry, self.batch_on_event
-  self.batch_retry, self.batch_on_event = opts and opts.retry, opts and opts.on_event
-  local ok, e = pcall(self._on_loop, self, self.run, self, next_msg, account, opts)
-  self.batch_retry, self.batch_on_event = saved_retry, saved_hook
+  local ok, e = pcall(self.run_items, self, next_msg, account, opts)
   if finish then
     -- messages taken for signing and never started (the batch was stopped)
     local left = finish()
@@ -436,6 +445,71 @@ function Pool:send_batch(source, opts)
   end
   if not ok then error(e, 0) end
   return summary
+end
+
+--- Runs prepared items (`smtppool.compose.prepare`'s, or the outbox's)
+-- through the scheduler: what `send_batch` does once its messages are
+-- prepared, for a source that hands out items of its own (the outbox).
+-- @tparam function next_item the items; `false`: nothing now; nil: the end
+-- @tparam function on_result `(msg, res, err)`, once per item
+-- @tparam[opt] table opts as `send_batch`'s (`retry` and `on_event` for
+--   these items only)
+function Pool:run_items(next_item, on_result, opts)
+  local saved_retry, saved_hook = self.batch_retry, self.batch_on_event
+  self.batch_retry, self.batch_on_event = opts and opts.retry, opts and opts.on_event
+  local ok, e = pcall(self._on_loop, self, self.run, self, next_item, on_result, opts)
+  self.batch_retry, self.batch_on_event = saved_retry, saved_hook
+  if not ok then error(e, 0) end
+end
+
+--- Hands a message to the outbox (option `outbox`): composes it (or checks
+-- a ready one with `data`), stores it in Redis and returns its id only
+-- then. Whichever worker claims it sends it (`deliver` here, another
+-- process's, `smtppool worker --outbox`, an nginx worker's).
+-- @tparam table msg as for `send` (or `send_raw`, with `data`)
+-- @treturn[1] string the message's id (for `outcome`)
+-- @return[2] nil
+-- @treturn[2] table error value: `invalid` (cannot be composed; nothing
+--   stored), `busy` (past `outbox_max`), `config` (Redis refused the login,
+--   or keeps nothing on disk), `connection` (Redis cannot be reached within
+--   `outbox_timeout`)
+function Pool:enqueue(msg)
+  if type(msg) ~= "table" then error("enqueue: message must be a table, got " .. type(msg), 2) end
+  if not self.outbox then error("enqueue: the pool has no outbox (option outbox = \"redis://...\")", 2) end
+  if self.closed then return nil, errors.new("config", "the pool is closed") end
+  return self.outbox:put(prepare.item(msg, self.prep))
+end
+
+--- A message's outcome, by the id `enqueue` gave (from any process).
+-- @treturn[1] table `status` (`sent`, `failed`, `ambiguous`), `code`,
+--   `enhanced`, `text`, `kind`, `attempts`, `at`, `possible_duplicate`
+-- @treturn[2] nil while it is pending
+-- @return[3] nil
+-- @treturn[3] table error value: `invalid` (an unknown or expired id),
+--   `connection`
+function Pool:outcome(id)
+  if not self.outbox then error("outcome: the pool has no outbox (option outbox)", 2) end
+  return self.outbox:outcome(id)
+end
+
+--- Delivers the outbox's messages (option `outbox`) until told to stop:
+-- claims them a few at a time, sends them over the pool's connections,
+-- records each outcome in Redis (see `smtppool.outbox`).
+-- @tparam[opt] table opts `should_stop` (function; when true, nothing new
+--   is claimed and the claims not started go back to the queue at once),
+--   `until_empty` (return once nothing is queued, waiting or claimed
+--   anywhere), `on_result(msg, res, err)` (each final outcome; `msg.id`),
+--   `on_event`
+-- @treturn[1] table summary: `sent`, `failed`, `ambiguous`, `later` (put
+--   back to wait for a retry), `returned` (claims given back unsent)
+-- @return[2] nil
+-- @treturn[2] table error value: a configuration the server refused (TLS
+--   mode, certificate, login: delivery stops, the messages wait)
+function Pool:deliver(opts)
+  if not self.outbox then error("deliver: the pool has no outbox (option outbox)", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("deliver: opts must be a table", 2) end
+  if self.closed then error("deliver: the pool is closed", 2) end
+  return self.outbox:deliver(self, opts or {})
 end
 
 --- Checks the pool's configuration against the server, like Nodemailer's

@@ -28,6 +28,8 @@ M.SCHEMA = {
   allow_plaintext_auth = "boolean", dkim = "table", message_timeout = "number",
   cap_recover_after = "number", limit_probe_after = "number", trace = "boolean", max_recipients_per_message = "number",
   rotate_ahead = "number", sign_threads = "number", dns_servers = "string", bdat_window = "number", proxy = "string",
+  outbox = "string", outbox_name = "string", outbox_max = "number", outbox_keep = "number", outbox_lease = "number",
+  outbox_timeout = "number", allow_volatile_redis = "boolean",
 }
 
 -- A real, finite number: NaN and the infinities pass `type` and most range
@@ -134,6 +136,21 @@ function M.check(opts, extra)
   if opts.sign_threads ~= nil and (not finite(opts.sign_threads) or opts.sign_threads < 0
     or opts.sign_threads ~= math.floor(opts.sign_threads) or opts.sign_threads > 64) then
     error("smtppool.new: option 'sign_threads' must be an integer from 0 to 64", 3)
+  end
+  for _, k in ipairs({ "outbox_keep", "outbox_lease", "outbox_timeout" }) do
+    if opts[k] ~= nil and (not finite(opts[k]) or opts[k] <= 0) then
+      error(("smtppool.new: option '%s' must be a positive finite number of seconds"):format(k), 3)
+    end
+  end
+  if opts.outbox_max ~= nil and (not finite(opts.outbox_max) or opts.outbox_max < 0
+    or opts.outbox_max ~= math.floor(opts.outbox_max)) then
+    error("smtppool.new: option 'outbox_max' must be a whole number (0: no bound)", 3)
+  end
+  if opts.outbox_name ~= nil and not opts.outbox_name:match("^[%w._:-]+$") then
+    error("smtppool.new: option 'outbox_name' takes letters, digits, '.', '_', ':' or '-'", 3)
+  end
+  for _, k in ipairs({ "outbox_name", "outbox_max", "outbox_keep", "outbox_lease", "outbox_timeout" }) do
+    if opts[k] ~= nil and not opts.outbox then error(("smtppool.new: option '%s' needs 'outbox'"):format(k), 3) end
   end
   for _, k in ipairs({ "max_conns", "max_messages_per_conn", "max_recipients_per_message" }) do
     if opts[k] and (not finite(opts[k]) or opts[k] < 1 or opts[k] ~= math.floor(opts[k]) or opts[k] > 100000) then

@@ -143,10 +143,11 @@ end
 --   `hooks` (the Lua source of `gone`, `lost` and `payload`), `lease`
 --   (seconds, default 30), `resend_in_flight` (a key whose lease ran out
 --   after its L goes back to the queue instead of `lost`), `worker` (this
---   worker's name; default host and time)
+--   worker's name; default host and time), `sleep` (how to wait between
+--   tries while Redis is away; default `smtppool.engine.loop.sleep`)
 function M.new(c, prefix, o)
   local q = setmetatable({ c = c, p = prefix, lease = o.lease or 30, resend = o.resend_in_flight and "1" or "0",
-    held = {}, renewed = 0,
+    held = {}, renewed = 0, sleep = o.sleep or loop.sleep,
     worker = o.worker or ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, Q)
   q.scripts = {}
   for name, body in pairs({ claim = CLAIM, unclaim = UNCLAIM, later = LATER }) do
@@ -171,7 +172,7 @@ function Q:run(name, body, args, patience)
     -- (a Redis restarting with AOF answers LOADING until it has read it)
     if why == "login" or core.now() >= deadline then return nil, e end
     if why == true and not RETRYABLE(e) then return nil, e end
-    loop.sleep(0.5)
+    self.sleep(0.5)
   end
 end
 

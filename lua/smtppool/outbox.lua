@@ -1,0 +1,444 @@
+--- A durable outbox in Redis: a message handed over is stored before
+-- `enqueue` returns its id, and is delivered once by whichever worker
+-- claims it (any nginx worker, any machine, `smtppool worker --outbox`).
+--
+-- A pool made with `outbox = "redis://..."` uses one itself
+-- (`pool:enqueue`, `pool:outcome`, `pool:deliver`); this module is the
+-- outbox on its own, for tools and tests.
+--
+-- * **Stored before acknowledged.** `put` composes nothing: it takes a
+--   prepared message (from, recipients, the finished text, DSN options) and
+--   stores it in one script with its id, refusing past `max` queued
+--   (`busy`).
+-- * **Claims with leases**, the queue Redis campaigns use
+--   (`smtppool.redis.queue`): a worker claims a few messages at a time and
+--   renews its leases while it lives; a lease that runs out puts the
+--   message back, unless its final dot may have left (`L` is written before
+--   it leaves): then it ends `ambiguous`, never sent twice by default
+--   (`resend_in_flight`).
+-- * **Retries** that wait longer than a few seconds wait in Redis
+--   (`delayed`, scored by Redis's clock), so a message waiting ten minutes
+--   survives a restart of every worker; attempts are counted across claims.
+-- * **Outcomes**: `status` (`sent`, `failed`, `ambiguous`), `code`,
+--   `enhanced`, `text`, `kind`, `attempts`, `at`, kept `keep` seconds
+--   (default a week) and read by id from anywhere.
+-- * A Redis that keeps nothing on disk is refused (the outbox would vanish
+--   with a restart) unless `allow_volatile` is said by name.
+--
+-- Keys live under `smtppool:outbox:<name>:`: `q`, `delayed`, `claims`,
+-- `owner`, `state`, `seen` (the queue's), `m:<id>` (a message), `o:<id>`
+-- (an outcome), `age` (ids by the time they were handed over), `stats`,
+-- `meta`.
+-- @module smtppool.outbox
+
+local core = require("smtppool.core")
+local errors = require("smtppool.errors")
+local client = require("smtppool.redis.client")
+local queue = require("smtppool.redis.queue")
+local message = require("smtppool.compose.message")
+
+local M = {}
+
+-- What the queue needs to know of an outbox: a key is a message id whose
+-- message is `m:<id>`; an outcome deletes it and writes `o:<id>`.
+local HOOKS = [[
+local function finish(p, key, worker, status, code, enhanced, text, kind, attempts, dup)
+  if redis.call('EXISTS', p .. 'm:' .. key) == 0 then return 0 end
+  redis.call('DEL', p .. 'm:' .. key)
+  redis.call('ZREM', p .. 'claims', key)
+  redis.call('ZREM', p .. 'delayed', key)
+  redis.call('ZREM', p .. 'age', key)
+  redis.call('HDEL', p .. 'owner', key)
+  redis.call('HDEL', p .. 'state', key)
+  local t = redis.call('TIME')
+  local o = p .. 'o:' .. key
+  redis.call('HSET', o, 'status', status, 'code', code, 'enhanced', enhanced, 'text', text, 'kind', kind,
+    'attempts', attempts, 'at', t[1], 'worker', worker, 'possible_duplicate', dup)
+  redis.call('EXPIRE', o, tonumber(redis.call('HGET', p .. 'meta', 'keep') or '604800'))
+  redis.call('HINCRBY', p .. 'stats', status, 1)
+  return 1
+end
+local function gone(p, key) return redis.call('EXISTS', p .. 'm:' .. key) == 0 end
+local function lost(p, key)
+  local a = redis.call('HGET', p .. 'm:' .. key, 'attempts') or '0'
+  finish(p, key, '', 'ambiguous', '', '', 'the final dot was on its way when its worker stopped: it may have '
+    .. 'been delivered', 'ambiguous', tostring(tonumber(a) + 1), '1')
+end
+local function payload(p, key) return redis.call('HGETALL', p .. 'm:' .. key) end
+]]
+
+-- KEYS[1]: the prefix; ARGV: max, id, from, to, data, dsn -> {1, depth} or {0, depth} (full)
+local PUT = [[
+local p = KEYS[1]
+local max = tonumber(ARGV[1])
+local depth = redis.call('LLEN', p .. 'q') + redis.call('ZCARD', p .. 'delayed') + redis.call('ZCARD', p .. 'claims')
+if max > 0 and depth >= max then return {0, depth} end
+local t = redis.call('TIME')
+local id = ARGV[2]
+redis.call('HSET', p .. 'm:' .. id, 'from', ARGV[3], 'to', ARGV[4], 'data', ARGV[5], 'dsn', ARGV[6],
+  'at', t[1], 'attempts', '0')
+redis.call('ZADD', p .. 'age', tonumber(t[1]) + tonumber(t[2]) / 1000000, id)
+redis.call('RPUSH', p .. 'q', id)
+redis.call('HINCRBY', p .. 'stats', 'enqueued', 1)
+return {1, depth + 1}
+]]
+
+-- KEYS[1]: the prefix; ARGV: worker, id, status, code, enhanced, text, kind, attempts, dup
+local DONE = HOOKS .. [[
+return finish(KEYS[1], ARGV[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+]]
+
+-- KEYS[1]: the prefix -> {depth, queued, delayed, claimed, oldest (seconds, -1: none), stats...}
+local STATS = [[
+local p = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local q, d, c = redis.call('LLEN', p .. 'q'), redis.call('ZCARD', p .. 'delayed'), redis.call('ZCARD', p .. 'claims')
+local first = redis.call('ZRANGE', p .. 'age', 0, 0, 'WITHSCORES')
+local oldest = -1
+if first[2] then oldest = now - tonumber(first[2]) end
+return {q + d + c, q, d, c, tostring(oldest), redis.call('HGETALL', p .. 'stats')}
+]]
+
+-- DSN parameters (smtppool.compose.prepare's tx_params) as one line each.
+local function encode_dsn(d)
+  if not d then return "" end
+  local out = {}
+  for _, k in ipairs({ "ret", "envid", "orcpt", "requiretls" }) do
+    if d[k] ~= nil then out[#out + 1] = k .. "=" .. tostring(d[k]) end
+  end
+  if d.notify then out[#out + 1] = "notify=" .. table.concat(d.notify, ",") end
+  return table.concat(out, "\n")
+end
+
+local function decode_dsn(s)
+  if not s or s == "" then return nil end
+  local d = {}
+  for line in s:gmatch("[^\n]+") do
+    local k, v = line:match("^(%w+)=(.*)$")
+    if k == "notify" then
+      d.notify = {}
+      for w in v:gmatch("[^,]+") do d.notify[#d.notify + 1] = w end
+    elseif k == "orcpt" or k == "requiretls" then
+      d[k] = v == "true"
+    elseif k then
+      d[k] = v
+    end
+  end
+  return d
+end
+
+local B = {}
+B.__index = B
+
+--- Opens an outbox (nothing is connected until it is used: nginx's
+-- `init_worker` cannot open sockets).
+-- @tparam string url `redis[s]://...` (as `smtppool.redis.client`)
+-- @tparam[opt] table o `name` (default `"default"`), `max` (messages
+--   queued, delayed or claimed past which `put` answers `busy`; default
+--   100000, 0 for none), `keep` (seconds an outcome is kept, default
+--   604800), `lease` (seconds, default 30), `resend_in_flight`,
+--   `allow_volatile` (accept a Redis that keeps nothing on disk), `timeout`
+--   (seconds for each Redis reply, default 2), `driver` (whose Redis
+--   transport to use; default the native one)
+-- @treturn[1] table the outbox
+-- @return[2] nil
+-- @treturn[2] table error value (kind `config`)
+function M.open(url, o)
+  o = o or {}
+  local u, uerr = client.parse_url(url)
+  if not u then return nil, errors.new("config", "outbox: " .. uerr) end
+  local name = o.name or "default"
+  if type(name) ~= "string" or not name:match("^[%w._:-]+$") then
+    return nil, errors.new("config", "outbox_name takes letters, digits, '.', '_', ':' or '-'")
+  end
+  local c = client.new(u, { timeout = o.timeout or 2, driver = o.driver })
+  local p = "smtppool:outbox:" .. name .. ":"
+  local drv = o.driver
+  local q = queue.new(c, p, { name = "outbox", hooks = HOOKS, lease = o.lease,
+    resend_in_flight = o.resend_in_flight,
+    sleep = drv and drv.sleep or nil })
+  return setmetatable({ c = c, p = p, q = q, url = client.redact(url), name = name, max = o.max or 100000,
+    keep = o.keep or 604800, allow_volatile = o.allow_volatile, checked = false }, B)
+end
+
+-- The first use checks the server once: reachable, the login, persistence;
+-- and records how long outcomes are kept.
+function B:_ready()
+  if self.checked then return true end
+  local ok, e, why = self.c:connect()
+  if not ok then
+    return nil, errors.new(why == "login" and "config" or "connection", ("outbox at %s: %s"):format(self.url, e))
+  end
+  if not self.allow_volatile then
+    local vol = queue.volatile(self.c, "outbox")
+    if vol then return nil, errors.new("config", vol) end
+  end
+  local v, se = self.c:call("HSET", self.p .. "meta", "keep", tostring(math.floor(self.keep)))
+  if not v then return nil, errors.new("connection", ("outbox at %s: %s"):format(self.url, se)) end
+  self.checked = true
+  return true
+end
+
+-- A Redis failure as an error value (a refused login is configuration).
+local function redis_error(self, e, why)
+  return errors.new(why == "login" and "config" or "connection", ("outbox at %s: %s"):format(self.url, tostring(e)),
+    { attempts = 0 })
+end
+
+--- Stores a prepared message (`smtppool.compose.prepare`'s item: `msg`
+-- with `from`, `data`, `dsn`, and `to`) and returns its id.
+-- @treturn[1] string the id
+-- @return[2] nil
+-- @treturn[2] table error value: the item's own (`invalid`), `busy` (past
+--   `max`), `config` (a refused login, a volatile Redis), `connection`
+function B:put(item)
+  if item.err then return nil, item.err end
+  local ok, e = self:_ready()
+  if not ok then return nil, e end
+  local fok, data = pcall(message.flatten, item.msg.data)
+  if not fok then return nil, errors.new("invalid", "cannot read the message: " .. tostring(data), { attempts = 0 }) end
+  local id = core.random_hex(12)
+  local v, re, why = self.c:script("outbox:put", PUT, { self.p }, { tostring(math.floor(self.max)), id,
+    item.msg.from, table.concat(item.to, "\n"), data, encode_dsn(item.msg.dsn) })
+  if not v then return nil, redis_error(self, re, why) end
+  if v[1] == 0 then
+    return nil, errors.new("busy", ("the outbox '%s' is full (%d messages, outbox_max %d): nothing was queued")
+      :format(self.name, v[2], self.max), { attempts = 0 })
+  end
+  return id
+end
+
+--- A message's outcome.
+-- @tparam string id
+-- @treturn[1] table `status` (`sent`, `failed`, `ambiguous`), `code`,
+--   `enhanced`, `text`, `kind` (an error's), `attempts`, `at` (Unix time),
+--   `possible_duplicate` (sent, but an earlier try may have arrived too)
+-- @treturn[2] nil while the message is pending
+-- @return[3] nil
+-- @treturn[3] table error value: kind `invalid` for an id the outbox does
+--   not know (never handed over, or its outcome expired), `connection`
+function B:outcome(id)
+  if type(id) ~= "string" then error("outcome: id must be a string", 2) end
+  local ok, e = self:_ready()
+  if not ok then return nil, e end
+  local cmds = { { "HGETALL", self.p .. "o:" .. id }, { "EXISTS", self.p .. "m:" .. id } }
+  local r, re, why = self.c:pipeline(cmds)
+  -- a read is safe to repeat: once more on a fresh connection (the kept
+  -- one may be stale: Redis restarted since)
+  if not r and not why then r, re, why = self.c:pipeline(cmds) end
+  if not r then return nil, redis_error(self, re, why) end
+  local flat = r[1]
+  if type(flat) == "table" and #flat > 0 then
+    local o = {}
+    for i = 1, #flat, 2 do o[flat[i]] = flat[i + 1] end
+    o.code, o.attempts, o.at = tonumber(o.code), tonumber(o.attempts), tonumber(o.at)
+    for _, k in ipairs({ "enhanced", "text", "kind", "worker" }) do
+      if o[k] == "" then o[k] = nil end
+    end
+    o.possible_duplicate = o.possible_duplicate == "1"
+    return o
+  end
+  if r[2] == 1 then return nil end
+  return nil, errors.new("invalid", ("the outbox '%s' knows no message %s (never handed over, or its outcome "
+    .. "expired)"):format(self.name, id))
+end
+
+--- The outbox's state: `depth` (queued, waiting for a retry or claimed),
+-- `queued`, `delayed`, `claimed`, `oldest` (seconds since the oldest
+-- pending message was handed over; nil when none), and the counts
+-- `enqueued`, `sent`, `failed`, `ambiguous`.
+-- @return[1] table
+-- @return[2] nil
+-- @treturn[2] table error value
+function B:stats()
+  local ok, e = self:_ready()
+  if not ok then return nil, e end
+  local v, re, why = self.c:script("outbox:stats", STATS, { self.p }, {})
+  if not v and not why then v, re, why = self.c:script("outbox:stats", STATS, { self.p }, {}) end
+  if not v then return nil, redis_error(self, re, why) end
+  local s = { depth = v[1], queued = v[2], delayed = v[3], claimed = v[4], oldest = tonumber(v[5]),
+              enqueued = 0, sent = 0, failed = 0, ambiguous = 0 }
+  if s.oldest < 0 then s.oldest = nil end
+  for i = 1, #v[6], 2 do s[v[6][i]] = tonumber(v[6][i + 1]) end
+  return s
+end
+
+--- The messages for a pool: an iterator of prepared items (each
+-- `user_msg` is `{id, from, to, attempts}`, attempts made before this
+-- claim), claimed `n` at a time; `false` while nothing can be claimed now
+-- (or Redis cannot be reached: the sockets go on being served); nil once
+-- `o.stop()` says so (the claims not handed out go back at once), or, with
+-- `o.until_empty`, when nothing is queued, delayed or claimed anywhere.
+-- @tparam number n
+-- @tparam[opt] table o `stop` (function), `until_empty`, `idle` (seconds
+--   between claims while the outbox is empty, default 0.25)
+function B:source(n, o)
+  o = o or {}
+  local buf, bi, quiet_until = {}, 0, 0
+  local idle = o.idle or 0.25
+  local function give_back()
+    local keys = {}
+    for i = bi + 1, #buf do keys[#keys + 1] = buf[i].key end
+    buf, bi = {}, 0
+    if #keys > 0 then self.q:unclaim(keys) end
+  end
+  self.give_back = give_back
+  return function()
+    if o.stop and o.stop() then
+      give_back()
+      return nil
+    end
+    if bi >= #buf then
+      if core.now() < quiet_until then return false end
+      local ok = self:_ready()
+      local got, pending, claimed
+      if ok then got, pending, claimed = self.q:claim(n, nil, 0) end
+      if not got then
+        quiet_until = core.now() + 1 -- Redis is away: ask again in a second
+        return false
+      end
+      buf, bi = got, 0
+      if #got == 0 then
+        if o.until_empty and pending == 0 and claimed == 0 then return nil end
+        quiet_until = core.now() + idle
+        return false
+      end
+    end
+    bi = bi + 1
+    local c = buf[bi]
+    local f = {}
+    for i = 1, #c.payload, 2 do f[c.payload[i]] = c.payload[i + 1] end
+    local to = {}
+    for a in (f.to or ""):gmatch("[^\n]+") do to[#to + 1] = a end
+    local um = { id = c.key, from = f.from, to = to, attempts = tonumber(f.attempts) or 0 }
+    return { msg = { from = f.from or "", data = f.data or "", dsn = decode_dsn(f.dsn), outbox = um }, to = to,
+             user_msg = um }, c.key
+  end
+end
+
+--- Writes a message's `L`: its final dot is about to leave.
+function B:mark(id) return self.q:mark(id) end
+
+--- Renews this worker's leases (call it often; it acts every lease/3 s).
+function B:renew() self.q:renew() end
+
+--- Records a message's outcome (idempotent: a repeat counts once).
+-- @tparam string id
+-- @tparam string status `sent`, `failed` or `ambiguous`
+-- @tparam table r the result or error value (`code`, `enhanced`, `text`
+--   or its message, `kind`)
+-- @tparam number attempts in all
+-- @tparam[opt] boolean dup sent, but an earlier try may have arrived too
+function B:finish(id, status, r, attempts, dup)
+  self.q:release(id)
+  local text = r and (r.text or r.message) or ""
+  return self.q:run("outbox:done", DONE, { self.q.worker, id, status, tostring(r and r.code or ""),
+    tostring(r and r.enhanced or ""), tostring(text), tostring(r and r.kind or ""), tostring(attempts),
+    dup and "1" or "0" })
+end
+
+--- Puts a claimed message back to wait `seconds` for its next attempt
+-- (`attempts`: made so far, across claims).
+function B:later(id, seconds, attempts)
+  self.c:call("HSET", self.p .. "m:" .. id, "attempts", tostring(attempts))
+  return self.q:later(id, seconds)
+end
+
+--- Gives claimed messages back to the queue at once (never started).
+function B:unclaim(ids) return self.q:unclaim(ids) end
+
+--- Deletes the outbox's every key (messages, outcomes, counts).
+-- @treturn[1] number the keys deleted
+-- @return[2] nil
+-- @treturn[2] table error value
+function B:purge()
+  local n, cursor = 0, "0"
+  repeat
+    local r, e, why = self.c:call("SCAN", cursor, "MATCH", self.p:gsub("[%*%?%[%]\\]", "\\%0") .. "*", "COUNT", 1000)
+    if not r then return nil, redis_error(self, e, why) end
+    cursor = r[1]
+    if #r[2] > 0 then
+      local d, de, dwhy = self.c:call("UNLINK", (table.unpack or unpack)(r[2])) -- luacheck: ignore
+      if not d then return nil, redis_error(self, de, dwhy) end
+      n = n + d
+    end
+  until cursor == "0"
+  return n
+end
+
+-- A retry waiting at least this long waits in Redis (`delayed`), not in
+-- the worker's memory: it survives the worker.
+M.LATER = 5
+
+--- Delivers the outbox's messages over a pool (`Pool:deliver`).
+-- @tparam table pool a pool (its `run_items`, `retry`, `cfg`)
+-- @tparam table opts as `Pool:deliver`'s
+function B:deliver(pool, opts)
+  local policy = require("smtppool.engine.policy")
+  for _, k in ipairs({ "should_stop", "on_result", "on_event", "retry" }) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then error("deliver: " .. k .. " must be a function", 3) end
+  end
+  local ok, e = self:_ready()
+  if not ok then return nil, e end
+  local base = opts.retry or pool.retry
+  local summary = { sent = 0, failed = 0, ambiguous = 0, later = 0, returned = 0 }
+  local misconfigured
+  local function stop()
+    return misconfigured ~= nil or (opts.should_stop ~= nil and opts.should_stop())
+  end
+  local n = math.max(2, 2 * (pool.cfg.max_conns or 1))
+  local source = self:source(n, { stop = stop, until_empty = opts.until_empty, idle = opts.idle })
+  -- A retry of more than LATER seconds gives the message back to Redis
+  -- to wait; a shorter one waits here, its lease renewed.
+  local function retry(err, attempt, m)
+    local d = base(err, m.outbox.attempts + attempt, m)
+    if d and d >= M.LATER then
+      m.outbox.later = d
+      return false
+    end
+    return d
+  end
+  local function on_result(m, res, err)
+    local um = m.outbox or m
+    local attempts = um.attempts + ((res or err).attempts or 1)
+    local status
+    if res then
+      status = "sent"
+      self:finish(um.id, "sent", res, attempts, res.ambiguous)
+    elseif um.later and err.kind ~= "cancelled" then
+      self:later(um.id, um.later, attempts)
+      summary.later = summary.later + 1
+      return
+    elseif err.kind == "cancelled" or policy.misconfigured(err) then
+      -- never started, or stopped by the configuration: back to the queue
+      if err.kind ~= "cancelled" then misconfigured = misconfigured or err end
+      self:unclaim({ um.id })
+      summary.returned = summary.returned + 1
+      return
+    elseif err.kind == "ambiguous" or err.ambiguous then
+      status = "ambiguous"
+      self:finish(um.id, status, err, attempts)
+    else
+      status = "failed"
+      self:finish(um.id, status, err, attempts)
+    end
+    summary[status] = summary[status] + 1
+    if opts.on_result then
+      local pok, perr = pcall(opts.on_result, um, res, err)
+      if not pok then io.stderr:write("smtppool: deliver's on_result raised: ", tostring(perr), "\n") end
+    end
+  end
+  local rok, rerr = pcall(pool.run_items, pool, source, function(m, res, err) on_result(m, res, err) end, {
+    should_stop = stop, retry = retry, on_event = opts.on_event, poll = opts.idle or 0.25,
+    mark_async = function(m) self:mark((m.outbox or m).id) end,
+    before_wait = function() self:renew() end })
+  if self.give_back then self.give_back() end
+  if not rok then error(rerr, 0) end
+  if misconfigured then return nil, misconfigured end
+  return summary
+end
+
+function B:close() self.c:close() end
+
+return M
