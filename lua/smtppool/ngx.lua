@@ -97,10 +97,14 @@ function M.new(opts)
   local drv = driver.new()
   local pool, err = smtppool.build(base, drv, shared)
   if not pool then return nil, err end
-  return setmetatable({
+  local p = setmetatable({
     base = base, shared = shared, pool = pool, drv = drv, queue = {}, head = 1, tail = 0,
     queue_size = qs, exit_timeout = et, on_result = opts.on_result, running = false, closed = false,
   }, P)
+  -- with an outbox the agent runs from the start: it delivers what any
+  -- worker (or another nginx) stored
+  if pool.outbox then p:_start() end
+  return p
 end
 
 --- Several relays with failover, as `smtppool.relays` (each entry the
@@ -142,13 +146,33 @@ end
 local function agent(premature, self)
   local pool = self.pool
   local exit_started
+  local function leaving() return self.closed or premature or ngx.worker.exiting() end
+  -- The outbox's messages come after the ones requests wait for; an
+  -- exiting worker claims no more and gives back at once what it claimed
+  -- and had not started.
+  local box = pool.outbox
+  local run = box and box:runner(pool, { on_result = self.on_result,
+    log = function(m) ngx.log(ngx.ERR, m) end })
+  local from_box = box and box:source(math.max(2, 2 * pool.cfg.max_conns), { stop = leaving })
+  local paused_until = 0
   local function source()
     local e = self:_pop()
     if e then
       e.item.user_msg = e
       return e.item
     end
-    if self.closed or premature or ngx.worker.exiting() then return nil end
+    if run and run.misconfigured then
+      -- the relay refused the configuration: the message went back; the
+      -- outbox waits rather than claim and return in a loop
+      ngx.log(ngx.ERR, "smtppool: outbox delivery paused for 30 s: ", tostring(run.misconfigured))
+      paused_until, run.misconfigured = self.drv.now() + 30, nil
+    end
+    if from_box and self.drv.now() >= paused_until then
+      local item = from_box()
+      if item then return item end
+      if item == nil then from_box = nil end
+    end
+    if leaving() then return nil end
     return false
   end
   local function should_stop()
@@ -156,9 +180,15 @@ local function agent(premature, self)
     exit_started = exit_started or self.drv.now()
     return self.drv.now() - exit_started >= self.exit_timeout
   end
-  local ok, err = pcall(pool.run, pool, source, function(entry, res, e) self:_deliver(entry, res, e) end,
-    { poll = 1, should_stop = should_stop })
+  local function on_result(entry, res, e)
+    if run and run.on_result(entry, res, e) then return end
+    self:_deliver(entry, res, e)
+  end
+  local ok, err = pcall(pool.run_items, pool, source, on_result, { poll = box and 0.25 or 1,
+    should_stop = should_stop, retry = run and run.retry, mark_async = run and run.mark_async,
+    before_wait = run and run.before_wait })
   if not ok then ngx.log(ngx.ERR, "smtppool: the sending agent failed: ", tostring(err)) end
+  if box and box.give_back then pcall(box.give_back) end
   -- Closing the connections yields: a request may hand a message in
   -- meanwhile, and finds the agent still running. So the agent stops
   -- running first, then ends what it holds (no yield between the two), and
@@ -181,6 +211,22 @@ function P:_cancel_all()
   end
 end
 
+-- Starts the agent unless it runs.
+function P:_start()
+  if self.running then return true end
+  -- an exiting worker starts no agent: its timers would be premature
+  if ngx.worker.exiting() then
+    return nil, errors.new("cancelled", "not sent: the nginx worker is exiting", { attempts = 0 })
+  end
+  local ok, err = ngx.timer.at(0, agent, self)
+  if not ok then
+    return nil, errors.new("cancelled", "not sent: cannot start the sending agent: " .. tostring(err),
+      { attempts = 0 })
+  end
+  self.running = true
+  return true
+end
+
 -- Hands a prepared item to the agent, starting it if needed.
 function P:_submit(item, waiter)
   if self.closed then return nil, errors.new("config", "the pool is closed") end
@@ -188,18 +234,8 @@ function P:_submit(item, waiter)
     return nil, errors.new("busy", ("the sending queue is full (queue_size %d): nothing was queued")
       :format(self.queue_size), { attempts = 0 })
   end
-  if not self.running then
-    -- an exiting worker starts no agent: its timers would be premature
-    if ngx.worker.exiting() then
-      return nil, errors.new("cancelled", "not sent: the nginx worker is exiting", { attempts = 0 })
-    end
-    local ok, err = ngx.timer.at(0, agent, self)
-    if not ok then
-      return nil, errors.new("cancelled", "not sent: cannot start the sending agent: " .. tostring(err),
-        { attempts = 0 })
-    end
-    self.running = true
-  end
+  local ok, err = self:_start()
+  if not ok then return nil, err end
   self.tail = self.tail + 1
   self.queue[self.tail] = { item = item, waiter = waiter, msg = item.user_msg or item.msg }
   self.drv.wake()
@@ -238,13 +274,37 @@ end
 --- Queues a message and returns at once (fire and forget): one with `data`
 -- is sent as it is, any other is composed. Its outcome goes to the
 -- `on_result` option (or the error log when it fails).
--- @treturn[1] boolean true: queued
+--
+-- With the `outbox` option the message is stored in Redis before this
+-- returns its id, and any worker of any nginx (or `smtppool worker
+-- --outbox`) delivers it once; a reload or a crash loses nothing (see
+-- `smtppool.outbox`). Without it the message waits in this worker's memory.
+-- @treturn[1] string|boolean the message's id (with `outbox`; for
+--   `outcome`), or true (queued in memory)
 -- @return[2] nil
--- @treturn[2] table error value: kind `busy` (the queue is full), `config`
---   (the pool is closed), `cancelled` (the worker is exiting)
+-- @treturn[2] table error value: kind `invalid` (cannot be composed),
+--   `busy` (the queue, or `outbox_max`, is full), `config` (the pool is
+--   closed; Redis refused the login or keeps nothing on disk),
+--   `connection` (Redis cannot be reached within `outbox_timeout`),
+--   `cancelled` (the worker is exiting; in memory only)
 function P:enqueue(msg)
   if type(msg) ~= "table" then error("enqueue: message must be a table, got " .. type(msg), 2) end
+  if self.pool.outbox then
+    if self.closed then return nil, errors.new("config", "the pool is closed") end
+    local id, err = self.pool:enqueue(msg)
+    if id then
+      if not self.running then self:_start() end
+      self.drv.wake()
+    end
+    return id, err
+  end
   return self:_submit(prepare.item(msg, self.pool.prep))
+end
+
+--- A message's outcome by the id `enqueue` gave (with `outbox`; from any
+-- worker): as `Pool:outcome`.
+function P:outcome(id)
+  return self.pool:outcome(id)
 end
 
 --- Sends many messages and waits for all of them (as `Pool:send_batch`:

@@ -311,7 +311,7 @@ function B:source(n, o)
     for i = 1, #c.payload, 2 do f[c.payload[i]] = c.payload[i + 1] end
     local to = {}
     for a in (f.to or ""):gmatch("[^\n]+") do to[#to + 1] = a end
-    local um = { id = c.key, from = f.from, to = to, attempts = tonumber(f.attempts) or 0 }
+    local um = { id = c.key, from = f.from, to = to, attempts = tonumber(f.attempts) or 0, outbox_of = self }
     return { msg = { from = f.from or "", data = f.data or "", dsn = decode_dsn(f.dsn), outbox = um }, to = to,
              user_msg = um }, c.key
   end
@@ -371,27 +371,25 @@ end
 -- the worker's memory: it survives the worker.
 M.LATER = 5
 
---- Delivers the outbox's messages over a pool (`Pool:deliver`).
--- @tparam table pool a pool (its `run_items`, `retry`, `cfg`)
--- @tparam table opts as `Pool:deliver`'s
-function B:deliver(pool, opts)
+--- What a pool's loop needs to deliver this outbox's items (besides any
+-- others it runs, as nginx's agent does): `retry` (the pool's policy, a
+-- long wait handed back to Redis), `on_result(m, res, err)` (records the
+-- outcome; false for an item that is not the outbox's), `mark_async`,
+-- `before_wait`, and `summary`; `misconfigured` is set by a configuration
+-- failure (the message goes back to the queue; delivery should stop).
+-- @tparam table pool the pool (its `retry`)
+-- @tparam table o `retry` (instead of the pool's), `on_result(msg, res,
+--   err)` (each final outcome; `msg.id`), `log(text)` (where a raising
+--   on_result is told; default stderr)
+function B:runner(pool, o)
   local policy = require("smtppool.engine.policy")
-  for _, k in ipairs({ "should_stop", "on_result", "on_event", "retry" }) do
-    if opts[k] ~= nil and type(opts[k]) ~= "function" then error("deliver: " .. k .. " must be a function", 3) end
-  end
-  local ok, e = self:_ready()
-  if not ok then return nil, e end
-  local base = opts.retry or pool.retry
-  local summary = { sent = 0, failed = 0, ambiguous = 0, later = 0, returned = 0 }
-  local misconfigured
-  local function stop()
-    return misconfigured ~= nil or (opts.should_stop ~= nil and opts.should_stop())
-  end
-  local n = math.max(2, 2 * (pool.cfg.max_conns or 1))
-  local source = self:source(n, { stop = stop, until_empty = opts.until_empty, idle = opts.idle })
+  local r = { summary = { sent = 0, failed = 0, ambiguous = 0, later = 0, returned = 0 } }
+  local base = o.retry or pool.retry
+  local summary = r.summary
   -- A retry of more than LATER seconds gives the message back to Redis
   -- to wait; a shorter one waits here, its lease renewed.
-  local function retry(err, attempt, m)
+  function r.retry(err, attempt, m)
+    if not m.outbox then return base(err, attempt, m) end
     local d = base(err, m.outbox.attempts + attempt, m)
     if d and d >= M.LATER then
       m.outbox.later = d
@@ -399,8 +397,8 @@ function B:deliver(pool, opts)
     end
     return d
   end
-  local function on_result(m, res, err)
-    local um = m.outbox or m
+  function r.on_result(um, res, err)
+    if type(um) ~= "table" or um.outbox_of ~= self then return false end
     local attempts = um.attempts + ((res or err).attempts or 1)
     local status
     if res then
@@ -409,13 +407,13 @@ function B:deliver(pool, opts)
     elseif um.later and err.kind ~= "cancelled" then
       self:later(um.id, um.later, attempts)
       summary.later = summary.later + 1
-      return
+      return true
     elseif err.kind == "cancelled" or policy.misconfigured(err) then
       -- never started, or stopped by the configuration: back to the queue
-      if err.kind ~= "cancelled" then misconfigured = misconfigured or err end
+      if err.kind ~= "cancelled" then r.misconfigured = r.misconfigured or err end
       self:unclaim({ um.id })
       summary.returned = summary.returned + 1
-      return
+      return true
     elseif err.kind == "ambiguous" or err.ambiguous then
       status = "ambiguous"
       self:finish(um.id, status, err, attempts)
@@ -424,19 +422,44 @@ function B:deliver(pool, opts)
       self:finish(um.id, status, err, attempts)
     end
     summary[status] = summary[status] + 1
-    if opts.on_result then
-      local pok, perr = pcall(opts.on_result, um, res, err)
-      if not pok then io.stderr:write("smtppool: deliver's on_result raised: ", tostring(perr), "\n") end
+    if o.on_result then
+      local pok, perr = pcall(o.on_result, um, res, err)
+      if not pok then
+        local msg = "smtppool: the outbox's on_result raised: " .. tostring(perr)
+        if o.log then o.log(msg) else io.stderr:write(msg, "\n") end
+      end
     end
+    return true
   end
-  local rok, rerr = pcall(pool.run_items, pool, source, function(m, res, err) on_result(m, res, err) end, {
-    should_stop = stop, retry = retry, on_event = opts.on_event, poll = opts.idle or 0.25,
-    mark_async = function(m) self:mark((m.outbox or m).id) end,
-    before_wait = function() self:renew() end })
+  function r.mark_async(um)
+    if type(um) == "table" and um.outbox_of == self then self:mark(um.id) end
+  end
+  function r.before_wait() self:renew() end
+  return r
+end
+
+--- Delivers the outbox's messages over a pool (`Pool:deliver`).
+-- @tparam table pool a pool (its `run_items`, `retry`, `cfg`)
+-- @tparam table opts as `Pool:deliver`'s
+function B:deliver(pool, opts)
+  for _, k in ipairs({ "should_stop", "on_result", "on_event", "retry" }) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then error("deliver: " .. k .. " must be a function", 3) end
+  end
+  local ok, e = self:_ready()
+  if not ok then return nil, e end
+  local r = self:runner(pool, opts)
+  local function stop()
+    return r.misconfigured ~= nil or (opts.should_stop ~= nil and opts.should_stop())
+  end
+  local source = self:source(math.max(2, 2 * (pool.cfg.max_conns or 1)), { stop = stop,
+    until_empty = opts.until_empty, idle = opts.idle })
+  local rok, rerr = pcall(pool.run_items, pool, source, r.on_result, {
+    should_stop = stop, retry = r.retry, on_event = opts.on_event, poll = opts.idle or 0.25,
+    mark_async = r.mark_async, before_wait = r.before_wait })
   if self.give_back then self.give_back() end
   if not rok then error(rerr, 0) end
-  if misconfigured then return nil, misconfigured end
-  return summary
+  if r.misconfigured then return nil, r.misconfigured end
+  return r.summary
 end
 
 function B:close() self.c:close() end

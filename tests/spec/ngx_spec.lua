@@ -4,49 +4,8 @@
 -- the handlers are tests/support/ngx_app.lua.
 local peers = require("peers")
 
+local start_nginx = peers.nginx
 local ROOT = peers.sh("pwd"):gsub("%s+$", "")
-
--- Starts nginx with n workers; returns {dir, port, get, stop, log}.
-local function start_nginx(workers)
-  local dir = peers.tmpdir()
-  local port = peers.free_port()
-  local conf = peers.read_file("tests/support/nginx.conf.in"):gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
-    :gsub("@ROOT@", ROOT):gsub("@WORKERS@", tostring(workers)):gsub("@CA@", peers.certs().ca)
-  peers.write_file(dir .. "/nginx.conf", conf)
-  assert(os.execute(("env -u LD_PRELOAD nginx -p %s -c %s -e %s"):format(dir, dir .. "/nginx.conf",
-    dir .. "/error.log")), "nginx did not start")
-  peers.wait_for(function() return peers.read_file(dir .. "/nginx.pid") end, 10, "nginx")
-  local n = {}
-  n.dir, n.port = dir, port
-  function n.url(path) return ("http://127.0.0.1:%d/%s"):format(port, path) end
-  function n.get(path, max)
-    return peers.sh(("env -u LD_PRELOAD curl -s --max-time %d %s"):format(max or 30, peers.quote(n.url(path))))
-  end
-  -- Many requests at once (curl --parallel); returns the bodies' lines.
-  function n.parallel(paths, max)
-    local cfg = dir .. "/urls.txt"
-    local lines = {}
-    for _, p in ipairs(paths) do lines[#lines + 1] = ('url = "%s"\noutput = "/dev/stdout"'):format(n.url(p)) end
-    peers.write_file(cfg, table.concat(lines, "\n") .. "\n")
-    local out = peers.sh(("env -u LD_PRELOAD curl -s --parallel --parallel-immediate --parallel-max %d "
-      .. "--max-time %d -K %s 2>/dev/null"):format(#paths, max or 60, peers.quote(cfg)))
-    local res = {}
-    for l in out:gmatch("[^\n]+") do res[#res + 1] = l end
-    return res
-  end
-  function n.log() return peers.read_file(dir .. "/error.log") or "" end
-  function n.pid() return (peers.read_file(dir .. "/nginx.pid") or ""):match("%d+") end
-  function n.stop(signal)
-    local pid = n.pid()
-    if pid then os.execute("kill -" .. (signal or "TERM") .. " " .. pid) end
-    peers.wait_for(function() return not peers.read_file(dir .. "/nginx.pid") end, 30, "nginx to stop")
-  end
-  function n.cleanup()
-    if n.pid() then n.stop() end
-    os.execute("rm -rf " .. peers.quote(dir))
-  end
-  return n
-end
 
 local function count(lines, pattern)
   local k = 0

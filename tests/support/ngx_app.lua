@@ -71,6 +71,15 @@ local CONFIGS = {
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
              exit_timeout = 0.5 }
   end,
+  -- the durable outbox in Redis, limits shared by the workers; outcomes logged
+  outbox = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             shared_dict = "smtppool", shared_key = "ob" .. a.port, outbox = "redis://127.0.0.1:" .. a.rport,
+             outbox_name = a.name, exit_timeout = 2,
+             on_result = function(m, res, err)
+               ngx.log(ngx.WARN, "OUTBOX ", m.id, " ", res and "sent" or ("failed " .. err.kind))
+             end }
+  end,
   plain = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test",
              auth = a.token and { user = "alice", token = a.token } or nil, allow_plaintext_auth = true }
@@ -173,6 +182,12 @@ function M.handle()
   elseif action == "enqueue" then
     local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
     ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))
+  elseif action == "oenqueue" then
+    local id, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "outbox", text = "o" }
+    ngx.say(id and ("id " .. id) or ("failed " .. qerr.kind .. " " .. tostring(qerr)))
+  elseif action == "outcome" then
+    local o, oerr = p:outcome(a.id)
+    ngx.say(o and ("outcome " .. o.status) or (oerr and ("failed " .. oerr.kind) or "pending"))
   elseif action == "verify" then
     local r, verr = p:verify()
     ngx.say(r and ("verified tls=" .. tostring(r.tls) .. " auth=" .. tostring(r.auth)) or

@@ -383,6 +383,52 @@ function Fault:stop()
   os.execute("rm -rf " .. q(self.dir))
 end
 
+--- Starts nginx (tests/support/nginx.conf.in, handlers in ngx_app.lua)
+-- with n workers; returns {dir, port, url, get, parallel, log, pid, stop,
+-- cleanup}.
+function M.nginx(workers)
+  local ROOT = M.sh("pwd"):gsub("%s+$", "")
+  local dir = M.tmpdir()
+  local port = M.free_port()
+  local conf = M.read_file("tests/support/nginx.conf.in"):gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
+    :gsub("@ROOT@", ROOT):gsub("@WORKERS@", tostring(workers)):gsub("@CA@", M.certs().ca)
+  M.write_file(dir .. "/nginx.conf", conf)
+  assert(os.execute(("env -u LD_PRELOAD nginx -p %s -c %s -e %s"):format(dir, dir .. "/nginx.conf",
+    dir .. "/error.log")), "nginx did not start")
+  M.wait_for(function() return M.read_file(dir .. "/nginx.pid") end, 10, "nginx")
+  local n = {}
+  n.dir, n.port = dir, port
+  function n.url(path) return ("http://127.0.0.1:%d/%s"):format(port, path) end
+  function n.get(path, max)
+    return M.sh(("env -u LD_PRELOAD curl -s --max-time %d %s"):format(max or 30, M.quote(n.url(path))))
+  end
+  -- Many requests at once (curl --parallel); returns the bodies' lines.
+  function n.parallel(paths, max)
+    local cfg = dir .. "/urls.txt"
+    local lines = {}
+    for _, p in ipairs(paths) do lines[#lines + 1] = ('url = "%s"\noutput = "/dev/stdout"'):format(n.url(p)) end
+    M.write_file(cfg, table.concat(lines, "\n") .. "\n")
+    local out = M.sh(("env -u LD_PRELOAD curl -s --parallel --parallel-immediate --parallel-max %d "
+      .. "--max-time %d -K %s 2>/dev/null"):format(#paths, max or 60, M.quote(cfg)))
+    local res = {}
+    for l in out:gmatch("[^\n]+") do res[#res + 1] = l end
+    return res
+  end
+  function n.log() return M.read_file(dir .. "/error.log") or "" end
+  function n.pid() return (M.read_file(dir .. "/nginx.pid") or ""):match("%d+") end
+  function n.stop(signal)
+    local pid = n.pid()
+    if pid then os.execute("kill -" .. (signal or "TERM") .. " " .. pid) end
+    M.wait_for(function() return not M.read_file(dir .. "/nginx.pid") end, 30, "nginx to stop")
+  end
+  function n.cleanup()
+    if n.pid() then n.stop() end
+    os.execute("rm -rf " .. M.quote(dir))
+  end
+  return n
+end
+
+
 --- Sets package paths so specs load the tree's module.
 function M.use_tree()
   local root = HERE:gsub("/tests/support$", "")

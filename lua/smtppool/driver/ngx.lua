@@ -284,7 +284,8 @@ end
 -- @treturn table the driver
 function M.new()
   local sem = semaphore.new(0)
-  local d = { name = "ngx", now = core.now, redis_connect = M.redis_connect, redis_per_thread = true }
+  local d = { name = "ngx", now = core.now, redis_connect = M.redis_connect, redis_per_thread = true,
+              sleep = function(s) ngx.sleep(s) end }
   local waiting, posted = false, false
 
   function d.wake()

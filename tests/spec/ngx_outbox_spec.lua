@@ -1,0 +1,108 @@
+-- The durable outbox inside nginx (issue 24): requests hand messages over
+-- and get their ids at once; nginx is stopped gracefully mid-delivery and
+-- started again, a worker is killed with SIGKILL, a worker outside nginx
+-- drains the same outbox: every message reaches the server once, except at
+-- most the killed worker's in-flight ones, which end ambiguous; every id
+-- ends with an outcome.
+local peers = require("peers")
+local smtppool = require("smtppool")
+
+-- The messages the server received with their text (not a lone dot).
+local function arrived(f)
+  local out = {}
+  for _, m in ipairs(f:select("message")) do
+    if #(m.data or "") > 0 then out[#out + 1] = m end
+  end
+  return out
+end
+
+local function workers_of(master)
+  local out = {}
+  for pid in peers.sh("pgrep -P " .. master):gmatch("%d+") do out[#out + 1] = pid end
+  return out
+end
+
+describe("the outbox inside nginx", function()
+  it("survives a graceful stop, a SIGKILLed worker and an outside worker: once each, every id an outcome",
+    function()
+    local redis = peers.redis()
+    -- a slow server: each final dot waits for its reply
+    local f = peers.fault({ rules = { { on = "DATA_END", ["do"] = "stall", seconds = 0.1, times = -1 } } })
+    local ngx1, ngx2
+    local name = "box" .. tostring(math.random(1e9))
+    local dir = peers.tmpdir()
+    finally(function()
+      if ngx1 then ngx1.cleanup() end
+      if ngx2 then ngx2.cleanup() end
+      os.execute("pkill -9 -f " .. peers.quote("--outbox-name " .. name) .. " 2>/dev/null")
+      redis:stop()
+      f:stop()
+      os.execute("rm -rf " .. peers.quote(dir))
+    end)
+    local q = ("cfg=outbox&port=%d&rport=%d&name=%s"):format(f.port, redis.port, name)
+    ngx1 = peers.nginx(2)
+    -- 300 requests at once: each answers with its id, stored before the answer
+    local paths = {}
+    for i = 1, 300 do paths[i] = ("oenqueue?%s&to=o%d@y.test"):format(q, i) end
+    local lines = ngx1.parallel(paths, 60)
+    local ids = {}
+    for _, l in ipairs(lines) do
+      local id = l:match("^id (%x+)$")
+      assert(id, l)
+      ids[#ids + 1] = id
+    end
+    assert.equal(300, #ids)
+    -- a graceful stop mid-delivery: what was claimed and not started goes back
+    peers.wait_for(function() return #arrived(f) >= 20 end, 60, "delivery to start")
+    ngx1.stop("QUIT")
+    local box = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none",
+      outbox = "redis://127.0.0.1:" .. redis.port, outbox_name = name })
+    local st = assert(box.outbox:stats())
+    assert.equal(0, st.claimed) -- nothing left claimed by the stopped nginx
+    local after_stop = #arrived(f)
+    assert.truthy(after_stop < 300, after_stop)
+    -- started again: the first request makes each worker's pool, whose agent drains the outbox
+    ngx2 = peers.nginx(2)
+    for _ = 1, 4 do ngx2.get("outcome?" .. q .. "&id=" .. ids[1]) end
+    peers.wait_for(function() return #arrived(f) >= after_stop + 20 end, 60, "delivery to resume")
+    -- a worker killed with SIGKILL mid-delivery
+    local victims = workers_of(ngx2.pid())
+    assert.truthy(#victims >= 1)
+    os.execute("kill -9 " .. victims[1])
+    -- a worker outside nginx joins; the replacement worker makes its pool on a request
+    local out = dir .. "/worker.out"
+    peers.write_file(dir .. "/relay.lua", ('return { host = "127.0.0.1", port = %d, tls = "none", max_conns = 1 }')
+      :format(f.port))
+    os.execute(("lua5.4 bin/smtppool worker --outbox redis://127.0.0.1:%d --outbox-name %s --config %s "
+      .. "--until-empty >%s 2>&1 &"):format(redis.port, name, peers.quote(dir .. "/relay.lua"), peers.quote(out)))
+    for _ = 1, 4 do ngx2.get("outcome?" .. q .. "&id=" .. ids[1]) end
+    -- every id ends with an outcome
+    local outcomes
+    peers.wait_for(function()
+      outcomes = { sent = 0, ambiguous = 0, failed = 0 }
+      for _, id in ipairs(ids) do
+        local o = box:outcome(id)
+        if not o then return false end
+        outcomes[o.status] = outcomes[o.status] + 1
+      end
+      return true
+    end, 120, "every message's outcome")
+    assert.equal(300, outcomes.sent + outcomes.ambiguous)
+    -- the killed worker had at most its share of max_conns (2 across the nginx) in flight
+    assert.truthy(outcomes.ambiguous <= 2, outcomes.ambiguous)
+    local per, total = {}, 0
+    for _, m in ipairs(arrived(f)) do
+      for _, r in ipairs(m.rcpt or {}) do
+        per[r] = (per[r] or 0) + 1
+        total = total + 1
+      end
+    end
+    for addr, n in pairs(per) do assert.equal(1, n, addr) end
+    assert.truthy(total >= 300 - outcomes.ambiguous and total <= 300, total)
+    -- an outcome reads the same from nginx
+    local o1 = box:outcome(ids[1])
+    assert.equal("outcome " .. o1.status, ngx2.get("outcome?" .. q .. "&id=" .. ids[1]):match("^[^\n]+"))
+    assert.matches("^failed invalid", ngx2.get("outcome?" .. q .. "&id=00ff"))
+    box:close()
+  end)
+end)
