@@ -624,6 +624,21 @@ function Pool:metrics(prefix, labels)
   metric("limited_total", "counter", "Messages moved by a limit signal without spending an attempt.", st.limited)
   metric("tls_handshakes_total", "counter", "TLS handshakes.", st.tls_handshakes)
   metric("tls_resumed_total", "counter", "TLS handshakes that resumed a session.", st.tls_resumed)
+  if self.outbox then
+    -- the outbox's, as Redis holds them (every worker's together)
+    local ob = self.outbox:stats()
+    if ob then
+      metric("outbox_depth", "gauge", "Messages in the outbox: queued, waiting for a retry, or claimed.", ob.depth)
+      metric("outbox_delayed", "gauge", "Messages in the outbox waiting for a retry.", ob.delayed)
+      metric("outbox_oldest_seconds", "gauge", "Seconds since the oldest pending message was handed over.",
+        ob.oldest or 0)
+      metric("outbox_enqueued_total", "counter", "Messages handed to the outbox.", ob.enqueued)
+      metric("outbox_sent_total", "counter", "Outbox messages sent.", ob.sent)
+      metric("outbox_failed_total", "counter", "Outbox messages that failed.", ob.failed)
+      metric("outbox_ambiguous_total", "counter", "Outbox messages whose final dot was on its way when their "
+        .. "worker stopped.", ob.ambiguous)
+    end
+  end
   return table.concat(out)
 end
 
