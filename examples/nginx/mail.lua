@@ -1,6 +1,7 @@
 --- The handlers of examples/nginx/nginx.conf: a contact form that waits for
--- its outcome, a notification that is queued (fire and forget), and the
--- pool's metrics for Prometheus.
+-- its outcome, a notification that is queued and answered at once (in Redis
+-- when OUTBOX is set: stored durably, delivered once by any worker, its
+-- outcome readable by id), and the pool's metrics for Prometheus.
 local smtp = require("smtppool.ngx")
 
 local M = {}
@@ -26,6 +27,8 @@ function M.init()
     max_messages_per_conn = 5, -- rotate before the provider's per-session cap
     rate = { connections_per_min = 300, auth_per_min = 120 },
     queue_size = 500,
+    -- a durable outbox (redis://...): enqueue stores the message before it answers
+    outbox = env("OUTBOX"),
     -- queued messages' outcomes (runs in the agent: keep it short)
     on_result = function(msg, res, e)
       if not res then ngx.log(ngx.WARN, "notification to ", tostring(msg.to), " failed: ", tostring(e)) end
@@ -59,13 +62,32 @@ function M.contact()
   end
 end
 
---- POST to=...: queues a notification and answers at once.
+--- POST to=...: queues a notification and answers at once (with its id
+-- when the outbox holds it).
 function M.notify()
   local a = form()
-  local ok, err = pool:enqueue{ from = "noreply@example.org", to = a.to or "", subject = "Notification",
+  local id, err = pool:enqueue{ from = "noreply@example.org", to = a.to or "", subject = "Notification",
                                 text = "Something happened." }
-  ngx.status = ok and 202 or (err.kind == "busy" and 503 or 400)
-  ngx.say(ok and "queued" or ("not queued: " .. err.kind))
+  if id then
+    ngx.status = 202
+    ngx.say("queued", type(id) == "string" and (" " .. id) or "")
+    return
+  end
+  ngx.status = (err.kind == "busy" or err.kind == "connection") and 503 or (err.kind == "invalid" and 400 or 500)
+  ngx.say("not queued: ", err.kind)
+  if err.kind ~= "invalid" then ngx.log(ngx.ERR, "notify: ", tostring(err)) end
+end
+
+--- GET ?id=...: what became of a notification held by the outbox (from
+-- any worker or machine): pending, sent, failed or ambiguous.
+function M.outcome()
+  local o, err = pool:outcome(ngx.var.arg_id or "")
+  if err then
+    ngx.status = err.kind == "invalid" and 404 or 503
+    ngx.say(err.kind == "invalid" and "unknown id" or "outbox unreachable")
+  else
+    ngx.say(o and o.status or "pending")
+  end
 end
 
 --- The pool's counters (this worker's) in the Prometheus text format.

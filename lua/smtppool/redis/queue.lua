@@ -15,10 +15,11 @@
 -- * `seen` (hash): each worker's last claim.
 --
 -- What a key holds and how an outcome is recorded belong to the queue's
--- user, which gives the scripts three Lua functions (`hooks`): `gone(p,
--- key, state)` (nothing left to send: its outcome is recorded), `lost(p,
--- key)` (its lease ran out after its `L`: record it ambiguous) and
--- `payload(p, key)` (what a claim hands out with the key).
+-- user, which gives the scripts three Lua functions (`hooks`):
+--
+-- * `gone(p, key, state)`: nothing is left to send (its outcome is recorded);
+-- * `lost(p, key)`: its lease ran out after its `L` (record it ambiguous);
+-- * `payload(p, key)`: what a claim hands out with the key.
 --
 -- Every time is the Redis server's (`TIME`), so workers' clocks never matter.
 -- @module smtppool.redis.queue
