@@ -382,6 +382,9 @@ end
 --   leaves (with a driver that can hold the dot, the native one, right
 --   before; else before the attempt's first byte); a campaign in Redis
 --   records its `L` there.
+-- * `mark_many = function(msgs)`: with `mark_async`, the marks of final
+--   dots held until the loop's next wait (pipelining over DATA), several at
+--   once (one round trip for all).
 -- * `poll` (seconds): with a source that may answer `false` (nothing now,
 --   more later), how often to ask it again.
 -- * `mark = function(msg) -> journal, key`: key's `L` committed to a
@@ -403,7 +406,8 @@ function Pool:send_batch(source, opts)
   end
   if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
   local on_result = opts and opts.on_result
-  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async", "before_wait", "retry", "on_event" }) do
+  for _, k in ipairs({ "on_result", "should_stop", "mark", "mark_async", "mark_many", "before_wait", "retry",
+                       "on_event" }) do
     if opts and opts[k] ~= nil and type(opts[k]) ~= "function" then
       error("send_batch: " .. k .. " must be a function", 2)
     end

@@ -153,7 +153,7 @@ local function agent(premature, self)
   local box = pool.outbox
   local run = box and box:runner(pool, { on_result = self.on_result,
     log = function(m) ngx.log(ngx.ERR, m) end })
-  local from_box = box and box:source(math.max(2, 2 * pool.cfg.max_conns), { stop = leaving })
+  local from_box = box and box:source(math.max(8, 4 * pool.cfg.max_conns), { stop = leaving })
   local paused_until = 0
   local function source()
     local e = self:_pop()
@@ -186,9 +186,11 @@ local function agent(premature, self)
   end
   local ok, err = pcall(pool.run_items, pool, source, on_result, { poll = box and 0.25 or 1,
     should_stop = should_stop, retry = run and run.retry, mark_async = run and run.mark_async,
+    mark_many = run and run.mark_many,
     before_wait = run and run.before_wait })
   if not ok then ngx.log(ngx.ERR, "smtppool: the sending agent failed: ", tostring(err)) end
   if box and box.give_back then pcall(box.give_back) end
+  if box then pcall(box.flush, box) end
   -- Closing the connections yields: a request may hand a message in
   -- meanwhile, and finds the agent still running. So the agent stops
   -- running first, then ends what it holds (no yield between the two), and

@@ -152,13 +152,18 @@ function M.open(url, o)
   if type(name) ~= "string" or not name:match("^[%w._:-]+$") then
     return nil, errors.new("config", "outbox_name takes letters, digits, '.', '_', ':' or '-'")
   end
+  -- two connections: the delivering side's (claims, marks, outcomes; in
+  -- nginx the agent's own cosocket) and the handing-over side's (enqueue,
+  -- outcome, stats: request handlers)
   local c = client.new(u, { timeout = o.timeout or 2, driver = o.driver })
+  local rc = client.new(u, { timeout = o.timeout or 2, driver = o.driver,
+    keep = not (o.driver and o.driver.redis_per_thread) })
   local p = "smtppool:outbox:" .. name .. ":"
   local drv = o.driver
   local q = queue.new(c, p, { name = "outbox", hooks = HOOKS, lease = o.lease,
     resend_in_flight = o.resend_in_flight,
     sleep = drv and drv.sleep or nil })
-  return setmetatable({ c = c, p = p, q = q, url = client.redact(url), name = name, max = o.max or 100000,
+  return setmetatable({ c = c, rc = rc, p = p, q = q, pending = {}, url = client.redact(url), name = name, max = o.max or 100000,
     keep = o.keep or 604800, allow_volatile = o.allow_volatile, checked = false }, B)
 end
 
@@ -166,7 +171,7 @@ end
 -- and records how long outcomes are kept.
 function B:_ready()
   if self.checked then return true end
-  local ok, e, why = self.c:connect()
+  local ok, e, why = self.rc:connect()
   if not ok then
     return nil, errors.new(why == "login" and "config" or "connection", ("outbox at %s: %s"):format(self.url, e))
   end
@@ -174,7 +179,7 @@ function B:_ready()
     local vol = queue.volatile(self.c, "outbox")
     if vol then return nil, errors.new("config", vol) end
   end
-  local v, se = self.c:call("HSET", self.p .. "meta", "keep", tostring(math.floor(self.keep)))
+  local v, se = self.rc:call("HSET", self.p .. "meta", "keep", tostring(math.floor(self.keep)))
   if not v then return nil, errors.new("connection", ("outbox at %s: %s"):format(self.url, se)) end
   self.checked = true
   return true
@@ -199,7 +204,7 @@ function B:put(item)
   local fok, data = pcall(message.flatten, item.msg.data)
   if not fok then return nil, errors.new("invalid", "cannot read the message: " .. tostring(data), { attempts = 0 }) end
   local id = core.random_hex(12)
-  local v, re, why = self.c:script("outbox:put", PUT, { self.p }, { tostring(math.floor(self.max)), id,
+  local v, re, why = self.rc:script("outbox:put", PUT, { self.p }, { tostring(math.floor(self.max)), id,
     item.msg.from, table.concat(item.to, "\n"), data, encode_dsn(item.msg.dsn) })
   if not v then return nil, redis_error(self, re, why) end
   if v[1] == 0 then
@@ -223,10 +228,10 @@ function B:outcome(id)
   local ok, e = self:_ready()
   if not ok then return nil, e end
   local cmds = { { "HGETALL", self.p .. "o:" .. id }, { "EXISTS", self.p .. "m:" .. id } }
-  local r, re, why = self.c:pipeline(cmds)
+  local r, re, why = self.rc:pipeline(cmds)
   -- a read is safe to repeat: once more on a fresh connection (the kept
   -- one may be stale: Redis restarted since)
-  if not r and not why then r, re, why = self.c:pipeline(cmds) end
+  if not r and not why then r, re, why = self.rc:pipeline(cmds) end
   if not r then return nil, redis_error(self, re, why) end
   local flat = r[1]
   if type(flat) == "table" and #flat > 0 then
@@ -254,8 +259,8 @@ end
 function B:stats()
   local ok, e = self:_ready()
   if not ok then return nil, e end
-  local v, re, why = self.c:script("outbox:stats", STATS, { self.p }, {})
-  if not v and not why then v, re, why = self.c:script("outbox:stats", STATS, { self.p }, {}) end
+  local v, re, why = self.rc:script("outbox:stats", STATS, { self.p }, {})
+  if not v and not why then v, re, why = self.rc:script("outbox:stats", STATS, { self.p }, {}) end
   if not v then return nil, redis_error(self, re, why) end
   local s = { depth = v[1], queued = v[2], delayed = v[3], claimed = v[4], oldest = tonumber(v[5]),
               enqueued = 0, sent = 0, failed = 0, ambiguous = 0 }
@@ -287,6 +292,7 @@ function B:source(n, o)
   return function()
     if o.stop and o.stop() then
       give_back()
+      self:flush()
       return nil
     end
     if bi >= #buf then
@@ -317,13 +323,39 @@ function B:source(n, o)
   end
 end
 
---- Writes a message's `L`: its final dot is about to leave.
-function B:mark(id) return self.q:mark(id) end
+--- Writes a message's `L`: its final dot is about to leave. The outcomes
+-- waiting to be written go in the same round trip.
+function B:mark(id) return self:flush({ { "HSET", self.p .. "state", id, "L" } }) end
 
---- Renews this worker's leases (call it often; it acts every lease/3 s).
-function B:renew() self.q:renew() end
+--- Writes several messages' `L` in one round trip (their dots are held
+-- until it is written), with the outcomes waiting.
+function B:mark_many(ids)
+  local cmd = { "HSET", self.p .. "state" }
+  for _, id in ipairs(ids) do
+    cmd[#cmd + 1] = id
+    cmd[#cmd + 1] = "L"
+  end
+  return self:flush({ cmd })
+end
+
+--- Renews this worker's leases (call it often; it acts every lease/3 s)
+-- and writes the outcomes waiting.
+function B:renew()
+  self.q:renew()
+  -- outcomes ride on the next L; alone they go when 64 wait, or the oldest
+  -- has waited 50 ms (what `outcome` readers wait at most, with the loop's poll)
+  if #self.pending > 0 and core.now() - self.pending_since >= 0.05 then return self:flush() end
+  return true
+end
 
 --- Records a message's outcome (idempotent: a repeat counts once).
+--
+-- Outcomes are written in batches: each waits for the next round trip
+-- this worker makes to Redis anyway (the next message's `L`, the end of
+-- the loop's turn) and goes in the same pipeline, so a message costs one
+-- round trip, not two. A worker killed in between leaves such a message
+-- `L`, hence ambiguous; no connection of its started another since, so the
+-- bound (its connections times the window) holds.
 -- @tparam string id
 -- @tparam string status `sent`, `failed` or `ambiguous`
 -- @tparam table r the result or error value (`code`, `enhanced`, `text`
@@ -333,9 +365,56 @@ function B:renew() self.q:renew() end
 function B:finish(id, status, r, attempts, dup)
   self.q:release(id)
   local text = r and (r.text or r.message) or ""
-  return self.q:run("outbox:done", DONE, { self.q.worker, id, status, tostring(r and r.code or ""),
+  if #self.pending == 0 then self.pending_since = core.now() end
+  self.pending[#self.pending + 1] = { self.q.worker, id, status, tostring(r and r.code or ""),
     tostring(r and r.enhanced or ""), tostring(text), tostring(r and r.kind or ""), tostring(attempts),
-    dup and "1" or "0" })
+    dup and "1" or "0" }
+  if #self.pending >= 64 then return self:flush() end
+  return true
+end
+
+--- Writes the outcomes waiting, and `extra` (a list of idempotent
+-- commands) after them, in one round trip; while Redis cannot be reached it
+-- tries again (bounded: 120 s), since every part may be repeated.
+-- @return[1] true
+-- @return[2] nil
+-- @treturn[2] string why
+function B:flush(extra)
+  if #self.pending == 0 and not extra then return true end
+  local deadline = core.now() + 120
+  local e
+  while true do
+    local sha = self.c.shas["outbox:done"]
+    if not sha and #self.pending > 0 then
+      local v, le = self.c:call("SCRIPT", "LOAD", DONE)
+      if v then self.c.shas["outbox:done"], sha = v, v else e = le end
+    end
+    if sha or #self.pending == 0 then
+      local cmds = {}
+      for i, a in ipairs(self.pending) do
+        cmds[i] = { "EVALSHA", sha, "1", self.p, (table.unpack or unpack)(a) } -- luacheck: ignore
+      end
+      for _, x in ipairs(extra or {}) do cmds[#cmds + 1] = x end
+      local res, pe = self.c:pipeline(cmds)
+      e = pe
+      if res then
+        local failed
+        for _, v in ipairs(res) do
+          if type(v) == "table" and v.err then
+            failed = v.err
+            if v.err:match("^NOSCRIPT") then self.c.shas["outbox:done"] = nil end
+          end
+        end
+        if not failed then
+          self.pending = {}
+          return true
+        end
+        e = "redis: " .. failed
+      end
+    end
+    if core.now() >= deadline then return nil, e end
+    self.q.sleep(0.5)
+  end
 end
 
 --- Puts a claimed message back to wait `seconds` for its next attempt
@@ -355,11 +434,11 @@ function B:unclaim(ids) return self.q:unclaim(ids) end
 function B:purge()
   local n, cursor = 0, "0"
   repeat
-    local r, e, why = self.c:call("SCAN", cursor, "MATCH", self.p:gsub("[%*%?%[%]\\]", "\\%0") .. "*", "COUNT", 1000)
+    local r, e, why = self.rc:call("SCAN", cursor, "MATCH", self.p:gsub("[%*%?%[%]\\]", "\\%0") .. "*", "COUNT", 1000)
     if not r then return nil, redis_error(self, e, why) end
     cursor = r[1]
     if #r[2] > 0 then
-      local d, de, dwhy = self.c:call("UNLINK", (table.unpack or unpack)(r[2])) -- luacheck: ignore
+      local d, de, dwhy = self.rc:call("UNLINK", (table.unpack or unpack)(r[2])) -- luacheck: ignore
       if not d then return nil, redis_error(self, de, dwhy) end
       n = n + d
     end
@@ -434,6 +513,13 @@ function B:runner(pool, o)
   function r.mark_async(um)
     if type(um) == "table" and um.outbox_of == self then self:mark(um.id) end
   end
+  function r.mark_many(list)
+    local ids = {}
+    for _, um in ipairs(list) do
+      if type(um) == "table" and um.outbox_of == self then ids[#ids + 1] = um.id end
+    end
+    if #ids > 0 then self:mark_many(ids) end
+  end
   function r.before_wait() self:renew() end
   return r
 end
@@ -451,17 +537,21 @@ function B:deliver(pool, opts)
   local function stop()
     return r.misconfigured ~= nil or (opts.should_stop ~= nil and opts.should_stop())
   end
-  local source = self:source(math.max(2, 2 * (pool.cfg.max_conns or 1)), { stop = stop,
+  local source = self:source(math.max(8, 4 * (pool.cfg.max_conns or 1)), { stop = stop,
     until_empty = opts.until_empty, idle = opts.idle })
   local rok, rerr = pcall(pool.run_items, pool, source, r.on_result, {
     should_stop = stop, retry = r.retry, on_event = opts.on_event, poll = opts.idle or 0.25,
-    mark_async = r.mark_async, before_wait = r.before_wait })
+    mark_async = r.mark_async, mark_many = r.mark_many, before_wait = r.before_wait })
   if self.give_back then self.give_back() end
+  self:flush()
   if not rok then error(rerr, 0) end
   if r.misconfigured then return nil, r.misconfigured end
   return r.summary
 end
 
-function B:close() self.c:close() end
+function B:close()
+  self.c:close()
+  self.rc:close()
+end
 
 return M

@@ -47,7 +47,7 @@ describe("the outbox inside nginx", function()
     local lines = ngx1.parallel(paths, 60)
     local ids = {}
     for _, l in ipairs(lines) do
-      local id = l:match("^id (%x+)$")
+      local id = l:match("^id (%x+) [%d.e-]+$")
       assert(id, l)
       ids[#ids + 1] = id
     end

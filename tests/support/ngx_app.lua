@@ -74,10 +74,17 @@ local CONFIGS = {
   -- the durable outbox in Redis, limits shared by the workers; outcomes logged
   outbox = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
-             shared_dict = "smtppool", shared_key = "ob" .. a.port, outbox = "redis://127.0.0.1:" .. a.rport,
+             shared_dict = "smtppool", shared_key = "ob" .. a.port .. (a.name or ""), outbox = "redis://127.0.0.1:" .. a.rport,
              outbox_name = a.name, exit_timeout = 2,
              on_result = function(m, res, err)
                ngx.log(ngx.WARN, "OUTBOX ", m.id, " ", res and "sent" or ("failed " .. err.kind))
+             end }
+  end,
+  -- bench/outbox.lua: the same pool with its queue in memory or in the outbox
+  bmem = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             queue_size = tonumber(a.qs), on_result = function(_, res, err)
+               ngx.log(ngx.WARN, "OUTCOME ", res and "sent" or ("failed " .. err.kind))
              end }
   end,
   plain = function(a)
@@ -183,8 +190,11 @@ function M.handle()
     local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
     ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))
   elseif action == "oenqueue" then
+    -- the id, and the seconds enqueue took (for bench/outbox.lua)
+    local now = require("smtppool.core").now
+    local t0 = now()
     local id, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "outbox", text = "o" }
-    ngx.say(id and ("id " .. id) or ("failed " .. qerr.kind .. " " .. tostring(qerr)))
+    ngx.say(id and ("id " .. id .. " " .. (now() - t0)) or ("failed " .. qerr.kind .. " " .. tostring(qerr)))
   elseif action == "outcome" then
     local o, oerr = p:outcome(a.id)
     ngx.say(o and ("outcome " .. o.status) or (oerr and ("failed " .. oerr.kind) or "pending"))

@@ -224,16 +224,22 @@ function H:auth_mechanism() return self.s:auth_mechanism() end
 -- the certificate against `lua_ssl_trusted_certificate` (nginx's store: a
 -- URL's `ca_file` cannot replace it per connection, and is refused rather
 -- than ignored), for the host's name or `server_name`.
-function M.redis_connect(host, port, timeout, tls)
+--
+-- With `pool` (a name: the server, database and user), the connection comes
+-- from nginx's keepalive pool of that name when one is there (`reused`:
+-- its login and database are done) and `release()` puts it back, so a
+-- request's Redis call does not pay a connection.
+function M.redis_connect(host, port, timeout, tls, pool)
   if tls and (tls.ca_file or tls.ca_path) then
     return nil, "redis connect: in nginx a rediss:// CA comes from lua_ssl_trusted_certificate, not ca_file"
   end
   local sock = ngx.socket.tcp()
   local ms = math.floor(timeout * 1000)
   sock:settimeouts(ms, ms, ms)
-  local ok, err = sock:connect(host, port)
+  local ok, err = sock:connect(host, port, pool and { pool = pool } or nil)
   if not ok then return nil, "redis connect: " .. tostring(err) end
-  if tls then
+  local reused = pool ~= nil and (sock:getreusedtimes() or 0) > 0
+  if tls and not reused then
     local sess, herr = sock:sslhandshake(nil, tls.server_name or host, not tls.insecure_skip_verify)
     if not sess then
       sock:close()
@@ -277,6 +283,12 @@ function M.redis_connect(host, port, timeout, tls)
     return values
   end
   function c.close() sock:close() end
+  c.reused = reused
+  if pool then
+    function c.release()
+      if not sock:setkeepalive(30000, 32) then sock:close() end
+    end
+  end
   return c
 end
 

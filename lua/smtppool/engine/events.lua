@@ -46,7 +46,8 @@ function S:_dispatch(run, rec, entry, t)
       local j = rec.job
       if j and j.mark_pending then -- its final dot is held until the next wait
         j.mark_pending = nil
-        run.mark_async(j.user_msg or j.msg)
+        run.marks_due = run.marks_due or {}
+        run.marks_due[#run.marks_due + 1] = j.user_msg or j.msg
       end
     elseif ev == "tx" then
       -- Outcomes come in order: the oldest transaction first.
@@ -135,6 +136,17 @@ function S:_wait(run, recs, timeout)
   end
   local list = {}
   for i, rec in ipairs(recs) do list[i] = rec.c end
+  -- The marks of the final dots held until this wait, written first (all
+  -- in one round trip when the batch can: mark_many)
+  local due = run.marks_due
+  if due then
+    run.marks_due = nil
+    if run.mark_many then
+      run.mark_many(due)
+    else
+      for _, m in ipairs(due) do run.mark_async(m) end
+    end
+  end
   if run.before_wait then self._guarded(run, "before_wait", run.before_wait) end
   local ready = loop.wait(self.driver, list, timeout, self._wait_fds, self._live)
   local t = self.driver.now()

@@ -367,7 +367,8 @@ function S:run(next_msg, on_result, opts)
   local run = {
     queue = {}, deferred = {}, inflight = 0, done = 0, on_result = on_result,
     source_done = false, mark = opts and opts.mark, should_stop = opts and opts.should_stop,
-    mark_async = opts and opts.mark_async, before_wait = opts and opts.before_wait,
+    mark_async = opts and opts.mark_async, mark_many = opts and opts.mark_many,
+    before_wait = opts and opts.before_wait,
     poll = opts and opts.poll,
   }
   -- messages pulled ahead: enough to keep every connection busy, and to see

@@ -123,7 +123,9 @@ end
 -- @param url a `redis://` URL or a table from `parse_url`
 -- @tparam[opt] table opts `driver` (its `redis_connect` and
 --   `redis_per_thread`; default: the native driver), `timeout` (seconds
---   for each connect and reply, default 2)
+--   for each connect and reply, default 2), `keep` (default true; false:
+--   a connection for each call, from the driver's pool when it keeps one:
+--   for callers that are many short light threads, nginx's requests)
 -- @treturn[1] table the client
 -- @return[2] nil
 -- @treturn[2] string why the URL is wrong
@@ -138,7 +140,7 @@ function M.new(url, opts)
     error("redis_client.new: timeout must be a positive number", 2)
   end
   local d = opts.driver or {}
-  return setmetatable({ url = url, timeout = opts.timeout or 2,
+  return setmetatable({ url = url, timeout = opts.timeout or 2, keep = opts.keep ~= false,
                         transport = d.redis_connect or core.redis_connect,
                         per_thread = d.redis_per_thread and true or false,
                         shas = {}, closed = false }, C)
@@ -200,8 +202,14 @@ end
 -- Opens a transport connection, AUTH and SELECT done.
 function C:_open()
   local u = self.url
-  local c, err = self.transport(u.host, u.port, self.timeout, u.tls)
+  -- a driver whose connections belong to one light thread may keep them
+  -- in a pool between threads (nginx's keepalive pool), named by what a
+  -- connection is logged in to
+  local pool = self.per_thread and ("smtppool-redis:%s:%d:%d:%s:%s"):format(u.host, u.port, u.db, u.user or "",
+    u.tls and "tls" or "") or nil
+  local c, err = self.transport(u.host, u.port, self.timeout, u.tls, pool)
   if not c then return nil, self:_scrub(err) end
+  if c.reused then return c end
   local function step(...)
     local v, e = conn_call(self, c, { ... })
     if v == nil then return nil, e end
@@ -232,7 +240,7 @@ end
 -- call when connections are per thread) one for this call only.
 function C:_conn()
   if self.closed then error("redis client: used after close()", 3) end
-  local mine = not self.per_thread or self.owner == nil or self.owner == coroutine.running()
+  local mine = self.keep and (not self.per_thread or self.owner == nil or self.owner == coroutine.running())
   if self.c and mine then return self.c, true end
   local c, err, why = self:_open()
   if not c then return nil, err, why end
@@ -250,7 +258,9 @@ function C:_with(fn)
   if not c then return nil, kept, why end
   local v, err, answered = fn(c)
   if not kept then
-    c:close()
+    -- a connection for this call only: back to the driver's pool when it
+    -- ended cleanly
+    if (v ~= nil or answered) and c.release then c:release() else c:close() end
   elseif v == nil and not answered then
     c:close()
     self.c, self.owner = nil, nil

@@ -1,0 +1,89 @@
+-- `make bench` (outbox): the durable outbox inside nginx (one worker)
+-- against loopback Redis (AOF) and the C sink.
+-- 1. enqueue latency: rounds of 200 concurrent requests, each timing its
+--    own pool:enqueue (compose, then one script in Redis): median and p99;
+-- 2. delivery throughput from the outbox against the in-memory enqueue of
+--    the same pool (max_conns 2), side by side, alternated, each outcome
+--    logged by on_result in both: the ratio and its spread.
+-- Usage: lua5.4 bench/outbox.lua build/sink   (OUTBOX_BENCH_N=3000, OUTBOX_BENCH_ROUNDS=5)
+package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
+package.cpath = "lua/?.so;" .. package.cpath
+local peers = require("peers")
+local core = require("smtppool.core")
+local smtppool = require("smtppool")
+
+local SINK = arg[1] or "build/sink"
+local N = tonumber(os.getenv("OUTBOX_BENCH_N")) or 3000
+local ROUNDS = tonumber(os.getenv("OUTBOX_BENCH_ROUNDS")) or 5
+if not os.execute("command -v redis-server >/dev/null 2>&1 && command -v nginx >/dev/null 2>&1") then
+  print("outbox: redis-server or nginx is not installed (make deps); skipped")
+  return
+end
+os.execute("make -s build/luajit/smtppool/core.so >/dev/null")
+
+local redis = peers.redis({ persist = true })
+local dir = peers.tmpdir()
+local sink_pid, sink_port = peers.sink(SINK, dir)
+local ngx = peers.nginx(1)
+local url = "redis://127.0.0.1:" .. redis.port
+local function q(cfg, name) return ("cfg=%s&port=%d&rport=%d&name=%s"):format(cfg, sink_port, redis.port, name or "") end
+local function box(name)
+  return assert(smtppool.new{ host = "127.0.0.1", port = sink_port, tls = "none", outbox = url, outbox_name = name })
+end
+local function pct(t, p) return t[math.max(1, math.ceil(#t * p))] end
+
+-- 1. enqueue latency
+local lat = {}
+for r = 1, ROUNDS do
+  local paths = {}
+  for i = 1, 200 do paths[i] = ("oenqueue?%s&to=l%d-%d@y.test"):format(q("outbox", "lat"), r, i) end
+  for _, l in ipairs(ngx.parallel(paths, 60)) do
+    local t = tonumber(l:match("^id %x+ ([%d.e-]+)$"))
+    if t then lat[#lat + 1] = t * 1000 end
+  end
+end
+table.sort(lat)
+print(("outbox: enqueue in nginx (1 worker), %d requests in rounds of 200 at once, loopback Redis with AOF"):format(#lat))
+print(("  enqueue: median %.2f ms, p99 %.2f ms, max %.2f ms (aim: p99 under 5 ms)"):format(pct(lat, 0.5),
+  pct(lat, 0.99), lat[#lat]))
+local lb = box("lat")
+peers.wait_for(function() return lb.outbox:stats().depth == 0 end, 120, "the latency messages to leave")
+lb:close()
+
+-- 2. delivery throughput, in memory and from the outbox, alternated
+local function logged(pattern)
+  local n = 0
+  for _ in ngx.log():gmatch(pattern) do n = n + 1 end
+  return n
+end
+local mem, out = {}, {}
+for r = 1, 3 do
+  local before = logged("OUTCOME sent")
+  local t0 = core.now()
+  assert(ngx.get(("burst?%s&n=%d&qs=%d"):format(q("bmem", "m" .. r), N, N + 1)):match("queued " .. N))
+  peers.wait_for(function() return logged("OUTCOME sent") >= before + N end, 300, "the in-memory queue")
+  mem[r] = N / (core.now() - t0)
+  -- the outbox filled first (its pool not yet made), then drained by the agent
+  local name = "thr" .. r
+  local b = box(name)
+  for i = 1, N do assert(b:enqueue{ from = "a@x.test", to = ("t%d@y.test"):format(i), subject = "outbox",
+    text = "o" }) end
+  t0 = core.now()
+  ngx.get("outcome?" .. q("outbox", name) .. "&id=00") -- makes the pool: its agent starts
+  peers.wait_for(function() return (b.outbox:stats().sent or 0) >= N end, 300, "the outbox")
+  out[r] = N / (core.now() - t0)
+  b:close()
+end
+local ratios = {}
+for r = 1, 3 do ratios[r] = out[r] / mem[r] end
+table.sort(ratios)
+print(("  delivery, %d messages a run, 3 runs alternated, max_conns 2, the C sink:"):format(N))
+print(("    in memory %s msg/s; from the outbox %s msg/s"):format(
+  table.concat({ ("%.0f"):format(mem[1]), ("%.0f"):format(mem[2]), ("%.0f"):format(mem[3]) }, "/"),
+  table.concat({ ("%.0f"):format(out[1]), ("%.0f"):format(out[2]), ("%.0f"):format(out[3]) }, "/")))
+print(("    outbox / in memory: median %.2f (spread %.2f-%.2f; aim: at least 0.9)"):format(ratios[2], ratios[1],
+  ratios[3]))
+ngx.cleanup()
+os.execute("kill " .. sink_pid)
+redis:stop()
+os.execute("rm -rf " .. peers.quote(dir))
