@@ -180,6 +180,8 @@ bench: all $(BUILD)/sink
 	@$(LUA) bench/signed.lua $(BUILD)/sink
 	@echo
 	@$(LUA) bench/redis_campaign.lua
+	@echo
+	@$(LUA) bench/outbox.lua $(BUILD)/sink
 
 # Coverage-guided fuzzing of the reply reader, protocol machine and codecs
 # (libFuzzer with ASan and UBSan); FUZZ_TIME seconds per target.

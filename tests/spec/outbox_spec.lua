@@ -217,7 +217,12 @@ describe("the outbox outside nginx", function()
     peers.sleep(1)
     redis:start()
     local ok_end = pcall(peers.wait_for, function() return (peers.read_file(out) or ""):find("outbox") end, 120, "")
-    assert(ok_end, "the worker did not end: " .. tostring(peers.read_file(out)) .. " arrived " .. #arrived(f))
+    if not ok_end then
+      local st = pool.outbox:stats() or {}
+      error(("the worker did not end: %s; arrived %d; outbox depth %s queued %s delayed %s claimed %s sent %s")
+        :format(tostring(peers.read_file(out)), #arrived(f), tostring(st.depth), tostring(st.queued),
+        tostring(st.delayed), tostring(st.claimed), tostring(st.sent)))
+    end
     local per, total = deliveries(f)
     assert.equal(200, total)
     for i = 1, 200 do assert.equal(1, per[("r%d@y.test"):format(i)], i) end
