@@ -153,6 +153,32 @@ describe("the loop", function()
     pa:close(); pb:close()
   end)
 
+  it("keeps a task's events through a sleep after a wait aside (a Redis outage's retry)", function()
+    -- What a Redis call does on a loop when Redis is restarting: a wait
+    -- aside (its reply), then a sleep before trying again. Events of the
+    -- task's connections that came meanwhile belong to its next wait on
+    -- them, not to the sleep: handed to it, they were lost and a message
+    -- stayed in flight for ever.
+    local net = fake.network()
+    net:server("a", { rtt = 0.05, pipelining = false })
+    local pa = pool_on(net, { host = "a", max_conns = 2 })
+    local l = loop.new(net:driver())
+    local sa, slept = nil, 0
+    l:spawn(function()
+      sa = pa:send_batch(list(6), { mark_async = function()
+        if slept < 3 then
+          slept = slept + 1
+          loop.wait_fd(99, 0.2, net:driver())
+          loop.sleep(0.3, net:driver())
+        end
+      end })
+    end)
+    assert.is_nil(l:run())
+    assert.equal(6, sa.sent)
+    assert.equal(3, slept)
+    pa:close()
+  end)
+
   it("returns a task's error after the others end, and sleeps without a driver wait of its own", function()
     local net = fake.network()
     net:server("a")

@@ -7,15 +7,6 @@
 local peers = require("peers")
 local smtppool = require("smtppool")
 
--- The messages the server received with their text (not a lone dot).
-local function arrived(f)
-  local out = {}
-  for _, m in ipairs(f:select("message")) do
-    if #(m.data or "") > 0 then out[#out + 1] = m end
-  end
-  return out
-end
-
 local function workers_of(master)
   local out = {}
   for pid in peers.sh("pgrep -P " .. master):gmatch("%d+") do out[#out + 1] = pid end
@@ -34,7 +25,7 @@ describe("the outbox inside nginx", function()
     finally(function()
       if ngx1 then ngx1.cleanup() end
       if ngx2 then ngx2.cleanup() end
-      os.execute("pkill -9 -f " .. peers.quote("--outbox-name " .. name) .. " 2>/dev/null")
+      os.execute("pkill -9 -f " .. peers.quote("outbox-name " .. name) .. " 2>/dev/null")
       redis:stop()
       f:stop()
       os.execute("rm -rf " .. peers.quote(dir))
@@ -53,18 +44,18 @@ describe("the outbox inside nginx", function()
     end
     assert.equal(300, #ids)
     -- a graceful stop mid-delivery: what was claimed and not started goes back
-    peers.wait_for(function() return #arrived(f) >= 20 end, 60, "delivery to start")
+    peers.wait_for(function() return #f:arrived() >= 20 end, 60, "delivery to start")
     ngx1.stop("QUIT")
     local box = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none",
       outbox = "redis://127.0.0.1:" .. redis.port, outbox_name = name })
     local st = assert(box.outbox:stats())
     assert.equal(0, st.claimed) -- nothing left claimed by the stopped nginx
-    local after_stop = #arrived(f)
+    local after_stop = #f:arrived()
     assert.truthy(after_stop < 300, after_stop)
     -- started again: the first request makes each worker's pool, whose agent drains the outbox
     ngx2 = peers.nginx(2)
     for _ = 1, 4 do ngx2.get("outcome?" .. q .. "&id=" .. ids[1]) end
-    peers.wait_for(function() return #arrived(f) >= after_stop + 20 end, 60, "delivery to resume")
+    peers.wait_for(function() return #f:arrived() >= after_stop + 20 end, 60, "delivery to resume")
     -- a worker killed with SIGKILL mid-delivery
     local victims = workers_of(ngx2.pid())
     assert.truthy(#victims >= 1)
@@ -91,7 +82,7 @@ describe("the outbox inside nginx", function()
     -- the killed worker had at most its share of max_conns (2 across the nginx) in flight
     assert.truthy(outcomes.ambiguous <= 2, outcomes.ambiguous)
     local per, total = {}, 0
-    for _, m in ipairs(arrived(f)) do
+    for _, m in ipairs(f:arrived()) do
       for _, r in ipairs(m.rcpt or {}) do
         per[r] = (per[r] or 0) + 1
         total = total + 1

@@ -9,7 +9,7 @@ local smtppool = require("smtppool")
 local function setup(script, redis_opts)
   local redis, f, dir = peers.redis(redis_opts), peers.fault(script or {}), peers.tmpdir()
   finally(function()
-    os.execute("pkill -9 -f " .. peers.quote("--outbox-name " .. dir:match("[^/]+$")) .. " 2>/dev/null")
+    os.execute("pkill -9 -f " .. peers.quote("outbox-name " .. dir:match("[^/]+$")) .. " 2>/dev/null")
     redis:stop()
     f:stop()
     os.execute("rm -rf " .. peers.quote(dir))
@@ -34,20 +34,10 @@ local function enqueue(pool, n, tag)
   return ids
 end
 
--- The messages the server received with their text (a transaction whose
--- MAIL was refused under PIPELINING ends with a lone dot: nothing arrived).
-local function arrived(f)
-  local out = {}
-  for _, m in ipairs(f:select("message")) do
-    if #(m.data or "") > 0 then out[#out + 1] = m end
-  end
-  return out
-end
-
 -- How often each recipient reached the server.
 local function deliveries(f)
   local per, total = {}, 0
-  for _, m in ipairs(arrived(f)) do
+  for _, m in ipairs(f:arrived()) do
     for _, r in ipairs(m.rcpt or m.to or {}) do
       per[r] = (per[r] or 0) + 1
       total = total + 1
@@ -172,7 +162,7 @@ describe("the outbox outside nginx", function()
     local o = assert(check:outcome(ids[1]))
     assert.equal("sent", o.status)
     assert.equal(2, o.attempts)
-    assert.equal(1, #arrived(f))
+    assert.equal(1, #f:arrived())
     check:close()
   end)
 
@@ -184,9 +174,9 @@ describe("the outbox outside nginx", function()
     local ids = enqueue(pool, 30)
     local pid = worker(dir, url, "")
     -- kill it while it has dots on the wire
-    peers.wait_for(function() return #arrived(f) >= 3 end, 30, "the worker to send a few")
+    peers.wait_for(function() return #f:arrived() >= 3 end, 30, "the worker to send a few")
     os.execute("kill -9 " .. pid)
-    local before = #arrived(f)
+    local before = #f:arrived()
     -- this process takes over once the leases run out
     local s = assert(pool:deliver{ until_empty = true })
     local per, total = deliveries(f)
@@ -212,7 +202,7 @@ describe("the outbox outside nginx", function()
     local pool = pool_for(f, url, { outbox_name = name })
     local ids = enqueue(pool, 200)
     local _, out = worker(dir, url, "--until-empty")
-    peers.wait_for(function() return #arrived(f) >= 20 end, 30, "delivery to start")
+    peers.wait_for(function() return #f:arrived() >= 20 end, 30, "delivery to start")
     redis:kill()
     peers.sleep(1)
     redis:start()
@@ -220,7 +210,7 @@ describe("the outbox outside nginx", function()
     if not ok_end then
       local st = pool.outbox:stats() or {}
       error(("the worker did not end: %s; arrived %d; outbox depth %s queued %s delayed %s claimed %s sent %s")
-        :format(tostring(peers.read_file(out)), #arrived(f), tostring(st.depth), tostring(st.queued),
+        :format(tostring(peers.read_file(out)), #f:arrived(), tostring(st.depth), tostring(st.queued),
         tostring(st.delayed), tostring(st.claimed), tostring(st.sent)))
     end
     local per, total = deliveries(f)

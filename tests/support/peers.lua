@@ -376,6 +376,17 @@ function Fault:select(ev, filter)
   return out
 end
 
+--- The messages the server received with their text: a transaction whose
+-- MAIL or every RCPT was refused under PIPELINING ends with a lone dot
+-- (logged as a message with no data), and nothing arrived.
+function Fault:arrived()
+  local out = {}
+  for _, m in ipairs(self:select("message")) do
+    if #(m.data or "") > 0 then out[#out + 1] = m end
+  end
+  return out
+end
+
 function Fault:stop()
   if self.stopped then return end
   self.stopped = true

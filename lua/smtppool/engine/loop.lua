@@ -86,13 +86,16 @@ function M.wait_fd(fd, timeout, driver)
   return (driver or require("smtppool.driver.native")).wait({}, timeout, { fd })
 end
 
---- Sleeps: the running task yields to its loop (its other tasks' sockets
--- are served meanwhile); outside a loop, a wait on the driver with no
--- connections.
+--- Sleeps: the running task waits aside (as `wait_fd`, with no fd): the
+-- loop goes on serving every connection, this task's own included, and
+-- their events are kept for the task's next wait on them (a sleep is not
+-- that wait: events handed to it would be lost). Outside a loop, a wait on
+-- the driver with no connections.
 -- @tparam number seconds
 -- @tparam[opt] table driver (default: the native one)
 function M.sleep(seconds, driver)
-  return M.wait(driver or require("smtppool.driver.native"), {}, seconds)
+  if M.in_task() then return coroutine.yield(SIDE, seconds, {}) end
+  return (driver or require("smtppool.driver.native")).wait({}, seconds)
 end
 
 --- Runs fn(...) as the one task of a new loop over driver (unless the
