@@ -1,6 +1,7 @@
 -- The pool's invariants (ARCHITECTURE.md), shown against real peers.
 local peers = require("peers")
 local smtppool = require("smtppool")
+local core = require("smtppool.core")
 
 local function msg(i, tag)
   local id = ("<%s-%d@pool.test>"):format(tag or "m", i)
@@ -370,11 +371,14 @@ describe("rate limits", function()
 
   it("never opens more connections than the window allows, and still completes", function()
     local f = peers.fault({})
-    local waits = 0
+    local waits, opened = 0, {}
     -- rotate_ahead = 0: no replacement opened ahead, so exactly one connection per 2 messages
     local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 2,
       max_messages_per_conn = 2, rate = { connections = { 3, 1 } }, rotate_ahead = 0,
-      on_event = function(ev) if ev.type == "rate_wait" then waits = waits + 1 end end })
+      on_event = function(ev)
+        if ev.type == "rate_wait" then waits = waits + 1 end
+        if ev.type == "connect" then opened[#opened + 1] = core.now() end
+      end })
     local _, summary = batch(pool, messages(16))
     pool:close()
     local times = {}
@@ -382,7 +386,10 @@ describe("rate limits", function()
     f:stop()
     assert.equal(16, summary.sent)
     assert.equal(8, #times)
-    assert.is_true(max_in_window(times, 1) <= 3)
+    -- exact as the pool opened them; as the server logged them, with room for
+    -- a loaded machine's delay between a connect and the server's accept
+    assert.is_true(peers.max_in_window(opened, 1) <= 3)
+    assert.is_true(peers.max_in_window(times, 1 - 0.25) <= 3, "server-side")
     assert.is_true(waits > 0)
   end)
 
