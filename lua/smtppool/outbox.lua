@@ -163,7 +163,9 @@ function M.open(url, o)
   local q = queue.new(c, p, { name = "outbox", hooks = HOOKS, lease = o.lease,
     resend_in_flight = o.resend_in_flight,
     sleep = drv and drv.sleep or nil })
-  return setmetatable({ c = c, rc = rc, p = p, q = q, pending = {}, url = client.redact(url), name = name, max = o.max or 100000,
+  -- mine: the messages this outbox handed out (weak: forgotten once done)
+  return setmetatable({ c = c, rc = rc, p = p, q = q, pending = {}, mine = setmetatable({}, { __mode = "k" }),
+    url = client.redact(url), name = name, max = o.max or 100000,
     keep = o.keep or 604800, allow_volatile = o.allow_volatile, checked = false }, B)
 end
 
@@ -317,7 +319,8 @@ function B:source(n, o)
     for i = 1, #c.payload, 2 do f[c.payload[i]] = c.payload[i + 1] end
     local to = {}
     for a in (f.to or ""):gmatch("[^\n]+") do to[#to + 1] = a end
-    local um = { id = c.key, from = f.from, to = to, attempts = tonumber(f.attempts) or 0, outbox_of = self }
+    local um = { id = c.key, from = f.from, to = to, attempts = tonumber(f.attempts) or 0 }
+    self.mine[um] = true
     return { msg = { from = f.from or "", data = f.data or "", dsn = decode_dsn(f.dsn), outbox = um }, to = to,
              user_msg = um }, c.key
   end
@@ -477,7 +480,7 @@ function B:runner(pool, o)
     return d
   end
   function r.on_result(um, res, err)
-    if type(um) ~= "table" or um.outbox_of ~= self then return false end
+    if not self.mine[um] then return false end
     local attempts = um.attempts + ((res or err).attempts or 1)
     local status
     if res then
@@ -511,12 +514,12 @@ function B:runner(pool, o)
     return true
   end
   function r.mark_async(um)
-    if type(um) == "table" and um.outbox_of == self then self:mark(um.id) end
+    if self.mine[um] then self:mark(um.id) end
   end
   function r.mark_many(list)
     local ids = {}
     for _, um in ipairs(list) do
-      if type(um) == "table" and um.outbox_of == self then ids[#ids + 1] = um.id end
+      if self.mine[um] then ids[#ids + 1] = um.id end
     end
     if #ids > 0 then self:mark_many(ids) end
   end
