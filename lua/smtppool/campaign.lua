@@ -434,15 +434,12 @@ function Campaign:run()
     local left = expected and (expected - done - report.skipped) or nil
     local eta = (left and rate > 0) and left / rate or nil
     local st = { sent = report.sent, failed = report.failed, ambiguous = report.ambiguous, deferred = report.deferred,
-                 rate = rate, elapsed = el, total = report.total, expected = expected, eta = eta }
+                 rate = rate, elapsed = el, total = report.total, expected = expected, eta = eta,
+                 skipped = report.skipped, final = final or nil, stopped = final and report.stopped or nil }
     if type(show) == "function" then
       show(st)
     else
-      local eta_s = final and "done" or (eta and ("ETA %ds"):format(math.ceil(eta)) or "ETA ?")
-      local of = expected and ("/%d"):format(expected) or ""
-      io.stderr:write(("\r%s%d%s sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds | %s   %s"):format(
-        M.bar(done + report.skipped, expected), st.sent, of, st.failed, st.ambiguous, st.deferred, rate,
-        math.floor(el), eta_s, final and "\n" or ""))
+      io.stderr:write("\r", M.progress_line(st), final and "\n" or "")
     end
   end
 
@@ -679,6 +676,7 @@ function Campaign:run()
   end
   report.elapsed = core.now() - t0
   report.rate = report.elapsed > 0 and (report.sent / report.elapsed) or 0
+  report.expected = self.expected
   progress(true)
   report.deferred = nil
   if o.report_json then
@@ -689,6 +687,22 @@ function Campaign:run()
     end
   end
   return report
+end
+
+--- The live progress line for a progress table (what `progress =
+-- function(st)` receives): the bar and how much of the list is done,
+-- earlier runs' share included, then this run's counts, its rate and time,
+-- and an ETA, or at the end "done" or "stopped".
+function M.progress_line(st)
+  local done = st.sent + st.failed + st.ambiguous
+  local skipped = st.skipped or 0
+  local eta_s = st.final and (st.stopped and "stopped" or "done")
+    or (st.eta and ("ETA %ds"):format(math.ceil(st.eta)) or "ETA ?")
+  local of = st.expected and ("%d/%d done%s | "):format(done + skipped, st.expected,
+    skipped > 0 and (" (%d before this run)"):format(skipped) or "") or ""
+  return ("%s%s%d sent, %d failed, %d ambiguous, %d deferred | %.0f msg/s | %ds | %s   "):format(
+    M.bar(done + skipped, st.expected), of, st.sent, st.failed, st.ambiguous, st.deferred or 0, st.rate or 0,
+    math.floor(st.elapsed or 0), eta_s)
 end
 
 --- A 20-cell progress bar with its percentage, `"[#####.....]  25% "`, or
@@ -711,8 +725,11 @@ function M.summary(r)
       or ", %d duplicate rows sent once"):format(r.duplicates)
   end
   if (r.pending or 0) > 0 then extra = extra .. (", %d pending"):format(r.pending) end
-  local line = ("%d recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries%s, %.1fs, %.0f msg/s")
-    :format(r.total, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, extra, r.elapsed, r.rate)
+  -- a stopped run has read part of the list: say of how many
+  local of = (r.stopped and r.expected and r.expected > r.total) and (" of %d"):format(r.expected) or ""
+  local line = ("%d%s recipients: %d sent%s, %d failed, %d ambiguous, %d skipped (done before), %d retries%s, %.1fs, "
+    .. "%.0f msg/s"):format(r.total, of, r.sent, dup, r.failed, r.ambiguous, r.skipped, r.retried, extra, r.elapsed,
+    r.rate)
   if r.expires_in then
     line = line .. ("\nthe campaign is complete: its keys in Redis expire in %gs"):format(r.expires_in)
   end

@@ -253,6 +253,8 @@ describe("campaign signals", function()
     local out = peers.read_file(dir .. "/out")
     assert.matches("exit=3", out)
     assert.matches("stopped on a signal", out)
+    -- the summary says how much of the list it read, not "N recipients"
+    assert.matches("%d+ of 300 recipients:", out)
     assert.matches("pending", out)
     assert.is_nil(out:find("traceback", 1, true))
     assert.is_nil(out:find("interrupted!", 1, true))
@@ -287,5 +289,21 @@ describe("the progress bar", function()
     assert.equal("[#####...............]  25% ", smtppool.campaign.bar(25, 100))
     assert.equal("[####################] 100% ", smtppool.campaign.bar(7, 7))
     assert.equal("", smtppool.campaign.bar(3, nil))
+  end)
+
+  it("counts a resumed run's list from what earlier runs did, and ends 'stopped' when stopped", function()
+    local line = smtppool.campaign.progress_line
+    -- a resume of a 2,000-row list with 499 done before: a quarter, not 1/2000
+    local l = line{ sent = 1, failed = 0, ambiguous = 0, deferred = 0, skipped = 499, expected = 2000, rate = 10,
+                    elapsed = 1, eta = 150 }
+    assert.matches("^%[#####%.+%]  25%% 500/2000 done %(499 before this run%) | 1 sent, 0 failed", l)
+    assert.matches("ETA 150s", l)
+    l = line{ sent = 700, failed = 1, ambiguous = 0, skipped = 0, expected = 2000, final = true, stopped = "interrupted" }
+    assert.matches("701/2000 done | 700 sent, 1 failed", l)
+    assert.matches("| stopped", l, 1, true)
+    assert.is_nil(l:find("done |", l:find("sent"), true))
+    assert.matches("| done", line{ sent = 2, failed = 0, ambiguous = 0, expected = 2, final = true }, 1, true)
+    -- a list of unknown length: no bar, no share
+    assert.matches("^3 sent, 0 failed", line{ sent = 3, failed = 0, ambiguous = 0 })
   end)
 end)

@@ -147,11 +147,21 @@ describe("bin/smtppool", function()
     assert.equal(c0, #f:select("connect"))
   end)
 
-  it("checks everything and sends nothing with --dry-run", function()
+  it("checks everything and sends nothing with --dry-run, counting rows as the run does", function()
     local c0 = #f:select("connect")
     local code, out = send({ args = "--dry-run" })
     assert.equal(0, code)
-    assert.matches("dry run: 2 recipients", out)
+    assert.matches("dry run: 2 recipients,", out)
+    assert.equal(c0, #f:select("connect"))
+    -- a list naming one address twice (in two spellings): the run sends it once, the dry run says so
+    peers.write_file(dir .. "/dup.csv", "email,name\na@y.test,Ann\nb@y.test,Bob\n A@Y.test ,Ann again\n")
+    code, out = send({ to = dir .. "/dup.csv", args = "--dry-run" })
+    assert.equal(0, code)
+    assert.matches("dry run: 2 recipients %(and 1 duplicate row, sent once%), 0 would fail", out)
+    -- a row whose address holds a CR: its error shows the address as given
+    peers.write_file(dir .. "/cr.csv", "email,name\n\"c@y.test\r\",Cy\n")
+    local _, _, err = send({ to = dir .. "/cr.csv", args = "--dry-run" })
+    assert.matches("'to' \"c@y%.test\\x0D\"", err)
     assert.equal(c0, #f:select("connect"))
   end)
 

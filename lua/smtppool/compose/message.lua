@@ -83,16 +83,31 @@ function M.parse_mailbox(s)
   return { name = name ~= "" and name or nil, address = addr }
 end
 
+-- A value for an error message: control bytes shown as \xNN, at most 80 bytes.
+local function shown(s)
+  if type(s) ~= "string" then return tostring(s) end
+  local t = s:sub(1, 80):gsub("[%c\127\\\"]", function(c)
+    if c == "\\" or c == '"' then return "\\" .. c end
+    return ("\\x%02X"):format(c:byte())
+  end)
+  return '"' .. t .. (#s > 80 and '..."' or '"')
+end
+
 local function mailbox_list(v, field, allow_empty)
   if v == nil then return {} end
-  if type(v) == "string" then v = { v } end
+  local one = type(v) == "string"
+  if one then v = { v } end
   if type(v) ~= "table" then
     return nil, invalid(("'%s' must be a string or an array of strings"):format(field), field)
   end
   local out = {}
   for i, s in ipairs(v) do
     local mb, why = M.parse_mailbox(s)
-    if not mb then return nil, invalid(("%s %d: %s"):format(field, i, why), field) end
+    if not mb then
+      -- the address as given (its control bytes visible), and which one when there are several
+      return nil, invalid(("'%s'%s %s: %s"):format(field, (one or #v == 1) and "" or (" entry " .. i), shown(s), why),
+        field)
+    end
     out[i] = mb
   end
   if #out == 0 and not allow_empty then return nil, invalid(("'%s' is empty"):format(field), field) end
