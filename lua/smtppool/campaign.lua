@@ -83,8 +83,9 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 --   or `"wait"`); with `"wait"`, `outage_delay` (default 5 seconds, doubling
 --   to 300) between probes and `outage_wait` (default 3600 seconds) before
 --   giving up.
--- * `on_failure` (function, optional): `function(email, state, err)` for
---   each recipient that failed (`state` `F` or `T`) or is ambiguous (`A`).
+-- * `on_failure` (function, optional): `function(email, state, err, line)`
+--   for each recipient that failed (`state` `F` or `T`) or is ambiguous
+--   (`A`); `line` is its row's line in a CSV list.
 -- * `allow_volatile_redis` (default false): run a campaign in a Redis that
 --   keeps nothing on disk (no AOF, no RDB saves), which is refused otherwise:
 --   a restart would lose its state.
@@ -309,6 +310,7 @@ function Campaign:run()
   local t0 = core.now()
   -- Recipients: a CSV is checked whole before the first message.
   local source, columns
+  self.row_line = setmetatable({}, { __mode = "k" }) -- a CSV row -> its line, for failures
   if type(o.recipients) == "string" then
     -- Checked whole (streamed: memory stays flat) before the first message.
     local n, cols = csv.check(o.recipients, { delimiter = o.delimiter })
@@ -319,9 +321,10 @@ function Campaign:run()
     if not col then return nil, err("invalid", o.recipients .. ": line 1: " .. why) end
     local it = assert(csv.rows(o.recipients, { delimiter = o.delimiter }))
     source = function()
-      local ok, row = pcall(it)
+      local ok, row, line = pcall(it)
       if not ok then error(row.csv_error or row, 0) end
       if row and col ~= "email" then row.email = row[col] end
+      if row then self.row_line[row] = line end
       return row
     end
   elseif type(o.recipients) == "table" then
@@ -396,7 +399,7 @@ function Campaign:run()
     return err(st == "full" and "journal" or "config", e)
   end
   local function journal_failed(e, st) error(journal_error(e, st), 0) end
-  local function record(state, key, info, e)
+  local function record(state, key, info, e, line)
     if rj then
       rj:record(state, key, clean(info))
     else
@@ -404,7 +407,7 @@ function Campaign:run()
       if not ok then journal_failed(je, jst) end
     end
     if o.on_failure and (state == "F" or state == "T" or state == "A") then
-      pcall(o.on_failure, key, state, e or err("invalid", tostring(info)))
+      pcall(o.on_failure, key, state, e or err("invalid", tostring(info)), line)
     end
   end
   local function commit(sync)
@@ -416,6 +419,7 @@ function Campaign:run()
   local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,
                    possible_duplicates = 0, duplicates = 0, pending = 0 }
   local keys = setmetatable({}, { __mode = "k" }) -- message -> journal key
+  local lines = setmetatable({}, { __mode = "k" }) -- message -> its CSV line
   local resent = setmetatable({}, { __mode = "k" }) -- messages in flight in an earlier run, sent again
   local index = 0
   local pool = o.pool
@@ -460,7 +464,7 @@ function Campaign:run()
       if type(rcpt) == "table" then key, why = M.key(rcpt.email) else why = "invalid recipient (not a table)" end
       if not key then
         -- the row's own key (a Redis claim's), or its place in this run's list
-        record("F", given_key or ("#" .. index), why, err("invalid", why))
+        record("F", given_key or ("#" .. index), why, err("invalid", why), self.row_line[rcpt])
         report.failed = report.failed + 1
       else
         local st, this_run, jst = states:get(key)
@@ -476,7 +480,7 @@ function Campaign:run()
         elseif st == "L" and not o.resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
           local why = "final dot on its way when an earlier run stopped"
-          record("A", key, why, err("ambiguous", why))
+          record("A", key, why, err("ambiguous", why), self.row_line[rcpt])
           report.ambiguous = report.ambiguous + 1
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
@@ -484,11 +488,12 @@ function Campaign:run()
           if not okb then m, e = nil, m end
           if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
           if not m then
-            record("F", key, "invalid: " .. tostring(e))
+            record("F", key, "invalid: " .. tostring(e), nil, self.row_line[rcpt])
             report.failed = report.failed + 1
           else
             record("P", key, "")
             keys[m] = key
+            lines[m] = self.row_line[rcpt]
             if st == "L" then resent[m] = true end
             return m
           end
@@ -553,16 +558,16 @@ function Campaign:run()
     elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
       -- it, or an earlier try of it, may have arrived
       report.ambiguous = report.ambiguous + 1
-      record("A", key, tostring(rerr), rerr)
+      record("A", key, tostring(rerr), rerr, lines[m])
     elseif rerr.kind == "transient" or rerr.kind == "connection" then
       report.failed = report.failed + 1
-      record("T", key, tostring(rerr), rerr)
+      record("T", key, tostring(rerr), rerr, lines[m])
       streak = streak + 1
       streak_msgs[#streak_msgs + 1] = m
       if streak >= threshold and not tripped then tripped = rerr end
     else
       report.failed = report.failed + 1
-      record("F", key, tostring(rerr), rerr)
+      record("F", key, tostring(rerr), rerr, lines[m])
     end
     -- retries that ended with this message are no longer waiting
     local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1

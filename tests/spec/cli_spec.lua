@@ -120,12 +120,16 @@ describe("bin/smtppool", function()
       .. "--report %s/r.ndjson"):format(dir, dir, dir, dir))
     ff:stop()
     assert.equal(1, code)
-    assert.matches("failed reject1@y.test: permanent error in rcpt: 550", err)
+    assert.matches("failed reject1@y.test %(line 2%): permanent error in rcpt: 550", err)
     local lines = {}
     for l in peers.read_file(dir .. "/r.ndjson"):gmatch("[^\n]+") do lines[#lines + 1] = require("dkjson").decode(l) end
     assert.equal(3, #lines)
     assert.equal("F", lines[1].state)
     assert.equal(550, lines[1].code)
+    -- each failure names its row's line in the CSV
+    local by = {}
+    for _, l in ipairs(lines) do if l.email then by[l.email] = l.line end end
+    assert.same({ ["reject1@y.test"] = 2, ["reject2@y.test"] = 3 }, by)
     assert.equal("totals", lines[3].type)
     assert.equal(1, lines[3].sent)
   end)
