@@ -25,6 +25,11 @@
 -- A worker that exits (reload, `nginx -s quit`) keeps sending what it holds
 -- for up to `exit_timeout` seconds, then ends the rest `cancelled` (never
 -- sent, safe to send again); every message gets an outcome.
+--
+-- With `outbox = "redis://..."`, `enqueue` stores the message in Redis and
+-- returns its id; every worker's agent delivers the outbox (see
+-- `smtppool.outbox`), and an exiting worker gives back at once what it
+-- claimed and had not started.
 -- @module smtppool.ngx
 
 local smtppool = require("smtppool")
