@@ -57,6 +57,7 @@ build = {
       ["smtppool.redis.client"] = "lua/smtppool/redis/client.lua",
       ["smtppool.redis.queue"] = "lua/smtppool/redis/queue.lua",
       ["smtppool.outbox"] = "lua/smtppool/outbox.lua",
+      ["smtppool.url"] = "lua/smtppool/url.lua",
       ["smtppool.campaign.redis"] = "lua/smtppool/campaign/redis.lua",
       ["smtppool.driver.ngx"] = "lua/smtppool/driver/ngx.lua",
       ["smtppool.core"] = {

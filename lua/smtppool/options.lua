@@ -5,6 +5,7 @@
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")
+local urls = require("smtppool.url")
 
 local M = {}
 
@@ -216,12 +217,6 @@ function M.resolve(opts)
   }
 end
 
--- %XX escapes decoded; nil for a bad one.
-local function unescape(s)
-  if s:find("%%") and not s:find("%%%x%x") then return nil end
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-end
-
 --- Parses a `proxy` URL: `socks5://[user:password@]host:port` (`socks5h://`
 -- alike: the proxy always resolves the server's name) or
 -- `http://[user:password@]host:port` (HTTP CONNECT); credentials
@@ -232,18 +227,13 @@ end
 function M.parse_proxy(url)
   local scheme, rest = url:match("^(%w+)://(.+)$")
   local kind = ({ socks5 = "socks5", socks5h = "socks5", http = "http" })[scheme or ""]
-  local shown = url:gsub("//([^:@/]*):[^@]*@", "//%1:***@")
+  local shown = urls.redact(url)
   if not kind then
     return nil, ("proxy must be socks5://, socks5h:// or http:// (host:port), got %s"):format(shown)
   end
-  local user, password
-  local auth, hostpart = rest:match("^(.*)@([^@]*)$")
-  if auth then
-    local u, pw = auth:match("^([^:]*):(.*)$")
-    user, password = unescape(u or auth), unescape(pw or "")
-    if not user or not password then return nil, "a bad %-escape in the proxy's credentials: " .. shown end
-    rest = hostpart
-  end
+  local user, password, hostpart = urls.userinfo(rest, "user")
+  if not hostpart then return nil, "a bad %-escape in the proxy's credentials: " .. shown end
+  rest = hostpart
   local host, port = rest:match("^%[([%x:.]+)%]:(%d+)/?$")
   if not host then host, port = rest:match("^([^:/%[%]]+):(%d+)/?$") end
   port = tonumber(port)

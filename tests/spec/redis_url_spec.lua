@@ -37,6 +37,13 @@ describe("Redis URLs", function()
     u, e = client.parse_url("memcache://top-secret@h")
     assert.is_nil(u)
     assert.matches("redis:// or rediss://", e)
+    assert.falsy(e:find("top-secret", 1, true))
+    -- a password alone (no ':') is hidden whole too
+    u, e = client.parse_url("redis://top-secret@h:port")
+    assert.is_nil(u)
+    assert.falsy(e:find("top-secret", 1, true))
+    assert.matches("redis://%*%*%*@h:port", e)
+    assert.equal("redis://***@h:1/0", client.redact("redis://top-secret@h:1/0"))
   end)
 end)
 

@@ -38,6 +38,7 @@
 
 local core = require("smtppool.core")
 local loop = require("smtppool.engine.loop")
+local urls = require("smtppool.url")
 
 local M = {}
 
@@ -52,16 +53,9 @@ function M.is_url(s)
   return type(s) == "string" and (s:sub(1, 8) == "redis://" or s:sub(1, 9) == "rediss://")
 end
 
--- %XX escapes decoded (a password with '@', ':' or '/' must be written so).
-local function unescape(s)
-  if s:find("%%") and not s:find("%%%x%x") then return nil end
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-end
-
--- The URL for errors and logs: without its password.
-local function redact(url)
-  return (url:gsub("^(rediss?://[^:@/]*:)[^@]*@", "%1***@"))
-end
+-- The URL for errors and logs: without its password (`redis://secret@host`
+-- included: a userinfo without ':' is a password).
+local function redact(url) return urls.redact(url, "password") end
 M.redact = redact
 
 -- What a rediss:// URL's query may say about its TLS.
@@ -93,7 +87,7 @@ function M.parse_url(url)
       return nil, ("unknown URL parameter '%s' (rediss:// takes ca_file, ca_path, server_name, "
         .. "insecure_skip_verify) in %s"):format(k or pair, redact(url))
     end
-    v = unescape(v)
+    v = urls.unescape(v)
     if not v then return nil, "a bad %-escape in " .. redact(url) end
     if k == "insecure_skip_verify" then
       if v ~= "true" and v ~= "false" then return nil, "insecure_skip_verify must be true or false" end
@@ -101,17 +95,10 @@ function M.parse_url(url)
     end
     tls[k] = v
   end
-  local user, password
-  local auth, hostpart = rest:match("^(.*)@([^@]*)$")
-  if auth then
-    local u, pw = auth:match("^([^:]*):(.*)$")
-    if not u then u, pw = auth, nil end -- redis://secret@host: a password alone, as before
-    if pw == nil then u, pw = "", u end
-    user, password = unescape(u), unescape(pw)
-    if not user or not password then return nil, "a bad %-escape in the credentials of " .. redact(url) end
-    if user == "" then user = nil end
-    rest = hostpart
-  end
+  -- redis://secret@host: a password alone, as before ACLs
+  local user, password, hostpart = urls.userinfo(rest, "password")
+  if not hostpart then return nil, "a bad %-escape in the credentials of " .. redact(url) end
+  rest = hostpart
   local host, port, db = rest:match("^%[([%x:.]+)%]:?(%d*)/?(%d*)$")
   if not host then host, port, db = rest:match("^([^:/%[%]]+):?(%d*)/?(%d*)$") end
   if not host then return nil, "cannot read host, port and db from " .. redact(url) end
