@@ -178,7 +178,9 @@ function B:_ready()
     return nil, errors.new(why == "login" and "config" or "connection", ("outbox at %s: %s"):format(self.url, e))
   end
   if not self.allow_volatile then
-    local vol = queue.volatile(self.c, "outbox")
+    -- on the handing-over side's client: the delivering side's connection
+    -- belongs to the agent (in nginx, a request must not become its owner)
+    local vol = queue.volatile(self.rc, "outbox")
     if vol then return nil, errors.new("config", vol) end
   end
   local v, se = self.rc:call("HSET", self.p .. "meta", "keep", tostring(math.floor(self.keep)))

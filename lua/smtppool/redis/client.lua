@@ -227,6 +227,11 @@ end
 -- call when connections are per thread) one for this call only.
 function C:_conn()
   if self.closed then error("redis client: used after close()", 3) end
+  if self.per_thread and self.owner and coroutine.status(self.owner) == "dead" then
+    -- its light thread ended (nginx cleaned up its cosocket): the next caller keeps one
+    pcall(self.c.close, self.c)
+    self.c, self.owner = nil, nil
+  end
   local mine = self.keep and (not self.per_thread or self.owner == nil or self.owner == coroutine.running())
   if self.c and mine then return self.c, true end
   local c, err, why = self:_open()
@@ -277,8 +282,13 @@ end
 -- @return[2] nil
 -- @treturn[2] string why (never with the password)
 function C:connect()
-  local c, err, why = self:_conn()
-  if not c then return nil, err, why end
+  local c, kept, why = self:_conn()
+  if not c then return nil, kept, why end
+  -- a connection for this call only (keep = false, another light thread's):
+  -- it proved the server answers; back to the driver's pool
+  if not kept then
+    if c.release then c:release() else c:close() end
+  end
   return true
 end
 
