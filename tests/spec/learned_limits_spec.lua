@@ -42,10 +42,14 @@ describe("limits the pool learns", function()
     local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 8,
       on_event = function(e) if e.type == "learn_limit" then learned[e.limit] = e.value end end })
     local n = 1000
-    local sum = pool:send_batch(messages(n))
+    local why = {}
+    local sum = pool:send_batch(messages(n), { on_result = function(_, _, err)
+      if err and #why < 5 then why[#why + 1] = tostring(err) .. " (attempts " .. tostring(err.attempts) .. ")" end
+    end })
     local st = pool:stats()
     pool:close()
-    assert.equal(n, sum.sent)
+    -- (it has failed 1-2 of 1,000 about once in four clean runs: say why)
+    assert.equal(n, sum.sent, table.concat(why, "; "))
     assert.equal(0, sum.failed)
     once_each(f, n)
     local connects, refused = count(f, "connect"), count(f, "over_sessions")
