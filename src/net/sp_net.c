@@ -217,9 +217,7 @@ static void transport_error(sp_conn *c, int err_no, const char *what)
 {
     sp_error e;
     sp_error_set(&e, SP_KIND_CONNECTION, sp_session_phase(c->s), "%s: %s", what, strerror(err_no));
-    sp_session_fail(c->s, &e);
-    sp_net_pump(c);
-    close_fd(c);
+    sp_conn_abort(c, &e);
 }
 
 /* A TLS record layer failure after the handshake: the connection is gone,
@@ -234,9 +232,7 @@ static void tls_io_error(sp_conn *c, const char *what, int ret)
     }
     sp_tls_error(&e, sp_session_phase(c->s), what, c->ssl, ret);
     e.kind = SP_KIND_CONNECTION;
-    sp_session_fail(c->s, &e);
-    sp_net_pump(c);
-    close_fd(c);
+    sp_conn_abort(c, &e);
 }
 
 static void handshake_step(sp_conn *c, double now)
@@ -277,9 +273,7 @@ static void handshake_step(sp_conn *c, double now)
         snprintf(e.text + n, sizeof e.text - n, " (the server answered in plaintext, not TLS: a server that "
                  "greets first and offers STARTTLS, as on ports 25 and 587, wants tls = \"starttls\")");
     }
-    sp_session_fail(c->s, &e);
-    sp_net_pump(c);
-    close_fd(c);
+    sp_conn_abort(c, &e);
 }
 
 static void start_handshake(sp_conn *c, double now)
@@ -289,9 +283,7 @@ static void start_handshake(sp_conn *c, double now)
     if (!c->ssl || sp_tls_set_fd(c->tls, c->ssl, c->fd) != 0) {
         if (c->ssl)
             sp_error_set(&e, SP_KIND_TLS, SP_PHASE_STARTTLS, "out of memory attaching the socket");
-        sp_session_fail(c->s, &e);
-        sp_net_pump(c);
-        close_fd(c);
+        sp_conn_abort(c, &e);
         return;
     }
     c->state = C_HANDSHAKE;
@@ -317,9 +309,7 @@ static int flush_out(sp_conn *c, double now)
         if (c->sync_hook) {
             sp_error e;
             if (c->sync_hook(c->sync_ud, &e) < 0) { /* what it guards has not left: no ambiguity */
-                sp_session_fail(c->s, &e);
-                sp_net_pump(c);
-                close_fd(c);
+                sp_conn_abort(c, &e);
                 return -1;
             }
         }
@@ -443,9 +433,7 @@ static void proxy_step(sp_conn *c, double now)
     sp_proxy_free(c->proxy);
     c->proxy = NULL;
     if (r < 0) {
-        sp_session_fail(c->s, &e);
-        sp_net_pump(c);
-        close_fd(c);
+        sp_conn_abort(c, &e);
         return;
     }
     c->state = C_OPEN;
