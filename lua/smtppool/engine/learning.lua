@@ -81,12 +81,13 @@ end
 
 -- Whether a MAIL refused (4xx, not 421) after n transactions on rec is
 -- one rate limit with others (policy.signal's `correlated`): refusals on
--- two connections or more within the signal window, dense among its MAILs,
--- or one while a learned rate is probed upward. Never when a session count
+-- two connections or more within the signal window, dense among its MAILs
+-- (policy refusals, 4.7.x, need not be), or one while a learned rate is
+-- probed upward. Never when a session count
 -- explains it (a cap learned or last seen at n), nor on a connection
 -- refused more times in a row than one window of transactions could be:
 -- that session is exhausted, whatever the others are.
-function S:_correlated(rec, n, t)
+function S:_correlated(rec, n, t, err)
   if n == self.learner.cap or n == self.learner.last then return false end
   if (rec.mail_refusals or 0) > math.max(1, self.cfg.bdat_window) + 1 then return false end
   local r = self.learned.rate
@@ -100,7 +101,8 @@ function S:_correlated(rec, n, t)
   end
   self.mail_refused = recent
   local mails = r:count(t) + #recent
-  return k >= 2 and mails >= policy.RATE_MIN_SAMPLE and #recent >= mails * policy.RATE_DENSITY
+  local density = policy.policy_status(err) and 0 or policy.RATE_DENSITY
+  return k >= 2 and mails >= policy.RATE_MIN_SAMPLE and #recent >= mails * density
 end
 
 function S:_cap(rec)
@@ -128,7 +130,7 @@ function S:_tx_failed(rec, job, err, t)
     rec.mail_refusals = (rec.mail_refusals or 0) + 1
     self.learned.rate:unnote() -- a refused start is not one the server let through
   end
-  local sig = policy.signal(err, { txs = job.seq, correlated = refused and self:_correlated(rec, job.seq - 1, t) })
+  local sig = policy.signal(err, { txs = job.seq, correlated = refused and self:_correlated(rec, job.seq - 1, t, err) })
   self:_learn_limit(sig, t)
   if sig == "session" and not rec.exhaust_noted then
     -- Once per session: the transactions behind it in a pipeline or BDAT

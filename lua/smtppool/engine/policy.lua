@@ -106,9 +106,19 @@ end
 M.SIGNAL_WINDOW = 1
 --- A rate signal needs MAIL refusals dense enough to be one: at least this
 -- share of the MAILs of the last `SIGNAL_WINDOW` (a server's sparse
--- tempfails are not a rate), and at least `RATE_MIN_SAMPLE` MAILs.
+-- tempfails are not a rate), and at least `RATE_MIN_SAMPLE` MAILs. A
+-- refusal the server marks as policy (enhanced status 4.7.x, RFC 3463: SES
+-- throttling answers `454 4.7.0`) needs no density: a pool a few percent
+-- over a rate limit is refused a few percent of its MAILs, and those
+-- refusals would otherwise spend the messages' attempts.
 M.RATE_DENSITY = 0.2
 M.RATE_MIN_SAMPLE = 10
+
+--- Whether a failure carries a policy enhanced status (4.7.x, RFC 3463).
+function M.policy_status(err)
+  local e = err.enhanced
+  return type(e) == "string" and e:match("^4%.7%.%d+$") ~= nil
+end
 --- Moves by limit signals a message may take while the pool delivers
 -- nothing: past them, a "limit" that never lets anything through is an
 -- ordinary transient failure, and the retry policy decides.
@@ -129,7 +139,8 @@ end
 -- * `"auth_rate"`: a 4xx to AUTH (454...).
 -- * `"rate"`: a 4xx other than 421 to MAIL correlated with others
 --   (`ctx.correlated`: such refusals on two connections or more within
---   `SIGNAL_WINDOW`, at least `RATE_DENSITY` of its MAILs, or one while a
+--   `SIGNAL_WINDOW`, at least `RATE_DENSITY` of its MAILs unless they are
+--   policy refusals (4.7.x), or one while a
 --   learned rate is being probed upward) and not explained by a session
 --   count.
 -- * `"session"`: the session is exhausted (`exhausted`).
