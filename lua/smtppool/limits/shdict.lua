@@ -18,10 +18,15 @@
 -- * **The learned cap**: the lowest cap any worker learned, until
 --   `cap_recover_after` seconds pass without a new one.
 --
--- The lock is one `add` with a 100 ms expiry (a worker that dies holding it
--- cannot wedge the others); it is held for a handful of dict operations and
--- never across a yield. Waiting for it sleeps a millisecond at a time, so
--- it needs a context that may sleep (a timer, a request handler).
+-- The lock is one `add` with a 1 s expiry (a worker that dies holding it
+-- cannot wedge the others for longer); it is held for a handful of dict
+-- operations and never across a yield. The expiry is reckoned from the
+-- worker's clock made current first: nginx's cached time lags by as long
+-- as the worker's last turn of work, and an expiry counted from a stale
+-- clock can already be past for the other workers, letting two in at once
+-- (two read-modify-writes of the worker list lose one, and its sockets go
+-- uncounted). Waiting for it sleeps a millisecond at a time, so it needs a
+-- context that may sleep (a timer, a request handler).
 --
 -- Keys are `<key>:...`; `key` defaults to host, port and user, so pools of
 -- one account share their limits. The dict needs a few KB plus 64 bytes per
@@ -35,7 +40,7 @@ local ngx = ngx -- luacheck: ignore (set by nginx)
 
 local M = {}
 
-local LOCK_TTL = 0.1
+local LOCK_TTL = 1
 local LEASE = 30 -- seconds a worker's slot count outlives it
 local RENEW = 10 -- seconds between lease renewals
 local WANT_TTL = 1
@@ -46,6 +51,7 @@ B.__index = B
 function B:_lock()
   local d, k = self.dict, self.p .. "lock"
   for i = 1, 5000 do
+    ngx.update_time()
     local ok, err = d:add(k, true, LOCK_TTL)
     if ok then return true end
     if err ~= "exists" then error("smtppool.limits.shdict: cannot take the lock: " .. tostring(err)) end
