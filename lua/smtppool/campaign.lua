@@ -72,7 +72,8 @@ local OPTIONS = { pool = "table", recipients = true, message = true, journal = "
 --   ETA when the list's length is known), `false` for silence, or
 --   `function(stats)` called with those numbers.
 -- * `resend_in_flight` (default false), `report_json` (path for the final
---   report), `strict` (default true: a missing template variable is an error).
+--   report, written as JSON by dkjson as the command line writes its own;
+--   when it cannot be written the report says why in `report_error`), `strict` (default true: a missing template variable is an error).
 -- * `name` (default `"campaign"`): the campaign's name, written in the
 --   journal's first line; a journal of another campaign is refused.
 -- * `retry_failed` (default false): send again the recipients whose earlier
@@ -245,20 +246,6 @@ end
 
 local function clean(s)
   return (tostring(s or ""):gsub("[\t\r\n]", " "))
-end
-
-local function json_report(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local out = {}
-  for _, k in ipairs(keys) do
-    local v = t[k]
-    local s = type(v) == "number" and (v == math.floor(v) and ("%d"):format(v) or ("%.3f"):format(v))
-      or ('"' .. tostring(v):gsub('[%c"\\]', function(c) return ("\\u%04x"):format(c:byte()) end) .. '"')
-    out[#out + 1] = ('"%s": %s'):format(k, s)
-  end
-  return "{" .. table.concat(out, ", ") .. "}\n"
 end
 
 -- Compiles the message templates once and checks their variables against
@@ -685,11 +672,15 @@ function Campaign:run()
   progress(true)
   report.deferred = nil
   if o.report_json then
-    local f = io.open(o.report_json, "wb")
-    if f then
-      f:write(json_report(report))
-      f:close()
-    end
+    -- the one JSON writer the command line uses too (dkjson), keys sorted
+    local keys = {}
+    for k in pairs(report) do keys[#keys + 1] = k end
+    table.sort(keys)
+    local text = require("dkjson").encode(report, { keyorder = keys }) .. "\n"
+    local f, fe = io.open(o.report_json, "wb")
+    local ok, we = f and f:write(text), fe
+    if f and not f:close() and ok then ok, we = false, "closing it failed" end
+    if not ok then report.report_error = ("cannot write the report %s: %s"):format(o.report_json, tostring(we)) end
   end
   return report
 end

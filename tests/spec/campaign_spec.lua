@@ -53,7 +53,21 @@ describe("campaigns against exim with a per-session cap of 5", function()
     assert.equal(5000, exim:deliveries())
     local per = delivered(exim)
     for i = 1, 5000 do assert.equal(1, per[("u%d@y.test"):format(i)]) end
-    assert.truthy(peers.read_file(dir .. "/report.json"):find('"sent": 5000', 1, true))
+    local written = require("dkjson").decode(peers.read_file(dir .. "/report.json"))
+    assert.equal(5000, written.sent)
+    assert.equal(0, written.failed)
+    assert.is_nil(report.report_error)
+  end)
+
+  it("says in the report when its JSON file cannot be written, and sends all the same", function()
+    write_list(dir .. "/small.csv", 3)
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = exim.port, tls = "none" })
+    local report = assert(campaign{ pool = pool, recipients = dir .. "/small.csv", progress = false,
+      report_json = dir .. "/no/such/dir/report.json",
+      message = { from = "news@x.test", subject = "Hi {{name}}", text = "Dear {{name}}" } }:run())
+    pool:close()
+    assert.equal(3, report.sent)
+    assert.matches("cannot write the report .*/no/such/dir/report%.json: .*No such file", report.report_error)
   end)
 
   it("survives kill -9: resumed, every recipient arrives once except ones marked ambiguous", function()
