@@ -38,7 +38,7 @@ CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 # Debian packages the project needs to build, test, document and demo.
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev libssl-dev openssl \
 	lua-busted lua-ldoc libcmocka-dev exim4-daemon-light python3 python3-aiosmtpd \
-	lua-dkjson lua-argparse lua-markdown valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
+	lua-dkjson lua-argparse lua-discount valgrind clang libclang-rt-14-dev python3-dkim python3-nacl python3-cryptography \
 	nginx libnginx-mod-http-lua libluajit2-5.1-dev redis-server libhiredis-dev luarocks libc-ares-dev \
 	libsqlite3-dev sqlite3
 

@@ -28,7 +28,7 @@
 -- pending, and the run either ends (`on_outage = "stop"`, the default;
 -- `report.stopped = "outage"`) or waits and probes with a growing delay
 -- (`"wait"`), sending the list on when the relay answers again.
--- @module smtppool.campaign
+-- @api smtppool.campaign
 
 local core = require("smtppool.core")
 local csv = require("smtppool.compose.csv")

@@ -7,7 +7,7 @@
 -- when known `phase`, `code`, `enhanced`, `attempts`, `recipients`; it prints
 -- as one line with `tostring`. The C core makes its errors with the same
 -- metatable, so `is_error` holds for both.
--- @module smtppool.errors
+-- @api smtppool.errors
 
 local core = require("smtppool.core")
 

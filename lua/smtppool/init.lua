@@ -22,7 +22,7 @@
 -- Runtime failures return `nil, err`; `err` is a table with `kind`, `phase`,
 -- `code`, `enhanced`, `text` and `attempts` and prints as one line with
 -- `tostring`. Wrong argument types raise.
--- @module smtppool
+-- @api smtppool
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")

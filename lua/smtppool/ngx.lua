@@ -30,7 +30,7 @@
 -- returns its id; every worker's agent delivers the outbox (see
 -- `smtppool.outbox`), and an exiting worker gives back at once what it
 -- claimed and had not started.
--- @module smtppool.ngx
+-- @api smtppool.ngx
 
 local smtppool = require("smtppool")
 local errors = require("smtppool.errors")

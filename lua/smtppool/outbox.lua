@@ -29,7 +29,7 @@
 -- `owner`, `state`, `seen` (the queue's), `m:<id>` (a message), `o:<id>`
 -- (an outcome), `age` (ids by the time they were handed over), `stats`,
 -- `meta`.
--- @module smtppool.outbox
+-- @api smtppool.outbox
 
 local core = require("smtppool.core")
 local errors = require("smtppool.errors")

@@ -6,7 +6,7 @@
 -- a lower rate...). A number a provider does not publish is left out: the
 -- pool still learns a session cap and honours `LIMITS` when the server
 -- advertises them. Providers change their limits; check the source.
--- @module smtppool.presets
+-- @api smtppool.presets
 
 local M = {}
 

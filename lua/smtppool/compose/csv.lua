@@ -4,7 +4,7 @@
 -- list; the delimiter (`,`, `;` or tab, as spreadsheet exports in many
 -- locales use) is found from the header row unless given. Errors name the
 -- line and column where the problem starts.
--- @module smtppool.compose.csv
+-- @api smtppool.compose.csv
 
 local core = require("smtppool.core")
 

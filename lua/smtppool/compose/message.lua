@@ -4,7 +4,7 @@
 -- The encoders (base64, quoted-printable, RFC 2047 words, header folding)
 -- are C (`smtppool.core`). Every address and header value is checked for
 -- CR, LF and NUL before anything is built: no header or command injection.
--- @module smtppool.compose.message
+-- @api smtppool.compose.message
 
 local core = require("smtppool.core")
 

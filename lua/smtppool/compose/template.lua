@@ -11,7 +11,7 @@
 -- `{{a.b.c}}` looks into nested tables, `{{.}}` is the current element.
 -- Compiled templates are trees, never Lua code: a template cannot run
 -- anything.
--- @module smtppool.compose.template
+-- @api smtppool.compose.template
 
 local M = {}
 

@@ -9,7 +9,7 @@
 -- A message moved off a connection the server declared exhausted (a 421, or
 -- a 4xx to MAIL after earlier transactions) is not charged an attempt and
 -- the policy is not asked.
--- @module smtppool.engine.retry
+-- @api smtppool.engine.retry
 
 local M = {}
 
