@@ -30,7 +30,7 @@ HDRS = $(wildcard src/*/*.h)
 INC_PROTO = -Isrc/proto
 INC_MAIL = $(INC_PROTO) -Isrc/mail
 INC_ALL = $(INC_MAIL) -Isrc/net -Isrc/store -Isrc/lua
-MODULE = lua/smtppool/core.so
+MODULE = $(BUILD)/lua5.4/smtppool/core.so
 BUILD = build
 
 CTESTS = $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
@@ -51,6 +51,7 @@ LUA_CMOD = $(PREFIX)/lib/lua/$(LUA_VERSION)
 all: $(MODULE)
 
 $(MODULE): $(CORE_SRC) $(BIND_SRC) $(HDRS)
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(INC_ALL) -shared -o $@ $(CORE_SRC) $(BIND_SRC) $(LDLIBS_ALL) $(LDLIBS_BIND) $(LDLIBS_STORE)
 
 $(BUILD):
@@ -198,4 +199,5 @@ fuzz: | $(BUILD)
 	done
 
 clean:
-	rm -rf $(BUILD) $(MODULE) doc
+	rm -rf $(BUILD) doc lua/smtppool/core.so smtppool
+	find src -name '*.o' -delete

@@ -10,7 +10,7 @@
 --        lua5.4 bench/campaign_rss.lua --child PORT CSV JOURNAL
 --        lua5.4 bench/campaign_rss.lua --batch PORT N
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 
 if arg[1] == "--batch" then
   -- the reference: the campaign's messages, composed and sent by send_batch

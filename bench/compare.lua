@@ -11,7 +11,7 @@
 -- exim is never replaced); a peer that cannot be had is skipped with a note.
 -- Usage: lua5.4 bench/compare.lua [FALLBACK_SINK]
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local peers = require("peers")
 local q = peers.quote
 

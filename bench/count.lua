@@ -7,7 +7,7 @@
 -- collector stopped: a copy of a message's text would show as at least its
 -- size per message. Usage: lua5.4 bench/count.lua SINK
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local core = require("smtppool.core")
 
 local calls, by_name = 0, {}

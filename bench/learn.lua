@@ -6,7 +6,7 @@
 -- failed, and how often the server refused a connection or throttled MAIL.
 -- Usage: lua5.4 bench/learn.lua   (LEARN_N=2000, LEARN_ROUNDS=3)
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local peers = require("peers")
 

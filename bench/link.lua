@@ -6,7 +6,7 @@
 -- started as `sink chunking`), a window of BDAT transactions per round trip.
 -- Usage: lua5.4 bench/link.lua SINK   (LINK_RTT_MS=21, LINK_N=300)
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local peers = require("peers")
 local send_loop = dofile("bench/send_loop.lua")

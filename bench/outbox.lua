@@ -7,7 +7,7 @@
 --    logged by on_result in both: the ratio and its spread.
 -- Usage: lua5.4 bench/outbox.lua build/sink   (OUTBOX_BENCH_N=3000, OUTBOX_BENCH_ROUNDS=5)
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local peers = require("peers")
 local core = require("smtppool.core")
 local smtppool = require("smtppool")

@@ -8,7 +8,7 @@
 -- the window's ceiling.
 -- Usage: lua5.4 bench/redis_campaign.lua   (REDIS_BENCH_N=20000)
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local peers = require("peers")
 local core = require("smtppool.core")
 local rcampaign = require("smtppool.campaign.redis")

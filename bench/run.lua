@@ -4,7 +4,7 @@
 -- `make bench BASELINE=dir` adds the same sends through an older checkout
 -- (built with make) and this tree, interleaved, and prints the difference.
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local peers = require("peers")
 

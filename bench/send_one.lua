@@ -1,7 +1,7 @@
 -- One message with one attachment, then this process's peak RSS in KB.
 -- Usage: lua5.4 bench/send_one.lua PORT FILE path|data
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local port, file, how = tonumber(arg[1]), arg[2], arg[3]
 local att = { filename = "blob.bin" }

@@ -6,7 +6,7 @@
 -- (key:sign in a loop), the ceiling of a campaign that signs on its loop.
 -- Prints medians with their spread; nothing is written to the tree.
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local core = require("smtppool.core")
 local peers = require("peers")

@@ -4,7 +4,7 @@
 -- open descriptors after a warm-up and at the end, and the TLS counters.
 -- SOAK_N and SOAK_TLS_N change the sizes. Nothing is written to the tree.
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local core = require("smtppool.core")
 local peers = require("peers")

@@ -9,7 +9,7 @@
 -- then prints the report and what exim logged, and stops exim.
 -- `make demo N=5000` for another size.
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local peers = require("peers")
 
 local N = tonumber(arg[1]) or 1000

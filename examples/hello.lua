@@ -6,7 +6,7 @@
 --
 -- Point `host`, `port`, `tls` and `auth` at your own server to use it for real.
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local peers = require("peers")
 local smtppool = require("smtppool")
 

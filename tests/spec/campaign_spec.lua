@@ -185,7 +185,7 @@ describe("the campaign journal (SQLite)", function()
     assert.equal("busy", st)
     assert.matches("in use by another run %(pid " .. peers.sh("echo $PPID"):match("%d+") .. " on ", e)
     -- another process is refused too
-    local out = peers.sh(("lua5.4 -e 'package.cpath=\"lua/?.so;\"..package.cpath local c=require(\"smtppool.core\") "
+    local out = peers.sh(("lua5.4 -e 'package.cpath=\"build/lua5.4/?.so;\"..package.cpath local c=require(\"smtppool.core\") "
       .. "print(select(3, c.journal_open(%q, \"spring\")))'"):format(dir .. "/j"))
     assert.matches("busy", out)
     local status = assert(core.journal_status(dir .. "/j"))

@@ -97,7 +97,7 @@ describe("campaign outages", function()
     write_list(dir .. "/list.csv", rows(1, 30))
     peers.write_file(dir .. "/child.lua", ([[
       package.path = "%s/lua/?.lua;%s/lua/?/init.lua;" .. package.path
-      package.cpath = "%s/lua/?.so;" .. package.cpath
+      package.cpath = "%s/build/lua5.4/?.so;" .. package.cpath
       local smtppool = require("smtppool")
       local pool = assert(smtppool.new{ host = "127.0.0.1", port = %d, tls = "none", max_conns = 2,
         retry = smtppool.retry.none() })

@@ -77,4 +77,23 @@ print((jit and "luajit" or _VERSION) .. " " .. s._VERSION .. " " .. #m)
     end
     os.execute("rm -rf " .. peers.quote(src))
   end)
+
+  it("luarocks make in a checkout where make ran installs no stray module and leaves git status clean", function()
+    local root = peers.sh("pwd"):gsub("%s+$", "")
+    local src = peers.tmpdir()
+    -- the tracked files, committed in a repository of their own, and this
+    -- checkout's build (make's output, which luarocks must not pick up)
+    peers.sh(("cd %s && git ls-files -z | xargs -0 tar -cf - | tar -C %s -xf - && cp -r build %s/"):format(
+      peers.quote(root), peers.quote(src), peers.quote(src)))
+    peers.sh(("cd %s && git init -q && git add -A && git -c user.name=t -c user.email=t@x.test commit -qm tree"):format(
+      peers.quote(src)))
+    local tree = peers.tmpdir()
+    local out = luarocks({ dir = peers.quote(src), cmd = ("--lua-version 5.4 make --tree %s --deps-mode none "
+      .. "rockspec/smtppool-scm-1.rockspec"):format(peers.quote(tree)) })
+    assert.matches("rc=0\n$", out)
+    assert.equal("", peers.sh("find " .. peers.quote(tree .. "/share") .. " -name '*.so'"))
+    assert.truthy(peers.read_file(tree .. "/lib/lua/5.4/smtppool/core.so"))
+    assert.equal("", peers.sh("cd " .. peers.quote(src) .. " && git status --porcelain"))
+    os.execute("rm -rf " .. peers.quote(src) .. " " .. peers.quote(tree))
+  end)
 end)

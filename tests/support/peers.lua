@@ -444,7 +444,7 @@ end
 function M.use_tree()
   local root = HERE:gsub("/tests/support$", "")
   package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-  package.cpath = root .. "/lua/?.so;" .. package.cpath
+  package.cpath = root .. "/build/lua5.4/?.so;" .. package.cpath
 end
 
 return M

@@ -2,7 +2,7 @@
 -- Usage: lua5.4 rcampaign_child.lua SMTP_PORT REDIS_PORT NAME CSV|- CONNS LEASE
 -- Prints "sent <n> ambiguous <n> loaded <n> duplicates <n> total <n>".
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local smtp_port, redis_port, name, list, conns, lease = tonumber(arg[1]), tonumber(arg[2]), arg[3], arg[4],
   tonumber(arg[5]), tonumber(arg[6])

@@ -2,7 +2,7 @@
 -- in Redis, sending N messages to an SMTP port; prints "sent <n> events <list>".
 -- Usage: lua5.4 redis_child.lua SMTP_PORT REDIS_PORT KEY N MAX_CONNS PER_CONN TAG
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-package.cpath = "lua/?.so;" .. package.cpath
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local smtppool = require("smtppool")
 local smtp_port, redis_port, key, n, conns, per, tag = tonumber(arg[1]), tonumber(arg[2]), arg[3], tonumber(arg[4]),
   tonumber(arg[5]), tonumber(arg[6]), arg[7]
