@@ -175,7 +175,7 @@ function B:_ready()
   if self.checked then return true end
   local ok, e, why = self.rc:connect()
   if not ok then
-    return nil, errors.new(why == "login" and "config" or "connection", ("outbox at %s: %s"):format(self.url, e))
+    return nil, errors.new(client.misconfigured(why) and "config" or "connection", ("outbox at %s: %s"):format(self.url, e))
   end
   if not self.allow_volatile then
     -- on the handing-over side's client: the delivering side's connection
@@ -191,7 +191,7 @@ end
 
 -- A Redis failure as an error value (a refused login is configuration).
 local function redis_error(self, e, why)
-  return errors.new(why == "login" and "config" or "connection", ("outbox at %s: %s"):format(self.url, tostring(e)),
+  return errors.new(client.misconfigured(why) and "config" or "connection", ("outbox at %s: %s"):format(self.url, tostring(e)),
     { attempts = 0 })
 end
 

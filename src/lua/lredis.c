@@ -238,8 +238,9 @@ static int fail(lua_State *L, const char *what, const char *detail)
 }
 
 /* rediss://: the TLS handshake on the connected socket (the table at
- * index 4), within the timeout; 0, or -1 with nil, err pushed and the
- * connection closed. */
+ * index 4), within the timeout; 0, or the count of values pushed (nil, err
+ * and, when the handshake was refused rather than timed out, "tls") with
+ * the connection closed. */
 static void redis_close(lredis *c);
 static int tls_handshake(lua_State *L, lredis *c, const char *host)
 {
@@ -254,7 +255,10 @@ static int tls_handshake(lua_State *L, lredis *c, const char *host)
     lua_getfield(L, 4, "server_name");
     const char *name = lua_isstring(L, -1) ? lua_tostring(L, -1) : host;
     sp_error e;
+    int refused = 0;
     c->tls = sp_tls_ctx_new(&o, &e);
+    if (!c->tls)
+        refused = 1; /* the CA file or path given cannot be read */
     if (c->tls)
         c->ssl = sp_tls_new_ssl(c->tls, name, &e);
     if (c->ssl && sp_tls_set_fd(c->tls, c->ssl, c->fd) != 0)
@@ -271,17 +275,23 @@ static int tls_handshake(lua_State *L, lredis *c, const char *host)
             if ((se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE) &&
                 wait_fd(c->fd, se == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, c->timeout) > 0)
                 continue;
-            if (se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE)
+            if (se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE) {
                 sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "TLS handshake: timed out");
-            else
+            } else {
                 sp_tls_error(&e, SP_PHASE_CONNECT, "TLS handshake", c->ssl, r);
+                refused = 1;
+            }
             break;
         }
     }
     redis_close(c);
     lua_pushnil(L);
     lua_pushfstring(L, "redis connect: %s", e.text);
-    return -1;
+    if (!refused)
+        return 2;
+    /* the server's certificate or TLS refused, not a timeout: every try would be */
+    lua_pushliteral(L, "tls");
+    return 3;
 }
 
 static int l_redis_connect(lua_State *L)
@@ -326,8 +336,9 @@ static int l_redis_connect(lua_State *L)
     lua_setmetatable(L, -2);
     if (!c->r)
         return luaL_error(L, "out of memory");
-    if (lua_istable(L, 4) && tls_handshake(L, c, host) != 0)
-        return 2; /* nil, err pushed; the connection closed */
+    int pushed;
+    if (lua_istable(L, 4) && (pushed = tls_handshake(L, c, host)) != 0)
+        return pushed; /* nil, err[, "tls"] pushed; the connection closed */
     return 1;
 }
 

@@ -143,12 +143,24 @@ describe("rediss://", function()
   it("refuses a certificate from an unknown CA or for another name, unless told by name", function()
     for _, q in ipairs({ "?ca_file=" .. certs.other_ca, "", "?ca_file=" .. certs.ca .. "&server_name=other.test" }) do
       local c = assert(client.new(url(q)))
-      local ok, e = c:connect()
+      local ok, e, why = c:connect()
       assert.is_nil(ok, q)
       assert.matches("TLS handshake: certificate verification failed", e)
       assert.falsy(e:find("tls-pw", 1, true))
+      -- the configuration's, as a refused login: not an outage to wait out
+      assert.equal("tls", why)
+      assert.is_true(client.misconfigured(why))
       c:close()
     end
+    -- an outbox behind it fails at once as a configuration error
+    local t0 = require("smtppool.core").now()
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = 25, tls = "none", allow_volatile_redis = true,
+      outbox = url("?ca_file=" .. certs.ca .. "&server_name=other.test") })
+    local id, perr = p:enqueue{ from = "a@x.test", to = "b@y.test", subject = "s", text = "t" }
+    p:close()
+    assert.is_nil(id)
+    assert.equal("config", perr.kind, tostring(perr))
+    assert.is_true(require("smtppool.core").now() - t0 < 5)
     local c = assert(client.new(url("?insecure_skip_verify=true")))
     assert.equal("PONG", c:call("PING"))
     c:close()

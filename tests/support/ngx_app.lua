@@ -80,6 +80,13 @@ local CONFIGS = {
                ngx.log(ngx.WARN, "OUTBOX ", m.id, " ", res and "sent" or ("failed " .. err.kind))
              end }
   end,
+  -- the outbox over rediss://, verified against lua_ssl_trusted_certificate
+  -- for the name `sn` (the test certificate holds localhost)
+  outbox_tls = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             outbox = ("rediss://:%s@127.0.0.1:%s/0?server_name=%s"):format(a.rpw, a.rport, a.sn),
+             outbox_name = a.name, allow_volatile_redis = true, outbox_timeout = 2, exit_timeout = 2 }
+  end,
   -- bench/outbox.lua: the same pool with its queue in memory or in the outbox
   bmem = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,

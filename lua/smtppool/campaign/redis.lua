@@ -133,7 +133,7 @@ function M.open(url, name, o)
   -- its own connection (scripts, commands), not the limits backend's
   local c = client.new(u, { timeout = 2 })
   local okc, ce, why = c:connect()
-  if not okc and why == "login" then
+  if not okc and client.misconfigured(why) then
     -- wrong credentials are not an outage to wait out
     c:close()
     return nil, ce

@@ -225,14 +225,17 @@ function H:auth_mechanism() return self.s:auth_mechanism() end
 -- URL's `ca_file` cannot replace it per connection, and is refused rather
 -- than ignored), for the host's name or `server_name`.
 --
--- With `pool` (a name: the server, database and user), the connection comes
+-- With `pool` (a name: the server, database, user and TLS name; `secret`,
+-- the password, is added as its digest), the connection comes
 -- from nginx's keepalive pool of that name when one is there (`reused`:
 -- its login and database are done) and `release()` puts it back, so a
 -- request's Redis call does not pay a connection.
-function M.redis_connect(host, port, timeout, tls, pool)
+function M.redis_connect(host, port, timeout, tls, pool, secret)
   if tls and (tls.ca_file or tls.ca_path) then
     return nil, "redis connect: in nginx a rediss:// CA comes from lua_ssl_trusted_certificate, not ca_file"
   end
+  -- the password is part of what a kept connection is, named by a digest
+  if pool and secret then pool = pool .. ":" .. ngx.encode_base64(ngx.sha1_bin(secret)) end
   local sock = ngx.socket.tcp()
   local ms = math.floor(timeout * 1000)
   sock:settimeouts(ms, ms, ms)
@@ -243,7 +246,10 @@ function M.redis_connect(host, port, timeout, tls, pool)
     local sess, herr = sock:sslhandshake(nil, tls.server_name or host, not tls.insecure_skip_verify)
     if not sess then
       sock:close()
-      return nil, "redis connect: TLS handshake: " .. tostring(herr)
+      -- refused (the certificate, its name, the protocol), not timed out or
+      -- cut: every try would be, as for a refused login
+      local refused = herr ~= "timeout" and herr ~= "closed" and "tls" or nil
+      return nil, "redis connect: TLS handshake: " .. tostring(herr), refused
     end
   end
   local reader = core.resp_reader()

@@ -111,7 +111,7 @@ end
 function B:_call(name, body, keys, args)
   if self.down_until and core.now() < self.down_until then return nil, self.last_err end
   local v, err, why = self.client:script(name, body, keys, args)
-  if why == "login" then
+  if client.misconfigured(why) then
     -- the credentials are the configuration's: the pool fails its queue at
     -- once (failure()) instead of pausing until wait_timeout
     self.failed = errors.new("config", err)

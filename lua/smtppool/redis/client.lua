@@ -49,6 +49,12 @@ C.__index = C
 -- URL): the one test every module and the command line make.
 -- @param s anything
 -- @treturn boolean
+--- Whether a failure's `why` (the third value of `call`, `script`,
+-- `pipeline`, `connect`) is the configuration's: a refused login
+-- (`"login"`) or a refused TLS handshake (`"tls"`: the certificate, its
+-- name, the CA given). Every try would fail alike; an outage would not.
+function M.misconfigured(why) return why == "login" or why == "tls" end
+
 function M.is_url(s)
   return type(s) == "string" and (s:sub(1, 8) == "redis://" or s:sub(1, 9) == "rediss://")
 end
@@ -190,12 +196,19 @@ end
 function C:_open()
   local u = self.url
   -- a driver whose connections belong to one light thread may keep them
-  -- in a pool between threads (nginx's keepalive pool), named by what a
-  -- connection is logged in to
-  local pool = self.per_thread and ("smtppool-redis:%s:%d:%d:%s:%s"):format(u.host, u.port, u.db, u.user or "",
-    u.tls and "tls" or "") or nil
-  local c, err = self.transport(u.host, u.port, self.timeout, u.tls, pool)
-  if not c then return nil, self:_scrub(err) end
+  -- in a pool between threads (nginx's keepalive pool), named by all a
+  -- connection was opened with: the server, database and user, the TLS
+  -- name and verification, and the password (the driver names it by a
+  -- digest), so a pool with another password or TLS name never takes a
+  -- connection another logged in or verified
+  local pool
+  if self.per_thread then
+    local t = u.tls
+    pool = ("smtppool-redis:%s:%d:%d:%s:%s"):format(u.host, u.port, u.db, u.user or "",
+      t and ("tls:" .. (t.server_name or "") .. (t.insecure_skip_verify and ":noverify" or "")) or "")
+  end
+  local c, err, refused = self.transport(u.host, u.port, self.timeout, u.tls, pool, u.password)
+  if not c then return nil, self:_scrub(err), refused == "tls" and "tls" or nil end
   if c.reused then return c end
   local function step(...)
     local v, e = conn_call(self, c, { ... })
@@ -298,8 +311,9 @@ end
 -- @return[2] nil
 -- @treturn[2] string why
 -- @treturn[2] boolean|string true when the server answered with an error;
---   `"login"` when it refused the credentials (every try would: a
---   configuration error, not an outage)
+--   `"login"` when it refused the credentials, `"tls"` when the TLS
+--   handshake was refused (every try would: a configuration error, not an
+--   outage; see `misconfigured`)
 function C:call(...)
   local args = { ... }
   check_args(args, 3)

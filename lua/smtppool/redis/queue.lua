@@ -26,6 +26,7 @@
 
 local core = require("smtppool.core")
 local loop = require("smtppool.engine.loop")
+local client = require("smtppool.redis.client")
 
 local M = {}
 
@@ -171,7 +172,7 @@ function Q:run(name, body, args, patience)
     if v ~= nil then return v end
     -- an outage is waited out; an answer is final unless it says to wait
     -- (a Redis restarting with AOF answers LOADING until it has read it)
-    if why == "login" or core.now() >= deadline then return nil, e end
+    if client.misconfigured(why) or core.now() >= deadline then return nil, e end
     if why == true and not RETRYABLE(e) then return nil, e end
     self.sleep(0.5)
   end
