@@ -411,3 +411,25 @@ describe("the OpenResty example (examples/nginx)", function()
     assert.matches("smtppool_messages_sent_total{worker=\"%d\"}", curl(base .. "/metrics"))
   end)
 end)
+
+describe("the pool inside nginx, names through nginx's resolver", function()
+  it("fails a name that does not exist at once, as the configuration's, and sends to one that does", function()
+    local dns = peers.dns({ names = { ["fast.test"] = { a = "127.0.0.1" } } })
+    local f = peers.fault({})
+    local n
+    finally(function()
+      if n then n.cleanup() end
+      f:stop()
+      dns:stop()
+    end)
+    n = start_nginx(1, { resolver = "127.0.0.1:" .. dns.port })
+    local now = require("smtppool.core").now
+    local t0 = now()
+    -- NXDOMAIN: trying again cannot help, so no retries spread over seconds
+    local out = n.get(("send?cfg=named&host=nx.test&port=%d&name=nx"):format(f.port))
+    assert.matches("^failed config .*nx%.test", out)
+    assert.is_true(now() - t0 < 5, "took " .. (now() - t0) .. " s")
+    assert.matches("^sent 250", n.get(("send?cfg=named&host=fast.test&port=%d&name=fast"):format(f.port)))
+    assert.equal(1, #f:arrived())
+  end)
+end)

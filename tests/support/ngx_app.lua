@@ -94,6 +94,10 @@ local CONFIGS = {
                ngx.log(ngx.WARN, "OUTCOME ", res and "sent" or ("failed " .. err.kind))
              end }
   end,
+  -- a server by name (nginx's resolver), retried as the default policy would
+  named = function(a)
+    return { host = a.host, port = a.port, tls = "none", helo = "ngx.test" }
+  end,
   plain = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test",
              auth = a.token and { user = "alice", token = a.token } or nil, allow_plaintext_auth = true }

@@ -397,12 +397,16 @@ end
 --- Starts nginx (tests/support/nginx.conf.in, handlers in ngx_app.lua)
 -- with n workers; returns {dir, port, url, get, parallel, log, pid, stop,
 -- cleanup}.
-function M.nginx(workers)
+function M.nginx(workers, opts)
   local ROOT = M.sh("pwd"):gsub("%s+$", "")
   local dir = M.tmpdir()
   local port = M.free_port()
+  -- opts.resolver: "127.0.0.1:<port>", a DNS server (peers.dns) for the
+  -- names the cosockets connect to
+  local resolver = opts and opts.resolver and ("resolver " .. opts.resolver .. " ipv6=off;") or ""
   local conf = M.read_file("tests/support/nginx.conf.in"):gsub("@DIR@", dir):gsub("@PORT@", tostring(port))
     :gsub("@ROOT@", ROOT):gsub("@WORKERS@", tostring(workers)):gsub("@CA@", M.certs().ca)
+    :gsub("@RESOLVER@", resolver)
   M.write_file(dir .. "/nginx.conf", conf)
   assert(os.execute(("env -u LD_PRELOAD nginx -p %s -c %s -e %s"):format(dir, dir .. "/nginx.conf",
     dir .. "/error.log")), "nginx did not start")
