@@ -279,7 +279,9 @@ static int tls_handshake(lua_State *L, lredis *c, const char *host)
                 sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "TLS handshake: timed out");
             } else {
                 sp_tls_error(&e, SP_PHASE_CONNECT, "TLS handshake", c->ssl, r);
-                refused = 1;
+                /* a TLS alert or a certificate that does not verify; a
+                 * connection cut mid-handshake (SSL_ERROR_SYSCALL) is an outage */
+                refused = se == SSL_ERROR_SSL;
             }
             break;
         }

@@ -246,9 +246,11 @@ function M.redis_connect(host, port, timeout, tls, pool, secret)
     local sess, herr = sock:sslhandshake(nil, tls.server_name or host, not tls.insecure_skip_verify)
     if not sess then
       sock:close()
-      -- refused (the certificate, its name, the protocol), not timed out or
-      -- cut: every try would be, as for a refused login
-      local refused = herr ~= "timeout" and herr ~= "closed" and "tls" or nil
+      -- a certificate that does not verify ("<code>: <reason>") or is for
+      -- another name: every try would be refused, as a login would; a
+      -- timeout, a cut or a bare "handshake failed" may be an outage
+      local e = tostring(herr)
+      local refused = (e == "certificate host mismatch" or e:match("^%d+: ") ~= nil) and "tls" or nil
       return nil, "redis connect: TLS handshake: " .. tostring(herr), refused
     end
   end
