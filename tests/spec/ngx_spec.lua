@@ -52,12 +52,20 @@ describe("the pool inside nginx, 4 workers", function()
       if n ~= 1 then error(("u%d@y.test delivered %d times"):format(i, n)) end
     end
     -- never more than max_conns (4, across the 4 workers) open at once
-    local most, conns = 0, 0
+    local most, conns, at = 0, 0, nil
     for _, e in ipairs(proxy:select("open")) do
       conns = conns + 1
-      most = math.max(most, e.open)
+      if e.open > most then most, at = e.open, e.t end
     end
-    assert.is_true(most <= 4, most .. " connections open at once")
+    if most > 4 then
+      -- (1 clean CI run in 4 has seen 5: say what the proxy and nginx saw around it)
+      local around = {}
+      for _, e in ipairs(proxy:events()) do
+        if math.abs(e.t - at) < 0.05 then around[#around + 1] = ("%.4f %s %d"):format(e.t - at, e.ev, e.open) end
+      end
+      error(most .. " connections open at once; the proxy around it: " .. table.concat(around, ", ")
+        .. "\nnginx: " .. ngx.log():sub(-1500))
+    end
     assert.equal(conns, #exim:log_lines("SMTP connection from %[127%.0%.0%.1%]"))
     -- reuse across requests: at most 5 a session, so at least 80; far fewer than 400
     assert.is_true(conns >= 80 and conns <= 150, conns .. " connections for 400 messages")
