@@ -677,9 +677,13 @@ function Campaign:run()
     for k in pairs(report) do keys[#keys + 1] = k end
     table.sort(keys)
     local text = require("dkjson").encode(report, { keyorder = keys }) .. "\n"
-    local f, fe = io.open(o.report_json, "wb")
-    local ok, we = f and f:write(text), fe
-    if f and not f:close() and ok then ok, we = false, "closing it failed" end
+    local f, we = io.open(o.report_json, "wb")
+    local ok = f ~= nil
+    if f then
+      ok, we = f:write(text)
+      local closed, ce = f:close()
+      if ok and not closed then ok, we = false, ce end
+    end
     if not ok then report.report_error = ("cannot write the report %s: %s"):format(o.report_json, tostring(we)) end
   end
   return report
