@@ -245,7 +245,9 @@ function M.import_text_journal(path, name)
 end
 
 local function clean(s)
-  return (tostring(s or ""):gsub("[\t\r\n]", " "))
+  s = tostring(s or "")
+  if not s:find("[\t\r\n]") then return s end
+  return (s:gsub("[\t\r\n]", " "))
 end
 
 -- Compiles the message templates once and checks their variables against
@@ -414,8 +416,9 @@ function Campaign:run()
   if show == nil then show = isatty_stderr() end
   local last_draw = 0
   local function progress(final)
+    if not show then return end
     local now = core.now()
-    if not show or (not final and now - last_draw < 0.2) then return end
+    if not final and now - last_draw < 0.2 then return end
     last_draw = now
     local done = report.sent + report.failed + report.ambiguous
     local el = now - t0

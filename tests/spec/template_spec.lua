@@ -60,4 +60,29 @@ describe("templates", function()
     assert.equal("subject:S1", m.subject)
     assert.equal("text:T1", m.text)
   end)
+
+  it("renders a template of text and names by its fast way exactly as by the tree", function()
+    math.randomseed(7)
+    local pieces = { "Hi ", "{{name}}", "{{{name}}}", "{{city}}", "{{missing}}", "<&>", "{{n}}", "{{f}}",
+                     "{{! note }}", "\n", "{{ name }}", "{{..}}", "" }
+    local vars = { name = "<Ann & \"Bo\">", city = "O'Hare", n = 42, f = false }
+    for _ = 1, 500 do
+      local src = {}
+      for i = 1, math.random(0, 6) do src[i] = pieces[math.random(#pieces)] end
+      src = table.concat(src)
+      local t = assert(template.compile(src))
+      assert.truthy(t.flat, src)
+      local tree = setmetatable({ root = t.root, source = src }, getmetatable(t))
+      for _, opts in ipairs({ {}, { escape = "html" }, { strict = false }, { escape = "html", strict = false } }) do
+        local a, ae = t:render(vars, opts)
+        local b, be = tree:render(vars, opts)
+        assert.equal(b, a, src)
+        assert.equal(be, ae, src)
+      end
+    end
+    -- sections, dotted names and {{.}} keep the tree
+    for _, src in ipairs({ "{{#a}}x{{/a}}", "{{a.b}}", "{{.}}", "{{^a}}y{{/a}}" }) do
+      assert.is_nil(assert(template.compile(src)).flat, src)
+    end
+  end)
 end)

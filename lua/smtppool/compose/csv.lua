@@ -40,9 +40,15 @@ end
 -- @return[2] nil
 -- @treturn[2] string why the file cannot be read
 function M.rows(path, opts)
+  return M._open(path, opts, false)
+end
+
+-- The reader behind rows and check: with count_only its iterator returns
+-- true for each row instead of building it.
+function M._open(path, opts, count_only)
   local delim = opts and opts.delimiter
   if delim ~= nil and not DELIMITERS[delim] then
-    error("smtppool.csv: delimiter must be ',', ';' or a tab", 2)
+    error("smtppool.csv: delimiter must be ',', ';' or a tab", 3)
   end
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
@@ -90,39 +96,45 @@ function M.rows(path, opts)
   end
   local unquoted_end = "[" .. (delim == "\t" and "\t" or delim) .. "\r\n]"
 
-  -- One record: a list of fields, or nil at the end of the file.
-  local function record()
+  -- The common case: a whole line in the buffer with no quote and no lone
+  -- CR, valid UTF-8 (its CR LF ending dropped), consumed; nil otherwise
+  -- (anything else, and a problem to report with its column, takes the
+  -- field-by-field way in record).
+  local function plain_line()
     if pos > CHUNK then
       text = text:sub(pos)
       col0 = col0 - pos + 1
       pos = 1
     end
-    -- The common case first: a whole line in the buffer with no quote and
-    -- no lone CR, valid UTF-8, split on the delimiter. Anything else (and a
-    -- problem to report with its column) takes the field-by-field way.
     local nl = text:find("\n", pos, true)
-    if nl then
-      local stop = nl - 1
-      if stop >= pos and text:byte(stop) == 13 then stop = stop - 1 end
-      local s = text:sub(pos, stop)
-      if not s:find('["\r]') and core.utf8_valid(s) then
-        local fields, i = {}, 1
-        while true do
-          local d = s:find(delim, i, true)
-          if not d then
-            fields[#fields + 1] = s:sub(i)
-            break
-          end
-          fields[#fields + 1] = s:sub(i, d - 1)
-          i = d + 1
-        end
-        local start_line = line
-        pos = nl + 1
-        line = line + 1
-        col0 = pos
-        return fields, start_line
+    if not nl then return nil end
+    local stop = nl - 1
+    if stop >= pos and text:byte(stop) == 13 then stop = stop - 1 end
+    local s = text:sub(pos, stop)
+    if s:find('["\r]') or not core.utf8_valid(s) then return nil end
+    local start_line = line
+    pos = nl + 1
+    line = line + 1
+    col0 = pos
+    return s, start_line
+  end
+  local function split(s)
+    local fields, i = {}, 1
+    while true do
+      local d = s:find(delim, i, true)
+      if not d then
+        fields[#fields + 1] = s:sub(i)
+        return fields
       end
+      fields[#fields + 1] = s:sub(i, d - 1)
+      i = d + 1
     end
+  end
+
+  -- One record: a list of fields, or nil at the end of the file.
+  local function record()
+    local s, at = plain_line()
+    if s then return split(s), at end
     if char_at(pos) == "" then return nil end
     local fields = {}
     local start_line = line
@@ -187,14 +199,47 @@ function M.rows(path, opts)
     if seen[name] then return nil, ("%s: line 1: column '%s' appears twice"):format(path, name) end
     seen[name] = true
   end
+  -- A plain line with as many fields as the header is split by one
+  -- pattern and made a row by one constructor (compiled for this header);
+  -- counting, it is only matched. Other lines take record's way.
+  local n = #header
+  local d = delim == "\t" and "\t" or delim
+  local field = "[^" .. d .. "]*"
+  local whole = "^" .. field .. (d .. field):rep(n - 1) .. "$"
+  local captures, build
+  if n <= 32 then -- Lua's limit of captures in one pattern
+    captures = "^(" .. field .. ")" .. (d .. "(" .. field .. ")"):rep(n - 1) .. "$"
+    local args, items = {}, {}
+    for i, name in ipairs(header) do
+      args[i] = "a" .. i
+      items[i] = ("[%q] = a%d"):format(name, i)
+    end
+    build = assert(load(("local %s = ...\nif a1 == nil then return nil end\nreturn { %s }")
+      :format(table.concat(args, ", "), table.concat(items, ", ")), "=csv row", "t", {}))
+  end
   local iter = function()
     while true do
-      local fields, at = record()
-      if not fields then return nil end
+      local fields, at
+      local s, sat = plain_line()
+      if s then
+        if s == "" then
+          fields = { "" } -- a blank line, skipped
+        elseif count_only then
+          if s:find(whole) then return true, sat end
+        elseif build then
+          local row = build(s:match(captures))
+          if row then return row, sat end
+        end
+        fields, at = fields or split(s), sat
+      else
+        fields, at = record()
+        if not fields then return nil end
+      end
       if not (#fields == 1 and fields[1] == "") then -- blank lines are skipped
         if #fields ~= #header then
           fail(("%d fields where the header has %d"):format(#fields, #header), at, 1)
         end
+        if count_only then return true, at end
         local row = {}
         for i, name in ipairs(header) do row[name] = fields[i] end
         return row, at
@@ -214,7 +259,7 @@ end
 -- @return[2] nil
 -- @treturn[2] string the first problem, with line and column
 function M.check(path, opts)
-  local iter, header, delim = M.rows(path, opts)
+  local iter, header, delim = M._open(path, opts, true)
   if not iter then return nil, header end
   local count = 0
   local ok, err = pcall(function()

@@ -81,7 +81,21 @@ function M.compile(src)
     local open = stack[#stack]
     return nil, ("section '{{#%s}}' opened at line %d is never closed"):format(open.name, open.line)
   end
-  return setmetatable({ root = root, source = src }, Template)
+  -- A template of text and plain names only (no section, no dotted path,
+  -- no `{{.}}`), the common case, also keeps a flat list for the fast
+  -- render: its text pieces as strings, its names as their nodes.
+  local flat = {}
+  for i, n in ipairs(root.children) do
+    if n.kind == "text" then
+      flat[i] = n.text
+    elseif (n.kind == "var" or n.kind == "raw") and not n.parts and n.name ~= "." then
+      flat[i] = n
+    else
+      flat = nil
+      break
+    end
+  end
+  return setmetatable({ root = root, source = src, flat = flat }, Template)
 end
 
 local ESC = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }
@@ -173,6 +187,28 @@ local function render(node, ctx, out, html, strict)
 end
 
 local function render_string(t, vars, html, strict)
+  local flat = t.flat
+  if flat and type(vars) == "table" then
+    -- the same as render below for a flat template, without its context stack
+    local out = {}
+    for i = 1, #flat do
+      local p = flat[i]
+      if type(p) == "string" then
+        out[i] = p
+      else
+        local v = vars[p.first]
+        if v == nil then
+          if strict then return nil, ("missing variable '%s' at line %d"):format(p.name, p.line) end
+          v = ""
+        elseif type(v) ~= "string" then
+          v = tostring(v)
+        end
+        if html and p.kind == "var" then v = v:gsub("[&<>\"']", ESC) end
+        out[i] = v
+      end
+    end
+    return table.concat(out)
+  end
   local out = {}
   local miss = render(t.root, { vars or {} }, out, html, strict)
   if miss then return nil, ("missing variable '%s' at line %d"):format(miss.name, miss.line) end
@@ -190,6 +226,12 @@ function Template:render(vars, opts)
   return render_string(self, vars, opts and opts.escape == "html", not (opts and opts.strict == false))
 end
 
+--- The message fields that are templates, in one list for every user
+-- (`render_message`, campaigns, the command line): `from`, `subject`,
+-- `text`, `html` (its values HTML-escaped) and `list_unsubscribe`.
+M.FIELDS = { "from", "subject", "text", "html", "list_unsubscribe" }
+local FIELDS = M.FIELDS
+
 --- Renders the templated fields of a message for one recipient.
 -- The fields of `FIELDS` may be template sources or compiled templates;
 -- other fields are copied. With
@@ -201,12 +243,6 @@ end
 -- @treturn[1] table a message for `pool:send`
 -- @return[2] nil
 -- @treturn[2] string which field failed and why
---- The message fields that are templates, in one list for every user
--- (`render_message`, campaigns, the command line): `from`, `subject`,
--- `text`, `html` (its values HTML-escaped) and `list_unsubscribe`.
-M.FIELDS = { "from", "subject", "text", "html", "list_unsubscribe" }
-local FIELDS = M.FIELDS
-
 function M.render_message(msg, vars, opts)
   local renderer = opts and opts.renderer
   local strict = not (opts and opts.strict == false)
