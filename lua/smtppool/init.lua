@@ -123,10 +123,13 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   learns a lower one when the server refuses connections for
 --   concurrency (see `limit_probe_after`).
 -- * `rotate_ahead` (default 0): extra sockets, past `max_conns`, for a
---   connection's replacement opened this many transactions before its
---   session cap, so its handshakes overlap the old one's last messages
---   (it sends nothing until the old one has left). Off by default:
---   providers count those sockets too.
+--   connection's replacement opened before its session cap, so its
+--   handshakes overlap the old one's last messages (it sends nothing until
+--   the old one has left). It opens when the old session's time left (its
+--   unanswered messages times the measured time between answers) falls to
+--   the measured handshake time (connect to ready), at most this many
+--   transactions before the cap (at that count until both are measured).
+--   Off by default: providers count those sockets too.
 -- * `bdat_window` (default 4, at most 16): when the server offers CHUNKING
 --   and PIPELINING, bodies go as BDAT chunks (RFC 3030) and this many
 --   transactions per connection may await their final replies at once;

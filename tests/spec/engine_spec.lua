@@ -99,6 +99,29 @@ describe("the scheduler over a fake driver", function()
     pool:close()
   end)
 
+  it("rotates ahead by time: a replacement opens one handshake before the old session's end, not earlier", function()
+    -- a handshake takes 2 round trips here, and each message 2: the
+    -- replacement is due when one unanswered message is left, though
+    -- rotate_ahead = 3 would let it open three transactions early
+    for _, ahead in ipairs({ 3, 1 }) do
+      local net = fake.network()
+      local srv = net:server("mx", { cap = 5, rtt = 0.01 })
+      local pool = pool_on(net, { max_conns = 1, max_messages_per_conn = 5, rotate_ahead = ahead })
+      local sum = outcomes(pool, list(60))
+      assert.equal(60, sum.sent)
+      assert.equal(0, srv.over_cap)
+      assert.equal(12, #srv.sessions)
+      assert.equal(2, srv.max_open) -- one replacement at a time past max_conns
+      for i = 3, #srv.sessions - 1 do -- the pool has measured both by then
+        local old, new = srv.sessions[i], srv.sessions[i + 1]
+        local lead = old.closed - new.opened
+        assert.is_true(lead >= 0, ("session %d opened %.3f s after the old one closed"):format(i + 1, -lead))
+        assert.is_true(lead <= 0.02 + 1e-9, ("session %d opened %.3f s ahead; a handshake is 0.02"):format(i + 1, lead))
+      end
+      pool:close()
+    end
+  end)
+
   it("learns a concurrency limit it was not told, moving refused messages without spending an attempt", function()
     local net = fake.network()
     local srv = net:server("mx", { max_sessions = 2, cap = 5 })

@@ -18,7 +18,8 @@
 -- the transaction instead of 250: 4xx transient, 5xx permanent; in phase
 -- `data_end` unless told: a 4xx to MAIL after a transaction is the
 -- session's exhaustion, moved without an attempt). `srv.received` lists
--- what it accepted: `{from, to, data}` (the message as it left).
+-- what it accepted: `{from, to, data}` (the message as it left);
+-- `srv.sessions` each session's `messages`, `opened` and `closed` times.
 local errors = require("smtppool.errors")
 
 local M = {}
@@ -75,7 +76,7 @@ function Net:driver()
       h.dying = true
       return h
     end
-    h.session = { messages = 0 }
+    h.session = { messages = 0, opened = net.t }
     srv.sessions[#srv.sessions + 1] = h.session
     -- connect, greeting, EHLO: two round trips
     net:_at(h, net.t + 2 * srv.rtt, "ready", true)
@@ -129,6 +130,7 @@ function H:_happened(name)
   if name == "ready" then self.state = "ready" end
   if (name == "error" or name == "closed") and not self.gone then
     self.gone = true
+    if self.session then self.session.closed = self.net.t end
     self.srv.open = self.srv.open - 1
   end
 end

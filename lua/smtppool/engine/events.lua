@@ -23,6 +23,7 @@ function S:_dispatch(run, rec, entry, t)
     elseif ev == "ready" then
       if rec.state == "connecting" then
         self.greeted = true
+        self:_note_ready(rec, t)
         rec.caps = rec.c:caps()
         if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
         self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
@@ -66,6 +67,7 @@ function S:_dispatch(run, rec, entry, t)
         self:_emit({ type = "rotate", conn = rec.id, messages = rec.sent + (payload.ok and 1 or 0), reason = "cap" })
       end
       if job then
+        self:_note_answer(rec, t)
         local res, err = policy.outcome(payload)
         if res then
           job.attempts = job.attempts + 1

@@ -160,4 +160,36 @@ function S:_conn_failed(e, t)
   return sig
 end
 
+-- ===== rotation ahead by time =====
+-- What a replacement connection costs and what a session's messages take,
+-- measured on this pool's connections as moving averages: the handshake
+-- (open to ready: connect, greeting, EHLO, TLS, AUTH) and the interval
+-- between a session's answers.
+
+local function average(old, x) return old and old + (x - old) / 8 or x end
+
+-- rec's session became ready at t.
+function S:_note_ready(rec, t)
+  self.handshake_time = average(self.handshake_time, t - rec.born)
+  rec.ready_at = t
+end
+
+-- A transaction on rec was answered at t (sent or not).
+function S:_note_answer(rec, t)
+  if rec.answered_at then self.answer_time = average(self.answer_time, t - rec.answered_at) end
+  rec.answered_at = t
+  rec.answered = (rec.answered or 0) + 1
+end
+
+-- When rec's replacement should open, rec's session ending after cap
+-- transactions: once the time its unanswered messages still take falls to
+-- the handshake time, so the replacement is ready as the old one leaves.
+-- nil until both are measured (the caller rotates ahead by count then).
+function S:_replace_at(rec, cap)
+  local hs, per = self.handshake_time, self.answer_time
+  local since = rec.answered_at or rec.ready_at
+  if not (hs and per and since) then return nil end
+  return since + math.max(0, cap - (rec.answered or 0)) * per - hs
+end
+
 return S

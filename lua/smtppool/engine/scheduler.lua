@@ -541,10 +541,12 @@ function S:run(next_msg, on_result, opts)
 
     -- Open connections for messages still queued, up to the ceiling on
     -- sockets (max_conns, or a lower one learned). With rotate_ahead (extra
-    -- sockets, asked for by name) a connection on its way out (QUIT sent,
-    -- or within rotate_ahead transactions of its session cap) does not
-    -- count: its replacement opens ahead, its handshakes overlapping the
-    -- old one's last messages.
+    -- sockets, asked for by name) a connection on its way out does not
+    -- count, so its replacement opens ahead, its handshakes overlapping
+    -- the old one's last messages: QUIT sent, or within rotate_ahead
+    -- transactions of its session cap and, once the pool has measured
+    -- them, its time left no more than a handshake (_replace_at; until
+    -- then, as soon as it is within the count).
     local open_conns = #self.conns
     local ceiling, learned_ceiling = self:_ceiling()
     if cfg.rotate_ahead > 0 and not learned_ceiling then
@@ -554,8 +556,13 @@ function S:run(next_msg, on_result, opts)
         if rec.state == "quitting" then
           leaving = leaving + 1
         elseif cap and cap - rec.txs <= cfg.rotate_ahead then
-          leaving = leaving + 1
-          room = room + math.max(0, cap - rec.txs)
+          local due = self:_replace_at(rec, cap)
+          if due and due > t then
+            wake_at(due)
+          else
+            leaving = leaving + 1
+            room = room + math.max(0, cap - rec.txs)
+          end
         end
       end
       -- no replacement when what is queued fits in the leaving connections'
