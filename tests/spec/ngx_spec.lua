@@ -236,6 +236,23 @@ describe("the pool inside nginx, 1 worker", function()
     assert.matches("^opened 0 .* learned_cap 3", ngx.get("stats?cfg=capB&port=" .. f.port))
   end)
 
+  it("counts the sockets of two pools of one account in one worker: never more than max_conns", function()
+    -- (each pool's count was written under its worker's pid: the second
+    -- overwrote the first's, and their sockets went uncounted)
+    local f = peers.fault({})
+    local proxy = peers.proxy(f.port, 0.01)
+    finally(function() proxy:stop() f:stop() end)
+    local paths = {}
+    for i = 1, 80 do
+      paths[i] = ("raw?cfg=%s&to=t%d@y.test&port=%d"):format(i % 2 == 0 and "twinA" or "twinB", i, proxy.port)
+    end
+    local out = ngx.parallel(paths, 80)
+    assert.equal(80, count(out, "^sent 250"), table.concat(out, "\n"):sub(1, 2000))
+    local most = 0
+    for _, e in ipairs(proxy:select("open")) do most = math.max(most, e.open) end
+    assert.is_true(most <= 2, most .. " sockets open at once under max_conns = 2")
+  end)
+
   it("moves a message off a connection that got 421 and sends it on a fresh one", function()
     local f = peers.fault({ rules = { { on = "MAIL", ["do"] = "reply", text = "421 4.7.0 bye", close = true } } })
     finally(function() f:stop() end)

@@ -45,6 +45,15 @@ local CONFIGS = {
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", shared_dict = "smtppool",
              shared_key = "cap" .. a.port }
   end,
+  -- two pools of one account in each worker, 2 sockets between them all
+  twinA = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             shared_dict = "smtppool", shared_key = "twin" .. a.port }
+  end,
+  twinB = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             shared_dict = "smtppool", shared_key = "twin" .. a.port }
+  end,
   -- fire and forget, each outcome logged
   queue = function(a)
     return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 1,

@@ -9,10 +9,12 @@
 --   updates every window it names under one lock, so the check and the
 --   spend are atomic across workers. Times come from `CLOCK_MONOTONIC`,
 --   which every process of the machine shares.
--- * **Connection slots**: each worker records how many sockets it holds
---   (`open:<pid>`, a lease renewed while it runs and expiring 30 s after a
+-- * **Connection slots**: each pool records how many sockets it holds
+--   (`open:<pid>-<n>`, its worker's pid and its place among the worker's
+--   pools of this dict, so two pools of one account in one worker are
+--   counted apart; a lease renewed while it runs and expiring 30 s after a
 --   worker dies without releasing them); a slot is granted while the sum
---   over live workers is below `max_conns`. A worker refused a slot says so
+--   over live holders is below `max_conns`. A worker refused a slot says so
 --   for a second (`want`), and workers holding idle connections with
 --   nothing queued QUIT them, so slots follow the work.
 -- * **The learned cap**: the lowest cap any worker learned, until
@@ -47,6 +49,10 @@ local WANT_TTL = 1
 
 local B = {}
 B.__index = B
+
+-- Pools of this worker given a backend so far: each one's slot count is
+-- its own key (a count per worker would be overwritten by its other pools).
+local made = 0
 
 function B:_lock()
   local d, k = self.dict, self.p .. "lock"
@@ -108,11 +114,11 @@ function B:take(names, now)
   return wait
 end
 
--- The live workers' pids and their total slots (under the lock).
+-- The live holders (pools) and their total slots (under the lock).
 function B:_holders()
   local d = self.dict
   local keep, total = {}, 0
-  for pid in (d:get(self.p .. "workers") or ""):gmatch("%d+") do
+  for pid in (d:get(self.p .. "workers") or ""):gmatch("%S+") do
     local c = d:get(self.p .. "open:" .. pid)
     if c then
       total = total + c
@@ -193,7 +199,7 @@ end
 --- Sockets open now across every worker (stats).
 function B:open_total()
   local total = 0
-  for pid in (self.dict:get(self.p .. "workers") or ""):gmatch("%d+") do
+  for pid in (self.dict:get(self.p .. "workers") or ""):gmatch("%S+") do
     total = total + (self.dict:get(self.p .. "open:" .. pid) or 0)
   end
   return total
@@ -215,8 +221,9 @@ function M.backend(dict_name, key)
       -- the window's shape is in its keys: a reload with other numbers starts afresh
       windows[name] = { limit = s.limit, per = s.per, key = ("%sw:%s:%d/%g:"):format(p, name, s.limit, s.per) }
     end
+    made = made + 1
     return setmetatable({ name = "shared_dict", dict = dict, p = p, windows = windows,
-                          max_conns = opts.max_conns or 1, mine = 0, pid = tostring(ngx.worker.pid()) }, B)
+                          max_conns = opts.max_conns or 1, mine = 0, pid = ngx.worker.pid() .. "-" .. made }, B)
   end
 end
 
