@@ -573,52 +573,63 @@ function Campaign:run()
   end
   local ok, e
   local waited, delay = 0, o.outage_delay or 5
-  while true do
-    ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
-      mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil,
-      before_wait = journal and commit or nil, retry = o.retry, on_event = on_event })
-    if not ok then break end
-    if o.handle_signals and core.signalled() > 0 then
-      report.stopped = "interrupted"
-      break
+  local function send_all()
+    while true do
+      ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
+        mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil,
+        before_wait = journal and commit or nil, retry = o.retry, on_event = on_event })
+      if not ok then break end
+      if o.handle_signals and core.signalled() > 0 then
+        report.stopped = "interrupted"
+        break
+      end
+      if misconfigured then
+        report.stopped = "config"
+        report.config_error = tostring(misconfigured)
+        break
+      end
+      if not tripped then break end
+      report.outage = tostring(tripped)
+      if (o.on_outage or "stop") == "stop" or waited >= (o.outage_wait or 3600) then
+        -- The failures that tripped the breaker were the relay's, not their
+        -- recipients': back to pending (P), so a plain resume sends them.
+        report.stopped = "outage"
+        local okr, re = pcall(function()
+          for _, m in ipairs(streak_msgs) do
+            if keys[m] then record("P", keys[m], "") end
+          end
+          commit(false)
+        end)
+        report.failed = report.failed - #streak_msgs
+        report.pending_outage = #streak_msgs
+        if not okr then ok, e = false, re end
+        break
+      end
+      -- Wait, then probe: the outage's victims and the cancelled go first.
+      if pool.on_event then pcall(pool.on_event, { type = "outage_wait", seconds = delay, err = tripped }) end
+      loop.sleep(delay)
+      waited = waited + delay
+      delay = math.min(delay * 2, 300)
+      for i = #streak_msgs, 1, -1 do
+        local m = streak_msgs[i]
+        table.insert(requeue, 1, m)
+        report.failed = report.failed - 1
+      end
+      streak, streak_msgs, tripped = 0, {}, nil
+      if o.handle_signals and core.signalled() > 0 then
+        report.stopped = "interrupted"
+        break
+      end
     end
-    if misconfigured then
-      report.stopped = "config"
-      report.config_error = tostring(misconfigured)
-      break
-    end
-    if not tripped then break end
-    report.outage = tostring(tripped)
-    if (o.on_outage or "stop") == "stop" or waited >= (o.outage_wait or 3600) then
-      -- The failures that tripped the breaker were the relay's, not their
-      -- recipients': back to pending (P), so a plain resume sends them.
-      report.stopped = "outage"
-      local okr, re = pcall(function()
-        for _, m in ipairs(streak_msgs) do
-          if keys[m] then record("P", keys[m], "") end
-        end
-        commit(false)
-      end)
-      report.failed = report.failed - #streak_msgs
-      report.pending_outage = #streak_msgs
-      if not okr then ok, e = false, re end
-      break
-    end
-    -- Wait, then probe: the outage's victims and the cancelled go first.
-    if pool.on_event then pcall(pool.on_event, { type = "outage_wait", seconds = delay, err = tripped }) end
-    loop.sleep(delay)
-    waited = waited + delay
-    delay = math.min(delay * 2, 300)
-    for i = #streak_msgs, 1, -1 do
-      local m = streak_msgs[i]
-      table.insert(requeue, 1, m)
-      report.failed = report.failed - 1
-    end
-    streak, streak_msgs, tripped = 0, {}, nil
-    if o.handle_signals and core.signalled() > 0 then
-      report.stopped = "interrupted"
-      break
-    end
+  end
+  -- In Redis, the claims, marks and outcomes are round trips made on the
+  -- pool's loop: while one waits (Redis slow, or stopped), the open SMTP
+  -- connections go on being served.
+  if rj then
+    local okl, le = pcall(pool.on_loop, pool, send_all)
+    if not okl then ok, e = false, le end
+  else
+    send_all()
   end
   -- Still pending: cancelled by the stop, prepared and never handed out, or
   -- (for a list of known length) not read yet.

@@ -295,9 +295,22 @@ end
 -- limits in Redis: the loop goes on serving the sockets while a Redis
 -- reply is awaited); directly otherwise.
 function Pool:_on_loop(fn, ...)
-  if (self.limits.name == "redis" or self.outbox) and self.driver.name == "native" then
-    return loop.run(self.driver, fn, ...)
-  end
+  if self.limits.name == "redis" or self.outbox then return self:on_loop(fn, ...) end
+  return fn(...)
+end
+
+--- Runs `fn(...)` as a task of a loop over this pool's connections and
+-- returns what it returns. Inside it, a Redis round trip through
+-- `smtppool.redis_client` (or a `smtppool.engine.loop` sleep) waits
+-- aside: the loop goes on serving every connection the pool has open
+-- (their bytes move, held dots leave) instead of the process blocking on
+-- the Redis socket. The pool's own sends run inside it; a campaign whose
+-- journal is in Redis runs its whole sending in one. With nginx's driver
+-- `fn` simply runs (cosockets already yield to the rest of the worker).
+-- @tparam function fn
+-- @return what `fn` returns (its error is raised again)
+function Pool:on_loop(fn, ...)
+  if self.driver.name == "native" then return loop.run(self.driver, fn, ...) end
   return fn(...)
 end
 
