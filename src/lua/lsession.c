@@ -112,6 +112,8 @@ void sp_l_push_tx(lua_State *L, const sp_tx *t)
         sp_l_push_error(L, &t->err);
         lua_setfield(L, -2, "err");
     }
+    sp_l_setbool(L, "bdat", t->bdat);
+    sp_l_setbool(L, "quit", t->quit);
 }
 
 /* The outcome of the last transaction as a table. */
@@ -162,6 +164,13 @@ static int l_valid_helo(lua_State *L)
 static int s_auth_go(lua_State *L)
 {
     lua_pushboolean(L, sp_session_auth_go(sp_l_check_session(L, 1)) == 0);
+    return 1;
+}
+
+/* Whether a transaction started now goes as BDAT chunks (the session decides). */
+static int s_uses_bdat(lua_State *L)
+{
+    lua_pushboolean(L, sp_session_uses_bdat(sp_l_check_session(L, 1)));
     return 1;
 }
 
@@ -719,7 +728,7 @@ static int ss_gc(lua_State *L)
 const luaL_Reg sp_l_session_common[] = {
     {"state", s_state}, {"phase", s_phase}, {"caps", s_caps},   {"tx", s_tx},
     {"error", s_error}, {"noop", s_noop},   {"quit", s_quit},   {"auth_mechanism", s_auth_mech},
-    {"tls_active", s_tls_active}, {"auth_go", s_auth_go},
+    {"tls_active", s_tls_active}, {"auth_go", s_auth_go}, {"uses_bdat", s_uses_bdat},
     {NULL, NULL}};
 
 void sp_lua_open_session(lua_State *L)

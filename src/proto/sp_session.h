@@ -89,6 +89,8 @@ typedef struct sp_tx {
     sp_reply final;  /* reply to the final dot (or the reply that failed the transaction) */
     char *rcpt_params; /* DSN parameters added to every RCPT, or NULL */
     int orcpt;
+    int bdat;        /* the body went as BDAT chunks (RFC 3030), not DATA */
+    int quit;        /* QUIT left with the final dot: the session ends after this transaction */
 } sp_tx;
 
 typedef struct sp_tx_opts {
@@ -222,6 +224,10 @@ const sp_caps *sp_session_caps(const sp_session *s);
 const sp_tx *sp_session_tx(const sp_session *s);
 void sp_session_tx_done(sp_session *s);
 int sp_session_tx_open(const sp_session *s);
+/* Whether a transaction started now goes as BDAT chunks: the server offers
+ * CHUNKING and PIPELINING and the session's window is not 0. The one place
+ * this is decided; a driver or scheduler asks here. */
+int sp_session_uses_bdat(const sp_session *s);
 const sp_error *sp_session_error(const sp_session *s);
 /* Complete replies read so far: drivers time each reply from the last
  * write or the last complete reply, never from the last byte read. */

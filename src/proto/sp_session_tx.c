@@ -295,6 +295,11 @@ static int not_ready(sp_session *s, sp_error *err, const char *what)
     return -1;
 }
 
+int sp_session_uses_bdat(const sp_session *s)
+{
+    return s->window > 0 && s->pipelining && (s->caps.flags & SP_CAP_CHUNKING);
+}
+
 int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
 {
     sp_error_clear(err);
@@ -317,7 +322,7 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
         s->dot_mark = 0;
     }
     s->next_owed = 0;
-    s->bdat = s->window > 0 && s->pipelining && (s->caps.flags & SP_CAP_CHUNKING);
+    s->bdat = sp_session_uses_bdat(s);
 
     sp_ss_tx_clear(&s->tx);
     sp_tx *t = &s->tx;
@@ -345,6 +350,8 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     }
     s->tx_active = 1;
     s->quit_after = o->quit_after && s->pipelining;
+    t->bdat = s->bdat;
+    t->quit = s->quit_after;
     s->dot_mark = 0;
     sp_ss_set_state(s, SP_ST_TX);
     int rc = sp_ss_queue_cmd(s, sp_buf_head(&mail), s->bdat ? CMD_BMAIL : CMD_MAIL, 0);

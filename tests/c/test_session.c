@@ -156,6 +156,8 @@ static void next_transaction_pipelined(void **state)
     assert_true(t->ok);
     assert_string_equal(t->rcpts[0].address, "b@y.test");
     assert_string_equal(t->final.text, "queued 1");
+    assert_false(t->bdat); /* no CHUNKING offered: DATA */
+    assert_false(t->quit);
     sp_session_tx_done(s);
     assert_true(sp_session_tx_open(s));
     sp_session_body(s, "two", 3, &e);
@@ -533,6 +535,8 @@ static void quit_with_the_final_dot(void **state)
     feed(s, "250 queued\r\n221 bye\r\n");
     EXPECT(s, SP_EV_TX_DONE, SP_EV_CLOSED);
     assert_true(sp_session_tx(s)->ok);
+    assert_true(sp_session_tx(s)->quit); /* the outcome says the session ends with it */
+    assert_false(sp_session_tx(s)->bdat);
     assert_int_equal(sp_session_state(s), SP_ST_CLOSED);
     sp_session_free(s);
     /* a refused dot: the outcome, then the session ends all the same */
@@ -546,7 +550,24 @@ static void quit_with_the_final_dot(void **state)
     feed(s, "554 no\r\n221 bye\r\n");
     EXPECT(s, SP_EV_TX_DONE, SP_EV_CLOSED);
     assert_false(sp_session_tx(s)->ok);
+    assert_true(sp_session_tx(s)->quit);
     assert_int_equal(sp_session_tx(s)->err.code, 554);
+    sp_session_free(s);
+    /* without PIPELINING QUIT cannot ride: the outcome says so */
+    s = ready("250 mx.test\r\n");
+    assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body_end(s, &e);
+    assert_string_equal(take(s), ".\r\n");
+    feed(s, "250 queued\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    assert_false(sp_session_tx(s)->quit);
     sp_session_free(s);
 }
 
@@ -574,6 +595,7 @@ static void bdat_window_pipelines(void **state)
 {
     (void)state;
     sp_session *s = bdat_ready(3);
+    assert_true(sp_session_uses_bdat(s));
     bdat_one(s, "b@y.test", ".dot\nline");
     EXPECT(s, SP_EV_NEXT);
     /* no dot-stuffing, line ends made CRLF, the size counted after that */
@@ -594,6 +616,8 @@ static void bdat_window_pipelines(void **state)
     assert_true(t->ok);
     assert_string_equal(t->rcpts[0].address, "b@y.test");
     assert_string_equal(t->final.text, "queued 1");
+    assert_true(t->bdat);
+    assert_false(t->quit);
     sp_session_tx_done(s);
     /* the other two in one read */
     feed(s, "250 ok\r\n250 ok\r\n250 queued 2\r\n250 ok\r\n250 ok\r\n250 queued 3\r\n");

@@ -52,10 +52,11 @@ function Net:_at(h, at, name, payload)
   h.queue[#h.queue + 1] = { at = at, seq = self.seq, name = name, payload = payload }
 end
 
-local function tx_payload(ok, code, text, to, err)
+local function tx_payload(ok, code, text, to, err, quit)
   local rcpts = {}
   for i, a in ipairs(to) do rcpts[i] = { address = a, code = ok and 250 or nil, ok = ok, text = ok and "OK" or nil } end
-  return { ok = ok, done = true, accepted = ok and #to or 0, code = code, text = text, recipients = rcpts, err = err }
+  return { ok = ok, done = true, accepted = ok and #to or 0, code = code, text = text, recipients = rcpts, err = err,
+           quit = quit or false, bdat = false }
 end
 
 function Net:driver()
@@ -139,6 +140,7 @@ function H:caps()
   return { pipelining = self.srv.pipelining, mailmax = self.srv.mailmax, auth_mechs = {} }
 end
 function H:tls_active() return false end
+function H:uses_bdat() return false end
 function H:auth_mechanism() return nil end
 
 local function flat(data)
@@ -153,6 +155,8 @@ function H:start(from, to, data, _, _, _, last)
     return nil, errors.new("invalid", "fake: the session is not ready")
   end
   local srv, net = self.srv, self.net
+  -- as the session does: QUIT leaves with the final dot only with PIPELINING
+  local quit = (last and srv.pipelining) and true or false
   self.state = "busy"
   self.txs = self.txs + 1
   local at = net.t + srv.rtt
@@ -169,16 +173,21 @@ function H:start(from, to, data, _, _, _, last)
   if code then
     local kind = code >= 500 and "permanent" or "transient"
     local e = errors.new(kind, code .. " " .. (text or ""), { code = code, phase = phase or "data_end" })
-    net:_at(self, at, "tx", tx_payload(false, code, text, to, e))
-    net:_at(self, at, "ready", true)
+    net:_at(self, at, "tx", tx_payload(false, code, text, to, e, quit))
+    if quit then
+      net:_at(self, at, "closed", true)
+      self.dying = true
+    else
+      net:_at(self, at, "ready", true)
+    end
     return true
   end
   self.session.messages = self.session.messages + 1
   srv.accepted = srv.accepted + 1
   srv.received[#srv.received + 1] = { from = from, to = to, data = flat(data) }
   -- MAIL, RCPT, DATA pipelined, then the body and its dot: two round trips
-  net:_at(self, net.t + 2 * srv.rtt, "tx", tx_payload(true, 250, "OK", to))
-  if last then
+  net:_at(self, net.t + 2 * srv.rtt, "tx", tx_payload(true, 250, "OK", to, nil, quit))
+  if quit then
     net:_at(self, net.t + 2 * srv.rtt, "closed", true) -- QUIT left with the dot
     self.dying = true
   else

@@ -215,6 +215,7 @@ end
 
 function H:caps() return self.s:caps() end
 function H:tls_active() return self.s:tls_active() end
+function H:uses_bdat() return self.s:uses_bdat() end
 function H:auth_mechanism() return self.s:auth_mechanism() end
 
 --- A Redis connection over a cosocket, for `smtppool.redis.client`:

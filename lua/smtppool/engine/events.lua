@@ -25,7 +25,7 @@ function S:_dispatch(run, rec, entry, t)
         self.greeted = true
         self:_note_ready(rec, t)
         rec.caps = rec.c:caps()
-        if rec.caps.chunking and rec.caps.pipelining then self._chunking = true end
+        if rec.c:uses_bdat() then self._chunking = true end
         self:_emit({ type = "ready", conn = rec.id, caps = rec.caps })
       end
       if rec.state == "busy" and rec.job then
@@ -60,7 +60,7 @@ function S:_dispatch(run, rec, entry, t)
         rec.job = nil
         rec.state = "settling"
       end
-      if job and job.last then
+      if job and payload.quit then
         -- QUIT left with the dot: the session ends after this reply.
         rec.state = "quitting"
         self.counters.rotated = self.counters.rotated + 1

@@ -248,15 +248,17 @@ function S:_start(run, rec, job, t)
   local journal, line
   if run.mark then journal, line = run.mark(job.user_msg or job.msg) end
   local cap = self:_cap(rec)
-  local last = cap ~= nil and rec.txs + 1 >= cap and (rec.caps and rec.caps.pipelining) or false
+  -- The session's last transaction under the cap: the session lets QUIT
+  -- leave with its final dot when it can (PIPELINING) and says so in the
+  -- outcome (quit); when it cannot, the idle connection is QUIT at the cap.
+  local last = cap ~= nil and rec.txs + 1 >= cap
   if run.mark_async then
     -- A mark the loop writes itself (in Redis): when the server pipelines
     -- over DATA, the driver holds the final dot at "next" until it is
     -- written; else now, before the first byte (more cautious: a cut then
     -- counts as ambiguous). With BDAT a full window withholds "next" while
     -- the last chunk leaves, so the mark goes first there too.
-    local bdat = rec.caps and rec.caps.chunking and self.cfg.bdat_window > 0
-    if rec.caps and rec.caps.pipelining and not last and not bdat then
+    if rec.caps and rec.caps.pipelining and not last and not rec.c:uses_bdat() then
       job.mark_pending = true
     else
       run.mark_async(job.user_msg or job.msg)
@@ -297,7 +299,6 @@ function S:_start(run, rec, job, t)
   rec.txs = rec.txs + 1
   self.learned.rate:note(t)
   job.seq = rec.txs -- its place in the session, for the exhaustion rules
-  job.last = last or nil
   rec.last_used = t
 end
 
