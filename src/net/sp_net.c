@@ -291,6 +291,29 @@ static void start_handshake(sp_conn *c, double now)
     handshake_step(c, now);
 }
 
+/* A write refused by a peer that closed (EPIPE, ECONNRESET) may follow
+ * replies it sent before closing, still in the socket's receive queue: the
+ * 421 that ended the session, the 250s of messages before it. Read them
+ * into the session before the write error ends it, so a pipelined message
+ * the server refused is a refusal, not "ambiguous", and one it accepted is
+ * sent. (Plain sockets only: after a failed SSL_write OpenSSL allows no
+ * further I/O on the connection.) */
+static void drain_replies(sp_conn *c)
+{
+    char buf[READ_CHUNK];
+    for (int i = 0; i < 64 && c->state == C_OPEN; i++) {
+        ssize_t r = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return;
+        c->counters.reads++;
+        c->counters.bytes_in += (unsigned long long)r;
+        sp_session_feed(c->s, buf, (size_t)r);
+        sp_net_pump(c);
+    }
+}
+
 /* Writes what the session has queued; returns -1 when the connection died. */
 static int flush_out(sp_conn *c, double now)
 {
@@ -332,7 +355,10 @@ static int flush_out(sp_conn *c, double now)
                     continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK)
                     return 0;
-                transport_error(c, errno, "write");
+                int saved = errno;
+                if (saved == EPIPE || saved == ECONNRESET)
+                    drain_replies(c);
+                transport_error(c, saved, "write");
                 return -1;
             }
         }

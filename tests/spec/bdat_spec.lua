@@ -136,6 +136,37 @@ describe("BDAT", function()
     end)
   end
 
+  -- A server that answers the cap's 421 and resets: the client may write its
+  -- next message before it reads that 421 (here on_result holds the loop
+  -- while the reset arrives). The write fails, but the 421 is in the socket's
+  -- receive queue: read, it settles the pipelined message it refused, which
+  -- is then sent on a fresh connection instead of being called ambiguous.
+  it("reads the 421 a reset left behind before a failed write ends the session", function()
+    local srv = peers.hostile({ chunking = true, cap = 1, cap_delay = 0.1, cap_reset = true, quiet = true })
+    finally(function() srv:stop() end)
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", max_conns = 1,
+      bdat_window = 2, max_messages_per_conn = 100,
+      retry = smtppool.retry.backoff{ attempts = 3, base = 0.01 } })
+    local list = {}
+    for i = 1, 3 do list[i] = { from = "a@x.test", to = "r@y.test", data = ("X-Test-Id: m%d\r\n\r\nb\r\n"):format(i) } end
+    local errs = {}
+    local report = pool:send_batch(list, { on_result = function(m, _, err)
+      if err then errs[#errs + 1] = m.data:match("m%d+") .. ": " .. tostring(err) end
+      if m.data:find("m1", 1, true) then
+        local t = require("smtppool.core").now()
+        repeat os.execute("sleep 0.05") until require("smtppool.core").now() - t > 0.4
+      end
+    end })
+    pool:close()
+    assert.equal(3, report.sent, table.concat(errs, "; "))
+    local seen = {}
+    for _, e in ipairs(srv:select("message", { status = "accepted" })) do
+      assert.is_nil(seen[e.id], e.id .. " accepted twice")
+      seen[e.id] = true
+    end
+    assert.equal(3, #srv:select("message", { status = "accepted" }))
+  end)
+
   it("refuses a bdat_window out of range", function()
     for _, bad in ipairs({ -1, 17, 2.5, 0 / 0 }) do
       assert.has_error(function() smtppool.new{ host = "h", tls = "none", bdat_window = bad } end,

@@ -31,6 +31,10 @@ Script keys (all optional):
     cap             421 to MAIL after this many transactions, then close
     cap_keep_open   answer the cap with `cap_reply` and keep the session open
     cap_reply       default "421 4.7.0 Maximum message count per session reached"
+    cap_delay       seconds to wait before answering the cap (its 421 then
+                    comes apart from the replies before it)
+    cap_reset       after the cap's 421, reset the connection (RST) instead
+                    of closing it: the client's next write fails
     cap_sessions    the cap applies to the first N sessions only
     p_tempfail      chance a MAIL gets 451 (the session stays open)
     p_421           chance a MAIL gets 421 and the connection closes
@@ -199,7 +203,11 @@ class Session:
             elif verb == "MAIL":
                 if self.capped():
                     self.srv.log(ev="fault", s=self.sid, do="cap", tx=self.tx)
+                    if s.get("cap_delay"):
+                        await asyncio.sleep(s["cap_delay"])
                     await self.reply(s.get("cap_reply", "421 4.7.0 Maximum message count per session reached"))
+                    if s.get("cap_reset"):
+                        return self.reset()
                     if not s.get("cap_keep_open"):
                         return self.close()
                     continue

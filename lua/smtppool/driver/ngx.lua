@@ -79,9 +79,23 @@ end
 
 local function ms(seconds) return math.max(1, math.floor(seconds * 1000)) end
 
+-- sock:sslhandshake, with one known fault of lua-resty-core before 0.1.32
+-- (Debian 12 has 0.1.25) turned back into an answer: when nginx finishes the
+-- handshake at once and then its certificate check fails, resty.core raises
+-- "assertion failed!" instead of returning the error (openresty/lua-resty-core
+-- #499, fixed by #500 and #533). Only a refused certificate gets there.
+local function sslhandshake(sock, session, name, verify)
+  local ok, a, b = pcall(sock.sslhandshake, sock, session, name, verify)
+  if ok then return a, b end
+  if tostring(a):find("assertion failed", 1, true) then
+    return nil, "certificate verify failed: not trusted, or not for " .. tostring(name)
+  end
+  error(a, 0)
+end
+
 function H:_handshake(phase)
   local tls = self.tls
-  local sess, err = self.sock:sslhandshake(tls.session or nil, self.server_name, tls.verify)
+  local sess, err = sslhandshake(self.sock, tls.session or nil, self.server_name, tls.verify)
   tls.handshakes = tls.handshakes + 1
   if not sess then
     tls.session = nil
@@ -244,14 +258,15 @@ function M.redis_connect(host, port, timeout, tls, pool, secret)
   if not ok then return nil, "redis connect: " .. tostring(err) end
   local reused = pool ~= nil and (sock:getreusedtimes() or 0) > 0
   if tls and not reused then
-    local sess, herr = sock:sslhandshake(nil, tls.server_name or host, not tls.insecure_skip_verify)
+    local sess, herr = sslhandshake(sock, nil, tls.server_name or host, not tls.insecure_skip_verify)
     if not sess then
       sock:close()
       -- a certificate that does not verify ("<code>: <reason>") or is for
       -- another name: every try would be refused, as a login would; a
       -- timeout, a cut or a bare "handshake failed" may be an outage
       local e = tostring(herr)
-      local refused = (e == "certificate host mismatch" or e:match("^%d+: ") ~= nil) and "tls" or nil
+      local refused = (e == "certificate host mismatch" or e:match("^%d+: ") ~= nil
+        or e:find("^certificate verify failed") ~= nil) and "tls" or nil
       return nil, "redis connect: TLS handshake: " .. tostring(herr), refused
     end
   end
