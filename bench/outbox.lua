@@ -5,7 +5,9 @@
 -- 2. delivery throughput from the outbox against the in-memory enqueue of
 --    the same pool (max_conns 2), side by side, alternated, each outcome
 --    logged by on_result in both: the ratio and its spread.
--- Usage: lua5.4 bench/outbox.lua build/sink   (OUTBOX_BENCH_N=3000, OUTBOX_BENCH_ROUNDS=5)
+--    First to the sink directly, then through a delay line (5 ms round trip).
+-- Usage: lua5.4 bench/outbox.lua build/sink   (OUTBOX_BENCH_N=6000, OUTBOX_BENCH_N_LINK=600,
+--        OUTBOX_BENCH_ROUNDS=5)
 package.path = "lua/?.lua;lua/?/init.lua;tests/support/?.lua;" .. package.path
 package.cpath = "build/lua5.4/?.so;" .. package.cpath
 local peers = require("peers")
@@ -13,8 +15,10 @@ local core = require("smtppool.core")
 local smtppool = require("smtppool")
 
 local SINK = arg[1] or "build/sink"
-local N = tonumber(os.getenv("OUTBOX_BENCH_N")) or 3000
+local N = tonumber(os.getenv("OUTBOX_BENCH_N")) or 6000
 local ROUNDS = tonumber(os.getenv("OUTBOX_BENCH_ROUNDS")) or 5
+local N_LINK = tonumber(os.getenv("OUTBOX_BENCH_N_LINK")) or 600
+local LINK_RTT = 0.005
 if not os.execute("command -v redis-server >/dev/null 2>&1 && command -v nginx >/dev/null 2>&1") then
   print("outbox: redis-server or nginx is not installed (make deps); skipped")
   return
@@ -26,7 +30,9 @@ local dir = peers.tmpdir()
 local sink_pid, sink_port = peers.sink(SINK, dir)
 local ngx = peers.nginx(1)
 local url = "redis://127.0.0.1:" .. redis.port
-local function q(cfg, name) return ("cfg=%s&port=%d&rport=%d&name=%s"):format(cfg, sink_port, redis.port, name or "") end
+local function q(cfg, name, port)
+  return ("cfg=%s&port=%d&rport=%d&name=%s"):format(cfg, port or sink_port, redis.port, name or "")
+end
 local function box(name)
   return assert(smtppool.new{ host = "127.0.0.1", port = sink_port, tls = "none", outbox = url, outbox_name = name })
 end
@@ -61,39 +67,49 @@ local lb = box("lat")
 peers.wait_for(function() return lb.outbox:stats().depth == 0 end, 120, "the latency messages to leave")
 lb:close()
 
--- 2. delivery throughput, in memory and from the outbox, alternated
+-- 2. delivery throughput, in memory and from the outbox, alternated: to
+-- the sink directly, then through a delay line (a relay a few milliseconds
+-- away, as real ones are)
 local function logged(pattern)
   local n = 0
   for _ in ngx.log():gmatch(pattern) do n = n + 1 end
   return n
 end
-local mem, out = {}, {}
-for r = 1, 3 do
-  local before = logged("OUTCOME sent")
-  local t0 = core.now()
-  assert(ngx.get(("burst?%s&n=%d&qs=%d"):format(q("bmem", "m" .. r), N, N + 1)):match("queued " .. N))
-  peers.wait_for(function() return logged("OUTCOME sent") >= before + N end, 300, "the in-memory queue")
-  mem[r] = N / (core.now() - t0)
-  -- the outbox filled first (its pool not yet made), then drained by the agent
-  local name = "thr" .. r
-  local b = box(name)
-  for i = 1, N do assert(b:enqueue{ from = "a@x.test", to = ("t%d@y.test"):format(i), subject = "outbox",
-    text = "o" }) end
-  t0 = core.now()
-  ngx.get("outcome?" .. q("outbox", name) .. "&id=00") -- makes the pool: its agent starts
-  peers.wait_for(function() return (b.outbox:stats().sent or 0) >= N end, 300, "the outbox")
-  out[r] = N / (core.now() - t0)
-  b:close()
+local function compare(port, n, tag)
+  local mem, out = {}, {}
+  for r = 1, 3 do
+    local before = logged("OUTCOME sent")
+    local t0 = core.now()
+    assert(ngx.get(("burst?%s&n=%d&qs=%d"):format(q("bmem", tag .. "m" .. r, port),
+      n, n + 1)):match("queued " .. n))
+    peers.wait_for(function() return logged("OUTCOME sent") >= before + n end, 300, "the in-memory queue")
+    mem[r] = n / (core.now() - t0)
+    -- the outbox filled first (its pool not yet made), then drained by the agent
+    local name = tag .. "thr" .. r
+    local b = box(name)
+    for i = 1, n do assert(b:enqueue{ from = "a@x.test", to = ("t%d@y.test"):format(i), subject = "outbox",
+      text = "o" }) end
+    t0 = core.now()
+    ngx.get("outcome?" .. q("outbox", name, port) .. "&id=00") -- makes the pool
+    peers.wait_for(function() return (b.outbox:stats().sent or 0) >= n end, 300, "the outbox")
+    out[r] = n / (core.now() - t0)
+    b:close()
+  end
+  local ratios = {}
+  for r = 1, 3 do ratios[r] = out[r] / mem[r] end
+  table.sort(ratios)
+  local function three(t) return ("%.0f/%.0f/%.0f"):format(t[1], t[2], t[3]) end
+  print(("    in memory %s msg/s; from the outbox %s msg/s"):format(three(mem), three(out)))
+  print(("    outbox / in memory: median %.2f (spread %.2f-%.2f; aim: at least 0.9)"):format(ratios[2], ratios[1],
+    ratios[3]))
 end
-local ratios = {}
-for r = 1, 3 do ratios[r] = out[r] / mem[r] end
-table.sort(ratios)
 print(("  delivery, %d messages a run, 3 runs alternated, max_conns 2, the C sink:"):format(N))
-print(("    in memory %s msg/s; from the outbox %s msg/s"):format(
-  table.concat({ ("%.0f"):format(mem[1]), ("%.0f"):format(mem[2]), ("%.0f"):format(mem[3]) }, "/"),
-  table.concat({ ("%.0f"):format(out[1]), ("%.0f"):format(out[2]), ("%.0f"):format(out[3]) }, "/")))
-print(("    outbox / in memory: median %.2f (spread %.2f-%.2f; aim: at least 0.9)"):format(ratios[2], ratios[1],
-  ratios[3]))
+compare(sink_port, N, "s")
+local link = peers.proxy(sink_port, LINK_RTT / 2)
+print(("  delivery, %d messages a run, 3 runs alternated, max_conns 2, the sink behind a %g ms round trip:"):format(
+  N_LINK, LINK_RTT * 1000))
+compare(link.port, N_LINK, "l")
+link:stop()
 ngx.cleanup()
 os.execute("kill " .. sink_pid)
 redis:stop()

@@ -39,6 +39,7 @@ local prepare = require("smtppool.compose.prepare")
 local policy = require("smtppool.engine.policy")
 local driver = require("smtppool.driver.ngx")
 local shdict = require("smtppool.limits.shdict")
+local outbox = require("smtppool.outbox")
 local semaphore = require("ngx.semaphore")
 
 local ngx = ngx -- luacheck: ignore (set by nginx)
@@ -158,7 +159,7 @@ local function agent(premature, self)
   local box = pool.outbox
   local run = box and box:runner(pool, { on_result = self.on_result,
     log = function(m) ngx.log(ngx.ERR, m) end })
-  local from_box = box and box:source(math.max(8, 4 * pool.cfg.max_conns), { stop = leaving })
+  local from_box = box and box:source(outbox.claim_size(pool.cfg.max_conns), { stop = leaving })
   local paused_until = 0
   local function source()
     local e = self:_pop()

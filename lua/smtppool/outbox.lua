@@ -42,7 +42,8 @@ local M = {}
 -- What the queue needs to know of an outbox: a key is a message id whose
 -- message is `m:<id>`; an outcome deletes it and writes `o:<id>`.
 local HOOKS = [[
-local function finish(p, key, worker, status, code, enhanced, text, kind, attempts, dup)
+local function keep_of(p) return tonumber(redis.call('HGET', p .. 'meta', 'keep') or '604800') end
+local function finish(p, key, worker, status, code, enhanced, text, kind, attempts, dup, keep)
   if redis.call('EXISTS', p .. 'm:' .. key) == 0 then return 0 end
   redis.call('DEL', p .. 'm:' .. key)
   redis.call('ZREM', p .. 'claims', key)
@@ -54,7 +55,7 @@ local function finish(p, key, worker, status, code, enhanced, text, kind, attemp
   local o = p .. 'o:' .. key
   redis.call('HSET', o, 'status', status, 'code', code, 'enhanced', enhanced, 'text', text, 'kind', kind,
     'attempts', attempts, 'at', t[1], 'worker', worker, 'possible_duplicate', dup)
-  redis.call('EXPIRE', o, tonumber(redis.call('HGET', p .. 'meta', 'keep') or '604800'))
+  redis.call('EXPIRE', o, keep)
   redis.call('HINCRBY', p .. 'stats', status, 1)
   return 1
 end
@@ -62,7 +63,7 @@ local function gone(p, key) return redis.call('EXISTS', p .. 'm:' .. key) == 0 e
 local function lost(p, key)
   local a = redis.call('HGET', p .. 'm:' .. key, 'attempts') or '0'
   finish(p, key, '', 'ambiguous', '', '', 'the final dot was on its way when its worker stopped: it may have '
-    .. 'been delivered', 'ambiguous', tostring(tonumber(a) + 1), '1')
+    .. 'been delivered', 'ambiguous', tostring(tonumber(a) + 1), '1', keep_of(p))
 end
 local function payload(p, key) return redis.call('HGETALL', p .. 'm:' .. key) end
 ]]
@@ -83,9 +84,15 @@ redis.call('HINCRBY', p .. 'stats', 'enqueued', 1)
 return {1, depth + 1}
 ]]
 
--- KEYS[1]: the prefix; ARGV: worker, id, status, code, enhanced, text, kind, attempts, dup
+-- KEYS[1]: the prefix; ARGV: (worker, id, status, code, enhanced, text,
+-- kind, attempts, dup) for each outcome: a batch costs one script call
 local DONE = HOOKS .. [[
-return finish(KEYS[1], ARGV[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local p, keep, n = KEYS[1], keep_of(KEYS[1]), 0
+for i = 1, #ARGV, 9 do
+  n = n + finish(p, ARGV[i + 1], ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
+    ARGV[i + 7], ARGV[i + 8], keep)
+end
+return n
 ]]
 
 -- KEYS[1]: the prefix -> {depth, queued, delayed, claimed, oldest (seconds, -1: none), stats...}
@@ -389,15 +396,23 @@ function B:flush(extra)
   local deadline = core.now() + 120
   local e
   while true do
-    local sha = self.c.shas["outbox:done"]
+    local sha = self.c.shas["outbox:done_many"]
     if not sha and #self.pending > 0 then
       local v, le = self.c:call("SCRIPT", "LOAD", DONE)
-      if v then self.c.shas["outbox:done"], sha = v, v else e = le end
+      if v then self.c.shas["outbox:done_many"], sha = v, v else e = le end
     end
     if sha or #self.pending == 0 then
+      -- the marks first (what a held dot waits for), then every outcome
+      -- waiting in one script call
+      -- every outcome waiting in one script call, then the marks: a
+      -- message's outcome is never written after the next message's mark
       local cmds = {}
-      for i, a in ipairs(self.pending) do
-        cmds[i] = { "EVALSHA", sha, "1", self.p, (table.unpack or unpack)(a) } -- luacheck: ignore
+      if #self.pending > 0 then
+        local done = { "EVALSHA", sha, "1", self.p }
+        for _, a in ipairs(self.pending) do
+          for k = 1, 9 do done[#done + 1] = a[k] end
+        end
+        cmds[1] = done
       end
       for _, x in ipairs(extra or {}) do cmds[#cmds + 1] = x end
       local res, pe = self.c:pipeline(cmds)
@@ -407,7 +422,7 @@ function B:flush(extra)
         for _, v in ipairs(res) do
           if type(v) == "table" and v.err then
             failed = v.err
-            if v.err:match("^NOSCRIPT") then self.c.shas["outbox:done"] = nil end
+            if v.err:match("^NOSCRIPT") then self.c.shas["outbox:done_many"] = nil end
           end
         end
         if not failed then
@@ -454,6 +469,13 @@ end
 -- A retry waiting at least this long waits in Redis (`delayed`), not in
 -- the worker's memory: it survives the worker.
 M.LATER = 5
+
+--- How many messages a worker claims at a time for a pool of `max_conns`
+-- connections: enough that a claim's round trip is paid every 8 messages a
+-- connection sends, not every 4 (what a worker leaving gives back at once).
+-- @tparam number max_conns
+-- @treturn number
+function M.claim_size(max_conns) return math.max(16, 8 * (max_conns or 1)) end
 
 --- What a pool's loop needs to deliver this outbox's items (besides any
 -- others it runs, as nginx's agent does): `retry` (the pool's policy, a
@@ -542,7 +564,7 @@ function B:deliver(pool, opts)
   local function stop()
     return r.misconfigured ~= nil or (opts.should_stop ~= nil and opts.should_stop())
   end
-  local source = self:source(math.max(8, 4 * (pool.cfg.max_conns or 1)), { stop = stop,
+  local source = self:source(M.claim_size(pool.cfg.max_conns), { stop = stop,
     until_empty = opts.until_empty, idle = opts.idle })
   local rok, rerr = pcall(pool.run_items, pool, source, r.on_result, {
     should_stop = stop, retry = r.retry, on_event = opts.on_event, poll = opts.idle or 0.25,
