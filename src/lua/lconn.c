@@ -1,6 +1,7 @@
 /* The native driver for Lua: connections, the one wait per wake, TLS
  * contexts, the clock. */
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -255,10 +256,12 @@ static int l_wait(lua_State *L)
         lua_pop(L, 1);
     }
     /* optional third argument: an array of fds whose readability also ends
-     * the wait (a signing queue's eventfd); the second result lists the
-     * ready ones */
+     * the wait (a signing queue's eventfd), or whose writability, given as
+     * -(fd + 1) (a Redis socket still connecting); the second result lists
+     * the ready ones, keyed as they were given */
+    lua_Integer given[8];
     int fds[8];
-    unsigned char fd_ready[8];
+    unsigned char fd_write[8], fd_ready[8];
     size_t nfds = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
@@ -266,11 +269,14 @@ static int l_wait(lua_State *L)
         luaL_argcheck(L, nfds <= 8, 3, "at most 8 fds");
         for (size_t i = 0; i < nfds; i++) {
             lua_rawgeti(L, 3, (int)i + 1);
-            fds[i] = (int)luaL_checkinteger(L, -1);
+            given[i] = luaL_checkinteger(L, -1);
+            luaL_argcheck(L, given[i] >= -INT_MAX && given[i] <= INT_MAX, 3, "not a file descriptor");
+            fd_write[i] = given[i] < 0;
+            fds[i] = (int)(given[i] < 0 ? -given[i] - 1 : given[i]);
             lua_pop(L, 1);
         }
     }
-    int r = sp_conn_wait_fds(cs, n, fds, nfds, fd_ready, timeout);
+    int r = sp_conn_wait_fds(cs, n, fds, fd_write, nfds, fd_ready, timeout);
     if (r < 0)
         return luaL_error(L, "poll failed");
     /* One crossing per wake: every connection with events, its events
@@ -291,7 +297,7 @@ static int l_wait(lua_State *L)
     for (size_t i = 0; i < nfds; i++)
         if (fd_ready[i]) {
             lua_pushboolean(L, 1);
-            lua_rawseti(L, -2, fds[i]);
+            lua_rawseti(L, -2, given[i]);
         }
     return 2;
 }

@@ -4,8 +4,9 @@
  *
  *   core.resp_reader()         a reader: r:feed(bytes), r:next() -> true, value | nil
  *   core.resp_command(...)     one command as RESP bytes (redisFormatCommandArgv)
- *   core.redis_connect(host, port, timeout[, tls]) -> client | nil, err
- *                              a small blocking client for the native driver:
+ *   core.redis_connect(host, port, timeout[, tls[, async]]) -> client | nil, err
+ *                              a small client for the native driver (async:
+ *                              connected by c:step() on the caller's loop):
  *                              c:call(...) -> value | nil, err; c:close();
  *                              tls = {server_name =, ca_file =, ca_path =,
  *                              insecure_skip_verify =} speaks TLS (rediss://),
@@ -168,7 +169,10 @@ typedef struct lredis {
     double timeout;
     sp_tls_ctx *tls; /* rediss://: its context and connection */
     SSL *ssl;
-    short want; /* what a TLS read or write that could not go on waits for */
+    short want;      /* what a TLS read or write that could not go on waits for */
+    int connecting;  /* an async connect under way: 1 the TCP connect, 2 the TLS handshake */
+    struct addrinfo *addrs, *next_addr; /* the host's addresses, the next to try */
+    char why[128];   /* why the last address failed */
 } lredis;
 
 /* One write or read on the connection, plain or TLS: bytes moved; -1 with
@@ -237,12 +241,51 @@ static int fail(lua_State *L, const char *what, const char *detail)
     return 2;
 }
 
-/* rediss://: the TLS handshake on the connected socket (the table at
- * index 4), within the timeout; 0, or the count of values pushed (nil, err
- * and, when the handshake was refused rather than timed out, "tls") with
- * the connection closed. */
 static void redis_close(lredis *c);
-static int tls_handshake(lua_State *L, lredis *c, const char *host)
+
+/* Starts a connect to the next address: 1 connected at once, 0 under way
+ * (c->fd set), -1 when no address is left (c->why says why the last failed). */
+static int connect_next(lredis *c)
+{
+    while (c->next_addr) {
+        struct addrinfo *a = c->next_addr;
+        c->next_addr = a->ai_next;
+        c->fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+        if (c->fd < 0) {
+            snprintf(c->why, sizeof c->why, "%s", strerror(errno));
+            continue;
+        }
+        if (connect(c->fd, a->ai_addr, a->ai_addrlen) == 0)
+            return 1;
+        if (errno == EINPROGRESS)
+            return 0;
+        snprintf(c->why, sizeof c->why, "%s", strerror(errno));
+        close(c->fd);
+        c->fd = -1;
+    }
+    return -1;
+}
+
+/* The connect under way ended (the socket is writable): 1 connected, 0
+ * failed (c->why says why; the socket closed). */
+static int connect_done(lredis *c)
+{
+    int err = 0;
+    socklen_t sl = sizeof err;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &sl) < 0)
+        err = errno;
+    if (!err)
+        return 1;
+    snprintf(c->why, sizeof c->why, "%s", strerror(err));
+    close(c->fd);
+    c->fd = -1;
+    return 0;
+}
+
+/* rediss://: the TLS context and connection from the table at index 4 (no
+ * I/O yet); 0, or the count of values pushed (nil, err, "tls": the CA file
+ * or path given cannot be read) with the connection closed. */
+static int tls_setup(lua_State *L, lredis *c, const char *host)
 {
     sp_tls_opts o;
     memset(&o, 0, sizeof o);
@@ -255,92 +298,181 @@ static int tls_handshake(lua_State *L, lredis *c, const char *host)
     lua_getfield(L, 4, "server_name");
     const char *name = lua_isstring(L, -1) ? lua_tostring(L, -1) : host;
     sp_error e;
-    int refused = 0;
     c->tls = sp_tls_ctx_new(&o, &e);
-    if (!c->tls)
-        refused = 1; /* the CA file or path given cannot be read */
     if (c->tls)
         c->ssl = sp_tls_new_ssl(c->tls, name, &e);
-    if (c->ssl && sp_tls_set_fd(c->tls, c->ssl, c->fd) != 0)
-        sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "out of memory");
-    else if (c->ssl) {
-        for (;;) {
-            ERR_clear_error();
-            int r = SSL_connect(c->ssl);
-            if (r == 1) {
-                lua_pop(L, 4);
-                return 0;
-            }
-            int se = SSL_get_error(c->ssl, r);
-            if ((se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE) &&
-                wait_fd(c->fd, se == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, c->timeout) > 0)
-                continue;
-            if (se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE) {
-                sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "TLS handshake: timed out");
-            } else {
-                sp_tls_error(&e, SP_PHASE_CONNECT, "TLS handshake", c->ssl, r);
-                /* a TLS alert or a certificate that does not verify; a
-                 * connection cut mid-handshake (SSL_ERROR_SYSCALL) is an outage */
-                refused = se == SSL_ERROR_SSL;
-            }
-            break;
-        }
-    }
+    lua_pop(L, 4);
+    if (c->ssl)
+        return 0;
     redis_close(c);
     lua_pushnil(L);
     lua_pushfstring(L, "redis connect: %s", e.text);
-    if (!refused)
-        return 2;
-    /* the server's certificate or TLS refused, not a timeout: every try would be */
     lua_pushliteral(L, "tls");
     return 3;
 }
 
+/* One step of the TLS handshake on the connected socket: 1 done, 0 to be
+ * continued when the socket is ready for c->want, -1 failed (e says why;
+ * *refused: a TLS alert or a certificate that does not verify, which every
+ * try would meet, not a cut or a timeout). */
+static int tls_step(lredis *c, sp_error *e, int *refused)
+{
+    *refused = 0;
+    if (SSL_get_fd(c->ssl) != c->fd) {
+        if (sp_tls_set_fd(c->tls, c->ssl, c->fd) != 0) {
+            sp_error_set(e, SP_KIND_TLS, SP_PHASE_CONNECT, "out of memory");
+            return -1;
+        }
+    }
+    ERR_clear_error();
+    int r = SSL_connect(c->ssl);
+    if (r == 1)
+        return 1;
+    int se = SSL_get_error(c->ssl, r);
+    if (se == SSL_ERROR_WANT_READ || se == SSL_ERROR_WANT_WRITE) {
+        c->want = se == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+        return 0;
+    }
+    sp_tls_error(e, SP_PHASE_CONNECT, "TLS handshake", c->ssl, r);
+    *refused = se == SSL_ERROR_SSL;
+    return -1;
+}
+
+/* A failed handshake: the connection closed, nil, err[, "tls"] pushed. */
+static int tls_failed(lua_State *L, lredis *c, const sp_error *e, int refused)
+{
+    redis_close(c);
+    lua_pushnil(L);
+    lua_pushfstring(L, "redis connect: %s", e->text);
+    if (!refused)
+        return 2;
+    lua_pushliteral(L, "tls");
+    return 3;
+}
+
+/* core.redis_connect(host, port, timeout[, tls[, async]]). With async the
+ * client comes back at once with its connect (and TLS handshake) under
+ * way, for a loop that waits on its socket: c:step() moves it on. (The
+ * name is resolved first, blocking: an address is instant.) */
 static int l_redis_connect(lua_State *L)
 {
     const char *host = luaL_checkstring(L, 1);
     char port[16];
     snprintf(port, sizeof port, "%d", (int)luaL_checkinteger(L, 2));
     double timeout = luaL_optnumber(L, 3, 2);
+    int async = lua_toboolean(L, 5);
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_socktype = SOCK_STREAM;
     int rc = getaddrinfo(host, port, &hints, &res);
     if (rc != 0)
         return fail(L, "connect", gai_strerror(rc));
-    int fd = -1;
-    const char *why = "no address";
-    for (struct addrinfo *a = res; a; a = a->ai_next) {
-        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
-        if (fd < 0)
-            continue;
-        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0 || errno == EINPROGRESS) {
-            int err = 0;
-            socklen_t sl = sizeof err;
-            if (wait_fd(fd, POLLOUT, timeout) > 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &sl) == 0 && !err)
-                break;
-            why = strerror(err ? err : errno);
-        } else {
-            why = strerror(errno);
-        }
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0)
-        return fail(L, "connect", why);
     lredis *c = lua_newuserdata(L, sizeof *c);
     memset(c, 0, sizeof *c);
-    c->fd = fd;
+    c->fd = -1;
     c->timeout = timeout;
+    c->addrs = c->next_addr = res;
+    snprintf(c->why, sizeof c->why, "no address");
     c->r = redisReaderCreate();
     luaL_getmetatable(L, REDIS_MT);
     lua_setmetatable(L, -2);
     if (!c->r)
         return luaL_error(L, "out of memory");
     int pushed;
-    if (lua_istable(L, 4) && (pushed = tls_handshake(L, c, host)) != 0)
-        return pushed; /* nil, err[, "tls"] pushed; the connection closed */
+    if (lua_istable(L, 4) && (pushed = tls_setup(L, c, host)) != 0)
+        return pushed;
+    if (async) {
+        int r = connect_next(c);
+        if (r < 0) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "redis connect: %s", c->why);
+            redis_close(c);
+            return 2;
+        }
+        c->connecting = r == 1 ? (c->ssl ? 2 : 0) : 1;
+        return 1; /* the client, on top */
+    }
+    for (;;) {
+        int r = connect_next(c);
+        if (r < 0) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "redis connect: %s", c->why);
+            redis_close(c);
+            return 2;
+        }
+        if (r == 1)
+            break;
+        if (wait_fd(c->fd, POLLOUT, timeout) > 0) {
+            if (connect_done(c))
+                break;
+            continue;
+        }
+        snprintf(c->why, sizeof c->why, "%s", strerror(errno));
+        close(c->fd);
+        c->fd = -1;
+    }
+    if (c->ssl) {
+        sp_error e;
+        int refused;
+        for (;;) {
+            int r = tls_step(c, &e, &refused);
+            if (r == 1)
+                break;
+            if (r < 0)
+                return tls_failed(L, c, &e, refused);
+            if (wait_fd(c->fd, c->want, timeout) <= 0) {
+                sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "TLS handshake: timed out");
+                return tls_failed(L, c, &e, 0);
+            }
+        }
+    }
+    return 1;
+}
+
+/* c:step() for a client made with async: true once connected (and its TLS
+ * handshake done); false, "r" or "w" to be called again when the socket
+ * (c:fd()) is readable or writable; nil, err[, "tls"] when it failed (the
+ * connection closed). The caller keeps the time. */
+static int redis_step(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    if (c->fd < 0)
+        return fail(L, "connect", "the connection is closed");
+    while (c->connecting == 1) {
+        struct pollfd p = {c->fd, POLLOUT, 0};
+        if (poll(&p, 1, 0) == 0) {
+            lua_pushboolean(L, 0);
+            lua_pushliteral(L, "w");
+            return 2;
+        }
+        if (connect_done(c)) {
+            c->connecting = c->ssl ? 2 : 0;
+            break;
+        }
+        int r = connect_next(c);
+        if (r < 0) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "redis connect: %s", c->why);
+            redis_close(c);
+            return 2;
+        }
+        if (r == 1)
+            c->connecting = c->ssl ? 2 : 0;
+    }
+    if (c->connecting == 2) {
+        sp_error e;
+        int refused;
+        int r = tls_step(c, &e, &refused);
+        if (r < 0)
+            return tls_failed(L, c, &e, refused);
+        if (r == 0) {
+            lua_pushboolean(L, 0);
+            lua_pushstring(L, c->want == POLLIN ? "r" : "w");
+            return 2;
+        }
+        c->connecting = 0;
+    }
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -354,9 +486,13 @@ static void redis_close(lredis *c)
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
+    c->connecting = 0;
     if (c->r)
         redisReaderFree(c->r);
     c->r = NULL;
+    if (c->addrs)
+        freeaddrinfo(c->addrs);
+    c->addrs = c->next_addr = NULL;
 }
 
 /* Writes n bytes; -1 with errno on an I/O error or timeout. */
@@ -421,6 +557,8 @@ static int send_command(lua_State *L, lredis *c, const char *what)
 {
     if (c->fd < 0)
         return fail(L, what, "the connection is closed");
+    if (c->connecting)
+        return fail(L, what, "the connection is not made yet (c:step())");
     push_command(L, 2);
     size_t n;
     const char *p = lua_tolstring(L, -1, &n);
@@ -453,6 +591,8 @@ static int redis_pipeline(lua_State *L)
     luaL_checktype(L, 2, LUA_TTABLE);
     if (c->fd < 0)
         return fail(L, "pipeline", "the connection is closed");
+    if (c->connecting)
+        return fail(L, "pipeline", "the connection is not made yet (c:step())");
     lua_Integer ncmd = (lua_Integer)lua_rawlen(L, 2);
     lua_pushliteral(L, ""); /* the commands, concatenated (pipelines are short) */
     for (lua_Integer i = 1; i <= ncmd; i++) {
@@ -514,6 +654,8 @@ static int redis_recv(lua_State *L)
     lredis *c = luaL_checkudata(L, 1, REDIS_MT);
     if (c->fd < 0)
         return fail(L, "recv", "the connection is closed");
+    if (c->connecting)
+        return fail(L, "recv", "the connection is not made yet (c:step())");
     for (;;) {
         int k = next_reply(L, c->r);
         if (k == 1) {
@@ -546,7 +688,7 @@ void sp_lua_open_redis(lua_State *L)
 {
     static const luaL_Reg resp_methods[] = {{"feed", resp_feed}, {"next", resp_next}, {NULL, NULL}};
     static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"pipeline", redis_pipeline}, {"fd", redis_fd},  {"send", redis_send},
-                                               {"recv", redis_recv}, {"close", redis_gc},       {NULL, NULL}};
+                                               {"recv", redis_recv}, {"step", redis_step}, {"close", redis_gc},       {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"resp_reader", l_resp_reader}, {"resp_command", l_resp_command},
                                      {"redis_connect", l_redis_connect}, {NULL, NULL}};
     sp_l_new_type(L, RESP_MT, NULL, resp_methods, resp_gc);

@@ -543,11 +543,11 @@ void sp_conn_abort(sp_conn *c, const sp_error *err)
 
 int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout)
 {
-    return sp_conn_wait_fds(conns, n, NULL, 0, NULL, timeout);
+    return sp_conn_wait_fds(conns, n, NULL, NULL, 0, NULL, timeout);
 }
 
-int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfds, unsigned char *fd_ready,
-                     double timeout)
+int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsigned char *fd_write, size_t nfds,
+                     unsigned char *fd_ready, double timeout)
 {
     double start = sp_now();
     struct pollfd stackfds[64];
@@ -625,9 +625,9 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfd
                 wake = d;
         }
         nfds_t nconn = nf;
-        for (size_t k = 0; k < nfds; k++) { /* the caller's own fds: readable wakes the wait */
+        for (size_t k = 0; k < nfds; k++) { /* the caller's own fds: ready wakes the wait */
             pfd[nf].fd = fds[k];
-            pfd[nf].events = POLLIN;
+            pfd[nf].events = fd_write && fd_write[k] ? POLLOUT : POLLIN;
             pfd[nf].revents = 0;
             nf++;
         }

@@ -86,9 +86,11 @@ const sp_conn_counters *sp_conn_counters_get(const sp_conn *c);
  * timeouts). Returns the number of connections with events, 0 on timeout,
  * -1 when poll itself fails (errno). */
 int sp_conn_wait(sp_conn *const *conns, size_t n, double timeout);
-/* The same, also waking when one of the caller's fds (an eventfd, say)
- * becomes readable: fd_ready[k] is set to 1 for each such fd (0 otherwise). */
-int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, size_t nfds, unsigned char *fd_ready,
-                     double timeout);
+/* The same, also waking when one of the caller's fds (an eventfd, a
+ * socket still connecting) becomes ready: readable, or writable where
+ * fd_write[k] is set (fd_write may be NULL: all readable). fd_ready[k] is
+ * set to 1 for each ready fd (0 otherwise). */
+int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsigned char *fd_write, size_t nfds,
+                     unsigned char *fd_ready, double timeout);
 
 #endif

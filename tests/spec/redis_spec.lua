@@ -206,6 +206,51 @@ describe("limits in Redis", function()
     assert.is_true(during >= 4, ("%d arrived in the 1.5 s after the stop"):format(during))
   end)
 
+  -- A Redis that cannot be reached (its SYNs unanswered) or does not speak
+  -- (a TLS handshake that never gets its ServerHello): the connect waits on
+  -- the loop, within the client's timeout, while the loop's SMTP sends go on.
+  for _, case in ipairs({ { "backlog", "redis://127.0.0.1:%d" },
+                          { "accept", "rediss://127.0.0.1:%d?insecure_skip_verify=true" } }) do
+    it(("makes its Redis connection on the loop: a %s that hangs holds no SMTP send"):format(
+      case[1] == "backlog" and "connect" or "TLS handshake"), function()
+      local loop = require("smtppool.engine.loop")
+      local s = peers.silent(case[1])
+      local f = peers.fault({})
+      finally(function()
+        s:stop()
+        f:stop()
+      end)
+      local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", max_conns = 1 })
+      local client = assert(require("smtppool.redis.client").new(case[2]:format(s.port), { timeout = 1.5 }))
+      local t0 = core.now()
+      local v, e, t_fail
+      local sent_at = {}
+      local l = loop.new(require("smtppool.driver.native"))
+      l:spawn(function()
+        v, e = client:call("PING")
+        t_fail = core.now() - t0
+      end)
+      l:spawn(function()
+        for i = 1, 8 do
+          assert(pool:send{ from = "a@x.test", to = ("s%d@y.test"):format(i), subject = "s", text = "t" })
+          sent_at[i] = core.now() - t0
+          loop.sleep(0.05)
+        end
+      end)
+      assert.is_nil(l:run())
+      pool:close()
+      client:close()
+      assert.is_nil(v)
+      assert.matches("timed out", tostring(e))
+      assert.is_true(t_fail >= 1.4 and t_fail < 4, "failed after " .. t_fail .. " s")
+      -- every send finished while the connect waited (a blocking connect
+      -- held the loop its 1.5 s first)
+      assert.equal(8, #f:arrived())
+      assert.is_true(sent_at[8] < t_fail, ("the last send at %.2f s, the connect failed at %.2f s"):format(
+        sent_at[8], t_fail))
+    end)
+  end
+
   it("refuses a bad backend or key at new with a config error", function()
     local _, e1 = smtppool.new{ host = "h", tls = "none", rate = { backend = "http://x", key = "k" } }
     assert.equal("config", e1.kind)

@@ -326,6 +326,10 @@ function M.fault(script) return start_server("faultserver.py", script) end
 -- seeded chaos. The same interface as the fault server's.
 function M.hostile(script, port) return start_server("hostile.py", script, port) end
 
+--- Starts a server that never answers (see silent.py): mode "accept"
+-- holds every connection without a byte, "backlog" never lets one be made.
+function M.silent(mode) return start_server("silent.py", { mode = mode }) end
+
 --- Starts the benches' C sink (bench/sink.c) with its arguments (such as
 -- "chunking"); its "PORT n" line goes to dir/port.
 -- @treturn number pid

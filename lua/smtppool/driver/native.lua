@@ -21,11 +21,35 @@
 -- * `redis_connect(host, port, timeout[, tls])`: a Redis connection for
 --   `smtppool.redis.client` (`call`, `pipeline`, `close`), over TLS with the
 --   certificate verified when `tls` is given (`ca_file`, `ca_path`,
---   `server_name`, `insecure_skip_verify`); here a small blocking client in C. `redis_per_thread`: whether a connection belongs
---   to the coroutine that made it (nginx's cosockets do; these do not).
+--   `server_name`, `insecure_skip_verify`); here a small client in C whose
+--   connect and TLS handshake, in a task of a loop (`smtppool.engine.loop`),
+--   wait on the loop like its replies do, so the loop's SMTP connections
+--   are served meanwhile (outside a loop they block, within `timeout`).
+--   `redis_per_thread`: whether a connection belongs to the coroutine that
+--   made it (nginx's cosockets do; these do not).
 -- @module smtppool.driver.native
 
 local core = require("smtppool.core")
+
+-- A Redis connection: on a loop, made without blocking it.
+local function redis_connect(host, port, timeout, tls)
+  local loop = require("smtppool.engine.loop")
+  if not loop.in_task() then return core.redis_connect(host, port, timeout, tls) end
+  local c, e, why = core.redis_connect(host, port, timeout, tls, true)
+  if not c then return nil, e, why end
+  local deadline = core.now() + timeout
+  while true do
+    local done, want, refused = c:step()
+    if done then return c end
+    if done == nil then return nil, want, refused end
+    local left = deadline - core.now()
+    if left <= 0 then
+      c:close()
+      return nil, "redis connect: timed out"
+    end
+    loop.wait_fd(c:fd(), left, nil, want == "w")
+  end
+end
 
 return {
   name = "native",
@@ -33,6 +57,6 @@ return {
   open = core.connect,
   wait = core.wait,
   tls_context = core.tls_context,
-  redis_connect = core.redis_connect,
+  redis_connect = redis_connect,
   redis_per_thread = false,
 }

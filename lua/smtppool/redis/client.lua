@@ -134,7 +134,7 @@ function M.new(url, opts)
   end
   local d = opts.driver or {}
   return setmetatable({ url = url, timeout = opts.timeout or 2, keep = opts.keep ~= false,
-                        transport = d.redis_connect or core.redis_connect,
+                        transport = d.redis_connect or require("smtppool.driver.native").redis_connect,
                         per_thread = d.redis_per_thread and true or false,
                         shas = {}, closed = false }, C)
 end
