@@ -137,7 +137,14 @@ local function reader(self)
         s:feed(data)
       elseif rerr == "timeout" then
         deadline = self:_deadline(core.now())
-        if deadline and core.now() >= deadline then s:timeout() end
+        if self.write_err then
+          s:abort("write: " .. self.write_err)
+        elseif deadline and core.now() >= deadline then
+          s:timeout()
+        end
+      elseif self.write_err then
+        -- the replies that were waiting are read: the write's error it is
+        s:abort("write: " .. self.write_err)
       elseif rerr == "closed" then
         s:eof()
       else
@@ -161,8 +168,11 @@ function M._writer(self)
       local n, err = sock:send(out)
       if self.cut then break end
       if not n then
-        s:abort("write: " .. tostring(err))
-        self:_collect()
+        -- A peer that closed may have answered first (the 421 that ended
+        -- the session, a 250 for a dot that left): a failed send closes
+        -- only nginx's write half, so the reader reads those replies, then
+        -- the end; the write's error ends the session if nothing else does.
+        self.write_err = tostring(err)
         break
       end
       s:written(#out)
