@@ -9,7 +9,7 @@ local smtppool = require("smtppool")
 
 local function workers_of(master)
   local out = {}
-  for pid in peers.sh("pgrep -P " .. master):gmatch("%d+") do out[#out + 1] = pid end
+  for pid in peers.sh(peers.CLEAN .. "pgrep -P " .. master):gmatch("%d+") do out[#out + 1] = pid end
   return out
 end
 
@@ -25,7 +25,7 @@ describe("the outbox inside nginx", function()
     finally(function()
       if ngx1 then ngx1.cleanup() end
       if ngx2 then ngx2.cleanup() end
-      os.execute("pkill -9 -f " .. peers.quote("outbox-name " .. name) .. " 2>/dev/null")
+      os.execute(peers.CLEAN .. "pkill -9 -f " .. peers.quote("outbox-name " .. name) .. " 2>/dev/null")
       redis:stop()
       f:stop()
       os.execute("rm -rf " .. peers.quote(dir))

@@ -8,6 +8,9 @@ local M = {}
 local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "tests/support"
 -- Children must not inherit a sanitizer preload meant for the Lua process.
 local CLEAN = "env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "
+--- The prefix that runs a system tool without the sanitizers `make sanitize`
+-- preloads (pkill and pgrep can hang with them).
+M.CLEAN = CLEAN
 local PY = CLEAN .. "/usr/bin/python3"
 
 local function sh(cmd)
