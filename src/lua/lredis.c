@@ -338,6 +338,15 @@ static int tls_step(lredis *c, sp_error *e, int *refused)
     return -1;
 }
 
+/* No address could be reached: the connection closed, nil, err pushed. */
+static int connect_failed(lua_State *L, lredis *c)
+{
+    lua_pushnil(L);
+    lua_pushfstring(L, "redis connect: %s", c->why);
+    redis_close(c);
+    return 2;
+}
+
 /* A failed handshake: the connection closed, nil, err[, "tls"] pushed. */
 static int tls_failed(lua_State *L, lredis *c, const sp_error *e, int refused)
 {
@@ -384,10 +393,7 @@ static int l_redis_connect(lua_State *L)
     if (async) {
         int r = connect_next(c);
         if (r < 0) {
-            lua_pushnil(L);
-            lua_pushfstring(L, "redis connect: %s", c->why);
-            redis_close(c);
-            return 2;
+            return connect_failed(L, c);
         }
         c->connecting = r == 1 ? (c->ssl ? 2 : 0) : 1;
         return 1; /* the client, on top */
@@ -395,10 +401,7 @@ static int l_redis_connect(lua_State *L)
     for (;;) {
         int r = connect_next(c);
         if (r < 0) {
-            lua_pushnil(L);
-            lua_pushfstring(L, "redis connect: %s", c->why);
-            redis_close(c);
-            return 2;
+            return connect_failed(L, c);
         }
         if (r == 1)
             break;
@@ -451,10 +454,7 @@ static int redis_step(lua_State *L)
         }
         int r = connect_next(c);
         if (r < 0) {
-            lua_pushnil(L);
-            lua_pushfstring(L, "redis connect: %s", c->why);
-            redis_close(c);
-            return 2;
+            return connect_failed(L, c);
         }
         if (r == 1)
             c->connecting = c->ssl ? 2 : 0;
