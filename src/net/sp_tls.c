@@ -17,15 +17,23 @@ struct sp_tls_ctx {
     unsigned long handshakes, resumed;
 };
 
+/* Keeps a copy of the newest ticket's session, not the connection's own
+ * object: when that connection later ends in a fatal TLS error (a peer
+ * that resets after its 421, an EOF without close_notify), OpenSSL marks
+ * the connection's session not resumable, and a kept pointer to it cost the
+ * next handshake its resumption. The server's ticket is as good as ever. */
 static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
 {
     sp_tls_ctx *t = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
     if (!t || !SSL_SESSION_is_resumable(sess))
         return 0;
+    SSL_SESSION *copy = SSL_SESSION_dup(sess);
+    if (!copy)
+        return 0; /* out of memory: the kept one stays */
     if (t->session)
         SSL_SESSION_free(t->session);
-    t->session = sess;
-    return 1; /* we keep the reference */
+    t->session = copy;
+    return 0; /* the connection's own reference is OpenSSL's to drop */
 }
 
 /* The socket BIO OpenSSL would use (bss_sock.c), except that it writes with
