@@ -9,31 +9,70 @@
 #include <string.h>
 #include <sys/socket.h>
 
+/* How many of the server's newest tickets are kept for later connections. */
+#define SP_TLS_KEEP 8
+
 struct sp_tls_ctx {
     SSL_CTX *ctx;
     BIO_METHOD *sock; /* a socket BIO that writes with MSG_NOSIGNAL */
-    SSL_SESSION *session; /* newest resumable session, or NULL */
+    SSL_SESSION *kept[SP_TLS_KEEP]; /* resumable sessions, oldest first */
+    int nkept;
     int verify;
     unsigned long handshakes, resumed;
 };
 
-/* Keeps a copy of the newest ticket's session, not the connection's own
+/* Keeps a copy of each new ticket's session, not the connection's own
  * object: when that connection later ends in a fatal TLS error (a peer
  * that resets after its 421, an EOF without close_notify), OpenSSL marks
- * the connection's session not resumable, and a kept pointer to it cost the
- * next handshake its resumption. The server's ticket is as good as ever. */
+ * the connection's session not resumable, though the server's ticket is as
+ * good as ever.
+ *
+ * Several are kept because a TLS 1.3 ticket is good for one connection:
+ * OpenSSL retires a session once a handshake has resumed it (RFC 8446 C.4
+ * asks clients not to reuse tickets), and the tickets that connection earns
+ * arrive only after its handshake. With a single kept session, a connection
+ * opened in that gap had nothing to offer (under load, 4 of 10 reconnects
+ * at a session cap of 2). Servers send one or two tickets a handshake, so
+ * the newest few cover the connections a pool opens at once. */
+static void keep_session(sp_tls_ctx *t, SSL_SESSION *s)
+{
+    if (t->nkept == SP_TLS_KEEP) {
+        SSL_SESSION_free(t->kept[0]);
+        memmove(t->kept, t->kept + 1, (SP_TLS_KEEP - 1) * sizeof t->kept[0]);
+        t->nkept--;
+    }
+    t->kept[t->nkept++] = s;
+}
+
 static int new_session_cb(SSL *ssl, SSL_SESSION *sess)
 {
     sp_tls_ctx *t = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
     if (!t || !SSL_SESSION_is_resumable(sess))
         return 0;
     SSL_SESSION *copy = SSL_SESSION_dup(sess);
-    if (!copy)
-        return 0; /* out of memory: the kept one stays */
-    if (t->session)
-        SSL_SESSION_free(t->session);
-    t->session = copy;
+    if (copy) /* else out of memory: this ticket goes unused */
+        keep_session(t, copy);
     return 0; /* the connection's own reference is OpenSSL's to drop */
+}
+
+/* Offers the newest resumable session to a new connection. A TLS 1.3 one is
+ * handed over for good (single use); a TLS 1.2 one serves every connection. */
+static void offer_session(sp_tls_ctx *t, SSL *ssl)
+{
+    while (t->nkept > 0) {
+        SSL_SESSION *s = t->kept[t->nkept - 1];
+        if (!SSL_SESSION_is_resumable(s)) {
+            SSL_SESSION_free(s);
+            t->nkept--;
+            continue;
+        }
+        SSL_set_session(ssl, s);
+        if (SSL_SESSION_get_protocol_version(s) == TLS1_3_VERSION) {
+            SSL_SESSION_free(s); /* the connection holds its own reference */
+            t->nkept--;
+        }
+        return;
+    }
 }
 
 /* The socket BIO OpenSSL would use (bss_sock.c), except that it writes with
@@ -161,8 +200,8 @@ void sp_tls_ctx_free(sp_tls_ctx *t)
 {
     if (!t)
         return;
-    if (t->session)
-        SSL_SESSION_free(t->session);
+    for (int i = 0; i < t->nkept; i++)
+        SSL_SESSION_free(t->kept[i]);
     SSL_CTX_free(t->ctx);
     BIO_meth_free(t->sock);
     free(t);
@@ -198,8 +237,7 @@ SSL *sp_tls_new_ssl(sp_tls_ctx *t, const char *server_name, sp_error *err)
             }
         }
     }
-    if (t->session && SSL_SESSION_is_resumable(t->session))
-        SSL_set_session(ssl, t->session);
+    offer_session(t, ssl);
     return ssl;
 }
 
