@@ -142,43 +142,32 @@ void sp_conn_set_body_src(sp_conn *c, sp_body_src *src)
 }
 
 
-int sp_conn_has_events(const sp_conn *c) { return c->ev_len > 0; }
+/* The session's queue is the only one; the caller gets the events the
+ * driver has acted on (at its last read or write), in order. */
+int sp_conn_has_events(const sp_conn *c) { return sp_session_looked_events(c->s) > 0; }
 
 sp_event sp_conn_next_event(sp_conn *c)
 {
-    if (!c->ev_len)
-        return SP_EV_NONE;
-    sp_event e = c->evq[c->ev_head];
-    c->ev_head = (c->ev_head + 1) % CONN_EVQ;
-    c->ev_len--;
-    return e;
-}
-
-static void push(sp_conn *c, sp_event e)
-{
-    if (c->ev_len == CONN_EVQ) { /* cannot happen while the session keeps its bound: never drop */
-        fprintf(stderr, "smtppool: connection event queue overflow (%s dropped): a bug, please report\n",
-                sp_event_name(e));
-        abort();
-    }
-    c->evq[(c->ev_head + c->ev_len++) % CONN_EVQ] = e;
+    return sp_session_looked_events(c->s) ? sp_session_next_event(c->s) : SP_EV_NONE;
 }
 
 static void fill_body(sp_conn *c) { sp_body_pump(c->s, &c->body, &c->dot_hook, c->dot_ud); }
 
-/* Moves session events to the connection's queue; acts on the ones the
- * driver handles itself. */
+/* Acts on the session's new events; takes out the ones that are the
+ * driver's alone. */
 static void start_handshake(sp_conn *c, double now);
 
 void sp_net_pump(sp_conn *c)
 {
     sp_event e;
-    while ((e = sp_session_next_event(c->s)) != SP_EV_NONE) {
+    while ((e = sp_session_look_event(c->s)) != SP_EV_NONE) {
         if (e == SP_EV_BODY) {
+            sp_session_take_looked(c->s);
             fill_body(c);
             continue;
         }
         if (e == SP_EV_TLS) {
+            sp_session_take_looked(c->s);
             start_handshake(c, sp_now());
             continue;
         }
@@ -209,7 +198,6 @@ void sp_net_pump(sp_conn *c)
             close_fd(c);
         if (e == SP_EV_NEXT)
             c->hold = 1;
-        push(c, e);
     }
 }
 
@@ -579,7 +567,7 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsi
                 do_read(conns[i]);
             if (conns[i]->state == C_OPEN)
                 flush_out(conns[i], now);
-            if (conns[i]->ev_len)
+            if (sp_conn_has_events(conns[i]))
                 ready++;
         }
         if (ready) {
@@ -691,7 +679,7 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsi
         if (extra || (timeout >= 0 && now - start >= timeout)) {
             result = 0;
             for (size_t i = 0; i < n; i++)
-                if (conns[i]->ev_len)
+                if (sp_conn_has_events(conns[i]))
                     result++;
             goto out;
         }

@@ -14,7 +14,6 @@
 #define READ_CHUNK 16384
 /* The connection passes on its session's events (a few it acts on itself),
  * and the caller drains them at every turn: the session's bound holds. */
-#define CONN_EVQ SP_SESSION_EVENTS_MAX
 
 enum { C_RESOLVING, C_CONNECTING, C_PROXY, C_HANDSHAKE, C_OPEN, C_CLOSED };
 
@@ -42,8 +41,6 @@ struct sp_conn {
     void *dot_ud;
     sp_dot_hook sync_hook; /* before any write (see sp_conn_set_sync_hook) */
     void *sync_ud;
-    sp_event evq[CONN_EVQ];
-    size_t ev_head, ev_len;
     sp_conn_counters counters;
     sp_error connect_err;
     sp_tls_ctx *tls;
@@ -63,7 +60,9 @@ void sp_net_resolve_error(const sp_conn *c, sp_error *err);
 void sp_net_resolve_step(sp_conn *c);
 /* Starts resolving (a numeric address at once); -1 with *err. */
 int sp_net_start_resolve(sp_conn *c, const char *servers, sp_error *err);
-/* Moves the session's events into the connection's queue. */
+/* Acts on the session's new events: the ones the driver handles itself
+ * (SP_EV_BODY, SP_EV_TLS) it takes out of the queue, the rest stay there for
+ * sp_conn_next_event. */
 void sp_net_pump(sp_conn *c);
 
 #endif

@@ -78,7 +78,29 @@ sp_event sp_session_next_event(sp_session *s)
     sp_event e = s->evq[s->ev_head];
     s->ev_head = (s->ev_head + 1) % EVQ;
     s->ev_len--;
+    if (s->ev_looked)
+        s->ev_looked--;
     return e;
+}
+
+size_t sp_session_events(const sp_session *s) { return s->ev_len; }
+size_t sp_session_looked_events(const sp_session *s) { return s->ev_looked; }
+
+sp_event sp_session_look_event(sp_session *s)
+{
+    if (s->ev_looked == s->ev_len)
+        return SP_EV_NONE;
+    return s->evq[(s->ev_head + s->ev_looked++) % EVQ];
+}
+
+void sp_session_take_looked(sp_session *s)
+{
+    if (!s->ev_looked)
+        return;
+    for (size_t i = s->ev_looked - 1; i + 1 < s->ev_len; i++)
+        s->evq[(s->ev_head + i) % EVQ] = s->evq[(s->ev_head + i + 1) % EVQ];
+    s->ev_len--;
+    s->ev_looked--;
 }
 
 int sp_ss_await(sp_session *s, cmd c, size_t idx)

@@ -181,13 +181,27 @@ void sp_session_handing(sp_session *s, size_t n);
 /* The most transactions awaiting their final replies at once (bdat_window's
  * maximum), and the events a session holds between two of the driver's
  * turns: each of those transactions' SP_EV_TX_DONE, the current one's, and a
- * few of the other kinds, with room to spare. A driver that keeps its own
- * event queue sizes it SP_SESSION_EVENTS_MAX and cannot overflow. */
+ * few of the other kinds, with room to spare. Drivers keep no queue of their
+ * own: the session's is the only one (see sp_session_look_event). */
 #define SP_BDAT_WINDOW_MAX 16
 #define SP_SESSION_EVENTS_MAX 64
 
 /* Events in the order they happened; SP_EV_NONE when none are queued. */
 sp_event sp_session_next_event(sp_session *s);
+/* Events queued, looked at by the driver or not. */
+size_t sp_session_events(const sp_session *s);
+/* For a driver that acts on some events itself before its user takes them
+ * (a body to write, a handshake to start, a socket to close): the oldest
+ * event it has not looked at yet, or SP_EV_NONE. The event stays queued for
+ * sp_session_next_event, unless the driver takes it out with
+ * sp_session_take_looked (an event that is the driver's alone). A user that
+ * takes events only after its driver has looked at all of them sees them in
+ * order, from one queue. */
+sp_event sp_session_look_event(sp_session *s);
+/* Removes the event sp_session_look_event returned last. */
+void sp_session_take_looked(sp_session *s);
+/* Queued events the driver has looked at. */
+size_t sp_session_looked_events(const sp_session *s);
 
 /* Commands. Each returns 0, or -1 with *err set (kind invalid when the
  * request is malformed or impossible on this server, nothing sent). */

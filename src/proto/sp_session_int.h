@@ -100,6 +100,7 @@ struct sp_session {
     unsigned long tr_dropped;
     sp_event evq[EVQ];
     size_t ev_head, ev_len;
+    size_t ev_looked; /* the driver has looked at the first ev_looked events */
     /* the reply clock (sp_session_deadline) */
     double timeouts[SP_PHASE_COUNT];
     double timed_at;

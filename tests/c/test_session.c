@@ -70,6 +70,56 @@ static int start(sp_session *s, const char *from, const char *const *rcpts, size
     return sp_session_start_tx(s, &o, e);
 }
 
+/* A session with one transaction (a@x.test to b@y.test) at its 354. */
+static sp_session *at_body(const char *ehlo_reply)
+{
+    static const char *const rc[] = {"b@y.test"};
+    sp_error e;
+    sp_session *s = ready(ehlo_reply);
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "354 go\r\n");
+    return s;
+}
+
+/* One queue for the driver and its user: the driver looks at each new event
+ * once and takes out its own (the body); the user gets the rest in order,
+ * including events queued while the driver was still looking. */
+static void one_event_queue_for_driver_and_user(void **state)
+{
+    (void)state;
+    sp_session *s = at_body("250-mx.test\r\n250 SIZE 1000\r\n");
+    sp_error e;
+    assert_int_equal(sp_session_events(s), 1);
+    assert_int_equal(sp_session_look_event(s), SP_EV_BODY);
+    assert_int_equal(sp_session_look_event(s), SP_EV_NONE); /* each event is looked at once */
+    sp_session_take_looked(s);
+    assert_int_equal(sp_session_events(s), 0);
+    assert_int_equal(sp_session_body(s, "x\n", 2, &e), 0);
+    assert_int_equal(sp_session_body_end(s, &e), 0);
+    take(s);
+    feed(s, "250 queued\r\n");
+    assert_int_equal(sp_session_events(s), 2);
+    assert_int_equal(sp_session_look_event(s), SP_EV_TX_DONE);
+    /* the user takes the looked-at event before the driver has seen the next */
+    assert_int_equal(sp_session_next_event(s), SP_EV_TX_DONE);
+    assert_int_equal(sp_session_look_event(s), SP_EV_READY);
+    sp_session_quit(s);
+    take(s);
+    feed(s, "221 bye\r\n");
+    assert_int_equal(sp_session_look_event(s), SP_EV_CLOSED);
+    sp_session_take_looked(s); /* taken from the end: the one before stays */
+    assert_int_equal(sp_session_look_event(s), SP_EV_NONE);
+    EXPECT(s, SP_EV_READY);
+    sp_session_take_looked(s); /* nothing looked at: nothing happens */
+    assert_int_equal(sp_session_events(s), 0);
+    sp_session_free(s);
+}
+
 static void lockstep_transaction(void **state)
 {
     (void)state;
@@ -297,16 +347,8 @@ static void mail_452_is_transient_and_rsets(void **state)
 static void eof_after_dot_is_ambiguous(void **state)
 {
     (void)state;
-    sp_session *s = ready("250 mx.test\r\n");
-    const char *rc[] = {"b@y.test"};
+    sp_session *s = at_body("250 mx.test\r\n");
     sp_error e;
-    start(s, "a@x.test", rc, 1, &e);
-    take(s);
-    feed(s, "250 ok\r\n");
-    take(s);
-    feed(s, "250 ok\r\n");
-    take(s);
-    feed(s, "354 go\r\n");
     EXPECT(s, SP_EV_BODY);
     sp_session_body_end(s, &e);
     take(s);
@@ -885,6 +927,7 @@ int main(void)
         cmocka_unit_test(extra_reply_in_a_bdat_window),
         cmocka_unit_test(bdat_full_window_of_16_lost),
         cmocka_unit_test(reply_deadlines),
+        cmocka_unit_test(one_event_queue_for_driver_and_user),
     };
     return cmocka_run_group_tests_name("session", tests, NULL, NULL);
 }
