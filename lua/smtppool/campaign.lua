@@ -171,10 +171,13 @@ end
 -- final dot or last chunk may have left), `S` sent, `D` sent but possibly
 -- twice, `F` failed (permanent or invalid), `T` failed for now (sent again
 -- with `retry_failed`), `A` ambiguous (it may have arrived).
-M.LETTERS = { P = "prepared", L = "leaving", S = "sent", D = "sent, possibly twice", F = "failed",
-              T = "failed for now", A = "ambiguous" }
+-- (The letters are defined once, in the C core's journal: `core.letters`.)
+local J = core.letters
+M.LETTERS = { [J.prepared] = "prepared", [J.leaving] = "leaving", [J.sent] = "sent",
+              [J.twice] = "sent, possibly twice", [J.failed] = "failed", [J.transient] = "failed for now",
+              [J.ambiguous] = "ambiguous" }
 -- the letters a later run skips (T too, unless retry_failed)
-local FINAL = { S = true, D = true, F = true, A = true }
+local FINAL = { [J.sent] = true, [J.twice] = true, [J.failed] = true, [J.ambiguous] = true }
 
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 
@@ -395,7 +398,7 @@ function Campaign:run()
       local ok, je, jst = journal:record(state, key, clean(info))
       if not ok then journal_failed(je, jst) end
     end
-    if o.on_failure and (state == "F" or state == "T" or state == "A") then
+    if o.on_failure and (state == J.failed or state == J.transient or state == J.ambiguous) then
       pcall(o.on_failure, key, state, e or err("invalid", tostring(info)), line)
     end
   end
@@ -454,7 +457,7 @@ function Campaign:run()
       if type(rcpt) == "table" then key, why = M.key(rcpt.email) else why = "invalid recipient (not a table)" end
       if not key then
         -- the row's own key (a Redis claim's), or its place in this run's list
-        record("F", given_key or ("#" .. index), why, err("invalid", why), self.row_line[rcpt])
+        record(J.failed, given_key or ("#" .. index), why, err("invalid", why), self.row_line[rcpt])
         report.failed = report.failed + 1
       else
         local st, this_run, jst = states:get(key)
@@ -463,14 +466,14 @@ function Campaign:run()
           -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
-        elseif FINAL[st] or (st == "T" and not o.retry_failed) then
+        elseif FINAL[st] or (st == J.transient and not o.retry_failed) then
           local okm, me, mst = states:meet(key)
           if not okm then journal_failed(me, mst) end
           report.skipped = report.skipped + 1
-        elseif st == "L" and not o.resend_in_flight then
+        elseif st == J.leaving and not o.resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
           local why = "final dot on its way when an earlier run stopped"
-          record("A", key, why, err("ambiguous", why), self.row_line[rcpt])
+          record(J.ambiguous, key, why, err("ambiguous", why), self.row_line[rcpt])
           report.ambiguous = report.ambiguous + 1
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
@@ -478,13 +481,13 @@ function Campaign:run()
           if not okb then m, e = nil, m end
           if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
           if not m then
-            record("F", key, "invalid: " .. tostring(e), nil, self.row_line[rcpt])
+            record(J.failed, key, "invalid: " .. tostring(e), nil, self.row_line[rcpt])
             report.failed = report.failed + 1
           else
-            record("P", key, "")
+            record(J.prepared, key, "")
             keys[m] = key
             lines[m] = self.row_line[rcpt]
-            if st == "L" then resent[m] = true end
+            if st == J.leaving then resent[m] = true end
             return m
           end
         end
@@ -526,7 +529,7 @@ function Campaign:run()
   -- Redis: L is written by the loop itself, before the final dot leaves
   local function mark_async(m)
     local key = keys[m]
-    if key then rj:record("L", key) end
+    if key then rj:record(J.leaving, key) end
   end
 
   local function on_result(m, res, rerr)
@@ -537,7 +540,7 @@ function Campaign:run()
       local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
       local dup = res.ambiguous or resent[m]
       if dup then report.possible_duplicates = report.possible_duplicates + 1 end
-      record(dup and "D" or "S", key, res.code .. " " .. (res.text or "") .. rej
+      record(dup and J.twice or J.sent, key, res.code .. " " .. (res.text or "") .. rej
         .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""))
     elseif rerr.kind == "cancelled" or policy.misconfigured(rerr) then
       -- Never started, or stopped by the configuration (the TLS mode, the
@@ -548,16 +551,16 @@ function Campaign:run()
     elseif rerr.kind == "ambiguous" or rerr.ambiguous or resent[m] then
       -- it, or an earlier try of it, may have arrived
       report.ambiguous = report.ambiguous + 1
-      record("A", key, tostring(rerr), rerr, lines[m])
+      record(J.ambiguous, key, tostring(rerr), rerr, lines[m])
     elseif rerr.kind == "transient" or rerr.kind == "connection" then
       report.failed = report.failed + 1
-      record("T", key, tostring(rerr), rerr, lines[m])
+      record(J.transient, key, tostring(rerr), rerr, lines[m])
       streak = streak + 1
       streak_msgs[#streak_msgs + 1] = m
       if streak >= threshold and not tripped then tripped = rerr end
     else
       report.failed = report.failed + 1
-      record("F", key, tostring(rerr), rerr, lines[m])
+      record(J.failed, key, tostring(rerr), rerr, lines[m])
     end
     -- retries that ended with this message are no longer waiting
     local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
@@ -596,7 +599,7 @@ function Campaign:run()
         report.stopped = "outage"
         local okr, re = pcall(function()
           for _, m in ipairs(streak_msgs) do
-            if keys[m] then record("P", keys[m], "") end
+            if keys[m] then record(J.prepared, keys[m], "") end
           end
           commit(false)
         end)

@@ -337,7 +337,7 @@ end
 
 --- Writes a message's `L`: its final dot is about to leave. The outcomes
 -- waiting to be written go in the same round trip.
-function B:mark(id) return self:flush({ { "HSET", self.p .. "state", id, "L" } }) end
+function B:mark(id) return self:flush({ { "HSET", self.p .. "state", id, core.letters.leaving } }) end
 
 --- Writes several messages' `L` in one round trip (their dots are held
 -- until it is written), with the outcomes waiting.
@@ -345,7 +345,7 @@ function B:mark_many(ids)
   local cmd = { "HSET", self.p .. "state" }
   for _, id in ipairs(ids) do
     cmd[#cmd + 1] = id
-    cmd[#cmd + 1] = "L"
+    cmd[#cmd + 1] = core.letters.leaving
   end
   return self:flush({ cmd })
 end

@@ -92,7 +92,8 @@ static int j_record(lua_State *L)
     const char *letter = luaL_checklstring(L, 2, &ln);
     const char *key = luaL_checklstring(L, 3, &kn);
     const char *info = luaL_optlstring(L, 4, "", &in);
-    luaL_argcheck(L, ln == 1 && strchr("PLSDFTA", letter[0]), 2, "a journal letter (P, L, S, D, F, T or A)");
+    luaL_argcheck(L, ln == 1 && letter[0] && strchr(SP_J_LETTERS, letter[0]), 2,
+                  "a journal letter (one of " SP_J_LETTERS ")");
     return ok_or_fail(L, j, sp_journal_record(j, letter[0], key, kn, info, in));
 }
 
@@ -295,4 +296,15 @@ void sp_lua_open_journal(lua_State *L)
     lua_setfield(L, -2, "journal_open");
     lua_pushcfunction(L, l_journal_status);
     lua_setfield(L, -2, "journal_status");
+    /* the letters, by meaning (sp_journal.h) */
+    static const char *const letters[][2] = {
+        {"prepared", SP_J_PREPARED}, {"leaving", SP_J_LEAVING},   {"sent", SP_J_SENT},
+        {"twice", SP_J_TWICE},       {"failed", SP_J_FAILED},     {"transient", SP_J_TRANSIENT},
+        {"ambiguous", SP_J_AMBIGUOUS}};
+    lua_createtable(L, 0, 7);
+    for (size_t i = 0; i < sizeof letters / sizeof letters[0]; i++) {
+        lua_pushstring(L, letters[i][1]);
+        lua_setfield(L, -2, letters[i][0]);
+    }
+    lua_setfield(L, -2, "letters");
 }

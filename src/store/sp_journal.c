@@ -380,7 +380,8 @@ int sp_journal_failures(sp_journal *j, int n, sp_journal_row_fn fn, void *ud)
 {
     sqlite3_stmt *st;
     int rc = sqlite3_prepare_v2(j->db,
-                                "SELECT state, address, info, updated FROM recipients WHERE state IN ('F','T','A') "
+                                "SELECT state, address, info, updated FROM recipients WHERE state IN ('" SP_J_FAILED
+                                "','" SP_J_TRANSIENT "','" SP_J_AMBIGUOUS "') "
                                 "ORDER BY updated DESC LIMIT ?1",
                                 -1, &st, NULL);
     if (rc != SQLITE_OK)
@@ -487,14 +488,14 @@ int sp_journal_commit(sp_journal *j, int sync)
 
 int sp_journal_mark(sp_journal *j, const char *key, size_t klen)
 {
-    if (sp_journal_record(j, 'L', key, klen, "", 0) < 0)
+    if (sp_journal_record(j, SP_J_LEAVING[0], key, klen, "", 0) < 0)
         return -1;
     return sp_journal_commit(j, 0);
 }
 
 int sp_journal_mark_deferred(sp_journal *j, const char *key, size_t klen, unsigned long long *gen)
 {
-    if (sp_journal_record(j, 'L', key, klen, "", 0) < 0)
+    if (sp_journal_record(j, SP_J_LEAVING[0], key, klen, "", 0) < 0)
         return -1;
     *gen = j->tx_gen;
     return 0;

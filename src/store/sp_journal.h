@@ -67,6 +67,18 @@ int sp_journal_mark_deferred(sp_journal *j, const char *key, size_t klen, unsign
 int sp_journal_sync_to(sp_journal *j, unsigned long long gen);
 /* Commits the open transaction (none: nothing to do); sync: fsync too. */
 int sp_journal_commit(sp_journal *j, int sync);
+/* A recipient's state is one letter, defined here once: the SQLite journal
+ * stores them, and the binding hands them to Lua (core.letters), whose
+ * campaigns, Redis scripts and outbox spell them from there. */
+#define SP_J_PREPARED "P"  /* safe to send: nothing of it has left */
+#define SP_J_LEAVING "L"   /* its final dot or last chunk may have left */
+#define SP_J_SENT "S"      /* sent */
+#define SP_J_TWICE "D"     /* sent, possibly twice */
+#define SP_J_FAILED "F"    /* failed for good (permanent or invalid) */
+#define SP_J_TRANSIENT "T" /* failed for now: sent again with retry_failed */
+#define SP_J_AMBIGUOUS "A" /* it may have arrived */
+#define SP_J_LETTERS SP_J_PREPARED SP_J_LEAVING SP_J_SENT SP_J_TWICE SP_J_FAILED SP_J_TRANSIENT SP_J_AMBIGUOUS
+
 /* Recipients per letter: counts['S' - 'A'] and so on (26 slots). */
 int sp_journal_counts(sp_journal *j, long long counts[26]);
 

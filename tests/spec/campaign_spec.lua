@@ -157,6 +157,25 @@ describe("the campaign journal (SQLite)", function()
   before_each(function() dir = peers.tmpdir() end)
   after_each(function() os.execute("rm -rf " .. peers.quote(dir)) end)
 
+  it("has its letters from one definition, which the journal, the runner and Redis scripts share", function()
+    local n, seen = 0, {}
+    for meaning, l in pairs(core.letters) do
+      assert.equal(1, #l, meaning)
+      assert.is_nil(seen[l], "two meanings for " .. l)
+      seen[l] = meaning
+      assert.truthy(require("smtppool.campaign").LETTERS[l], "the runner names " .. l)
+      n = n + 1
+    end
+    assert.equal(7, n)
+    local j = assert(core.journal_open(dir .. "/j", "spring"))
+    for _, l in pairs(core.letters) do assert(j:record(l, "k" .. l .. "@x.test", "")) end
+    assert.has_error(function() j:record("X", "x@x.test", "") end)
+    assert(j:close())
+    -- every Redis script that spells a letter has them defined in it
+    local body = require("smtppool.redis.queue").script("return LEAVING")
+    assert.equal(core.letters.leaving, assert(load(body))())
+  end)
+
   it("keeps one state per address, knows what this run met, counts by state", function()
     local j = assert(core.journal_open(dir .. "/j", "spring"))
     for i = 1, 2000 do assert(j:record("P", "user" .. i .. "@example.net", "")) end

@@ -65,19 +65,19 @@ return {added, dup}
 -- a key holds its row in `rows`; an outcome is a letter in `state`; a key
 -- whose worker died after its L becomes A, listed with the failures.
 local HOOKS = [[
-local final = {S = true, D = true, F = true, A = true}
+local final = {[SENT] = true, [TWICE] = true, [FAILED] = true, [AMBIGUOUS] = true}
 local function gone(p, key, st) return st and final[st] end
 local function lost(p, key)
-  redis.call('HSET', p .. 'state', key, 'A')
-  redis.call('HINCRBY', p .. 'stats', 'A', 1)
-  redis.call('RPUSH', p .. 'failures', key .. '\tA\tfinal dot on its way when its worker stopped')
+  redis.call('HSET', p .. 'state', key, AMBIGUOUS)
+  redis.call('HINCRBY', p .. 'stats', AMBIGUOUS, 1)
+  redis.call('RPUSH', p .. 'failures', key .. '\t' .. AMBIGUOUS .. '\tfinal dot on its way when its worker stopped')
 end
 local function payload(p, key) return redis.call('HGET', p .. 'rows', key) or '' end
 ]]
 
 -- KEYS[1]: the prefix; ARGV: worker, key, letter, info. Idempotent: a
 -- call repeated because its reply was lost (Redis restarting) counts once.
-local DONE = [[
+local DONE = queue.script [[
 local p = KEYS[1]
 if redis.call('HGET', p .. 'state', ARGV[2]) == ARGV[3] then return 0 end
 redis.call('HSET', p .. 'state', ARGV[2], ARGV[3])
@@ -85,8 +85,8 @@ redis.call('ZREM', p .. 'claims', ARGV[2])
 redis.call('HDEL', p .. 'owner', ARGV[2])
 redis.call('HINCRBY', p .. 'stats', ARGV[3], 1)
 redis.call('HINCRBY', p .. 'w:' .. ARGV[1], ARGV[3], 1)
-if ARGV[3] == 'T' then redis.call('SADD', p .. 'retryable', ARGV[2]) end
-if ARGV[3] == 'F' or ARGV[3] == 'T' or ARGV[3] == 'A' then
+if ARGV[3] == TRANSIENT then redis.call('SADD', p .. 'retryable', ARGV[2]) end
+if ARGV[3] == FAILED or ARGV[3] == TRANSIENT or ARGV[3] == AMBIGUOUS then
   redis.call('RPUSH', p .. 'failures', ARGV[2] .. '\t' .. ARGV[3] .. '\t' .. ARGV[4])
   redis.call('LTRIM', p .. 'failures', -10000, -1)
 end
@@ -98,11 +98,11 @@ return 1
 ]]
 
 -- KEYS[1]: the prefix: T recipients back in the queue
-local RETRY = [[
+local RETRY = queue.script [[
 local p = KEYS[1]
 local n = 0
 for _, key in ipairs(redis.call('SMEMBERS', p .. 'retryable')) do
-  if redis.call('HGET', p .. 'state', key) == 'T' then
+  if redis.call('HGET', p .. 'state', key) == TRANSIENT then
     redis.call('HDEL', p .. 'state', key)
     redis.call('RPUSH', p .. 'q', key)
     n = n + 1
@@ -210,8 +210,8 @@ end
 
 --- Records a letter: `L` before a final dot leaves, or an outcome.
 function J:record(letter, key, info)
-  if letter == "P" then return true end -- a claim is the P of this journal
-  if letter == "L" then
+  if letter == core.letters.prepared then return true end -- a claim is the P of this journal
+  if letter == core.letters.leaving then
     return self.q:mark(key)
   end
   self.q:release(key)

@@ -30,6 +30,25 @@ local client = require("smtppool.redis.client")
 
 local M = {}
 
+-- The journal's letters (defined once, in the C core: `core.letters`) as
+-- constants of every script: PREPARED, LEAVING, SENT, TWICE, FAILED,
+-- TRANSIENT, AMBIGUOUS.
+local LETTERS = (function()
+  local names, values = {}, {}
+  for _, k in ipairs({ "prepared", "leaving", "sent", "twice", "failed", "transient", "ambiguous" }) do
+    names[#names + 1] = k:upper()
+    values[#values + 1] = ("%q"):format(core.letters[k])
+  end
+  return "local " .. table.concat(names, ", ") .. " = " .. table.concat(values, ", ") .. "\n"
+end)()
+
+--- A script's text with the journal's letters defined in it (as
+-- `LEAVING`, `SENT`, ...): every script that reads or writes a letter is
+-- made by this.
+-- @tparam string body
+-- @treturn string
+function M.script(body) return LETTERS .. body end
+
 -- KEYS[1]: the prefix; ARGV: worker, n, lease, resend_in_flight, epoch ('' for none)
 -- -> {pending, claimed, key, payload, state, ...}, or {-1, 0} when the
 -- state is not the epoch's any more
@@ -48,7 +67,7 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', p .. 'claims', '-inf', now)) do
   redis.call('ZREM', p .. 'claims', key)
   redis.call('HDEL', p .. 'owner', key)
   local st = redis.call('HGET', p .. 'state', key)
-  if st == 'L' and ARGV[4] ~= '1' then
+  if st == LEAVING and ARGV[4] ~= '1' then
     lost(p, key)
   elseif not gone(p, key, st) then
     redis.call('LPUSH', p .. 'q', key)
@@ -93,7 +112,7 @@ for _, key in ipairs(ARGV) do
   if redis.call('ZREM', p .. 'claims', key) == 1 then
     redis.call('HDEL', p .. 'owner', key)
     local st = redis.call('HGET', p .. 'state', key)
-    if st ~= 'L' and not gone(p, key, st) then redis.call('LPUSH', p .. 'q', key) end
+    if st ~= LEAVING and not gone(p, key, st) then redis.call('LPUSH', p .. 'q', key) end
   end
 end
 return 1
@@ -153,7 +172,7 @@ function M.new(c, prefix, o)
     worker = o.worker or ("%s:%s"):format(core.hostname() or "host", tostring(core.now()):gsub("%.", "")) }, Q)
   q.scripts = {}
   for name, body in pairs({ claim = CLAIM, unclaim = UNCLAIM, later = LATER }) do
-    q.scripts[name] = { o.name .. ":" .. name, o.hooks .. "\n" .. body }
+    q.scripts[name] = { o.name .. ":" .. name, M.script(o.hooks .. "\n" .. body) }
   end
   return q
 end
@@ -206,8 +225,9 @@ function Q:claim(n, epoch, patience)
 end
 
 --- Writes a key's `L`: its final dot is about to leave.
+local MARK = M.script("redis.call('HSET', KEYS[1] .. 'state', ARGV[1], LEAVING) return 1")
 function Q:mark(key)
-  return self:run("queue:mark", "redis.call('HSET', KEYS[1] .. 'state', ARGV[1], 'L') return 1", { key })
+  return self:run("queue:mark", MARK, { key })
 end
 
 --- Forgets a key this worker held (its outcome is recorded).
