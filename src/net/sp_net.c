@@ -188,10 +188,10 @@ void sp_net_pump(sp_conn *c)
             SSL_is_init_finished(c->ssl)) {
             /* The server ended the session (a 421, an EOF), not TLS: its
              * session stays resumable. OpenSSL marks the session of a
-             * connection freed without a shutdown unusable, and that is the
-             * session the pool keeps (the latest ticket came on it), so one
-             * session cap reached by 421 cost every later handshake its
-             * resumption. Nothing is sent: the peer is gone. */
+             * connection freed without a shutdown unusable. The pool now
+             * keeps copies of the tickets (sp_tls.c), which that mark does
+             * not reach; this stays for the connection's own session.
+             * Nothing is sent: the peer is gone. */
             SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
         }
         if (e == SP_EV_ERROR || e == SP_EV_CLOSED)

@@ -12,8 +12,6 @@
 #include "sp_net.h"
 
 #define READ_CHUNK 16384
-/* The connection passes on its session's events (a few it acts on itself),
- * and the caller drains them at every turn: the session's bound holds. */
 
 enum { C_RESOLVING, C_CONNECTING, C_PROXY, C_HANDSHAKE, C_OPEN, C_CLOSED };
 
