@@ -83,8 +83,9 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   credentials travel as its protocol carries them (in the clear to the
 --   proxy). Native driver only (nginx's cosockets connect directly).
 -- * `dns_servers` (string, default the system's): `"ip[:port],..."`, the
---   name servers to ask instead of `/etc/resolv.conf`'s (native driver; in
---   nginx, nginx's `resolver` applies).
+--   name servers to ask instead of `/etc/resolv.conf`'s, for the server's
+--   name and the Redis host's of `rate.backend` and `outbox` (native
+--   driver, without blocking the loop; in nginx, nginx's `resolver` applies).
 -- * `port` (number, default 25; 465 with `tls = "implicit"`).
 -- * `tls` (string, default `"starttls"`, `"implicit"` when `port` is 465):
 --   `"starttls"` (fails closed when
@@ -249,7 +250,7 @@ function M.build(opts, driver, shared)
     local berr
     box, berr = outbox.open(opts.outbox, { name = opts.outbox_name, max = opts.outbox_max, keep = opts.outbox_keep,
       lease = opts.outbox_lease, timeout = opts.outbox_timeout, allow_volatile = opts.allow_volatile_redis,
-      driver = driver })
+      driver = driver, dns_servers = opts.dns_servers })
     if not box then return nil, berr end
   end
   return setmetatable({

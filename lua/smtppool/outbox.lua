@@ -147,7 +147,8 @@ B.__index = B
 --   604800), `lease` (seconds, default 30), `resend_in_flight`,
 --   `allow_volatile` (accept a Redis that keeps nothing on disk), `timeout`
 --   (seconds for each Redis reply, default 2), `driver` (whose Redis
---   transport to use; default the native one)
+--   transport to use; default the native one), `dns_servers` (for the
+--   Redis host's name, as the pool's option)
 -- @treturn[1] table the outbox
 -- @return[2] nil
 -- @treturn[2] table error value (kind `config`)
@@ -162,8 +163,8 @@ function M.open(url, o)
   -- two connections: the delivering side's (claims, marks, outcomes; in
   -- nginx the agent's own cosocket) and the handing-over side's (enqueue,
   -- outcome, stats: request handlers)
-  local c = client.new(u, { timeout = o.timeout or 2, driver = o.driver })
-  local rc = client.new(u, { timeout = o.timeout or 2, driver = o.driver,
+  local c = client.new(u, { timeout = o.timeout or 2, driver = o.driver, dns_servers = o.dns_servers })
+  local rc = client.new(u, { timeout = o.timeout or 2, driver = o.driver, dns_servers = o.dns_servers,
     keep = not (o.driver and o.driver.redis_per_thread) })
   local p = "smtppool:outbox:" .. name .. ":"
   local drv = o.driver

@@ -4,7 +4,7 @@
  *
  *   core.resp_reader()         a reader: r:feed(bytes), r:next() -> true, value | nil
  *   core.resp_command(...)     one command as RESP bytes (redisFormatCommandArgv)
- *   core.redis_connect(host, port, timeout[, tls[, async]]) -> client | nil, err
+ *   core.redis_connect(host, port, timeout[, tls[, async[, dns_servers]]]) -> client | nil, err
  *                              a small client for the native driver (async:
  *                              connected by c:step() on the caller's loop):
  *                              c:call(...) -> value | nil, err; c:close();
@@ -27,6 +27,8 @@
 #include <openssl/err.h>
 
 #include "sp_lua.h"
+#include "sp_net.h"
+#include "sp_resolve.h"
 #include "sp_tls.h"
 
 #define RESP_MT "smtppool.resp_reader"
@@ -163,6 +165,8 @@ static int l_resp_command(lua_State *L) { return push_command(L, 1); }
 
 /* ---- the blocking client ---- */
 
+enum { R_RESOLVING = 1, R_CONNECTING, R_HANDSHAKE };
+
 typedef struct lredis {
     int fd;
     redisReader *r;
@@ -170,8 +174,9 @@ typedef struct lredis {
     sp_tls_ctx *tls; /* rediss://: its context and connection */
     SSL *ssl;
     short want;      /* what a TLS read or write that could not go on waits for */
-    int connecting;  /* an async connect under way: 1 the TCP connect, 2 the TLS handshake */
-    struct addrinfo *addrs, *next_addr; /* the host's addresses, the next to try */
+    int connecting;  /* a connect under way: R_RESOLVING, R_CONNECTING, R_HANDSHAKE; 0 once made */
+    sp_resolve *res; /* the host's addresses (while resolving, the lookup) */
+    int next_addr;   /* the next of them to try */
     char why[128];   /* why the last address failed */
 } lredis;
 
@@ -247,15 +252,16 @@ static void redis_close(lredis *c);
  * (c->fd set), -1 when no address is left (c->why says why the last failed). */
 static int connect_next(lredis *c)
 {
-    while (c->next_addr) {
-        struct addrinfo *a = c->next_addr;
-        c->next_addr = a->ai_next;
-        c->fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+    socklen_t len;
+    const struct sockaddr *sa;
+    while ((sa = sp_resolve_addr(c->res, c->next_addr, &len)) != NULL) {
+        c->next_addr++;
+        c->fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (c->fd < 0) {
             snprintf(c->why, sizeof c->why, "%s", strerror(errno));
             continue;
         }
-        if (connect(c->fd, a->ai_addr, a->ai_addrlen) == 0)
+        if (connect(c->fd, sa, len) == 0)
             return 1;
         if (errno == EINPROGRESS)
             return 0;
@@ -338,17 +344,10 @@ static int tls_step(lredis *c, sp_error *e, int *refused)
     return -1;
 }
 
-/* No address could be reached: the connection closed, nil, err pushed. */
-static int connect_failed(lua_State *L, lredis *c)
-{
-    lua_pushnil(L);
-    lua_pushfstring(L, "redis connect: %s", c->why);
-    redis_close(c);
-    return 2;
-}
-
-/* A failed handshake: the connection closed, nil, err[, "tls"] pushed. */
-static int tls_failed(lua_State *L, lredis *c, const sp_error *e, int refused)
+/* A connect that failed: the connection closed, nil, err[, "tls"] pushed
+ * ("tls": a TLS alert or a certificate that does not verify, which every
+ * try would meet). */
+static int connect_failed(lua_State *L, lredis *c, const sp_error *e, int refused)
 {
     redis_close(c);
     lua_pushnil(L);
@@ -359,10 +358,81 @@ static int tls_failed(lua_State *L, lredis *c, const sp_error *e, int refused)
     return 3;
 }
 
-/* core.redis_connect(host, port, timeout[, tls[, async]]). With async the
- * client comes back at once with its connect (and TLS handshake) under
- * way, for a loop that waits on its socket: c:step() moves it on. (The
- * name is resolved first, blocking: an address is instant.) */
+/* What a connect under way waits for: up to SP_RESOLVE_MAX_FDS sockets
+ * written to p (their count returned), and in *rt the seconds until it must
+ * be moved on without I/O (the resolver's retransmit; -1: none). */
+static int connect_waits(const lredis *c, struct pollfd *p, double *rt)
+{
+    *rt = -1;
+    if (c->connecting == R_RESOLVING) {
+        *rt = sp_resolve_timeout(c->res);
+        return sp_resolve_pollfds(c->res, p, SP_RESOLVE_MAX_FDS);
+    }
+    p[0].fd = c->fd;
+    p[0].events = c->connecting == R_CONNECTING ? POLLOUT : c->want;
+    p[0].revents = 0;
+    return 1;
+}
+
+/* The TCP connect to the next address, once the name is resolved: 0, or -1
+ * with *e when no address is left. */
+static int connect_start(lredis *c, sp_error *e)
+{
+    int r = connect_next(c);
+    if (r < 0) {
+        sp_error_set(e, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "%s", c->why);
+        return -1;
+    }
+    c->connecting = r == 1 ? (c->ssl ? R_HANDSHAKE : 0) : R_CONNECTING;
+    return 0;
+}
+
+/* Moves a connect under way on as far as it goes without waiting (the
+ * lookup, the TCP connect to each address in turn, the TLS handshake): 1
+ * made, 0 to go on when what connect_waits gives is ready, -1 failed (*e
+ * says why; *refused as tls_step's). */
+static int connect_advance(lredis *c, sp_error *e, int *refused)
+{
+    *refused = 0;
+    if (c->connecting == R_RESOLVING) {
+        struct pollfd p[SP_RESOLVE_MAX_FDS];
+        int n = sp_resolve_pollfds(c->res, p, SP_RESOLVE_MAX_FDS);
+        if (n > 0 && poll(p, (nfds_t)n, 0) > 0) {
+            for (int k = 0; k < n; k++)
+                if (p[k].revents)
+                    sp_resolve_process(c->res, p[k].fd, p[k].revents);
+        } else {
+            sp_resolve_process(c->res, -1, 0); /* its retransmit, when due */
+        }
+        if (!sp_resolve_done(c->res))
+            return 0;
+        if (sp_resolve_result(c->res, e) < 0 || connect_start(c, e) < 0)
+            return -1;
+    }
+    while (c->connecting == R_CONNECTING) {
+        struct pollfd p = {c->fd, POLLOUT, 0};
+        if (poll(&p, 1, 0) == 0)
+            return 0;
+        if (connect_done(c))
+            c->connecting = c->ssl ? R_HANDSHAKE : 0;
+        else if (connect_start(c, e) < 0)
+            return -1;
+    }
+    if (c->connecting == R_HANDSHAKE) {
+        int r = tls_step(c, e, refused);
+        if (r <= 0)
+            return r;
+        c->connecting = 0;
+    }
+    return 1;
+}
+
+/* core.redis_connect(host, port, timeout[, tls[, async[, dns_servers]]]).
+ * The name is resolved with c-ares (an address or a name in /etc/hosts at
+ * once; dns_servers "ip[:port],..." instead of /etc/resolv.conf's), then
+ * each address tried, then the TLS handshake made, all within timeout.
+ * With async the client comes back at once with all that under way, for a
+ * loop that waits itself: c:step() moves it on. */
 static int l_redis_connect(lua_State *L)
 {
     const char *host = luaL_checkstring(L, 1);
@@ -370,110 +440,87 @@ static int l_redis_connect(lua_State *L)
     snprintf(port, sizeof port, "%d", (int)luaL_checkinteger(L, 2));
     double timeout = luaL_optnumber(L, 3, 2);
     int async = lua_toboolean(L, 5);
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_socktype = SOCK_STREAM;
-    int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0)
-        return fail(L, "connect", gai_strerror(rc));
+    const char *servers = luaL_optstring(L, 6, NULL);
     lredis *c = lua_newuserdata(L, sizeof *c);
     memset(c, 0, sizeof *c);
     c->fd = -1;
     c->timeout = timeout;
-    c->addrs = c->next_addr = res;
-    snprintf(c->why, sizeof c->why, "no address");
     c->r = redisReaderCreate();
     luaL_getmetatable(L, REDIS_MT);
     lua_setmetatable(L, -2);
     if (!c->r)
         return luaL_error(L, "out of memory");
+    sp_error e;
+    c->res = sp_resolve_new(host, port, servers, &e);
+    if (!c->res)
+        return connect_failed(L, c, &e, 0);
+    snprintf(c->why, sizeof c->why, "no address");
     int pushed;
     if (lua_istable(L, 4) && (pushed = tls_setup(L, c, host)) != 0)
         return pushed;
-    if (async) {
-        int r = connect_next(c);
-        if (r < 0) {
-            return connect_failed(L, c);
-        }
-        c->connecting = r == 1 ? (c->ssl ? 2 : 0) : 1;
+    c->connecting = R_RESOLVING;
+    if (async)
         return 1; /* the client, on top */
-    }
+    double deadline = sp_now() + timeout;
+    int refused;
     for (;;) {
-        int r = connect_next(c);
-        if (r < 0) {
-            return connect_failed(L, c);
+        int r = connect_advance(c, &e, &refused);
+        if (r > 0)
+            return 1;
+        if (r < 0)
+            return connect_failed(L, c, &e, refused);
+        double left = deadline - sp_now(), rt;
+        if (left <= 0) {
+            sp_error_set(&e, c->connecting == R_HANDSHAKE ? SP_KIND_TLS : SP_KIND_CONNECTION, SP_PHASE_CONNECT,
+                         c->connecting == R_RESOLVING ? "resolving %s timed out"
+                         : c->connecting == R_HANDSHAKE ? "TLS handshake with %s timed out" : "connect to %s timed out",
+                         host);
+            return connect_failed(L, c, &e, 0);
         }
-        if (r == 1)
-            break;
-        if (wait_fd(c->fd, POLLOUT, timeout) > 0) {
-            if (connect_done(c))
-                break;
-            continue;
-        }
-        snprintf(c->why, sizeof c->why, "%s", strerror(errno));
-        close(c->fd);
-        c->fd = -1;
-    }
-    if (c->ssl) {
-        sp_error e;
-        int refused;
-        for (;;) {
-            int r = tls_step(c, &e, &refused);
-            if (r == 1)
-                break;
-            if (r < 0)
-                return tls_failed(L, c, &e, refused);
-            if (wait_fd(c->fd, c->want, timeout) <= 0) {
-                sp_error_set(&e, SP_KIND_TLS, SP_PHASE_CONNECT, "TLS handshake: timed out");
-                return tls_failed(L, c, &e, 0);
-            }
+        struct pollfd p[SP_RESOLVE_MAX_FDS];
+        int n = connect_waits(c, p, &rt);
+        if (rt >= 0 && rt < left)
+            left = rt;
+        if (poll(p, (nfds_t)n, (int)(left * 1000) + 1) < 0 && errno != EINTR) {
+            sp_error_set(&e, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "poll: %s", strerror(errno));
+            return connect_failed(L, c, &e, 0);
         }
     }
-    return 1;
 }
 
 /* c:step() for a client made with async: true once connected (and its TLS
- * handshake done); false, "r" or "w" to be called again when the socket
- * (c:fd()) is readable or writable; nil, err[, "tls"] when it failed (the
- * connection closed). The caller keeps the time. */
+ * handshake done); false, fds, seconds to be called again when one of fds
+ * is ready (an fd to read, or -(fd + 1) to write, as the native driver's
+ * wait takes them) or after seconds (nil: no such limit); nil, err[, "tls"]
+ * when it failed (the connection closed). The caller keeps the time. */
 static int redis_step(lua_State *L)
 {
     lredis *c = luaL_checkudata(L, 1, REDIS_MT);
-    if (c->fd < 0)
+    if (!c->r)
         return fail(L, "connect", "the connection is closed");
-    while (c->connecting == 1) {
-        struct pollfd p = {c->fd, POLLOUT, 0};
-        if (poll(&p, 1, 0) == 0) {
-            lua_pushboolean(L, 0);
-            lua_pushliteral(L, "w");
-            return 2;
-        }
-        if (connect_done(c)) {
-            c->connecting = c->ssl ? 2 : 0;
-            break;
-        }
-        int r = connect_next(c);
-        if (r < 0) {
-            return connect_failed(L, c);
-        }
-        if (r == 1)
-            c->connecting = c->ssl ? 2 : 0;
+    sp_error e;
+    int refused;
+    int r = connect_advance(c, &e, &refused);
+    if (r < 0)
+        return connect_failed(L, c, &e, refused);
+    if (r > 0) {
+        lua_pushboolean(L, 1);
+        return 1;
     }
-    if (c->connecting == 2) {
-        sp_error e;
-        int refused;
-        int r = tls_step(c, &e, &refused);
-        if (r < 0)
-            return tls_failed(L, c, &e, refused);
-        if (r == 0) {
-            lua_pushboolean(L, 0);
-            lua_pushstring(L, c->want == POLLIN ? "r" : "w");
-            return 2;
-        }
-        c->connecting = 0;
+    struct pollfd p[SP_RESOLVE_MAX_FDS];
+    double rt;
+    int n = connect_waits(c, p, &rt);
+    lua_pushboolean(L, 0);
+    lua_createtable(L, n, 0);
+    for (int k = 0; k < n; k++) {
+        lua_pushinteger(L, (p[k].events & POLLOUT) && !(p[k].events & POLLIN) ? -(p[k].fd + 1) : p[k].fd);
+        lua_rawseti(L, -2, k + 1);
     }
-    lua_pushboolean(L, 1);
-    return 1;
+    if (rt >= 0)
+        lua_pushnumber(L, rt);
+    else
+        lua_pushnil(L);
+    return 3;
 }
 
 static void redis_close(lredis *c)
@@ -490,9 +537,8 @@ static void redis_close(lredis *c)
     if (c->r)
         redisReaderFree(c->r);
     c->r = NULL;
-    if (c->addrs)
-        freeaddrinfo(c->addrs);
-    c->addrs = c->next_addr = NULL;
+    sp_resolve_free(c->res);
+    c->res = NULL;
 }
 
 /* Writes n bytes; -1 with errno on an I/O error or timeout. */

@@ -13,7 +13,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <ares.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -82,25 +81,22 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
         sp_error_set(err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "out of memory");
         return NULL;
     }
-    if (sp_net_start_resolve(c, o->dns_servers, err) < 0) {
+    c->res = sp_resolve_new(c->host, c->port, o->dns_servers, err);
+    if (!c->res) {
         sp_conn_free(c);
         return NULL;
     }
+    c->last_activity = sp_now();
+    if (!sp_resolve_done(c->res)) {
+        c->state = C_RESOLVING; /* the loop polls the resolver's sockets */
+        return c;
+    }
     /* A name in /etc/hosts (or a numeric address) is known at once. */
-    if (c->resolved) {
-        if (c->resolver)
-            ares_destroy(c->resolver);
-        c->resolver = NULL;
-        if (c->res_status != ARES_SUCCESS || c->naddrs == 0) {
-            sp_net_resolve_error(c, err);
-            sp_conn_free(c);
-            return NULL;
-        }
-        if (sp_net_try_connect(c) < 0) {
+    if (sp_resolve_result(c->res, err) < 0 || sp_net_try_connect(c) < 0) {
+        if (sp_resolve_count(c->res) > 0)
             *err = c->connect_err;
-            sp_conn_free(c);
-            return NULL;
-        }
+        sp_conn_free(c);
+        return NULL;
     }
     return c;
 }
@@ -112,8 +108,7 @@ void sp_conn_free(sp_conn *c)
     close_fd(c);
     sp_proxy_free(c->proxy);
     c->proxy = NULL;
-    if (c->resolver)
-        ares_destroy(c->resolver); /* the callback runs, recording a cancelled lookup */
+    sp_resolve_free(c->res); /* a lookup under way is cancelled */
     sp_body_src_free(c->body);
     sp_session_free(c->s);
     free(c);
@@ -467,12 +462,9 @@ static double deadline_of(sp_conn *c, double now)
 {
     if (c->state == C_RESOLVING) { /* connect_timeout covers resolving and connecting */
         double d = c->last_activity + c->connect_timeout;
-        struct timeval tv, *tp = ares_timeout(c->resolver, NULL, &tv);
-        if (tp) { /* the resolver's own retransmit */
-            double r = now + (double)tp->tv_sec + (double)tp->tv_usec / 1e6;
-            if (r < d)
-                d = r;
-        }
+        double rt = sp_resolve_timeout(c->res); /* the resolver's own retransmit */
+        if (rt >= 0 && now + rt < d)
+            d = now + rt;
         return d;
     }
     if (c->state == C_CONNECTING || c->state == C_PROXY)
@@ -488,12 +480,10 @@ static void on_deadline(sp_conn *c, double now)
 {
     if (c->state == C_RESOLVING) {
         if (now < c->last_activity + c->connect_timeout) { /* only the resolver's retransmit is due */
-            ares_process_fd(c->resolver, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
+            sp_resolve_process(c->res, -1, 0);
             sp_net_resolve_step(c);
             return;
         }
-        ares_destroy(c->resolver);
-        c->resolver = NULL;
         sp_error_set(&c->connect_err, SP_KIND_CONNECTION, SP_PHASE_CONNECT, "resolving %s timed out", c->host);
         c->state = C_CLOSED;
         sp_session_fail(c->s, &c->connect_err);
@@ -540,11 +530,11 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsi
     double start = sp_now();
     struct pollfd stackfds[64];
     /* a connection polls its socket, or while its name resolves, the
-     * resolver's sockets (up to ARES_GETSOCK_MAXNUM) */
+     * resolver's sockets (up to SP_RESOLVE_MAX_FDS) */
     size_t slots = n;
     for (size_t i = 0; i < n; i++)
         if (conns[i]->state == C_RESOLVING)
-            slots += ARES_GETSOCK_MAXNUM - 1;
+            slots += SP_RESOLVE_MAX_FDS - 1;
     size_t total = slots + nfds;
     struct pollfd *pfd = total <= 64 ? stackfds : malloc(total * sizeof *pfd);
     size_t *map = NULL;
@@ -581,20 +571,9 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsi
             if (c->state == C_CLOSED)
                 continue;
             if (c->state == C_RESOLVING) {
-                ares_socket_t socks[ARES_GETSOCK_MAXNUM];
-                /* the bit masks by hand: c-ares's ARES_GETSOCK_WRITABLE shifts a
-                 * signed 1 into the sign bit for the 16th socket */
-                unsigned bits = (unsigned)ares_getsock(c->resolver, socks, ARES_GETSOCK_MAXNUM);
-                for (unsigned k = 0; k < ARES_GETSOCK_MAXNUM; k++) {
-                    short ev = (short)(((bits & (1u << k)) ? POLLIN : 0) |
-                                       ((bits & (1u << (k + ARES_GETSOCK_MAXNUM))) ? POLLOUT : 0));
-                    if (!ev)
-                        continue;
-                    pfd[nf].fd = socks[k];
-                    pfd[nf].events = ev;
-                    pfd[nf].revents = 0;
+                int got = sp_resolve_pollfds(c->res, &pfd[nf], SP_RESOLVE_MAX_FDS);
+                for (int k = 0; k < got; k++)
                     map[nf++] = i;
-                }
             } else {
                 short ev = POLLIN;
                 if (c->state == C_HANDSHAKE)
@@ -647,8 +626,7 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsi
             sp_conn *c = conns[map[k]];
             short re = pfd[k].revents;
             if (re && c->state == C_RESOLVING) {
-                ares_process_fd(c->resolver, (re & (POLLIN | POLLHUP | POLLERR)) ? pfd[k].fd : ARES_SOCKET_BAD,
-                                (re & POLLOUT) ? pfd[k].fd : ARES_SOCKET_BAD);
+                sp_resolve_process(c->res, pfd[k].fd, re);
                 sp_net_resolve_step(c); /* the answer came: connect (polled from the next turn) */
                 continue;
             }

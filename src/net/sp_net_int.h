@@ -6,28 +6,22 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
-#include <ares.h>
 #include <openssl/ssl.h>
 
 #include "sp_net.h"
+#include "sp_resolve.h"
 
 #define READ_CHUNK 16384
 
 enum { C_RESOLVING, C_CONNECTING, C_PROXY, C_HANDSHAKE, C_OPEN, C_CLOSED };
 
-#define MAX_ADDRS 16
-
 struct sp_conn {
     int fd;
     int state;
-    /* the addresses to try, in the resolver's order */
-    struct sockaddr_storage addrs[MAX_ADDRS];
-    socklen_t addr_lens[MAX_ADDRS];
-    int naddrs, next_addr;
-    /* c-ares while the name resolves (the loop polls its sockets) */
-    ares_channel resolver;
-    int resolved;   /* the lookup's callback has run */
-    int res_status; /* its status */
+    /* the host's addresses (while C_RESOLVING, the lookup the loop polls),
+     * and the next of them to try */
+    sp_resolve *res;
+    int next_addr;
     char port[16];
     char host[256];
     double connect_timeout;
@@ -52,12 +46,8 @@ struct sp_conn {
 
 /* Connects to the next address that takes it: 0, or -1 with connect_err. */
 int sp_net_try_connect(sp_conn *c);
-/* A failed lookup as an error (kind config for a name that does not exist). */
-void sp_net_resolve_error(const sp_conn *c, sp_error *err);
 /* After the resolver has had its chance: connect, or fail the session. */
 void sp_net_resolve_step(sp_conn *c);
-/* Starts resolving (a numeric address at once); -1 with *err. */
-int sp_net_start_resolve(sp_conn *c, const char *servers, sp_error *err);
 /* Acts on the session's new events: the ones the driver handles itself
  * (SP_EV_BODY, SP_EV_TLS) it takes out of the queue, the rest stay there for
  * sp_conn_next_event. */

@@ -104,3 +104,89 @@ describe("name resolution", function()
     assert.matches("resolver", err.text)
   end)
 end)
+
+describe("the Redis host's name", function()
+  local client = require("smtppool.redis.client")
+  local loop = require("smtppool.engine.loop")
+  local dns, r
+  setup(function()
+    dns = peers.dns({ names = {
+      ["redis.test"] = { a = "127.0.0.1" },
+      ["slow-redis.test"] = { a = "127.0.0.1", delay = 1.0 },
+      ["never.test"] = { a = "127.0.0.1", delay = 30 },
+    } })
+    r = peers.redis({ persist = false })
+  end)
+  teardown(function()
+    dns:stop()
+    r:stop()
+  end)
+
+  local function new(host, timeout)
+    return client.new(("redis://%s:%d/0"):format(host, r.port),
+      { dns_servers = "127.0.0.1:" .. dns.port, timeout = timeout or 3 })
+  end
+
+  it("resolves on the loop while the loop's other tasks go on", function()
+    local c = new("slow-redis.test")
+    local l = loop.new(require("smtppool.driver.native"))
+    local pong, err, took, ticks, done
+    l:spawn(function()
+      local t0 = core.now()
+      pong, err = c:call("PING")
+      took = core.now() - t0
+      done = true
+    end)
+    l:spawn(function()
+      -- another task of the loop: it must keep running during the lookup
+      ticks = 0
+      local deadline = core.now() + 5
+      while not done and core.now() < deadline do
+        loop.sleep(0.05)
+        ticks = ticks + 1
+      end
+    end)
+    assert.is_nil(l:run())
+    c:close()
+    assert.equal("PONG", pong, tostring(err))
+    assert.is_true(took >= 0.9, "answered before the name resolved: " .. took)
+    assert.is_true(ticks >= 10, "the loop was held during the lookup: " .. ticks .. " ticks in " .. took .. " s")
+  end)
+
+  it("resolves outside a loop too, and a name that never answers times out within the client's timeout", function()
+    local c = new("redis.test")
+    assert.equal("PONG", (c:call("PING")))
+    c:close()
+    local slow = new("never.test", 0.5)
+    local t0 = core.now()
+    local v, err = slow:call("PING")
+    local dt = core.now() - t0
+    slow:close()
+    assert.is_nil(v)
+    assert.matches("resolving never.test timed out", err)
+    assert.is_true(dt >= 0.45 and dt < 3, "took " .. dt)
+  end)
+
+  it("fails a name that does not exist with a clear error", function()
+    local c = new("nx.test")
+    local v, err = c:call("PING")
+    c:close()
+    assert.is_nil(v)
+    assert.matches("cannot resolve nx.test port %d+", err)
+  end)
+
+  it("reaches a pool's shared limits by a name, through the pool's dns_servers", function()
+    local srv = peers.hostile({ quiet = true })
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", dns_servers = "127.0.0.1:" .. dns.port,
+      rate = { backend = ("redis://redis.test:%d/0"):format(r.port), key = "dns-spec", messages_per_sec = 100 } })
+    local res, err = p:send_raw(msg(1))
+    p:close()
+    srv:stop()
+    assert.is_nil(err)
+    assert.equal(250, res.code)
+    local direct = client.new(("redis://127.0.0.1:%d/0"):format(r.port))
+    local keys = assert(direct:call("KEYS", "smtppool:dns-spec:*"))
+    direct:close()
+    assert.is_true(#keys > 0, "nothing was written to Redis")
+  end)
+end)

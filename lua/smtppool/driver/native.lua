@@ -18,11 +18,12 @@
 --   `abort(text)` (cut now; the transaction in flight fails), `close()`,
 --   `caps()` (what EHLO offered).
 -- * `now()`: a monotonic clock in seconds; `tls_context(opts)`.
--- * `redis_connect(host, port, timeout[, tls])`: a Redis connection for
+-- * `redis_connect(host, port, timeout[, tls[, pool, password[, dns_servers]]])`: a Redis connection for
 --   `smtppool.redis.client` (`call`, `pipeline`, `close`), over TLS with the
 --   certificate verified when `tls` is given (`ca_file`, `ca_path`,
---   `server_name`, `insecure_skip_verify`); here a small client in C whose
---   connect and TLS handshake, in a task of a loop (`smtppool.engine.loop`),
+--   `server_name`, `insecure_skip_verify`); `dns_servers` as the pool's
+--   option; here a small client in C whose name lookup (c-ares), connect
+--   and TLS handshake, in a task of a loop (`smtppool.engine.loop`),
 --   wait on the loop like its replies do, so the loop's SMTP connections
 --   are served meanwhile (outside a loop they block, within `timeout`).
 --   `redis_per_thread`: whether a connection belongs to the coroutine that
@@ -31,23 +32,24 @@
 
 local core = require("smtppool.core")
 
--- A Redis connection: on a loop, made without blocking it.
-local function redis_connect(host, port, timeout, tls)
+-- A Redis connection: on a loop, made without blocking it (the name's
+-- lookup, the connect and the TLS handshake wait on the loop).
+local function redis_connect(host, port, timeout, tls, _, _, dns_servers)
   local loop = require("smtppool.engine.loop")
-  if not loop.in_task() then return core.redis_connect(host, port, timeout, tls) end
-  local c, e, why = core.redis_connect(host, port, timeout, tls, true)
+  if not loop.in_task() then return core.redis_connect(host, port, timeout, tls, false, dns_servers) end
+  local c, e, why = core.redis_connect(host, port, timeout, tls, true, dns_servers)
   if not c then return nil, e, why end
   local deadline = core.now() + timeout
   while true do
-    local done, want, refused = c:step()
+    local done, fds, again = c:step()
     if done then return c end
-    if done == nil then return nil, want, refused end
+    if done == nil then return nil, fds, again end
     local left = deadline - core.now()
     if left <= 0 then
       c:close()
       return nil, "redis connect: timed out"
     end
-    loop.wait_fd(c:fd(), left, nil, want == "w")
+    loop.wait_fds(fds, again and math.min(again, left) or left)
   end
 end
 

@@ -74,20 +74,26 @@ function M.in_task()
   return co ~= nil and running[co] ~= nil
 end
 
---- Waits until fd is readable (writable with `write`: a socket still
--- connecting) or timeout seconds pass. On a loop, the task
--- yields and the loop goes on serving every connection, this task's own
--- included: their bytes move, and the events they bring are kept for the
--- task's next wait. Outside a loop, the driver waits on the fd alone.
+--- Waits until one of fds is ready or timeout seconds pass. On a loop, the
+-- task yields and the loop goes on serving every connection, this task's
+-- own included: their bytes move, and the events they bring are kept for
+-- the task's next wait. Outside a loop, the driver waits on the fds alone.
+-- @tparam table fds file descriptors, each waited on until readable, or
+--   given as `-(fd + 1)` until writable (a socket still connecting), as the
+--   native driver's `wait` takes them
+-- @tparam number timeout seconds
+-- @tparam[opt] table driver (default: the native one)
+function M.wait_fds(fds, timeout, driver)
+  if M.in_task() then return coroutine.yield(SIDE, timeout, fds) end
+  return (driver or require("smtppool.driver.native")).wait({}, timeout, fds)
+end
+
+--- Waits until fd is readable (as `wait_fds` with one fd).
 -- @tparam number fd
 -- @tparam number timeout seconds
 -- @tparam[opt] table driver (default: the native one)
--- @tparam[opt] boolean write wait until it is writable
-function M.wait_fd(fd, timeout, driver, write)
-  -- (the native wait takes a writable wait as -(fd + 1))
-  local w = write and -(fd + 1) or fd
-  if M.in_task() then return coroutine.yield(SIDE, timeout, { w }) end
-  return (driver or require("smtppool.driver.native")).wait({}, timeout, { w })
+function M.wait_fd(fd, timeout, driver)
+  return M.wait_fds({ fd }, timeout, driver)
 end
 
 --- Sleeps: the running task waits aside (as `wait_fd`, with no fd): the

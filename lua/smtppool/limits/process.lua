@@ -94,7 +94,7 @@ function M.from_options(opts, shared, driver)
     end
     local url, uerr = require("smtppool.limits.redis").parse_url(r.backend)
     if not url then return nil, errors.new("config", "rate.backend: " .. uerr) end
-    shared = require("smtppool.limits.redis").backend(url, r.key, opts.on_event, driver)
+    shared = require("smtppool.limits.redis").backend(url, r.key, opts.on_event, driver, opts.dns_servers)
   end
   if not shared then return M.process(windows) end
   local specs = {}

@@ -248,8 +248,10 @@ end
 -- @tparam string key the account's name (the prefix of its keys)
 -- @tparam[opt] function on_event the pool's event hook
 -- @tparam[opt] table driver the pool's driver (its Redis transport: the
---   native driver's blocking client, nginx's cosockets)
-function M.backend(url, key, on_event, driver)
+--   native driver's client, nginx's cosockets)
+-- @tparam[opt] string dns_servers the name servers for the Redis host (the
+--   pool's `dns_servers`)
+function M.backend(url, key, on_event, driver, dns_servers)
   return function(specs, opts)
     local p = "smtppool:" .. key .. ":"
     local windows = {}
@@ -258,7 +260,7 @@ function M.backend(url, key, on_event, driver)
     end
     local host = core.hostname() or "host"
     return setmetatable({ name = "redis", url = url, p = p, windows = windows, max_conns = opts.max_conns or 1,
-                          client = client.new(url, { driver = driver, timeout = 2 }),
+                          client = client.new(url, { driver = driver, timeout = 2, dns_servers = dns_servers }),
                           held = {}, seq = 0, on_event = on_event, learned_cache = {},
                           id = ("%s:%d:%s"):format(host, math.random(1, 2 ^ 31), tostring(core.now())) }, B)
   end

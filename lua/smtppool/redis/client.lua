@@ -116,7 +116,9 @@ end
 -- @param url a `redis://` URL or a table from `parse_url`
 -- @tparam[opt] table opts `driver` (its `redis_connect` and
 --   `redis_per_thread`; default: the native driver), `timeout` (seconds
---   for each connect and reply, default 2), `keep` (default true; false:
+--   for each connect and reply, default 2), `dns_servers` (`"ip[:port],..."`,
+--   the name servers that resolve the host instead of the system's; native
+--   driver: the name is looked up without blocking its loop), `keep` (default true; false:
 --   a connection for each call, from the driver's pool when it keeps one:
 --   for callers that are many short light threads, nginx's requests)
 -- @treturn[1] table the client
@@ -132,8 +134,12 @@ function M.new(url, opts)
   if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
     error("redis_client.new: timeout must be a positive number", 2)
   end
+  if opts.dns_servers ~= nil and type(opts.dns_servers) ~= "string" then
+    error("redis_client.new: dns_servers must be a string", 2)
+  end
   local d = opts.driver or {}
   return setmetatable({ url = url, timeout = opts.timeout or 2, keep = opts.keep ~= false,
+                        dns_servers = opts.dns_servers,
                         transport = d.redis_connect or require("smtppool.driver.native").redis_connect,
                         per_thread = d.redis_per_thread and true or false,
                         shas = {}, closed = false }, C)
@@ -207,7 +213,7 @@ function C:_open()
     pool = ("smtppool-redis:%s:%d:%d:%s:%s"):format(u.host, u.port, u.db, u.user or "",
       t and ("tls:" .. (t.server_name or "") .. (t.insecure_skip_verify and ":noverify" or "")) or "")
   end
-  local c, err, refused = self.transport(u.host, u.port, self.timeout, u.tls, pool, u.password)
+  local c, err, refused = self.transport(u.host, u.port, self.timeout, u.tls, pool, u.password, self.dns_servers)
   if not c then return nil, self:_scrub(err), refused == "tls" and "tls" or nil end
   if c.reused then return c end
   local function step(...)
