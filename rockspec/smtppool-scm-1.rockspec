@@ -68,6 +68,7 @@ build = {
             "src/mail/sp_mime.c", "src/mail/sp_body.c", "src/mail/sp_dkim.c", "src/mail/sp_signq.c",
             "src/mail/sp_pump.c",
             "src/net/sp_tls.c", "src/net/sp_net.c", "src/net/sp_net_connect.c", "src/net/sp_proxy.c",
+            "src/net/sp_resolve.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",
             "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lredis.c", "src/store/sp_journal.c",
          },
