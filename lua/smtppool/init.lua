@@ -564,7 +564,7 @@ function Pool:verify()
   if not rec then return nil, err end
   rec.slot = nil -- verify's own connection, outside max_conns
   local deadline = t0 + (self.opts.connect_timeout or 30) + 60
-  local run = { queue = {}, deferred = {}, inflight = 0, done = 0, on_result = function() end }
+  local lane = self:_quiet_lane()
   local result
   while rec.state ~= "gone" do
     local left = deadline - self.driver.now()
@@ -577,7 +577,7 @@ function Pool:verify()
       left = 0
     end
     local was = rec.state
-    self:_wait(run, { rec }, math.min(left, 1))
+    self:_wait(lane, { rec }, math.min(left, 1))
     if was == "connecting" and rec.state == "idle" then
       local caps = rec.caps or {}
       local mechs = {}
@@ -713,5 +713,8 @@ Pool.__gc = function(self)
   for _, rec in ipairs(self.conns or {}) do rec.c:close() end
 end
 Pool.__close = Pool.close
+
+-- a group of relays sends as a pool does, over its routes
+relays.adopt(Pool)
 
 return M

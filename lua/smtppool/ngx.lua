@@ -53,6 +53,54 @@ local SCHEMA = { shared_dict = "string", shared_key = "string", queue_size = "nu
 local P = {}
 P.__index = P
 
+-- The agent's own options, checked: queue_size, exit_timeout.
+local function agent_options(opts, level)
+  local qs = opts.queue_size or 1000
+  if not options.finite(qs) or qs < 1 or qs ~= math.floor(qs) then
+    error("smtppool.new: option 'queue_size' must be a positive integer", level + 1)
+  end
+  local et = opts.exit_timeout or 10
+  if not options.finite(et) or et < 0 then
+    error("smtppool.new: option 'exit_timeout' must be a non-negative number", level + 1)
+  end
+  return qs, et
+end
+
+-- A route's pool on the agent's driver, from this module's options
+-- (checked): the pool of `new`, or one relay's.
+local function build_on(opts, drv)
+  local base = {}
+  for k, v in pairs(opts) do
+    if not SCHEMA[k] then base[k] = v end
+  end
+  local shared
+  if opts.shared_dict then
+    local key = opts.shared_key or ("smtppool:%s:%s:%s"):format(opts.host, tostring(opts.port or ""),
+      opts.auth and opts.auth.user or "")
+    shared = shdict.backend(opts.shared_dict, key)
+  end
+  if opts.proxy then
+    return nil, errors.new("config", "proxy: nginx's cosockets connect directly; a proxy is for the native "
+      .. "driver (smtppool.new)")
+  end
+  local pool, err = smtppool.build(base, drv, shared)
+  if not pool then return nil, err end
+  return pool, base, shared
+end
+
+-- The pool object requests use: an agent over `pool` (a pool, or a group
+-- of relays' routes) on driver drv.
+local function with_agent(pool, drv, qs, et, on_result)
+  local p = setmetatable({
+    pool = pool, drv = drv, queue = {}, head = 1, tail = 0,
+    queue_size = qs, exit_timeout = et, on_result = on_result, running = false, closed = false,
+  }, P)
+  -- with an outbox the agent runs from the start: it delivers what any
+  -- worker (or another nginx) stored
+  if pool.outbox then p:_start() end
+  return p
+end
+
 --- Creates a pool for this worker. Call it where each worker runs it
 -- (`init_worker_by_lua*`, or lazily in a handler); the agent starts with the
 -- first message. No connection opens until a message needs one.
@@ -78,46 +126,57 @@ P.__index = P
 -- @treturn[2] table error value (kind `config`)
 function M.new(opts)
   options.check(opts, SCHEMA)
-  local base = {}
-  for k, v in pairs(opts) do
-    if not SCHEMA[k] then base[k] = v end
-  end
-  local qs = opts.queue_size or 1000
-  if not options.finite(qs) or qs < 1 or qs ~= math.floor(qs) then
-    error("smtppool.new: option 'queue_size' must be a positive integer", 2)
-  end
-  local et = opts.exit_timeout or 10
-  if not options.finite(et) or et < 0 then
-    error("smtppool.new: option 'exit_timeout' must be a non-negative number", 2)
-  end
-  local shared
-  if opts.shared_dict then
-    local key = opts.shared_key or ("smtppool:%s:%s:%s"):format(opts.host, tostring(opts.port or ""),
-      opts.auth and opts.auth.user or "")
-    shared = shdict.backend(opts.shared_dict, key)
-  end
-  if opts.proxy then
-    return nil, errors.new("config", "proxy: nginx's cosockets connect directly; a proxy is for the native "
-      .. "driver (smtppool.new)")
-  end
+  local qs, et = agent_options(opts, 2)
   local drv = driver.new()
-  local pool, err = smtppool.build(base, drv, shared)
-  if not pool then return nil, err end
-  local p = setmetatable({
-    base = base, shared = shared, pool = pool, drv = drv, queue = {}, head = 1, tail = 0,
-    queue_size = qs, exit_timeout = et, on_result = opts.on_result, running = false, closed = false,
-  }, P)
-  -- with an outbox the agent runs from the start: it delivers what any
-  -- worker (or another nginx) stored
-  if pool.outbox then p:_start() end
+  local pool, base, shared = build_on(opts, drv)
+  if not pool then return nil, base end
+  local p = with_agent(pool, drv, qs, et, opts.on_result)
+  p.base, p.shared = base, shared -- for verify, on a connection of its own
   return p
 end
 
+local R = {}
+R.__index = R
+
 --- Several relays with failover, as `smtppool.relays` (each entry the
--- options of this module's `new` plus a `name`): a relay that cannot be
--- reached, fails TLS or refuses the login is skipped for `down_for` seconds;
--- outcomes name their relay.
-function M.relays(list, opts) return require("smtppool.engine.relays").new(list, opts, M.new) end
+-- options of this module's `new` plus `name` and `weight`): a relay that
+-- cannot be reached, fails TLS or refuses the login is skipped for
+-- `down_for` seconds; outcomes name their relay. The relays are routes of
+-- one agent: one scheduler over every relay's connections. `opts` also
+-- takes the agent's `queue_size`, `exit_timeout` and `on_result`.
+-- @treturn[1] table the group: `send`, `send_raw`, `send_batch` (as this
+--   module's pool's), `status`, `close`
+-- @return[2] nil
+-- @treturn[2] table error value (kind `config`)
+function M.relays(list, opts)
+  if opts ~= nil and type(opts) ~= "table" then error("smtppool.relays: opts must be a table", 2) end
+  local gopts, own = {}, {}
+  for k, v in pairs(opts or {}) do
+    if SCHEMA[k] then own[k] = v else gopts[k] = v end
+  end
+  if own.on_result ~= nil and type(own.on_result) ~= "function" then
+    error("smtppool.relays: on_result must be a function", 2)
+  end
+  local qs, et = agent_options(own, 2)
+  local drv = driver.new()
+  local group, err = require("smtppool.engine.relays").new(list, gopts, function(o)
+    options.check(o, SCHEMA)
+    return build_on(o, drv)
+  end)
+  if not group then return nil, err end
+  return setmetatable({ agent = with_agent(group, drv, qs, et, own.on_result), group = group }, R)
+end
+
+--- Sends one message through a relay (as this module's `Pool:send`).
+function R:send(msg) return self.agent:send(msg) end
+--- Sends one ready-made message (as `Pool:send_raw`).
+function R:send_raw(msg) return self.agent:send_raw(msg) end
+--- Sends many messages (as `Pool:send_batch`), each outcome with `relay`.
+function R:send_batch(source, opts) return self.agent:send_batch(source, opts) end
+--- The relays' names and state: one `{name, up, stats}` per relay.
+function R:status() return self.group:status() end
+--- Stops taking messages; the agent sends what it holds, then QUITs.
+function R:close() return self.agent:close() end
 
 -- ===== the agent =====
 

@@ -243,3 +243,89 @@ describe("a campaign over the fake driver", function()
     pool:close()
   end)
 end)
+
+describe("relays as routes of one scheduler, over the fake driver", function()
+  local function group(net, names, opts)
+    local list = {}
+    for i, n in ipairs(names) do
+      list[i] = { name = n, weight = opts.weights and opts.weights[i] or nil,
+                  pool = pool_on(net, { host = n, max_conns = 2, retry = smtppool.retry.none() }) }
+    end
+    local o = { now = function() return net.t end }
+    for k, v in pairs(opts) do if k ~= "weights" then o[k] = v end end
+    return assert(smtppool.relays(list, o))
+  end
+
+  it("spreads by weight over the routes at once; a route that cannot connect hands its share on", function()
+    local net = fake.network()
+    local a, b = net:server("a", { rtt = 0.01 }), net:server("b", { rtt = 0.01 })
+    -- "dead" has no server: every connect fails
+    local g = group(net, { "a", "dead", "b" }, { spread = true, weights = { 2, 1, 1 } })
+    local by, seen = {}, {}
+    local sum = g:send_batch(list(300), { on_result = function(m, res, err)
+      assert.truthy(res, tostring(err))
+      assert.is_nil(seen[m], "two outcomes for one message")
+      seen[m] = true
+      by[res.relay] = (by[res.relay] or 0) + 1
+    end })
+    assert.same({ sent = 300, failed = 0, cancelled = 0, total = 300 }, sum)
+    assert.is_nil(by.dead)
+    assert.equal(300, a.accepted + b.accepted)
+    assert.equal(by.a, a.accepted)
+    -- after the dead route stopped, a and b kept their 2 to 1 share (within one message per pick)
+    assert.is_true(math.abs(by.a - 2 * by.b) <= 4, ("a %d, b %d"):format(by.a, by.b))
+    -- one loop served both: their sessions overlapped in time
+    local a0, b0 = a.sessions[1].opened, b.sessions[1].opened
+    assert.is_true(math.abs(a0 - b0) < 0.05, "the routes did not run at once")
+    local st = g:status()
+    assert.is_true(st[1].up)
+    assert.is_false(st[2].up)
+    assert.is_true(st[3].up)
+    -- the route that went down is skipped while down: a single send goes by weight to a or b
+    local res = assert(g:send(list(1, "single")[1]))
+    assert.is_true(res.relay == "a" or res.relay == "b")
+    g:close()
+  end)
+
+  it("fails over in order, and ends a message no route could carry with the last route's error", function()
+    local net = fake.network()
+    local b = net:server("b")
+    local g = group(net, { "dead1", "b", "dead2" }, {})
+    local by = {}
+    local sum = g:send_batch(list(50), { on_result = function(_, res, err)
+      assert.truthy(res, tostring(err))
+      by[res.relay] = (by[res.relay] or 0) + 1
+    end })
+    assert.equal(50, sum.sent)
+    assert.same({ b = 50 }, by)
+    assert.equal(50, b.accepted)
+    g:close()
+    local net2 = fake.network()
+    local g2 = group(net2, { "dead1", "dead2" }, {})
+    local errs = {}
+    local sum2 = g2:send_batch(list(5), { on_result = function(_, res, err)
+      assert.is_nil(res)
+      errs[#errs + 1] = err
+    end })
+    assert.same({ sent = 0, failed = 5, cancelled = 0, total = 5 }, sum2)
+    for _, e in ipairs(errs) do
+      assert.equal("connection", e.kind)
+      assert.equal("dead2", e.relay)
+    end
+    g2:close()
+  end)
+
+  it("refuses relays that sign otherwise: a message is signed once, before its route is chosen", function()
+    local key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF\n-----END PRIVATE KEY-----\n"
+    local function relay(name, selector)
+      return { name = name, host = "127.0.0.1", tls = "none",
+               dkim = selector and { domain = "x.test", selector = selector, key = key, algorithm = "ed25519-sha256" } }
+    end
+    assert.has_error(function() smtppool.relays({ relay("a", "s1"), relay("b", "s2") }) end,
+      "smtppool.relays: relay 'b' signs otherwise than relay 'a': a message is signed once, before a relay is "
+      .. "chosen; give every relay the same dkim (or none)")
+    assert.has_error(function() smtppool.relays({ relay("a", "s1"), relay("b") }) end)
+    local g = assert(smtppool.relays({ relay("a", "s1"), relay("b", "s1") }))
+    g:close()
+  end)
+end)

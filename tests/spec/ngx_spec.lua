@@ -213,7 +213,7 @@ describe("the pool inside nginx, 1 worker", function()
     assert.matches("^sent 250 via live", ngx.get("send?cfg=relays&to=relay@y.test&port=" .. exim.port))
   end)
 
-  it("spreads a batch over two relays by weight, both at once, in light threads", function()
+  it("spreads a batch over two relays by weight, both at once, routes of one agent", function()
     local a, b = peers.hostile({ quiet = true }), peers.hostile({ quiet = true })
     finally(function()
       a:stop()

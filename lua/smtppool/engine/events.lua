@@ -12,8 +12,9 @@ local S = {}
 
 -- ===== events =====
 
--- Acts on one connection's events, as the driver's wait returned them.
-function S:_dispatch(run, rec, entry, t)
+-- Acts on one connection's events, as the driver's wait returned them
+-- (lane: this route's share of the run, see `smtppool.engine.scheduler`).
+function S:_dispatch(lane, rec, entry, t)
   for i = 1, #entry, 2 do
     local ev, payload = entry[i], entry[i + 1]
     if ev == "trace" then
@@ -47,8 +48,9 @@ function S:_dispatch(run, rec, entry, t)
       local j = rec.job
       if j and j.mark_pending then -- its final dot is held until the next wait
         j.mark_pending = nil
-        run.marks_due = run.marks_due or {}
-        run.marks_due[#run.marks_due + 1] = j.user_msg or j.msg
+        local batch = lane.batch
+        batch.marks_due = batch.marks_due or {}
+        batch.marks_due[#batch.marks_due + 1] = j.user_msg or j.msg
       end
     elseif ev == "tx" then
       -- Outcomes come in order: the oldest transaction first.
@@ -73,13 +75,13 @@ function S:_dispatch(run, rec, entry, t)
           job.attempts = job.attempts + 1
           rec.sent = rec.sent + 1
           self:_tx_sent(rec, t)
-          self:_finish(run, job, res)
+          self:_finish(lane, job, res)
         else
           local sig = self:_tx_failed(rec, job, err, t)
           if sig == "session" then
             rec.retire = true -- 4xx to MAIL leaves the session open: QUIT it once RSET is done
           end
-          self:_after_failure(run, job, err, rec, t, sig)
+          self:_after_failure(lane, job, err, rec, t, sig)
         end
       end
     elseif ev == "error" then
@@ -105,14 +107,14 @@ function S:_dispatch(run, rec, entry, t)
         -- STARTTLS we require), a TLS mode the server does not speak, a host
         -- name that does not exist fail every connection alike: the queue of
         -- this call fails once with it rather than one connection per message.
-        run.config_failed = e
+        lane.config_failed = e
       end
       local sig = self:_conn_failed(e, t)
       if job then
         -- Died before it could carry the message bound to it (connect,
         -- greeting, EHLO): that is the message's attempt, unless a limit
         -- of the server's refused it.
-        self:_after_failure(run, job, e, nil, t, sig)
+        self:_after_failure(lane, job, e, nil, t, sig)
       end
       return
     elseif ev == "closed" then
@@ -125,35 +127,47 @@ function S:_dispatch(run, rec, entry, t)
 end
 
 -- One wait on the driver, then each connection's events. recs: the
--- connection records waited on (their order matches the entries' indexes).
-function S:_wait(run, recs, timeout)
-  if not self._live then
+-- connection records waited on.
+function S:_wait(lane, recs, timeout)
+  local list, lanes = {}, {}
+  for i, rec in ipairs(recs) do list[i], lanes[i] = rec.c, lane end
+  return S._wait_on(self, lane.batch, list, recs, lanes, timeout)
+end
+
+-- One wait on the driver for several routes' connections (list: their
+-- handles; recs and lanes: each one's record and lane, at the same index),
+-- then each connection's events, applied by its route. owner: what runs
+-- (a pool, or a group of routes: `_routes`).
+function S._wait_on(owner, batch, list, recs, lanes, timeout)
+  if not owner._live then
     -- the connections open now, for a loop serving them while this pool
     -- waits on something else (a Redis reply)
-    self._live = function()
+    owner._live = function()
       local l = {}
-      for i, rec in ipairs(self.conns) do l[i] = rec.c end
+      for _, route in ipairs(owner._routes or { owner }) do
+        for _, rec in ipairs(route.conns) do l[#l + 1] = rec.c end
+      end
       return l
     end
   end
-  local list = {}
-  for i, rec in ipairs(recs) do list[i] = rec.c end
   -- The marks of the final dots held until this wait, written first (all
   -- in one round trip when the batch can: mark_many)
-  local due = run.marks_due
+  local due = batch.marks_due
   if due then
-    run.marks_due = nil
-    if run.mark_many then
-      run.mark_many(due)
+    batch.marks_due = nil
+    if batch.mark_many then
+      batch.mark_many(due)
     else
-      for _, m in ipairs(due) do run.mark_async(m) end
+      for _, m in ipairs(due) do batch.mark_async(m) end
     end
   end
-  if run.before_wait then self._guarded(run, "before_wait", run.before_wait) end
-  local ready = loop.wait(self.driver, list, timeout, self._wait_fds, self._live)
-  local t = self.driver.now()
+  if batch.before_wait then require("smtppool.engine.scheduler")._guarded(batch, "before_wait", batch.before_wait) end
+  local ready = loop.wait(owner.driver, list, timeout, owner._wait_fds, owner._live)
+  local t = owner.driver.now()
   for _, entry in ipairs(ready) do
-    self:_dispatch(run, recs[entry.conn], entry, t)
+    local i = entry.conn
+    local lane = lanes[i]
+    lane.route:_dispatch(lane, recs[i], entry, t)
   end
   return t
 end

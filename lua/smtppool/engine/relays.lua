@@ -2,9 +2,8 @@
 -- up; when a relay cannot be reached, refuses its TLS or its login, the
 -- message moves to the next one (a failure of the message itself, such as
 -- a 550 for a recipient, does not move it). A relay that failed that way is
--- skipped for `down_for` seconds. Each relay is a pool of its own, with its
--- own limits, learned caps and TLS sessions; every outcome says which relay
--- carried the message (`relay`, on the result or the error).
+-- skipped for `down_for` seconds. Every outcome says which relay carried
+-- the message (`relay`, on the result or the error).
 --
 --     local relays = smtppool.relays{
 --       { name = "primary", host = "smtp1.example.net", auth = {...} },
@@ -16,13 +15,19 @@
 -- With `spread = true`, messages are shared among the relays that are up in
 -- proportion to each relay's `weight` (smooth weighted round robin, as
 -- nginx spreads requests over an upstream's servers), failover still
--- applying; a batch then runs every relay's connections at once, in one
--- loop (the native driver) or in light threads (nginx).
+-- applying.
+--
+-- The relays are routes of one scheduler (`smtppool.engine.scheduler`'s
+-- `run_routes`), as OpenSMTPD's mta holds its routes: each route keeps its
+-- own connections, limits, learned caps, TLS sessions and credentials (a
+-- pool), one loop waits on every route's connections, and the router here
+-- places each message on a route and moves it when its route fails. A
+-- message is prepared (composed, DKIM-signed) once, before a route is
+-- chosen: every relay of a group signs alike (the same `dkim`, or none).
 -- @module smtppool.engine.relays
 
 local errors = require("smtppool.errors")
 local loop = require("smtppool.engine.loop")
-local policy = require("smtppool.engine.policy")
 local scheduler = require("smtppool.engine.scheduler")
 
 local M = {}
@@ -42,17 +47,29 @@ local function relay_failure(err)
 end
 M.relay_failure = relay_failure
 
+-- A value as one string, keys sorted: two relays' dkim options compared.
+local function canon(v)
+  if type(v) ~= "table" then return type(v) .. ":" .. tostring(v) end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local out = {}
+  for _, k in ipairs(keys) do out[#out + 1] = tostring(k) .. "=" .. canon(v[k]) end
+  return "{" .. table.concat(out, ",") .. "}"
+end
+
 --- Makes a group of relays.
 -- @tparam table list an array of relays, each the options of `smtppool.new`
---   plus `name` (default `"relay<i>"`), or `{ name = ..., pool = an existing pool }`
+--   plus `name` (default `"relay<i>"`) and `weight`, or `{ name = ..., pool =
+--   an existing pool }`; every relay signs alike (the same `dkim`, or none)
 -- @tparam[opt] table opts `down_for` (seconds a relay that failed is
 --   skipped, default 60); `spread` (boolean, default false): share messages
 --   among the relays that are up in proportion to their `weight`, instead
 --   of sending everything through the first one up
 --   (each relay's `weight` is a positive number, default 1; a relay's
 --   share is its weight over the sum of the weights of the relays up)
--- @tparam[opt] function new the pool constructor (default `smtppool.new`;
---   `smtppool.ngx.new` in nginx)
+-- @tparam[opt] function new the route constructor (default `smtppool.new`;
+--   `smtppool.ngx.relays` gives one that builds on nginx's cosockets)
 -- @treturn[1] table the group
 -- @return[2] nil
 -- @treturn[2] table a `config` error naming the relay
@@ -66,7 +83,8 @@ function M.new(list, opts, new)
   if opts.spread ~= nil and type(opts.spread) ~= "boolean" then
     error("smtppool.relays: spread must be a boolean", 2)
   end
-  local relays = {}
+  local relays, routes = {}, {}
+  local signing
   for i, r in ipairs(list) do
     if type(r) ~= "table" then error("smtppool.relays: relay " .. i .. " must be a table", 2) end
     local name = r.name or ("relay" .. i)
@@ -75,6 +93,13 @@ function M.new(list, opts, new)
       error(("smtppool.relays: relay '%s': weight must be a positive number"):format(name), 2)
     end
     local pool = r.pool
+    local dkim = pool and pool.opts and pool.opts.dkim or r.dkim
+    if i == 1 then
+      signing = canon(dkim)
+    elseif canon(dkim) ~= signing then
+      error(("smtppool.relays: relay '%s' signs otherwise than relay '%s': a message is signed once, before a "
+        .. "relay is chosen; give every relay the same dkim (or none)"):format(name, relays[1].name), 2)
+    end
     if not pool then
       local o = {}
       for k, v in pairs(r) do if k ~= "name" and k ~= "weight" then o[k] = v end end
@@ -83,10 +108,22 @@ function M.new(list, opts, new)
       if not p then return nil, errors.new("config", ("relay '%s': %s"):format(name, e.text), e) end
       pool = p
     end
+    if pool.outbox then
+      error(("smtppool.relays: relay '%s': an outbox belongs to a pool, not to one relay of a group"):format(name), 2)
+    end
+    if routes[1] and pool.driver ~= routes[1].driver and pool.driver.name ~= routes[1].driver.name then
+      error(("smtppool.relays: relay '%s' runs on another driver than relay '%s'"):format(name, relays[1].name), 2)
+    end
     relays[i] = { name = name, pool = pool, down_until = 0, weight = weight, current = 0 }
+    routes[i] = pool
   end
-  return setmetatable({ relays = relays, down_for = down_for, now = opts.now or os.time,
-                        spread = opts.spread or false }, Relays)
+  local first = routes[1]
+  local max_conns = 0
+  for _, p in ipairs(routes) do max_conns = max_conns + p.cfg.max_conns end
+  return setmetatable({ relays = relays, _routes = routes, down_for = down_for, now = opts.now or os.time,
+                        spread = opts.spread or false, driver = first.driver, prep = first.prep,
+                        cfg = { sign_threads = first.cfg.sign_threads, max_conns = max_conns },
+                        closed = false }, Relays)
 end
 
 local function tag(name, res, err)
@@ -97,314 +134,173 @@ end
 -- Smooth weighted round robin (nginx's): every candidate gains its weight,
 -- the one with the most goes and pays back the sum. Over any run of picks
 -- each relay's share stays within one message of its weight's share.
-local function pick(candidates)
+local function pick(lanes)
   local total, best = 0, nil
-  for _, r in ipairs(candidates) do
+  for _, lane in ipairs(lanes) do
+    local r = lane.relay
     r.current = r.current + r.weight
     total = total + r.weight
-    if not best or r.current > best.current then best = r end
+    if not best or r.current > best.relay.current then best = lane end
   end
-  if best then best.current = best.current - total end
+  if best then best.relay.current = best.relay.current - total end
   return best
 end
 
--- The relays to try, up ones first (in order, or with `spread` the weighted
--- pick first), then the ones marked down.
-function Relays:_order()
-  local t, up, down = self.now(), {}, {}
-  for _, r in ipairs(self.relays) do
-    if r.down_until <= t then up[#up + 1] = r else down[#down + 1] = r end
-  end
-  if self.spread and #up > 1 then
-    local first = pick(up)
-    for i, r in ipairs(up) do
-      if r == first then table.remove(up, i) break end
-    end
-    table.insert(up, 1, first)
-  end
-  for _, r in ipairs(down) do up[#up + 1] = r end
-  return up
-end
+-- ===== the router: which route a message takes =====
 
-function Relays:_one(method, msg)
-  local res, err
-  for _, r in ipairs(self:_order()) do
-    res, err = r.pool[method](r.pool, msg)
-    if res or not relay_failure(err) then return tag(r.name, res, err) end
-    r.down_until = self.now() + self.down_for
-    tag(r.name, nil, err)
-  end
-  return nil, err
-end
-
---- Sends one message through the first relay that takes it (as `Pool:send`).
-function Relays:send(msg) return self:_one("send", msg) end
-
---- Sends one ready-made message (as `Pool:send_raw`).
-function Relays:send_raw(msg) return self:_one("send_raw", msg) end
-
---- Sends many messages (as `Pool:send_batch`): through the first relay up;
--- the messages it could not carry for a relay-level reason go on to the
--- next, and so on. `on_result` is called once per message, with `relay` set.
---
--- With `spread`, every relay up sends at once, each its weighted share;
--- a message a relay could not carry for a relay-level reason goes to another
--- relay that has not tried it, and the relay takes no more of the batch.
--- `should_stop` is honoured by every relay.
-function Relays:send_batch(source, opts)
-  if type(source) ~= "table" and type(source) ~= "function" then
-    error("send_batch: source must be an array or an iterator function", 2)
-  end
-  if opts ~= nil and type(opts) ~= "table" then error("send_batch: opts must be a table", 2) end
-  if self.spread then return self:_spread_batch(source, opts or {}) end
-  local summary, account = policy.summary(opts and opts.on_result)
-  local order = self:_order()
-  local pending = source
-  for i, r in ipairs(order) do
-    local next_round = {}
-    local last = i == #order
-    local relay_down = false
-    r.pool:send_batch(pending, { on_result = function(m, res, err)
-      if not res and not last and relay_failure(err) then
-        relay_down = true
-        next_round[#next_round + 1] = m
-        return
-      end
-      tag(r.name, res, err)
-      account(m, res, err)
-    end })
-    if relay_down then r.down_until = self.now() + self.down_for end
-    if #next_round == 0 then break end
-    pending = next_round
-  end
-  return summary
-end
-
--- ===== spread batches =====
-
--- How many messages a relay may have assigned and not yet taken: the
--- weighted share is kept within this many messages, so a slow relay holds
--- the others back rather than let its share drift.
+-- With several routes, how many messages one may hold assigned and not
+-- started while another wants more: the weighted share is kept within
+-- this, so a slow relay holds the others back rather than let its share
+-- drift.
 local BACKLOG = 64
--- How often a relay with nothing to do asks again (a message moved to it
--- from a relay that went down, or the batch's end).
-local POLL = 0.05
 
--- The shared state of one spread batch: the source, each relay's assigned
--- messages, and the messages moved off a relay that went down.
-local function batch_state(self, source, opts)
-  local t = self.now()
-  local active = {}
-  for _, r in ipairs(self.relays) do
-    if r.down_until <= t then active[#active + 1] = r end
-  end
-  if #active == 0 then for i, r in ipairs(self.relays) do active[i] = r end end
-  local st = { active = active, backlog = {}, outstanding = {}, stopped = {}, moved = {}, tried = {}, why = {}, finished = {},
-               ended = {}, -- relays whose pool's send_batch has returned
-               exhausted = false }
-  st.summary, st.account = policy.summary(opts.on_result)
-  for _, r in ipairs(active) do
-    st.backlog[r] = {}
-    st.outstanding[r] = 0
-  end
-  local i = 0
-  st.pull = type(source) == "table" and function()
-    i = i + 1
-    return source[i]
-  end or source
-  st.should_stop = opts.should_stop
-  return st
+local Router = {}
+Router.__index = Router
+
+-- The lanes (each route's share of the run, `smtppool.engine.scheduler`)
+-- of this run, each with its relay.
+function Router:start(lanes)
+  self.lanes = lanes
+  for i, lane in ipairs(lanes) do lane.relay = self.g.relays[i] end
 end
 
-local function running(st)
-  local out = {}
-  for _, r in ipairs(st.active) do
-    if not st.stopped[r] and not st.finished[r] then out[#out + 1] = r end
-  end
-  return out
-end
-
--- The next message for relay r: nil when it has nothing more to do (the
--- batch is over for it), false for "nothing now".
-local function next_for(st, r)
-  if st.stopped[r] then return nil end
-  if st.raised then -- a callback raised: nothing more is taken (what is left ends cancelled)
-    st.finished[r] = true
-    return nil
-  end
-  for i, e in ipairs(st.moved) do
-    if not st.tried[e][r] then
-      table.remove(st.moved, i)
-      st.outstanding[r] = st.outstanding[r] + 1
-      return e
+-- The route for a message that has not tried the lanes in `tried`: one
+-- still running in this run, the relays up first; the weighted pick with
+-- `spread`, else the first in order. nil when none is left.
+function Router:_choose(tried)
+  local t = self.g.now()
+  local up, down = {}, {}
+  for _, lane in ipairs(self.lanes) do
+    if not lane.stopped and not (tried and tried[lane]) then
+      if lane.relay.down_until <= t then up[#up + 1] = lane else down[#down + 1] = lane end
     end
   end
-  local mine = st.backlog[r]
-  if #mine == 0 and not st.exhausted then
-    local candidates = running(st)
-    while #mine == 0 do
-      if st.should_stop and st.should_stop() then st.exhausted = true break end
-      local ok, m = pcall(st.pull)
-      if not ok then -- the source raised: no relay takes more; the pool asking gets the error
-        st.raised = true
-        error(m, 0)
+  local cands = #up > 0 and up or down
+  if #cands == 0 then return nil end
+  if self.g.spread and #cands > 1 then return pick(cands) end
+  return cands[1]
+end
+
+-- Whether the run should take another message: the route the next one
+-- would take wants more (with spread: some route does, and none holds
+-- BACKLOG waiting). With every route stopped, the rest is taken to end.
+function Router:wants()
+  local want, running = false, false
+  for _, lane in ipairs(self.lanes) do
+    if not lane.stopped then
+      running = true
+      local ahead = lane.route:_lookahead()
+      if self.g.spread then
+        if #lane.queue >= math.max(BACKLOG, ahead) then return false end
+        if #lane.queue < ahead then want = true end
       end
-      if m == nil then st.exhausted = true break end
-      local to = pick(candidates)
-      local q = st.backlog[to]
-      q[#q + 1] = m
-      st.tried[m] = st.tried[m] or {}
-      if #q >= BACKLOG and to ~= r then break end
     end
   end
-  if #mine > 0 then
-    st.outstanding[r] = st.outstanding[r] + 1
-    return table.remove(mine, 1)
-  end
-  -- Nothing assigned: done unless another relay may still move a message
-  -- here (one still running with messages in flight or assigned, even a
-  -- relay gone down).
-  if #st.moved > 0 then return false end
-  for other, n in pairs(st.outstanding) do
-    if other ~= r and not st.ended[other] and (n > 0 or #st.backlog[other] > 0) then return false end
-  end
-  st.finished[r] = true
-  return nil
+  if not running then return true end
+  if self.g.spread then return want end
+  local lane = self:_choose(nil)
+  return #lane.queue < lane.route:_lookahead()
 end
 
-local function report(st, r, m, res, err)
-  st.tried[m] = nil
-  st.why[m] = nil
-  tag(r.name, res, err)
-  -- a callback that raises stops the whole batch taking new messages (the
-  -- error goes on up through the pool that called it)
-  local ok, e = pcall(st.account, m, res, err)
-  if not ok then
-    st.raised = true
-    error(e, 0)
-  end
+-- A new message's route. When every route has failed in this run, the
+-- message ends untried with the last failure.
+function Router:take(item, _)
+  local lane = self:_choose(nil)
+  if lane then return lane, item end
+  local last = self.last
+  if item.err then return last.lane, item end
+  local e = errors.annotate(last.err, "not tried: every relay is down")
+  e.attempts = 0
+  return last.lane, { msg = item.msg, to = item.to, user_msg = item.user_msg, err = e }
 end
 
--- Moved messages no running relay may still try end with the failure that
--- moved them.
-local function settle(st)
-  local live = running(st)
-  local i = 1
-  while i <= #st.moved do
-    local m = st.moved[i]
-    local open = false
-    for _, r in ipairs(live) do
-      if not st.tried[m][r] then open = true break end
-    end
-    if open then
-      i = i + 1
-    else
-      table.remove(st.moved, i)
-      local why = st.why[m]
-      report(st, why.relay, m, nil, why.err)
-    end
-  end
+-- Puts a job on a route it has not tried, as if new there; false when none is left.
+function Router:_move(job, t)
+  local to = self:_choose(job.tried)
+  if not to then return false end
+  local cfg = to.route.cfg
+  job.attempts, job.free_moves, job.not_before, job.seq = 0, 0, nil, nil
+  job.queued_at, job.timeout = t, cfg.message_timeout
+  job.deadline = cfg.message_timeout and t + cfg.message_timeout
+  job.lane = to
+  table.insert(to.queue, 1, job)
+  return true
 end
 
--- A relay went down for this batch (err says why): what was assigned to it
--- and not taken yet moves on.
-local function stop_relay(self, st, r, err)
-  if st.stopped[r] then return end
-  st.stopped[r] = true
-  r.down_until = self.now() + self.down_for
-  local untried = errors.annotate(err, "not tried: relay '" .. r.name .. "' went down")
-  untried.attempts = 0
-  for _, m in ipairs(st.backlog[r]) do
-    st.moved[#st.moved + 1] = m
-    st.why[m] = { relay = r, err = untried }
+-- A message's final failure on lane: when it is the relay's (it could not
+-- be reached, refused TLS or the login), the relay is marked down, takes
+-- nothing more in this run, and what it held moves on with the message.
+-- True when the message moved (its outcome is still to come).
+function Router:reroute(lane, job, err, t)
+  if not relay_failure(err) or lane.batch.stopping then return false end
+  local g = self.g
+  if not lane.stopped then
+    lane.stopped = true
+    lane.relay.down_until = g.now() + g.down_for
+    self.last = { lane = lane, err = err }
+    local held = {}
+    for _, list in ipairs({ lane.queue, lane.deferred }) do
+      while #list > 0 do held[#held + 1] = table.remove(list, 1) end
+    end
+    for _, j in ipairs(held) do
+      j.tried = j.tried or {}
+      j.tried[lane] = true
+      if not self:_move(j, t) then
+        -- no relay left for it: it ends with the failure, untried
+        j.attempts = 0
+        lane.route:_finish(lane, j, nil, errors.annotate(err, "not tried: relay '" .. lane.relay.name
+          .. "' went down"))
+      end
+    end
   end
-  st.backlog[r] = {}
+  job.tried = job.tried or {}
+  job.tried[lane] = true
+  return self:_move(job, t)
 end
 
--- One relay's outcome for m: reported, or moved to a relay that has not
--- tried it when the relay itself failed.
-local function outcome(self, st, r, m, res, err)
-  st.outstanding[r] = st.outstanding[r] - 1
-  if not res and relay_failure(err) then
-    stop_relay(self, st, r, err)
-    st.tried[m] = st.tried[m] or {}
-    st.tried[m][r] = true
-    st.why[m] = { relay = r, err = err }
-    st.moved[#st.moved + 1] = m
-    settle(st)
-    return
+-- ===== the group: what a pool does, over routes =====
+
+--- The loop over every relay's route (what `send`, `send_raw`,
+-- `send_batch` and an nginx agent run on): as `Pool:run`, each outcome with
+-- `relay` set.
+function Relays:run(next_msg, on_result, opts)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.router = setmetatable({ g = self }, Router)
+  local function tagged(m, res, err, job)
+    tag(job.lane.relay.name, res, err)
+    return on_result(m, res, err, job)
   end
-  report(st, r, m, res, err)
+  return scheduler.run_routes(self, self._routes, next_msg, tagged, o)
 end
 
--- Runs every relay's send_batch at once. Native pools run as tasks of one
--- loop (`smtppool.engine.loop`): each pool's wait yields its connections, timeout
--- and fds to it, and one wait serves them all. In nginx each relay gets a
--- light thread.
-function Relays:_spread_batch(source, opts)
-  local st = batch_state(self, source, opts)
-  local function batch_opts(r)
-    return { poll = POLL, on_result = function(m, res, err) outcome(self, st, r, m, res, err) end,
-             should_stop = opts.should_stop }
+--- Runs prepared items through the routes (as `Pool:run_items`: `retry`
+-- and `on_event` of opts for these items only, on every route).
+function Relays:run_items(next_item, on_result, opts)
+  local saved = {}
+  for i, p in ipairs(self._routes) do
+    saved[i] = { p.batch_retry, p.batch_on_event }
+    p.batch_retry, p.batch_on_event = opts and opts.retry, opts and opts.on_event
   end
-  local function source_for(r)
-    return function() return next_for(st, r) end
-  end
-  local native = true
-  for _, r in ipairs(st.active) do
-    -- (smtppool.ngx's pools have no driver_name: they run in light threads)
-    if not (type(r.pool.driver_name) == "function" and r.pool:driver_name() == "native") then native = false end
-  end
-  local failure
-  if native then
-    failure = self:_mux(st, source_for, batch_opts)
-  else
-    local ngx = rawget(_G, "ngx")
-    if not (ngx and ngx.thread) then
-      error("smtppool.relays: a spread batch runs on pools of smtppool.new or, in nginx, of smtppool.ngx.new", 3)
-    end
-    local threads = {}
-    for i, r in ipairs(st.active) do
-      threads[i] = ngx.thread.spawn(function()
-        local ok, e = pcall(r.pool.send_batch, r.pool, source_for(r), batch_opts(r))
-        st.ended[r] = true
-        if not ok then error(e, 0) end
-      end)
-    end
-    for _, th in ipairs(threads) do
-      local ok, e = ngx.thread.wait(th)
-      if not ok then failure = failure or e end
-    end
-  end
-  -- What no pool took (the batch was stopped, or a callback raised): every
-  -- message taken from the source still gets its one outcome.
-  for _, r in ipairs(st.active) do
-    for _, m in ipairs(st.backlog[r]) do
-      report(st, r, m, nil, errors.new("cancelled", scheduler.CANCELLED, { attempts = 0 }))
-    end
-    st.backlog[r] = {}
-  end
-  for _, m in ipairs(st.moved) do
-    local why = st.why[m]
-    report(st, why.relay, m, nil, why.err)
-  end
-  st.moved = {}
-  if failure then error(failure, 0) end
-  return st.summary
+  local ok, e = pcall(self._on_loop, self, self.run, self, next_item, on_result, opts)
+  for i, p in ipairs(self._routes) do p.batch_retry, p.batch_on_event = saved[i][1], saved[i][2] end
+  if not ok then error(e, 0) end
 end
 
--- Every native relay's share as a task of one loop (smtppool.engine.loop): one
--- wait on the network serves them all.
-function Relays:_mux(st, source_for, batch_opts)
-  local l = loop.new(require("smtppool.driver.native"))
-  for _, r in ipairs(st.active) do
-    l:spawn(function()
-      local ok, e = pcall(r.pool.send_batch, r.pool, source_for(r), batch_opts(r))
-      st.ended[r] = true -- the others may take what it has not
-      if not ok then error(e, 0) end
-    end)
+-- On a loop when a route waits on more than its sockets (limits in Redis).
+function Relays:_on_loop(fn, ...)
+  if self.driver.name == "native" then
+    for _, p in ipairs(self._routes) do
+      if p.limits.name == "redis" then return loop.run(self.driver, fn, ...) end
+    end
   end
-  return l:run()
+  return fn(...)
+end
+
+--- QUITs every route's idle connections and closes the rest (as
+-- `Pool:close_connections`).
+function Relays:close_connections()
+  for _, p in ipairs(self._routes) do p:close_connections() end
 end
 
 --- The relays' names and state: one `{name, up, stats}` per relay.
@@ -418,8 +314,30 @@ end
 
 --- Closes every relay's pool.
 function Relays:close()
+  self.closed = true
   for _, r in ipairs(self.relays) do r.pool:close() end
   return true
 end
+
+--- Gives the group the pool's sending methods (`send`, `send_raw`,
+-- `send_batch`: the same checks, preparation and signing threads, here
+-- over the routes). `Pool` is the pool's method table.
+function M.adopt(Pool)
+  for _, k in ipairs({ "send", "send_raw", "send_batch", "_send_one" }) do Relays[k] = Pool[k] end
+end
+
+--- Sends one message through the first relay that takes it (as `Pool:send`).
+-- @function Relays:send
+
+--- Sends one ready-made message (as `Pool:send_raw`).
+-- @function Relays:send_raw
+
+--- Sends many messages (as `Pool:send_batch`): each through a relay that
+-- is up (the first, or with `spread` by weight; with `spread` every relay
+-- up sends at once); a message whose relay could not carry it for a
+-- relay-level reason goes to a relay that has not tried it, and that relay
+-- takes no more of the batch. `on_result` is called once per message,
+-- with `relay` set.
+-- @function Relays:send_batch
 
 return M
