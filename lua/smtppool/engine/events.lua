@@ -137,14 +137,14 @@ end
 -- One wait on the driver for several routes' connections (list: their
 -- handles; recs and lanes: each one's record and lane, at the same index),
 -- then each connection's events, applied by its route. owner: what runs
--- (a pool, or a group of routes: `_routes`).
+-- (a pool, or a group of routes: `routes`).
 function S._wait_on(owner, batch, list, recs, lanes, timeout)
   if not owner._live then
     -- the connections open now, for a loop serving them while this pool
     -- waits on something else (a Redis reply)
     owner._live = function()
       local l = {}
-      for _, route in ipairs(owner._routes or { owner }) do
+      for _, route in ipairs(owner.routes or { owner }) do
         for _, rec in ipairs(route.conns) do l[#l + 1] = rec.c end
       end
       return l

@@ -120,7 +120,7 @@ function M.new(list, opts, new)
   local first = routes[1]
   local max_conns = 0
   for _, p in ipairs(routes) do max_conns = max_conns + p.cfg.max_conns end
-  return setmetatable({ relays = relays, _routes = routes, down_for = down_for, now = opts.now or os.time,
+  return setmetatable({ relays = relays, routes = routes, down_for = down_for, now = opts.now or os.time,
                         spread = opts.spread or false, driver = first.driver, prep = first.prep,
                         cfg = { sign_threads = first.cfg.sign_threads, max_conns = max_conns },
                         closed = false }, Relays)
@@ -184,12 +184,13 @@ end
 -- Whether the run should take another message: the route the next one
 -- would take wants more (with spread: some route does, and none holds
 -- BACKLOG waiting). With every route stopped, the rest is taken to end.
+-- (lane.ahead: how many the lane's route pulls ahead, set by the scheduler.)
 function Router:wants()
   local want, running = false, false
   for _, lane in ipairs(self.lanes) do
     if not lane.stopped then
       running = true
-      local ahead = lane.route:_lookahead()
+      local ahead = lane.ahead
       if self.g.spread then
         if #lane.queue >= math.max(BACKLOG, ahead) then return false end
         if #lane.queue < ahead then want = true end
@@ -199,7 +200,7 @@ function Router:wants()
   if not running then return true end
   if self.g.spread then return want end
   local lane = self:_choose(nil)
-  return #lane.queue < lane.route:_lookahead()
+  return #lane.queue < lane.ahead
 end
 
 -- A new message's route. When every route has failed in this run, the
@@ -230,10 +231,13 @@ end
 -- A message's final failure on lane: when it is the relay's (it could not
 -- be reached, refused TLS or the login), the relay is marked down, takes
 -- nothing more in this run, and what it held moves on with the message.
--- True when the message moved (its outcome is still to come).
+-- Returns whether the message moved (its outcome is still to come), and
+-- the jobs the lane held that no relay is left for, each with the error
+-- it ends with (the scheduler ends them).
 function Router:reroute(lane, job, err, t)
   if not relay_failure(err) or lane.batch.stopping then return false end
   local g = self.g
+  local ended
   if not lane.stopped then
     lane.stopped = true
     lane.relay.down_until = g.now() + g.down_for
@@ -248,14 +252,14 @@ function Router:reroute(lane, job, err, t)
       if not self:_move(j, t) then
         -- no relay left for it: it ends with the failure, untried
         j.attempts = 0
-        lane.route:_finish(lane, j, nil, errors.annotate(err, "not tried: relay '" .. lane.relay.name
-          .. "' went down"))
+        ended = ended or {}
+        ended[#ended + 1] = { j, errors.annotate(err, "not tried: relay '" .. lane.relay.name .. "' went down") }
       end
     end
   end
   job.tried = job.tried or {}
   job.tried[lane] = true
-  return self:_move(job, t)
+  return self:_move(job, t), ended
 end
 
 -- ===== the group: what a pool does, over routes =====
@@ -271,26 +275,26 @@ function Relays:run(next_msg, on_result, opts)
     tag(job.lane.relay.name, res, err)
     return on_result(m, res, err, job)
   end
-  return scheduler.run_routes(self, self._routes, next_msg, tagged, o)
+  return scheduler.run_routes(self, self.routes, next_msg, tagged, o)
 end
 
 --- Runs prepared items through the routes (as `Pool:run_items`: `retry`
 -- and `on_event` of opts for these items only, on every route).
 function Relays:run_items(next_item, on_result, opts)
   local saved = {}
-  for i, p in ipairs(self._routes) do
+  for i, p in ipairs(self.routes) do
     saved[i] = { p.batch_retry, p.batch_on_event }
     p.batch_retry, p.batch_on_event = opts and opts.retry, opts and opts.on_event
   end
   local ok, e = pcall(self._on_loop, self, self.run, self, next_item, on_result, opts)
-  for i, p in ipairs(self._routes) do p.batch_retry, p.batch_on_event = saved[i][1], saved[i][2] end
+  for i, p in ipairs(self.routes) do p.batch_retry, p.batch_on_event = saved[i][1], saved[i][2] end
   if not ok then error(e, 0) end
 end
 
 -- On a loop when a route waits on more than its sockets (limits in Redis).
 function Relays:_on_loop(fn, ...)
   if self.driver.name == "native" then
-    for _, p in ipairs(self._routes) do
+    for _, p in ipairs(self.routes) do
       if p.limits.name == "redis" then return loop.run(self.driver, fn, ...) end
     end
   end
@@ -300,7 +304,7 @@ end
 --- QUITs every route's idle connections and closes the rest (as
 -- `Pool:close_connections`).
 function Relays:close_connections()
-  for _, p in ipairs(self._routes) do p:close_connections() end
+  for _, p in ipairs(self.routes) do p:close_connections() end
 end
 
 --- The relays' names and state: one `{name, up, stats}` per relay.

@@ -180,8 +180,11 @@ function S:_finish(lane, job, res, err)
   local batch = lane.batch
   -- A failure of the route rather than the message (several routes): the
   -- message moves to another route, as if new there.
-  if not res and not job.group and batch.router and batch.router:reroute(lane, job, err, self.driver.now()) then
-    return
+  if not res and not job.group and batch.router then
+    local moved, ended = batch.router:reroute(lane, job, err, self.driver.now())
+    -- what the route held and no other can take ends here, untried
+    for _, e in ipairs(ended or {}) do self:_finish(lane, e[1], nil, e[2]) end
+    if moved then return end
   end
   local group = job.group
   if group then
@@ -604,7 +607,11 @@ end
 -- route wants more (or, with several, the router says so).
 local function wants_more(batch, lanes)
   if batch.source_done then return false end
-  if batch.router then return batch.router:wants() end
+  local router = batch.router
+  if router then
+    for _, lane in ipairs(lanes) do lane.ahead = lane.route:_lookahead() end
+    return router:wants()
+  end
   return #lanes[1].queue < lanes[1].route:_lookahead()
 end
 
@@ -626,8 +633,10 @@ end
 -- connections. Each route is a pool (its connections, limits, learned caps,
 -- TLS sessions, credentials); `router` (opts.router) places each message
 -- on a route (`take(item, t) -> lane, item`), says whether to take another
--- (`wants()`) and moves one whose route failed (`reroute(lane, job, err, t)
--- -> moved`). Without a router, the one route takes everything.
+-- (`wants()`, each lane's `ahead` set) and moves one whose route failed
+-- (`reroute(lane, job, err, t) -> moved, ended`: ended, the jobs to end
+-- untried, each `{job, err}`). Without a router, the one route takes
+-- everything.
 -- @tparam table owner what runs (a pool, or a group of routes): its
 --   `driver`, and `_wait_fds` (a signing queue's fd)
 -- @tparam table routes the pools
