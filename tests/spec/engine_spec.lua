@@ -315,6 +315,37 @@ describe("relays as routes of one scheduler, over the fake driver", function()
     g2:close()
   end)
 
+  it("carries a campaign: each recipient once, journalled, a dead route's share moved", function()
+    local net = fake.network()
+    local a, b = net:server("a"), net:server("b")
+    local g = group(net, { "a", "dead", "b" }, { spread = true })
+    local rows = {}
+    for i = 1, 60 do rows[i] = { email = ("r%d@y.test"):format(i), name = "N" .. i } end
+    local journal = os.tmpname()
+    os.remove(journal)
+    local report = assert(smtppool.campaign{ pool = g, recipients = rows, progress = false, journal = journal,
+      message = { from = "news@x.test", subject = "Hi {{name}}", text = "Dear {{name}}" } }:run())
+    assert.equal(60, report.sent)
+    assert.equal(0, report.failed)
+    assert.equal(60, a.accepted + b.accepted)
+    local seen = {}
+    for _, srv in ipairs({ a, b }) do
+      for _, m in ipairs(srv.received) do
+        assert.is_nil(seen[m.to[1]], "sent twice: " .. m.to[1])
+        seen[m.to[1]] = true
+      end
+    end
+    -- resumed, the journal sends nothing again
+    local again = assert(smtppool.campaign{ pool = g, recipients = rows, progress = false, journal = journal,
+      message = { from = "news@x.test", subject = "Hi {{name}}", text = "Dear {{name}}" } }:run())
+    assert.equal(0, again.sent)
+    assert.equal(60, again.skipped)
+    g:close()
+    os.remove(journal)
+    os.remove(journal .. "-wal")
+    os.remove(journal .. "-shm")
+  end)
+
   it("refuses relays that sign otherwise: a message is signed once, before its route is chosen", function()
     local key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF\n-----END PRIVATE KEY-----\n"
     local function relay(name, selector)
