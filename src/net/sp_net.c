@@ -92,9 +92,12 @@ sp_conn *sp_conn_new(const sp_conn_opts *o, sp_error *err)
         return c;
     }
     /* A name in /etc/hosts (or a numeric address) is known at once. */
-    if (sp_resolve_result(c->res, err) < 0 || sp_net_try_connect(c) < 0) {
-        if (sp_resolve_count(c->res) > 0)
-            *err = c->connect_err;
+    if (sp_resolve_result(c->res, err) < 0) {
+        sp_conn_free(c);
+        return NULL;
+    }
+    if (sp_net_try_connect(c) < 0) {
+        *err = c->connect_err;
         sp_conn_free(c);
         return NULL;
     }

@@ -70,6 +70,17 @@ static int start(sp_session *s, const char *from, const char *const *rcpts, size
     return sp_session_start_tx(s, &o, e);
 }
 
+/* A transaction just started (one recipient, no PIPELINING) walked to its 354. */
+static void to_body(sp_session *s)
+{
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "250 ok\r\n");
+    take(s);
+    feed(s, "354 go\r\n");
+}
+
 /* A session with one transaction (a@x.test to b@y.test) at its 354. */
 static sp_session *at_body(const char *ehlo_reply)
 {
@@ -77,12 +88,7 @@ static sp_session *at_body(const char *ehlo_reply)
     sp_error e;
     sp_session *s = ready(ehlo_reply);
     assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
-    take(s);
-    feed(s, "250 ok\r\n");
-    take(s);
-    feed(s, "250 ok\r\n");
-    take(s);
-    feed(s, "354 go\r\n");
+    to_body(s);
     return s;
 }
 
@@ -598,12 +604,7 @@ static void quit_with_the_final_dot(void **state)
     /* without PIPELINING QUIT cannot ride: the outcome says so */
     s = ready("250 mx.test\r\n");
     assert_int_equal(sp_session_start_tx(s, &o, &e), 0);
-    take(s);
-    feed(s, "250 ok\r\n");
-    take(s);
-    feed(s, "250 ok\r\n");
-    take(s);
-    feed(s, "354 go\r\n");
+    to_body(s);
     EXPECT(s, SP_EV_BODY);
     sp_session_body_end(s, &e);
     assert_string_equal(take(s), ".\r\n");

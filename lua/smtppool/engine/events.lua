@@ -10,6 +10,22 @@ local loop = require("smtppool.engine.loop")
 
 local S = {}
 
+-- Calls user code (on_result, the source iterator, before_wait) so that an
+-- error it raises cannot leave the loop with messages unreported: the
+-- first such error is kept in the run's batch, no new message is taken,
+-- the ones already on the wire run to their outcome, and the error is
+-- raised once the loop is done.
+local function guarded(batch, what, fn, ...)
+  local ok, a, b = pcall(fn, ...)
+  if ok then return true, a, b end
+  if not batch.user_error then
+    batch.user_error = { what = what, value = a }
+    batch.source_done = true
+  end
+  return false
+end
+S._guarded = guarded
+
 -- ===== events =====
 
 -- Acts on one connection's events, as the driver's wait returned them
@@ -161,7 +177,7 @@ function S._wait_on(owner, batch, list, recs, lanes, timeout)
       for _, m in ipairs(due) do batch.mark_async(m) end
     end
   end
-  if batch.before_wait then require("smtppool.engine.scheduler")._guarded(batch, "before_wait", batch.before_wait) end
+  if batch.before_wait then guarded(batch, "before_wait", batch.before_wait) end
   local ready = loop.wait(owner.driver, list, timeout, owner._wait_fds, owner._live)
   local t = owner.driver.now()
   for _, entry in ipairs(ready) do

@@ -111,7 +111,7 @@ function M.new(list, opts, new)
     if pool.outbox then
       error(("smtppool.relays: relay '%s': an outbox belongs to a pool, not to one relay of a group"):format(name), 2)
     end
-    if routes[1] and pool.driver ~= routes[1].driver and pool.driver.name ~= routes[1].driver.name then
+    if routes[1] and pool.driver.name ~= routes[1].driver.name then
       error(("smtppool.relays: relay '%s' runs on another driver than relay '%s'"):format(name, relays[1].name), 2)
     end
     relays[i] = { name = name, pool = pool, down_until = 0, weight = weight, current = 0 }
@@ -169,6 +169,16 @@ end
 -- `spread`, else the first in order. nil when none is left.
 function Router:_choose(tried)
   local t = self.g.now()
+  if not self.g.spread then -- the first up, else the first at all (no list made: this runs per message)
+    local first
+    for _, lane in ipairs(self.lanes) do
+      if not lane.stopped and not (tried and tried[lane]) then
+        if lane.relay.down_until <= t then return lane end
+        first = first or lane
+      end
+    end
+    return first
+  end
   local up, down = {}, {}
   for _, lane in ipairs(self.lanes) do
     if not lane.stopped and not (tried and tried[lane]) then
@@ -177,8 +187,7 @@ function Router:_choose(tried)
   end
   local cands = #up > 0 and up or down
   if #cands == 0 then return nil end
-  if self.g.spread and #cands > 1 then return pick(cands) end
-  return cands[1]
+  return #cands > 1 and pick(cands) or cands[1]
 end
 
 -- Whether the run should take another message: the route the next one
@@ -205,7 +214,7 @@ end
 
 -- A new message's route. When every route has failed in this run, the
 -- message ends untried with the last failure.
-function Router:take(item, _)
+function Router:take(item)
   local lane = self:_choose(nil)
   if lane then return lane, item end
   local last = self.last

@@ -159,20 +159,8 @@ end
 
 -- ===== jobs =====
 
--- Calls user code (on_result, the source iterator) so that an error it
--- raises cannot leave the loop with messages unreported: the first such
--- error is kept, no new message is taken, the ones already on the wire run
--- to their outcome, and the error is raised once the loop is done.
-local function guarded(batch, what, fn, ...)
-  local ok, a, b = pcall(fn, ...)
-  if ok then return true, a, b end
-  if not batch.user_error then
-    batch.user_error = { what = what, value = a }
-    batch.source_done = true
-  end
-  return false
-end
-S._guarded = guarded
+-- user code is called through events.lua's guard (one definition for the loop and its wait)
+local guarded = require("smtppool.engine.events")._guarded
 
 -- (lane: the route's share of the run, see S:run; lane.batch the run's
 -- shared state)
@@ -632,7 +620,7 @@ end
 -- route in this run (its lane), one wait on the network for every route's
 -- connections. Each route is a pool (its connections, limits, learned caps,
 -- TLS sessions, credentials); `router` (opts.router) places each message
--- on a route (`take(item, t) -> lane, item`), says whether to take another
+-- on a route (`take(item) -> lane, item`), says whether to take another
 -- (`wants()`, each lane's `ahead` set) and moves one whose route failed
 -- (`reroute(lane, job, err, t) -> moved, ended`: ended, the jobs to end
 -- untried, each `{job, err}`). Without a router, the one route takes
@@ -672,7 +660,7 @@ function S.run_routes(owner, routes, next_msg, on_result, opts)
       if msg == nil then batch.source_done = true break end
       if msg == false then break end -- nothing now; ask again next turn (a long-running agent's queue)
       local lane = lanes[1]
-      if router then lane, msg = router:take(msg, t) end
+      if router then lane, msg = router:take(msg) end
       local cfg = lane.route.cfg
       local job = { msg = msg.msg, to = msg.to, attempts = 0, free_moves = 0, queued_at = t,
                     user_msg = msg.user_msg or msg.msg, timeout = cfg.message_timeout,
