@@ -70,7 +70,7 @@ build = {
             "src/net/sp_tls.c", "src/net/sp_net.c", "src/net/sp_net_connect.c", "src/net/sp_proxy.c",
             "src/net/sp_resolve.c",
             "src/lua/lsmtppool.c", "src/lua/lerror.c", "src/lua/lsession.c", "src/lua/lconn.c",
-            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lredis.c", "src/store/sp_journal.c",
+            "src/lua/lmail.c", "src/lua/ljournal.c", "src/lua/lredis.c", "src/lua/llist.c", "src/store/sp_journal.c",
          },
          defines = { "_GNU_SOURCE" },
          libraries = { "ssl", "crypto", "hiredis", "cares", "sqlite3", "pthread" },

@@ -31,6 +31,7 @@
 -- @api smtppool.campaign
 
 local core = require("smtppool.core")
+local address_key = core.address_key
 local csv = require("smtppool.compose.csv")
 local template = require("smtppool.compose.template")
 local loop = require("smtppool.engine.loop")
@@ -157,13 +158,7 @@ end
 -- @treturn[2] string why
 function M.key(address)
   if type(address) ~= "string" then return nil, "invalid recipient (no email field)" end
-  local at = address:find("[%z\1-\31\127]")
-  if at then
-    return nil, ("invalid address: it holds a control character (byte %d at %d)"):format(address:byte(at), at)
-  end
-  local key = M.normalize(address)
-  if key == "" then return nil, "invalid address: empty" end
-  return key
+  return address_key(address) -- M.normalize's trimming and case, in C (a row's hot path)
 end
 
 --- The journal's letters, one per recipient, in the SQLite journal and in
@@ -257,31 +252,20 @@ end
 -- the CSV columns before anything is sent.
 local function compile_message(msg, columns, path)
   if type(msg) == "function" then return msg end
-  local compiled = {}
-  for k, v in pairs(msg) do compiled[k] = v end
-  for _, f in ipairs(template.FIELDS) do
-    if type(msg[f]) == "string" then
-      local t, e = template.compile(msg[f])
-      if not t then return nil, ("message.%s: %s"):format(f, e) end
-      compiled[f] = t
-    end
-  end
+  local render, e = template.compile_message(msg)
+  if not render then return nil, "message." .. e end
   if columns then
     local probe = {}
     for _, c in ipairs(columns) do probe[c] = "x" end
-    for _, f in ipairs(template.FIELDS) do
-      if type(compiled[f]) == "table" then
-        local ok, e = compiled[f]:render(probe)
-        if not ok then
-          return nil, ("message.%s uses a column %s has not (%s); its columns: %s"):format(f, path, e,
-            table.concat(columns, ", "))
-        end
-      end
+    local ok, _, f, why = render(probe)
+    if not ok then
+      return nil, ("message.%s uses a column %s has not (%s); its columns: %s"):format(f, path, why,
+        table.concat(columns, ", "))
     end
   end
   return function(rcpt)
-    local m, e = template.render_message(compiled, rcpt)
-    if not m then return nil, e end
+    local m, re = render(rcpt)
+    if not m then return nil, re end
     m.to = m.to or rcpt.email
     return m
   end
@@ -302,7 +286,6 @@ function Campaign:run()
   local t0 = core.now()
   -- Recipients: a CSV is checked whole before the first message.
   local source, columns
-  self.row_line = setmetatable({}, { __mode = "k" }) -- a CSV row -> its line, for failures
   if type(o.recipients) == "string" then
     -- Checked whole (streamed: memory stays flat) before the first message.
     local n, cols = csv.check(o.recipients, { delimiter = o.delimiter })
@@ -312,12 +295,12 @@ function Campaign:run()
     local col, why = csv.email_column(cols)
     if not col then return nil, err("invalid", o.recipients .. ": line 1: " .. why) end
     local it = assert(csv.rows(o.recipients, { delimiter = o.delimiter }))
+    -- a row, no key of its own (a Redis claim's), its line (for failures)
     source = function()
       local ok, row, line = pcall(it)
       if not ok then error(row.csv_error or row, 0) end
       if row and col ~= "email" then row.email = row[col] end
-      if row then self.row_line[row] = line end
-      return row
+      return row, nil, line
     end
   elseif type(o.recipients) == "table" then
     self.expected = #o.recipients
@@ -395,7 +378,7 @@ function Campaign:run()
     if rj then
       rj:record(state, key, clean(info))
     else
-      local ok, je, jst = journal:record(state, key, clean(info))
+      local ok, je, jst = journal:record(state, key, info) -- on one line: the journal cleans it
       if not ok then journal_failed(je, jst) end
     end
     if o.on_failure and (state == J.failed or state == J.transient or state == J.ambiguous) then
@@ -449,7 +432,7 @@ function Campaign:run()
   local function prepare_one()
     if #requeue > 0 then return table.remove(requeue, 1) end
     while true do
-      local rcpt, given_key = source()
+      local rcpt, given_key, line = source()
       if rcpt == nil or rcpt == false then return rcpt end -- false: nothing now (others hold the rest)
       index = index + 1
       report.total = report.total + 1
@@ -457,7 +440,7 @@ function Campaign:run()
       if type(rcpt) == "table" then key, why = M.key(rcpt.email) else why = "invalid recipient (not a table)" end
       if not key then
         -- the row's own key (a Redis claim's), or its place in this run's list
-        record(J.failed, given_key or ("#" .. index), why, err("invalid", why), self.row_line[rcpt])
+        record(J.failed, given_key or ("#" .. index), why, err("invalid", why), line)
         report.failed = report.failed + 1
       else
         local st, this_run, jst = states:get(key)
@@ -473,7 +456,7 @@ function Campaign:run()
         elseif st == J.leaving and not o.resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
           local why = "final dot on its way when an earlier run stopped"
-          record(J.ambiguous, key, why, err("ambiguous", why), self.row_line[rcpt])
+          record(J.ambiguous, key, why, err("ambiguous", why), line)
           report.ambiguous = report.ambiguous + 1
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
@@ -481,12 +464,12 @@ function Campaign:run()
           if not okb then m, e = nil, m end
           if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
           if not m then
-            record(J.failed, key, "invalid: " .. tostring(e), nil, self.row_line[rcpt])
+            record(J.failed, key, "invalid: " .. tostring(e), nil, line)
             report.failed = report.failed + 1
           else
             record(J.prepared, key, "")
             keys[m] = key
-            lines[m] = self.row_line[rcpt]
+            lines[m] = line
             if st == J.leaving then resent[m] = true end
             return m
           end
@@ -535,7 +518,7 @@ function Campaign:run()
   local function on_result(m, res, rerr)
     local key = keys[m] or "?"
     if res then
-      streak, streak_msgs = 0, {}
+      if streak > 0 then streak, streak_msgs = 0, {} end
       report.sent = report.sent + 1
       local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
       local dup = res.ambiguous or resent[m]
@@ -564,7 +547,7 @@ function Campaign:run()
     end
     -- retries that ended with this message are no longer waiting
     local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
-    report.deferred = math.max(0, report.deferred - math.max(0, attempts - 1))
+    if attempts > 1 then report.deferred = math.max(0, report.deferred - (attempts - 1)) end
     progress(false)
   end
 

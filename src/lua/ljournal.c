@@ -2,7 +2,7 @@
  *
  *   core.journal_open(path|nil, campaign) -> j | nil, err, status
  *   j:get(key) -> letter, this_run | nil      j:meet(key)
- *   j:record(letter, key, info) -> true | nil, err, status
+ *   j:record(letter, key, info) -> true | nil, err, status  (info's tabs and line breaks: spaces)
  *   j:commit([sync]) -> true | nil, err, status
  *   j:counts() -> {S = n, ...}                j:close() -> true | nil, err, status
  *   core.journal_status(path[, nfail]) -> {campaign, counts, running, run, failures} | nil, err, status
@@ -94,6 +94,13 @@ static int j_record(lua_State *L)
     const char *info = luaL_optlstring(L, 4, "", &in);
     luaL_argcheck(L, ln == 1 && letter[0] && strchr(SP_J_LETTERS, letter[0]), 2,
                   "a journal letter (one of " SP_J_LETTERS ")");
+    /* info on one line (a reply's line breaks, a tab): spaces */
+    if (in && (memchr(info, '\r', in) || memchr(info, '\n', in) || memchr(info, '\t', in))) {
+        char *clean = lua_newuserdata(L, in);
+        for (size_t i = 0; i < in; i++)
+            clean[i] = (info[i] == '\r' || info[i] == '\n' || info[i] == '\t') ? ' ' : info[i];
+        info = clean;
+    }
     return ok_or_fail(L, j, sp_journal_record(j, letter[0], key, kn, info, in));
 }
 

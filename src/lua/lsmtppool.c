@@ -28,5 +28,6 @@ int luaopen_smtppool_core(lua_State *L)
     sp_lua_open_mail(L);
     sp_lua_open_journal(L);
     sp_lua_open_redis(L);
+    sp_lua_open_list(L);
     return 1;
 }

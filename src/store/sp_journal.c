@@ -12,13 +12,16 @@
 
 #include <sqlite3.h>
 
-enum { Q_GET, Q_MEET, Q_RECORD, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
+enum { Q_GET, Q_MEET, Q_RECORD, Q_UPDATE, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
 
 static const char *const queries[Q_COUNT_] = {
     [Q_GET] = "SELECT state, run FROM recipients WHERE address = ?1",
     [Q_MEET] = "UPDATE recipients SET run = ?2 WHERE address = ?1",
     [Q_RECORD] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
                  "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
+    /* a recipient already recorded (its L and its outcome follow its P):
+     * a plain update is cheaper than the upsert's failed insert */
+    [Q_UPDATE] = "UPDATE recipients SET state = ?2, info = ?3, run = ?4, updated = ?5 WHERE address = ?1",
     [Q_COUNTS] = "SELECT state, count(*) FROM recipients GROUP BY state",
     /* prepared too: a transaction per loop turn should not parse SQL */
     [Q_BEGIN] = "BEGIN",
@@ -247,7 +250,10 @@ sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_s
         }
     }
     /* path NULL: "" is SQLite's private temporary database, on disk when it grows */
-    int rc = sqlite3_open_v2(path ? path : "", &j->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+    /* NOMUTEX: one connection, used by one thread (the loop's); SQLite's
+     * own mutexes cost more than a statement's work here */
+    int rc = sqlite3_open_v2(path ? path : "", &j->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                             NULL);
     if (rc != SQLITE_OK) {
         fail_db(j, rc, "open");
         return open_failed(j, status, err, errlen);
@@ -319,7 +325,7 @@ sp_journal *sp_journal_open_read(const char *path, sp_journal_status *status, ch
             fail(j, SP_JOURNAL_NOT_JOURNAL, "journal %s is not an smtppool journal (not a database)", path);
         return open_failed(j, status, err, errlen);
     }
-    int rc = sqlite3_open_v2(path, &j->db, SQLITE_OPEN_READONLY, NULL);
+    int rc = sqlite3_open_v2(path, &j->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     int v;
     if (rc != SQLITE_OK) {
         fail_db(j, rc, "open");
@@ -418,8 +424,7 @@ int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, in
         *letter = s ? (char)s[0] : 0;
         *this_run = sqlite3_column_int64(st, 1) == j->run;
     }
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
+    sqlite3_reset(st); /* its parameters stay bound: every use binds them all again */
     if (!found && rc != SQLITE_DONE)
         return fail_db(j, rc, "reading a recipient");
     return found;
@@ -428,8 +433,7 @@ int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, in
 static int step_done(sp_journal *j, sqlite3_stmt *st, const char *what)
 {
     int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
+    sqlite3_reset(st); /* its parameters stay bound: every use binds them all again */
     return rc == SQLITE_DONE ? 0 : fail_db(j, rc, what);
 }
 
@@ -447,13 +451,20 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
 {
     if (not_open(j) < 0 || begin(j) < 0)
         return -1;
-    sqlite3_stmt *st = j->st[Q_RECORD];
-    sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, &letter, 1, SQLITE_TRANSIENT);
-    sqlite3_bind_text(st, 3, info ? info : "", info ? (int)ilen : 0, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 4, j->run);
-    sqlite3_bind_double(st, 5, wall_now());
-    return step_done(j, st, "writing a recipient");
+    double now = wall_now();
+    /* P is most often a new row; the letters after it update one */
+    for (int q = letter == SP_J_PREPARED[0] ? Q_RECORD : Q_UPDATE;; q = Q_RECORD) {
+        sqlite3_stmt *st = j->st[q];
+        sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, &letter, 1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, info ? info : "", info ? (int)ilen : 0, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, j->run);
+        sqlite3_bind_double(st, 5, now);
+        if (step_done(j, st, "writing a recipient") < 0)
+            return -1;
+        if (q == Q_RECORD || sqlite3_changes(j->db) > 0)
+            return 0;
+    }
 }
 
 int sp_journal_commit(sp_journal *j, int sync)

@@ -167,6 +167,21 @@ describe("campaign journals keyed by address", function()
     assert.matches("1 duplicate rows sent once", smtppool.campaign.summary(r))
   end)
 
+  it("keys an address trimmed and lower-cased, and gives none to one with a control character", function()
+    local key = smtppool.campaign.key
+    assert.equal("ann@x.test", key("  Ann@X.Test "))
+    assert.equal("\195\137ve@x.test", key("\195\137VE@x.test")) -- ASCII letters only: UTF-8 kept as it is
+    assert.equal(smtppool.campaign.normalize(" Bo@Y.test"), key(" Bo@Y.test"))
+    for _, a in ipairs({ "a@x.test\r", "\ta@x.test", "a\0@x.test", "a@x.test\127" }) do
+      local k, why = key(a)
+      assert.is_nil(k)
+      assert.matches("invalid address: it holds a control character %(byte %d+ at %d+%)", why)
+    end
+    assert.equal("invalid address: it holds a control character (byte 13 at 9)", select(2, key("a@x.test\r")))
+    assert.same({ nil, "invalid address: empty" }, { key("   ") })
+    assert.same({ nil, "invalid recipient (no email field)" }, { key(nil) })
+  end)
+
   it("fails a row whose address holds CR, LF, NUL or another control character, and that row only", function()
     local failures = {}
     local list = {

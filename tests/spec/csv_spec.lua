@@ -1,7 +1,6 @@
--- The CSV reader (compose/csv.lua): the fast way (a plain line split by one
--- pattern into a row built by a compiled constructor) and the field-by-field
--- way must read every file alike, and check must count and refuse what rows
--- refuses.
+-- The CSV reader (compose/csv.lua): the fast way (a plain line read and made
+-- a row in C, core.csv_plain) and the field-by-field way must read every file
+-- alike, and check must count and refuse what rows refuses.
 local csv = require("smtppool.compose.csv")
 local peers = require("peers")
 
@@ -130,6 +129,26 @@ describe("the CSV reader", function()
       local _, ce = csv.check(p)
       assert.equal(e, ce)
     end
+  end)
+
+  it("reads in C only a whole plain line with the header's number of fields", function()
+    local core = require("smtppool.core")
+    local h = { "email", "name" }
+    local np, row = core.csv_plain("a@x.test,Ann\nb@x.test,Bo\n", 1, ",", 2, h)
+    assert.equal(14, np)
+    assert.same({ email = "a@x.test", name = "Ann" }, row)
+    np, row = core.csv_plain("a@x.test,Ann\r\nb@x.test,\r\n", 15, ",", 2, h)
+    assert.equal(26, np)
+    assert.same({ email = "b@x.test", name = "" }, row) -- CR LF dropped, an empty last field kept
+    assert.equal(14, (core.csv_plain("a@x.test,Ann\n", 1, ",", 2))) -- counting: no row
+    -- anything else is left to the careful reader: nil, never an error
+    for _, text in ipairs({ "a@x.test,Ann", "\"a\"@x.test,Ann\n", "a@x.test,A\rnn\n", "a@x.test\n",
+                           "a@x.test,Ann,3\n", "\n", "\r\n", "a@x.test,\255\n" }) do
+      assert.is_nil(core.csv_plain(text, 1, ",", 2, h), text)
+    end
+    assert.is_nil(core.csv_plain("a,b\n", 5, ",", 2, h)) -- past the end
+    assert.equal(7, (core.csv_plain("a;b;c\n", 1, ";", 3)))
+    assert.has_error(function() core.csv_plain("a,b\n", 1, ",,", 2) end)
   end)
 
   it("reads random lists, lines across its 64 KB chunks included, as RFC 4180 says", function()

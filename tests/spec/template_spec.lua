@@ -85,4 +85,24 @@ describe("templates", function()
       assert.is_nil(assert(template.compile(src)).flat, src)
     end
   end)
+
+  it("compiles a message once: text-only fields fixed, the rest rendered per recipient", function()
+    local render = assert(template.compile_message({ from = "news@x.test", subject = "Hi {{name}}",
+      text = template.compile("{{a}}{{b}}{{c}}{{d}}"), html = "<p>{{name}}</p>", headers = { X = "1" } }))
+    local m = assert(render({ name = "<Ann>", a = 1, b = 2, c = 3, d = 4 }))
+    assert.same({ from = "news@x.test", subject = "Hi <Ann>", text = "1234", html = "<p>&lt;Ann&gt;</p>",
+                  headers = { X = "1" } }, m)
+    assert.are_not.equal(m, render({ name = "B", a = 1, b = 2, c = 3, d = 4 })) -- a new table each time
+    -- a missing column: the field, the message, the bare reason
+    local none, e, field, why = render({ a = 1, b = 2, c = 3, d = 4 })
+    assert.is_nil(none)
+    assert.equal("subject", field)
+    assert.equal("missing variable 'name' at line 1", why)
+    assert.equal("subject: " .. why, e)
+    -- not a template at all, or one that does not compile
+    local bad, be = template.compile_message({ subject = 42 })
+    assert.is_nil(bad)
+    assert.matches("subject: a template is a string or a compiled template, not a number", be, 1, true)
+    assert.matches("^text: unclosed tag", select(2, template.compile_message({ text = "{{x" })))
+  end)
 end)

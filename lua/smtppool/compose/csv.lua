@@ -100,12 +100,15 @@ function M._open(path, opts, count_only)
   -- CR, valid UTF-8 (its CR LF ending dropped), consumed; nil otherwise
   -- (anything else, and a problem to report with its column, takes the
   -- field-by-field way in record).
-  local function plain_line()
+  local function compact()
     if pos > CHUNK then
       text = text:sub(pos)
       col0 = col0 - pos + 1
       pos = 1
     end
+  end
+  local function plain_line()
+    compact()
     local nl = text:find("\n", pos, true)
     if not nl then return nil end
     local stop = nl - 1
@@ -199,38 +202,26 @@ function M._open(path, opts, count_only)
     if seen[name] then return nil, ("%s: line 1: column '%s' appears twice"):format(path, name) end
     seen[name] = true
   end
-  -- A plain line with as many fields as the header is split by one
-  -- pattern and made a row by one constructor (compiled for this header);
-  -- counting, it is only matched. Other lines take record's way.
-  local n = #header
-  local d = delim == "\t" and "\t" or delim
-  local field = "[^" .. d .. "]*"
-  local whole = "^" .. field .. (d .. field):rep(n - 1) .. "$"
-  local captures, build
-  if n <= 32 then -- Lua's limit of captures in one pattern
-    captures = "^(" .. field .. ")" .. (d .. "(" .. field .. ")"):rep(n - 1) .. "$"
-    local args, items = {}, {}
-    for i, name in ipairs(header) do
-      args[i] = "a" .. i
-      items[i] = ("[%q] = a%d"):format(name, i)
-    end
-    build = assert(load(("local %s = ...\nif a1 == nil then return nil end\nreturn { %s }")
-      :format(table.concat(args, ", "), table.concat(items, ", ")), "=csv row", "t", {}))
-  end
+  -- A plain line with as many fields as the header, the common case, is
+  -- read in C (core.csv_plain) and, unless counting, made a row there.
+  -- Other lines (quotes, line breaks in fields, the wrong number of fields,
+  -- blank lines) take record's way, which also reports their errors.
+  local n, csv_plain = #header, core.csv_plain
+  local names = not count_only and header or nil
   local iter = function()
     while true do
+      compact()
+      local np, row = csv_plain(text, pos, delim, n, names)
+      if np then
+        local at = line
+        pos, line, col0 = np, line + 1, np
+        if count_only then return true, at end
+        return row, at
+      end
       local fields, at
       local s, sat = plain_line()
       if s then
-        if s == "" then
-          fields = { "" } -- a blank line, skipped
-        elseif count_only then
-          if s:find(whole) then return true, sat end
-        elseif build then
-          local row = build(s:match(captures))
-          if row then return row, sat end
-        end
-        fields, at = fields or split(s), sat
+        fields, at = s == "" and { "" } or split(s), sat
       else
         fields, at = record()
         if not fields then return nil end
