@@ -13,12 +13,13 @@
 -- The journal is an SQLite database (src/store/sp_journal.c; one run at a
 -- time), keyed by the normalised address (so reordering, adding or removing
 -- rows never re-sends), with the campaign's name. Per recipient: `P` (handed
--- to the pool; synced in groups before any of them can leave), `L` (its
--- final dot is about to leave: committed just before it), then the outcome:
+-- to the pool again after an earlier run left it unsent; a new recipient has
+-- no row before its `L`), `L` (its final dot is about to leave: committed
+-- just before it), then the outcome:
 -- `S` sent, `D` sent and possibly twice, `F` failed for good, `T` failed for
 -- now (transient or connection: `retry_failed` sends it again), `A`
--- ambiguous. On resume, a recipient last seen `P` never reached its final dot
--- and is sent; one last seen `L` may have been delivered and is recorded
+-- ambiguous. On resume, a recipient with no row or last seen `P` never
+-- reached its final dot and is sent; one last seen `L` may have been delivered and is recorded
 -- ambiguous (unless `resend_in_flight`): after `kill -9`, at most one message
 -- per open connection is ambiguous over DATA, `bdat_window` over BDAT.
 --
@@ -175,6 +176,7 @@ M.LETTERS = { [J.prepared] = "prepared", [J.leaving] = "leaving", [J.sent] = "se
 local FINAL = { [J.sent] = true, [J.twice] = true, [J.failed] = true, [J.ambiguous] = true }
 
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
+local GROUP = 16 -- recipients prepared at a time; the journal is synced to the disk once a group
 
 --- Imports a text journal (versions 1 and 2, before the SQLite one) at
 -- path into an SQLite journal at the same path; the text is kept beside it,
@@ -374,7 +376,13 @@ function Campaign:run()
     return err(st == "full" and "journal" or "config", e)
   end
   local function journal_failed(e, st) error(journal_error(e, st), 0) end
+  -- New recipients handed to the pool and not yet at their L or outcome:
+  -- in the SQLite journal they have no row until then (a recipient with no
+  -- row is sent on resume, as one at P would be), so a second row naming one
+  -- of them is told a duplicate here.
+  local pending = {}
   local function record(state, key, info, e, line)
+    pending[key] = nil
     if rj then
       rj:record(state, key, clean(info))
     else
@@ -389,6 +397,11 @@ function Campaign:run()
     if not journal then return end
     local ok, je, jst = journal:commit(sync)
     if not ok then journal_failed(je, jst) end
+  end
+  local unsynced = 0 -- rows prepared since the journal's last sync to the disk (see GROUP)
+  local function commit_turn()
+    commit(unsynced >= GROUP)
+    if unsynced >= GROUP then unsynced = 0 end
   end
 
   local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,
@@ -423,10 +436,13 @@ function Campaign:run()
     end
   end
 
-  -- Group commit: messages are prepared a few at a time, their P lines
-  -- written and fsync'ed once, then handed out. A crash marks at most one
-  -- group ambiguous that never left; it never loses or doubles one.
-  local GROUP = 16
+  -- Messages are prepared a few at a time. Their rows (a P for a recipient
+  -- an earlier run left unsent, none for a new one) and the turn's L rows and
+  -- outcomes are committed together just before the connections write; that
+  -- commit also syncs the journal to the disk once GROUP rows have been
+  -- prepared since the last sync, so a power loss forgets at most about a
+  -- group's outcomes. (kill -9 forgets none: a commit is in the WAL before
+  -- COMMIT returns.)
   local ready, ready_i = {}, 0
   local requeue = {}   -- built messages to send again (cancelled by a stop, or lost to an outage)
   local function prepare_one()
@@ -445,7 +461,7 @@ function Campaign:run()
       else
         local st, this_run, jst = states:get(key)
         if st == nil and this_run then journal_failed(this_run, jst) end
-        if this_run then
+        if this_run or pending[key] then
           -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
@@ -467,7 +483,11 @@ function Campaign:run()
             record(J.failed, key, "invalid: " .. tostring(e), nil, line)
             report.failed = report.failed + 1
           else
-            record(J.prepared, key, "")
+            if journal and st == nil then
+              pending[key] = true -- its first row is its L (see pending)
+            else
+              record(J.prepared, key, "")
+            end
             keys[m] = key
             lines[m] = line
             if st == J.leaving then resent[m] = true end
@@ -486,7 +506,7 @@ function Campaign:run()
         if not m then break end
         ready[#ready + 1] = m
       end
-      if #ready > 0 then commit(true) end -- their P durable (power loss too) before any of them can leave
+      unsynced = unsynced + #ready
     end
     ready_i = ready_i + 1
     return ready[ready_i]
@@ -563,7 +583,7 @@ function Campaign:run()
     while true do
       ok, e = pcall(pool.send_batch, pool, next_message, { on_result = on_result, should_stop = should_stop,
         mark = not rj and mark or nil, mark_async = rj and mark_async or nil, poll = rj and 1 or nil,
-        before_wait = journal and commit or nil, retry = o.retry, on_event = on_event })
+        before_wait = journal and commit_turn or nil, retry = o.retry, on_event = on_event })
       if not ok then break end
       if o.handle_signals and core.signalled() > 0 then
         report.stopped = "interrupted"

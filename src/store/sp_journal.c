@@ -452,8 +452,10 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
     if (not_open(j) < 0 || begin(j) < 0)
         return -1;
     double now = wall_now();
-    /* P is most often a new row; the letters after it update one */
-    for (int q = letter == SP_J_PREPARED[0] ? Q_RECORD : Q_UPDATE;; q = Q_RECORD) {
+    /* P and L are most often a recipient's first row (a campaign gives a
+     * new one none before its L); the letters after them update it */
+    int first = letter == SP_J_PREPARED[0] || letter == SP_J_LEAVING[0];
+    for (int q = first ? Q_RECORD : Q_UPDATE;; q = Q_RECORD) {
         sqlite3_stmt *st = j->st[q];
         sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
         sqlite3_bind_text(st, 2, &letter, 1, SQLITE_STATIC);
@@ -467,12 +469,27 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
     }
 }
 
+/* Flushes the WAL to the disk, for power loss: synchronous=NORMAL writes
+ * a commit to the WAL before COMMIT returns, so kill -9 keeps it, but does
+ * not sync it (the pragma cannot change inside a transaction). */
+static int sync_wal(sp_journal *j)
+{
+    if (!j->path)
+        return 0;
+    sqlite3_file *f = NULL;
+    int rc;
+    if (sqlite3_file_control(j->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f) == SQLITE_OK && f && f->pMethods &&
+        (rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL)) != SQLITE_OK)
+        return fail_db(j, rc, "sync");
+    return 0;
+}
+
 int sp_journal_commit(sp_journal *j, int sync)
 {
     if (not_open(j) < 0)
         return -1;
-    if (!j->in_tx)
-        return 0;
+    if (!j->in_tx) /* committed already (before a connection wrote): still synced when asked */
+        return sync ? sync_wal(j) : 0;
     int rc = run_stmt(j->st[Q_COMMIT]);
     if (rc != SQLITE_OK) {
         fail_db(j, rc, "commit");
@@ -485,16 +502,7 @@ int sp_journal_commit(sp_journal *j, int sync)
     }
     j->in_tx = 0;
     j->durable = j->tx_gen;
-    /* synchronous=NORMAL: a commit is written to the WAL before COMMIT
-     * returns, so kill -9 keeps it; sync also flushes the WAL to the disk,
-     * for power loss (the pragma cannot change inside a transaction) */
-    if (sync && j->path) {
-        sqlite3_file *f = NULL;
-        if (sqlite3_file_control(j->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f) == SQLITE_OK && f &&
-            f->pMethods && (rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL)) != SQLITE_OK)
-            return fail_db(j, rc, "sync");
-    }
-    return 0;
+    return sync ? sync_wal(j) : 0;
 }
 
 int sp_journal_mark(sp_journal *j, const char *key, size_t klen)

@@ -1,7 +1,7 @@
 /* The campaign journal: an SQLite database, one run at a time.
  *
  * One row per recipient (its normalised address), with the last state letter
- * (P handed to the pool, L final dot leaving, S sent, D sent possibly twice,
+ * (P handed to the pool again, L final dot leaving, S sent, D sent possibly twice,
  * F failed for good, T failed for now, A ambiguous), the reason, the run
  * that last met it and when. A run holds an exclusive lock (flock on the
  * database file) from open to close: a second run on the same journal is

@@ -167,6 +167,24 @@ describe("campaign journals keyed by address", function()
     assert.matches("1 duplicate rows sent once", smtppool.campaign.summary(r))
   end)
 
+  it("sends an address listed again while its first row is still on its way once", function()
+    -- a new recipient has no journal row before its L: the rows right behind it, in the same
+    -- group or while it is on the wire, are told duplicates by the run's own memory
+    local list = {}
+    for i = 1, 40 do
+      list[#list + 1] = ("u%d@y.test,User %d"):format(i, i)
+      for _ = 1, i % 3 do list[#list + 1] = ("U%d@Y.test,Again %d"):format(i, i) end
+    end
+    local r = assert(run(list))
+    assert.equal(40, r.sent)
+    assert.equal(40, r.duplicates)
+    local per, n = received(srv)
+    assert.equal(40, n)
+    for a, k in pairs(per) do assert.equal(1, k, a) end
+    local st = assert(require("smtppool.core").journal_status(dir .. "/j"))
+    assert.same({ S = 40 }, st.counts)
+  end)
+
   it("keys an address trimmed and lower-cased, and gives none to one with a control character", function()
     local key = smtppool.campaign.key
     assert.equal("ann@x.test", key("  Ann@X.Test "))
