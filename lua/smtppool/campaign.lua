@@ -325,6 +325,7 @@ function Campaign:run()
   if redis_url(o.journal) then
     local re
     rj, re = require("smtppool.campaign.redis").open(o.journal, name, { lease = o.lease,
+      dns_servers = o.pool and o.pool.opts and o.pool.opts.dns_servers,
       resend_in_flight = o.resend_in_flight, allow_volatile = o.allow_volatile_redis, list_wait = o.list_wait,
       on_wait = function(n, secs)
         local hook = o.pool.on_event
@@ -407,7 +408,7 @@ function Campaign:run()
   local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,
                    possible_duplicates = 0, duplicates = 0, pending = 0 }
   local keys = setmetatable({}, { __mode = "k" }) -- message -> journal key
-  local lines = setmetatable({}, { __mode = "k" }) -- message -> its CSV line
+  local lines = setmetatable({}, { __mode = "k" }) -- message -> its CSV line (with on_failure)
   local resent = setmetatable({}, { __mode = "k" }) -- messages in flight in an earlier run, sent again
   local index = 0
   local pool = o.pool
@@ -489,7 +490,7 @@ function Campaign:run()
               record(J.prepared, key, "")
             end
             keys[m] = key
-            lines[m] = line
+            if o.on_failure then lines[m] = line end -- for on_failure alone
             if st == J.leaving then resent[m] = true end
             return m
           end

@@ -84,8 +84,9 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 --   proxy). Native driver only (nginx's cosockets connect directly).
 -- * `dns_servers` (string, default the system's): `"ip[:port],..."`, the
 --   name servers to ask instead of `/etc/resolv.conf`'s, for the server's
---   name and the Redis host's of `rate.backend` and `outbox` (native
---   driver, without blocking the loop; in nginx, nginx's `resolver` applies).
+--   name and the Redis host's of `rate.backend`, `outbox` and a campaign's
+--   Redis journal (native driver, without blocking the loop; in nginx,
+--   nginx's `resolver` applies).
 -- * `port` (number, default 25; 465 with `tls = "implicit"`).
 -- * `tls` (string, default `"starttls"`, `"implicit"` when `port` is 465):
 --   `"starttls"` (fails closed when

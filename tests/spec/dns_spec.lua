@@ -189,4 +189,18 @@ describe("the Redis host's name", function()
     direct:close()
     assert.is_true(#keys > 0, "nothing was written to Redis")
   end)
+
+  it("reaches a campaign's Redis journal by a name, through the pool's dns_servers", function()
+    local srv = peers.hostile({ quiet = true })
+    local p = assert(smtppool.new{ host = "127.0.0.1", port = srv.port, tls = "none", dns_servers = "127.0.0.1:" .. dns.port })
+    local report, err = smtppool.campaign{ pool = p, name = "dns-spec-campaign", allow_volatile_redis = true,
+      journal = ("redis://redis.test:%d/0"):format(r.port), progress = false,
+      recipients = { { email = "a@x.test" }, { email = "b@x.test" } },
+      message = { from = "n@x.test", subject = "s", text = "t" } }:run()
+    p:close()
+    srv:stop()
+    assert.is_nil(err)
+    assert.equal(2, report.sent)
+    assert(smtppool.campaign.purge(("redis://127.0.0.1:%d/0"):format(r.port), "dns-spec-campaign", true))
+  end)
 end)

@@ -119,7 +119,8 @@ J.__index = J
 -- @tparam string url `redis://host:port/db`
 -- @tparam string name the campaign
 -- @tparam[opt] table o `lease` (seconds, default 30), `resend_in_flight`,
---   `allow_volatile` (accept a Redis that keeps nothing on disk)
+--   `allow_volatile` (accept a Redis that keeps nothing on disk),
+--   `dns_servers` (for the Redis host's name, as the pool's option)
 -- @treturn[1] table the journal
 -- @return[2] nil
 -- @treturn[2] string why
@@ -131,7 +132,7 @@ function M.open(url, name, o)
   end
   o = o or {}
   -- its own connection (scripts, commands), not the limits backend's
-  local c = client.new(u, { timeout = 2 })
+  local c = client.new(u, { timeout = 2, dns_servers = o.dns_servers })
   local okc, ce, why = c:connect()
   if not okc and client.misconfigured(why) then
     -- wrong credentials are not an outage to wait out
