@@ -19,9 +19,10 @@
 -- `S` sent, `D` sent and possibly twice, `F` failed for good, `T` failed for
 -- now (transient or connection: `retry_failed` sends it again), `A`
 -- ambiguous. On resume, a recipient with no row or last seen `P` never
--- reached its final dot and is sent; one last seen `L` may have been delivered and is recorded
--- ambiguous (unless `resend_in_flight`): after `kill -9`, at most one message
--- per open connection is ambiguous over DATA, `bdat_window` over BDAT.
+-- reached its final dot and is sent; one last seen `L` may have been
+-- delivered and is recorded ambiguous (unless `resend_in_flight`): after
+-- `kill -9`, at most one message per open connection is ambiguous over DATA,
+-- `bdat_window` over BDAT.
 --
 -- An outage (the relay down, refusing connections, or failing every message
 -- for a while) trips a circuit breaker after `outage_threshold` transient or
@@ -401,8 +402,9 @@ function Campaign:run()
   end
   local unsynced = 0 -- rows prepared since the journal's last sync to the disk (see GROUP)
   local function commit_turn()
-    commit(unsynced >= GROUP)
-    if unsynced >= GROUP then unsynced = 0 end
+    local sync = unsynced >= GROUP
+    commit(sync)
+    if sync then unsynced = 0 end
   end
 
   local report = { total = 0, sent = 0, failed = 0, ambiguous = 0, skipped = 0, retried = 0, deferred = 0,

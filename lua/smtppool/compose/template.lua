@@ -95,7 +95,9 @@ function M.compile(src)
       break
     end
   end
-  return setmetatable({ root = root, source = src, flat = flat, fast = flat and M._fast(flat) }, Template)
+  local fast, text
+  if flat then fast, text = M._fast(flat) end
+  return setmetatable({ root = root, source = src, flat = flat, fast = fast, text = text }, Template)
 end
 
 local ESC = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }
@@ -130,7 +132,8 @@ end
 -- A flat template of up to three names renders by one concatenation,
 -- without a table of pieces: `fast(vars, html, strict)`. Rows of a campaign
 -- render their subject and text this way. Nil for a longer template (the
--- flat loop of render_string serves it).
+-- flat loop of render_string serves it). A template without names also
+-- gives its text, second.
 function M._fast(flat)
   -- as text, name, text, name, ..., text (empty texts where names touch)
   local t, names = { "" }, {}
@@ -146,7 +149,7 @@ function M._fast(flat)
   local t0, t1, t2, t3 = t[1], t[2], t[3], t[4]
   local n1, n2, n3 = names[1], names[2], names[3]
   if #names == 0 then
-    return function() return t0 end
+    return function() return t0 end, t0
   elseif #names == 1 then
     return function(vars, html, strict)
       local a, e = value(vars, n1, html, strict)
@@ -289,15 +292,6 @@ end
 M.FIELDS = { "from", "subject", "text", "html", "list_unsubscribe" }
 local FIELDS = M.FIELDS
 
--- A template that is text alone (no names).
-local function text_only(t)
-  if not t.fast then return false end
-  for _, p in ipairs(t.flat) do
-    if type(p) ~= "string" then return false end
-  end
-  return true
-end
-
 --- Compiles the templated fields of a message once, for many recipients.
 -- The fields of `FIELDS` may be template sources or compiled templates;
 -- other fields are copied. A field without names is rendered once, here.
@@ -327,8 +321,8 @@ function M.compile_message(msg, opts)
       elseif getmetatable(t) ~= Template then
         return nil, ("%s: a template is a string or a compiled template, not a %s"):format(f, type(t))
       end
-      if not renderer and text_only(t) then
-        fixed[f] = t.fast()
+      if not renderer and t.text then -- text alone
+        fixed[f] = t.text
       else
         fixed[f] = nil
         fields[#fields + 1], temps[#temps + 1] = f, t
@@ -336,18 +330,13 @@ function M.compile_message(msg, opts)
     end
   end
   local n = #fields
-  local fasts = {} -- a flat template's renderer, called straight for a table of variables
-  for i = 1, n do fasts[i] = not renderer and temps[i].fast or false end
   return function(vars)
     local out = {}
     for k, v in pairs(fixed) do out[k] = v end
-    local tab = type(vars) == "table"
     for i = 1, n do
-      local f, fast = fields[i], fasts[i]
+      local f = fields[i]
       local s, err
-      if fast and tab then
-        s, err = fast(vars, f == "html", strict)
-      elseif renderer then
+      if renderer then
         s, err = renderer(temps[i], vars, f)
       else
         s, err = render_string(temps[i], vars, f == "html", strict)
