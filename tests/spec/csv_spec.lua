@@ -149,6 +149,16 @@ describe("the CSV reader", function()
     assert.is_nil(core.csv_plain("a,b\n", 5, ",", 2, h)) -- past the end
     assert.equal(7, (core.csv_plain("a;b;c\n", 1, ";", 3)))
     assert.has_error(function() core.csv_plain("a,b\n", 1, ",,", 2) end)
+    -- csv_count passes over a run of such lines at once (check's way), up
+    -- to the first line the careful reader must see, or a partial last one
+    local text = "a@x.test,Ann\r\nb@x.test,Bo\n\"c\"@x.test,Cy\nd@x.test,Di\n"
+    assert.same({ 27, 2 }, { core.csv_count(text, 1, ",", 2) })
+    assert.same({ 27, 0 }, { core.csv_count(text, 27, ",", 2) }) -- the quoted line
+    assert.same({ #text + 1, 1 }, { core.csv_count(text, 41, ",", 2) })
+    assert.same({ 14, 1 }, { core.csv_count("a@x.test,Ann\nb@x.test,Bo", 1, ",", 2) }) -- no LF yet
+    assert.same({ 1, 0 }, { core.csv_count("a,b,c\n", 1, ",", 2) })
+    assert.same({ 9, 0 }, { core.csv_count("a,b\n", 9, ",", 2) }) -- past the end
+    assert.has_error(function() core.csv_count("a,b\n", 1, ",", 0) end)
   end)
 
   it("reads random lists, lines across its 64 KB chunks included, as RFC 4180 says", function()

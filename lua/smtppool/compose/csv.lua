@@ -44,7 +44,8 @@ function M.rows(path, opts)
 end
 
 -- The reader behind rows and check: with count_only its iterator returns
--- true for each row instead of building it.
+-- how many rows it passed over (one, or a run of plain lines at once)
+-- instead of building them.
 function M._open(path, opts, count_only)
   local delim = opts and opts.delimiter
   if delim ~= nil and not DELIMITERS[delim] then
@@ -206,16 +207,24 @@ function M._open(path, opts, count_only)
   -- read in C (core.csv_plain) and, unless counting, made a row there.
   -- Other lines (quotes, line breaks in fields, the wrong number of fields,
   -- blank lines) take record's way, which also reports their errors.
-  local n, csv_plain = #header, core.csv_plain
+  local n, csv_plain, csv_count = #header, core.csv_plain, core.csv_count
   local names = not count_only and header or nil
   local iter = function()
     while true do
       compact()
+      if count_only then
+        local np, k = csv_count(text, pos, delim, n)
+        if k > 0 then
+          local at = line
+          pos, line, col0 = np, line + k, np
+          return k, at
+        end
+      end
       local np, row = csv_plain(text, pos, delim, n, names)
       if np then
         local at = line
         pos, line, col0 = np, line + 1, np
-        if count_only then return true, at end
+        if count_only then return 1, at end
         return row, at
       end
       local fields, at
@@ -230,7 +239,7 @@ function M._open(path, opts, count_only)
         if #fields ~= #header then
           fail(("%d fields where the header has %d"):format(#fields, #header), at, 1)
         end
-        if count_only then return true, at end
+        if count_only then return 1, at end
         local row = {}
         for i, name in ipairs(header) do row[name] = fields[i] end
         return row, at
@@ -254,7 +263,11 @@ function M.check(path, opts)
   if not iter then return nil, header end
   local count = 0
   local ok, err = pcall(function()
-    while iter() do count = count + 1 end
+    while true do
+      local k = iter()
+      if not k then break end
+      count = count + k
+    end
   end)
   if not ok then return nil, type(err) == "table" and err.csv_error or tostring(err) end
   return count, header, delim

@@ -148,30 +148,52 @@ function M._fast(flat)
   end
   local t0, t1, t2, t3 = t[1], t[2], t[3], t[4]
   local n1, n2, n3 = names[1], names[2], names[3]
+  -- a name's value taken as it is when it is a string and nothing is
+  -- escaped (a row's columns always are); value() does the rest
+  local k1, k2, k3 = n1 and n1.first, n2 and n2.first, n3 and n3.first
   if #names == 0 then
     return function() return t0 end, t0
   elseif #names == 1 then
     return function(vars, html, strict)
-      local a, e = value(vars, n1, html, strict)
-      if not a then return nil, e end
+      local a = vars[k1]
+      if html or type(a) ~= "string" then
+        local e
+        a, e = value(vars, n1, html, strict)
+        if not a then return nil, e end
+      end
       return t0 .. a .. t1
     end
   elseif #names == 2 then
     return function(vars, html, strict)
-      local a, e = value(vars, n1, html, strict)
-      if not a then return nil, e end
-      local b, e2 = value(vars, n2, html, strict)
-      if not b then return nil, e2 end
+      local a, e = vars[k1], nil
+      if html or type(a) ~= "string" then
+        a, e = value(vars, n1, html, strict)
+        if not a then return nil, e end
+      end
+      local b = vars[k2]
+      if html or type(b) ~= "string" then
+        b, e = value(vars, n2, html, strict)
+        if not b then return nil, e end
+      end
       return t0 .. a .. t1 .. b .. t2
     end
   elseif #names == 3 then
     return function(vars, html, strict)
-      local a, e = value(vars, n1, html, strict)
-      if not a then return nil, e end
-      local b, e2 = value(vars, n2, html, strict)
-      if not b then return nil, e2 end
-      local c, e3 = value(vars, n3, html, strict)
-      if not c then return nil, e3 end
+      local a, e = vars[k1], nil
+      if html or type(a) ~= "string" then
+        a, e = value(vars, n1, html, strict)
+        if not a then return nil, e end
+      end
+      local b = vars[k2]
+      if html or type(b) ~= "string" then
+        b, e = value(vars, n2, html, strict)
+        if not b then return nil, e end
+      end
+      local c = vars[k3]
+      if html or type(c) ~= "string" then
+        c, e = value(vars, n3, html, strict)
+        if not c then return nil, e end
+      end
       return t0 .. a .. t1 .. b .. t2 .. c .. t3
     end
   end
@@ -330,16 +352,29 @@ function M.compile_message(msg, opts)
     end
   end
   local n = #fields
+  -- per call: the fixed fields copied from arrays, and a flat template's
+  -- fast function called directly (render_string would only pick it)
+  local fixed_k, fixed_v = {}, {}
+  for k, v in pairs(fixed) do fixed_k[#fixed_k + 1], fixed_v[#fixed_v + 1] = k, v end
+  local nfixed = #fixed_k
+  local html, fast = {}, {}
+  for i = 1, n do
+    html[i] = fields[i] == "html"
+    fast[i] = not renderer and temps[i].fast or false
+  end
   return function(vars)
     local out = {}
-    for k, v in pairs(fixed) do out[k] = v end
+    for i = 1, nfixed do out[fixed_k[i]] = fixed_v[i] end
+    local flat = type(vars) == "table"
     for i = 1, n do
       local f = fields[i]
       local s, err
-      if renderer then
+      if flat and fast[i] then
+        s, err = fast[i](vars, html[i], strict)
+      elseif renderer then
         s, err = renderer(temps[i], vars, f)
       else
-        s, err = render_string(temps[i], vars, f == "html", strict)
+        s, err = render_string(temps[i], vars, html[i], strict)
       end
       if s == nil then return nil, f .. ": " .. tostring(err), f, err end
       out[f] = s
