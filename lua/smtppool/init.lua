@@ -140,7 +140,7 @@ for k, v in pairs(scheduler) do Pool[k] = v end
 -- * `max_messages_per_conn` (default none): transactions per connection
 --   before it is rotated (QUIT and replaced). The pool also honours the
 --   server's `LIMITS MAILMAX` and a cap it learns when the server declares
---   three sessions exhausted after the same count with none in between
+--   five sessions in a row exhausted after the same count with none between
 --   carrying more (never below 2).
 -- * `cap_recover_after` (seconds, default 600): a learned cap, concurrency,
 --   rate or login rate is forgotten after this long without a signal.

@@ -301,14 +301,14 @@ describe("4. ordinary failures do not teach a session cap", function()
   end)
 
   it("learns a real cap from sessions ended at the same count, and forgets it after a quiet period", function()
-    local srv = peers.hostile({ quiet = true, cap = 4, cap_sessions = 3 })
+    local srv = peers.hostile({ quiet = true, cap = 4, cap_sessions = 5 })
     finally(function() srv:stop() end)
     local events = {}
     local pool = pool_for(srv, { cap_recover_after = 0.5,
       on_event = function(ev) if ev.type:match("cap$") then events[#events + 1] = ev.type .. "=" .. ev.cap end end })
     local list = {}
-    for i = 1, 16 do list[i] = raw(i, "a") end
-    assert.equal(16, pool:send_batch(list).sent)
+    for i = 1, 24 do list[i] = raw(i, "a") end
+    assert.equal(24, pool:send_batch(list).sent)
     assert.equal(4, pool:stats().learned_cap)
     peers.sleep(0.7)
     list = {}

@@ -228,7 +228,7 @@ describe("the pool inside nginx, 1 worker", function()
   it("shares a learned session cap between pools of one account", function()
     local f = peers.fault({ max_tx_per_session = 3, cap_close = true })
     finally(function() f:stop() end)
-    for i = 1, 15 do
+    for i = 1, 18 do
       assert.matches("^sent 250", ngx.get(("raw?cfg=capA&to=c%d@y.test&port=%d"):format(i, f.port)))
     end
     assert.matches("learned_cap 3", ngx.get("stats?cfg=capA&port=" .. f.port))

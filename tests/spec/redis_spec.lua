@@ -84,7 +84,7 @@ describe("limits in Redis", function()
         rate = { backend = "redis://127.0.0.1:" .. redis.port, key = "cap1" } })
     end
     local a = new()
-    for i = 1, 15 do
+    for i = 1, 18 do
       assert.truthy(a:send_raw{ from = "a@x.test", to = "c" .. i .. "@y.test", data = "Subject: c\r\n\r\nx\r\n" })
     end
     assert.equal(3, a:stats().learned_cap)
