@@ -458,7 +458,14 @@ describe("resources", function()
     pool:close()
     collectgarbage()
     collectgarbage()
-    local after = peers.fd_count()
+    -- a leaked descriptor stays; one still closing as the count is taken
+    -- (CI met a seventh, gone by the next listing) is given up to 2 s
+    local after
+    for _ = 1, 40 do
+      after = peers.fd_count()
+      if after == before then break end
+      peers.sleep(0.05)
+    end
     f:stop()
     assert.equal(1000, summary.sent)
     assert.is_true(during.closed_by_server > 10)
