@@ -208,24 +208,21 @@ function M._open(path, opts, count_only)
   -- Other lines (quotes, line breaks in fields, the wrong number of fields,
   -- blank lines) take record's way, which also reports their errors.
   local n, csv_plain, csv_count = #header, core.csv_plain, core.csv_count
-  local names = not count_only and header or nil
   local iter = function()
     while true do
       compact()
+      -- counting passes over a run of plain lines; reading makes one a row
+      local np, got
       if count_only then
-        local np, k = csv_count(text, pos, delim, n)
-        if k > 0 then
-          local at = line
-          pos, line, col0 = np, line + k, np
-          return k, at
-        end
+        np, got = csv_count(text, pos, delim, n)
+        if got == 0 then np = nil end
+      else
+        np, got = csv_plain(text, pos, delim, n, header)
       end
-      local np, row = csv_plain(text, pos, delim, n, names)
       if np then
         local at = line
-        pos, line, col0 = np, line + 1, np
-        if count_only then return 1, at end
-        return row, at
+        pos, line, col0 = np, line + (count_only and got or 1), np
+        return got, at
       end
       local fields, at
       local s, sat = plain_line()
