@@ -255,7 +255,7 @@ local function agent(premature, self)
     before_wait = run and run.before_wait })
   if not ok then ngx.log(ngx.ERR, "smtppool: the sending agent failed: ", tostring(err)) end
   if box and box.give_back then pcall(box.give_back) end
-  if box then pcall(box.flush, box) end
+  if box then pcall(box.settle, box) end
   -- Closing the connections yields: a request may hand a message in
   -- meanwhile, and finds the agent still running. So the agent stops
   -- running first, then ends what it holds (no yield between the two), and

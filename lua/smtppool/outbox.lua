@@ -172,7 +172,7 @@ function M.open(url, o)
     resend_in_flight = o.resend_in_flight,
     sleep = drv and drv.sleep or nil })
   -- mine: the messages this outbox handed out (weak: forgotten once done)
-  return setmetatable({ c = c, rc = rc, p = p, q = q, pending = {}, mine = setmetatable({}, { __mode = "k" }),
+  return setmetatable({ c = c, rc = rc, p = p, q = q, pending = {}, redo = {}, mine = setmetatable({}, { __mode = "k" }),
     url = client.redact(url), name = name, max = o.max or 100000,
     keep = o.keep or 604800, allow_volatile = o.allow_volatile, checked = false }, B)
 end
@@ -294,10 +294,29 @@ function B:source(n, o)
   o = o or {}
   local buf, bi, quiet_until = {}, 0, 0
   local idle = o.idle or 0.25
+  -- The next claim is posted while half of this one is still to hand out
+  -- (when it was full: more is likely queued), so its reply is there when
+  -- it is needed: `ahead` is true while it is on its way, then its result.
+  local ahead
+  local function post_ahead()
+    local mine
+    mine = self.q:post_claim(n, function(got, pending, claimed)
+      if ahead == mine then ahead = { got = got, pending = pending, claimed = claimed } end
+    end)
+    if mine then ahead = mine end
+  end
+  local function take_ahead()
+    if ahead == true then self.c:settle() end
+    local a = ahead
+    ahead = nil
+    if type(a) == "table" and a.got then return a.got, a.pending, a.claimed end
+  end
   local function give_back()
     local keys = {}
     for i = bi + 1, #buf do keys[#keys + 1] = buf[i].key end
     buf, bi = {}, 0
+    local got = take_ahead()
+    for _, c in ipairs(got or {}) do keys[#keys + 1] = c.key end
     if #keys > 0 then self.q:unclaim(keys) end
   end
   self.give_back = give_back
@@ -308,10 +327,11 @@ function B:source(n, o)
       return nil
     end
     if bi >= #buf then
-      if core.now() < quiet_until then return false end
-      local ok = self:_ready()
       local got, pending, claimed
-      if ok then got, pending, claimed = self.q:claim(n, nil, 0) end
+      if ahead then got, pending, claimed = take_ahead() end
+      if not got and core.now() < quiet_until then return false end
+      local ok = got or self:_ready()
+      if ok and not got then got, pending, claimed = self.q:claim(n, nil, 0) end
       if not got then
         quiet_until = core.now() + 1 -- Redis is away: ask again in a second
         return false
@@ -324,6 +344,7 @@ function B:source(n, o)
       end
     end
     bi = bi + 1
+    if not ahead and #buf == n and bi == math.floor((n + 1) / 2) then post_ahead() end
     local c = buf[bi]
     local f = {}
     for i = 1, #c.payload, 2 do f[c.payload[i]] = c.payload[i + 1] end
@@ -386,56 +407,112 @@ function B:finish(id, status, r, attempts, dup)
   return true
 end
 
+-- A batch's commands: its outcomes in one script call, then its extra
+-- commands (the marks): a message's outcome is never written after the
+-- next message's mark. Loads the script first when this client has not.
+function B:_cmds(batch)
+  local cmds = {}
+  if #batch.pending > 0 then
+    local sha = self.c.shas["outbox:done_many"]
+    if not sha then
+      local v, le = self.c:call("SCRIPT", "LOAD", DONE)
+      if not v then return nil, le end
+      self.c.shas["outbox:done_many"], sha = v, v
+    end
+    local done = { "EVALSHA", sha, "1", self.p }
+    for _, a in ipairs(batch.pending) do
+      for k = 1, 9 do done[#done + 1] = a[k] end
+    end
+    cmds[1] = done
+  end
+  for _, x in ipairs(batch.extra or {}) do cmds[#cmds + 1] = x end
+  return cmds
+end
+
+-- The first error reply among a batch's values (a script Redis forgot is
+-- loaded again on the next try).
+function B:_failed(values)
+  for _, v in ipairs(values) do
+    if type(v) == "table" and v.err then
+      if v.err:match("^NOSCRIPT") then self.c.shas["outbox:done_many"] = nil end
+      return "redis: " .. v.err
+    end
+  end
+end
+
+-- Sends the batches whose post failed (an error reply, a cut connection)
+-- again, in order, each waiting for its replies; while Redis cannot be
+-- reached it tries again (bounded: 120 s), since every part may be
+-- repeated.
+function B:_redo()
+  local deadline = core.now() + 120
+  while self.redo[1] do
+    local batch = self.redo[1]
+    local cmds, e = self:_cmds(batch)
+    if cmds then
+      -- (this reads the replies of earlier posts first: a failed one joins redo)
+      local res, pe = self.c:pipeline(cmds)
+      e = pe
+      if res then
+        e = self:_failed(res)
+        if not e then table.remove(self.redo, 1) end
+      end
+    end
+    if e then
+      if core.now() >= deadline then return nil, e end
+      self.q.sleep(0.5)
+    end
+  end
+  return true
+end
+
 --- Writes the outcomes waiting, and `extra` (a list of idempotent
--- commands) after them, in one round trip; while Redis cannot be reached it
--- tries again (bounded: 120 s), since every part may be repeated.
+-- commands) after them, without waiting for Redis's replies: they leave
+-- now, in one write, behind everything sent before (a mark is on its way
+-- before the final dot it guards leaves, as with the native driver), and
+-- their replies are read before this worker's next call to Redis (a claim,
+-- a renewal) or by `settle`. A batch Redis refused (a script it forgot
+-- across a restart) or that a cut connection may have lost goes again,
+-- waiting, on the next flush; so does one that cannot be sent now (while
+-- Redis cannot be reached it tries again, bounded: 120 s).
 -- @return[1] true
 -- @return[2] nil
 -- @treturn[2] string why
 function B:flush(extra)
-  if #self.pending == 0 and not extra then return true end
-  local deadline = core.now() + 120
-  local e
-  while true do
-    local sha = self.c.shas["outbox:done_many"]
-    if not sha and #self.pending > 0 then
-      local v, le = self.c:call("SCRIPT", "LOAD", DONE)
-      if v then self.c.shas["outbox:done_many"], sha = v, v else e = le end
-    end
-    if sha or #self.pending == 0 then
-      -- the marks first (what a held dot waits for), then every outcome
-      -- waiting in one script call
-      -- every outcome waiting in one script call, then the marks: a
-      -- message's outcome is never written after the next message's mark
-      local cmds = {}
-      if #self.pending > 0 then
-        local done = { "EVALSHA", sha, "1", self.p }
-        for _, a in ipairs(self.pending) do
-          for k = 1, 9 do done[#done + 1] = a[k] end
-        end
-        cmds[1] = done
+  if self.redo[1] then
+    local ok, e = self:_redo()
+    if not ok then
+      if #self.pending > 0 or extra then
+        self.redo[#self.redo + 1] = { pending = self.pending, extra = extra }
+        self.pending = {}
       end
-      for _, x in ipairs(extra or {}) do cmds[#cmds + 1] = x end
-      local res, pe = self.c:pipeline(cmds)
-      e = pe
-      if res then
-        local failed
-        for _, v in ipairs(res) do
-          if type(v) == "table" and v.err then
-            failed = v.err
-            if v.err:match("^NOSCRIPT") then self.c.shas["outbox:done_many"] = nil end
-          end
-        end
-        if not failed then
-          self.pending = {}
-          return true
-        end
-        e = "redis: " .. failed
-      end
+      return nil, e
     end
-    if core.now() >= deadline then return nil, e end
-    self.q.sleep(0.5)
   end
+  if #self.pending == 0 and not extra then return true end
+  local batch = { pending = self.pending, extra = extra }
+  self.pending = {}
+  local cmds = self:_cmds(batch)
+  if cmds and self.c:post(cmds, function(values)
+    if not values or self:_failed(values) then self.redo[#self.redo + 1] = batch end
+  end) then
+    return true
+  end
+  self.redo[#self.redo + 1] = batch
+  return self:_redo()
+end
+
+--- Writes everything waiting and reads every reply: when `true` comes
+-- back, each outcome and mark handed to `finish`, `mark` or `flush` is in
+-- Redis.
+-- @return[1] true
+-- @return[2] nil
+-- @treturn[2] string why
+function B:settle()
+  local ok, e = self:flush()
+  if not ok then return nil, e end
+  self.c:settle() -- a failed post joins redo
+  return self:_redo()
 end
 
 --- Puts a claimed message back to wait `seconds` for its next attempt
@@ -571,13 +648,16 @@ function B:deliver(pool, opts)
     should_stop = stop, retry = r.retry, on_event = opts.on_event, poll = opts.idle or 0.25,
     mark_async = r.mark_async, mark_many = r.mark_many, before_wait = r.before_wait })
   if self.give_back then self.give_back() end
-  self:flush()
+  self:settle()
   if not rok then error(rerr, 0) end
   if r.misconfigured then return nil, r.misconfigured end
   return r.summary
 end
 
 function B:close()
+  -- the replies of what was written without waiting are read first (a
+  -- run ends with settle: nothing is left to send again then)
+  if not self.c.closed then pcall(self.c.settle, self.c) end
   self.c:close()
   self.rc:close()
 end

@@ -174,6 +174,20 @@ static int s_uses_bdat(lua_State *L)
     return 1;
 }
 
+/* s:gate_dot(): the transaction just started withholds its final dot
+ * until s:gate_open() (sp_session_gate_dot). */
+static int s_gate_dot(lua_State *L)
+{
+    sp_session_gate_dot(sp_l_check_session(L, 1));
+    return 0;
+}
+
+static int s_gate_open(lua_State *L)
+{
+    sp_session_gate_open(sp_l_check_session(L, 1));
+    return 0;
+}
+
 static int s_tls_active(lua_State *L)
 {
     lua_pushboolean(L, sp_session_tls_active(sp_l_check_session(L, 1)));
@@ -481,7 +495,7 @@ static int ls_pending(lua_State *L)
         ls_pump(ls);
     const sp_buf *o = sp_session_output(ls->s);
     size_t n = sp_buf_pending(o);
-    if (n == 0)
+    if (n == 0 || sp_session_gated(ls->s))
         return 0;
     lua_pushlstring(L, sp_buf_head(o), n);
     return 1;
@@ -729,7 +743,7 @@ const luaL_Reg sp_l_session_common[] = {
     {"state", s_state}, {"phase", s_phase}, {"caps", s_caps},   {"tx", s_tx},
     {"error", s_error}, {"noop", s_noop},   {"quit", s_quit},   {"auth_mechanism", s_auth_mech},
     {"tls_active", s_tls_active}, {"auth_go", s_auth_go}, {"uses_bdat", s_uses_bdat},
-    {NULL, NULL}};
+    {"gate_dot", s_gate_dot}, {"gate_open", s_gate_open}, {NULL, NULL}};
 
 void sp_lua_open_session(lua_State *L)
 {

@@ -309,7 +309,7 @@ static int flush_out(sp_conn *c, double now)
          * may start the next transaction: dot, MAIL, RCPT and DATA then
          * leave in one write. The next sp_conn_wait sends it either way. */
         sp_net_pump(c);
-        if (c->hold)
+        if (c->hold || sp_session_gated(c->s))
             return 0;
         const sp_buf *o = sp_session_output(c->s);
         size_t n = sp_buf_pending(o);
@@ -583,7 +583,8 @@ int sp_conn_wait_fds(sp_conn *const *conns, size_t n, const int *fds, const unsi
                     ev = c->hs_events;
                 else if (c->state == C_PROXY)
                     ev = c->proxy_events;
-                else if (c->state == C_CONNECTING || sp_buf_pending(sp_session_output(c->s)))
+                else if (c->state == C_CONNECTING ||
+                         (sp_buf_pending(sp_session_output(c->s)) && !sp_session_gated(c->s)))
                     ev = c->state == C_CONNECTING ? POLLOUT : (POLLIN | POLLOUT);
                 pfd[nf].fd = c->fd;
                 pfd[nf].events = ev;

@@ -243,6 +243,17 @@ int sp_session_tx_open(const sp_session *s);
  * this is decided; a driver or scheduler asks here. */
 int sp_session_uses_bdat(const sp_session *s);
 const sp_error *sp_session_error(const sp_session *s);
+/* The gate before a final dot, for a caller that records the dot's mark
+ * elsewhere (in Redis) before it may leave: sp_session_gate_dot, called
+ * right after sp_session_send (a dot over DATA waits for the server's 354,
+ * so it cannot be queued yet), says that this transaction closes the gate
+ * when its final dot is queued; from then on sp_session_gated is true and
+ * a driver writes nothing of the output until sp_session_gate_open.
+ * Replies are still read meanwhile; a connection that ends with its dot
+ * behind the gate never sent it (no ambiguity). */
+void sp_session_gate_dot(sp_session *s);
+void sp_session_gate_open(sp_session *s);
+int sp_session_gated(const sp_session *s);
 /* Complete replies read so far: drivers time each reply from the last
  * write or the last complete reply, never from the last byte read. */
 unsigned long sp_session_replies(const sp_session *s);

@@ -73,6 +73,8 @@ struct sp_session {
     sp_buf chunk;    /* BDAT: body bytes not yet framed as a chunk */
     int bdat_broken; /* a BDAT transaction failed: none starts until every reply is in, then RSET */
     int next_owed;   /* NEXT was withheld (window full): due when a slot frees */
+    int gate_armed;  /* this transaction's final dot closes the gate (sp_session_gate_dot) */
+    int gated;       /* no output leaves until sp_session_gate_open */
     /* finished transactions whose outcome the driver has not taken yet */
     sp_tx done[DONE_MAX];
     size_t done_head, done_len;

@@ -295,6 +295,10 @@ static int not_ready(sp_session *s, sp_error *err, const char *what)
     return -1;
 }
 
+void sp_session_gate_dot(sp_session *s) { s->gate_armed = s->tx_active; }
+void sp_session_gate_open(sp_session *s) { s->gated = 0; }
+int sp_session_gated(const sp_session *s) { return s->gated; }
+
 int sp_session_uses_bdat(const sp_session *s)
 {
     return s->window > 0 && s->pipelining && (s->caps.flags & SP_CAP_CHUNKING);
@@ -323,6 +327,7 @@ int sp_session_start_tx(sp_session *s, const sp_tx_opts *o, sp_error *err)
     }
     s->next_owed = 0;
     s->bdat = sp_session_uses_bdat(s);
+    s->gate_armed = 0;
 
     sp_ss_tx_clear(&s->tx);
     sp_tx *t = &s->tx;
@@ -452,6 +457,10 @@ int sp_session_body_end(sp_session *s, sp_error *err)
         s->queued += sp_buf_pending(&s->out) - before;
     }
     s->dot_mark = s->queued;
+    if (s->gate_armed) {
+        s->gate_armed = 0;
+        s->gated = 1;
+    }
     if (s->quit_after && sp_ss_queue_cmd(s, "QUIT", CMD_QUIT, 0) < 0) {
         sp_ss_die_oom(s);
         *err = s->err;

@@ -74,6 +74,59 @@ describe("the Redis client", function()
     c:close()
   end)
 
+  it("writes behind: posts leave at once and their replies are read, in order, before the next call", function()
+    local c = assert(client.new(url(), { timeout = 0.5 }))
+    local got = {}
+    local function note(tag)
+      return function(v, e) got[#got + 1] = { tag, v, e } end
+    end
+    assert.is_true(c:post({ { "SET", "w", "1" }, { "INCR", "w" } }, note("a")))
+    assert.is_true(c:post({ { "SET", "s", "abc" }, { "INCR", "s" } }, note("b")))
+    assert.equal(2, c:unsettled())
+    assert.same({}, got) -- nothing read yet
+    -- a second client sees them applied: they left at once
+    local other = assert(client.new(url()))
+    peers.wait_for(function() return other:call("GET", "s") == "abc" end, 5, "the posts to arrive")
+    assert.equal("2", other:call("GET", "w"))
+    -- the next call reads the replies first, each post's in order
+    assert.equal("2", c:call("GET", "w"))
+    assert.equal(0, c:unsettled())
+    assert.equal(2, #got)
+    assert.same({ "a", { "OK", 2 } }, { got[1][1], got[1][2] })
+    assert.equal("b", got[2][1])
+    assert.equal("OK", got[2][2][1])
+    assert.truthy(got[2][2][2].err:find("^ERR")) -- an error reply is a value in its place
+    -- settle reads them without another call
+    assert.is_true(c:post({ { "INCR", "w" } }, note("c")))
+    assert.is_true(c:settle())
+    assert.same({ 3 }, got[3][2])
+    assert.is_true(c:settle()) -- nothing waits: at once
+    -- the connection cut before the replies came (the server holds this
+    -- one back): the post gets nil and why
+    assert.is_true(c:post({ { "BLPOP", "nothing-here", "5" } }, note("d")))
+    r:kill()
+    local ok, e = c:settle()
+    assert.is_nil(ok)
+    assert.truthy(e)
+    assert.equal("d", got[4][1])
+    assert.is_nil(got[4][2])
+    assert.truthy(got[4][3])
+    assert.equal(0, c:unsettled())
+    -- while the server is away a post is not sent (nil and why, no call of on_reply)
+    local v, pe = c:post({ { "PING" } }, note("e"))
+    assert.is_nil(v)
+    assert.truthy(pe)
+    assert.equal(4, #got)
+    r:start()
+    assert.equal("PONG", c:call("PING"))
+    -- misuse raises
+    assert.has_error(function() c:post({}, note("x")) end)
+    assert.has_error(function() c:post({ { "PING" } }) end)
+    assert.has_error(function() c:post({ { "SET", "k", {} } }, note("x")) end)
+    other:close()
+    c:close()
+  end)
+
   it("raises on misuse: a call after close, a bad command, a bad timeout", function()
     local c = assert(client.new(url()))
     assert.has_error(function() c:call() end, "redis client: a command needs a name")

@@ -141,6 +141,8 @@ function H:caps()
 end
 function H:tls_active() return false end
 function H:uses_bdat() return false end
+function H:gate_dot() end -- a fake session queues no bytes to withhold
+function H:gate_open() end
 function H:auth_mechanism() return nil end
 
 local function flat(data)

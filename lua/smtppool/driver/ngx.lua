@@ -193,6 +193,14 @@ function H:start(from, to, data, params, journal, line, last)
   return ok, err
 end
 
+-- The gate before a final dot (the session's: `pending` gives nothing
+-- while it is closed); opening it wakes the writer.
+function H:gate_dot() self.s:gate_dot() end
+function H:gate_open()
+  self.s:gate_open()
+  self:_kick()
+end
+
 function H:quit()
   self.s:quit()
   self:_collect()
@@ -323,6 +331,20 @@ function M.redis_connect(host, port, timeout, tls, pool, secret)
       values[i] = v
     end
     return values
+  end
+  -- write-behind (`smtppool.redis.client`'s post): the commands leave in
+  -- one write; their replies are read one at a time later
+  function c.send_many(_, cmds)
+    local out = {}
+    for i, cmd in ipairs(cmds) do out[i] = core.resp_command((table.unpack or unpack)(cmd)) end -- luacheck: ignore
+    local sent, serr = sock:send(table.concat(out))
+    if not sent then return failed("send", serr) end
+    return true
+  end
+  function c.recv_one()
+    local ok2, v = read("recv")
+    if not ok2 then return nil, v end
+    return v
   end
   function c.close() sock:close() end
   c.reused = reused

@@ -62,11 +62,17 @@ function S:_dispatch(lane, rec, entry, t)
     elseif ev == "next" then
       if rec.state == "busy" then rec.state = "pipelining" end
       local j = rec.job
-      if j and j.mark_pending then -- its final dot is held until the next wait
+      if j and j.mark_pending then
+        -- its final dot waits behind the session's gate (closed when the
+        -- dot was queued) until its mark is written, at the loop's next
+        -- wait: whatever waits on the way (a Redis reply, a claim) leaves
+        -- it where it is
         j.mark_pending = nil
         local batch = lane.batch
         batch.marks_due = batch.marks_due or {}
         batch.marks_due[#batch.marks_due + 1] = j.user_msg or j.msg
+        batch.gated = batch.gated or {}
+        batch.gated[#batch.gated + 1] = rec.c
       end
     elseif ev == "tx" then
       -- Outcomes come in order: the oldest transaction first.
@@ -171,11 +177,14 @@ function S._wait_on(owner, batch, list, recs, lanes, timeout)
   local due = batch.marks_due
   if due then
     batch.marks_due = nil
+    local gated = batch.gated
+    batch.gated = nil
     if batch.mark_many then
       batch.mark_many(due)
     else
       for _, m in ipairs(due) do batch.mark_async(m) end
     end
+    for _, c in ipairs(gated) do c:gate_open() end
   end
   if batch.before_wait then guarded(batch, "before_wait", batch.before_wait) end
   local ready = loop.wait(owner.driver, list, timeout, owner._wait_fds, owner._live)

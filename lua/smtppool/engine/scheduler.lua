@@ -252,14 +252,17 @@ function S:_start(lane, rec, job, t)
   -- leave with its final dot when it can (PIPELINING) and says so in the
   -- outcome (quit); when it cannot, the idle connection is QUIT at the cap.
   local last = cap ~= nil and rec.txs + 1 >= cap
+  local gate = false
   if batch.mark_async then
     -- A mark the loop writes itself (in Redis): when the server pipelines
-    -- over DATA, the driver holds the final dot at "next" until it is
-    -- written; else now, before the first byte (more cautious: a cut then
-    -- counts as ambiguous). With BDAT a full window withholds "next" while
-    -- the last chunk leaves, so the mark goes first there too.
+    -- over DATA, the session withholds the final dot behind its gate
+    -- (closed when the dot is queued, in both drivers, whatever the loop
+    -- waits on meanwhile) until the loop has written the mark, at its next
+    -- wait after "next"; else now, before the first byte (more cautious: a
+    -- cut then counts as ambiguous). With BDAT a full window withholds
+    -- "next" while the last chunk leaves, so the mark goes first there too.
     if rec.caps and rec.caps.pipelining and not last and not rec.c:uses_bdat() then
-      job.mark_pending = true
+      gate = true
     else
       batch.mark_async(job.user_msg or job.msg)
     end
@@ -267,6 +270,10 @@ function S:_start(lane, rec, job, t)
   -- The session's last transaction under the cap (last): QUIT leaves with
   -- its final dot (one round trip less per rotation).
   local ok, err = rec.c:start(job.msg.from, job.to, job.msg.data, job.msg.dsn, journal, line, last)
+  if ok and gate then
+    job.mark_pending = true
+    rec.c:gate_dot() -- its dot cannot be queued before the server's 354
+  end
   if not ok then
     if rec.state == "pipelining" then
       -- The session took back its offer of a next transaction (a BDAT

@@ -142,7 +142,7 @@ function M.new(url, opts)
                         dns_servers = opts.dns_servers,
                         transport = d.redis_connect or require("smtppool.driver.native").redis_connect,
                         per_thread = d.redis_per_thread and true or false,
-                        shas = {}, closed = false }, C)
+                        shas = {}, posted = {}, closed = false }, C)
 end
 
 -- One reply read without blocking the loop: the task waits on the socket.
@@ -188,6 +188,52 @@ local function conn_pipeline(self, c, cmds)
     return out
   end
   return c:pipeline(cmds)
+end
+
+-- Write-behind: commands sent whose replies are still to be read.
+local function conn_send(c, cmds)
+  if c.send_many then return c:send_many(cmds) end
+  for _, cmd in ipairs(cmds) do
+    local sent, e = c:send((table.unpack or unpack)(cmd)) -- luacheck: ignore
+    if not sent then return nil, e end
+  end
+  return true
+end
+
+local function conn_recv(self, c)
+  if c.recv_one then return c:recv_one() end
+  return read_on_loop(c, self.timeout)
+end
+
+-- Reads the replies of every post on connection c, in order, and hands
+-- each post its values (an error reply is a value: `{err = ...}`); on a
+-- failed read, this post and every later one get `nil, err` (whether they
+-- ran is unknown) and the connection is dropped.
+function C:_settle_conn(c)
+  while self.posted[1] do
+    local p = self.posted[1]
+    local values = {}
+    for i = 1, p.n do
+      local v, e = conn_recv(self, c)
+      if v == nil then
+        self:_drop(e)
+        return nil, e
+      end
+      values[i] = v
+    end
+    table.remove(self.posted, 1)
+    p.on_reply(values)
+  end
+  return true
+end
+
+-- The kept connection is gone: every post still unread fails.
+function C:_drop(e)
+  if self.c then pcall(self.c.close, self.c) end
+  self.c, self.owner = nil, nil
+  local posted = self.posted
+  self.posted = {}
+  for _, p in ipairs(posted) do p.on_reply(nil, tostring(e or "the connection was closed")) end
 end
 
 -- An error text without the password.
@@ -244,15 +290,19 @@ end
 
 -- The connection for this call: the kept one, or (another light thread's
 -- call when connections are per thread) one for this call only.
-function C:_conn()
+function C:_conn(behind)
   if self.closed then error("redis client: used after close()", 3) end
   if self.per_thread and self.owner and coroutine.status(self.owner) == "dead" then
     -- its light thread ended (nginx cleaned up its cosocket): the next caller keeps one
-    pcall(self.c.close, self.c)
-    self.c, self.owner = nil, nil
+    self:_drop("the light thread that held the connection ended")
   end
   local mine = self.keep and (not self.per_thread or self.owner == nil or self.owner == coroutine.running())
-  if self.c and mine then return self.c, true end
+  if self.c and mine then
+    -- the replies of earlier posts come first on the connection
+    -- (a failure there fails those posts and drops the connection: a new one follows)
+    if self.posted[1] and not behind then self:_settle_conn(self.c) end
+    if self.c then return self.c, true end
+  end
   local c, err, why = self:_open()
   if not c then return nil, err, why end
   if mine then
@@ -273,8 +323,7 @@ function C:_with(fn)
     -- ended cleanly
     if (v ~= nil or answered) and c.release then c:release() else c:close() end
   elseif v == nil and not answered then
-    c:close()
-    self.c, self.owner = nil, nil
+    self:_drop(err)
   end
   return v, err, answered
 end
@@ -348,6 +397,70 @@ function C:pipeline(cmds)
   end)
 end
 
+--- Sends commands without waiting for their replies (write-behind): they
+-- leave now, in order after everything sent before, and their replies are
+-- read before the next call on this connection or by `settle`, then handed
+-- to `on_reply(values)` (as `pipeline`'s: an error reply is `{err = ...}`
+-- in its place), or `on_reply(nil, err)` when the connection failed first
+-- (whether they ran is then unknown: post only what may run twice). From
+-- a light thread that does not hold the connection (nginx), it is a
+-- pipeline: `on_reply` runs before it returns.
+-- @tparam table cmds a list of commands, each a list of strings
+-- @tparam function on_reply
+-- @treturn[1] true sent
+-- @return[2] nil
+-- @treturn[2] string why (nothing was sent, or the connection failed while
+--   sending: `on_reply` was not called and will not be)
+function C:post(cmds, on_reply)
+  if type(cmds) ~= "table" or #cmds == 0 then error("redis client: post takes a non-empty list of commands", 2) end
+  for _, cmd in ipairs(cmds) do
+    if type(cmd) ~= "table" then error("redis client: each command must be a list", 2) end
+    check_args(cmd, 3)
+  end
+  if type(on_reply) ~= "function" then error("redis client: post needs an on_reply function", 2) end
+  local c, kept, why = self:_conn(true) -- behind the posts before it: no reply read
+  if not c then return nil, kept, why end
+  if not kept then -- a connection for this call only: a pipeline
+    local v, err = conn_pipeline(self, c, cmds)
+    if v == nil then
+      c:close()
+      return nil, tostring(err)
+    end
+    if c.release then c:release() else c:close() end
+    on_reply(v)
+    return true
+  end
+  -- the replies are read at the latest when this many posts wait (a
+  -- worker that only posts keeps a bounded backlog)
+  if #self.posted >= 256 then
+    self:_settle_conn(c)
+    return self:post(cmds, on_reply)
+  end
+  local ok, e = conn_send(c, cmds)
+  if not ok then
+    self:_drop(e)
+    return nil, tostring(e)
+  end
+  self.posted[#self.posted + 1] = { n = #cmds, on_reply = on_reply }
+  return true
+end
+
+--- How many posts wait for their replies.
+function C:unsettled() return #self.posted end
+
+--- Reads the replies of every post (waiting for them).
+-- @treturn[1] true
+-- @return[2] nil
+-- @treturn[2] string why (the connection failed: the posts not read got
+--   `nil, err`)
+function C:settle()
+  if not self.posted[1] then return true end
+  if self.per_thread and self.owner and self.owner ~= coroutine.running() then
+    error("redis client: settle from a light thread that does not hold the connection", 2)
+  end
+  return self:_settle_conn(self.c)
+end
+
 --- Runs a server-side script by its SHA (`EVALSHA`), loading it once per
 -- client and again when the server has forgotten it (a restart).
 -- @tparam string name the script's name for the cache
@@ -379,8 +492,8 @@ end
 
 --- Closes the connection; the client cannot be used again.
 function C:close()
-  if self.c then self.c:close() end
-  self.c, self.owner, self.closed = nil, nil, true
+  self:_drop("the client was closed")
+  self.closed = true
 end
 
 return M

@@ -215,6 +215,11 @@ function Q:claim(n, epoch, patience)
   local v, e = self:_script("claim", { self.worker, tostring(n), tostring(self.lease), self.resend, epoch or "" },
     patience)
   if not v then return nil, e end
+  return self:_took(v)
+end
+
+-- What a claim's reply hands out (as `claim` returns it).
+function Q:_took(v)
   if v[1] == -1 then return nil, "gone" end
   local out = {}
   for i = 3, #v, 3 do
@@ -222,6 +227,32 @@ function Q:claim(n, epoch, patience)
     self.held[v[i]] = true
   end
   return out, v[1], v[2]
+end
+
+--- Claims up to n keys without waiting (the client's `post`): the claim
+-- leaves now and `on_done` gets what `claim` returns once its reply is read
+-- (`nil, why` when it failed: Redis forgot the script, the connection was
+-- cut; whether it ran is then unknown, and keys it took come back when
+-- their leases run out). False when it cannot be posted now (its script
+-- was never loaded on this client, or the connection is down): `claim`.
+-- @tparam number n
+-- @tparam function on_done
+-- @tparam[opt] string epoch as `claim`'s
+-- @treturn boolean posted
+function Q:post_claim(n, on_done, epoch)
+  local name = self.scripts.claim[1]
+  local sha = self.c.shas[name]
+  if not sha then return false end
+  return self.c:post({ { "EVALSHA", sha, "1", self.p, self.worker, tostring(n), tostring(self.lease), self.resend,
+    epoch or "" } }, function(values, err)
+    local v = values and values[1]
+    if type(v) == "table" and v.err then
+      if v.err:match("^NOSCRIPT") then self.c.shas[name] = nil end
+      return on_done(nil, "redis: " .. v.err)
+    end
+    if not values then return on_done(nil, err) end
+    return on_done(self:_took(v))
+  end) == true
 end
 
 --- Writes a key's `L`: its final dot is about to leave.
