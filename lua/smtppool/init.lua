@@ -397,12 +397,15 @@ end
 --   get `close_timeout` seconds to finish before their connections are cut
 --   (at once with `"now"`).
 -- * `mark_async = function(msg)`: called before each attempt's final dot
---   leaves (with a driver that can hold the dot, the native one, right
---   before; else before the attempt's first byte); a campaign in Redis
---   records its `L` there.
--- * `mark_many = function(msgs)`: with `mark_async`, the marks of final
---   dots held until the loop's next wait (pipelining over DATA), several at
---   once (one round trip for all).
+--   leaves: over DATA with PIPELINING, at the loop's next wait after the
+--   dot was queued, which waits behind the session's gate until the call
+--   returns (in both drivers, whatever the loop waits on meanwhile); else
+--   before the attempt's first byte. A campaign in Redis and the outbox
+--   write their `L` there (on its way to Redis when the call returns; the
+--   reply is read later).
+-- * `mark_many = function(msgs)`: with `mark_async`, the marks of the
+--   final dots behind their gates at the loop's wait, several at once (one
+--   round trip, or one write, for all).
 -- * `poll` (seconds): with a source that may answer `false` (nothing now,
 --   more later), how often to ask it again.
 -- * `mark = function(msg) -> journal, key`: key's `L` committed to a

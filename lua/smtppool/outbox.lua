@@ -13,8 +13,9 @@
 -- * **Claims with leases**, the queue Redis campaigns use
 --   (`smtppool.redis.queue`): a worker claims a few messages at a time and
 --   renews its leases while it lives; a lease that runs out puts the
---   message back, unless its final dot may have left (`L` is written before
---   it leaves): then it ends `ambiguous`, never sent twice by default
+--   message back, unless its final dot may have left (`L` is written to
+--   Redis's connection before it leaves, the dot waiting behind the
+--   session's gate; Redis's replies are read later): then it ends `ambiguous`, never sent twice by default
 --   (`resend_in_flight`).
 -- * **Retries** that wait longer than a few seconds wait in Redis
 --   (`delayed`, scored by Redis's clock), so a message waiting ten minutes

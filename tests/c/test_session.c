@@ -231,6 +231,82 @@ static void next_transaction_pipelined(void **state)
     sp_session_free(s);
 }
 
+/* The gate before a final dot (a mark to record elsewhere first): closed
+ * when the armed transaction's dot is queued, open again on the caller's
+ * word; a connection that ends with the dot behind it never sent it; an
+ * arm whose transaction ended before its dot does not close on the next. */
+static void gated_dot(void **state)
+{
+    (void)state;
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    sp_session *s = ready("250-mx.test\r\n250 PIPELINING\r\n");
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    sp_session_gate_dot(s);
+    assert_false(sp_session_gated(s)); /* not before the dot */
+    assert_string_equal(take(s), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body(s, "one", 3, &e);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_true(sp_session_gated(s));
+    /* the next transaction (not armed) queues behind the closed gate */
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    assert_true(sp_session_gated(s));
+    sp_session_gate_open(s);
+    assert_false(sp_session_gated(s));
+    assert_string_equal(take(s), "one\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+    feed(s, "250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_BODY);
+    sp_session_tx_done(s);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_false(sp_session_gated(s)); /* this one was not armed */
+    assert_string_equal(take(s), ".\r\n");
+    feed(s, "250 queued 2\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    sp_session_tx_done(s);
+
+    /* armed, but every recipient refused: no dot; the next is not gated */
+    const char *bad[] = {"bad@y.test"};
+    assert_int_equal(start(s, "a@x.test", bad, 1, &e), 0);
+    sp_session_gate_dot(s);
+    take(s);
+    feed(s, "250 ok\r\n550 no\r\n554 no valid recipients\r\n");
+    EXPECT(s, SP_EV_TX_DONE);
+    sp_session_tx_done(s);
+    assert_false(sp_session_gated(s));
+    assert_string_equal(take(s), "RSET\r\n");
+    feed(s, "250 reset\r\n");
+    EXPECT(s, SP_EV_READY);
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_false(sp_session_gated(s));
+    take(s);
+    feed(s, "250 queued 3\r\n");
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_READY);
+    sp_session_tx_done(s);
+
+    /* armed, its dot behind the gate when the connection ends: never sent */
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    sp_session_gate_dot(s);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    sp_session_body_end(s, &e);
+    EXPECT(s, SP_EV_NEXT);
+    assert_true(sp_session_gated(s));
+    sp_session_eof(s);
+    EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);
+    assert_int_equal(sp_session_tx(s)->err.kind, SP_KIND_CONNECTION);
+    sp_session_free(s);
+}
+
 /* A refused dot ends only its own transaction (no RSET: the next one is
  * already under way); a connection lost with both in flight makes the one
  * whose dot left ambiguous and the other a plain connection failure. */
@@ -902,6 +978,7 @@ int main(void)
         cmocka_unit_test(lockstep_transaction),
         cmocka_unit_test(pipelined_group),
         cmocka_unit_test(next_transaction_pipelined),
+        cmocka_unit_test(gated_dot),
         cmocka_unit_test(bdat_window_pipelines),
         cmocka_unit_test(bdat_chunks),
         cmocka_unit_test(bdat_failure_in_window),

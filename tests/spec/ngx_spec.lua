@@ -261,6 +261,16 @@ describe("the pool inside nginx, 1 worker", function()
     assert.equal(1, #f:select("message"))
   end)
 
+  it("keeps a final dot whose mark is due behind the session's gate until the mark is written", function()
+    -- the writer thread sent a dot as soon as it was queued, before the
+    -- loop wrote its mark at its next wait
+    local f = peers.fault({})
+    finally(function() f:stop() end)
+    local out = ngx.get(("gated?cfg=plain&name=gated&port=%d&n=10&log=%s"):format(f.port, f.dir .. "/events.jsonl"))
+    assert.equal("sent 10 marks 10 early 0", (out:gsub("%s+$", "")), ngx.log():sub(-1500))
+    assert.equal(10, #f:select("message"))
+  end)
+
   it("never blocks the worker while the SMTP server stalls", function()
     local f = peers.fault({ rules = { { on = "greeting", ["do"] = "stall", seconds = 3, times = -1 } } })
     finally(function() f:stop() end)

@@ -36,6 +36,41 @@ describe("pipelining the next transaction", function()
     assert.equal(20, #msgs)
   end)
 
+  it("keeps a final dot whose mark is due behind the session's gate until the mark is written, "
+    .. "whatever the loop waits on meanwhile", function()
+    -- A side wait on the loop (here a sleep in on_result; in a campaign or
+    -- the outbox a Redis reply, a claim) used to let a dot already queued
+    -- leave before its mark was written at the loop's next wait.
+    local f = peers.fault({})
+    finally(function() f:stop() end)
+    local loop = require("smtppool.engine.loop")
+    local pool = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none" })
+    local early, marks, results = {}, 0, 0
+    local function mark(m)
+      marks = marks + 1
+      for _, seen in ipairs(f:select("message")) do
+        if seen.rcpt[1] == m.to[1] then early[#early + 1] = m.to[1] end
+      end
+    end
+    local s = pool:on_loop(function()
+      return pool:send_batch(batch(12), {
+        mark_async = mark,
+        mark_many = function(list) for _, m in ipairs(list) do mark(m) end end,
+        on_result = function()
+          results = results + 1
+          loop.sleep(0.15) -- the next message's dot is queued by now
+        end,
+      })
+    end)
+    pool:close()
+    assert.equal(12, s.sent)
+    assert.equal(12, results)
+    assert.equal(12, marks)
+    assert.same({}, early)
+    -- each message reached the server once
+    assert.equal(12, #f:select("message"))
+  end)
+
   it("keeps outcomes in order and exactly once through exim", function()
     local exim = peers.exim({ max_per_conn = 7 })
     finally(function() exim:stop() end)

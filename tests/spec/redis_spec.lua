@@ -163,11 +163,11 @@ describe("limits in Redis", function()
     for _, o in ipairs(outcomes) do assert.is_true(o[2], tostring(o[3])) end
   end)
 
-  it("runs a Redis campaign's round trips on the pool's loop: a 5 s hang holds no SMTP connection", function()
+  it("runs a Redis campaign's round trips on the pool's loop: a 5 s hang loses no session and no recipient", function()
     -- the claims, L marks and outcomes of a campaign in Redis wait aside
-    -- on the loop, so the messages on the wire when Redis stopped (one a
-    -- connection) reach the server during the pause; every recipient
-    -- arrives once
+    -- on the loop, so the connections are served during the pause (no
+    -- session is lost) and the messages whose marks were written reach
+    -- the server; every recipient arrives once
     local r = peers.redis()
     local f = peers.fault({})
     finally(function()
@@ -195,15 +195,18 @@ describe("limits in Redis", function()
     pool:close()
     assert.equal(n, report.sent, require("dkjson").encode(report))
     assert.equal(0, discards) -- no session was lost to the pause
-    local seen, during = {}, 0
+    local seen = {}
     for _, e in ipairs(f:select("message")) do
       for _, rc in ipairs(e.rcpt) do seen[rc] = (seen[rc] or 0) + 1 end
-      if e.t > t_stop and e.t < t_stop + 1.5 then during = during + 1 end
     end
     for k = 1, n do assert.equal(1, seen[("c%d@y.test"):format(k)]) end
-    -- (measured: 5 to 7 with the round trips on the loop; 1 to 3 when they
-    -- blocked the process, the messages whose dots had left already)
-    assert.is_true(during >= 4, ("%d arrived in the 1.5 s after the stop"):format(during))
+    -- How many arrive during the pause is timing: the messages whose marks
+    -- were written before the loop's task waited on Redis (measured 0 to
+    -- 3). A final dot whose mark could not be written waits behind its
+    -- session's gate until Redis is back; 5 to 7 arrived when such dots
+    -- left with no mark written, which a worker killed then would have
+    -- sent again (pipelining_spec and ngx_spec check the gate itself).
+    assert.truthy(t_stop)
   end)
 
   -- A Redis that cannot be reached (its SYNs unanswered) or does not speak

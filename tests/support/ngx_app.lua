@@ -206,6 +206,30 @@ function M.handle()
       by[k] = (by[k] or 0) + 1
     end })
     ngx.say("sent ", sum.sent, " failed ", sum.failed, " a ", by.a or 0, " b ", by.b or 0)
+  elseif action == "gated" then
+    -- a batch whose marks are due at the loop's wait (as the outbox's): when
+    -- each mark is taken, the server (its event log, a.log) must not have
+    -- that message yet; on_result sleeps while the next dot is queued
+    local marks, early = 0, 0
+    local function mark(m)
+      marks = marks + 1
+      local f = io.open(a.log, "rb")
+      local text = f and f:read("*a") or ""
+      if f then f:close() end
+      for line in text:gmatch("[^\n]+") do
+        if line:find('"ev":%s*"message"') and line:find('"' .. m.to[1] .. '"', 1, true) then early = early + 1 end
+      end
+    end
+    local list = {}
+    for i = 1, tonumber(a.n) or 1 do
+      list[i] = { from = "a@x.test", to = { "g" .. i .. "@y.test" }, data = "Subject: g\r\n\r\nbody\r\n" }
+    end
+    -- the pool itself (the ngx pool's send_batch hands messages to its agent)
+    local sum = p.pool:send_batch(list, { mark_async = mark,
+      mark_many = function(l) for _, m in ipairs(l) do mark(m) end end,
+      on_result = function() ngx.sleep(0.1) end })
+    p.pool:close_connections() -- their light threads are this request's: it ends with them
+    ngx.say("sent ", sum.sent, " marks ", marks, " early ", early)
   elseif action == "enqueue" then
     local ok, qerr = p:enqueue{ from = "a@x.test", to = a.to or "b@y.test", subject = "queued", text = "q" }
     ngx.say(ok and "queued" or ("failed " .. tostring(qerr)))

@@ -15,8 +15,9 @@
 --   while the worker lives. A lease that expires (the worker was killed, or
 --   cut off from Redis) puts the recipient back at the front of the queue,
 --   unless its final dot may have left: as in the file journal, `L` is
---   written before the final dot leaves (the native driver holds the dot
---   until it is written), and such a recipient becomes `A` (ambiguous), or
+--   written to Redis before the final dot leaves (the session holds the
+--   dot behind its gate until the mark is on its way, in both drivers;
+--   its reply is read with the next call's), and such a recipient becomes `A` (ambiguous), or
 --   is sent again with `resend_in_flight`. After a worker's `kill -9`, at
 --   most one recipient per connection it had open is ambiguous.
 -- * **Outcomes** are the file journal's letters (`S`, `D`, `F`, `T`, `A`),

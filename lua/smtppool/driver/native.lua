@@ -16,10 +16,15 @@
 -- * handle methods: `start(from, to, data, dsn)` (true, or nil and an
 --   `invalid` error when refused before a byte left), `quit()`, `noop()`,
 --   `abort(text)` (cut now; the transaction in flight fails), `close()`,
---   `caps()` (what EHLO offered).
+--   `caps()` (what EHLO offered), `gate_dot()` (right after `start`: the
+--   transaction's final dot, once queued, waits behind the session's gate,
+--   and nothing after it leaves either) and `gate_open()` (what a mark
+--   written elsewhere first, in Redis, needs).
 -- * `now()`: a monotonic clock in seconds; `tls_context(opts)`.
 -- * `redis_connect(host, port, timeout[, tls[, pool, password[, dns_servers]]])`: a Redis connection for
---   `smtppool.redis.client` (`call`, `pipeline`, `close`), over TLS with the
+--   `smtppool.redis.client` (`call`, `pipeline`, `close`; for writing
+--   behind, `send(cmd...)` and `recv()`, or nginx's `send_many(cmds)` and
+--   `recv_one()`), over TLS with the
 --   certificate verified when `tls` is given (`ca_file`, `ca_path`,
 --   `server_name`, `insecure_skip_verify`); `dns_servers` as the pool's
 --   option; here a small client in C whose name lookup (c-ares), connect

@@ -258,7 +258,8 @@ function H:auth_mechanism() return self.s:auth_mechanism() end
 local KEEP_REDIS = 256
 
 --- A Redis connection over a cosocket, for `smtppool.redis.client`:
--- `call(...)`, `pipeline(cmds)`, `close()`, with the RESP codec of the
+-- `call(...)`, `pipeline(cmds)`, `send_many(cmds)` and `recv_one()` (the
+-- client's writing behind: commands now, replies later), `close()`, with the RESP codec of the
 -- native one (hiredis's). A cosocket belongs to the light thread that made
 -- it (`redis_per_thread`). With `tls` (rediss://) the handshake verifies
 -- the certificate against `lua_ssl_trusted_certificate` (nginx's store: a

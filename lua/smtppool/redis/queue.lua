@@ -255,9 +255,20 @@ function Q:post_claim(n, on_done, epoch)
   end) == true
 end
 
---- Writes a key's `L`: its final dot is about to leave.
+--- Writes a key's `L`: its final dot is about to leave (it waits behind
+-- its session's gate until this returns). Written behind: the command is
+-- on its way when this returns, and its reply is read with the next call's.
+-- That is as durable as a reply: a worker killed now leaves it in the
+-- kernel's hands and Redis reads it (a Redis that answered may lose it too,
+-- with `appendfsync everysec`), and a Redis that hangs holds no dot. A
+-- reply that says it failed (the connection cut meanwhile) changes nothing:
+-- the outcome is written later anyway; only that worker dying as well
+-- could send the key again. When it cannot be sent now, it waits for Redis
+-- (bounded), the dot behind its gate.
 local MARK = M.script("redis.call('HSET', KEYS[1] .. 'state', ARGV[1], LEAVING) return 1")
+local function ignore() end
 function Q:mark(key)
+  if self.c:post({ { "HSET", self.p .. "state", key, core.letters.leaving } }, ignore) then return true end
   return self:run("queue:mark", MARK, { key })
 end
 
