@@ -375,12 +375,16 @@ end
 
 --- Renews this worker's leases (call it often; it acts every lease/3 s)
 -- and writes the outcomes waiting.
+-- @treturn number|nil seconds until it should run again (outcomes wait)
 function B:renew()
   self.q:renew()
   -- outcomes ride on the next L; alone they go when 64 wait, or the oldest
-  -- has waited 50 ms (what `outcome` readers wait at most, with the loop's poll)
-  if #self.pending > 0 and core.now() - self.pending_since >= 0.05 then return self:flush() end
-  return true
+  -- has waited 50 ms (what `outcome` readers wait at most)
+  if #self.pending > 0 then
+    local left = self.pending_since + 0.05 - core.now()
+    if left > 0 then return left end
+    self:flush()
+  end
 end
 
 --- Records a message's outcome (idempotent: a repeat counts once).
@@ -626,7 +630,7 @@ function B:runner(pool, o)
     end
     if #ids > 0 then self:mark_many(ids) end
   end
-  function r.before_wait() self:renew() end
+  function r.before_wait() return self:renew() end
   return r
 end
 

@@ -186,7 +186,12 @@ function S._wait_on(owner, batch, list, recs, lanes, timeout)
     end
     for _, c in ipairs(gated) do c:gate_open() end
   end
-  if batch.before_wait then guarded(batch, "before_wait", batch.before_wait) end
+  if batch.before_wait then
+    -- it may ask to run again within some seconds (outcomes waiting to be
+    -- written): the wait is no longer than that
+    local _, again = guarded(batch, "before_wait", batch.before_wait)
+    if type(again) == "number" and again >= 0 and (timeout < 0 or again < timeout) then timeout = again end
+  end
   local ready = loop.wait(owner.driver, list, timeout, owner._wait_fds, owner._live)
   local t = owner.driver.now()
   for _, entry in ipairs(ready) do
