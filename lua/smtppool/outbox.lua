@@ -44,18 +44,17 @@ local M = {}
 -- message is `m:<id>`; an outcome deletes it and writes `o:<id>`.
 local HOOKS = [[
 local function keep_of(p) return tonumber(redis.call('HGET', p .. 'meta', 'keep') or '604800') end
-local function finish(p, key, worker, status, code, enhanced, text, kind, attempts, dup, keep)
-  if redis.call('EXISTS', p .. 'm:' .. key) == 0 then return 0 end
-  redis.call('DEL', p .. 'm:' .. key)
+local function finish(p, key, worker, status, code, enhanced, text, kind, attempts, dup, keep, at)
+  -- the message gone already: a repeat, counted once
+  if redis.call('DEL', p .. 'm:' .. key) == 0 then return 0 end
   redis.call('ZREM', p .. 'claims', key)
   redis.call('ZREM', p .. 'delayed', key)
   redis.call('ZREM', p .. 'age', key)
   redis.call('HDEL', p .. 'owner', key)
   redis.call('HDEL', p .. 'state', key)
-  local t = redis.call('TIME')
   local o = p .. 'o:' .. key
   redis.call('HSET', o, 'status', status, 'code', code, 'enhanced', enhanced, 'text', text, 'kind', kind,
-    'attempts', attempts, 'at', t[1], 'worker', worker, 'possible_duplicate', dup)
+    'attempts', attempts, 'at', at or redis.call('TIME')[1], 'worker', worker, 'possible_duplicate', dup)
   redis.call('EXPIRE', o, keep)
   redis.call('HINCRBY', p .. 'stats', status, 1)
   return 1
@@ -89,9 +88,10 @@ return {1, depth + 1}
 -- kind, attempts, dup) for each outcome: a batch costs one script call
 local DONE = HOOKS .. [[
 local p, keep, n = KEYS[1], keep_of(KEYS[1]), 0
+local at = redis.call('TIME')[1]
 for i = 1, #ARGV, 9 do
   n = n + finish(p, ARGV[i + 1], ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-    ARGV[i + 7], ARGV[i + 8], keep)
+    ARGV[i + 7], ARGV[i + 8], keep, at)
 end
 return n
 ]]
