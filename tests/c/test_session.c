@@ -231,6 +231,22 @@ static void next_transaction_pipelined(void **state)
     sp_session_free(s);
 }
 
+/* One transaction (PIPELINING, one recipient, an empty body) up to its
+ * queued final dot, its gate armed or not. */
+static void to_dot(sp_session *s, int gate)
+{
+    const char *rc[] = {"b@y.test"};
+    sp_error e;
+    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
+    if (gate)
+        sp_session_gate_dot(s);
+    take(s);
+    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
+    EXPECT(s, SP_EV_BODY);
+    assert_int_equal(sp_session_body_end(s, &e), 0);
+    EXPECT(s, SP_EV_NEXT);
+}
+
 /* The gate before a final dot (a mark to record elsewhere first): closed
  * when the armed transaction's dot is queued, open again on the caller's
  * word; a connection that ends with the dot behind it never sent it; an
@@ -280,12 +296,7 @@ static void gated_dot(void **state)
     assert_string_equal(take(s), "RSET\r\n");
     feed(s, "250 reset\r\n");
     EXPECT(s, SP_EV_READY);
-    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
-    take(s);
-    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
-    EXPECT(s, SP_EV_BODY);
-    sp_session_body_end(s, &e);
-    EXPECT(s, SP_EV_NEXT);
+    to_dot(s, 0);
     assert_false(sp_session_gated(s));
     take(s);
     feed(s, "250 queued 3\r\n");
@@ -293,13 +304,7 @@ static void gated_dot(void **state)
     sp_session_tx_done(s);
 
     /* armed, its dot behind the gate when the connection ends: never sent */
-    assert_int_equal(start(s, "a@x.test", rc, 1, &e), 0);
-    sp_session_gate_dot(s);
-    take(s);
-    feed(s, "250 ok\r\n250 ok\r\n354 go\r\n");
-    EXPECT(s, SP_EV_BODY);
-    sp_session_body_end(s, &e);
-    EXPECT(s, SP_EV_NEXT);
+    to_dot(s, 1);
     assert_true(sp_session_gated(s));
     sp_session_eof(s);
     EXPECT(s, SP_EV_TX_DONE, SP_EV_ERROR);

@@ -45,16 +45,18 @@ local M = {}
 local C = {}
 C.__index = C
 
---- Whether a string names a Redis server (a `redis://` or `rediss://`
--- URL): the one test every module and the command line make.
--- @param s anything
--- @treturn boolean
 --- Whether a failure's `why` (the third value of `call`, `script`,
 -- `pipeline`, `connect`) is the configuration's: a refused login
 -- (`"login"`) or a refused TLS handshake (`"tls"`: the certificate, its
 -- name, the CA given). Every try would fail alike; an outage would not.
+-- @param why
+-- @treturn boolean
 function M.misconfigured(why) return why == "login" or why == "tls" end
 
+--- Whether a string names a Redis server (a `redis://` or `rediss://`
+-- URL): the one test every module and the command line make.
+-- @param s anything
+-- @treturn boolean
 function M.is_url(s)
   return type(s) == "string" and (s:sub(1, 8) == "redis://" or s:sub(1, 9) == "rediss://")
 end

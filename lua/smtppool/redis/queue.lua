@@ -183,6 +183,7 @@ end
 -- @tparam string name
 -- @tparam string body
 -- @tparam table args ARGV (KEYS is the prefix)
+-- @tparam[opt] number patience seconds
 -- @return the value, or nil and why
 function Q:run(name, body, args, patience)
   local deadline = core.now() + (patience or 120)
@@ -206,6 +207,7 @@ end
 -- @tparam number n
 -- @tparam[opt] string epoch the state's generation (a claim made when it
 --   changed answers `nil, "gone"`)
+-- @tparam[opt] number patience seconds to wait for Redis (default 120)
 -- @treturn[1] table `{key, payload, state}` each
 -- @treturn[1] number pending (queued or delayed)
 -- @treturn[1] number claimed (by every worker)
