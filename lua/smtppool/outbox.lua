@@ -306,8 +306,23 @@ function B:source(n, o)
     end)
     if mine then ahead = mine end
   end
-  local function take_ahead()
-    if ahead == true then self.c:settle() end
+  -- The claim posted ahead, once its reply is read (waiting for it unless
+  -- `ready`: then natively only what has arrived is read, and while it is
+  -- on its way this says so, `"later"`: the loop serves the sockets and
+  -- wakes within a millisecond to look again).
+  local function take_ahead(ready)
+    if ahead == true then
+      if ready and self.c:reads_ready() then
+        self.c:take_ready()
+        if ahead == true then
+          self.claim_due = true
+          return nil, "later"
+        end
+      else
+        self.c:settle()
+      end
+    end
+    self.claim_due = nil
     local a = ahead
     ahead = nil
     if type(a) == "table" and a.got then return a.got, a.pending, a.claimed end
@@ -329,7 +344,12 @@ function B:source(n, o)
     end
     if bi >= #buf then
       local got, pending, claimed
-      if ahead then got, pending, claimed = take_ahead() end
+      if ahead then
+        local later
+        got, later, claimed = take_ahead(true)
+        if later == "later" then return false end
+        pending = later
+      end
       if not got and core.now() < quiet_until then return false end
       local ok = got or self:_ready()
       if ok and not got then got, pending, claimed = self.q:claim(n, nil, 0) end
@@ -378,13 +398,19 @@ end
 -- @treturn number|nil seconds until it should run again (outcomes wait)
 function B:renew()
   self.q:renew()
+  -- a claim on its way (natively): look again within a millisecond
+  local cap = self.claim_due and 0.001 or nil
   -- outcomes ride on the next L; alone they go when 64 wait, or the oldest
   -- has waited 50 ms (what `outcome` readers wait at most)
   if #self.pending > 0 then
     local left = self.pending_since + 0.05 - core.now()
-    if left > 0 then return left end
-    self:flush()
+    if left <= 0 then
+      self:flush()
+    elseif not cap or left < cap then
+      cap = left
+    end
   end
+  return cap
 end
 
 --- Records a message's outcome (idempotent: a repeat counts once).

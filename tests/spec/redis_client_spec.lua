@@ -101,6 +101,28 @@ describe("the Redis client", function()
     assert.is_true(c:settle())
     assert.same({ 3 }, got[3][2])
     assert.is_true(c:settle()) -- nothing waits: at once
+    -- take_ready reads what has arrived and never waits: the server holds
+    -- this reply back until another client pushes
+    assert.is_true(c:reads_ready()) -- a native connection
+    assert.is_true(c:post({ { "BLPOP", "later", "5" }, { "PING" } }, note("r")))
+    assert.equal(1, c:take_ready())
+    assert.equal(3, #got)
+    local pusher = assert(client.new(url()))
+    assert.equal(1, pusher:call("RPUSH", "later", "v"))
+    peers.wait_for(function() return c:take_ready() == 0 end, 5, "the reply to arrive")
+    assert.same({ { "later", "v" }, "PONG" }, got[4][2])
+    -- a reply read in part by take_ready is finished by settle
+    assert.is_true(c:post({ { "PING" }, { "BLPOP", "later", "5" } }, note("s")))
+    peers.wait_for(function()
+      c:take_ready()
+      return c.posted[1] and c.posted[1].got and #c.posted[1].got == 1
+    end, 5, "the first reply")
+    assert.equal(1, pusher:call("RPUSH", "later", "w"))
+    assert.is_true(c:settle())
+    assert.same({ "PONG", { "later", "w" } }, got[5][2])
+    pusher:close()
+    table.remove(got, 5)
+    table.remove(got, 4)
     -- the connection cut before the replies came (the server holds this
     -- one back): the post gets nil and why
     assert.is_true(c:post({ { "BLPOP", "nothing-here", "5" } }, note("d")))

@@ -214,8 +214,8 @@ end
 function C:_settle_conn(c)
   while self.posted[1] do
     local p = self.posted[1]
-    local values = {}
-    for i = 1, p.n do
+    local values = p.got or {} -- (replies taken already by take_ready)
+    for i = #values + 1, p.n do
       local v, e = conn_recv(self, c)
       if v == nil then
         self:_drop(e)
@@ -449,6 +449,37 @@ end
 
 --- How many posts wait for their replies.
 function C:unsettled() return #self.posted end
+
+--- Whether `take_ready` can read without waiting: a native connection
+-- can; nginx's cosockets cannot look without waiting.
+function C:reads_ready() return self.c == nil or (self.c.recv ~= nil and self.c.recv_one == nil) end
+
+--- Reads, without waiting, the replies already here: each post whose
+-- replies are all in gets them (as `settle` hands them). With nginx's
+-- connections it reads nothing (`reads_ready`).
+-- @treturn number how many posts still wait
+function C:take_ready()
+  local c = self.c
+  if not c or c.recv_one or not c.recv then return #self.posted end
+  while self.posted[1] do
+    local p = self.posted[1]
+    p.got = p.got or {}
+    while #p.got < p.n do
+      local ok, v = c:recv()
+      if ok then
+        p.got[#p.got + 1] = v
+      elseif v ~= nil then
+        self:_drop(v)
+        return 0
+      else
+        return #self.posted -- nothing more yet
+      end
+    end
+    table.remove(self.posted, 1)
+    p.on_reply(p.got)
+  end
+  return 0
+end
 
 --- Reads the replies of every post (waiting for them).
 -- @treturn[1] true
