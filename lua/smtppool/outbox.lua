@@ -15,8 +15,8 @@
 --   renews its leases while it lives; a lease that runs out puts the
 --   message back, unless its final dot may have left (`L` is written to
 --   Redis's connection before it leaves, the dot waiting behind the
---   session's gate; Redis's replies are read later): then it ends `ambiguous`, never sent twice by default
---   (`resend_in_flight`).
+--   session's gate; Redis's replies are read later): then it ends
+--   `ambiguous`, never sent twice by default (`resend_in_flight`).
 -- * **Retries** that wait longer than a few seconds wait in Redis
 --   (`delayed`, scored by Redis's clock), so a message waiting ten minutes
 --   survives a restart of every worker; attempts are counted across claims.
@@ -300,11 +300,12 @@ function B:source(n, o)
   -- it is needed: `ahead` is true while it is on its way, then its result.
   local ahead
   local function post_ahead()
-    local mine
-    mine = self.q:post_claim(n, function(got, pending, claimed)
-      if ahead == mine then ahead = { got = got, pending = pending, claimed = claimed } end
-    end)
-    if mine then ahead = mine end
+    ahead = true -- (before: a reply handed at once, a pipeline, lands in it)
+    if not self.q:post_claim(n, function(got, pending, claimed)
+      if ahead == true then ahead = { got = got, pending = pending, claimed = claimed } end
+    end) and ahead == true then
+      ahead = nil
+    end
   end
   -- The claim posted ahead, once its reply is read (waiting for it unless
   -- `ready`: then natively only what has arrived is read, and while it is
@@ -465,7 +466,7 @@ end
 function B:_failed(values)
   for _, v in ipairs(values) do
     if type(v) == "table" and v.err then
-      if v.err:match("^NOSCRIPT") then self.c.shas["outbox:done_many"] = nil end
+      self.c:forgot("outbox:done_many", v.err)
       return "redis: " .. v.err
     end
   end
@@ -500,7 +501,7 @@ end
 --- Writes the outcomes waiting, and `extra` (a list of idempotent
 -- commands) after them, without waiting for Redis's replies: they leave
 -- now, in one write, behind everything sent before (a mark is on its way
--- before the final dot it guards leaves, as with the native driver), and
+-- before the final dot it guards leaves its session's gate), and
 -- their replies are read before this worker's next call to Redis (a claim,
 -- a renewal) or by `settle`. A batch Redis refused (a script it forgot
 -- across a restart) or that a cut connection may have lost goes again,

@@ -207,24 +207,39 @@ local function conn_recv(self, c)
   return read_on_loop(c, self.timeout)
 end
 
--- Reads the replies of every post on connection c, in order, and hands
--- each post its values (an error reply is a value: `{err = ...}`); on a
--- failed read, this post and every later one get `nil, err` (whether they
--- ran is unknown) and the connection is dropped.
-function C:_settle_conn(c)
+-- Reads the replies of the posts on connection c, in order, and hands
+-- each post its values once all are in (an error reply is a value:
+-- `{err = ...}`): every post, waiting for them; or, with `ready`, only
+-- what has arrived (a native connection's `recv` never waits), a post
+-- read in part keeping what it got. On a failed read, this post and every
+-- later one get `nil, err` (whether they ran is unknown) and the
+-- connection is dropped.
+-- @return true when no post waits any more; nil and why on a failure;
+--   false (ready) while some still wait
+function C:_read_posts(c, ready)
   while self.posted[1] do
     local p = self.posted[1]
-    local values = p.got or {} -- (replies taken already by take_ready)
-    for i = #values + 1, p.n do
-      local v, e = conn_recv(self, c)
+    p.got = p.got or {}
+    while #p.got < p.n do
+      local v, e
+      if ready then
+        local ok
+        ok, v = c:recv()
+        if not ok then
+          if v == nil then return false end -- nothing more yet
+          e, v = v, nil
+        end
+      else
+        v, e = conn_recv(self, c)
+      end
       if v == nil then
         self:_drop(e)
         return nil, e
       end
-      values[i] = v
+      p.got[#p.got + 1] = v
     end
     table.remove(self.posted, 1)
-    p.on_reply(values)
+    p.on_reply(p.got)
   end
   return true
 end
@@ -302,7 +317,7 @@ function C:_conn(behind)
   if self.c and mine then
     -- the replies of earlier posts come first on the connection
     -- (a failure there fails those posts and drops the connection: a new one follows)
-    if self.posted[1] and not behind then self:_settle_conn(self.c) end
+    if self.posted[1] and not behind then self:_read_posts(self.c) end
     if self.c then return self.c, true end
   end
   local c, err, why = self:_open()
@@ -435,7 +450,7 @@ function C:post(cmds, on_reply)
   -- the replies are read at the latest when this many posts wait (a
   -- worker that only posts keeps a bounded backlog)
   if #self.posted >= 256 then
-    self:_settle_conn(c)
+    self:_read_posts(c)
     return self:post(cmds, on_reply)
   end
   local ok, e = conn_send(c, cmds)
@@ -459,26 +474,8 @@ function C:reads_ready() return self.c == nil or (self.c.recv ~= nil and self.c.
 -- connections it reads nothing (`reads_ready`).
 -- @treturn number how many posts still wait
 function C:take_ready()
-  local c = self.c
-  if not c or c.recv_one or not c.recv then return #self.posted end
-  while self.posted[1] do
-    local p = self.posted[1]
-    p.got = p.got or {}
-    while #p.got < p.n do
-      local ok, v = c:recv()
-      if ok then
-        p.got[#p.got + 1] = v
-      elseif v ~= nil then
-        self:_drop(v)
-        return 0
-      else
-        return #self.posted -- nothing more yet
-      end
-    end
-    table.remove(self.posted, 1)
-    p.on_reply(p.got)
-  end
-  return 0
+  if self.c and self:reads_ready() then self:_read_posts(self.c, true) end
+  return #self.posted
 end
 
 --- Reads the replies of every post (waiting for them).
@@ -491,7 +488,21 @@ function C:settle()
   if self.per_thread and self.owner and self.owner ~= coroutine.running() then
     error("redis client: settle from a light thread that does not hold the connection", 2)
   end
-  return self:_settle_conn(self.c)
+  return self:_read_posts(self.c)
+end
+
+--- Whether an error (a reply's `err`, or a call's error text) says the
+-- server forgot a script (a restart, `SCRIPT FLUSH`): then its SHA is
+-- forgotten here too, and the next `script` (or `sha`) loads it again.
+-- @tparam string name the script's name for the cache
+-- @param err
+-- @treturn boolean
+function C:forgot(name, err)
+  if type(err) == "string" and (err:match("^NOSCRIPT") or err:match("^redis: NOSCRIPT")) then
+    self.shas[name] = nil
+    return true
+  end
+  return false
 end
 
 --- Runs a server-side script by its SHA (`EVALSHA`), loading it once per
@@ -517,8 +528,8 @@ function C:script(name, body, keys, args)
       end
       local r, e, answered = value(conn_call(self, c, { "EVALSHA", sha, tostring(#keys),
         (table.unpack or unpack)(all) })) -- luacheck: ignore
-      if r ~= nil or not (answered and e:match("^redis: NOSCRIPT")) then return r, e, answered end
-      self.shas[name] = nil -- the server restarted: load it again, once
+      if r ~= nil or not (answered and self:forgot(name, e)) then return r, e, answered end
+      -- the server restarted: load it again, once
     end
   end)
 end

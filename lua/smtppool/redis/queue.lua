@@ -213,9 +213,13 @@ end
 -- @treturn[1] number claimed (by every worker)
 -- @return[2] nil
 -- @treturn[2] string why (`"gone"`: the epoch changed)
+-- A claim's ARGV.
+local function claim_args(self, n, epoch)
+  return { self.worker, tostring(n), tostring(self.lease), self.resend, epoch or "" }
+end
+
 function Q:claim(n, epoch, patience)
-  local v, e = self:_script("claim", { self.worker, tostring(n), tostring(self.lease), self.resend, epoch or "" },
-    patience)
+  local v, e = self:_script("claim", claim_args(self, n, epoch), patience)
   if not v then return nil, e end
   return self:_took(v)
 end
@@ -245,11 +249,12 @@ function Q:post_claim(n, on_done, epoch)
   local name = self.scripts.claim[1]
   local sha = self.c.shas[name]
   if not sha then return false end
-  return self.c:post({ { "EVALSHA", sha, "1", self.p, self.worker, tostring(n), tostring(self.lease), self.resend,
-    epoch or "" } }, function(values, err)
+  local cmd = { "EVALSHA", sha, "1", self.p }
+  for _, a in ipairs(claim_args(self, n, epoch)) do cmd[#cmd + 1] = a end
+  return self.c:post({ cmd }, function(values, err)
     local v = values and values[1]
     if type(v) == "table" and v.err then
-      if v.err:match("^NOSCRIPT") then self.c.shas[name] = nil end
+      self.c:forgot(name, v.err)
       return on_done(nil, "redis: " .. v.err)
     end
     if not values then return on_done(nil, err) end
