@@ -203,6 +203,11 @@ function Q:_script(which, args, patience)
   return self:run(s[1], s[2], args, patience)
 end
 
+-- A claim's ARGV.
+local function claim_args(self, n, epoch)
+  return { self.worker, tostring(n), tostring(self.lease), self.resend, epoch or "" }
+end
+
 --- Claims up to n keys.
 -- @tparam number n
 -- @tparam[opt] string epoch the state's generation (a claim made when it
@@ -213,11 +218,6 @@ end
 -- @treturn[1] number claimed (by every worker)
 -- @return[2] nil
 -- @treturn[2] string why (`"gone"`: the epoch changed)
--- A claim's ARGV.
-local function claim_args(self, n, epoch)
-  return { self.worker, tostring(n), tostring(self.lease), self.resend, epoch or "" }
-end
-
 function Q:claim(n, epoch, patience)
   local v, e = self:_script("claim", claim_args(self, n, epoch), patience)
   if not v then return nil, e end
