@@ -45,8 +45,13 @@ local M = {}
 local HOOKS = [[
 local function keep_of(p) return tonumber(redis.call('HGET', p .. 'meta', 'keep') or '604800') end
 local function finish(p, key, worker, status, code, enhanced, text, kind, attempts, dup, keep, at)
-  -- the message gone already: a repeat, counted once
-  if redis.call('DEL', p .. 'm:' .. key) == 0 then return 0 end
+  -- the message gone already: a repeat, counted once; a mark sent again
+  -- after it (a batch whose replies a cut connection lost, redone) is
+  -- cleared
+  if redis.call('DEL', p .. 'm:' .. key) == 0 then
+    redis.call('HDEL', p .. 'state', key)
+    return 0
+  end
   redis.call('ZREM', p .. 'claims', key)
   redis.call('ZREM', p .. 'delayed', key)
   redis.call('ZREM', p .. 'age', key)
@@ -308,9 +313,9 @@ function B:source(n, o)
     end
   end
   -- The claim posted ahead, once its reply is read (waiting for it unless
-  -- `ready`: then natively only what has arrived is read, and while it is
-  -- on its way this says so, `"later"`: the loop serves the sockets and
-  -- wakes within a millisecond to look again).
+  -- `ready`: then only what has arrived is read, and while it is on its
+  -- way this says so, `"later"`: the loop serves the sockets meanwhile and
+  -- looks again when woken by its arrival (nginx) or within a millisecond).
   local function take_ahead(ready)
     if ahead == true then
       if ready and self.c:reads_ready() then
@@ -399,8 +404,9 @@ end
 -- @treturn number|nil seconds until it should run again (outcomes wait)
 function B:renew()
   self.q:renew()
-  -- a claim on its way (natively): look again within a millisecond
-  local cap = self.claim_due and 0.001 or nil
+  -- a claim on its way: look again within a millisecond (unless its
+  -- arrival wakes the loop: nginx)
+  local cap = self.claim_due and not self.c.wake and 0.001 or nil
   -- outcomes ride on the next L; alone they go when 64 wait, or the oldest
   -- has waited 50 ms (what `outcome` readers wait at most)
   if #self.pending > 0 then

@@ -97,6 +97,77 @@ describe("the outbox inside nginx", function()
     box:close()
   end)
 
+  it("reads Redis's replies behind: connections cut and scripts forgotten mid-delivery lose and double nothing",
+    function()
+    -- the agent's claims, marks and outcomes are posted and their replies
+    -- read by a light thread as they come; cutting every connection and
+    -- flushing the scripts while some are due must fail those posts
+    -- loudly (then they go again), never lose or shift a reply
+    local redis = peers.redis()
+    local f = peers.fault({ rules = { { on = "DATA_END", ["do"] = "stall", seconds = 0.02, times = -1 } } })
+    local n, box, admin
+    local name = "cut" .. tostring(math.random(1e9))
+    finally(function()
+      if n then n.cleanup() end
+      if box then box:close() end
+      if admin then admin:close() end
+      redis:stop()
+      f:stop()
+    end)
+    local N = 150
+    local url = "redis://127.0.0.1:" .. redis.port
+    local q = ("cfg=outbox_short&port=%d&rport=%d&name=%s"):format(f.port, redis.port, name)
+    n = peers.nginx(1)
+    local ids = {}
+    for _, l in ipairs(n.parallel((function()
+      local paths = {}
+      for i = 1, N do paths[i] = ("oenqueue?%s&to=c%d@y.test"):format(q, i) end
+      return paths
+    end)(), 60)) do
+      ids[#ids + 1] = assert(l:match("^id (%x+) "), l)
+    end
+    assert.equal(N, #ids)
+    admin = assert(require("smtppool.redis.client").new(url))
+    peers.wait_for(function() return #f:arrived() >= 10 end, 30, "delivery to start")
+    local cuts = 0
+    for i = 1, 8 do
+      if #f:arrived() >= N then break end
+      if i % 2 == 1 then
+        assert(admin:call("CLIENT", "KILL", "TYPE", "normal"))
+        cuts = cuts + 1
+      else
+        assert.equal("OK", admin:call("SCRIPT", "FLUSH"))
+      end
+      peers.sleep(0.15)
+    end
+    assert.truthy(cuts >= 1)
+    box = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", outbox = url, outbox_name = name })
+    local outcomes
+    peers.wait_for(function()
+      outcomes = { sent = 0, ambiguous = 0, failed = 0 }
+      for _, id in ipairs(ids) do
+        local o = box:outcome(id)
+        if not o then return false end
+        outcomes[o.status] = outcomes[o.status] + 1
+      end
+      return true
+    end, 60, "every message's outcome")
+    assert.same({ sent = N, ambiguous = 0, failed = 0 }, outcomes)
+    local per, total = {}, 0
+    for _, m in ipairs(f:arrived()) do
+      for _, r in ipairs(m.rcpt or {}) do
+        per[r] = (per[r] or 0) + 1
+        total = total + 1
+      end
+    end
+    assert.equal(N, total)
+    for addr, c in pairs(per) do assert.equal(1, c, addr) end
+    -- no mark outlives its message (a batch redone after a cut re-marks
+    -- one whose outcome it then repeats); nothing left claimed
+    assert.same({}, admin:call("HGETALL", "smtppool:outbox:" .. name .. ":state"))
+    assert.equal(0, assert(box.outbox:stats()).claimed)
+  end)
+
   it("speaks rediss:// from nginx with the certificate verified, and refuses a name it does not hold", function()
     local certs = peers.certs()
     local redis = peers.redis({ persist = false, password = "tls-pw", tls = certs })

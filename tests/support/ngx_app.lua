@@ -89,6 +89,12 @@ local CONFIGS = {
                ngx.log(ngx.WARN, "OUTBOX ", m.id, " ", res and "sent" or ("failed " .. err.kind))
              end }
   end,
+  -- the outbox with short leases (a claim whose reply a cut connection
+  -- lost comes back within seconds)
+  outbox_short = function(a)
+    return { host = "127.0.0.1", port = a.port, tls = "none", helo = "ngx.test", max_conns = 2,
+             outbox = "redis://127.0.0.1:" .. a.rport, outbox_name = a.name, outbox_lease = 3, exit_timeout = 2 }
+  end,
   -- the outbox over rediss://, verified against lua_ssl_trusted_certificate
   -- for the name `sn` (the test certificate holds localhost)
   outbox_tls = function(a)

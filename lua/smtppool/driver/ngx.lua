@@ -259,7 +259,8 @@ local KEEP_REDIS = 256
 
 --- A Redis connection over a cosocket, for `smtppool.redis.client`:
 -- `call(...)`, `pipeline(cmds)`, `send_many(cmds)` and `recv_one()` (the
--- client's writing behind: commands now, replies later), `close()`, with the RESP codec of the
+-- client's writing behind: commands now, replies later, read by a light
+-- thread as they come: `take()` looks without waiting), `close()`, with the RESP codec of the
 -- native one (hiredis's). A cosocket belongs to the light thread that made
 -- it (`redis_per_thread`). With `tls` (rediss://) the handshake verifies
 -- the certificate against `lua_ssl_trusted_certificate` (nginx's store: a
@@ -303,15 +304,51 @@ function M.redis_connect(host, port, timeout, tls, pool, secret)
     sock:close()
     return nil, ("redis %s: %s"):format(what, tostring(e))
   end
-  local function read(what)
+  -- one reply: true and its value, or nil and why (the socket left open)
+  local function read_value()
     while true do
       local got, v = reader:next()
       if got then return true, v end
-      if v then return failed(what, v) end -- malformed
+      if v then return nil, v end -- malformed
       local data, rerr = sock:receiveany(16384)
-      if not data then return failed(what, rerr) end
+      if not data then return nil, rerr end
       reader:feed(data)
     end
+  end
+  local function read(what)
+    local ok2, v = read_value()
+    if ok2 then return true, v end
+    return failed(what, v)
+  end
+  -- Reading behind: the replies of `send_many`'s commands are read by a
+  -- light thread of the sender's while any is due, into `inbox`, so the
+  -- sender can look without waiting (`take`) and is told when one came
+  -- (`c.on_arrival`, set by the client: the driver's `wake`). A cosocket
+  -- can be read by one thread while another writes on it.
+  local inbox, ihead, itail, due = {}, 1, 0, 0
+  local reading, closing, waiting, rthread, rerr = false, false, false, nil, nil
+  local rsem = semaphore.new(0)
+  local function read_behind()
+    reading = true
+    while due > 0 and not closing do
+      local ok2, v = read_value()
+      if closing then break end
+      if not ok2 then
+        rerr, due = "redis recv: " .. tostring(v), 0
+      else
+        itail, due = itail + 1, due - 1
+        inbox[itail] = v
+      end
+      if waiting then rsem:post(1) end
+      if c.on_arrival then c.on_arrival() end
+    end
+    reading = false
+    if closing then sock:close() end
+  end
+  local function pop()
+    local v = inbox[ihead]
+    inbox[ihead], ihead = nil, ihead + 1
+    return v
   end
   function c.call(_, ...)
     local sent, serr = sock:send(core.resp_command(...))
@@ -340,14 +377,46 @@ function M.redis_connect(host, port, timeout, tls, pool, secret)
     for i, cmd in ipairs(cmds) do out[i] = core.resp_command((table.unpack or unpack)(cmd)) end -- luacheck: ignore
     local sent, serr = sock:send(table.concat(out))
     if not sent then return failed("send", serr) end
+    due = due + #cmds
+    if not reading then
+      rthread = ngx.thread.spawn(read_behind)
+    end
     return true
   end
+  -- the next reply of a send_many: waits for the reading thread
   function c.recv_one()
+    local deadline = core.now() + timeout + 1
+    while ihead > itail and reading and not rerr do
+      local left = deadline - core.now()
+      if left <= 0 then
+        closing = true
+        return nil, "redis recv: timed out"
+      end
+      waiting = true
+      rsem:wait(left)
+      waiting = false
+    end
+    if ihead <= itail then return pop() end
+    if rerr then return nil, rerr end
     local ok2, v = read("recv")
     if not ok2 then return nil, v end
     return v
   end
-  function c.close() sock:close() end
+  -- the next reply of a send_many if it has come: true and it; false and
+  -- nil while it has not; false and why when the connection failed
+  function c.take()
+    if ihead <= itail then return true, pop() end
+    return false, rerr
+  end
+  function c.close()
+    closing = true
+    -- the reading thread is the sender's child: ended here, or it closes
+    -- the socket itself when it wakes
+    if reading and rthread then
+      if ngx.thread.kill(rthread) then reading = false end
+    end
+    if not reading then sock:close() end
+  end
   c.reused = reused
   if pool then
     function c.release()

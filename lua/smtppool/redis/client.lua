@@ -143,7 +143,7 @@ function M.new(url, opts)
   return setmetatable({ url = url, timeout = opts.timeout or 2, keep = opts.keep ~= false,
                         dns_servers = opts.dns_servers,
                         transport = d.redis_connect or require("smtppool.driver.native").redis_connect,
-                        per_thread = d.redis_per_thread and true or false,
+                        per_thread = d.redis_per_thread and true or false, wake = d.wake,
                         shas = {}, posted = {}, closed = false }, C)
 end
 
@@ -224,7 +224,7 @@ function C:_read_posts(c, ready)
       local v, e
       if ready then
         local ok
-        ok, v = c:recv()
+        ok, v = (c.take or c.recv)(c)
         if not ok then
           if v == nil then return false end -- nothing more yet
           e, v = v, nil
@@ -278,6 +278,9 @@ function C:_open()
   end
   local c, err, refused = self.transport(u.host, u.port, self.timeout, u.tls, pool, u.password, self.dns_servers)
   if not c then return nil, self:_scrub(err), refused == "tls" and "tls" or nil end
+  -- a transport that reads posts' replies behind (nginx's) says when one
+  -- came: the driver's loop wakes to take it
+  if c.take and self.wake then c.on_arrival = self.wake end
   if c.reused then return c end
   local function step(...)
     local v, e = conn_call(self, c, { ... })
@@ -466,12 +469,15 @@ end
 function C:unsettled() return #self.posted end
 
 --- Whether `take_ready` can read without waiting: a native connection
--- can; nginx's cosockets cannot look without waiting.
-function C:reads_ready() return self.c == nil or (self.c.recv ~= nil and self.c.recv_one == nil) end
+-- looks at its socket; nginx's has a light thread reading the replies of
+-- posts as they come (and wakes the driver's loop on each).
+function C:reads_ready()
+  local c = self.c
+  return c == nil or c.take ~= nil or (c.recv ~= nil and c.recv_one == nil)
+end
 
 --- Reads, without waiting, the replies already here: each post whose
--- replies are all in gets them (as `settle` hands them). With nginx's
--- connections it reads nothing (`reads_ready`).
+-- replies are all in gets them (as `settle` hands them).
 -- @treturn number how many posts still wait
 function C:take_ready()
   if self.c and self:reads_ready() then self:_read_posts(self.c, true) end
