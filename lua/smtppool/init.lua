@@ -412,10 +412,12 @@ end
 --   journal (from `smtppool.core.journal_open`) just before each attempt's
 --   final dot leaves; a campaign uses it to know which messages may have
 --   been committed when the process dies.
--- * `before_wait = function() -> seconds | nil`: called once a turn of the
+-- * `before_wait = function() -> seconds | nil[, fds]`: called once a turn of the
 --   loop, before it waits on the network (a campaign commits its journal's
 --   records there, one transaction a turn); a number caps that wait (the
---   outbox's outcomes waiting to be written go within 50 ms).
+--   outbox's outcomes waiting to be written go within 50 ms); `fds`, a
+--   list of file descriptors (native driver), end it when one is readable
+--   (the outbox's claim on its way in Redis).
 -- * `retry = function(err, attempt, msg) -> delay | false`: this batch's retry
 --   policy instead of the pool's (`smtppool.engine.retry`).
 -- * `on_event = function(ev)`: called with this batch's events, besides

@@ -307,6 +307,7 @@ function B:source(n, o)
   local function post_ahead()
     ahead = true -- (before: a reply handed at once, a pipeline, lands in it)
     if not self.q:post_claim(n, function(got, pending, claimed)
+      self.claim_due = nil
       if ahead == true then ahead = { got = got, pending = pending, claimed = claimed } end
     end) and ahead == true then
       ahead = nil
@@ -315,7 +316,7 @@ function B:source(n, o)
   -- The claim posted ahead, once its reply is read (waiting for it unless
   -- `ready`: then only what has arrived is read, and while it is on its
   -- way this says so, `"later"`: the loop serves the sockets meanwhile and
-  -- looks again when woken by its arrival (nginx) or within a millisecond).
+  -- looks again when woken by its arrival).
   local function take_ahead(ready)
     if ahead == true then
       if ready and self.c:reads_ready() then
@@ -402,11 +403,21 @@ end
 --- Renews this worker's leases (call it often; it acts every lease/3 s)
 -- and writes the outcomes waiting.
 -- @treturn number|nil seconds until it should run again (outcomes wait)
+-- @treturn table|nil file descriptors whose readability should wake the
+--   loop (a claim on its way, natively)
 function B:renew()
   self.q:renew()
-  -- a claim on its way: look again within a millisecond (unless its
-  -- arrival wakes the loop: nginx)
-  local cap = self.claim_due and not self.c.wake and 0.001 or nil
+  -- a claim on its way: the loop wakes when its reply comes (natively on
+  -- the Redis socket; in nginx its reading thread wakes it), or looks again
+  -- within a millisecond when it cannot know
+  local cap, fds
+  if self.claim_due and not self.c.wake then
+    -- what has come is read first (a socket left readable would end
+    -- every wait at once)
+    self.c:take_ready()
+    local fd = self.claim_due and self.c:ready_fd()
+    if fd then fds = { fd } elseif self.claim_due then cap = 0.001 end
+  end
   -- outcomes ride on the next L; alone they go when 64 wait, or the oldest
   -- has waited 50 ms (what `outcome` readers wait at most)
   if #self.pending > 0 then
@@ -417,7 +428,7 @@ function B:renew()
       cap = left
     end
   end
-  return cap
+  return cap, fds
 end
 
 --- Records a message's outcome (idempotent: a repeat counts once).
@@ -591,7 +602,7 @@ M.LATER = 5
 -- connection sends, not every 4 (what a worker leaving gives back at once).
 -- @tparam number max_conns
 -- @treturn number
-function M.claim_size(max_conns) return math.max(16, 8 * (max_conns or 1)) end
+function M.claim_size(max_conns) return math.max(tonumber(os.getenv("CS") or 16), tonumber(os.getenv("CPC") or 8) * (max_conns or 1)) end
 
 --- What a pool's loop needs to deliver this outbox's items (besides any
 -- others it runs, as nginx's agent does): `retry` (the pool's policy, a

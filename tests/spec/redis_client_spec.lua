@@ -149,6 +149,45 @@ describe("the Redis client", function()
     c:close()
   end)
 
+  it("gives a pool's loop its socket to wake on when a reply comes, not at the poll", function()
+    -- what the outbox does with a claim posted ahead: the source says
+    -- "nothing now", before_wait hands the loop the Redis socket, and the
+    -- reply ends the wait (the poll here is 10 s)
+    local core = require("smtppool.core")
+    local f = peers.fault({})
+    -- (the reply comes when redis-cli pushes, from another process)
+    local pool = assert(require("smtppool").new{ host = "127.0.0.1", port = f.port, tls = "none" })
+    local c = assert(client.new(url()))
+    finally(function()
+      pool:close()
+      c:close()
+      f:stop()
+    end)
+    assert.is_true(c:connect())
+    local got, posted_at, fd_given
+    local s = pool:send_batch(function()
+      if not posted_at then
+        -- a reply that comes in 0.3 s, when another client pushes
+        assert.is_true(c:post({ { "BLPOP", "wake", "5" } }, function(v) got = v end))
+        posted_at = core.now()
+        os.execute(("(sleep 0.3; redis-cli -p %d -a pw-s3cret --no-auth-warning RPUSH wake now >/dev/null) &")
+          :format(r.port))
+        return false
+      end
+      c:take_ready()
+      if got then return nil end
+      return false
+    end, { poll = 10, before_wait = function()
+      if got then return end
+      fd_given = c:ready_fd()
+      return nil, { fd_given }
+    end, on_event = function() end })
+    assert.equal(0, s.total)
+    assert.truthy(fd_given)
+    assert.same({ { "wake", "now" } }, got)
+    assert.truthy(core.now() - posted_at < 3, core.now() - posted_at)
+  end)
+
   it("raises on misuse: a call after close, a bad command, a bad timeout", function()
     local c = assert(client.new(url()))
     assert.has_error(function() c:call() end, "redis client: a command needs a name")

@@ -186,13 +186,21 @@ function S._wait_on(owner, batch, list, recs, lanes, timeout)
     end
     for _, c in ipairs(gated) do c:gate_open() end
   end
+  local fds = owner._wait_fds
   if batch.before_wait then
     -- it may ask to run again within some seconds (outcomes waiting to be
-    -- written): the wait is no longer than that
-    local _, again = guarded(batch, "before_wait", batch.before_wait)
+    -- written): the wait is no longer than that; or when one of its file
+    -- descriptors is readable (a Redis reply it waits for)
+    local _, again, wake_fds = guarded(batch, "before_wait", batch.before_wait)
     if type(again) == "number" and again >= 0 and (timeout < 0 or again < timeout) then timeout = again end
+    if type(wake_fds) == "table" and #wake_fds > 0 then
+      local all = {}
+      for _, fd in ipairs(fds or {}) do all[#all + 1] = fd end
+      for _, fd in ipairs(wake_fds) do all[#all + 1] = fd end
+      fds = all
+    end
   end
-  local ready = loop.wait(owner.driver, list, timeout, owner._wait_fds, owner._live)
+  local ready = loop.wait(owner.driver, list, timeout, fds, owner._live)
   local t = owner.driver.now()
   for _, entry in ipairs(ready) do
     local i = entry.conn

@@ -476,6 +476,13 @@ function C:reads_ready()
   return c == nil or c.take ~= nil or (c.recv ~= nil and c.recv_one == nil)
 end
 
+--- The file descriptor whose readability says a reply has come, when
+-- the kept connection is a native one (a loop can wait on it); nil else.
+function C:ready_fd()
+  local c = self.c
+  if c and c.fd and c.recv_one == nil and not c.take then return c:fd() end
+end
+
 --- Reads, without waiting, the replies already here: each post whose
 -- replies are all in gets them (as `settle` hands them).
 -- @treturn number how many posts still wait
