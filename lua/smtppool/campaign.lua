@@ -656,10 +656,13 @@ function Campaign:run()
     if ok and not okc then ok, e = false, journal_error(ce, cst) end
   end
   if rj then
-    -- claimed here and never started: back to the queue for anyone
-    local back = {}
-    for _, m in ipairs(requeue) do back[#back + 1] = keys[m] end
+    -- claimed here and not sent: back to the queue for anyone (the ones
+    -- that were tried ended before a final dot left: an L written for them
+    -- is void)
+    local tried, back = {}, {}
+    for _, m in ipairs(requeue) do tried[#tried + 1] = keys[m] end
     for i = ready_i + 1, #ready do back[#back + 1] = keys[ready[i]] end
+    rj:unclaim(tried, true)
     rj:unclaim(back)
   end
   if not ok then

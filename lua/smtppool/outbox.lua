@@ -571,8 +571,11 @@ function B:later(id, seconds, attempts)
   return self.q:later(id, seconds)
 end
 
---- Gives claimed messages back to the queue at once (never started).
-function B:unclaim(ids) return self.q:unclaim(ids) end
+--- Gives claimed messages back to the queue at once (never started, or
+-- no attempt's final dot left: `void`, their marks are cleared).
+-- @tparam table ids
+-- @tparam[opt] boolean void
+function B:unclaim(ids, void) return self.q:unclaim(ids, void) end
 
 --- Deletes the outbox's every key (messages, outcomes, counts).
 -- @treturn[1] number the keys deleted
@@ -644,7 +647,8 @@ function B:runner(pool, o)
     elseif err.kind == "cancelled" or policy.misconfigured(err) then
       -- never started, or stopped by the configuration: back to the queue
       if err.kind ~= "cancelled" then r.misconfigured = r.misconfigured or err end
-      self:unclaim({ um.id })
+      -- (not ambiguous: no final dot of it left, a mark written for one is void)
+      self:unclaim({ um.id }, true)
       summary.returned = summary.returned + 1
       return true
     elseif err.kind == "ambiguous" or err.ambiguous then

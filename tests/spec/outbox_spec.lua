@@ -166,6 +166,37 @@ describe("the outbox outside nginx", function()
     check:close()
   end)
 
+  it("gives back a claimed message marked L to the queue, never out of every list", function()
+    -- a message whose attempt was marked L and then failed before its
+    -- final dot left, stopped before its retry (cancelled, or a refused
+    -- configuration), is given back with its mark void; one given back
+    -- with an L it did not write keeps it for the next claimer. Either way
+    -- it is queued: it was left out of every list, never to get an outcome.
+    local _, f, dir, url = setup()
+    local name = dir:match("[^/]+$")
+    local pool = pool_for(f, url, { outbox_name = name })
+    local ids = enqueue(pool, 2)
+    local admin = assert(require("smtppool.redis.client").new(url))
+    local state = "smtppool:outbox:" .. name .. ":state"
+    local got = assert(pool.outbox.q:claim(2))
+    assert.equal(2, #got)
+    for _, id in ipairs(ids) do assert.equal(1, admin:call("HSET", state, id, "L")) end
+    assert.is_truthy(pool.outbox:unclaim({ ids[1] }, true))
+    assert.is_truthy(pool.outbox:unclaim({ ids[2] }))
+    local st = assert(pool.outbox:stats())
+    assert.same({ 2, 2, 0 }, { st.depth, st.queued, st.claimed })
+    assert.same({ ids[2], "L" }, admin:call("HGETALL", state))
+    -- delivered: the void one once; the other too (resend_in_flight off only
+    -- acts on a lease that ran out), and no mark outlives them
+    local s = assert(pool:deliver{ until_empty = true })
+    assert.equal(2, s.sent)
+    for _, id in ipairs(ids) do assert.equal("sent", assert(pool:outcome(id)).status) end
+    assert.equal(2, #f:arrived())
+    assert.equal(0, admin:call("HLEN", state))
+    pool:close()
+    admin:close()
+  end)
+
   it("a killed worker's in-flight messages end ambiguous, never sent twice; every other once", function()
     -- a slow server: each final dot waits a second for its reply
     local _, f, dir, url = setup({ rules = { { on = "DATA_END", ["do"] = "stall", seconds = 1, times = -1 } } })

@@ -225,9 +225,10 @@ function J:renew()
   self.q:renew()
 end
 
---- Gives back claims this worker will not send (a stop, an outage).
-function J:unclaim(keys)
-  return self.q:unclaim(keys)
+--- Gives back claims this worker will not send now (a stop, an outage):
+-- `void` as the queue's (their attempts' final dots never left).
+function J:unclaim(keys, void)
+  return self.q:unclaim(keys, void)
 end
 
 --- The campaign's recipients for the pool: an iterator of rows (tables,

@@ -103,16 +103,24 @@ end
 return 1
 ]]
 
--- KEYS[1]: the prefix; ARGV: keys claimed here and never started: back to
--- the front of the queue (a key whose L was written stays out: its dot may
--- have left)
+-- KEYS[1]: the prefix; ARGV: void ('1': an L these keys hold was written
+-- here for attempts whose final dots never left, and is cleared), then keys
+-- claimed here that will not be sent now: back to the front of the queue
+-- (with an L that is not void, the next claimer sees it: a key left out of
+-- every list would never get an outcome)
 local UNCLAIM = [[
 local p = KEYS[1]
-for _, key in ipairs(ARGV) do
+local void = ARGV[1] == '1'
+for i = 2, #ARGV do
+  local key = ARGV[i]
   if redis.call('ZREM', p .. 'claims', key) == 1 then
     redis.call('HDEL', p .. 'owner', key)
     local st = redis.call('HGET', p .. 'state', key)
-    if st ~= LEAVING and not gone(p, key, st) then redis.call('LPUSH', p .. 'q', key) end
+    if st == LEAVING and void then
+      redis.call('HDEL', p .. 'state', key)
+      st = nil
+    end
+    if not gone(p, key, st) then redis.call('LPUSH', p .. 'q', key) end
   end
 end
 return 1
@@ -292,11 +300,21 @@ function Q:renew(force)
   if #args > 1 then self.c:script("queue:renew", RENEW, { self.p }, args) end
 end
 
---- Gives back claims this worker will not send (a stop, an outage).
-function Q:unclaim(keys, patience)
+--- Gives back claims this worker will not send now (a stop, an outage,
+-- a refused configuration): to the front of the queue.
+-- @tparam table keys
+-- @tparam[opt] boolean void the keys were handed out here and no attempt's
+--   final dot left (their failures said so): an `L` written for them is
+--   cleared (else it stays, for the next claimer to see)
+-- @tparam[opt] number patience seconds to wait for Redis (default 10)
+function Q:unclaim(keys, void, patience)
   if #keys == 0 then return true end
-  for _, k in ipairs(keys) do self.held[k] = nil end
-  return self:_script("unclaim", keys, patience or 10)
+  local args = { void and "1" or "0" }
+  for _, k in ipairs(keys) do
+    self.held[k] = nil
+    args[#args + 1] = k
+  end
+  return self:_script("unclaim", args, patience or 10)
 end
 
 --- Puts a claimed key in `delayed` for `seconds` (a retry kept in Redis).
