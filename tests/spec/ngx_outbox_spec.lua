@@ -13,6 +13,33 @@ local function workers_of(master)
   return out
 end
 
+-- Waits until every id has an outcome; returns the count of each status.
+local function outcomes_of(box, ids, seconds)
+  local outcomes
+  peers.wait_for(function()
+    outcomes = { sent = 0, ambiguous = 0, failed = 0 }
+    for _, id in ipairs(ids) do
+      local o = box:outcome(id)
+      if not o then return false end
+      outcomes[o.status] = outcomes[o.status] + 1
+    end
+    return true
+  end, seconds, "every message's outcome")
+  return outcomes
+end
+
+-- How often each recipient reached the fault server, and in all.
+local function deliveries(f)
+  local per, total = {}, 0
+  for _, m in ipairs(f:arrived()) do
+    for _, r in ipairs(m.rcpt or {}) do
+      per[r] = (per[r] or 0) + 1
+      total = total + 1
+    end
+  end
+  return per, total
+end
+
 describe("the outbox inside nginx", function()
   it("survives a graceful stop, a SIGKILLed worker and an outside worker: once each, every id an outcome",
     function()
@@ -68,26 +95,11 @@ describe("the outbox inside nginx", function()
       .. "--until-empty >%s 2>&1 &"):format(redis.port, name, peers.quote(dir .. "/relay.lua"), peers.quote(out)))
     for _ = 1, 4 do ngx2.get("outcome?" .. q .. "&id=" .. ids[1]) end
     -- every id ends with an outcome
-    local outcomes
-    peers.wait_for(function()
-      outcomes = { sent = 0, ambiguous = 0, failed = 0 }
-      for _, id in ipairs(ids) do
-        local o = box:outcome(id)
-        if not o then return false end
-        outcomes[o.status] = outcomes[o.status] + 1
-      end
-      return true
-    end, 120, "every message's outcome")
+    local outcomes = outcomes_of(box, ids, 120)
     assert.equal(300, outcomes.sent + outcomes.ambiguous)
     -- the killed worker had at most its share of max_conns (2 across the nginx) in flight
     assert.truthy(outcomes.ambiguous <= 2, outcomes.ambiguous)
-    local per, total = {}, 0
-    for _, m in ipairs(f:arrived()) do
-      for _, r in ipairs(m.rcpt or {}) do
-        per[r] = (per[r] or 0) + 1
-        total = total + 1
-      end
-    end
+    local per, total = deliveries(f)
     for addr, n in pairs(per) do assert.equal(1, n, addr) end
     assert.truthy(total >= 300 - outcomes.ambiguous and total <= 300, total)
     -- an outcome reads the same from nginx
@@ -142,24 +154,9 @@ describe("the outbox inside nginx", function()
     end
     assert.truthy(cuts >= 1)
     box = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", outbox = url, outbox_name = name })
-    local outcomes
-    peers.wait_for(function()
-      outcomes = { sent = 0, ambiguous = 0, failed = 0 }
-      for _, id in ipairs(ids) do
-        local o = box:outcome(id)
-        if not o then return false end
-        outcomes[o.status] = outcomes[o.status] + 1
-      end
-      return true
-    end, 60, "every message's outcome")
+    local outcomes = outcomes_of(box, ids, 60)
     assert.same({ sent = N, ambiguous = 0, failed = 0 }, outcomes)
-    local per, total = {}, 0
-    for _, m in ipairs(f:arrived()) do
-      for _, r in ipairs(m.rcpt or {}) do
-        per[r] = (per[r] or 0) + 1
-        total = total + 1
-      end
-    end
+    local per, total = deliveries(f)
     assert.equal(N, total)
     for addr, c in pairs(per) do assert.equal(1, c, addr) end
     -- no mark outlives its message (a batch redone after a cut re-marks
