@@ -628,19 +628,14 @@ static int redis_call(lua_State *L)
     return k < 0 ? malformed(L, c) : io_failed(L, c, "call");
 }
 
-/* c:pipeline({cmd, args...}, ...) -> {value, ...} | nil, err: the commands
- * leave in one write and their replies are read in order (one round trip);
- * an error reply is a value in its place. */
-static int redis_pipeline(lua_State *L)
+/* Pushes the commands of the list at index 2 ({cmd, args...}, ...) as
+ * one string, concatenated in the protocol (they are short), and returns
+ * their count. */
+static lua_Integer push_commands(lua_State *L)
 {
-    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
     luaL_checktype(L, 2, LUA_TTABLE);
-    if (c->fd < 0)
-        return fail(L, "pipeline", "the connection is closed");
-    if (c->connecting)
-        return fail(L, "pipeline", "the connection is not made yet (c:step())");
     lua_Integer ncmd = (lua_Integer)lua_rawlen(L, 2);
-    lua_pushliteral(L, ""); /* the commands, concatenated (pipelines are short) */
+    lua_pushliteral(L, "");
     for (lua_Integer i = 1; i <= ncmd; i++) {
         lua_rawgeti(L, 2, (int)i);
         if (!lua_istable(L, -1))
@@ -655,6 +650,21 @@ static int redis_pipeline(lua_State *L)
         lua_settop(L, from - 1);
         lua_concat(L, 2);
     }
+    return ncmd;
+}
+
+/* c:pipeline({cmd, args...}, ...) -> {value, ...} | nil, err: the commands
+ * leave in one write and their replies are read in order (one round trip);
+ * an error reply is a value in its place. */
+static int redis_pipeline(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (c->fd < 0)
+        return fail(L, "pipeline", "the connection is closed");
+    if (c->connecting)
+        return fail(L, "pipeline", "the connection is not made yet (c:step())");
+    lua_Integer ncmd = push_commands(L);
     size_t n;
     const char *p = lua_tolstring(L, -1, &n);
     if (send_all(c, p, n) < 0)
@@ -674,8 +684,9 @@ static int redis_pipeline(lua_State *L)
 /* The non-blocking way, for a loop that waits on the descriptor itself:
  * c:fd() -> the socket (nil when closed); c:send(cmd, args...) -> true |
  * nil, err (a command is small: written whole, waiting at most the timeout
- * for room); c:recv() -> true, value (a reply is complete) | nil (not yet:
- * wait until the socket is readable) | nil, err (closed, malformed). */
+ * for room; c:send_many(cmds) writes several at once); c:recv() -> true,
+ * value (a reply is complete) | nil (not yet: wait until the socket is
+ * readable) | nil, err (closed, malformed). */
 static int redis_fd(lua_State *L)
 {
     lredis *c = luaL_checkudata(L, 1, REDIS_MT);
@@ -691,6 +702,25 @@ static int redis_send(lua_State *L)
     int r = send_command(L, c, "send");
     if (r)
         return r;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* c:send_many({cmd, args...}, ...) -> true | nil, err: the commands leave
+ * in one write; their replies are read later (c:recv()). */
+static int redis_send_many(lua_State *L)
+{
+    lredis *c = luaL_checkudata(L, 1, REDIS_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (c->fd < 0)
+        return fail(L, "send", "the connection is closed");
+    if (c->connecting)
+        return fail(L, "send", "the connection is not made yet (c:step())");
+    push_commands(L);
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n);
+    if (send_all(c, p, n) < 0)
+        return io_failed(L, c, "send");
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -733,8 +763,11 @@ static int redis_gc(lua_State *L)
 void sp_lua_open_redis(lua_State *L)
 {
     static const luaL_Reg resp_methods[] = {{"feed", resp_feed}, {"next", resp_next}, {NULL, NULL}};
-    static const luaL_Reg redis_methods[] = {{"call", redis_call}, {"pipeline", redis_pipeline}, {"fd", redis_fd},  {"send", redis_send},
-                                               {"recv", redis_recv}, {"step", redis_step}, {"close", redis_gc},       {NULL, NULL}};
+    static const luaL_Reg redis_methods[] = {{"call", redis_call},     {"pipeline", redis_pipeline},
+                                               {"fd", redis_fd},         {"send", redis_send},
+                                               {"send_many", redis_send_many}, {"recv", redis_recv},
+                                               {"step", redis_step},     {"close", redis_gc},
+                                               {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"resp_reader", l_resp_reader}, {"resp_command", l_resp_command},
                                      {"redis_connect", l_redis_connect}, {NULL, NULL}};
     sp_l_new_type(L, RESP_MT, NULL, resp_methods, resp_gc);

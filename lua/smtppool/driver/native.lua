@@ -23,8 +23,9 @@
 -- * `now()`: a monotonic clock in seconds; `tls_context(opts)`.
 -- * `redis_connect(host, port, timeout[, tls[, pool, password[, dns_servers]]])`: a Redis connection for
 --   `smtppool.redis.client` (`call`, `pipeline`, `close`; for writing
---   behind, `send(cmd...)` and `recv()`, or nginx's `send_many(cmds)`,
---   `recv_one()` and `take()`, its replies read by a light thread), over TLS with the
+--   behind, `send_many(cmds)` (one write) and `recv()`, or nginx's
+--   `send_many(cmds)`, `recv_one()` and `take()`, its replies read by a
+--   light thread), over TLS with the
 --   certificate verified when `tls` is given (`ca_file`, `ca_path`,
 --   `server_name`, `insecure_skip_verify`); `dns_servers` as the pool's
 --   option; here a small client in C whose name lookup (c-ares), connect
