@@ -658,9 +658,11 @@ function Campaign:run()
   if rj then
     -- claimed here and not sent: back to the queue for anyone (the ones
     -- that were tried ended before a final dot left: an L written for them
-    -- is void)
+    -- is void; one that came with an earlier run's L keeps it)
     local tried, back = {}, {}
-    for _, m in ipairs(requeue) do tried[#tried + 1] = keys[m] end
+    for _, m in ipairs(requeue) do
+      if resent[m] then back[#back + 1] = keys[m] else tried[#tried + 1] = keys[m] end
+    end
     for i = ready_i + 1, #ready do back[#back + 1] = keys[ready[i]] end
     rj:unclaim(tried, true)
     rj:unclaim(back)
