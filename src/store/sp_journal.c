@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,8 +36,17 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS runs(id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL,"
     " started REAL NOT NULL, ended REAL);";
 
+/* The keys a journal holds, as a Bloom filter of fixed size (1 MiB, three
+ * bits a key): a key whose bits are not all set has no row, so a new
+ * recipient's lookup (most of a list's rows) costs no query. A set bit
+ * proves nothing: the query answers then. About 3 % false positives at a
+ * million keys, fewer below; past that more lookups reach the table, none
+ * is answered wrong. */
+#define SEEN_BITS (1u << 23)
+
 struct sp_journal {
     sqlite3 *db;
+    unsigned char *seen; /* the filter (NULL: every lookup queries) */
     sqlite3_stmt *st[Q_COUNT_];
     int lock_fd; /* holds the flock for the run; closed only after the database */
     int refs;
@@ -56,6 +66,67 @@ static double wall_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* A key's three bits: FNV-1a, mixed (splitmix64's finaliser), then
+ * double hashing. */
+static void seen_bits(const char *key, size_t klen, uint32_t bit[3])
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < klen; i++)
+        h = (h ^ (unsigned char)key[i]) * 1099511628211ull;
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    uint32_t a = (uint32_t)h, b = (uint32_t)(h >> 32) | 1u;
+    for (int i = 0; i < 3; i++)
+        bit[i] = (a + (uint32_t)i * b) & (SEEN_BITS - 1);
+}
+
+static void seen_add(sp_journal *j, const char *key, size_t klen)
+{
+    if (!j->seen)
+        return;
+    uint32_t bit[3];
+    seen_bits(key, klen, bit);
+    for (int i = 0; i < 3; i++)
+        j->seen[bit[i] >> 3] |= (unsigned char)(1u << (bit[i] & 7));
+}
+
+static int seen_maybe(const sp_journal *j, const char *key, size_t klen)
+{
+    if (!j->seen)
+        return 1;
+    uint32_t bit[3];
+    seen_bits(key, klen, bit);
+    for (int i = 0; i < 3; i++)
+        if (!(j->seen[bit[i] >> 3] & (1u << (bit[i] & 7))))
+            return 0;
+    return 1;
+}
+
+/* Fills the filter with the keys already recorded (a resumed run); on
+ * failure the journal goes without one. */
+static void seen_load(sp_journal *j)
+{
+    if (!(j->seen = calloc(1, SEEN_BITS / 8)))
+        return;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(j->db, "SELECT address FROM recipients", -1, &st, NULL) != SQLITE_OK) {
+        free(j->seen);
+        j->seen = NULL;
+        return;
+    }
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        seen_add(j, (const char *)sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        free(j->seen);
+        j->seen = NULL;
+    }
 }
 
 static int fail(sp_journal *j, sp_journal_status st, const char *fmt, ...)
@@ -137,6 +208,8 @@ static void destroy(sp_journal *j)
     if (j->db)
         sqlite3_close(j->db);
     j->db = NULL;
+    free(j->seen);
+    j->seen = NULL;
     /* after the database: closing any descriptor of the file drops the
      * process's POSIX locks on it, SQLite's own included */
     if (j->lock_fd >= 0)
@@ -290,6 +363,7 @@ sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_s
             fail_db(j, rc, "preparing its queries");
             return open_failed(j, status, err, errlen);
         }
+    seen_load(j);
     /* this run's row: who holds the journal, for a second run's refusal */
     char host[128] = "?";
     gethostname(host, sizeof host - 1);
@@ -413,7 +487,11 @@ int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, in
 {
     /* inside the open transaction: a read outside one takes and drops the
      * database's locks each time (four times the cost) */
-    if (not_open(j) < 0 || begin(j) < 0)
+    if (not_open(j) < 0)
+        return -1;
+    if (!seen_maybe(j, key, klen))
+        return 0;
+    if (begin(j) < 0)
         return -1;
     sqlite3_stmt *st = j->st[Q_GET];
     sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
@@ -464,6 +542,8 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
         sqlite3_bind_double(st, 5, now);
         if (step_done(j, st, "writing a recipient") < 0)
             return -1;
+        if (q == Q_RECORD)
+            seen_add(j, key, klen);
         if (q == Q_RECORD || sqlite3_changes(j->db) > 0)
             return 0;
     }
