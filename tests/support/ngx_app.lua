@@ -180,6 +180,22 @@ function M.handle()
       data and data:match("Date: ([^\r]+)") or "", " ", data and data:match("Subject: ([^\r]+)") or "")
     return
   end
+  if action == "rping" then
+    -- the floor under oenqueue (bench/outbox.lua): one Redis round trip on
+    -- a kept-alive cosocket, no smtppool code, timed as oenqueue is
+    local now = require("smtppool.core").now
+    local sock = ngx.socket.tcp()
+    sock:settimeouts(1000, 1000, 1000)
+    local ok, cerr = sock:connect("127.0.0.1", tonumber(a.rport))
+    if not ok then ngx.say("failed ", cerr) return end
+    local t0 = now()
+    sock:send("PING\r\n")
+    local line, rerr = sock:receive("*l")
+    local t = now() - t0
+    sock:setkeepalive(10000, 64)
+    ngx.say(line == "+PONG" and ("pong " .. t) or ("failed " .. tostring(line or rerr)))
+    return
+  end
   local p, err = pool_for(a)
   if not p then
     ngx.say("config ", tostring(err))
