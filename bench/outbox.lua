@@ -50,31 +50,30 @@ table.sort(one)
 print(("outbox: enqueue in nginx (1 worker), loopback Redis with AOF; %d requests one at a time:"):format(#one))
 print(("  enqueue: median %.2f ms, p99 %.2f ms, max %.2f ms (aim: p99 under 5 ms)"):format(pct(one, 0.5),
   pct(one, 0.99), one[#one]))
-local lat = {}
-for r = 1, ROUNDS do
-  local paths = {}
-  for i = 1, 200 do paths[i] = ("oenqueue?%s&to=l%d-%d@y.test"):format(q("outbox", "lat"), r, i) end
-  for _, l in ipairs(ngx.parallel(paths, 60)) do
-    local t = tonumber(l:match("^id %x+ ([%d.e-]+)$"))
-    if t then lat[#lat + 1] = t * 1000 end
+-- rounds of 200 requests at once, path(r, i) each; the milliseconds each
+-- line matching pattern reports, sorted
+local function bursts(path, pattern)
+  local ms = {}
+  for r = 1, ROUNDS do
+    local paths = {}
+    for i = 1, 200 do paths[i] = path(r, i) end
+    for _, l in ipairs(ngx.parallel(paths, 60)) do
+      local t = tonumber(l:match(pattern))
+      if t then ms[#ms + 1] = t * 1000 end
+    end
   end
+  table.sort(ms)
+  return ms
 end
-table.sort(lat)
+local lat = bursts(function(r, i) return ("oenqueue?%s&to=l%d-%d@y.test"):format(q("outbox", "lat"), r, i) end,
+  "^id %x+ ([%d.e-]+)$")
 print(("  %d requests in rounds of 200 at once (curl --parallel on the same 2 processors):"):format(#lat))
 print(("  enqueue: median %.2f ms, p99 %.2f ms, max %.2f ms "):format(pct(lat, 0.5),
   pct(lat, 0.99), lat[#lat]))
 -- the floor of that figure on this machine: the same bursts, each request
 -- timing one bare Redis PING on a kept-alive cosocket (no smtppool code)
-local floor = {}
-for r = 1, ROUNDS do
-  local paths = {}
-  for i = 1, 200 do paths[i] = ("rping?rport=%d&r=%d&i=%d"):format(redis.port, r, i) end
-  for _, l in ipairs(ngx.parallel(paths, 60)) do
-    local t = tonumber(l:match("^pong ([%d.e-]+)$"))
-    if t then floor[#floor + 1] = t * 1000 end
-  end
-end
-table.sort(floor)
+local floor = bursts(function(r, i) return ("rping?rport=%d&r=%d&i=%d"):format(redis.port, r, i) end,
+  "^pong ([%d.e-]+)$")
 print(("  floor, a bare Redis PING timed the same way (%d requests, rounds of 200): median %.2f ms, p99 %.2f ms, max %.2f ms")
   :format(#floor, pct(floor, 0.5), pct(floor, 0.99), floor[#floor]))
 local lb = box("lat")
