@@ -28,18 +28,6 @@ local function outcomes_of(box, ids, seconds)
   return outcomes
 end
 
--- How often each recipient reached the fault server, and in all.
-local function deliveries(f)
-  local per, total = {}, 0
-  for _, m in ipairs(f:arrived()) do
-    for _, r in ipairs(m.rcpt or {}) do
-      per[r] = (per[r] or 0) + 1
-      total = total + 1
-    end
-  end
-  return per, total
-end
-
 describe("the outbox inside nginx", function()
   it("survives a graceful stop, a SIGKILLed worker and an outside worker: once each, every id an outcome",
     function()
@@ -99,7 +87,7 @@ describe("the outbox inside nginx", function()
     assert.equal(300, outcomes.sent + outcomes.ambiguous)
     -- the killed worker had at most its share of max_conns (2 across the nginx) in flight
     assert.truthy(outcomes.ambiguous <= 2, outcomes.ambiguous)
-    local per, total = deliveries(f)
+    local per, total = f:per_recipient()
     for addr, n in pairs(per) do assert.equal(1, n, addr) end
     assert.truthy(total >= 300 - outcomes.ambiguous and total <= 300, total)
     -- an outcome reads the same from nginx
@@ -156,7 +144,7 @@ describe("the outbox inside nginx", function()
     box = assert(smtppool.new{ host = "127.0.0.1", port = f.port, tls = "none", outbox = url, outbox_name = name })
     local outcomes = outcomes_of(box, ids, 60)
     assert.same({ sent = N, ambiguous = 0, failed = 0 }, outcomes)
-    local per, total = deliveries(f)
+    local per, total = f:per_recipient()
     assert.equal(N, total)
     for addr, c in pairs(per) do assert.equal(1, c, addr) end
     -- no mark outlives its message (a batch redone after a cut re-marks

@@ -34,18 +34,6 @@ local function enqueue(pool, n, tag)
   return ids
 end
 
--- How often each recipient reached the server.
-local function deliveries(f)
-  local per, total = {}, 0
-  for _, m in ipairs(f:arrived()) do
-    for _, r in ipairs(m.rcpt or m.to or {}) do
-      per[r] = (per[r] or 0) + 1
-      total = total + 1
-    end
-  end
-  return per, total
-end
-
 -- `smtppool worker --outbox` in the background; returns its pid and output file.
 local function worker(dir, url, extra)
   local out = dir .. "/worker" .. tostring(math.random(1e9)) .. ".out"
@@ -77,7 +65,7 @@ describe("the outbox outside nginx", function()
     peers.wait_for(function()
       return (peers.read_file(o1) or ""):find("outbox") and (peers.read_file(o2) or ""):find("outbox")
     end, 60, "both workers to end")
-    local per, total = deliveries(f)
+    local per, total = f:per_recipient()
     assert.equal(120, total)
     for i = 1, 120 do assert.equal(1, per[("r%d@y.test"):format(i)], i) end
     for _, id in ipairs(ids) do
@@ -210,7 +198,7 @@ describe("the outbox outside nginx", function()
     local before = #f:arrived()
     -- this process takes over once the leases run out
     local s = assert(pool:deliver{ until_empty = true })
-    local per, total = deliveries(f)
+    local per, total = f:per_recipient()
     local counts = { sent = 0, ambiguous = 0 }
     for _, id in ipairs(ids) do
       local o = assert(pool:outcome(id))
@@ -245,7 +233,7 @@ describe("the outbox outside nginx", function()
     end })
     assert.equal(os.getenv("NOFLUSH") and 0 or 4, flushed)
     assert.equal(80, s.sent)
-    local per, total = deliveries(f)
+    local per, total = f:per_recipient()
     assert.equal(80, total)
     for i = 1, 80 do assert.equal(1, per[("r%d@y.test"):format(i)], i) end
     for _, id in ipairs(ids) do assert.equal("sent", assert(pool:outcome(id)).status) end
@@ -276,7 +264,7 @@ describe("the outbox outside nginx", function()
         :format(tostring(peers.read_file(out)), #f:arrived(), tostring(st.depth), tostring(st.queued),
         tostring(st.delayed), tostring(st.claimed), tostring(st.sent)))
     end
-    local per, total = deliveries(f)
+    local per, total = f:per_recipient()
     assert.equal(200, total)
     for i = 1, 200 do assert.equal(1, per[("r%d@y.test"):format(i)], i) end
     for _, id in ipairs(ids) do assert.equal("sent", assert(pool:outcome(id)).status) end

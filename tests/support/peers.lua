@@ -394,6 +394,19 @@ function Fault:arrived()
   return out
 end
 
+--- How often each recipient reached the server among the arrived
+-- messages, and how many recipients arrived in all.
+function Fault:per_recipient()
+  local per, total = {}, 0
+  for _, m in ipairs(self:arrived()) do
+    for _, r in ipairs(m.rcpt or m.to or {}) do
+      per[r] = (per[r] or 0) + 1
+      total = total + 1
+    end
+  end
+  return per, total
+end
+
 function Fault:stop()
   if self.stopped then return end
   self.stopped = true
