@@ -111,17 +111,12 @@ static int seen_maybe(const sp_journal *j, const char *key, size_t klen)
  * failure the journal goes without one. */
 static void seen_load(sp_journal *j)
 {
-    if (!(j->seen = calloc(1, SEEN_BITS / 8)))
-        return;
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(j->db, "SELECT address FROM recipients", -1, &st, NULL) != SQLITE_OK) {
-        free(j->seen);
-        j->seen = NULL;
-        return;
-    }
-    int rc;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-        seen_add(j, (const char *)sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+    sqlite3_stmt *st = NULL;
+    int rc = SQLITE_NOMEM;
+    if ((j->seen = calloc(1, SEEN_BITS / 8)) &&
+        (rc = sqlite3_prepare_v2(j->db, "SELECT address FROM recipients", -1, &st, NULL)) == SQLITE_OK)
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+            seen_add(j, (const char *)sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0));
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
         free(j->seen);
