@@ -13,17 +13,18 @@
 
 #include <sqlite3.h>
 
-enum { Q_GET, Q_MEET, Q_RECORD, Q_UPDATE, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
+enum { Q_GET, Q_MEET, Q_RECORD, Q_LOG, Q_CLEAR, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
 
 static const char *const queries[Q_COUNT_] = {
     [Q_GET] = "SELECT state, run FROM recipients WHERE address = ?1",
     [Q_MEET] = "UPDATE recipients SET run = ?2 WHERE address = ?1",
+    /* the merge: a key's latest record, in the keys' order */
     [Q_RECORD] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
                  "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
-    /* a recipient already recorded (its L and its outcome follow its P):
-     * a plain update is cheaper than the upsert's failed insert */
-    [Q_UPDATE] = "UPDATE recipients SET state = ?2, info = ?3, run = ?4, updated = ?5 WHERE address = ?1",
-    [Q_COUNTS] = "SELECT state, count(*) FROM recipients GROUP BY state",
+    /* a record as it is made: appended to the log */
+    [Q_LOG] = "INSERT INTO log(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5)",
+    [Q_CLEAR] = "DELETE FROM log",
+    [Q_COUNTS] = "SELECT state, count(*) FROM latest GROUP BY state",
     /* prepared too: a transaction per loop turn should not parse SQL */
     [Q_BEGIN] = "BEGIN",
     [Q_COMMIT] = "COMMIT",
@@ -36,6 +37,26 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS runs(id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL,"
     " started REAL NOT NULL, ended REAL);";
 
+/* Version 4: records are appended to a log as they are made and merged
+ * into recipients in batches (see merge_pending); the view latest is each
+ * recipient's last record across both, what readers count. */
+static const char schema_log[] =
+    "CREATE TABLE IF NOT EXISTS log(seq INTEGER PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,"
+    " info TEXT NOT NULL, run INTEGER NOT NULL, updated REAL NOT NULL);"
+    "CREATE VIEW IF NOT EXISTS latest(address, state, info, run, updated) AS"
+    " SELECT address, state, info, run, updated FROM log"
+    "  WHERE seq IN (SELECT max(seq) FROM log GROUP BY address)"
+    " UNION ALL"
+    " SELECT address, state, info, run, updated FROM recipients WHERE address NOT IN (SELECT address FROM log);";
+
+/* A log left by a run that died before merging it (or a failed merge). */
+static const char merge_leftovers[] =
+    "INSERT INTO recipients(address, state, info, run, updated)"
+    " SELECT address, state, info, run, updated FROM log WHERE true ORDER BY address, seq"
+    " ON CONFLICT(address) DO UPDATE SET state = excluded.state, info = excluded.info, run = excluded.run,"
+    " updated = excluded.updated;"
+    "DELETE FROM log;";
+
 /* The keys a journal holds, as a Bloom filter of fixed size (1 MiB, three
  * bits a key): a key whose bits are not all set has no row, so a new
  * recipient's lookup (most of a list's rows) costs no query. A set bit
@@ -44,6 +65,26 @@ static const char schema[] =
  * is answered wrong. */
 #define SEEN_BITS (1u << 23)
 
+/* Why a log: a record is an append to the log's last page, where an
+ * insert or update in recipients lands on a page anywhere in the tree,
+ * rewrites it in the WAL at each commit, and splits it often (each split
+ * allocating pages of scratch, which also makes glibc consolidate the
+ * small blocks a Lua heap frees). The log is merged every MERGE_RECORDS
+ * records (or MERGE_TEXT bytes of keys and reasons), in the open
+ * transaction: each key's latest record, in the keys' order, one upsert
+ * each, then the log is emptied. Until then the records are also kept
+ * here (the pending map, at most MERGE_RECORDS keys), so lookups see them
+ * without a query and the merge reads nothing back. */
+#define MERGE_RECORDS 2048u
+#define MERGE_TEXT (1u << 20)
+#define PEND_SLOTS (2 * MERGE_RECORDS) /* open addressing, at most half full */
+
+typedef struct {
+    uint32_t key, klen, info, ilen; /* offsets into pend_text */
+    double updated;
+    char letter;
+} pend_entry;
+
 struct sp_journal {
     sqlite3 *db;
     unsigned char *seen; /* the filter (NULL: every lookup queries) */
@@ -51,11 +92,18 @@ struct sp_journal {
     int lock_fd; /* holds the flock for the run; closed only after the database */
     int refs;
     int in_tx;
+    int dead; /* a merge was lost with its transaction: the pending map no longer matches the log */
+    pend_entry *pend; /* this run's keys recorded since the last merge, their latest record */
+    uint32_t npend, nlogged; /* keys pending; records in the log */
+    uint32_t *pend_slot;     /* PEND_SLOTS: an index into pend plus one, 0 free */
+    char *pend_text;
+    size_t text_len, text_cap;
     unsigned long long tx_gen;  /* the open (or last) transaction's number */
     unsigned long long durable; /* the last one committed */
     int readonly;
     long long run;
     char *path;
+    int version; /* its schema's, as opened (a reader takes version 3 as it is) */
     char campaign[128];
     sp_journal_status status;
     char err[512];
@@ -68,9 +116,8 @@ static double wall_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* A key's three bits: FNV-1a, mixed (splitmix64's finaliser), then
- * double hashing. */
-static void seen_bits(const char *key, size_t klen, uint32_t bit[3])
+/* FNV-1a, mixed (splitmix64's finaliser). */
+static uint64_t key_hash(const char *key, size_t klen)
 {
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < klen; i++)
@@ -80,6 +127,13 @@ static void seen_bits(const char *key, size_t klen, uint32_t bit[3])
     h ^= h >> 27;
     h *= 0x94d049bb133111ebull;
     h ^= h >> 31;
+    return h;
+}
+
+/* A key's three bits: its hash, then double hashing. */
+static void seen_bits(const char *key, size_t klen, uint32_t bit[3])
+{
+    uint64_t h = key_hash(key, klen);
     uint32_t a = (uint32_t)h, b = (uint32_t)(h >> 32) | 1u;
     for (int i = 0; i < 3; i++)
         bit[i] = (a + (uint32_t)i * b) & (SEEN_BITS - 1);
@@ -205,6 +259,12 @@ static void destroy(sp_journal *j)
     j->db = NULL;
     free(j->seen);
     j->seen = NULL;
+    free(j->pend);
+    free(j->pend_slot);
+    free(j->pend_text);
+    j->pend = NULL;
+    j->pend_slot = NULL;
+    j->pend_text = NULL;
     /* after the database: closing any descriptor of the file drops the
      * process's POSIX locks on it, SQLite's own included */
     if (j->lock_fd >= 0)
@@ -253,14 +313,19 @@ static int user_version(sp_journal *j, int *v)
     return 0;
 }
 
+/* Versions 3 (no log) and 4; a run migrates a version 3 journal. */
 static int check_version(sp_journal *j, int v)
 {
-    if (v != SP_JOURNAL_VERSION)
+    if (v != 3 && v != SP_JOURNAL_VERSION)
         return fail(j, SP_JOURNAL_VERSION_MISMATCH,
-                    "journal %s has schema version %d; this smtppool reads version %d", j->path, v,
+                    "journal %s has schema version %d; this smtppool reads versions 3 and %d", j->path, v,
                     SP_JOURNAL_VERSION);
+    j->version = v;
     return 0;
 }
+
+/* What readers count: each recipient's latest record (version 3 had no log). */
+static const char *latest_table(const sp_journal *j) { return j->version == 3 ? "recipients" : "latest"; }
 
 /* Why a journal is busy: the run that holds it, as its runs row says. */
 static void describe_holder(sp_journal *j)
@@ -341,11 +406,23 @@ sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_s
                  " PRAGMA user_version=%d; COMMIT",
                  q ? q : "campaign", SP_JOURNAL_VERSION);
         sqlite3_free(q);
-        if (exec(j, schema, "creating its tables") < 0 || exec(j, sql, "creating it") < 0)
+        if (exec(j, schema, "creating its tables") < 0 || exec(j, schema_log, "creating its tables") < 0 ||
+            exec(j, sql, "creating it") < 0)
             return open_failed(j, status, err, errlen);
     } else if (check_version(j, v) < 0) {
         return open_failed(j, status, err, errlen);
+    } else if (v == 3) { /* its log and view; the rest is the same */
+        char sql[1024];
+        snprintf(sql, sizeof sql, "BEGIN; %s PRAGMA user_version=%d; COMMIT", schema_log, SP_JOURNAL_VERSION);
+        if (exec(j, sql, "upgrading it to version 4") < 0)
+            return open_failed(j, status, err, errlen);
     }
+    j->version = SP_JOURNAL_VERSION;
+    /* what a run that died left in the log */
+    char sql[1024];
+    snprintf(sql, sizeof sql, "BEGIN; %s COMMIT", merge_leftovers);
+    if (exec(j, sql, "merging what an earlier run left in its log") < 0)
+        return open_failed(j, status, err, errlen);
     if (read_meta(j) < 0)
         return open_failed(j, status, err, errlen);
     if (campaign && strcmp(j->campaign, campaign) != 0) {
@@ -403,7 +480,9 @@ sp_journal *sp_journal_open_read(const char *path, sp_journal_status *status, ch
     sqlite3_busy_timeout(j->db, 2000);
     if (user_version(j, &v) < 0 || check_version(j, v) < 0 || read_meta(j) < 0)
         return open_failed(j, status, err, errlen);
-    if ((rc = sqlite3_prepare_v2(j->db, queries[Q_COUNTS], -1, &j->st[Q_COUNTS], NULL)) != SQLITE_OK) {
+    char counts[128];
+    snprintf(counts, sizeof counts, "SELECT state, count(*) FROM %s GROUP BY state", latest_table(j));
+    if ((rc = sqlite3_prepare_v2(j->db, counts, -1, &j->st[Q_COUNTS], NULL)) != SQLITE_OK) {
         fail_db(j, rc, "preparing its queries");
         return open_failed(j, status, err, errlen);
     }
@@ -454,11 +533,12 @@ int sp_journal_last_run(sp_journal *j, long long *pid, char *host, size_t hostle
 int sp_journal_failures(sp_journal *j, int n, sp_journal_row_fn fn, void *ud)
 {
     sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(j->db,
-                                "SELECT state, address, info, updated FROM recipients WHERE state IN ('" SP_J_FAILED
-                                "','" SP_J_TRANSIENT "','" SP_J_AMBIGUOUS "') "
-                                "ORDER BY updated DESC LIMIT ?1",
-                                -1, &st, NULL);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT state, address, info, updated FROM %s WHERE state IN ('" SP_J_FAILED "','" SP_J_TRANSIENT
+             "','" SP_J_AMBIGUOUS "') ORDER BY updated DESC LIMIT ?1",
+             latest_table(j));
+    int rc = sqlite3_prepare_v2(j->db, sql, -1, &st, NULL);
     if (rc != SQLITE_OK)
         return fail_db(j, rc, "reading its failures");
     sqlite3_bind_int(st, 1, n);
@@ -473,9 +553,149 @@ int sp_journal_is_open(const sp_journal *j) { return j->db != NULL; }
 
 static int not_open(sp_journal *j)
 {
+    if (j->dead)
+        return -1; /* its error stands */
     if (j->db && !j->readonly)
         return 0;
     return fail(j, SP_JOURNAL_IO, "journal %s is closed", j->path ? j->path : "(temporary)");
+}
+
+/* ===== the pending map and the merge ===== */
+
+static int step_done(sp_journal *j, sqlite3_stmt *st, const char *what)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st); /* its parameters stay bound: every use binds them all again */
+    return rc == SQLITE_DONE ? 0 : fail_db(j, rc, what);
+}
+
+/* key's slot in pend_slot: the one holding it, or the free one where it
+ * goes (there is always one: the map is at most half full). */
+static uint32_t *pend_slot_of(sp_journal *j, const char *key, size_t klen)
+{
+    for (uint32_t i = (uint32_t)key_hash(key, klen);; i++) {
+        uint32_t *slot = &j->pend_slot[i & (PEND_SLOTS - 1)];
+        if (!*slot)
+            return slot;
+        const pend_entry *e = &j->pend[*slot - 1];
+        if (e->klen == klen && memcmp(j->pend_text + e->key, key, klen) == 0)
+            return slot;
+    }
+}
+
+static int pend_text_add(sp_journal *j, const char *s, size_t n, uint32_t *off)
+{
+    if (j->text_len + n > j->text_cap) {
+        size_t cap = j->text_cap ? j->text_cap : 64 * 1024;
+        while (cap < j->text_len + n)
+            cap *= 2;
+        char *t = realloc(j->pend_text, cap);
+        if (!t)
+            return -1;
+        j->pend_text = t;
+        j->text_cap = cap;
+    }
+    if (n)
+        memcpy(j->pend_text + j->text_len, s, n);
+    *off = (uint32_t)j->text_len;
+    j->text_len += n;
+    return 0;
+}
+
+/* key's latest record, kept until the merge. */
+static int pend_put(sp_journal *j, char letter, const char *key, size_t klen, const char *info, size_t ilen,
+                    double now)
+{
+    if (!j->pend_slot) {
+        if (!(j->pend = malloc(MERGE_RECORDS * sizeof *j->pend)) ||
+            !(j->pend_slot = calloc(PEND_SLOTS, sizeof *j->pend_slot))) {
+            free(j->pend);
+            j->pend = NULL;
+            return -1;
+        }
+    }
+    uint32_t *slot = pend_slot_of(j, key, klen);
+    pend_entry *e = &j->pend[*slot ? *slot - 1 : j->npend];
+    if (!*slot) {
+        if (pend_text_add(j, key, klen, &e->key) < 0)
+            return -1;
+        e->klen = (uint32_t)klen;
+        *slot = ++j->npend;
+    }
+    if (pend_text_add(j, info, ilen, &e->info) < 0)
+        return -1;
+    e->ilen = (uint32_t)ilen;
+    e->letter = letter;
+    e->updated = now;
+    return 0;
+}
+
+static void pend_reset(sp_journal *j)
+{
+    if (j->pend_slot)
+        memset(j->pend_slot, 0, PEND_SLOTS * sizeof *j->pend_slot);
+    j->npend = j->nlogged = 0;
+    j->text_len = 0;
+}
+
+/* Once a write is lost with its transaction, the pending map and the log
+ * no longer agree: the journal takes nothing more (a later run merges
+ * what the log holds). */
+static int lost(sp_journal *j)
+{
+    j->dead = 1;
+    return -1;
+}
+
+/* A record (e's letter and time; its key and reason given) as the
+ * parameters of st, Q_LOG or Q_RECORD. */
+static void bind_entry(const sp_journal *j, sqlite3_stmt *st, const pend_entry *e, const char *key,
+                       const char *info, size_t ilen)
+{
+    sqlite3_bind_text(st, 1, key, (int)e->klen, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, &e->letter, 1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, info, (int)ilen, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, j->run);
+    sqlite3_bind_double(st, 5, e->updated);
+}
+
+typedef struct {
+    const char *key;
+    uint32_t klen, i;
+} pend_ref;
+
+/* SQLite's BINARY order: the bytes, then the length. */
+static int pend_cmp(const void *a, const void *b)
+{
+    const pend_ref *x = a, *y = b;
+    int c = memcmp(x->key, y->key, x->klen < y->klen ? x->klen : y->klen);
+    return c ? c : (x->klen > y->klen) - (x->klen < y->klen);
+}
+
+/* Merges the pending records into recipients, in the open transaction:
+ * each key's latest record, in the keys' order, then the log emptied. */
+static int merge_pending(sp_journal *j)
+{
+    if (!j->nlogged)
+        return 0;
+    pend_ref *order = malloc(j->npend * sizeof *order);
+    if (!order)
+        return lost(j), fail(j, SP_JOURNAL_IO, "journal %s: out of memory", j->path ? j->path : "(temporary)");
+    for (uint32_t i = 0; i < j->npend; i++)
+        order[i] = (pend_ref){j->pend_text + j->pend[i].key, j->pend[i].klen, i};
+    qsort(order, j->npend, sizeof *order, pend_cmp);
+    sqlite3_stmt *st = j->st[Q_RECORD];
+    int rc = 0;
+    for (uint32_t k = 0; k < j->npend && rc == 0; k++) {
+        const pend_entry *e = &j->pend[order[k].i];
+        bind_entry(j, st, e, order[k].key, j->pend_text + e->info, e->ilen);
+        rc = step_done(j, st, "merging its log");
+    }
+    free(order);
+    if (rc == 0)
+        rc = step_done(j, j->st[Q_CLEAR], "merging its log");
+    pend_reset(j);
+    return rc < 0 ? lost(j) : 0;
 }
 
 int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, int *this_run)
@@ -486,6 +706,14 @@ int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, in
         return -1;
     if (!seen_maybe(j, key, klen))
         return 0;
+    if (j->npend) {
+        const uint32_t *slot = pend_slot_of(j, key, klen);
+        if (*slot) {
+            *letter = j->pend[*slot - 1].letter;
+            *this_run = 1;
+            return 1;
+        }
+    }
     if (begin(j) < 0)
         return -1;
     sqlite3_stmt *st = j->st[Q_GET];
@@ -503,13 +731,6 @@ int sp_journal_get(sp_journal *j, const char *key, size_t klen, char *letter, in
     return found;
 }
 
-static int step_done(sp_journal *j, sqlite3_stmt *st, const char *what)
-{
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st); /* its parameters stay bound: every use binds them all again */
-    return rc == SQLITE_DONE ? 0 : fail_db(j, rc, what);
-}
-
 int sp_journal_meet(sp_journal *j, const char *key, size_t klen)
 {
     if (not_open(j) < 0 || begin(j) < 0)
@@ -524,24 +745,19 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
 {
     if (not_open(j) < 0 || begin(j) < 0)
         return -1;
+    if ((j->nlogged >= MERGE_RECORDS || j->text_len >= MERGE_TEXT) && merge_pending(j) < 0)
+        return -1;
     double now = wall_now();
-    /* P and L are most often a recipient's first row (a campaign gives a
-     * new one none before its L); the letters after them update it */
-    int first = letter == SP_J_PREPARED[0] || letter == SP_J_LEAVING[0];
-    for (int q = first ? Q_RECORD : Q_UPDATE;; q = Q_RECORD) {
-        sqlite3_stmt *st = j->st[q];
-        sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, &letter, 1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, info ? info : "", info ? (int)ilen : 0, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 4, j->run);
-        sqlite3_bind_double(st, 5, now);
-        if (step_done(j, st, "writing a recipient") < 0)
-            return -1;
-        if (q == Q_RECORD)
-            seen_add(j, key, klen);
-        if (q == Q_RECORD || sqlite3_changes(j->db) > 0)
-            return 0;
-    }
+    pend_entry rec = {0, (uint32_t)klen, 0, 0, now, letter};
+    sqlite3_stmt *st = j->st[Q_LOG];
+    bind_entry(j, st, &rec, key, info ? info : "", info ? ilen : 0);
+    if (step_done(j, st, "writing a recipient") < 0)
+        return -1;
+    j->nlogged++;
+    seen_add(j, key, klen);
+    if (pend_put(j, letter, key, klen, info ? info : "", info ? ilen : 0, now) < 0)
+        return lost(j), fail(j, SP_JOURNAL_IO, "journal %s: out of memory", j->path ? j->path : "(temporary)");
+    return 0;
 }
 
 /* Flushes the WAL to the disk, for power loss: synchronous=NORMAL writes
@@ -573,7 +789,7 @@ int sp_journal_commit(sp_journal *j, int sync)
         if (!sqlite3_get_autocommit(j->db))
             sqlite3_exec(j->db, "ROLLBACK", NULL, NULL, NULL);
         j->in_tx = 0;
-        return -1;
+        return lost(j);
     }
     j->in_tx = 0;
     j->durable = j->tx_gen;
@@ -612,6 +828,7 @@ int sp_journal_counts(sp_journal *j, long long counts[26])
     memset(counts, 0, 26 * sizeof *counts);
     if (!j->db)
         return fail(j, SP_JOURNAL_IO, "journal is closed");
+
     sqlite3_stmt *st = j->st[Q_COUNTS];
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
@@ -629,7 +846,13 @@ int sp_journal_close(sp_journal *j)
         return 0;
     int r = 0;
     if (!j->readonly) {
-        r = sp_journal_commit(j, 1);
+        /* merged at the end, so the next run opens a journal with an empty log */
+        r = j->nlogged && !j->dead && begin(j) == 0 ? merge_pending(j) : 0;
+        r = r < 0 ? r : sp_journal_commit(j, 1);
+        if (j->dead && !sqlite3_get_autocommit(j->db)) {
+            sqlite3_exec(j->db, "ROLLBACK", NULL, NULL, NULL);
+            j->in_tx = 0;
+        }
         sqlite3_stmt *st;
         if (sqlite3_prepare_v2(j->db, "UPDATE runs SET ended = ?1 WHERE id = ?2", -1, &st, NULL) == SQLITE_OK) {
             sqlite3_bind_double(st, 1, wall_now());

@@ -9,11 +9,19 @@
  * caller commits (once per loop wake); sp_journal_mark writes L and commits
  * at once, before a final dot leaves. The database is in WAL mode with
  * synchronous=NORMAL, so a commit survives kill -9; sp_journal_commit(j, 1)
- * also survives power loss. Schema (version 3; 1 and 2 were text files):
+ * also survives power loss. Schema (version 4; 1 and 2 were text files,
+ * 3 had no log, and a run upgrades it):
  *
  *   meta(key PRIMARY KEY, value)                 campaign, created
  *   recipients(address PRIMARY KEY, state, info, run, updated)
+ *   log(seq PRIMARY KEY, address, state, info, run, updated)
+ *                                                records not merged yet
+ *   latest(address, state, info, run, updated)   a view: the last of each
  *   runs(id PRIMARY KEY, pid, host, started, ended)
+ *
+ * A record is appended to the log; the log is merged into recipients (each
+ * address's last record) every 2,048 records, at close, and when a run
+ * opens a journal a dead run left unmerged.
  *
  * Not thread-safe: one thread uses a journal. */
 #ifndef SP_JOURNAL_H
@@ -21,7 +29,7 @@
 
 #include <stddef.h>
 
-#define SP_JOURNAL_VERSION 3
+#define SP_JOURNAL_VERSION 4
 
 typedef enum {
     SP_JOURNAL_OK = 0,

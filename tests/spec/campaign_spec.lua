@@ -22,9 +22,10 @@ local function delivered(exim)
 end
 
 -- address -> state letter, read with the sqlite3 shell as a user would
+-- (the view latest: the merged table and the log not merged yet)
 local function journal_states(path)
   local st = {}
-  local out = peers.sh(("sqlite3 -separator ' ' %s 'SELECT state, address FROM recipients'"):format(peers.quote(path)))
+  local out = peers.sh(("sqlite3 -separator ' ' %s 'SELECT state, address FROM latest'"):format(peers.quote(path)))
   for s, key in out:gmatch("([PLSFTAD]) ([^\n]+)") do st[key] = s end
   return st
 end
@@ -221,6 +222,72 @@ describe("the campaign journal (SQLite)", function()
     assert(assert(core.journal_open(dir .. "/j", "spring")):close())
   end)
 
+  local function sql(path, q) return (peers.sh(("sqlite3 %s %s"):format(peers.quote(path), peers.quote(q))):gsub("%s+$", "")) end
+
+  it("logs records and merges them in batches; a run killed before a merge loses none, and status reads them", function()
+    -- a child records 3,000 keys (the log is merged at 2,048 records),
+    -- commits, says so, and waits to be killed
+    peers.write_file(dir .. "/child.lua", ([[
+      package.cpath = "build/lua5.4/?.so;" .. package.cpath
+      local j = assert(require("smtppool.core").journal_open(%q, "spring"))
+      for i = 1, 3000 do
+        assert(j:record(i %% 3 == 0 and "L" or "S", "k" .. i .. "@x.test", "250 ok " .. i))
+        if i %% 100 == 0 then assert(j:commit()) end
+      end
+      assert(j:commit())
+      print("recorded")
+      io.stdout:flush()
+      io.open(%q):read() -- a FIFO nobody writes: waits for the kill without a process of its own
+    ]]):format(dir .. "/j", dir .. "/fifo"))
+    peers.sh("mkfifo " .. peers.quote(dir .. "/fifo"))
+    local out = dir .. "/child.out"
+    local pid = tonumber(peers.sh(("lua5.4 %s > %s 2>&1 & echo $!"):format(peers.quote(dir .. "/child.lua"),
+      peers.quote(out))):match("%d+"))
+    peers.wait_for(function() return (peers.read_file(out) or ""):find("recorded") end, 30, "the child's records")
+    -- while it lives: 952 records not merged, counted all the same
+    assert.equal("952", sql(dir .. "/j", "SELECT count(*) FROM log"))
+    local st = assert(core.journal_status(dir .. "/j"))
+    assert.is_true(st.running)
+    assert.same({ S = 2000, L = 1000 }, st.counts)
+    assert.equal("L|1000\nS|2000", sql(dir .. "/j", "SELECT state, count(*) FROM latest GROUP BY state"))
+    os.execute("kill -9 " .. pid)
+    peers.wait_for(function() return not assert(core.journal_status(dir .. "/j")).running end, 10, "the lock to go")
+    -- the next run merges what the log holds before anything else
+    local j = assert(core.journal_open(dir .. "/j", "spring"))
+    assert.equal("0", sql(dir .. "/j", "SELECT count(*) FROM log"))
+    for i = 1, 3000 do
+      assert.same({ i % 3 == 0 and "L" or "S", false }, { j:get("k" .. i .. "@x.test") }, i)
+    end
+    assert.equal("250 ok 2999", sql(dir .. "/j", "SELECT info FROM recipients WHERE address = 'k2999@x.test'"))
+    -- this run's records, merged at its close: the log is left empty
+    for i = 1, 100 do assert(j:record("F", "k" .. i .. "@x.test", "550 no")) end
+    assert.same({ "F", true }, { j:get("k1@x.test") })
+    assert(j:close())
+    assert.equal("0", sql(dir .. "/j", "SELECT count(*) FROM log"))
+    assert.equal("F|100\nL|967\nS|1933", sql(dir .. "/j", "SELECT state, count(*) FROM recipients GROUP BY state"))
+  end)
+
+  it("reads a version 3 journal as it is, and upgrades it when a run opens it", function()
+    sql(dir .. "/j", "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+      .. " CREATE TABLE recipients(address TEXT PRIMARY KEY, state TEXT NOT NULL, info TEXT NOT NULL DEFAULT '',"
+      .. " run INTEGER NOT NULL, updated REAL NOT NULL) WITHOUT ROWID;"
+      .. " CREATE TABLE runs(id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, started REAL NOT NULL,"
+      .. " ended REAL); INSERT INTO meta VALUES('campaign', 'spring');"
+      .. " INSERT INTO runs VALUES(1, 1, 'h', 1e9, 1e9 + 60);"
+      .. " INSERT INTO recipients VALUES('a@x.test', 'S', '250 ok', 1, 1e9), ('b@x.test', 'T', '451 later', 1, 1e9);"
+      .. " PRAGMA journal_mode=WAL; PRAGMA user_version=3;")
+    local st = assert(core.journal_status(dir .. "/j"))
+    assert.same({ S = 1, T = 1 }, st.counts)
+    assert.equal("b@x.test", st.failures[1].address)
+    assert.equal("3", sql(dir .. "/j", "PRAGMA user_version"))
+    local j = assert(core.journal_open(dir .. "/j", "spring"))
+    assert.equal("4", sql(dir .. "/j", "PRAGMA user_version"))
+    assert.same({ "S", false }, { j:get("a@x.test") })
+    assert(j:record("S", "b@x.test", "250 ok"))
+    assert(j:close())
+    assert.same({ S = 2 }, assert(core.journal_status(dir .. "/j")).counts)
+  end)
+
   it("refuses another campaign's journal, another schema version, and a file that is no journal", function()
     assert(assert(core.journal_open(dir .. "/j", "spring")):close())
     local j, e, st = core.journal_open(dir .. "/j", "autumn")
@@ -230,7 +297,7 @@ describe("the campaign journal (SQLite)", function()
     peers.sh(("sqlite3 %s 'PRAGMA user_version=9'"):format(peers.quote(dir .. "/j")))
     j, e, st = core.journal_open(dir .. "/j", "spring")
     assert.equal("version", st)
-    assert.matches("schema version 9; this smtppool reads version 3", e)
+    assert.matches("schema version 9; this smtppool reads versions 3 and 4", e)
     peers.write_file(dir .. "/bin", "\0\1\2binary junk")
     j, e, st = core.journal_open(dir .. "/bin", "spring")
     assert.equal("not_journal", st)

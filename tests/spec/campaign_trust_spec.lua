@@ -58,7 +58,7 @@ describe("campaign outages", function()
     assert.matches("pending", out)
     assert.is_nil(out:find("traceback", 1, true))
     -- nothing was written off: every recipient the run met is still pending (P)
-    assert.equal("P", peers.sh(("sqlite3 %s 'SELECT DISTINCT state FROM recipients'"):format(
+    assert.equal("P", peers.sh(("sqlite3 %s 'SELECT DISTINCT state FROM latest'"):format(
       peers.quote(dir .. "/j"))):gsub("%s+$", ""))
     -- the relay comes back on the same port
     local srv = peers.hostile({ quiet = true }, port)
@@ -248,7 +248,7 @@ describe("campaign journals keyed by address", function()
     local r = assert(run(rows(1, 1), { retry = smtppool.retry.none() }))
     assert.equal(1, r.ambiguous)
     -- the journal is an SQLite database the sqlite3 shell reads
-    assert.equal("A|ambiguous", peers.sh(("sqlite3 %s \"SELECT state, substr(info, 1, 9) FROM recipients "
+    assert.equal("A|ambiguous", peers.sh(("sqlite3 %s \"SELECT state, substr(info, 1, 9) FROM latest "
       .. "WHERE address = 'u1@y.test'\""):format(peers.quote(dir .. "/j"))):gsub("%s+$", ""))
     -- a text journal (version 2) is imported: one that ends at P (the process
     -- died before the dot) sends it; one that ends at L does not

@@ -499,7 +499,7 @@ describe("7. the smaller promises", function()
       message = { from = "a@hard.test", subject = "s {{n}}", text = "t" } })
     local report = assert(c:run())
     pool:close()
-    local d = tonumber(peers.sh(("sqlite3 %s \"SELECT count(*) FROM recipients WHERE state = 'D'\""):format(
+    local d = tonumber(peers.sh(("sqlite3 %s \"SELECT count(*) FROM latest WHERE state = 'D'\""):format(
       peers.quote(dir .. "/j"))):match("%d+"))
     os.execute("rm -rf " .. peers.quote(dir))
     local per = {}
