@@ -13,16 +13,17 @@
 
 #include <sqlite3.h>
 
-enum { Q_GET, Q_MEET, Q_RECORD, Q_LOG, Q_CLEAR, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
+enum { Q_GET, Q_MEET, Q_MERGE, Q_LOG, Q_CLEAR, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
 
 static const char *const queries[Q_COUNT_] = {
     [Q_GET] = "SELECT state, run FROM recipients WHERE address = ?1",
     [Q_MEET] = "UPDATE recipients SET run = ?2 WHERE address = ?1",
-    /* the merge: a key's latest record, in the keys' order */
-    [Q_RECORD] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
-                 "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
+    /* the merge: a key's latest record, in the keys' order (one statement
+     * for them all, reading a JSON array, cost twice as much) */
+    [Q_MERGE] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
+                "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
     /* a record as it is made: appended to the log */
-    [Q_LOG] = "INSERT INTO log(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5)",
+    [Q_LOG] = "INSERT INTO log(run, records) VALUES (?1, ?2)",
     [Q_CLEAR] = "DELETE FROM log",
     [Q_COUNTS] = "SELECT state, count(*) FROM latest GROUP BY state",
     /* prepared too: a transaction per loop turn should not parse SQL */
@@ -37,22 +38,28 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS runs(id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL,"
     " started REAL NOT NULL, ended REAL);";
 
-/* Version 4: records are appended to a log as they are made and merged
- * into recipients in batches (see merge_pending); the view latest is each
- * recipient's last record across both, what readers count. */
+/* Version 4: each commit appends its records to the log, one row holding a
+ * JSON array of [state, address, info, updated]; the log is merged into
+ * recipients in batches (see merge_pending). The view logged is the log a
+ * record a row, and latest each recipient's last record across both: what
+ * readers count. */
 static const char schema_log[] =
-    "CREATE TABLE IF NOT EXISTS log(seq INTEGER PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL,"
-    " info TEXT NOT NULL, run INTEGER NOT NULL, updated REAL NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS log(seq INTEGER PRIMARY KEY, run INTEGER NOT NULL, records TEXT NOT NULL);"
+    "CREATE VIEW IF NOT EXISTS logged(seq, item, address, state, info, run, updated) AS"
+    " SELECT log.seq, r.key, json_extract(r.value, '$[1]'), json_extract(r.value, '$[0]'),"
+    "  json_extract(r.value, '$[2]'), log.run, json_extract(r.value, '$[3]')"
+    " FROM log, json_each(log.records) AS r;"
     "CREATE VIEW IF NOT EXISTS latest(address, state, info, run, updated) AS"
-    " SELECT address, state, info, run, updated FROM log"
-    "  WHERE seq IN (SELECT max(seq) FROM log GROUP BY address)"
+    " SELECT address, state, info, run, updated FROM"
+    "  (SELECT *, row_number() OVER (PARTITION BY address ORDER BY seq DESC, item DESC) AS n FROM logged)"
+    "  WHERE n = 1"
     " UNION ALL"
-    " SELECT address, state, info, run, updated FROM recipients WHERE address NOT IN (SELECT address FROM log);";
+    " SELECT address, state, info, run, updated FROM recipients WHERE address NOT IN (SELECT address FROM logged);";
 
 /* A log left by a run that died before merging it (or a failed merge). */
 static const char merge_leftovers[] =
     "INSERT INTO recipients(address, state, info, run, updated)"
-    " SELECT address, state, info, run, updated FROM log WHERE true ORDER BY address, seq"
+    " SELECT address, state, info, run, updated FROM logged WHERE true ORDER BY address, seq, item"
     " ON CONFLICT(address) DO UPDATE SET state = excluded.state, info = excluded.info, run = excluded.run,"
     " updated = excluded.updated;"
     "DELETE FROM log;";
@@ -65,16 +72,19 @@ static const char merge_leftovers[] =
  * is answered wrong. */
 #define SEEN_BITS (1u << 23)
 
-/* Why a log: a record is an append to the log's last page, where an
- * insert or update in recipients lands on a page anywhere in the tree,
- * rewrites it in the WAL at each commit, and splits it often (each split
- * allocating pages of scratch, which also makes glibc consolidate the
- * small blocks a Lua heap frees). The log is merged every MERGE_RECORDS
- * records (or MERGE_TEXT bytes of keys and reasons), in the open
- * transaction: each key's latest record, in the keys' order, one upsert
- * each, then the log is emptied. Until then the records are also kept
- * here (the pending map, at most MERGE_RECORDS keys), so lookups see them
- * without a query and the merge reads nothing back. */
+/* Why a log: a commit's records are one row appended to the log's last
+ * page (a JSON array: one statement, where a row a record cost a
+ * statement's work each), where an insert or update in recipients lands
+ * on a page anywhere in the tree, rewrites it in the WAL at each commit,
+ * and splits it often (each split allocating pages of scratch, which also
+ * makes glibc consolidate the small blocks a Lua heap frees). The log is
+ * merged every MERGE_RECORDS records (or MERGE_TEXT bytes of keys and
+ * reasons), in the open transaction: each key's latest record, in the
+ * keys' order, one upsert each, then the log is emptied. Until then the
+ * records are kept here (the pending map, at most MERGE_RECORDS keys), so
+ * lookups see them without a query, a commit writes the keys recorded
+ * since the last (each one's last record), and the merge reads nothing
+ * back. */
 #define MERGE_RECORDS 2048u
 #define MERGE_TEXT (1u << 20)
 #define PEND_SLOTS (2 * MERGE_RECORDS) /* open addressing, at most half full */
@@ -83,6 +93,7 @@ typedef struct {
     uint32_t key, klen, info, ilen; /* offsets into pend_text */
     double updated;
     char letter;
+    char dirty; /* recorded in the open transaction: in the log row of its commit */
 } pend_entry;
 
 struct sp_journal {
@@ -94,8 +105,12 @@ struct sp_journal {
     int in_tx;
     int dead; /* a merge was lost with its transaction: the pending map no longer matches the log */
     pend_entry *pend; /* this run's keys recorded since the last merge, their latest record */
-    uint32_t npend, nlogged; /* keys pending; records in the log */
-    uint32_t *pend_slot;     /* PEND_SLOTS: an index into pend plus one, 0 free */
+    uint32_t npend, nlogged; /* keys pending; records made since the merge */
+    uint32_t ndirty;
+    uint32_t *pend_slot; /* PEND_SLOTS: an index into pend plus one, 0 free */
+    uint32_t *dirty;     /* the entries recorded in the open transaction */
+    char *json;          /* the log row being made */
+    size_t json_cap;
     char *pend_text;
     size_t text_len, text_cap;
     unsigned long long tx_gen;  /* the open (or last) transaction's number */
@@ -108,6 +123,8 @@ struct sp_journal {
     sp_journal_status status;
     char err[512];
 };
+
+static int write_dirty(sp_journal *j);
 
 static double wall_now(void)
 {
@@ -261,9 +278,13 @@ static void destroy(sp_journal *j)
     j->seen = NULL;
     free(j->pend);
     free(j->pend_slot);
+    free(j->dirty);
+    free(j->json);
     free(j->pend_text);
     j->pend = NULL;
     j->pend_slot = NULL;
+    j->dirty = NULL;
+    j->json = NULL;
     j->pend_text = NULL;
     /* after the database: closing any descriptor of the file drops the
      * process's POSIX locks on it, SQLite's own included */
@@ -532,6 +553,8 @@ int sp_journal_last_run(sp_journal *j, long long *pid, char *host, size_t hostle
 
 int sp_journal_failures(sp_journal *j, int n, sp_journal_row_fn fn, void *ud)
 {
+    if (j->ndirty && write_dirty(j) < 0) /* the view reads the log */
+        return -1;
     sqlite3_stmt *st;
     char sql[256];
     snprintf(sql, sizeof sql,
@@ -608,9 +631,12 @@ static int pend_put(sp_journal *j, char letter, const char *key, size_t klen, co
 {
     if (!j->pend_slot) {
         if (!(j->pend = malloc(MERGE_RECORDS * sizeof *j->pend)) ||
+            !(j->dirty = malloc(MERGE_RECORDS * sizeof *j->dirty)) ||
             !(j->pend_slot = calloc(PEND_SLOTS, sizeof *j->pend_slot))) {
             free(j->pend);
+            free(j->dirty);
             j->pend = NULL;
+            j->dirty = NULL;
             return -1;
         }
     }
@@ -620,7 +646,12 @@ static int pend_put(sp_journal *j, char letter, const char *key, size_t klen, co
         if (pend_text_add(j, key, klen, &e->key) < 0)
             return -1;
         e->klen = (uint32_t)klen;
+        e->dirty = 0;
         *slot = ++j->npend;
+    }
+    if (!e->dirty) {
+        e->dirty = 1;
+        j->dirty[j->ndirty++] = (uint32_t)(e - j->pend);
     }
     if (pend_text_add(j, info, ilen, &e->info) < 0)
         return -1;
@@ -634,7 +665,7 @@ static void pend_reset(sp_journal *j)
 {
     if (j->pend_slot)
         memset(j->pend_slot, 0, PEND_SLOTS * sizeof *j->pend_slot);
-    j->npend = j->nlogged = 0;
+    j->npend = j->nlogged = j->ndirty = 0;
     j->text_len = 0;
 }
 
@@ -647,16 +678,113 @@ static int lost(sp_journal *j)
     return -1;
 }
 
-/* A record (e's letter and time; its key and reason given) as the
- * parameters of st, Q_LOG or Q_RECORD. */
-static void bind_entry(const sp_journal *j, sqlite3_stmt *st, const pend_entry *e, const char *key,
-                       const char *info, size_t ilen)
+/* Room for n more bytes of the log row. */
+static char *json_room(sp_journal *j, size_t len, size_t n)
 {
-    sqlite3_bind_text(st, 1, key, (int)e->klen, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, &e->letter, 1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, info, (int)ilen, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 4, j->run);
-    sqlite3_bind_double(st, 5, e->updated);
+    if (len + n > j->json_cap) {
+        size_t cap = j->json_cap ? j->json_cap : 4096;
+        while (cap < len + n)
+            cap *= 2;
+        char *t = realloc(j->json, cap);
+        if (!t)
+            return NULL;
+        j->json = t;
+        j->json_cap = cap;
+    }
+    return j->json + len;
+}
+
+/* s as a JSON string at o (room for 6 * n + 2 bytes): quotes, backslashes
+ * and control bytes escaped, the rest as it is. */
+static char *json_string(char *o, const char *s, size_t n)
+{
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            *o++ = '\\';
+            *o++ = (char)c;
+        } else if (c < 0x20) {
+            memcpy(o, "\\u00", 4);
+            o[4] = "0123456789abcdef"[c >> 4];
+            o[5] = "0123456789abcdef"[c & 15];
+            o += 6;
+        } else {
+            *o++ = (char)c;
+        }
+    }
+    *o++ = '"';
+    return o;
+}
+
+/* ",<seconds>.<milliseconds>]" at o (at most 26 bytes): printf's %f costs
+ * more than the rest of a record. */
+static char *json_time(char *o, double t)
+{
+    unsigned long long ms = t > 0 ? (unsigned long long)(t * 1000.0 + 0.5) : 0;
+    char d[24];
+    int n = 0;
+    for (unsigned long long s = ms / 1000; n == 0 || s; s /= 10)
+        d[n++] = (char)('0' + s % 10);
+    *o++ = ',';
+    while (n)
+        *o++ = d[--n];
+    *o++ = '.';
+    *o++ = (char)('0' + ms / 100 % 10);
+    *o++ = (char)('0' + ms / 10 % 10);
+    *o++ = (char)('0' + ms % 10);
+    *o++ = ']';
+    return o;
+}
+
+/* The open transaction's records as one JSON array of [state, address,
+ * info, updated], in j->json; its length, or 0 out of memory. */
+static size_t json_records(sp_journal *j)
+{
+    size_t len = 0;
+    const uint32_t n = j->ndirty;
+    for (uint32_t k = 0; k < n; k++) {
+        const pend_entry *e = &j->pend[j->dirty[k]];
+        char *o = json_room(j, len, 40 + 6 * ((size_t)e->klen + e->ilen)), *start = o;
+        if (!o)
+            return 0;
+        *o++ = k ? ',' : '[';
+        memcpy(o, "[\"?\",", 5);
+        o[2] = e->letter;
+        o = json_string(o + 5, j->pend_text + e->key, e->klen);
+        *o++ = ',';
+        o = json_string(o, j->pend_text + e->info, e->ilen);
+        o = json_time(o, e->updated);
+        len += (size_t)(o - start);
+    }
+    char *o = json_room(j, len, 2);
+    if (!o)
+        return 0;
+    if (!n)
+        *o++ = '[', len++;
+    *o = ']';
+    return len + 1;
+}
+
+static int out_of_memory(sp_journal *j)
+{
+    lost(j);
+    return fail(j, SP_JOURNAL_IO, "journal %s: out of memory", j->path ? j->path : "(temporary)");
+}
+
+/* The open transaction's records (each key's last) as one log row. */
+static int write_dirty(sp_journal *j)
+{
+    size_t len = json_records(j);
+    for (uint32_t k = 0; k < j->ndirty; k++)
+        j->pend[j->dirty[k]].dirty = 0;
+    j->ndirty = 0;
+    if (!len)
+        return out_of_memory(j);
+    sqlite3_stmt *st = j->st[Q_LOG];
+    sqlite3_bind_int64(st, 1, j->run);
+    sqlite3_bind_text(st, 2, j->json, (int)len, SQLITE_STATIC);
+    return step_done(j, st, "writing its log") < 0 ? lost(j) : 0;
 }
 
 typedef struct {
@@ -680,15 +808,20 @@ static int merge_pending(sp_journal *j)
         return 0;
     pend_ref *order = malloc(j->npend * sizeof *order);
     if (!order)
-        return lost(j), fail(j, SP_JOURNAL_IO, "journal %s: out of memory", j->path ? j->path : "(temporary)");
+        return out_of_memory(j);
     for (uint32_t i = 0; i < j->npend; i++)
         order[i] = (pend_ref){j->pend_text + j->pend[i].key, j->pend[i].klen, i};
     qsort(order, j->npend, sizeof *order, pend_cmp);
-    sqlite3_stmt *st = j->st[Q_RECORD];
+    /* the records not in the log yet go to recipients with the rest */
+    sqlite3_stmt *st = j->st[Q_MERGE];
     int rc = 0;
     for (uint32_t k = 0; k < j->npend && rc == 0; k++) {
         const pend_entry *e = &j->pend[order[k].i];
-        bind_entry(j, st, e, order[k].key, j->pend_text + e->info, e->ilen);
+        sqlite3_bind_text(st, 1, order[k].key, (int)e->klen, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, &e->letter, 1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, j->pend_text + e->info, (int)e->ilen, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, j->run);
+        sqlite3_bind_double(st, 5, e->updated);
         rc = step_done(j, st, "merging its log");
     }
     free(order);
@@ -747,16 +880,10 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
         return -1;
     if ((j->nlogged >= MERGE_RECORDS || j->text_len >= MERGE_TEXT) && merge_pending(j) < 0)
         return -1;
-    double now = wall_now();
-    pend_entry rec = {0, (uint32_t)klen, 0, 0, now, letter};
-    sqlite3_stmt *st = j->st[Q_LOG];
-    bind_entry(j, st, &rec, key, info ? info : "", info ? ilen : 0);
-    if (step_done(j, st, "writing a recipient") < 0)
-        return -1;
+    if (pend_put(j, letter, key, klen, info ? info : "", info ? ilen : 0, wall_now()) < 0)
+        return out_of_memory(j);
     j->nlogged++;
     seen_add(j, key, klen);
-    if (pend_put(j, letter, key, klen, info ? info : "", info ? ilen : 0, now) < 0)
-        return lost(j), fail(j, SP_JOURNAL_IO, "journal %s: out of memory", j->path ? j->path : "(temporary)");
     return 0;
 }
 
@@ -781,6 +908,8 @@ int sp_journal_commit(sp_journal *j, int sync)
         return -1;
     if (!j->in_tx) /* committed already (before a connection wrote): still synced when asked */
         return sync ? sync_wal(j) : 0;
+    if (j->ndirty && write_dirty(j) < 0)
+        return -1;
     int rc = run_stmt(j->st[Q_COMMIT]);
     if (rc != SQLITE_OK) {
         fail_db(j, rc, "commit");
@@ -828,6 +957,8 @@ int sp_journal_counts(sp_journal *j, long long counts[26])
     memset(counts, 0, 26 * sizeof *counts);
     if (!j->db)
         return fail(j, SP_JOURNAL_IO, "journal is closed");
+    if (j->ndirty && write_dirty(j) < 0) /* the view reads the log */
+        return -1;
 
     sqlite3_stmt *st = j->st[Q_COUNTS];
     int rc;

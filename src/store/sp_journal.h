@@ -14,14 +14,15 @@
  *
  *   meta(key PRIMARY KEY, value)                 campaign, created
  *   recipients(address PRIMARY KEY, state, info, run, updated)
- *   log(seq PRIMARY KEY, address, state, info, run, updated)
- *                                                records not merged yet
+ *   log(seq PRIMARY KEY, run, records)           records not merged yet: a
+ *                                                row a commit, a JSON array
+ *   logged(seq, item, address, state, info, run, updated)   a view of it
  *   latest(address, state, info, run, updated)   a view: the last of each
  *   runs(id PRIMARY KEY, pid, host, started, ended)
  *
- * A record is appended to the log; the log is merged into recipients (each
- * address's last record) every 2,048 records, at close, and when a run
- * opens a journal a dead run left unmerged.
+ * A commit appends its records to the log; the log is merged into
+ * recipients (each address's last record) every 2,048 records, at close,
+ * and when a run opens a journal a dead run left unmerged.
  *
  * Not thread-safe: one thread uses a journal. */
 #ifndef SP_JOURNAL_H

@@ -234,6 +234,8 @@ describe("the campaign journal (SQLite)", function()
         assert(j:record(i %% 3 == 0 and "L" or "S", "k" .. i .. "@x.test", "250 ok " .. i))
         if i %% 100 == 0 then assert(j:commit()) end
       end
+      -- bytes the log's JSON must carry as they are
+      assert(j:record("F", '"odd\\ key"@x.test', 'he said "no" \\ \1\31 caf\195\169 \255'))
       assert(j:commit())
       print("recorded")
       io.stdout:flush()
@@ -244,12 +246,12 @@ describe("the campaign journal (SQLite)", function()
     local pid = tonumber(peers.sh(("lua5.4 %s > %s 2>&1 & echo $!"):format(peers.quote(dir .. "/child.lua"),
       peers.quote(out))):match("%d+"))
     peers.wait_for(function() return (peers.read_file(out) or ""):find("recorded") end, 30, "the child's records")
-    -- while it lives: 952 records not merged, counted all the same
-    assert.equal("952", sql(dir .. "/j", "SELECT count(*) FROM log"))
+    -- while it lives: 953 records not merged, in a log row a commit, counted all the same
+    assert.equal("11|953", sql(dir .. "/j", "SELECT count(DISTINCT seq), count(*) FROM logged"))
     local st = assert(core.journal_status(dir .. "/j"))
     assert.is_true(st.running)
-    assert.same({ S = 2000, L = 1000 }, st.counts)
-    assert.equal("L|1000\nS|2000", sql(dir .. "/j", "SELECT state, count(*) FROM latest GROUP BY state"))
+    assert.same({ S = 2000, L = 1000, F = 1 }, st.counts)
+    assert.equal("F|1\nL|1000\nS|2000", sql(dir .. "/j", "SELECT state, count(*) FROM latest GROUP BY state"))
     os.execute("kill -9 " .. pid)
     peers.wait_for(function() return not assert(core.journal_status(dir .. "/j")).running end, 10, "the lock to go")
     -- the next run merges what the log holds before anything else
@@ -259,12 +261,15 @@ describe("the campaign journal (SQLite)", function()
       assert.same({ i % 3 == 0 and "L" or "S", false }, { j:get("k" .. i .. "@x.test") }, i)
     end
     assert.equal("250 ok 2999", sql(dir .. "/j", "SELECT info FROM recipients WHERE address = 'k2999@x.test'"))
+    assert.same({ "F", false }, { j:get('"odd\\ key"@x.test') })
+    assert.equal('he said "no" \\ \1\31 caf\195\169 \255',
+      sql(dir .. "/j", [[SELECT info FROM recipients WHERE address = '"odd\ key"@x.test']]))
     -- this run's records, merged at its close: the log is left empty
     for i = 1, 100 do assert(j:record("F", "k" .. i .. "@x.test", "550 no")) end
     assert.same({ "F", true }, { j:get("k1@x.test") })
     assert(j:close())
     assert.equal("0", sql(dir .. "/j", "SELECT count(*) FROM log"))
-    assert.equal("F|100\nL|967\nS|1933", sql(dir .. "/j", "SELECT state, count(*) FROM recipients GROUP BY state"))
+    assert.equal("F|101\nL|967\nS|1933", sql(dir .. "/j", "SELECT state, count(*) FROM recipients GROUP BY state"))
   end)
 
   it("reads a version 3 journal as it is, and upgrades it when a run opens it", function()
