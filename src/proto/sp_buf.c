@@ -13,10 +13,8 @@ void sp_buf_free(sp_buf *b)
 
 void sp_buf_reset(sp_buf *b) { b->off = b->len = 0; }
 
-int sp_buf_append(sp_buf *b, const void *p, size_t n)
+char *sp_buf_reserve(sp_buf *b, size_t n)
 {
-    if (n == 0)
-        return 0;
     if (b->off > 0 && b->off == b->len)
         b->off = b->len = 0;
     if (b->cap - b->len < n) {
@@ -30,17 +28,27 @@ int sp_buf_append(sp_buf *b, const void *p, size_t n)
             size_t cap = b->cap ? b->cap : 256;
             while (cap - b->len < n) {
                 if (cap > ((size_t)-1) / 2)
-                    return -1;
+                    return NULL;
                 cap *= 2;
             }
             char *d = realloc(b->data, cap);
             if (!d)
-                return -1;
+                return NULL;
             b->data = d;
             b->cap = cap;
         }
     }
-    memcpy(b->data + b->len, p, n);
+    return b->data + b->len;
+}
+
+int sp_buf_append(sp_buf *b, const void *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    char *o = sp_buf_reserve(b, n);
+    if (!o)
+        return -1;
+    memcpy(o, p, n);
     b->len += n;
     return 0;
 }

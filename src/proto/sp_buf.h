@@ -17,6 +17,9 @@ void sp_buf_free(sp_buf *b);
 /* Appends n bytes; returns 0, or -1 when memory runs out (the buffer is unchanged). */
 int sp_buf_append(sp_buf *b, const void *p, size_t n);
 int sp_buf_append_str(sp_buf *b, const char *s);
+/* Room for n more bytes at the end (b->data + b->len), which the caller
+ * fills and then adds to b->len; NULL when memory runs out. */
+char *sp_buf_reserve(sp_buf *b, size_t n);
 /* Marks n bytes from the front as consumed. */
 void sp_buf_consume(sp_buf *b, size_t n);
 static inline size_t sp_buf_pending(const sp_buf *b) { return b->len - b->off; }

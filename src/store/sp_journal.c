@@ -13,6 +13,8 @@
 
 #include <sqlite3.h>
 
+#include "sp_buf.h"
+
 enum { Q_GET, Q_MEET, Q_MERGE, Q_LOG, Q_CLEAR, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
 
 static const char *const queries[Q_COUNT_] = {
@@ -90,7 +92,7 @@ static const char merge_leftovers[] =
 #define PEND_SLOTS (2 * MERGE_RECORDS) /* open addressing, at most half full */
 
 typedef struct {
-    uint32_t key, klen, info, ilen; /* offsets into pend_text */
+    uint32_t key, klen, info, ilen; /* offsets into text */
     double updated;
     char letter;
     char dirty; /* recorded in the open transaction: in the log row of its commit */
@@ -109,10 +111,8 @@ struct sp_journal {
     uint32_t ndirty;
     uint32_t *pend_slot; /* PEND_SLOTS: an index into pend plus one, 0 free */
     uint32_t *dirty;     /* the entries recorded in the open transaction */
-    char *json;          /* the log row being made */
-    size_t json_cap;
-    char *pend_text;
-    size_t text_len, text_cap;
+    sp_buf json;         /* the log row being made */
+    sp_buf text; /* the pending keys and reasons */
     unsigned long long tx_gen;  /* the open (or last) transaction's number */
     unsigned long long durable; /* the last one committed */
     int readonly;
@@ -279,13 +279,12 @@ static void destroy(sp_journal *j)
     free(j->pend);
     free(j->pend_slot);
     free(j->dirty);
-    free(j->json);
-    free(j->pend_text);
+    sp_buf_free(&j->json);
+    sp_buf_free(&j->text);
     j->pend = NULL;
     j->pend_slot = NULL;
     j->dirty = NULL;
-    j->json = NULL;
-    j->pend_text = NULL;
+
     /* after the database: closing any descriptor of the file drops the
      * process's POSIX locks on it, SQLite's own included */
     if (j->lock_fd >= 0)
@@ -601,28 +600,15 @@ static uint32_t *pend_slot_of(sp_journal *j, const char *key, size_t klen)
         if (!*slot)
             return slot;
         const pend_entry *e = &j->pend[*slot - 1];
-        if (e->klen == klen && memcmp(j->pend_text + e->key, key, klen) == 0)
+        if (e->klen == klen && memcmp(j->text.data + e->key, key, klen) == 0)
             return slot;
     }
 }
 
 static int pend_text_add(sp_journal *j, const char *s, size_t n, uint32_t *off)
 {
-    if (j->text_len + n > j->text_cap) {
-        size_t cap = j->text_cap ? j->text_cap : 64 * 1024;
-        while (cap < j->text_len + n)
-            cap *= 2;
-        char *t = realloc(j->pend_text, cap);
-        if (!t)
-            return -1;
-        j->pend_text = t;
-        j->text_cap = cap;
-    }
-    if (n)
-        memcpy(j->pend_text + j->text_len, s, n);
-    *off = (uint32_t)j->text_len;
-    j->text_len += n;
-    return 0;
+    *off = (uint32_t)j->text.len;
+    return sp_buf_append(&j->text, s, n);
 }
 
 /* key's latest record, kept until the merge. */
@@ -631,7 +617,7 @@ static int pend_put(sp_journal *j, char letter, const char *key, size_t klen, co
 {
     if (!j->pend_slot) {
         if (!(j->pend = malloc(MERGE_RECORDS * sizeof *j->pend)) ||
-            !(j->dirty = malloc(MERGE_RECORDS * sizeof *j->dirty)) ||
+            !(j->dirty = malloc(MERGE_RECORDS * sizeof *j->dirty)) || !sp_buf_reserve(&j->text, 64 * 1024) ||
             !(j->pend_slot = calloc(PEND_SLOTS, sizeof *j->pend_slot))) {
             free(j->pend);
             free(j->dirty);
@@ -666,7 +652,7 @@ static void pend_reset(sp_journal *j)
     if (j->pend_slot)
         memset(j->pend_slot, 0, PEND_SLOTS * sizeof *j->pend_slot);
     j->npend = j->nlogged = j->ndirty = 0;
-    j->text_len = 0;
+    sp_buf_reset(&j->text);
 }
 
 /* Once a write is lost with its transaction, the pending map and the log
@@ -676,22 +662,6 @@ static int lost(sp_journal *j)
 {
     j->dead = 1;
     return -1;
-}
-
-/* Room for n more bytes of the log row. */
-static char *json_room(sp_journal *j, size_t len, size_t n)
-{
-    if (len + n > j->json_cap) {
-        size_t cap = j->json_cap ? j->json_cap : 4096;
-        while (cap < len + n)
-            cap *= 2;
-        char *t = realloc(j->json, cap);
-        if (!t)
-            return NULL;
-        j->json = t;
-        j->json_cap = cap;
-    }
-    return j->json + len;
 }
 
 /* s as a JSON string at o (room for 6 * n + 2 bytes): quotes, backslashes
@@ -741,29 +711,29 @@ static char *json_time(char *o, double t)
  * info, updated], in j->json; its length, or 0 out of memory. */
 static size_t json_records(sp_journal *j)
 {
-    size_t len = 0;
+    sp_buf_reset(&j->json);
     const uint32_t n = j->ndirty;
     for (uint32_t k = 0; k < n; k++) {
         const pend_entry *e = &j->pend[j->dirty[k]];
-        char *o = json_room(j, len, 40 + 6 * ((size_t)e->klen + e->ilen)), *start = o;
+        char *o = sp_buf_reserve(&j->json, 40 + 6 * ((size_t)e->klen + e->ilen)), *start = o;
         if (!o)
             return 0;
         *o++ = k ? ',' : '[';
         memcpy(o, "[\"?\",", 5);
         o[2] = e->letter;
-        o = json_string(o + 5, j->pend_text + e->key, e->klen);
+        o = json_string(o + 5, j->text.data + e->key, e->klen);
         *o++ = ',';
-        o = json_string(o, j->pend_text + e->info, e->ilen);
+        o = json_string(o, j->text.data + e->info, e->ilen);
         o = json_time(o, e->updated);
-        len += (size_t)(o - start);
+        j->json.len += (size_t)(o - start);
     }
-    char *o = json_room(j, len, 2);
+    char *o = sp_buf_reserve(&j->json, 2);
     if (!o)
         return 0;
     if (!n)
-        *o++ = '[', len++;
+        *o++ = '[', j->json.len++;
     *o = ']';
-    return len + 1;
+    return ++j->json.len;
 }
 
 static int out_of_memory(sp_journal *j)
@@ -783,7 +753,7 @@ static int write_dirty(sp_journal *j)
         return out_of_memory(j);
     sqlite3_stmt *st = j->st[Q_LOG];
     sqlite3_bind_int64(st, 1, j->run);
-    sqlite3_bind_text(st, 2, j->json, (int)len, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, j->json.data, (int)len, SQLITE_STATIC);
     return step_done(j, st, "writing its log") < 0 ? lost(j) : 0;
 }
 
@@ -810,7 +780,7 @@ static int merge_pending(sp_journal *j)
     if (!order)
         return out_of_memory(j);
     for (uint32_t i = 0; i < j->npend; i++)
-        order[i] = (pend_ref){j->pend_text + j->pend[i].key, j->pend[i].klen, i};
+        order[i] = (pend_ref){j->text.data + j->pend[i].key, j->pend[i].klen, i};
     qsort(order, j->npend, sizeof *order, pend_cmp);
     /* the records not in the log yet go to recipients with the rest */
     sqlite3_stmt *st = j->st[Q_MERGE];
@@ -819,7 +789,7 @@ static int merge_pending(sp_journal *j)
         const pend_entry *e = &j->pend[order[k].i];
         sqlite3_bind_text(st, 1, order[k].key, (int)e->klen, SQLITE_STATIC);
         sqlite3_bind_text(st, 2, &e->letter, 1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, j->pend_text + e->info, (int)e->ilen, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, j->text.data + e->info, (int)e->ilen, SQLITE_STATIC);
         sqlite3_bind_int64(st, 4, j->run);
         sqlite3_bind_double(st, 5, e->updated);
         rc = step_done(j, st, "merging its log");
@@ -878,7 +848,7 @@ int sp_journal_record(sp_journal *j, char letter, const char *key, size_t klen, 
 {
     if (not_open(j) < 0 || begin(j) < 0)
         return -1;
-    if ((j->nlogged >= MERGE_RECORDS || j->text_len >= MERGE_TEXT) && merge_pending(j) < 0)
+    if ((j->nlogged >= MERGE_RECORDS || j->text.len >= MERGE_TEXT) && merge_pending(j) < 0)
         return -1;
     if (pend_put(j, letter, key, klen, info ? info : "", info ? ilen : 0, wall_now()) < 0)
         return out_of_memory(j);
