@@ -24,7 +24,7 @@ static const char *const queries[Q_COUNT_] = {
      * for them all, reading a JSON array, cost twice as much) */
     [Q_MERGE] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
                 "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
-    /* a record as it is made: appended to the log */
+    /* a commit's records, one row appended to the log */
     [Q_LOG] = "INSERT INTO log(run, records) VALUES (?1, ?2)",
     [Q_CLEAR] = "DELETE FROM log",
     [Q_COUNTS] = "SELECT state, count(*) FROM latest GROUP BY state",
@@ -105,14 +105,14 @@ struct sp_journal {
     int lock_fd; /* holds the flock for the run; closed only after the database */
     int refs;
     int in_tx;
-    int dead; /* a merge was lost with its transaction: the pending map no longer matches the log */
-    pend_entry *pend; /* this run's keys recorded since the last merge, their latest record */
+    int dead;                /* a write was lost with its transaction: the map and the log disagree */
+    pend_entry *pend;        /* this run's keys recorded since the last merge, their latest record */
     uint32_t npend, nlogged; /* keys pending; records made since the merge */
     uint32_t ndirty;
     uint32_t *pend_slot; /* PEND_SLOTS: an index into pend plus one, 0 free */
     uint32_t *dirty;     /* the entries recorded in the open transaction */
     sp_buf json;         /* the log row being made */
-    sp_buf text; /* the pending keys and reasons */
+    sp_buf text;         /* the pending keys and reasons */
     unsigned long long tx_gen;  /* the open (or last) transaction's number */
     unsigned long long durable; /* the last one committed */
     int readonly;
