@@ -245,6 +245,7 @@ describe("the campaign journal (SQLite)", function()
     local out = dir .. "/child.out"
     local pid = tonumber(peers.sh(("lua5.4 %s > %s 2>&1 & echo $!"):format(peers.quote(dir .. "/child.lua"),
       peers.quote(out))):match("%d+"))
+    finally(function() os.execute("kill -9 " .. pid .. " 2>/dev/null") end) -- whatever fails below
     peers.wait_for(function() return (peers.read_file(out) or ""):find("recorded") end, 30, "the child's records")
     -- while it lives: 953 records not merged, in a log row a commit, counted all the same
     assert.equal("11|953", sql(dir .. "/j", "SELECT count(DISTINCT seq), count(*) FROM logged"))
