@@ -368,6 +368,28 @@ function Fault:events()
   return out
 end
 
+--- The most connections a proxy (tcpproxy.py) saw open at once, when, and
+-- how many it accepted. It reads a client's last bytes (its QUIT) and its
+-- FIN in two turns of its loop, so a close it logs up to a turn after an
+-- accept may have come first (a pool closes its socket before it gives its
+-- slot to another process): a close counts `early` seconds (0.005) before
+-- it was logged. A connection really over a limit lives a session, longer.
+function Fault:most_open(early)
+  local moves = {}
+  for _, e in ipairs(self:events()) do
+    if e.ev == "open" then moves[#moves + 1] = { t = e.t, d = 1 } end
+    if e.ev == "close" then moves[#moves + 1] = { t = e.t - (early or 0.005), d = -1 } end
+  end
+  table.sort(moves, function(x, y) if x.t ~= y.t then return x.t < y.t end return x.d < y.d end)
+  local most, now, opened, at = 0, 0, 0, nil
+  for _, m in ipairs(moves) do
+    now = now + m.d
+    if m.d > 0 then opened = opened + 1 end
+    if now > most then most, at = now, m.t end
+  end
+  return most, at, opened
+end
+
 --- Events of one type (and optional field filter).
 function Fault:select(ev, filter)
   local out = {}

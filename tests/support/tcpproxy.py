@@ -11,9 +11,10 @@ The log has one JSON line per client connection opened ({"ev": "open",
 "open": <connections open now, this one included>, "t": ...}) and closed
 ({"ev": "close", "open": <left open>}). A connection counts as open from its
 accept until the client's side has closed. The counting is done in the
-protocol callbacks the event loop calls as it reads the sockets, so a close
-and an accept seen in the same turn are counted in the order they happened
-(a close is never counted after an accept that followed it).
+protocol callbacks the event loop calls as it reads the sockets. A client
+whose last bytes and FIN arrive together is read in two turns (the bytes,
+then the end), so its close can be logged a turn after an accept that came
+later: readers allow a close a few milliseconds early.
 
 With a delay, each direction is a delay line: a chunk is written `delay`
 seconds after it was read, and reads never wait for writes, so chunks in
