@@ -17,7 +17,7 @@ char *sp_buf_reserve(sp_buf *b, size_t n)
 {
     if (b->off > 0 && b->off == b->len)
         b->off = b->len = 0;
-    if (b->cap - b->len < n) {
+    if (b->cap - b->len < n || !b->data) { /* an empty buffer has no room to point at, even for 0 */
         /* Compact first: consumed bytes at the front are dead weight. */
         if (b->off > 0) {
             memmove(b->data, b->data + b->off, b->len - b->off);
