@@ -432,14 +432,14 @@ sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_s
     } else if (check_version(j, v) < 0) {
         return open_failed(j, status, err, errlen);
     } else if (v == 3) { /* its log and view; the rest is the same */
-        char sql[1024];
+        char sql[sizeof schema_log + 64];
         snprintf(sql, sizeof sql, "BEGIN; %s PRAGMA user_version=%d; COMMIT", schema_log, SP_JOURNAL_VERSION);
         if (exec(j, sql, "upgrading it to version 4") < 0)
             return open_failed(j, status, err, errlen);
     }
     j->version = SP_JOURNAL_VERSION;
     /* what a run that died left in the log */
-    char sql[1024];
+    char sql[sizeof merge_leftovers + 32];
     snprintf(sql, sizeof sql, "BEGIN; %s COMMIT", merge_leftovers);
     if (exec(j, sql, "merging what an earlier run left in its log") < 0)
         return open_failed(j, status, err, errlen);
