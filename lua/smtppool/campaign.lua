@@ -266,12 +266,9 @@ local function compile_message(msg, columns, path)
         table.concat(columns, ", "))
     end
   end
-  return function(rcpt)
-    local m, re = render(rcpt)
-    if not m then return nil, re end
-    m.to = m.to or rcpt.email
-    return m
-  end
+  -- the row's address is the message's `to` unless a template sets one
+  -- (prepare_one fills it in: no wrapper on a row's hot path)
+  return render
 end
 
 local function isatty_stderr()
@@ -299,9 +296,10 @@ function Campaign:run()
     if not col then return nil, err("invalid", o.recipients .. ": line 1: " .. why) end
     local it = assert(csv.rows(o.recipients, { delimiter = o.delimiter }))
     -- a row, no key of its own (a Redis claim's), its line (for failures)
+    -- (a malformed line, met when the file changed since it was checked,
+    -- raises a `{csv_error = text}` table: the run's end reports its text)
     source = function()
-      local ok, row, line = pcall(it)
-      if not ok then error(row.csv_error or row, 0) end
+      local row, line = it()
       if row and col ~= "email" then row.email = row[col] end
       return row, nil, line
     end
@@ -318,6 +316,7 @@ function Campaign:run()
   if columns and not columns[1] then return nil, err("invalid", "the CSV has no columns") end
   local build, cerr = compile_message(o.message, columns, type(o.recipients) == "string" and o.recipients or "the list")
   if not build then return nil, err("invalid", cerr) end
+  local templated = type(o.message) ~= "function" -- its messages go to the row's email
 
   local name = o.name or "campaign"
   -- A campaign shared through Redis (smtppool.campaign.redis): the list is loaded
@@ -337,7 +336,8 @@ function Campaign:run()
       local json, rows_read = require("dkjson"), 0
       local added, dups = rj:load(function()
         while true do
-          local r = source()
+          local okr, r = pcall(source)
+          if not okr then error(type(r) == "table" and r.csv_error or r, 0) end
           if r == nil then return nil end
           if type(r) == "table" then
             -- a row with no key is loaded under its place in the list, and fails when claimed
@@ -448,31 +448,42 @@ function Campaign:run()
   -- COMMIT returns.)
   local ready, ready_i = {}, 0
   local requeue = {}   -- built messages to send again (cancelled by a stop, or lost to an outage)
+  local on_failure, retry_failed, resend_in_flight = o.on_failure, o.retry_failed, o.resend_in_flight
+  local get = states.get
   local function prepare_one()
-    if #requeue > 0 then return table.remove(requeue, 1) end
+    if requeue[1] then return table.remove(requeue, 1) end
     while true do
       local rcpt, given_key, line = source()
-      if rcpt == nil or rcpt == false then return rcpt end -- false: nothing now (others hold the rest)
+      if not rcpt then return rcpt end -- false: nothing now (others hold the rest)
       index = index + 1
       report.total = report.total + 1
-      local key, why
-      if type(rcpt) == "table" then key, why = M.key(rcpt.email) else why = "invalid recipient (not a table)" end
+      local key, why, email
+      if type(rcpt) ~= "table" then
+        why = "invalid recipient (not a table)"
+      else
+        email = rcpt.email
+        if type(email) == "string" then
+          key, why = address_key(email) -- M.key, inline (a row's hot path)
+        else
+          why = "invalid recipient (no email field)"
+        end
+      end
       if not key then
         -- the row's own key (a Redis claim's), or its place in this run's list
         record(J.failed, given_key or ("#" .. index), why, err("invalid", why), line)
         report.failed = report.failed + 1
       else
-        local st, this_run, jst = states:get(key)
+        local st, this_run, jst = get(states, key)
         if st == nil and this_run then journal_failed(this_run, jst) end
         if this_run or pending[key] then
           -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
-        elseif FINAL[st] or (st == J.transient and not o.retry_failed) then
+        elseif FINAL[st] or (st == J.transient and not retry_failed) then
           local okm, me, mst = states:meet(key)
           if not okm then journal_failed(me, mst) end
           report.skipped = report.skipped + 1
-        elseif st == J.leaving and not o.resend_in_flight then
+        elseif st == J.leaving and not resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
           local why = "final dot on its way when an earlier run stopped"
           record(J.ambiguous, key, why, err("ambiguous", why), line)
@@ -480,19 +491,23 @@ function Campaign:run()
         else
           -- New, retried (T), never past its P (safe to send), or L resent on request.
           local okb, m, e = pcall(build, rcpt)
-          if not okb then m, e = nil, m end
-          if type(m) ~= "table" and m ~= nil then m, e = nil, "the message function returned a " .. type(m) end
+          if not okb then
+            m, e = nil, m
+          elseif type(m) ~= "table" and m ~= nil then
+            m, e = nil, "the message function returned a " .. type(m)
+          end
           if not m then
             record(J.failed, key, "invalid: " .. tostring(e), nil, line)
             report.failed = report.failed + 1
           else
+            if templated and m.to == nil then m.to = email end
             if journal and st == nil then
               pending[key] = true -- its first row is its L (see pending)
             else
               record(J.prepared, key, "")
             end
             keys[m] = key
-            if o.on_failure then lines[m] = line end -- for on_failure alone
+            if on_failure then lines[m] = line end -- for on_failure alone
             if st == J.leaving then resent[m] = true end
             return m
           end
@@ -542,12 +557,21 @@ function Campaign:run()
     local key = keys[m] or "?"
     if res then
       if streak > 0 then streak, streak_msgs = 0, {} end
+      -- done with: its entries go now (weak keys would keep them to the
+      -- next collection, and the table would grow and rehash meanwhile)
+      keys[m] = nil
       report.sent = report.sent + 1
-      local rej = #res.rejected > 0 and (" refused " .. res.rejected[1].address .. " " .. (res.rejected[1].code or "")) or ""
+      local info = res.code .. " " .. (res.text or "")
+      local r1 = res.rejected[1]
+      if r1 then info = info .. " refused " .. r1.address .. " " .. (r1.code or "") end
       local dup = res.ambiguous or resent[m]
-      if dup then report.possible_duplicates = report.possible_duplicates + 1 end
-      record(dup and J.twice or J.sent, key, res.code .. " " .. (res.text or "") .. rej
-        .. (dup and " (possible duplicate: an earlier try may have arrived)" or ""))
+      if dup then
+        resent[m] = nil
+        report.possible_duplicates = report.possible_duplicates + 1
+        record(J.twice, key, info .. " (possible duplicate: an earlier try may have arrived)")
+      else
+        record(J.sent, key, info)
+      end
     elseif rerr.kind == "cancelled" or policy.misconfigured(rerr) then
       -- Never started, or stopped by the configuration (the TLS mode, the
       -- certificate, the host name, the login), not by its recipient: its P
@@ -571,7 +595,7 @@ function Campaign:run()
     -- retries that ended with this message are no longer waiting
     local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
     if attempts > 1 then report.deferred = math.max(0, report.deferred - (attempts - 1)) end
-    progress(false)
+    if show then progress(false) end
   end
 
   local function on_event(ev)
@@ -668,6 +692,7 @@ function Campaign:run()
     rj:unclaim(back)
   end
   if not ok then
+    if type(e) == "table" and e.csv_error then e = e.csv_error end
     if type(e) == "table" and e.kind == "journal" then
       -- the disk is full: what was recorded stands; a resume once there is
       -- room goes on from it (a message whose outcome could not be written
