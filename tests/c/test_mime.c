@@ -141,6 +141,16 @@ static void phrases(void **state)
     assert_false(sp_utf8_valid("\xc0\xaf", 2));       /* overlong */
     assert_false(sp_utf8_valid("\xed\xa0\x80", 3));   /* surrogate */
     assert_false(sp_utf8_valid("\xc3", 1));           /* truncated */
+    /* the ASCII fast path (eight bytes at a time) hands every other byte on */
+    assert_true(sp_utf8_valid("", 0));
+    assert_true(sp_utf8_valid("abcdefgh", 8));
+    assert_true(sp_utf8_valid("abcdefghJ\xc3\xb6rg", 13));
+    assert_true(sp_utf8_valid("abcdefg\xc3\xb6", 9));          /* a sequence across the 8-byte edge */
+    assert_false(sp_utf8_valid("abcdefgh\xc0\xaf", 10));       /* bad after a fast word */
+    assert_false(sp_utf8_valid("abcdefghijklmno\xc3", 16));     /* truncated at the end of a word */
+    assert_false(sp_utf8_valid("abcdefghijklmnopq\xff", 18));   /* bad in the tail */
+    assert_false(sp_utf8_valid("abc\x80" "defghijk", 12));         /* bad inside the first word */
+    assert_true(sp_utf8_valid("abc\0defghijk", 12));            /* NUL is ASCII here (callers check controls) */
 }
 
 int main(void)
