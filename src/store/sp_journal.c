@@ -15,23 +15,30 @@
 
 #include "sp_buf.h"
 
-enum { Q_GET, Q_MEET, Q_MERGE, Q_LOG, Q_CLEAR, Q_COUNTS, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
+enum { Q_GET, Q_MEET, Q_MERGE, Q_LOG, Q_CLEAR, Q_COUNTS, Q_STATES, Q_BEGIN, Q_COMMIT, Q_COUNT_ };
 
 static const char *const queries[Q_COUNT_] = {
     [Q_GET] = "SELECT state, run FROM recipients WHERE address = ?1",
     [Q_MEET] = "UPDATE recipients SET run = ?2 WHERE address = ?1",
-    /* the merge: a key's latest record, in the keys' order (one statement
-     * for them all, reading a JSON array, cost twice as much) */
-    [Q_MERGE] = "INSERT INTO recipients(address, state, info, run, updated) VALUES (?1, ?2, ?3, ?4, ?5) "
-                "ON CONFLICT(address) DO UPDATE SET state = ?2, info = ?3, run = ?4, updated = ?5",
+    /* the merge: each key's latest record, in the keys' order, read from
+     * the pending map itself (see pend_module). An upsert a key cost about
+     * twice as much, and one statement over a JSON array four times. */
+    [Q_MERGE] = "INSERT INTO recipients(address, state, info, run, updated)"
+                " SELECT address, state, info, run, updated FROM sp_pending WHERE true"
+                " ON CONFLICT(address) DO UPDATE SET state = excluded.state, info = excluded.info,"
+                " run = excluded.run, updated = excluded.updated",
     /* a commit's records, one row appended to the log */
     [Q_LOG] = "INSERT INTO log(run, records) VALUES (?1, ?2)",
     [Q_CLEAR] = "DELETE FROM log",
     [Q_COUNTS] = "SELECT state, count(*) FROM latest GROUP BY state",
+    /* a writer's count, once its log is merged (see sp_journal_counts) */
+    [Q_STATES] = "SELECT state FROM recipients",
     /* prepared too: a transaction per loop turn should not parse SQL */
     [Q_BEGIN] = "BEGIN",
     [Q_COMMIT] = "COMMIT",
 };
+
+static const sqlite3_module pend_module; /* sp_pending, the merge's source (below) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
@@ -111,6 +118,8 @@ struct sp_journal {
     uint32_t ndirty;
     uint32_t *pend_slot; /* PEND_SLOTS: an index into pend plus one, 0 free */
     uint32_t *dirty;     /* the entries recorded in the open transaction */
+    const struct pend_ref *merge_order; /* while a merge runs: sp_pending's rows, sorted */
+    uint32_t nmerge;
     sp_buf json;         /* the log row being made */
     sp_buf text;         /* the pending keys and reasons */
     unsigned long long tx_gen;  /* the open (or last) transaction's number */
@@ -449,6 +458,10 @@ sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_s
         fail(j, SP_JOURNAL_CAMPAIGN, "journal %s belongs to campaign '%s', not '%s'", path, j->campaign, campaign);
         return open_failed(j, status, err, errlen);
     }
+    if ((rc = sqlite3_create_module_v2(j->db, "sp_pending", &pend_module, j, NULL)) != SQLITE_OK) {
+        fail_db(j, rc, "preparing its queries");
+        return open_failed(j, status, err, errlen);
+    }
     for (int i = 0; i < Q_COUNT_; i++)
         if ((rc = sqlite3_prepare_v3(j->db, queries[i], -1, SQLITE_PREPARE_PERSISTENT, &j->st[i], NULL)) !=
             SQLITE_OK) {
@@ -757,10 +770,146 @@ static int write_dirty(sp_journal *j)
     return step_done(j, st, "writing its log") < 0 ? lost(j) : 0;
 }
 
-typedef struct {
+typedef struct pend_ref {
     const char *key;
     uint32_t klen, i;
 } pend_ref;
+
+/* sp_pending: the pending map, sorted, as a table the merge reads in one
+ * statement. An eponymous virtual table of the journal's own connection
+ * (never in the schema, so the sqlite3 shell and other readers never meet
+ * it), direct-only (no view or trigger can use it), and empty outside a
+ * merge. Its text columns point into the map's buffer, which stands while
+ * the statement runs. */
+typedef struct {
+    sqlite3_vtab base;
+    sp_journal *j;
+} pend_vtab;
+
+typedef struct {
+    sqlite3_vtab_cursor base;
+    uint32_t at;
+} pend_cursor;
+
+static int pv_connect(sqlite3 *db, void *aux, int argc, const char *const *argv, sqlite3_vtab **out, char **err)
+{
+    (void)argc;
+    (void)argv;
+    (void)err;
+    int rc = sqlite3_declare_vtab(db, "CREATE TABLE x(address TEXT, state TEXT, info TEXT, run INTEGER, updated REAL)");
+    if (rc != SQLITE_OK)
+        return rc;
+#ifdef SQLITE_VTAB_DIRECTONLY
+    sqlite3_vtab_config(db, SQLITE_VTAB_DIRECTONLY);
+#endif
+    pend_vtab *v = sqlite3_malloc(sizeof *v);
+    if (!v)
+        return SQLITE_NOMEM;
+    memset(v, 0, sizeof *v);
+    v->j = aux;
+    *out = &v->base;
+    return SQLITE_OK;
+}
+
+static int pv_disconnect(sqlite3_vtab *v)
+{
+    sqlite3_free(v);
+    return SQLITE_OK;
+}
+
+static int pv_best_index(sqlite3_vtab *v, sqlite3_index_info *info)
+{
+    (void)v;
+    info->estimatedCost = MERGE_RECORDS;
+    info->estimatedRows = MERGE_RECORDS;
+    return SQLITE_OK;
+}
+
+static int pv_open(sqlite3_vtab *v, sqlite3_vtab_cursor **out)
+{
+    (void)v;
+    pend_cursor *c = sqlite3_malloc(sizeof *c);
+    if (!c)
+        return SQLITE_NOMEM;
+    memset(c, 0, sizeof *c);
+    *out = &c->base;
+    return SQLITE_OK;
+}
+
+static int pv_close(sqlite3_vtab_cursor *c)
+{
+    sqlite3_free(c);
+    return SQLITE_OK;
+}
+
+static int pv_filter(sqlite3_vtab_cursor *c, int idx, const char *idxstr, int argc, sqlite3_value **argv)
+{
+    (void)idx;
+    (void)idxstr;
+    (void)argc;
+    (void)argv;
+    ((pend_cursor *)c)->at = 0;
+    return SQLITE_OK;
+}
+
+static int pv_next(sqlite3_vtab_cursor *c)
+{
+    ((pend_cursor *)c)->at++;
+    return SQLITE_OK;
+}
+
+static int pv_eof(sqlite3_vtab_cursor *c)
+{
+    const sp_journal *j = ((pend_vtab *)c->pVtab)->j;
+    return ((pend_cursor *)c)->at >= j->nmerge;
+}
+
+static int pv_column(sqlite3_vtab_cursor *c, sqlite3_context *ctx, int col)
+{
+    const sp_journal *j = ((pend_vtab *)c->pVtab)->j;
+    const pend_ref *r = &j->merge_order[((pend_cursor *)c)->at];
+    const pend_entry *e = &j->pend[r->i];
+    switch (col) {
+    case 0:
+        sqlite3_result_text(ctx, r->key, (int)r->klen, SQLITE_STATIC);
+        break;
+    case 1:
+        sqlite3_result_text(ctx, &e->letter, 1, SQLITE_STATIC);
+        break;
+    case 2:
+        sqlite3_result_text(ctx, j->text.data + e->info, (int)e->ilen, SQLITE_STATIC);
+        break;
+    case 3:
+        sqlite3_result_int64(ctx, j->run);
+        break;
+    default:
+        sqlite3_result_double(ctx, e->updated);
+        break;
+    }
+    return SQLITE_OK;
+}
+
+static int pv_rowid(sqlite3_vtab_cursor *c, sqlite3_int64 *rowid)
+{
+    *rowid = ((pend_cursor *)c)->at;
+    return SQLITE_OK;
+}
+
+static const sqlite3_module pend_module = {
+    .iVersion = 0,
+    .xCreate = NULL, /* eponymous-only */
+    .xConnect = pv_connect,
+    .xBestIndex = pv_best_index,
+    .xDisconnect = pv_disconnect,
+    .xDestroy = pv_disconnect,
+    .xOpen = pv_open,
+    .xClose = pv_close,
+    .xFilter = pv_filter,
+    .xNext = pv_next,
+    .xEof = pv_eof,
+    .xColumn = pv_column,
+    .xRowid = pv_rowid,
+};
 
 /* SQLite's BINARY order: the bytes, then the length. */
 static int pend_cmp(const void *a, const void *b)
@@ -782,18 +931,13 @@ static int merge_pending(sp_journal *j)
     for (uint32_t i = 0; i < j->npend; i++)
         order[i] = (pend_ref){j->text.data + j->pend[i].key, j->pend[i].klen, i};
     qsort(order, j->npend, sizeof *order, pend_cmp);
-    /* the records not in the log yet go to recipients with the rest */
-    sqlite3_stmt *st = j->st[Q_MERGE];
-    int rc = 0;
-    for (uint32_t k = 0; k < j->npend && rc == 0; k++) {
-        const pend_entry *e = &j->pend[order[k].i];
-        sqlite3_bind_text(st, 1, order[k].key, (int)e->klen, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, &e->letter, 1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, j->text.data + e->info, (int)e->ilen, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 4, j->run);
-        sqlite3_bind_double(st, 5, e->updated);
-        rc = step_done(j, st, "merging its log");
-    }
+    /* the records not in the log yet go to recipients with the rest, all
+     * read through sp_pending by one statement */
+    j->merge_order = order;
+    j->nmerge = j->npend;
+    int rc = step_done(j, j->st[Q_MERGE], "merging its log");
+    j->merge_order = NULL;
+    j->nmerge = 0;
     free(order);
     if (rc == 0)
         rc = step_done(j, j->st[Q_CLEAR], "merging its log");
@@ -927,11 +1071,27 @@ int sp_journal_counts(sp_journal *j, long long counts[26])
     memset(counts, 0, 26 * sizeof *counts);
     if (!j->db)
         return fail(j, SP_JOURNAL_IO, "journal is closed");
+    int rc;
+    if (!j->readonly && !j->dead) {
+        /* A writer merges its log first, and counts recipients alone, a
+         * row at a time: through the view (its window over the log, its
+         * anti-join for every recipient, its grouping) the count at a run's
+         * end cost about as much again as the run's merges. */
+        if (j->nlogged && (begin(j) < 0 || merge_pending(j) < 0))
+            return -1;
+        sqlite3_stmt *st = j->st[Q_STATES];
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            const unsigned char *s = sqlite3_column_text(st, 0);
+            if (s && s[0] >= 'A' && s[0] <= 'Z')
+                counts[s[0] - 'A']++;
+        }
+        sqlite3_reset(st);
+        return rc == SQLITE_DONE ? 0 : fail_db(j, rc, "counting");
+    }
     if (j->ndirty && write_dirty(j) < 0) /* the view reads the log */
         return -1;
 
     sqlite3_stmt *st = j->st[Q_COUNTS];
-    int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         const unsigned char *s = sqlite3_column_text(st, 0);
         if (s && s[0] >= 'A' && s[0] <= 'Z')
