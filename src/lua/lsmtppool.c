@@ -29,5 +29,6 @@ int luaopen_smtppool_core(lua_State *L)
     sp_lua_open_journal(L);
     sp_lua_open_redis(L);
     sp_lua_open_list(L);
+    sp_lua_open_template(L);
     return 1;
 }

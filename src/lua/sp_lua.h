@@ -126,5 +126,6 @@ void sp_lua_open_mail(lua_State *L);
 void sp_lua_open_journal(lua_State *L);
 void sp_lua_open_redis(lua_State *L);
 void sp_lua_open_list(lua_State *L);
+void sp_lua_open_template(lua_State *L);
 
 #endif

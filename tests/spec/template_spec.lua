@@ -105,4 +105,54 @@ describe("templates", function()
     assert.matches("subject: a template is a string or a compiled template, not a number", be, 1, true)
     assert.matches("^text: unclosed tag", select(2, template.compile_message({ text = "{{x" })))
   end)
+
+  it("renders a compiled message in one C call exactly as each field renders alone", function()
+    -- core.template_plan serves flat fields with string and number values,
+    -- and hands everything else to the Lua renderer: either way a message's
+    -- fields and errors are what Template:render gives for each field
+    math.randomseed(11)
+    local pieces = { "Hi ", "{{name}}", "{{{name}}}", "{{city}}", "{{missing}}", "<&>", "{{n}}", "{{x}}",
+                     "\n", "{{ name }}", "", "{{{city}}}", "{{#s}}[{{.}}]{{/s}}", "{{t.u}}" }
+    local values = { "Ann", "<Ann & \"Bo\">", "O'Hare", "", 42, 3.5, -0.0, 1e300, true, false, { 1 }, "\0\r\n" }
+    local function pick(t) return t[math.random(#t)] end
+    local function src()
+      local out = {}
+      for i = 1, math.random(0, 5) do out[i] = pick(pieces) end
+      return table.concat(out)
+    end
+    for _ = 1, 400 do
+      local msg = { from = "news@x.test", subject = src(), text = src(), html = src(), headers = { X = "1" } }
+      local render = assert(template.compile_message(msg))
+      for _ = 1, 4 do
+        local vars = { name = pick(values), city = pick(values), n = pick(values), x = pick(values),
+                       s = { "a", "b" }, t = { u = "v" } }
+        if math.random(5) == 1 then vars.name = nil end
+        if math.random(8) == 1 then vars = setmetatable({}, { __index = function(_, k) return "v" .. k end }) end
+        local m, e, field, why = render(vars)
+        local want, werr = { from = "news@x.test", headers = msg.headers }, nil
+        for _, f in ipairs({ "subject", "text", "html" }) do
+          local v, ve = assert(template.compile(msg[f])):render(vars, { escape = f == "html" and "html" or nil })
+          if v == nil then
+            werr = { f, ve }
+            break
+          end
+          want[f] = v
+        end
+        if werr then
+          assert.is_nil(m)
+          assert.same(werr, { field, why })
+          assert.equal(werr[1] .. ": " .. werr[2], e)
+        else
+          assert.same(want, m)
+        end
+      end
+    end
+    -- flat fields take the C plan; a section keeps the Lua renderer
+    assert.equal("C", debug.getinfo(assert(template.compile_message({ subject = "{{a}} b" }))).what)
+    assert.equal("Lua", debug.getinfo(assert(template.compile_message({ subject = "{{#a}}b{{/a}}" }))).what)
+    -- not a table: the Lua renderer's answer
+    local r = assert(template.compile_message({ subject = "{{a}}" }))
+    assert.same({ nil, "subject: missing variable 'a' at line 1", "subject", "missing variable 'a' at line 1" },
+      { r("nope") })
+  end)
 end)

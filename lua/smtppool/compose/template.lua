@@ -13,6 +13,8 @@
 -- anything.
 -- @api smtppool.compose.template
 
+local core = require("smtppool.core")
+
 local M = {}
 
 local Template = {}
@@ -362,7 +364,7 @@ function M.compile_message(msg, opts)
     html[i] = fields[i] == "html"
     fast[i] = not renderer and temps[i].fast or false
   end
-  return function(vars)
+  local function render_lua(vars)
     -- A constructor's fields size the table's hash part, nil values
     -- included: room for a message's usual fields at once, where an empty
     -- table filled field by field would be reallocated three times.
@@ -384,6 +386,25 @@ function M.compile_message(msg, opts)
     end
     return out
   end
+  if renderer then return render_lua end
+  -- Every field flat (text and plain names): one C call renders them all
+  -- (core.template_plan), handing what it does not serve (a missing name,
+  -- a value that is not a string or a number, one an html field escapes)
+  -- to render_lua, whose results and errors it keeps.
+  local plan = { general = render_lua, fixed = {}, fields = {} }
+  for i = 1, nfixed do
+    plan.fixed[2 * i - 1], plan.fixed[2 * i] = fixed_k[i], fixed_v[i]
+  end
+  for i = 1, n do
+    local flat = temps[i].flat
+    if not flat then return render_lua end
+    local pieces = {}
+    for k, p in ipairs(flat) do
+      pieces[k] = type(p) == "string" and p or { p.first, p.kind == "raw" }
+    end
+    plan.fields[i] = { name = fields[i], html = html[i], pieces = pieces }
+  end
+  return core.template_plan(plan)
 end
 
 --- Renders the templated fields of a message for one recipient
