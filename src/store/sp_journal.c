@@ -424,7 +424,13 @@ sp_journal *sp_journal_open(const char *path, const char *campaign, sp_journal_s
     int v;
     if (user_version(j, &v) < 0)
         return open_failed(j, status, err, errlen);
-    if (exec(j, path ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF", "setup") < 0)
+    /* secure_delete (on in Debian's build) would zero the log's rows as
+     * each merge deletes them, and write the freed pages again: what they
+     * held is in recipients by then */
+    if (exec(j,
+             path ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=OFF"
+                  : "PRAGMA synchronous=OFF; PRAGMA secure_delete=OFF",
+             "setup") < 0)
         return open_failed(j, status, err, errlen);
     if (v == 0) { /* new: its schema and campaign in one transaction */
         char sql[512];
