@@ -175,6 +175,7 @@ M.LETTERS = { [J.prepared] = "prepared", [J.leaving] = "leaving", [J.sent] = "se
               [J.ambiguous] = "ambiguous" }
 -- the letters a later run skips (T too, unless retry_failed)
 local FINAL = { [J.sent] = true, [J.twice] = true, [J.failed] = true, [J.ambiguous] = true }
+local J_SENT, J_TWICE, J_LEAVING, J_TRANSIENT = J.sent, J.twice, J.leaving, J.transient
 
 local GROUP_CLAIM = 32 -- recipients a Redis worker claims at a time
 local GROUP = 16 -- recipients prepared at a time; the journal is synced to the disk once a group
@@ -383,16 +384,18 @@ function Campaign:run()
   -- row is sent on resume, as one at P would be), so a second row naming one
   -- of them is told a duplicate here.
   local pending = {}
+  local on_failure, retry_failed, resend_in_flight = o.on_failure, o.retry_failed, o.resend_in_flight
+  local jrecord = journal and journal.record
   local function record(state, key, info, e, line)
     pending[key] = nil
-    if rj then
-      rj:record(state, key, clean(info))
-    else
-      local ok, je, jst = journal:record(state, key, info) -- on one line: the journal cleans it
+    if jrecord then
+      local ok, je, jst = jrecord(journal, state, key, info) -- on one line: the journal cleans it
       if not ok then journal_failed(je, jst) end
+    else
+      rj:record(state, key, clean(info))
     end
-    if o.on_failure and (state == J.failed or state == J.transient or state == J.ambiguous) then
-      pcall(o.on_failure, key, state, e or err("invalid", tostring(info)), line)
+    if on_failure and (state == J.failed or state == J.transient or state == J.ambiguous) then
+      pcall(on_failure, key, state, e or err("invalid", tostring(info)), line)
     end
   end
   local function commit(sync)
@@ -448,7 +451,6 @@ function Campaign:run()
   -- COMMIT returns.)
   local ready, ready_i = {}, 0
   local requeue = {}   -- built messages to send again (cancelled by a stop, or lost to an outage)
-  local on_failure, retry_failed, resend_in_flight = o.on_failure, o.retry_failed, o.resend_in_flight
   local get = states.get
   local function prepare_one()
     if requeue[1] then return table.remove(requeue, 1) end
@@ -479,11 +481,11 @@ function Campaign:run()
           -- met earlier in this run: a list naming one address twice sends once
           report.duplicates = report.duplicates + 1
           report.total = report.total - 1
-        elseif FINAL[st] or (st == J.transient and not retry_failed) then
+        elseif st ~= nil and (FINAL[st] or (st == J_TRANSIENT and not retry_failed)) then
           local okm, me, mst = states:meet(key)
           if not okm then journal_failed(me, mst) end
           report.skipped = report.skipped + 1
-        elseif st == J.leaving and not resend_in_flight then
+        elseif st == J_LEAVING and not resend_in_flight then
           -- Its final dot was leaving when an earlier run died: it may have been delivered.
           local why = "final dot on its way when an earlier run stopped"
           record(J.ambiguous, key, why, err("ambiguous", why), line)
@@ -508,26 +510,32 @@ function Campaign:run()
             end
             keys[m] = key
             if on_failure then lines[m] = line end -- for on_failure alone
-            if st == J.leaving then resent[m] = true end
+            if st == J_LEAVING then resent[m] = true end
             return m
           end
         end
       end
     end
   end
+  local nready = 0 -- #ready
   local function next_message()
-    if ready_i >= #ready then
-      ready, ready_i = {}, 0
-      for _ = 1, GROUP do
-        local m = prepare_one()
-        if m == false and #ready == 0 then return false end
-        if not m then break end
-        ready[#ready + 1] = m
-      end
-      unsynced = unsynced + #ready
+    if ready_i < nready then
+      ready_i = ready_i + 1
+      return ready[ready_i]
     end
-    ready_i = ready_i + 1
-    return ready[ready_i]
+    ready, ready_i, nready = {}, 0, 0
+    for i = 1, GROUP do
+      local m = prepare_one()
+      if not m then
+        if m == false and i == 1 then return false end
+        break
+      end
+      ready[i], nready = m, i
+    end
+    unsynced = unsynced + nready
+    if nready == 0 then return nil end
+    ready_i = 1
+    return ready[1]
   end
 
   -- The circuit breaker: transient or connection failures in a row.
@@ -568,9 +576,9 @@ function Campaign:run()
       if dup then
         resent[m] = nil
         report.possible_duplicates = report.possible_duplicates + 1
-        record(J.twice, key, info .. " (possible duplicate: an earlier try may have arrived)")
+        record(J_TWICE, key, info .. " (possible duplicate: an earlier try may have arrived)")
       else
-        record(J.sent, key, info)
+        record(J_SENT, key, info)
       end
     elseif rerr.kind == "cancelled" or policy.misconfigured(rerr) then
       -- Never started, or stopped by the configuration (the TLS mode, the
@@ -593,8 +601,8 @@ function Campaign:run()
       record(J.failed, key, tostring(rerr), rerr, lines[m])
     end
     -- retries that ended with this message are no longer waiting
-    local attempts = (res and res.attempts) or (rerr and rerr.attempts) or 1
-    if attempts > 1 then report.deferred = math.max(0, report.deferred - (attempts - 1)) end
+    local attempts = (res or rerr).attempts
+    if attempts and attempts > 1 then report.deferred = math.max(0, report.deferred - (attempts - 1)) end
     if show then progress(false) end
   end
 
