@@ -319,6 +319,10 @@ local FIELDS = M.FIELDS
 --- Compiles the templated fields of a message once, for many recipients.
 -- The fields of `FIELDS` may be template sources or compiled templates;
 -- other fields are copied. A field without names is rendered once, here.
+-- When every other field is text and plain names (no section, no dotted
+-- name), `render` is one C function for the lot (the common case: a
+-- campaign's rows), with the same results and errors as the Lua renderer,
+-- which it hands anything else to.
 -- With `opts.renderer = function(source, vars, field) -> string | nil, err`
 -- another template engine does the work.
 -- @tparam table msg the message with templates
