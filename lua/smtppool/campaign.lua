@@ -502,7 +502,7 @@ function Campaign:run()
             record(J.failed, key, "invalid: " .. tostring(e), nil, line)
             report.failed = report.failed + 1
           else
-            if templated and m.to == nil then m.to = email end
+            if templated and not m.to then m.to = email end
             if journal and st == nil then
               pending[key] = true -- its first row is its L (see pending)
             else
