@@ -268,9 +268,15 @@ describe("the campaign journal (SQLite)", function()
     -- this run's records, merged at its close: the log is left empty
     for i = 1, 100 do assert(j:record("F", "k" .. i .. "@x.test", "550 no")) end
     assert.same({ "F", true }, { j:get("k1@x.test") })
+    -- the run's own count merges first, then counts the table: earlier
+    -- runs' rows and this run's records alike, as the view counts them
+    assert.same({ F = 101, L = 967, S = 1933 }, j:counts())
+    assert.same({ "F", true }, { j:get("k2@x.test") }) -- merged as this run's
+    assert(j:record("S", "k1@x.test", "250 at last"))
     assert(j:close())
     assert.equal("0", sql(dir .. "/j", "SELECT count(*) FROM log"))
-    assert.equal("F|101\nL|967\nS|1933", sql(dir .. "/j", "SELECT state, count(*) FROM recipients GROUP BY state"))
+    assert.equal("F|100\nL|967\nS|1934", sql(dir .. "/j", "SELECT state, count(*) FROM recipients GROUP BY state"))
+    assert.same({ F = 100, L = 967, S = 1934 }, assert(core.journal_status(dir .. "/j")).counts)
   end)
 
   it("reads a version 3 journal as it is, and upgrades it when a run opens it", function()
