@@ -158,8 +158,9 @@ end
 -- @treturn[1] string the key
 -- @treturn[2] nil
 -- @treturn[2] string why
+local NO_EMAIL = "invalid recipient (no email field)"
 function M.key(address)
-  if type(address) ~= "string" then return nil, "invalid recipient (no email field)" end
+  if type(address) ~= "string" then return nil, NO_EMAIL end
   return address_key(address) -- M.normalize's trimming and case, in C (a row's hot path)
 end
 
@@ -467,7 +468,7 @@ function Campaign:run()
         if type(email) == "string" then
           key, why = address_key(email) -- M.key, inline (a row's hot path)
         else
-          why = "invalid recipient (no email field)"
+          why = NO_EMAIL
         end
       end
       if not key then

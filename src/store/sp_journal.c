@@ -33,7 +33,7 @@ static const char *const queries[Q_COUNT_] = {
     [Q_CLEAR] = "DELETE FROM log",
     [Q_COUNTS] = "SELECT state, count(*) FROM latest GROUP BY state",
     /* a writer's count, once its log is merged (see sp_journal_counts) */
-    [Q_STATES] = "SELECT state FROM recipients",
+    [Q_STATES] = "SELECT state, 1 FROM recipients",
     /* prepared too: a transaction per loop turn should not parse SQL */
     [Q_BEGIN] = "BEGIN",
     [Q_COMMIT] = "COMMIT",
@@ -294,7 +294,6 @@ static void destroy(sp_journal *j)
     j->pend = NULL;
     j->pend_slot = NULL;
     j->dirty = NULL;
-
     /* after the database: closing any descriptor of the file drops the
      * process's POSIX locks on it, SQLite's own included */
     if (j->lock_fd >= 0)
@@ -1078,7 +1077,7 @@ int sp_journal_counts(sp_journal *j, long long counts[26])
     memset(counts, 0, 26 * sizeof *counts);
     if (!j->db)
         return fail(j, SP_JOURNAL_IO, "journal is closed");
-    int rc;
+    sqlite3_stmt *st;
     if (!j->readonly && !j->dead) {
         /* A writer merges its log first, and counts recipients alone, a
          * row at a time: through the view (its window over the log, its
@@ -1086,19 +1085,13 @@ int sp_journal_counts(sp_journal *j, long long counts[26])
          * end cost about as much again as the run's merges. */
         if (j->nlogged && (begin(j) < 0 || merge_pending(j) < 0))
             return -1;
-        sqlite3_stmt *st = j->st[Q_STATES];
-        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-            const unsigned char *s = sqlite3_column_text(st, 0);
-            if (s && s[0] >= 'A' && s[0] <= 'Z')
-                counts[s[0] - 'A']++;
-        }
-        sqlite3_reset(st);
-        return rc == SQLITE_DONE ? 0 : fail_db(j, rc, "counting");
+        st = j->st[Q_STATES];
+    } else {
+        if (j->ndirty && write_dirty(j) < 0) /* the view reads the log */
+            return -1;
+        st = j->st[Q_COUNTS];
     }
-    if (j->ndirty && write_dirty(j) < 0) /* the view reads the log */
-        return -1;
-
-    sqlite3_stmt *st = j->st[Q_COUNTS];
+    int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         const unsigned char *s = sqlite3_column_text(st, 0);
         if (s && s[0] >= 'A' && s[0] <= 'Z')
